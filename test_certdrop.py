@@ -1,0 +1,753 @@
+"""Tests for certdrop, in the module's order: pure functions, store, HTTP, command line, real processes."""
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import webtest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+import certdrop
+
+HERE = Path(__file__).resolve().parent
+NOW = 1_800_000_000.0  # 2027-01-15, inside the validity of every test certificate
+DAY = 86400
+
+S60_AGENTS = {
+    "e61i": "Mozilla/5.0 (SymbianOS/9.1; Series60/3.0 NokiaE61i-1/3.0; Profile/MIDP-2.0 Configuration/CLDC-1.1) "
+            "AppleWebKit/413 (KHTML, like Gecko) Safari/413",
+    "6600-wap": "Nokia6600/1.0 (4.09.1) SymbianOS/7.0s Series60/2.0 Profile/MIDP-2.0 Configuration/CLDC-1.0",
+    "n8-symbian3": "Mozilla/5.0 (Symbian/3; Series60/5.2 NokiaN8-00/012.002; Profile/MIDP-2.1 Configuration/CLDC-1.1 ) "
+                   "AppleWebKit/533.4 (KHTML, like Gecko) NokiaBrowser/7.3.0 Mobile Safari/533.4 3gpp-gba",
+    "ucweb-s60v3": "Mozilla/5.0 (S60V3; U; en-us; Nokia6120ci)/UC Browser8.2.0.132/28/355/UCWEB Mobile",
+}
+OTHER_AGENTS = {
+    "cat-s60-android": "Mozilla/5.0 (Linux; Android 6.0.1; S60 Build/MMB29M) AppleWebKit/537.36 (KHTML, like Gecko) "
+                       "Chrome/109.0 Mobile Safari/537.36",
+    "firefox-linux": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    "s40-6500": "Nokia6500s/2.0 (05.41) Profile/MIDP-2.1 Configuration/CLDC-1.1",
+    "none": "",
+}
+
+
+# -- certificates, made fresh for every test session ------------------------------------------------------------
+
+
+def make_name(common_name=None, organization=None):
+    attributes = []
+    if organization:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    if common_name:
+        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attributes)
+
+
+def make_certificate(common_name="Example Root CA", *, issuer=None, issuer_key=None, ca=True, key=None,
+                     not_before=datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc),
+                     not_after=datetime.datetime(2035, 1, 1, tzinfo=datetime.timezone.utc), serial=0x1F2E3D):
+    """Return (certificate, key); self-signed unless *issuer* and *issuer_key* are given."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    subject = make_name(common_name, "Example Org")
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject)
+               .public_key(key.public_key()).serial_number(serial)
+               .not_valid_before(not_before).not_valid_after(not_after)
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    return builder.sign(issuer_key or key, hashes.SHA256()), key
+
+
+@pytest.fixture(scope="session")
+def root():
+    return make_certificate()
+
+
+@pytest.fixture(scope="session")
+def root_der(root):
+    return root[0].public_bytes(serialization.Encoding.DER)
+
+
+@pytest.fixture(scope="session")
+def root_pem(root):
+    return root[0].public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture(scope="session")
+def other_der():
+    return make_certificate("Second CA", serial=77)[0].public_bytes(serialization.Encoding.DER)
+
+
+@pytest.fixture(scope="session")
+def key_pem(root):
+    return root[1].private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+
+# -- the fixture chain: config -> clock -> store -> app -> testapp ---------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now=NOW):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def config(tmp_path):
+    return certdrop.Config(data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def store(config, clock):
+    return certdrop.make_store(config, clock)
+
+
+@pytest.fixture
+def app(config, store, clock):
+    return certdrop.make_app(config, store, clock)
+
+
+@pytest.fixture
+def testapp(app):
+    return webtest.TestApp(app, extra_environ={"HTTP_HOST": "ca.example.org:8080"})
+
+
+def upload(testapp, data, filename="ca.cer", status=201, **fields):
+    return testapp.post("/", params={"ttl": "7d", **fields}, upload_files=[("cert", filename, data)], status=status)
+
+
+def token_of(response):
+    return re.search(r"/c/([a-z0-9]+)", response.headers["Location"])[1]
+
+
+def files_under(directory):
+    return sorted(p for p in Path(directory).rglob("*") if p.is_file())
+
+
+# -- configuration -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("45m", 2700), ("12h", 43200), ("7d", 604800),
+                                               ("2w", 1209600), ("3600", 3600)])
+def test_durations_read_with_their_units(text, seconds):
+    assert certdrop.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "7x", "-1d", "0d", "seven days"])
+def test_malformed_durations_are_refused(text):
+    with pytest.raises(ValueError):
+        certdrop.parse_duration(text)
+
+
+def test_shipped_ini_states_exactly_the_builtin_defaults():
+    assert certdrop.Config.from_ini(HERE / "certdrop.ini") == certdrop.Config()
+
+
+def test_every_setting_is_documented_in_the_shipped_ini():
+    text = (HERE / "certdrop.ini").read_text()
+    documented = set(re.findall(r"^(\w+) =", text, re.M))
+    assert documented == {field.name for field in dataclasses.fields(certdrop.Config)} == set(certdrop.CONFIG_PARSERS)
+
+
+def test_unknown_setting_stops_start_up_naming_key_and_file(tmp_path):
+    ini = tmp_path / "x.ini"
+    ini.write_text("[certdrop]\nport = 8080\ncolour = blue\n")
+    with pytest.raises(certdrop.ConfigError, match=rf"'colour' in {re.escape(str(ini))}"):
+        certdrop.Config.from_ini(ini)
+
+
+def test_bad_value_stops_start_up_naming_key_and_file(tmp_path):
+    ini = tmp_path / "x.ini"
+    ini.write_text("[certdrop]\nport = eighty\n")
+    with pytest.raises(certdrop.ConfigError, match=rf"'port' in {re.escape(str(ini))}"):
+        certdrop.Config.from_ini(ini)
+
+
+def test_relative_data_dir_is_relative_to_the_ini_file(tmp_path):
+    ini = tmp_path / "etc" / "certdrop.ini"
+    ini.parent.mkdir()
+    ini.write_text("[certdrop]\ndata_dir = ../var/certdrop\n")
+    assert certdrop.Config.from_ini(ini).data_dir == tmp_path / "var" / "certdrop"
+
+
+def test_config_path_comes_from_the_environment_when_not_given(tmp_path, monkeypatch):
+    ini = tmp_path / "env.ini"
+    ini.write_text("[certdrop]\nport = 9999\n")
+    monkeypatch.setenv("CERTDROP_CONFIG", str(ini))
+    assert certdrop.load_config().port == 9999
+
+
+def test_max_ttl_hides_longer_choices_from_the_form():
+    choices = [value for value, _ in certdrop.allowed_ttl_choices(certdrop.Config(max_ttl=30 * DAY))]
+    assert choices == ["1h", "1d", "7d", "30d"]
+
+
+# -- certificates and devices ----------------------------------------------------------------------------------
+
+
+def test_pem_and_der_uploads_give_the_same_certificate(root_pem, root_der):
+    assert certdrop.read_upload(root_pem).der == certdrop.read_upload(root_der).der == root_der
+
+
+def test_fingerprints_are_colon_separated_upper_case_hex():
+    assert certdrop.colon_hex(bytes([0x0A, 0xBC, 0xFF])) == "0A:BC:FF"
+
+
+def test_upload_with_a_private_key_is_refused(root_pem, key_pem):
+    with pytest.raises(certdrop.CertificateError, match="private key"):
+        certdrop.read_upload(root_pem + key_pem)
+
+
+@pytest.mark.parametrize("data", [b"", b"   \n", b"hello world", b"\x30\x03\x01\x02\x03"],
+                         ids=["empty", "blank", "text", "bad-der"])
+def test_things_that_are_not_certificates_are_refused(data):
+    with pytest.raises(certdrop.CertificateError):
+        certdrop.read_upload(data)
+
+
+def test_file_name_is_made_of_safe_characters_only():
+    cert, _ = make_certificate('My "CA" / ../..\\x\r\n')
+    certificate = certdrop.inspect_certificate(cert)
+    assert certificate.file_stem == "My_CA_.._.._x"
+
+
+@pytest.mark.parametrize("agent", S60_AGENTS.values(), ids=S60_AGENTS.keys())
+def test_symbian_browsers_are_s60(agent):
+    assert certdrop.is_s60(agent)
+
+
+@pytest.mark.parametrize("agent", OTHER_AGENTS.values(), ids=OTHER_AGENTS.keys())
+def test_other_browsers_are_not_s60(agent):
+    assert not certdrop.is_s60(agent)
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("localhost", True), ("127.0.0.1", True), ("[::1]", True),
+                                                ("foo.localhost", True), ("127.9.9.9", True),
+                                                ("ca.example.org", False), ("10.0.0.5", False)])
+def test_loopback_hosts_are_recognised(host, loopback):
+    assert certdrop.is_loopback_host(host) is loopback
+
+
+# -- store -----------------------------------------------------------------------------------------------------
+
+
+def add(store, der, days=7):
+    return store.add(certdrop.load_der(der), store.clock() + days * DAY)[0]
+
+
+def test_new_tokens_use_the_unambiguous_alphabet_and_configured_length(store, root_der):
+    token = add(store, root_der).token
+    assert len(token) == 8 and set(token) <= set("23456789abcdefghjkmnpqrstuvwxyz")
+
+
+def test_store_returns_the_exact_certificate(store, root_der):
+    assert store.get(add(store, root_der).token).der == root_der
+
+
+def test_entries_survive_a_new_store_on_the_same_directory(config, clock, root_der):
+    token = add(certdrop.make_store(config, clock), root_der).token
+    assert certdrop.make_store(config, clock).get(token).der == root_der
+
+
+def test_damaged_entry_file_is_not_served_and_is_logged(config, clock, root_der, caplog):
+    token = add(certdrop.make_store(config, clock), root_der).token
+    path = certdrop.make_store(config, clock).path_for(token)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(certdrop.UnknownToken):
+        certdrop.make_store(config, clock).get(token)
+    assert "damaged" in caplog.text
+
+
+def test_entry_whose_certificate_was_altered_is_not_served(config, clock, root_der):
+    token = add(certdrop.make_store(config, clock), root_der).token
+    path = certdrop.make_store(config, clock).path_for(token)
+    record = json.loads(path.read_text())
+    record["der"] = record["der"][:-8] + "AAAAAAA="
+    path.write_text(json.dumps(record))
+    with pytest.raises(certdrop.UnknownToken):
+        certdrop.make_store(config, clock).get(token)
+
+
+def test_storing_the_same_certificate_again_keeps_the_link_and_the_later_expiry(store, root_der):
+    first = add(store, root_der, days=30)
+    again, created = store.add(certdrop.load_der(root_der), store.clock() + DAY)
+    assert (again.token, again.expires, created) == (first.token, first.expires, False)
+    later, _ = store.add(certdrop.load_der(root_der), store.clock() + 90 * DAY)
+    assert later.token == first.token and later.expires == store.clock() + 90 * DAY
+
+
+def test_revoked_link_is_gone_and_says_since_when(store, clock, root_der):
+    token = add(store, root_der).token
+    store.revoke(token)
+    with pytest.raises(certdrop.LinkGone) as gone:
+        store.get(token)
+    assert gone.value.reason == "revoked" and gone.value.since == clock()
+
+
+def test_revocation_by_another_process_is_seen_once_the_cache_revalidates(config, clock, root_der):
+    server = certdrop.Store(config.data_dir, clock=clock, revalidate_after=0)
+    token = add(server, root_der).token
+    server.get(token)
+    certdrop.make_store(config, clock).revoke(token)
+    with pytest.raises(certdrop.LinkGone):
+        server.get(token)
+
+
+def test_cached_entry_is_served_without_reading_its_file(store, root_der, monkeypatch):
+    token = add(store, root_der).token
+    monkeypatch.setattr(certdrop.Store, "_load", lambda *args: pytest.fail("read the disk for a hot token"))
+    assert store.get(token).der == root_der
+
+
+def test_memory_cache_is_bounded_and_evicted_entries_still_load(config, clock, root_der, other_der):
+    store = certdrop.Store(config.data_dir, clock=clock, cache_entries=1)
+    first, second = add(store, root_der), add(store, other_der)
+    assert len(store._cache) == 1
+    assert store.get(first.token).der == root_der and store.get(second.token).der == other_der
+
+
+def test_sweep_turns_expired_entries_into_tombstones_then_deletes_them(store, clock, root_der):
+    entry = add(store, root_der, days=1)
+    clock.advance(2 * DAY)
+    assert store.sweep()["expired"] == 1
+    assert b'"der"' not in store.path_for(entry.token).read_bytes()
+    with pytest.raises(certdrop.LinkGone, match="expired"):
+        store.get(entry.token)
+    clock.advance(31 * DAY)
+    assert store.sweep()["deleted"] == 1
+    with pytest.raises(certdrop.UnknownToken):
+        store.get(entry.token)
+
+
+def test_sweep_removes_stale_temporary_files_only(store, root_der):
+    add(store, root_der)
+    shard = next(store.directory.glob("??"))
+    stale, fresh = shard / ".x.json.1.tmp", shard / ".y.json.2.tmp"
+    stale.write_bytes(b"{")
+    fresh.write_bytes(b"{")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert store.sweep()["temporary"] == 1
+    assert not stale.exists() and fresh.exists()
+
+
+def test_a_new_link_for_a_certificate_whose_link_was_revoked(store, root_der):
+    first = add(store, root_der)
+    store.revoke(first.token)
+    assert add(store, root_der).token != first.token
+
+
+@pytest.mark.parametrize("token", ["../../etc/passwd", "abc", "x" * 33, "abcd0efg", "ABCDEFGH"])
+def test_paths_come_only_from_well_formed_tokens(store, token):
+    with pytest.raises(certdrop.UnknownToken):
+        store.path_for(token)
+
+
+# -- HTTP: the upload page and the result page -----------------------------------------------------------------
+
+
+def test_upload_page_is_a_form_with_file_paste_and_lifetime(testapp):
+    page = testapp.get("/")
+    form = page.forms[0]
+    assert form.method == "post" and form.action == "/" and form.enctype == "multipart/form-data"
+    assert {"cert", "pem", "ttl"} <= set(form.fields)
+    assert form["ttl"].value == "7d"
+    ET.fromstring(page.body)  # polyglot: also well-formed XML
+
+
+def test_upload_page_explains_where_to_find_the_ca_certificate(testapp):
+    page = testapp.get("/")
+    assert "certsrv" in page.text and "Certification Path" in page.text and "Copy to File" in page.text
+
+
+def test_pem_upload_shows_the_link_with_explicit_http(testapp, root_pem):
+    result = upload(testapp, root_pem, "ca.pem")
+    token = token_of(result)
+    assert f"http://ca.example.org:8080/c/{token}" in result.text
+
+
+def test_result_page_shows_the_certificate_facts(testapp, root, root_der):
+    cert = root[0]
+    result = upload(testapp, root_der)
+    facts = dict(zip(result.html.select("th"), result.html.select("td")))
+    text = {th.text: td.text for th, td in facts.items()}
+    assert text["Subject"] == "CN=Example Root CA,O=Example Org"
+    assert text["Issuer"] == "CN=Example Root CA,O=Example Org"
+    assert text["Serial"] == "1F:2E:3D"
+    assert text["Valid from"] == "2025-01-01 00:00 UTC" and text["Valid until"] == "2035-01-01 00:00 UTC"
+    assert text["SHA-256"] == cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    assert text["SHA-1"] == cert.fingerprint(hashes.SHA1()).hex(":").upper()
+
+
+def test_result_page_says_when_the_link_expires(testapp, root_der):
+    result = upload(testapp, root_der, ttl="30d")
+    assert certdrop.format_time(NOW + 30 * DAY) in result.text and "30 days" in result.text
+
+
+def test_result_page_has_install_steps_for_s60(testapp, root_der):
+    result = upload(testapp, root_der)
+    assert "Internet" in result.text and "restart" in result.text
+
+
+def test_pasted_pem_text_is_accepted(testapp, root_pem):
+    result = testapp.post("/", params={"pem": root_pem.decode(), "ttl": "1d"}, status=201)
+    assert "Your install link" in result.text
+
+
+def test_file_and_pasted_text_together_are_refused(testapp, root_pem):
+    upload(testapp, root_pem, pem=root_pem.decode(), status=400)
+
+
+def test_uploading_the_same_certificate_again_returns_the_same_link(testapp, root_pem, root_der):
+    first = token_of(upload(testapp, root_pem))
+    again = upload(testapp, root_der, status=200)
+    assert token_of(again) == first and "already has a link" in again.text
+
+
+def test_private_key_upload_is_refused_and_nothing_is_written(testapp, config, root_pem, key_pem):
+    result = upload(testapp, root_pem + key_pem, status=422)
+    assert "private key" in result.text
+    assert files_under(config.data_dir) == []
+
+
+def test_upload_over_the_size_limit_answers_413(config, store, clock, root_der):
+    small = webtest.TestApp(certdrop.make_app(dataclasses.replace(config, max_upload=1000), store, clock))
+    result = upload(small, root_der + b"\0" * 2000, status=413)
+    assert "larger than the limit" in result.text
+
+
+def test_lifetime_beyond_the_configured_maximum_is_refused(config, store, clock, root_der):
+    strict = webtest.TestApp(certdrop.make_app(dataclasses.replace(config, max_ttl=30 * DAY), store, clock))
+    upload(strict, root_der, ttl="90d", status=422)
+
+
+def test_link_until_the_certificate_expires(testapp, store, root_der):
+    token = token_of(upload(testapp, root_der, ttl="cert"))
+    assert store.get(token).expires == datetime.datetime(2035, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def test_upload_that_is_not_a_form_is_refused_with_415(testapp, root_der):
+    testapp.post("/", root_der, content_type="application/octet-stream", status=415)
+
+
+def test_hostile_host_header_is_refused(testapp, root_der):
+    testapp.post("/", params={"ttl": "7d"}, upload_files=[("cert", "c", root_der)],
+                 headers={"Host": "evil.example<script>"}, status=400)
+
+
+def test_certificate_text_is_escaped_in_the_page(testapp):
+    cert, _ = make_certificate('<script>alert("x")</script>')
+    result = upload(testapp, cert.public_bytes(serialization.Encoding.DER))
+    assert "<script>" not in result.text and "&lt;script&gt;" in result.text
+    ET.fromstring(result.body)
+
+
+def test_public_url_builds_the_link(config, store, clock, root_der):
+    app = webtest.TestApp(certdrop.make_app(dataclasses.replace(config, public_url="https://intranet.example.com/ca"),
+                                            store, clock))
+    assert "https://intranet.example.com/ca/c/" in upload(app, root_der).text
+
+
+def test_loopback_link_is_shown_with_the_machine_name_beside_it(app, root_der, monkeypatch):
+    monkeypatch.setattr(certdrop, "machine_name", lambda: "server.corp.example")
+    local = webtest.TestApp(app, extra_environ={"HTTP_HOST": "localhost:8080"})
+    result = upload(local, root_der)
+    assert "Phones cannot open this link" in result.text
+    assert f"http://server.corp.example:8080/c/{token_of(result)}" in result.text
+
+
+def test_result_page_has_no_loopback_warning_for_a_real_host(testapp, root_der):
+    assert "Phones cannot open" not in upload(testapp, root_der).text
+
+
+# -- HTTP: the install link ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("agent", S60_AGENTS.values(), ids=S60_AGENTS.keys())
+def test_s60_gets_raw_der_as_ca_cert_without_attachment(testapp, root_der, agent):
+    token = token_of(upload(testapp, root_der))
+    response = testapp.get(f"/c/{token}", headers={"User-Agent": agent})
+    assert response.content_type == "application/x-x509-ca-cert"
+    assert "Content-Disposition" not in response.headers
+    assert response.body == root_der
+
+
+@pytest.mark.parametrize("agent", OTHER_AGENTS.values(), ids=OTHER_AGENTS.keys())
+def test_other_clients_get_der_as_a_named_crt_download(testapp, root_der, agent):
+    token = token_of(upload(testapp, root_der))
+    response = testapp.get(f"/c/{token}", headers={"User-Agent": agent})
+    assert response.headers["Content-Disposition"] == 'attachment; filename="Example_Root_CA.crt"'
+    assert response.content_type == "application/x-x509-ca-cert" and response.body == root_der
+
+
+def test_head_answers_with_headers_and_no_body(testapp, root_der):
+    token = token_of(upload(testapp, root_der))
+    response = testapp.head(f"/c/{token}")
+    assert response.headers["Content-Length"] == str(len(root_der)) and response.body == b""
+
+
+def test_tokens_are_case_insensitive(testapp, root_der):
+    token = token_of(upload(testapp, root_der))
+    assert testapp.get(f"/c/{token.capitalize()}").body == root_der
+    assert testapp.get(f"/c/{token.upper()}").body == root_der
+
+
+@pytest.mark.parametrize("path", ["/c/abc", "/c/" + "a" * 33, "/c/abcd0efg", "/c/..%2F..%2Fetc", "/c/",
+                                  "/c/abcdefgh/extra", "/nothing"])
+def test_malformed_paths_are_404_without_touching_the_store(testapp, store, monkeypatch, path):
+    monkeypatch.setattr(store, "get", lambda token: pytest.fail("asked the store"))
+    testapp.get(path, status=404)
+
+
+def test_unknown_token_is_404(testapp):
+    testapp.get("/c/abcdefgh", status=404)
+
+
+def test_expired_link_answers_410_saying_since_when(testapp, clock, root_der):
+    token = token_of(upload(testapp, root_der, ttl="1d"))
+    clock.advance(2 * DAY)
+    response = testapp.get(f"/c/{token}", status=410)
+    assert f"expired on {certdrop.format_time(NOW + DAY)}" in response.text
+
+
+def test_revoked_link_answers_410_saying_since_when(testapp, store, clock, root_der):
+    token = token_of(upload(testapp, root_der))
+    clock.advance(3600)
+    store.revoke(token)
+    assert f"revoked on {certdrop.format_time(NOW + 3600)}" in testapp.get(f"/c/{token}", status=410).text
+
+
+def test_link_stays_410_after_the_sweep_and_404_after_the_tombstone_expires(testapp, store, clock, root_der):
+    token = token_of(upload(testapp, root_der, ttl="1h"))
+    clock.advance(DAY)
+    store.sweep()
+    testapp.get(f"/c/{token}", status=410)
+    clock.advance(30 * DAY)
+    store.sweep()
+    testapp.get(f"/c/{token}", status=404)
+
+
+def test_a_new_app_on_the_same_directory_serves_earlier_uploads(testapp, config, clock, root_der):
+    token = token_of(upload(testapp, root_der))
+    fresh = webtest.TestApp(certdrop.make_app(config, clock=clock))
+    assert fresh.get(f"/c/{token}").body == root_der
+
+
+def test_damaged_entry_answers_404(testapp, config, clock, store, root_der):
+    token = token_of(upload(testapp, root_der))
+    store.path_for(token).write_bytes(b'{"format": 1, "tok')
+    fresh = webtest.TestApp(certdrop.make_app(config, clock=clock))
+    fresh.get(f"/c/{token}", status=404)
+
+
+def test_wrong_method_answers_405_with_allow(testapp):
+    response = testapp.delete("/", status=405)
+    assert response.headers["Allow"] == "GET, HEAD, POST"
+
+
+def test_curl_gets_errors_as_plain_text(testapp):
+    response = testapp.get("/c/abcdefgh", headers={"User-Agent": "curl/8.5.0"}, status=404)
+    assert response.content_type == "text/plain" and response.text.startswith("404 Not Found:")
+
+
+def test_json_clients_get_errors_as_json(testapp):
+    response = testapp.get("/c/abcdefgh", headers={"Accept": "application/json"}, status=404)
+    assert response.json["error"]["status"] == 404
+
+
+def test_unexpected_failure_is_logged_and_answers_500_without_details(app, caplog, monkeypatch):
+    monkeypatch.setattr(app.store, "get", lambda token: 1 / 0)
+    response = webtest.TestApp(app).get("/c/abcdefgh", expect_errors=True)
+    assert response.status_int == 500 and "ZeroDivisionError" not in response.text
+    assert "ZeroDivisionError" in caplog.text
+
+
+def test_html_pages_carry_a_strict_security_policy(testapp):
+    headers = testapp.get("/").headers
+    assert "script-src" not in headers["Content-Security-Policy"]
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert headers["Referrer-Policy"] == "no-referrer" and headers["X-Content-Type-Options"] == "nosniff"
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ini(tmp_path):
+    path = tmp_path / "certdrop.ini"
+    path.write_text("[certdrop]\ndata_dir = data\npublic_url = http://ca.example.org:8080\n")
+    return path
+
+
+@pytest.fixture
+def cert_file(tmp_path, root_pem):
+    path = tmp_path / "ca.pem"
+    path.write_bytes(root_pem)
+    return path
+
+
+def cli(ini, *args):
+    return certdrop.main(["-c", str(ini), *args])
+
+
+def cli_add(ini, cert_file, capsys, *options):
+    assert cli(ini, "add", str(cert_file), *options) == 0
+    out = capsys.readouterr().out
+    return re.search(r"/c/([a-z0-9]+)", out)[1], out
+
+
+def test_add_prints_the_link_and_fingerprints(ini, cert_file, capsys, root):
+    token, out = cli_add(ini, cert_file, capsys, "--ttl", "12h")
+    assert out.startswith(f"http://ca.example.org:8080/c/{token}\n")
+    assert root[0].fingerprint(hashes.SHA256()).hex(":").upper() in out
+
+
+def test_add_of_a_missing_file_fails_with_a_one_line_reason(ini, tmp_path, capsys):
+    assert cli(ini, "add", str(tmp_path / "nope.pem")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("certdrop: cannot read") and err.count("\n") == 1
+
+
+def test_add_refuses_a_private_key(ini, tmp_path, key_pem, capsys):
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(key_pem)
+    assert cli(ini, "add", str(key_file)) == 1
+    assert "private key" in capsys.readouterr().err
+    assert files_under(tmp_path / "data") == []
+
+
+def test_list_shows_links_and_their_state(ini, cert_file, capsys):
+    token, _ = cli_add(ini, cert_file, capsys)
+    assert cli(ini, "list") == 0
+    assert re.search(rf"^{token}  live .* Example Root CA$", capsys.readouterr().out, re.M)
+
+
+def test_show_prints_the_certificate_facts(ini, cert_file, capsys):
+    token, _ = cli_add(ini, cert_file, capsys)
+    assert cli(ini, "show", token.upper()) == 0
+    out = capsys.readouterr().out
+    assert "CN=Example Root CA,O=Example Org" in out and "live until" in out
+
+
+def test_revoke_stops_a_link(ini, cert_file, capsys):
+    token, _ = cli_add(ini, cert_file, capsys)
+    assert cli(ini, "revoke", token) == 0
+    assert cli(ini, "show", token) == 0
+    assert "revoked on" in capsys.readouterr().out
+    assert cli(ini, "revoke", token) == 1
+
+
+def test_gc_reports_what_it_removed(ini, cert_file, capsys):
+    cli_add(ini, cert_file, capsys)
+    assert cli(ini, "gc") == 0
+    assert capsys.readouterr().out == "0 expired, 0 deleted, 0 temporary files removed\n"
+
+
+def test_show_of_an_unknown_token_fails(ini, capsys):
+    assert cli(ini, "show", "abcdefgh") == 1
+    assert "no link" in capsys.readouterr().err
+
+
+def test_bad_config_fails_naming_the_key(tmp_path, capsys):
+    ini = tmp_path / "bad.ini"
+    ini.write_text("[certdrop]\nmax_upload = lots\n")
+    assert certdrop.main(["-c", str(ini), "list"]) == 2
+    assert "'max_upload'" in capsys.readouterr().err
+
+
+# -- real processes --------------------------------------------------------------------------------------------
+
+
+class Server:
+    """A real ``certdrop.py serve`` on a free loopback port."""
+
+    def __init__(self, ini):
+        self.ini = ini
+        self.process = subprocess.Popen([sys.executable, str(HERE / "certdrop.py"), "-c", str(ini), "serve",
+                                         "--host", "127.0.0.1", "--port", "0"],
+                                        stderr=subprocess.PIPE, text=True)
+        self.log = []
+        for line in self.process.stderr:
+            self.log.append(line)
+            match = re.search(r"serving on (http://\S+?)/ ", line)
+            if match:
+                self.url = match[1]
+                break
+        else:
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+        self._drain = threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True)
+        self._drain.start()
+
+    def request(self, path, data=None, headers=None):
+        request = urllib.request.Request(self.url + path, data=data, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), error.read()
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=10)
+        self._drain.join(timeout=5)
+        self.process.stderr.close()
+        return code
+
+
+def run_cli(ini, *args):
+    return subprocess.run([sys.executable, str(HERE / "certdrop.py"), "-c", str(ini), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_real_server_uploads_serves_s60_follows_the_cli_and_stops_cleanly(tmp_path, root_pem, root_der, other_der):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\nlog_level = info\n")
+    server = Server(ini)
+    try:
+        form = urllib.parse.urlencode({"pem": root_pem.decode(), "ttl": "1d"}).encode()
+        status, headers, _ = server.request("/", form, {"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 201
+        token = headers["Location"].rsplit("/", 1)[1]
+        status, headers, body = server.request(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
+        assert (status, headers["Content-Type"], body) == (200, "application/x-x509-ca-cert", root_der)
+        assert "Content-Disposition" not in headers
+
+        other = tmp_path / "other.der"
+        other.write_bytes(other_der)
+        added = run_cli(ini, "add", str(other))
+        assert added.returncode == 0, added.stderr
+        other_token = re.search(r"/c/([a-z0-9]+)", added.stdout)[1]
+        assert server.request(f"/c/{other_token}")[2] == other_der
+
+        assert run_cli(ini, "revoke", token).returncode == 0
+        deadline = time.monotonic() + 2.0
+        while server.request(f"/c/{token}")[0] != 410:
+            assert time.monotonic() < deadline, "revocation not seen within 2 seconds"
+            time.sleep(0.1)
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert "certdrop stopped" in "".join(server.log)
