@@ -16,6 +16,7 @@ file, else the built-in defaults of :class:`Config`. Every key is documented in 
 
 import base64
 import binascii
+import codecs
 import configparser
 import contextlib
 import dataclasses
@@ -35,7 +36,9 @@ import string
 import sys
 import threading
 import time
+import typing
 import urllib.parse
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -43,8 +46,12 @@ from http import HTTPStatus
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 try:
     import fcntl
@@ -120,6 +127,11 @@ class ConfigError(CertdropError):
 
 class CertificateError(CertdropError):
     """The upload is not something certdrop will store."""
+
+    def __init__(self, message: str, code: str = "refused"):
+        super().__init__(message)
+        #: stable name of the refusal for scripts: "private-key", "csr", "server-certificate", ...
+        self.code = code
 
 
 class UnknownToken(CertdropError):
@@ -330,16 +342,32 @@ def load_config(path: str | None = None) -> Config:
 
 
 ###############################################################################
-# Certificates ################################################################
+# Certificate doctor ##########################################################
 ###############################################################################
+# Pure functions: bytes in, facts and findings out. Nothing here touches the disk, the clock or a request.
 
-PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----")
-PEM_PRIVATE_KEY_RE = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+#: At most this many certificates in one upload (Mozilla's whole bundle is about 150).
+MAX_CERTIFICATES = 300
+
+#: Links are for certificates that sign others; a leaf issued by a CA is left out unless forced.
+INSTALLABLE_ROLES = ("root", "intermediate", "self-signed leaf")
+
+PEM_BLOCK_RE = re.compile(rb"-----BEGIN ([A-Z0-9 #]+)-----(.*?)-----END \1-----", re.DOTALL)
+PEM_PRIVATE_KEY_RE = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----")
+PEM_CERTIFICATE_TYPES = (b"CERTIFICATE", b"X509 CERTIFICATE", b"TRUSTED CERTIFICATE")
+PEM_PKCS7_TYPES = (b"PKCS7", b"PKCS #7 SIGNED DATA", b"CMS")
+BASE64_RE = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
+OID_SIGNED_DATA = bytes.fromhex("06092a864886f70d010702")  # 1.2.840.113549.1.7.2, DER-encoded
+
+PRIVATE_KEY_MESSAGE = (
+    "This upload contains a private key. A CA's private key must never leave the CA: devices need only its "
+    "certificate. Nothing was stored. Export the certificate alone (DER or Base-64 .cer) and upload that."
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Certificate:
-    """The facts about one X.509 certificate that certdrop shows and serves."""
+    """The facts about one X.509 certificate that certdrop shows, checks and serves."""
 
     der: bytes
     subject: str
@@ -351,6 +379,18 @@ class Certificate:
     not_after: datetime
     sha256: bytes
     sha1: bytes
+    version: int  # 1 or 3
+    is_ca: bool  # basicConstraints cA=TRUE, or a self-signed v1 certificate
+    self_signed: bool  # issuer == subject and the signature verifies with its own key
+    has_basic_constraints: bool
+    key_cert_sign: bool | None  # None when there is no keyUsage extension
+    key_type: str  # "RSA", "EC", "Ed25519", ...
+    key_bits: int
+    signature_hash: str | None  # "sha256", "sha1", "md5", ... None for Ed25519/Ed448
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+    ca_issuers: tuple[str, ...]  # AIA caIssuers URLs: where the issuer's certificate is published
+    parsed: x509.Certificate = dataclasses.field(compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -358,6 +398,13 @@ class Certificate:
         if self.common_names:
             return self.common_names[0]
         return self.organization or "CA"
+
+    @property
+    def role(self) -> str:
+        """Return "root", "intermediate", "self-signed leaf" or "leaf"."""
+        if self.is_ca:
+            return "root" if self.self_signed else "intermediate"
+        return "self-signed leaf" if self.self_signed else "leaf"
 
     @property
     def file_stem(self) -> str:
@@ -369,20 +416,140 @@ class Certificate:
     def serial_hex(self) -> str:
         return colon_hex(self.serial.to_bytes((self.serial.bit_length() + 7) // 8 or 1, "big"))
 
+    @property
+    def server_name(self) -> str:
+        """Return the host name a server certificate is for: its first DNS name, else its CN."""
+        return (self.dns_names or self.common_names or (self.name,))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """Something the doctor noticed: a warning, or a device note that does not make the upload worse."""
+
+    code: str  # stable, for scripts: "several-cn", "expired", ...
+    message: str  # one line for people
+    certificate: str | None = None  # the name of the certificate it is about
+    note: bool = False  # a device note rather than a warning
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """What an upload holds and what certdrop will do with it."""
+
+    source: str  # what the upload was: "PEM", "DER", "PKCS#7", "PKCS#12", ...
+    certificates: tuple[Certificate, ...]  # chain order, roots first
+    installable: tuple[Certificate, ...]  # one link each, roots first
+    left_out: tuple[tuple[Certificate, str], ...]  # (certificate, why it gets no link)
+    findings: tuple[Finding, ...]
+
+    @property
+    def warnings(self) -> tuple[Finding, ...]:
+        return tuple(finding for finding in self.findings if not finding.note)
+
+    @property
+    def notes(self) -> tuple[Finding, ...]:
+        return tuple(finding for finding in self.findings if finding.note)
+
 
 def colon_hex(data: bytes) -> str:
     """Return bytes as colon-separated upper-case hex, the way Windows and phones show fingerprints."""
     return data.hex(":").upper()
 
 
+def refuse(code: str, message: str) -> CertificateError:
+    return CertificateError(message, code=code)
+
+
+def quiet_library_warnings() -> None:
+    """Keep the library's deprecation notes about odd certificates (a negative serial number in a real Mozilla
+    root, say) out of the users' output and the log; they say nothing an administrator can act on.
+
+    Called by ``make_app`` and ``main`` rather than on import, and narrowed to warnings raised from this module.
+    A filter, unlike ``catch_warnings``, is safe with waitress's threads.
+    """
+    warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"(certdrop|__main__)\Z")
+
+
+# -- facts of one certificate -----------------------------------------------------------------------------------
+
+
 def _name_values(name: x509.Name, oid: x509.ObjectIdentifier) -> tuple[str, ...]:
     return tuple(str(attribute.value) for attribute in name.get_attributes_for_oid(oid))
+
+
+def _extension(cert: x509.Certificate, kind: type):
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+
+
+def _key_facts(cert: x509.Certificate) -> tuple[str, int]:
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return "unknown", 0
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RSA", key.key_size
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "EC", key.curve.key_size
+    if isinstance(key, dsa.DSAPublicKey):
+        return "DSA", key.key_size
+    return type(key).__name__.replace("PublicKey", "").lstrip("_"), 0
+
+
+def _signature_hash(cert: x509.Certificate) -> str | None:
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        return "unknown"
+    return algorithm.name if algorithm else None
+
+
+def is_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Return whether *issuer*'s key made *cert*'s signature.
+
+    Unlike ``verify_directly_issued_by`` this accepts SHA-1 and MD5 signatures, which many real CAs (Windows SBS,
+    old certsrv, part of Mozilla's bundle) still carry, so old chains order correctly too.
+    """
+    try:
+        key = issuer.public_key()
+        hash_algorithm = cert.signature_hash_algorithm
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, cert.signature_algorithm_parameters,
+                       hash_algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_algorithm))
+        elif isinstance(key, dsa.DSAPublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, hash_algorithm)
+        elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            key.verify(cert.signature, cert.tbs_certificate_bytes)
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _is_self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    if _signature_hash(cert) == "unknown":  # MD2 and the like: nobody checks a root's own signature, the name decides
+        return True
+    return is_signed_by(cert, cert)
 
 
 def inspect_certificate(cert: x509.Certificate) -> Certificate:
     """Return the facts certdrop needs from a parsed certificate."""
     der = cert.public_bytes(serialization.Encoding.DER)
+    constraints = _extension(cert, x509.BasicConstraints)
+    key_usage = _extension(cert, x509.KeyUsage)
+    names = _extension(cert, x509.SubjectAlternativeName)
+    access = _extension(cert, x509.AuthorityInformationAccess) or ()
     organizations = _name_values(cert.subject, NameOID.ORGANIZATION_NAME)
+    version = 1 if cert.version == x509.Version.v1 else 3
+    self_signed = _is_self_signed(cert)
+    key_type, key_bits = _key_facts(cert)
     return Certificate(
         der=der,
         subject=cert.subject.rfc4514_string(),
@@ -394,44 +561,441 @@ def inspect_certificate(cert: x509.Certificate) -> Certificate:
         not_after=cert.not_valid_after_utc,
         sha256=hashlib.sha256(der).digest(),
         sha1=hashlib.sha1(der).digest(),
+        version=version,
+        is_ca=bool(constraints and constraints.ca) or (version == 1 and self_signed),
+        self_signed=self_signed,
+        has_basic_constraints=constraints is not None,
+        key_cert_sign=None if key_usage is None else key_usage.key_cert_sign,
+        key_type=key_type,
+        key_bits=key_bits,
+        signature_hash=_signature_hash(cert),
+        dns_names=tuple(names.get_values_for_type(x509.DNSName)) if names else (),
+        ip_addresses=tuple(str(ip) for ip in names.get_values_for_type(x509.IPAddress)) if names else (),
+        ca_issuers=tuple(str(item.access_location.value) for item in access
+                         if item.access_method == AuthorityInformationAccessOID.CA_ISSUERS
+                         and isinstance(item.access_location, x509.UniformResourceIdentifier)),
+        parsed=cert,
     )
 
 
 def load_der(der: bytes) -> Certificate:
     """Return the facts of a DER certificate; raise CertificateError if it is not one."""
     try:
-        return inspect_certificate(x509.load_der_x509_certificate(der))
-    except ValueError:
-        raise CertificateError("This is not a DER certificate.") from None
+        return inspect_certificate(parse_der(der))
+    except (ValueError, x509.InvalidVersion):
+        raise refuse("not-a-certificate", "This is not a DER certificate.") from None
 
 
-def read_upload(data: bytes) -> Certificate:
-    """Return the one certificate in an uploaded PEM or DER file, or raise CertificateError saying why not."""
-    if not data.strip():
-        raise CertificateError("The upload is empty. Choose the CA certificate file or paste its text.")
-    if PEM_PRIVATE_KEY_RE.search(data):
-        raise CertificateError(
-            "This upload contains a private key. A CA's private key must never leave the CA: "
-            "only its certificate is needed. Nothing was stored."
-        )
-    if not PEM_CERT_RE.search(data):
-        return load_der(data) if data[:1] == b"\x30" else _refuse_unknown()
+# -- reading whatever was uploaded ------------------------------------------------------------------------------
+
+
+class BerElement(typing.NamedTuple):
+    tag: int
+    start: int  # first byte of the tag
+    content_start: int
+    content_end: int
+    end: int  # one past the last byte, end-of-contents marker included
+
+
+def ber_element(data: bytes, offset: int = 0, depth: int = 0) -> BerElement:
+    """Return the BER element at *offset*.
+
+    Handles the indefinite lengths that Windows and ``openssl crl2pkcs7`` may write, and raises ValueError on
+    anything malformed, so hostile input ends in a clean refusal.
+    """
+    if depth > 32 or offset + 2 > len(data):
+        raise ValueError("truncated or too deeply nested")
+    start, tag, position = offset, data[offset], offset + 1
+    if tag & 0x1F == 0x1F:  # high tag number form: skip its continuation bytes
+        while position < len(data) and data[position] & 0x80:
+            position += 1
+        position += 1
+    if position >= len(data):
+        raise ValueError("truncated")
+    first, position = data[position], position + 1
+    if first == 0x80:  # indefinite length: children up to an end-of-contents marker
+        end = position
+        while data[end:end + 2] != b"\0\0":
+            end = ber_element(data, end, depth + 1).end
+        return BerElement(tag, start, position, end, end + 2)
+    length = first
+    if first & 0x80:
+        count = first & 0x7F
+        if not 0 < count <= 4 or position + count > len(data):
+            raise ValueError("bad length")
+        length, position = int.from_bytes(data[position:position + count], "big"), position + count
+    if position + length > len(data):
+        raise ValueError("truncated")
+    return BerElement(tag, start, position, position + length, position + length)
+
+
+def ber_children(data: bytes, parent: BerElement) -> list[BerElement]:
+    children, position = [], parent.content_start
+    while position < parent.content_end and data[position:position + 2] != b"\0\0":
+        children.append(ber_element(data, position))
+        position = children[-1].end
+    return children
+
+
+def first_der_element(data: bytes) -> bytes:
+    """Return the first complete element of *data*: a TRUSTED CERTIFICATE is a certificate followed by trust data."""
+    return data[:ber_element(data).end]
+
+
+def pkcs7_certificates(data: bytes) -> list[bytes]:
+    """Return the DER certificates inside a PKCS#7 SignedData (``.p7b``/``.p7c``), DER or BER encoded.
+
+    Read by hand because the library warns, and may one day refuse, when certsrv or ``openssl crl2pkcs7`` write
+    an unsorted SET OF; the certificates inside are plain DER either way. Raises ValueError if it is not one.
+    """
+    content_info = ber_children(data, ber_element(data))
+    if len(content_info) < 2 or data[content_info[0].start:content_info[0].end] != OID_SIGNED_DATA:
+        raise ValueError("not PKCS#7 signed data")
+    signed_data = ber_element(data, content_info[1].content_start)  # inside [0] EXPLICIT
+    for field in ber_children(data, signed_data):
+        if field.tag == 0xA0:  # certificates [0] IMPLICIT SET OF Certificate
+            return [data[cert.start:cert.end] for cert in ber_children(data, field)]
+    return []
+
+
+def looks_like_pkcs12(data: bytes) -> bool:
+    """Return whether *data* is shaped like a PFX: SEQUENCE { INTEGER 3, ContentInfo, ... }."""
     try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise CertificateError("The PEM text is damaged: a certificate block could not be decoded.") from None
-    if len(certs) > 1:
-        raise CertificateError(
-            f"This file holds {len(certs)} certificates. Upload the CA certificate on its own "
-            "(the top entry of the certificate's Certification Path)."
-        )
-    return inspect_certificate(certs[0])
+        first = ber_children(data, ber_element(data))[0]
+    except (ValueError, IndexError):
+        return False
+    return data[first.start:first.end] == b"\x02\x01\x03"
 
 
-def _refuse_unknown() -> Certificate:
-    raise CertificateError(
-        "This is neither a PEM nor a DER certificate. Upload the CA certificate as a .cer, .crt, .der or .pem file."
-    )
+def _as_text_bytes(data: bytes) -> tuple[bytes, str]:
+    """Return *data* with UTF-16 (as Windows Notepad saves) turned into UTF-8, and a word on the encoding."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif b"-\0-\0-\0-\0-\0" in data[:4096]:
+        encoding = "utf-16-le"
+    elif b"\0-\0-\0-\0-\0-" in data[:4096]:
+        encoding = "utf-16-be"
+    else:
+        return data, ""
+    try:
+        return data.decode(encoding).encode("utf-8"), "UTF-16 "
+    except UnicodeDecodeError:
+        return data, ""
+
+
+def read_certificates(data: bytes) -> tuple[str, list[x509.Certificate]]:
+    """Return (what the upload was, its certificates) for any certificate file; refuse anything else.
+
+    Accepts PEM (bundles, any text around the blocks, CRLF, BOM, TRUSTED/X509 CERTIFICATE armour), DER, base64 DER
+    without armour, UTF-16 text, PKCS#7 and certificate-only PKCS#12. Raises CertificateError, with a message
+    saying what the upload looks like instead, for private keys and everything that is no certificate.
+    """
+    if not data.strip(b" \t\r\n\0\xef\xbb\xbf\xff\xfe"):
+        raise refuse("empty", "The upload is empty. Choose the CA certificate file or paste its text.")
+    text, encoding = _as_text_bytes(data)
+    if PEM_PRIVATE_KEY_RE.search(text):
+        raise refuse("private-key", PRIVATE_KEY_MESSAGE)
+    if b"-----BEGIN " in text:
+        source, certs = _read_pem(text)
+        return encoding + source, certs
+    if data[:1] == b"\x30":
+        return _read_binary(data)
+    return _read_text(text)
+
+
+def _read_pem(text: bytes) -> tuple[str, list[x509.Certificate]]:
+    certs, kinds = [], []
+    for kind, body in PEM_BLOCK_RE.findall(text):
+        kinds.append(kind)
+        if kind not in PEM_CERTIFICATE_TYPES + PEM_PKCS7_TYPES:
+            continue
+        try:
+            der = base64.b64decode(b"".join(body.split()), validate=True)
+            if kind in PEM_PKCS7_TYPES:
+                certs.extend(_load_ders(pkcs7_certificates(der)))
+            else:
+                certs.append(parse_der(first_der_element(der)))
+        except (ValueError, binascii.Error):
+            raise refuse("damaged-pem", f"A {kind.decode()} block in the text is damaged: its base64 does not "
+                                        "decode to a certificate. Copy it again from the original file.") from None
+    if certs:
+        return ("PKCS#7 PEM" if set(kinds) & set(PEM_PKCS7_TYPES) else "PEM"), certs
+    raise _refusal_for_pem_kinds(kinds)
+
+
+def _refusal_for_pem_kinds(kinds: list[bytes]) -> CertificateError:
+    described = {
+        b"CERTIFICATE REQUEST": ("csr", "a certificate signing request (CSR), which asks a CA for a certificate"),
+        b"NEW CERTIFICATE REQUEST": ("csr", "a certificate signing request (CSR), which asks a CA for a certificate"),
+        b"X509 CRL": ("crl", "a certificate revocation list (CRL), which lists withdrawn certificates"),
+        b"PUBLIC KEY": ("public-key", "a bare public key, without the name and signature of a certificate"),
+        b"RSA PUBLIC KEY": ("public-key", "a bare public key, without the name and signature of a certificate"),
+    }
+    for kind in kinds:
+        if kind in described:
+            code, what = described[kind]
+            return refuse(code, f"This is {what}. Upload the CA certificate itself "
+                                "(-----BEGIN CERTIFICATE-----, or a .cer/.crt/.der file).")
+    if kinds:
+        return refuse("no-certificate", f"The text holds a {kinds[0].decode(errors='replace')} block but no "
+                                        "certificate. Upload the CA certificate (-----BEGIN CERTIFICATE-----).")
+    return refuse("damaged-pem", "The PEM text is damaged: it has a -----BEGIN line but no complete block with its "
+                                 "matching END line. Copy it again from the original file.")
+
+
+def parse_der(der: bytes) -> x509.Certificate:
+    """Return the certificate in *der*; raise ValueError for anything the library cannot read."""
+    try:
+        return x509.load_der_x509_certificate(der)
+    except x509.InvalidVersion as error:  # not a ValueError, yet just another malformed input
+        raise ValueError(str(error)) from None
+
+
+def _load_ders(ders: list[bytes]) -> list[x509.Certificate]:
+    return [parse_der(der) for der in ders]
+
+
+def _read_binary(data: bytes) -> tuple[str, list[x509.Certificate]]:
+    with contextlib.suppress(ValueError):
+        return "DER", [parse_der(data)]
+    with contextlib.suppress(ValueError):
+        element = ber_element(data)
+        if not data[element.end:].strip(b" \t\r\n\0"):  # DER plus a trailing newline some tools add
+            return "DER", [parse_der(data[:element.end])]
+    with contextlib.suppress(ValueError, IndexError):
+        certs = pkcs7_certificates(data)
+        if not certs:
+            raise refuse("no-certificate", "This PKCS#7 file holds no certificate. Export it again with "
+                                           "\u201cInclude all certificates in the certification path\u201d.")
+        return "PKCS#7", _load_ders(certs)
+    if looks_like_pkcs12(data):
+        return "PKCS#12", _read_pkcs12(data)
+    if _is_der_private_key(data):
+        raise refuse("private-key", PRIVATE_KEY_MESSAGE)
+    raise _refusal_for_der(data)
+
+
+def _read_pkcs12(data: bytes) -> list[x509.Certificate]:
+    try:
+        bundle = pkcs12.load_pkcs12(data, None)
+    except (ValueError, UnsupportedAlgorithm):
+        raise refuse("pkcs12-password", "This is a password-protected PKCS#12 (.pfx/.p12) file, which is what "
+                                        "Windows writes when it exports a private key. Export the certificate "
+                                        "alone instead: DER or Base-64 encoded .cer, without the private key.") from None
+    if bundle.key is not None:
+        raise refuse("private-key", PRIVATE_KEY_MESSAGE)
+    certs = ([bundle.cert] if bundle.cert else []) + list(bundle.additional_certs)
+    if not certs:
+        raise refuse("no-certificate", "This PKCS#12 file holds no certificate.")
+    return [item.certificate for item in certs]
+
+
+def _is_der_private_key(data: bytes) -> bool:
+    try:
+        serialization.load_der_private_key(data, password=None)
+    except TypeError:  # "password was not given but private key is encrypted": an encrypted PKCS#8 key
+        return True
+    except (ValueError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _refusal_for_der(data: bytes) -> CertificateError:
+    for loader, code, what in (
+        (x509.load_der_x509_csr, "csr", "a certificate signing request (CSR), which asks a CA for a certificate"),
+        (x509.load_der_x509_crl, "crl", "a certificate revocation list (CRL), which lists withdrawn certificates"),
+        (serialization.load_der_public_key, "public-key", "a bare public key, without a certificate around it"),
+    ):
+        with contextlib.suppress(ValueError, UnsupportedAlgorithm):
+            loader(data)
+            return refuse(code, f"This is {what}. Upload the CA certificate itself (a .cer, .crt or .der file).")
+    return refuse("not-a-certificate", "This binary file is not a certificate (nor PKCS#7 or PKCS#12). Upload the "
+                                       "CA certificate as a .cer, .crt, .der or .pem file.")
+
+
+def _read_text(text: bytes) -> tuple[str, list[x509.Certificate]]:
+    lowered = text[:2048].lower().lstrip()
+    if lowered.startswith((b"<!doctype html", b"<html")) or b"<html" in lowered or b"<body" in lowered:
+        raise refuse("html", "This is a web page, not a certificate: the download probably saved a login or "
+                             "error page. Download the CA certificate again, or open the file and copy the "
+                             "-----BEGIN CERTIFICATE----- block.")
+    compact = b"".join(text.split())
+    if len(compact) >= 64 and BASE64_RE.fullmatch(compact):
+        try:
+            source, certs = _read_binary(base64.b64decode(compact, validate=True))
+            return f"base64 {source}", certs
+        except binascii.Error:
+            pass
+        except CertificateError as error:
+            if error.code == "private-key":  # a key stays a key, however it is wrapped
+                raise
+    raise refuse("not-a-certificate", "This text holds no certificate. A PEM certificate starts with "
+                                      "-----BEGIN CERTIFICATE-----; upload that, or the .cer/.crt/.der file.")
+
+
+# -- putting a bundle in order ---------------------------------------------------------------------------------
+
+
+def issuers_within(certificates: list[Certificate]) -> dict[bytes, Certificate]:
+    """Return, by SHA-256, the issuer of each certificate found among *certificates* (verified by signature)."""
+    by_subject: dict[x509.Name, list[Certificate]] = {}
+    for certificate in certificates:
+        by_subject.setdefault(certificate.parsed.subject, []).append(certificate)
+    issuers = {}
+    for certificate in certificates:
+        if certificate.self_signed:
+            continue
+        for candidate in by_subject.get(certificate.parsed.issuer, ()):
+            if candidate is not certificate and is_signed_by(certificate.parsed, candidate.parsed):
+                issuers[certificate.sha256] = candidate
+                break
+    return issuers
+
+
+def chain_order(certificates: list[Certificate], issuers: dict[bytes, Certificate]) -> list[Certificate]:
+    """Return *certificates* roots first, each below its issuer; unrelated certificates keep their order."""
+    def depth(certificate: Certificate) -> int:
+        seen = set()
+        while certificate.sha256 in issuers and certificate.sha256 not in seen:
+            seen.add(certificate.sha256)
+            certificate = issuers[certificate.sha256]
+        return len(seen)
+
+    return sorted(certificates, key=depth)
+
+
+# -- the diagnosis ---------------------------------------------------------------------------------------------
+
+
+def diagnose(data: bytes, *, now: float, host: str = "", force: bool = False) -> Diagnosis:
+    """Return what *data* holds, which certificates get links, and what is worth knowing about them.
+
+    Raises CertificateError when nothing in it can be installed: private keys, things that are no certificate,
+    and a server certificate without its CA (unless *force*).
+    """
+    source, parsed = read_certificates(data)
+    if len(parsed) > MAX_CERTIFICATES:
+        raise refuse("too-many", f"This upload holds {len(parsed)} certificates; the limit is {MAX_CERTIFICATES}.")
+    unique = list({certificate.sha256: certificate for certificate in map(_inspect_uploaded, parsed)}.values())
+    issuers = issuers_within(unique)
+    ordered = chain_order(unique, issuers)
+    installable = [certificate for certificate in ordered if certificate.role in INSTALLABLE_ROLES]
+    leaves = [certificate for certificate in ordered if certificate.role == "leaf"]
+    if not installable and not force:
+        raise _refusal_for_leaf(leaves[0])
+    left_out = () if not installable else tuple(
+        (leaf, f"The server certificate for {leaf.server_name} gets no link: devices need the CA that issued it, "
+               "not the server certificate.") for leaf in leaves)
+    installable = installable or leaves
+    findings = [*check_certificates(ordered, installable, issuers, now), *check_host(host, ordered)]
+    return Diagnosis(source, tuple(ordered), tuple(installable), left_out, tuple(findings))
+
+
+def _inspect_uploaded(cert: x509.Certificate) -> Certificate:
+    try:
+        return inspect_certificate(cert)
+    except (ValueError, x509.InvalidVersion):  # fields are parsed lazily: damage in a name or date surfaces now
+        raise refuse("damaged-certificate", "A certificate in the upload is damaged: its fields cannot be read. "
+                                            "Export it again from the original source.") from None
+
+
+def _refusal_for_leaf(leaf: Certificate) -> CertificateError:
+    issuer = leaf.parsed.issuer
+    issuer_name = (_name_values(issuer, NameOID.COMMON_NAME) or (leaf.issuer,))[0]
+    message = (f"This is the server certificate for {leaf.server_name}. Phones need the CA that issued it, "
+               f"\u201c{issuer_name}\u201d: upload that instead.")
+    if leaf.ca_issuers:
+        message += f" The issuer's certificate is published at {leaf.ca_issuers[0]} (certdrop does not fetch it)."
+    message += " To install this server certificate itself anyway, choose \u201cinstall it anyway\u201d."
+    return refuse("server-certificate", message)
+
+
+def check_certificates(ordered: list[Certificate], installable: list[Certificate],
+                       issuers: dict[bytes, Certificate], now: float) -> Iterator[Finding]:
+    """Yield the warnings and device notes for each certificate of an upload."""
+    links = {certificate.sha256 for certificate in installable}
+    for certificate in ordered:
+        yield from _check_validity(certificate, now)
+        yield from _check_strength(certificate)
+        if certificate.sha256 in links:
+            yield from _check_installable(certificate, certificate.sha256 in issuers)
+
+
+def _finding(code: str, certificate: Certificate, message: str, note: bool = False) -> Finding:
+    return Finding(code, f"\u201c{certificate.name}\u201d {message}", certificate.name, note)
+
+
+def _check_validity(certificate: Certificate, now: float) -> Iterator[Finding]:
+    not_before, not_after = certificate.not_before.timestamp(), certificate.not_after.timestamp()
+    if now >= not_after:
+        yield _finding("expired", certificate, f"expired on {format_time(not_after)}; devices will reject it.")
+    elif now < not_before:
+        yield _finding("not-yet-valid", certificate, f"is not valid before {format_time(not_before)}; devices with "
+                                                     "the right time reject it until then.")
+    elif not_after - now < 30 * 86400:
+        yield _finding("expires-soon", certificate, f"expires on {format_time(not_after)}, in "
+                                                    f"{format_duration(not_after - now)}.")
+
+
+def _check_strength(certificate: Certificate) -> Iterator[Finding]:
+    if certificate.signature_hash in ("md5", "sha1", "md2", "md4") and not certificate.self_signed:
+        yield _finding("weak-signature", certificate, f"is signed with {certificate.signature_hash.upper()}, which "
+                                                      "current devices reject (a root's own signature would not "
+                                                      "matter, this one's does).")
+    if certificate.key_type == "RSA" and certificate.key_bits < 2048:
+        yield _finding("weak-key", certificate, f"has a {certificate.key_bits}-bit RSA key; current devices "
+                                                "require at least 2048 bits.")
+
+
+def _check_installable(certificate: Certificate, issuer_uploaded: bool) -> Iterator[Finding]:
+    if len(certificate.common_names) > 1:
+        yield _finding("several-cn", certificate, f"has {len(certificate.common_names)} CN entries; Nokia phones "
+                                                  "show only the first.")
+    if not certificate.common_names:
+        yield _finding("no-cn", certificate, "has no CN (common name); iPhones list it with a blank name.")
+    if certificate.version == 3 and not certificate.is_ca:
+        yield _finding("not-a-ca", certificate, "is not marked as a CA (no basicConstraints CA:TRUE): S60 phones "
+                                                "save it as a site certificate and Android refuses it as a CA.")
+    if certificate.is_ca and certificate.key_cert_sign is False:
+        yield _finding("no-keycertsign", certificate, "has a keyUsage without keyCertSign, so devices may not "
+                                                      "accept it as the issuer of other certificates.")
+    if certificate.role == "intermediate" and not issuer_uploaded:
+        yield _finding("intermediate", certificate, f"is an intermediate CA, issued by {certificate.issuer}. "
+                                                    "Devices also need that root (upload it too), and the Nokia "
+                                                    "S40 hashed format needs a self-signed root.")
+    if certificate.key_type == "RSA" and certificate.key_bits > 1024:
+        yield _finding("s40-key-size", certificate, f"has a {certificate.key_bits}-bit key; some Nokia Series 40 "
+                                                    "phones accept only 1024-bit CAs.", note=True)
+    if certificate.key_type != "RSA" or certificate.signature_hash not in ("sha1", "md5"):
+        yield _finding("wap-algorithm", certificate, "is not an RSA CA signed with SHA-1 or MD5; old WAP browsers "
+                                                     "(Series 40 and older) may fail to install it.", note=True)
+
+
+def check_host(host: str, certificates: list[Certificate]) -> Iterator[Finding]:
+    """Yield a warning when *host* (what users type to reach the server) matches no server certificate uploaded."""
+    host = host.strip().lower().rstrip(".")
+    if not host:
+        return
+    servers = [certificate for certificate in certificates if certificate.role in ("leaf", "self-signed leaf")]
+    if not servers:
+        yield Finding("host-unchecked", f"No server certificate was uploaded, so {host} could not be checked; "
+                                        "only a server certificate names the hosts it serves.", note=True)
+    elif not any(matches_host(host, certificate) for certificate in servers):
+        names = ", ".join(servers[0].dns_names or servers[0].common_names or ("no names",))
+        yield Finding("host-mismatch", f"{host} matches no name of the server certificate ({names}); devices will "
+                                       "warn about the name even once the CA is trusted.", servers[0].name)
+
+
+def matches_host(host: str, certificate: Certificate) -> bool:
+    """Return whether *host* is one of *certificate*'s DNS names, IP addresses or CNs (``*.`` wildcards too)."""
+    with contextlib.suppress(ValueError):
+        host = str(ipaddress.ip_address(host.strip("[]")))
+    for name in (*certificate.dns_names, *certificate.ip_addresses, *certificate.common_names):
+        name = name.lower().rstrip(".")
+        wildcard = name.startswith("*.") and "." in name[2:] and host.partition(".")[2] == name[2:]
+        if name == host or wildcard:
+            return True
+    return False
 
 
 ###############################################################################
@@ -561,7 +1125,7 @@ class Store:
         try:
             entry = Entry.from_json(token, data)
             if entry.der is not None:
-                entry.certificate  # parse once now, so a damaged certificate is caught here, not while serving
+                _ = entry.certificate  # parse once now, so a damaged certificate is caught here, not while serving
         except (ValueError, KeyError, TypeError, binascii.Error, CertificateError) as error:
             log.warning("entry %s is damaged and is not served: %s", path, error)
             raise UnknownToken(token) from None
@@ -785,7 +1349,8 @@ body{font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0
 main{max-width:46rem;margin:0 auto;padding:1.25rem}
 h1{font-size:1.6rem;margin:.5rem 0 1rem}h2{font-size:1.15rem;margin:1.75rem 0 .5rem}
 section,form{background:#fff;border:1px solid #dde3ea;border-radius:8px;padding:1rem 1.25rem;margin:1rem 0}
-label{display:block;font-weight:600;margin:.75rem 0 .25rem}
+label{display:block;font-weight:600;margin:.75rem 0 .25rem}label.plain{font-weight:400}
+input[type=text]{width:100%;box-sizing:border-box;font:inherit;padding:.3rem}
 textarea{width:100%;box-sizing:border-box;min-height:8rem;font:13px/1.3 ui-monospace,monospace}
 button{font:inherit;font-weight:600;padding:.55rem 1.4rem;border:0;border-radius:6px;background:#1f5fbf;color:#fff}
 .link{font-size:1.7rem;font-weight:700;word-break:break-all;margin:.25rem 0}
@@ -854,6 +1419,12 @@ it gets the certificate in the form that device installs.</p>
 <textarea id="pem" name="pem" rows="8" cols="64" placeholder="-----BEGIN CERTIFICATE-----"></textarea>
 <label for="ttl">The link works for</label>
 <select id="ttl" name="ttl">$options_html</select>
+<label for="host">Server name people connect to (optional)</label>
+<input type="text" id="host" name="host" maxlength="253" placeholder="mail.example.com" />
+<p class="muted">When the upload includes the server certificate (a full chain, a .p7b), certdrop checks
+that this name is in it.</p>
+<p><label class="plain"><input type="checkbox" name="force" value="1" /> Install a server certificate anyway.
+Only for a self-made certificate that devices must trust directly; certdrop refuses it otherwise.</label></p>
 <p><button type="submit">Get the link</button></p>
 </form>
 <section>
@@ -907,19 +1478,27 @@ INSTALL_STEPS = (
      "/usr/local/share/ca-certificates/FILE.crt && update-ca-certificates"),
 )
 
+ROLE_LABELS = {
+    "root": "Root CA",
+    "intermediate": "Intermediate CA",
+    "self-signed leaf": "Self-signed certificate",
+    "leaf": "Server certificate (installed anyway)",
+}
+
+
+class Link(typing.NamedTuple):
+    entry: Entry
+    url: str
+    created: bool  # False when the certificate already had this link
+
+
 RESULT_PAGE = string.Template("""<h1>$heading</h1>
-<section>
-<p class="muted">Install link</p>
-<p class="link"><a href="$url">$url</a></p>
-<p>Works until $expires (for $remaining).</p>
 $reachable_html
-</section>
-<section>
-<h2>What you uploaded</h2>
-$facts_html
-<p class="muted">Before trusting the certificate on a device, compare its SHA-256 or SHA-1 fingerprint with
-the one above: the link is plain HTTP, and the fingerprint is what proves the file was not swapped.</p>
-</section>
+$order_html
+$links_html
+$findings_html
+<p class="muted">Before trusting a certificate on a device, compare its SHA-256 or SHA-1 fingerprint with the
+one shown here: the link is plain HTTP, and the fingerprint is what proves the file was not swapped.</p>
 <section>
 <h2>How to install it</h2>
 $steps_html
@@ -927,8 +1506,20 @@ $steps_html
 <p><a href="$home">Share another certificate</a></p>
 """)
 
-REACHABLE_NOTE = string.Template("""<div class="warn"><p><strong>Phones cannot open this link:</strong> $host
-is this server's own loopback name. $advice_html</p></div>""")
+LINK_SECTION = string.Template("""<section>
+<h2>$role: $name</h2>
+<p class="link"><a href="$url">$url</a></p>
+<p>$status until $expires (for $remaining).</p>
+$facts_html
+</section>
+""")
+
+REACHABLE_NOTE = string.Template("""<section class="warn"><p><strong>Phones cannot open this link:</strong> $host
+is this server's own loopback name. $advice_html</p></section>""")
+
+ORDER_NOTE = """<section><p>This upload gives several links. <strong>Hand out the first one (the root CA)
+first</strong>: it is what devices must trust. The others are intermediate CAs; install them too on devices that
+complain about a missing intermediate (Nokia phones, some Android versions).</p></section>"""
 
 
 def render_facts(certificate: Certificate) -> str:
@@ -961,20 +1552,44 @@ def render_reachable_note(url: str, port: str) -> str:
     return render(REACHABLE_NOTE, host=parts.hostname, advice_html=advice)
 
 
-def render_result(entry: Entry, url: str, port: str, created: bool, now: float, home: str) -> bytes:
+def render_findings(diagnosis: Diagnosis) -> str:
+    """Return the doctor's warnings, left-out certificates and device notes as HTML sections (empty if none)."""
+    parts = []
+    for title, items, css in (
+        ("What needs attention", [f"{f.message} [{f.code}]" for f in diagnosis.warnings], "warn"),
+        ("Left out", [reason for _, reason in diagnosis.left_out], ""),
+        ("Device notes", [f"{f.message} [{f.code}]" for f in diagnosis.notes], ""),
+    ):
+        if items:
+            rows = "".join(f"<li>{esc(item)}</li>" for item in items)
+            parts.append(f'<section class="{css}"><h2>{esc(title)}</h2><ul>{rows}</ul></section>')
+    return "\n".join(parts)
+
+
+def render_link(link: Link, now: float) -> str:
+    certificate = link.entry.certificate
+    return render(LINK_SECTION, role=ROLE_LABELS[certificate.role], name=certificate.name, url=link.url,
+                  status="New link, works" if link.created else "This certificate already had this link; it works",
+                  expires=format_time(link.entry.expires), remaining=format_duration(link.entry.expires - now),
+                  facts_html=render_facts(certificate))
+
+
+def render_result(links: list[Link], diagnosis: Diagnosis, port: str, now: float, home: str) -> bytes:
     steps = "".join(f"<h3>{esc(family)}</h3><p>{esc(text)}</p>" for family, text in INSTALL_STEPS)
+    heading = "Your install links" if len(links) > 1 else "Your install link"
+    if not any(link.created for link in links):
+        heading = "This certificate already has a link" if len(links) == 1 else "These certificates already have links"
     body = render(
         RESULT_PAGE,
-        heading="Your install link" if created else "This certificate already has a link",
-        url=url,
-        expires=format_time(entry.expires),
-        remaining=format_duration(entry.expires - now),
-        reachable_html=render_reachable_note(url, port),
-        facts_html=render_facts(entry.certificate),
+        heading=heading,
+        reachable_html=render_reachable_note(links[0].url, port),
+        order_html=ORDER_NOTE if len(links) > 1 else "",
+        links_html="".join(render_link(link, now) for link in links),
+        findings_html=render_findings(diagnosis),
         steps_html=steps,
         home=home,
     )
-    return render_page(f"Link for {entry.certificate.name}", body)
+    return render_page(f"Link for {links[0].entry.certificate.name}", body)
 
 
 ERROR_PAGE = string.Template("""<h1>$title</h1>
@@ -1217,23 +1832,36 @@ class App:
 
     def upload(self, request: Request) -> Response:
         fields = parse_form(request, self.config.max_upload)
-        data = choose_upload(fields)
-        certificate = read_upload(data)
         now = self.clock()
-        ttl = fields.get("ttl", b"").decode("ascii", "replace")
-        entry, created = self.store.add(certificate, link_expiry(self.config, certificate, ttl, now))
-        log.info("%s link %s for %r until %s", "new" if created else "existing", entry.token, certificate.name,
-                 format_time(entry.expires))
-        base = self.base_url(request)
-        url = install_url(base, entry.token)
+        diagnosis = diagnose(choose_upload(fields), now=now, host=form_text(fields, "host"),
+                             force=bool(form_text(fields, "force")))
+        base = self.base_url(request)  # a bad Host is refused before anything is stored
+        links = store_links(self.store, self.config, diagnosis, form_text(fields, "ttl"), now, base)
         port = split_host(request.header("Host") or "x")[1]
-        page = render_result(entry, url, port, created, now, home=request.script_name + "/")
-        return Response(page, 201 if created else 200, MIME_HTML,
-                        HTML_HEADERS + (("Cache-Control", "no-store"), ("Location", url)))
+        page = render_result(links, diagnosis, port, now, home=request.script_name + "/")
+        status = 201 if any(link.created for link in links) else 200
+        return Response(page, status, MIME_HTML,
+                        HTML_HEADERS + (("Cache-Control", "no-store"), ("Location", links[0].url)))
 
     def install(self, request: Request, token: str) -> Response:
         entry = self.store.get(token)
         return certificate_response(entry, request.user_agent)
+
+
+def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, now: float, base: str) -> list[Link]:
+    """Store every installable certificate of *diagnosis*, roots first, and return their links."""
+    expiries = [link_expiry(config, certificate, ttl, now) for certificate in diagnosis.installable]
+    links = []
+    for certificate, expires in zip(diagnosis.installable, expiries, strict=True):  # all checked before any write
+        entry, created = store.add(certificate, expires)
+        log.info("%s link %s for %r until %s", "new" if created else "existing", entry.token, certificate.name,
+                 format_time(entry.expires))
+        links.append(Link(entry, install_url(base, entry.token), created))
+    return links
+
+
+def form_text(fields: dict[str, bytes], name: str) -> str:
+    return fields.get(name, b"").decode("utf-8", "replace").strip()[:256]
 
 
 def choose_upload(fields: dict[str, bytes]) -> bytes:
@@ -1276,6 +1904,7 @@ def make_store(config: Config, clock: Callable[[], float] = time.time) -> Store:
 
 def make_app(config: Config, store: Store | None = None, clock: Callable[[], float] = time.time) -> App:
     """Return the WSGI application for *config*; tests pass their own store and clock."""
+    quiet_library_warnings()
     return App(config, store or make_store(config, clock), clock)
 
 
@@ -1292,14 +1921,14 @@ def cli_base_url(config: Config) -> str:
     return f"http://{machine_name() or 'localhost'}{port}"
 
 
-def cmd_serve(args, config: Config) -> int:
+def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     from waitress import create_server
 
     if args.host:
         config = dataclasses.replace(config, host=args.host)
     if args.port is not None:
         config = dataclasses.replace(config, port=args.port)
-    app = make_app(config)
+    app = make_app(config, clock=clock)
     # Waitress keeps bodies in memory up to inbuf_overflow; set both above our own limit, so that certdrop
     # answers oversize uploads with its own message and no body is spooled to disk.
     body_limit = 2 * config.max_upload + 65536
@@ -1331,31 +1960,103 @@ def sweep_forever(store: Store, interval: float, stop: threading.Event) -> None:
             log.info("sweep: %(expired)d expired, %(deleted)d deleted, %(temporary)d temporary files", counts)
 
 
-def cmd_add(args, config: Config) -> int:
+def read_input(name: str, limit: int) -> bytes:
+    """Return the bytes of file *name* (``-`` is standard input); raise CertdropError if unreadable or too large."""
     try:
-        data = Path(args.file).read_bytes() if args.file != "-" else sys.stdin.buffer.read()
+        data = sys.stdin.buffer.read(limit + 1) if name == "-" else Path(name).read_bytes()
     except OSError as error:
-        raise CertdropError(f"cannot read {args.file}: {error.strerror}") from None
-    if len(data) > config.max_upload:
-        raise CertdropError(f"{args.file} is larger than max_upload ({format_size(config.max_upload)})")
-    certificate = read_upload(data)
-    now = time.time()
-    store = make_store(config)
-    entry, created = store.add(certificate, link_expiry(config, certificate, args.ttl or "", now))
-    url = install_url(cli_base_url(config), entry.token)
-    print(url)
-    print(f"  {'new link' if created else 'existing link'} for {certificate.name}, works until "
-          f"{format_time(entry.expires)}")
-    print(f"  SHA-256 {colon_hex(certificate.sha256)}")
-    print(f"  SHA-1   {colon_hex(certificate.sha1)}")
-    if is_loopback_host(urllib.parse.urlsplit(url).hostname or ""):
-        print("  Phones cannot reach localhost: set public_url in certdrop.ini to this server's name.")
+        raise CertdropError(f"cannot read {name}: {error.strerror}") from None
+    if len(data) > limit:
+        raise CertdropError(f"{name} is larger than max_upload ({format_size(limit)})")
+    return data
+
+
+def cmd_add(args, config: Config, clock: Callable[[], float]) -> int:
+    now = clock()
+    diagnosis = diagnose(read_input(args.file, config.max_upload), now=now, host=args.host or "", force=args.force)
+    links = store_links(make_store(config, clock), config, diagnosis, args.ttl or "", now, cli_base_url(config))
+    for link in links:
+        certificate = link.entry.certificate
+        print(link.url)
+        print(f"  {'new' if link.created else 'existing'} link for {ROLE_LABELS[certificate.role].lower()} "
+              f"{certificate.name!r}, works until {format_time(link.entry.expires)}")
+        print(f"  SHA-256 {colon_hex(certificate.sha256)}")
+        print(f"  SHA-1   {colon_hex(certificate.sha1)}")
+    for _, reason in diagnosis.left_out:
+        print(f"left out: {reason}")
+    for finding in diagnosis.findings:
+        print(f"{'note' if finding.note else 'warning'} [{finding.code}]: {finding.message}")
+    if is_loopback_host(urllib.parse.urlsplit(links[0].url).hostname or ""):
+        print("Phones cannot reach localhost: set public_url in certdrop.ini to this server's name.")
     return 0
 
 
-def cmd_list(args, config: Config) -> int:
-    now = time.time()
-    for entry in make_store(config).entries():
+#: Exit statuses of ``check``.
+CHECK_OK, CHECK_WARNINGS, CHECK_REFUSED, CHECK_ERROR = 0, 1, 2, 3
+
+
+def check_report(name: str, data: bytes, host: str, now: float) -> tuple[int, dict]:
+    """Return the exit status and the report of one file for ``check``."""
+    try:
+        diagnosis = diagnose(data, now=now, host=host)
+    except CertificateError as error:
+        return CHECK_REFUSED, {"file": name, "installable": False, "refused": {"code": error.code,
+                                                                               "message": str(error)}}
+    links = {certificate.sha256 for certificate in diagnosis.installable}
+    report = {
+        "file": name,
+        "installable": True,
+        "format": diagnosis.source,
+        "certificates": [{
+            "name": c.name, "role": c.role, "subject": c.subject, "issuer": c.issuer,
+            "not_before": c.not_before.isoformat(), "not_after": c.not_after.isoformat(),
+            "sha256": colon_hex(c.sha256), "sha1": colon_hex(c.sha1), "link": c.sha256 in links,
+        } for c in diagnosis.certificates],
+        "left_out": [reason for _, reason in diagnosis.left_out],
+        "warnings": [dataclasses.asdict(f) for f in diagnosis.warnings],
+        "notes": [dataclasses.asdict(f) for f in diagnosis.notes],
+    }
+    return (CHECK_WARNINGS if diagnosis.warnings else CHECK_OK), report
+
+
+def print_check_report(report: dict) -> None:
+    if not report["installable"]:
+        print(f"{report['file']}: refused [{report['refused']['code']}]: {report['refused']['message']}")
+        return
+    count = len(report["certificates"])
+    print(f"{report['file']}: {report['format']}, {count} certificate{'s' if count != 1 else ''}")
+    for c in report["certificates"]:
+        print(f"  {c['role']:<17} {c['name']}  {'gets a link' if c['link'] else 'no link'}")
+        print(f"  {'':<17} SHA-256 {c['sha256']}")
+    for reason in report["left_out"]:
+        print(f"  left out: {reason}")
+    for kind, findings in (("warning", report["warnings"]), ("note", report["notes"])):
+        for finding in findings:
+            print(f"  {kind} [{finding['code']}]: {finding['message']}")
+
+
+def cmd_check(args, config: Config, clock: Callable[[], float]) -> int:
+    now, status, reports = clock(), CHECK_OK, []
+    for name in args.files:
+        try:
+            data = read_input(name, config.max_upload)
+        except CertdropError as error:
+            print(f"certdrop: {error}", file=sys.stderr)
+            status = CHECK_ERROR
+            continue
+        file_status, report = check_report(name, data, args.host or "", now)
+        status = max(status, file_status)
+        reports.append(report)
+        if not args.json:
+            print_check_report(report)
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    return status
+
+
+def cmd_list(args, config: Config, clock: Callable[[], float]) -> int:
+    now = clock()
+    for entry in make_store(config, clock).entries():
         gone = entry.gone(now)
         state = gone.reason if gone else "live"
         name = entry.certificate.name if entry.der is not None else "-"
@@ -1363,9 +2064,9 @@ def cmd_list(args, config: Config) -> int:
     return 0
 
 
-def cmd_show(args, config: Config) -> int:
-    entry = make_store(config).lookup(args.token)
-    gone = entry.gone(time.time())
+def cmd_show(args, config: Config, clock: Callable[[], float]) -> int:
+    entry = make_store(config, clock).lookup(args.token)
+    gone = entry.gone(clock())
     print(f"link      {install_url(cli_base_url(config), entry.token)}")
     print(f"state     {gone if gone else 'live until ' + format_time(entry.expires)}")
     print(f"created   {format_time(entry.created)}")
@@ -1381,14 +2082,14 @@ def cmd_show(args, config: Config) -> int:
     return 0
 
 
-def cmd_revoke(args, config: Config) -> int:
-    entry = make_store(config).revoke(args.token)
+def cmd_revoke(args, config: Config, clock: Callable[[], float]) -> int:
+    entry = make_store(config, clock).revoke(args.token)
     print(f"revoked {entry.token}: it answers 410 Gone from now on")
     return 0
 
 
-def cmd_gc(args, config: Config) -> int:
-    counts = make_store(config).sweep()
+def cmd_gc(args, config: Config, clock: Callable[[], float]) -> int:
+    counts = make_store(config, clock).sweep()
     print(f"{counts['expired']} expired, {counts['deleted']} deleted, {counts['temporary']} temporary files removed")
     return 0
 
@@ -1396,7 +2097,12 @@ def cmd_gc(args, config: Config) -> int:
 def build_parser():
     import argparse
 
-    parser = argparse.ArgumentParser(prog="certdrop.py", description="Share a CA certificate with one short link.")
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # usage errors exit 3, the status ``check`` documents for them
+            self.print_usage(sys.stderr)
+            self.exit(CHECK_ERROR, f"{self.prog}: error: {message}\n")
+
+    parser = Parser(prog="certdrop.py", description="Share a CA certificate with one short link.")
     parser.add_argument("-c", "--config", help="ini file (default: $CERTDROP_CONFIG, else certdrop.ini beside "
                                                "certdrop.py, else built-in defaults)")
     parser.add_argument("--version", action="version", version=f"certdrop {__version__}")
@@ -1405,10 +2111,19 @@ def build_parser():
     serve.add_argument("--host", help="address to listen on (overrides the config)")
     serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one")
     serve.set_defaults(func=cmd_serve)
-    add = commands.add_parser("add", help="store a certificate and print its link")
-    add.add_argument("file", help="certificate file, or - for standard input")
+    add = commands.add_parser("add", help="store the CA certificates of a file and print their links")
+    add.add_argument("file", help="certificate file (PEM, DER, PKCS#7, PKCS#12), or - for standard input")
     add.add_argument("--ttl", help="lifetime: 12h, 7d, 30d ... or cert (until the certificate expires)")
+    add.add_argument("--host", help="server name people connect to; warns if the upload's server certificate "
+                                    "does not name it")
+    add.add_argument("--force", action="store_true", help="give a server certificate a link when no CA came with it")
     add.set_defaults(func=cmd_add)
+    check = commands.add_parser("check", help="diagnose certificate files without storing anything; exit 0 = "
+                                              "installable, 1 = with warnings, 2 = refused, 3 = usage or I/O error")
+    check.add_argument("files", nargs="+", metavar="FILE", help="certificate files, or - for standard input")
+    check.add_argument("--json", action="store_true", help="print the reports as JSON")
+    check.add_argument("--host", help="server name to look for in the server certificates")
+    check.set_defaults(func=cmd_check)
     commands.add_parser("list", help="list every link").set_defaults(func=cmd_list)
     show = commands.add_parser("show", help="show one link and its certificate")
     show.add_argument("token")
@@ -1420,18 +2135,19 @@ def build_parser():
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit status."""
+def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) -> int:
+    """Run the command line; return the exit status. Tests pass their own *clock*."""
     args = build_parser().parse_args(argv)
+    quiet_library_warnings()
     try:
         config = load_config(args.config)
     except ConfigError as error:
         print(f"certdrop: {error}", file=sys.stderr)
-        return 2
+        return CHECK_ERROR
     if not logging.getLogger().handlers:
         logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args, config)
+        return args.func(args, config, clock)
     except UnknownToken as error:
         print(f"certdrop: no link {str(error)!r}", file=sys.stderr)
     except CertdropError as error:

@@ -1,5 +1,7 @@
 """Tests for certdrop, in the module's order: pure functions, store, HTTP, command line, real processes."""
 
+import base64
+import codecs
 import dataclasses
 import datetime
 import json
@@ -20,7 +22,8 @@ import pytest
 import webtest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 from cryptography.x509.oid import NameOID
 
 import certdrop
@@ -209,8 +212,13 @@ def test_max_ttl_hides_longer_choices_from_the_form():
 # -- certificates and devices ----------------------------------------------------------------------------------
 
 
+def only_certificate(data):
+    (certificate,) = certdrop.diagnose(data, now=NOW).installable
+    return certificate
+
+
 def test_pem_and_der_uploads_give_the_same_certificate(root_pem, root_der):
-    assert certdrop.read_upload(root_pem).der == certdrop.read_upload(root_der).der == root_der
+    assert only_certificate(root_pem).der == only_certificate(root_der).der == root_der
 
 
 def test_fingerprints_are_colon_separated_upper_case_hex():
@@ -219,14 +227,14 @@ def test_fingerprints_are_colon_separated_upper_case_hex():
 
 def test_upload_with_a_private_key_is_refused(root_pem, key_pem):
     with pytest.raises(certdrop.CertificateError, match="private key"):
-        certdrop.read_upload(root_pem + key_pem)
+        certdrop.diagnose(root_pem + key_pem, now=NOW)
 
 
 @pytest.mark.parametrize("data", [b"", b"   \n", b"hello world", b"\x30\x03\x01\x02\x03"],
                          ids=["empty", "blank", "text", "bad-der"])
 def test_things_that_are_not_certificates_are_refused(data):
     with pytest.raises(certdrop.CertificateError):
-        certdrop.read_upload(data)
+        certdrop.diagnose(data, now=NOW)
 
 
 def test_file_name_is_made_of_safe_characters_only():
@@ -250,6 +258,482 @@ def test_other_browsers_are_not_s60(agent):
                                                 ("ca.example.org", False), ("10.0.0.5", False)])
 def test_loopback_hosts_are_recognised(host, loopback):
     assert certdrop.is_loopback_host(host) is loopback
+
+
+# -- certificate doctor ----------------------------------------------------------------------------------------
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def der_of(cert):
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def pem_of(*certs):
+    return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
+
+
+class PKI:
+    """Every certificate, key and file form the doctor tests need, made once per session."""
+
+    def __init__(self, workdir):
+        utc = datetime.timezone.utc
+        self.root, self.root_key = make_certificate("Example Root CA", serial=1)
+        self.intermediate, self.intermediate_key = make_certificate(
+            "Example Issuing CA", issuer=self.root.subject, issuer_key=self.root_key, serial=2)
+        leaf_key = ec.generate_private_key(ec.SECP256R1())
+        self.leaf = (x509.CertificateBuilder().subject_name(make_name("mail.example.com"))
+                     .issuer_name(self.intermediate.subject).public_key(leaf_key.public_key()).serial_number(3)
+                     .not_valid_before(datetime.datetime(2025, 1, 1, tzinfo=utc))
+                     .not_valid_after(datetime.datetime(2027, 6, 1, tzinfo=utc))
+                     .add_extension(x509.SubjectAlternativeName([x509.DNSName("mail.example.com"),
+                                                                 x509.DNSName("*.owa.example.com")]), critical=False)
+                     .add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+                         x509.oid.AuthorityInformationAccessOID.CA_ISSUERS,
+                         x509.UniformResourceIdentifier("http://pki.example.com/issuing.crt"))]), critical=False)
+                     .sign(self.intermediate_key, hashes.SHA256()))
+        self.rsa_key = rsa.generate_private_key(65537, 2048)
+        self.rsa_root, _ = make_certificate("RSA Root", key=self.rsa_key, serial=4)
+        self.weak_root, _ = make_certificate("Weak Root", key=rsa.generate_private_key(65537, 1024), serial=5)
+        self.self_signed_leaf, _ = make_certificate("intranet.example.com", ca=False, serial=6)
+        self.several_cn = self._custom([x509.NameAttribute(NameOID.COMMON_NAME, "First CA"),
+                                        x509.NameAttribute(NameOID.COMMON_NAME, "Second CA")])
+        self.no_cn = self._custom([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Nameless Org")])
+        self.no_keycertsign = self._custom(make_name("Signing-less CA"), key_usage=True)
+        self.no_basic_constraints = self._custom(make_name("Bare v3"), constraints=False)
+        self.expired, _ = make_certificate("Expired CA", not_after=datetime.datetime(2026, 1, 1, tzinfo=utc))
+        self.not_yet_valid, _ = make_certificate("Future CA", not_before=datetime.datetime(2028, 1, 1, tzinfo=utc))
+        self.expiring, _ = make_certificate("Expiring CA", not_after=datetime.datetime.fromtimestamp(NOW + 10 * DAY, utc))
+        self._openssl_files(Path(workdir))
+
+    def _custom(self, attributes, key_usage=False, constraints=True):
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name(attributes) if isinstance(attributes, list) else attributes
+        builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(99).not_valid_before(datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc))
+                   .not_valid_after(datetime.datetime(2035, 1, 1, tzinfo=datetime.timezone.utc)))
+        if constraints:
+            builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        if key_usage:
+            builder = builder.add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                                            critical=True)
+        return builder.sign(key, hashes.SHA256())
+
+    def _openssl_files(self, work):
+        """SHA-1 and MD5 signatures and v1 certificates, which the library will not build, come from openssl."""
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "old.key", "-out", "old.pem", "-sha1",
+                "-days", "7300", "-subj", "/CN=Old SBS Root/O=Example", cwd=work)
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "sub.key", "-out", "sub.csr",
+                "-subj", "/CN=Old Issuing CA", cwd=work)
+        (work / "ca.ext").write_text("basicConstraints=critical,CA:TRUE\n")
+        for digest in ("sha1", "md5"):
+            openssl("x509", "-req", "-in", "sub.csr", "-CA", "old.pem", "-CAkey", "old.key", f"-{digest}", "-days",
+                    "3650", "-set_serial", "7", "-extfile", "ca.ext", "-out", f"sub-{digest}.pem", cwd=work)
+        openssl("x509", "-req", "-in", "sub.csr", "-signkey", "sub.key", "-days", "3650", "-out", "v1.pem", cwd=work)
+        openssl("x509", "-in", "old.pem", "-trustout", "-addtrust", "serverAuth", "-out", "trusted.pem", cwd=work)
+        load = lambda name: x509.load_pem_x509_certificate((work / name).read_bytes())  # noqa: E731
+        self.old_root, self.sha1_intermediate, self.md5_intermediate = map(load, ("old.pem", "sub-sha1.pem",
+                                                                                  "sub-md5.pem"))
+        self.v1_root = load("v1.pem")
+        self.trusted_pem = (work / "trusted.pem").read_bytes()
+        (work / "bundle.pem").write_bytes(pem_of(self.leaf, self.root, self.intermediate))
+        for form in ("DER", "PEM"):
+            openssl("crl2pkcs7", "-nocrl", "-certfile", "bundle.pem", "-outform", form, "-out", f"bundle.{form}.p7b",
+                    cwd=work)
+        self.p7b_ber, self.p7b_pem = (work / "bundle.DER.p7b").read_bytes(), (work / "bundle.PEM.p7b").read_bytes()
+        openssl("pkcs12", "-export", "-inkey", "old.key", "-in", "old.pem", "-out", "pw.p12", "-passout", "pass:x",
+                cwd=work)
+        self.p12_password = (work / "pw.p12").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    return PKI(tmp_path_factory.mktemp("pki"))
+
+
+def wrapped_base64(der, width):
+    text = base64.b64encode(der).decode()
+    return "\n".join(text[i:i + width] for i in range(0, len(text), width)).encode()
+
+
+def text_dump(pki):
+    return (b"Certificate:\n    Data:\n        Version: 3 (0x2)\n        Subject: CN = Example Root CA\n"
+            + pem_of(pki.root) + b"\nThanks,\nthe admin\n")
+
+
+#: id -> (builder of the upload, expected names of the certificates that get links, root first)
+INPUT_FORMS = {
+    "pem": (lambda p: pem_of(p.root), ["Example Root CA"]),
+    "pem-crlf-no-final-newline": (lambda p: pem_of(p.root).replace(b"\n", b"\r\n").rstrip(), ["Example Root CA"]),
+    "pem-utf8-bom": (lambda p: b"\xef\xbb\xbf" + pem_of(p.root), ["Example Root CA"]),
+    "pem-in-text": (text_dump, ["Example Root CA"]),
+    "pem-bundle-leaf-first": (lambda p: pem_of(p.leaf, p.intermediate, p.root),
+                              ["Example Root CA", "Example Issuing CA"]),
+    "pem-trusted-certificate": (lambda p: p.trusted_pem, ["Old SBS Root"]),
+    "pem-x509-certificate": (lambda p: pem_of(p.root).replace(b" CERTIFICATE", b" X509 CERTIFICATE"),
+                             ["Example Root CA"]),
+    "der": (lambda p: der_of(p.root), ["Example Root CA"]),
+    "der-trailing-newline": (lambda p: der_of(p.root) + b"\n", ["Example Root CA"]),
+    "base64-one-line": (lambda p: base64.b64encode(der_of(p.root)), ["Example Root CA"]),
+    "base64-64-columns": (lambda p: wrapped_base64(der_of(p.root), 64), ["Example Root CA"]),
+    "base64-76-columns": (lambda p: wrapped_base64(der_of(p.root), 76) + b"\r\n", ["Example Root CA"]),
+    "utf16-le-bom": (lambda p: pem_of(p.root).decode().encode("utf-16"), ["Example Root CA"]),
+    "utf16-be-bom": (lambda p: codecs.BOM_UTF16_BE + pem_of(p.root).decode().encode("utf-16-be"),
+                     ["Example Root CA"]),
+    "pkcs7-der": (lambda p: pkcs7.serialize_certificates([p.root, p.intermediate], serialization.Encoding.DER),
+                  ["Example Root CA", "Example Issuing CA"]),
+    "pkcs7-pem": (lambda p: pkcs7.serialize_certificates([p.intermediate, p.root], serialization.Encoding.PEM),
+                  ["Example Root CA", "Example Issuing CA"]),
+    "pkcs7-openssl-ber": (lambda p: p.p7b_ber, ["Example Root CA", "Example Issuing CA"]),
+    "pkcs7-openssl-pem": (lambda p: p.p7b_pem, ["Example Root CA", "Example Issuing CA"]),
+    "pkcs7-indefinite-length": (lambda p: indefinite_length(
+        pkcs7.serialize_certificates([p.root], serialization.Encoding.DER)), ["Example Root CA"]),
+    "pkcs12-certificates-only": (lambda p: pkcs12.serialize_key_and_certificates(
+        None, None, None, [p.root, p.intermediate], serialization.NoEncryption()),
+        ["Example Root CA", "Example Issuing CA"]),
+    "sha1-chain-orders-by-signature": (lambda p: pem_of(p.sha1_intermediate, p.old_root),
+                                       ["Old SBS Root", "Old Issuing CA"]),
+    "v1-self-signed-is-a-ca": (lambda p: pem_of(p.v1_root), ["Old Issuing CA"]),
+    "self-signed-server-certificate": (lambda p: pem_of(p.self_signed_leaf), ["intranet.example.com"]),
+    "duplicates-count-once": (lambda p: pem_of(p.root, p.root), ["Example Root CA"]),
+}
+
+
+def damaged_issuer(cert):
+    """Return *cert* with a string of its issuer name retagged: it loads, and fails only when the name is read."""
+    der, issuer = der_of(cert), cert.issuer.public_bytes()
+    damaged = issuer.replace(b"\x0c", b"\x2d", 1)  # the first UTF8String becomes a constructed tag 13
+    return der.replace(issuer, damaged, 1)
+
+
+def indefinite_length(der):
+    """Re-encode the outer SEQUENCE of *der* with an indefinite length, as some Windows tools write BER."""
+    element = certdrop.ber_element(der)
+    return b"\x30\x80" + der[element.content_start:element.content_end] + b"\0\0"
+
+
+def keys_of(pki):
+    key, rsa_key = pki.root_key, pki.rsa_key
+    pem, der, enc = serialization.Encoding.PEM, serialization.Encoding.DER, serialization.BestAvailableEncryption(b"pw")
+    none, pkcs8, traditional = serialization.NoEncryption(), serialization.PrivateFormat.PKCS8, \
+        serialization.PrivateFormat.TraditionalOpenSSL
+    return {
+        "pem-pkcs8": key.private_bytes(pem, pkcs8, none),
+        "pem-pkcs8-encrypted": key.private_bytes(pem, pkcs8, enc),
+        "pem-rsa-traditional": rsa_key.private_bytes(pem, traditional, none),
+        "pem-ec-traditional": key.private_bytes(pem, traditional, none),
+        "pem-openssh": key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, none),
+        "der-pkcs8": key.private_bytes(der, pkcs8, none),
+        "der-pkcs8-encrypted": key.private_bytes(der, pkcs8, enc),
+        "der-pkcs1": rsa_key.private_bytes(der, traditional, none),
+        "base64-der-pkcs8": base64.b64encode(key.private_bytes(der, pkcs8, none)),
+        "pkcs12-with-key": pkcs12.serialize_key_and_certificates(b"ca", key, pki.root, None, none),
+        "key-pasted-beside-certificate": pem_of(pki.root) + key.private_bytes(pem, pkcs8, none),
+    }
+
+
+KEY_FORMS = [
+    "pem-pkcs8", "pem-pkcs8-encrypted", "pem-rsa-traditional", "pem-ec-traditional", "pem-openssh", "der-pkcs8",
+    "der-pkcs8-encrypted", "der-pkcs1", "base64-der-pkcs8", "pkcs12-with-key", "key-pasted-beside-certificate"]
+
+
+def csr_of(pki, encoding):
+    return (x509.CertificateSigningRequestBuilder().subject_name(make_name("req"))
+            .sign(pki.root_key, hashes.SHA256()).public_bytes(encoding))
+
+
+def crl_of(pki, encoding):
+    return (x509.CertificateRevocationListBuilder().issuer_name(pki.root.subject)
+            .last_update(datetime.datetime(2026, 1, 1)).next_update(datetime.datetime(2027, 1, 1))
+            .sign(pki.root_key, hashes.SHA256()).public_bytes(encoding))
+
+
+#: id -> (builder of the upload, refusal code, words the message must contain)
+REFUSALS = {
+    "empty": (lambda p: b"", "empty", "empty"),
+    "csr-pem": (lambda p: csr_of(p, serialization.Encoding.PEM), "csr", "signing request"),
+    "csr-der": (lambda p: csr_of(p, serialization.Encoding.DER), "csr", "signing request"),
+    "crl-pem": (lambda p: crl_of(p, serialization.Encoding.PEM), "crl", "revocation list"),
+    "crl-der": (lambda p: crl_of(p, serialization.Encoding.DER), "crl", "revocation list"),
+    "public-key-pem": (lambda p: p.root_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), "public-key", "public key"),
+    "public-key-der": (lambda p: p.root_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo), "public-key", "public key"),
+    "html-page": (lambda p: b"<!DOCTYPE html><html><body>Please log in</body></html>", "html", "web page"),
+    "binary-junk": (lambda p: b"\x30\x82\xff\xff" + bytes(range(256)) * 4, "not-a-certificate", "binary file"),
+    "zip-file": (lambda p: b"PK\x03\x04" + bytes(200), "not-a-certificate", "no certificate"),
+    "plain-text": (lambda p: b"Dear admin, here is the certificate you asked for.", "not-a-certificate",
+                   "no certificate"),
+    "damaged-pem": (lambda p: pem_of(p.root).replace(b"\nM", b"\nM!", 1), "damaged-pem", "damaged"),
+    "pem-without-end": (lambda p: pem_of(p.root)[:-30], "damaged-pem", "damaged"),
+    "password-pkcs12": (lambda p: p.p12_password, "pkcs12-password", "password-protected"),
+    "unknown-x509-version": (lambda p: der_of(p.root).replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x60", 1),
+                             "not-a-certificate", "not a certificate"),
+    "damaged-issuer-name": (lambda p: damaged_issuer(p.root), "damaged-certificate", "damaged"),
+    "server-certificate-alone": (lambda p: pem_of(p.leaf), "server-certificate",
+                                 "mail.example.com. Phones need the CA that issued it, \u201cExample Issuing CA\u201d"),
+}
+
+#: id -> (builder of the upload, the warning or note code expected)
+WARNINGS = {
+    "several-cn": (lambda p: pem_of(p.several_cn), "several-cn"),
+    "no-cn": (lambda p: pem_of(p.no_cn), "no-cn"),
+    "not-a-ca": (lambda p: pem_of(p.no_basic_constraints), "not-a-ca"),
+    "no-keycertsign": (lambda p: pem_of(p.no_keycertsign), "no-keycertsign"),
+    "expired": (lambda p: pem_of(p.expired), "expired"),
+    "not-yet-valid": (lambda p: pem_of(p.not_yet_valid), "not-yet-valid"),
+    "expires-soon": (lambda p: pem_of(p.expiring), "expires-soon"),
+    "weak-signature-sha1": (lambda p: pem_of(p.sha1_intermediate, p.old_root), "weak-signature"),
+    "weak-signature-md5": (lambda p: pem_of(p.md5_intermediate, p.old_root), "weak-signature"),
+    "weak-key": (lambda p: pem_of(p.weak_root), "weak-key"),
+    "intermediate-without-root": (lambda p: pem_of(p.intermediate), "intermediate"),
+}
+NOTES = {
+    "s40-key-size": (lambda p: pem_of(p.rsa_root), "s40-key-size"),
+    "wap-algorithm": (lambda p: pem_of(p.root), "wap-algorithm"),
+}
+
+
+def check_json(tmp_path, capsys, data, *options):
+    path = tmp_path / "upload.bin"
+    path.write_bytes(data)
+    status = certdrop.main(["check", "--json", *options, str(path)], clock=lambda: NOW)
+    return status, json.loads(capsys.readouterr().out)[0]
+
+
+def diagnosis_codes(data, **options):
+    return {finding.code for finding in certdrop.diagnose(data, now=NOW, **options).findings}
+
+
+@pytest.mark.parametrize("form", INPUT_FORMS, ids=INPUT_FORMS)
+def test_every_input_form_gives_links_for_its_cas_root_first(pki, form):
+    build, names = INPUT_FORMS[form]
+    assert [c.name for c in certdrop.diagnose(build(pki), now=NOW).installable] == names
+
+
+@pytest.mark.parametrize("form", INPUT_FORMS, ids=INPUT_FORMS)
+def test_every_input_form_is_accepted_by_the_upload_form(testapp, store, pki, form):
+    build, names = INPUT_FORMS[form]
+    result = upload(testapp, build(pki), "upload.bin")
+    tokens = re.findall(r'class="link"><a href="http://ca.example.org:8080/c/([a-z0-9]+)"', result.text)
+    assert [store.get(token).certificate.name for token in tokens] == names
+
+
+@pytest.mark.parametrize("form", INPUT_FORMS, ids=INPUT_FORMS)
+def test_every_input_form_is_installable_for_check(tmp_path, capsys, pki, form):
+    build, names = INPUT_FORMS[form]
+    status, report = check_json(tmp_path, capsys, build(pki))
+    assert status in (0, 1) and [c["name"] for c in report["certificates"] if c["link"]] == names
+
+
+@pytest.mark.parametrize("form", KEY_FORMS, ids=KEY_FORMS)
+def test_private_keys_in_any_form_are_refused(pki, form):
+    with pytest.raises(certdrop.CertificateError, match="must never leave the CA") as refusal:
+        certdrop.diagnose(keys_of(pki)[form], now=NOW)
+    assert refusal.value.code == "private-key"
+
+
+@pytest.mark.parametrize("form", KEY_FORMS, ids=KEY_FORMS)
+def test_private_key_upload_leaves_no_key_material_on_disk_or_in_the_log(testapp, config, pki, form, caplog):
+    upload(testapp, pem_of(pki.intermediate))  # the data directory is not empty
+    data = keys_of(pki)[form]
+    result = upload(testapp, data, "key.bin", status=422)
+    assert "must never leave the CA" in result.text
+    key_der = pki.root_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption())
+    scalar = pki.root_key.private_numbers().private_value.to_bytes(32, "big")
+    for path in files_under(config.data_dir):
+        content = path.read_bytes()
+        assert b"PRIVATE KEY" not in content and key_der not in content and scalar not in content
+        assert base64.b64encode(scalar)[:20] not in content
+    assert "PRIVATE KEY" not in caplog.text
+
+
+@pytest.mark.parametrize("form", KEY_FORMS, ids=KEY_FORMS)
+def test_check_refuses_private_keys_with_status_2(tmp_path, capsys, pki, form):
+    status, report = check_json(tmp_path, capsys, keys_of(pki)[form])
+    assert status == 2 and report["refused"]["code"] == "private-key"
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=REFUSALS)
+def test_uploads_that_are_no_certificate_are_refused_saying_what_they_are(pki, case):
+    build, code, words = REFUSALS[case]
+    with pytest.raises(certdrop.CertificateError) as refusal:
+        certdrop.diagnose(build(pki), now=NOW)
+    assert refusal.value.code == code and words in str(refusal.value)
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=REFUSALS)
+def test_the_upload_form_answers_422_for_each_refusal(testapp, config, pki, case):
+    build, code, words = REFUSALS[case]
+    if case == "empty":
+        result = testapp.post("/", params={"pem": ""}, status=422)
+    else:
+        result = upload(testapp, build(pki), "upload.bin", status=422)
+    assert html_text(result) and words in html_text(result)
+    assert files_under(config.data_dir) == []
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=REFUSALS)
+def test_check_reports_each_refusal_with_its_code_and_status_2(tmp_path, capsys, pki, case):
+    build, code, _ = REFUSALS[case]
+    status, report = check_json(tmp_path, capsys, build(pki))
+    assert status == 2 and report["refused"]["code"] == code
+
+
+def html_text(response):
+    return " ".join(response.html.get_text().split())
+
+
+def test_server_certificate_alone_names_its_issuers_published_address(pki):
+    with pytest.raises(certdrop.CertificateError, match=r"published at http://pki.example.com/issuing.crt"):
+        certdrop.diagnose(pem_of(pki.leaf), now=NOW)
+
+
+def test_server_certificate_alone_installs_when_forced(testapp, store, pki):
+    result = upload(testapp, pem_of(pki.leaf), force="1")
+    assert store.get(token_of(result)).certificate.name == "mail.example.com"
+    assert "Server certificate (installed anyway)" in result.text
+
+
+def test_add_force_installs_a_server_certificate_alone(ini, tmp_path, capsys, pki):
+    path = tmp_path / "leaf.pem"
+    path.write_bytes(pem_of(pki.leaf))
+    assert cli(ini, "add", str(path)) == 1
+    assert "server certificate for mail.example.com" in capsys.readouterr().err
+    assert cli(ini, "add", "--force", str(path)) == 0
+
+
+def test_full_chain_leaves_the_server_certificate_out_and_says_why(testapp, pki):
+    result = upload(testapp, pem_of(pki.leaf, pki.intermediate, pki.root))
+    assert result.text.count('class="link"') == 2
+    assert "The server certificate for mail.example.com gets no link" in html_text(result)
+
+
+def test_several_links_say_which_to_hand_out_first(testapp, pki):
+    result = upload(testapp, pem_of(pki.intermediate, pki.root))
+    headings = [h2.text for h2 in result.html.select("h2")]
+    assert headings[:2] == ["Root CA: Example Root CA", "Intermediate CA: Example Issuing CA"]
+    assert "Hand out the first one (the root CA) first" in html_text(result)
+
+
+def test_uploading_a_chain_again_returns_the_same_links(testapp, pki):
+    first = upload(testapp, pem_of(pki.root, pki.intermediate))
+    again = upload(testapp, pki.p7b_ber, "certnew.p7b", status=200)
+    assert re.findall(r"/c/[a-z0-9]+", first.text)[:2] == re.findall(r"/c/[a-z0-9]+", again.text)[:2]
+
+
+@pytest.mark.parametrize("case", WARNINGS, ids=WARNINGS)
+def test_each_warning_is_found_by_the_doctor(pki, case):
+    build, code = WARNINGS[case]
+    assert code in diagnosis_codes(build(pki))
+
+
+@pytest.mark.parametrize("case", WARNINGS, ids=WARNINGS)
+def test_each_warning_is_on_the_result_page_with_its_code(testapp, pki, case):
+    build, code = WARNINGS[case]
+    result = upload(testapp, build(pki), "upload.pem", ttl="1d")
+    warnings = result.html.select("section.warn li")
+    assert any(f"[{code}]" in item.text for item in warnings)
+
+
+@pytest.mark.parametrize("case", WARNINGS, ids=WARNINGS)
+def test_check_reports_each_warning_with_status_1(tmp_path, capsys, pki, case):
+    build, code = WARNINGS[case]
+    status, report = check_json(tmp_path, capsys, build(pki))
+    assert status == 1 and code in [warning["code"] for warning in report["warnings"]]
+
+
+@pytest.mark.parametrize("case", NOTES, ids=NOTES)
+def test_device_notes_do_not_count_as_warnings(tmp_path, capsys, pki, case):
+    build, code = NOTES[case]
+    status, report = check_json(tmp_path, capsys, build(pki))
+    assert status == 0 and report["warnings"] == [] and code in [note["code"] for note in report["notes"]]
+
+
+def test_clean_root_has_no_warnings(pki):
+    assert certdrop.diagnose(pem_of(pki.root), now=NOW).warnings == ()
+
+
+def test_self_signed_root_with_sha1_is_not_a_weak_signature(pki):
+    assert "weak-signature" not in diagnosis_codes(pem_of(pki.old_root))
+
+
+def test_leaf_left_out_is_still_checked_for_its_signature(pki):
+    codes = diagnosis_codes(pem_of(pki.leaf, pki.intermediate, pki.root), host="mail.example.com")
+    assert "host-mismatch" not in codes and "weak-signature" not in codes
+
+
+@pytest.mark.parametrize(("host", "matches"), [("mail.example.com", True), ("MAIL.example.com.", True),
+                                                ("a.owa.example.com", True), ("owa.example.com", False),
+                                                ("x.a.owa.example.com", False), ("myserver.example.local", False)])
+def test_host_is_matched_against_the_server_certificate(pki, host, matches):
+    codes = diagnosis_codes(pem_of(pki.leaf, pki.root, pki.intermediate), host=host)
+    assert ("host-mismatch" not in codes) is matches
+
+
+def test_host_mismatch_is_a_warning_on_the_page_and_in_check(testapp, tmp_path, capsys, pki):
+    data = pem_of(pki.leaf, pki.intermediate, pki.root)
+    assert "[host-mismatch]" in upload(testapp, data, host="myserver.example.local").text
+    status, report = check_json(tmp_path, capsys, data, "--host", "myserver.example.local")
+    assert status == 1 and report["warnings"][0]["code"] == "host-mismatch"
+
+
+def test_host_without_a_server_certificate_is_a_note(pki):
+    assert "host-unchecked" in diagnosis_codes(pem_of(pki.root), host="mail.example.com")
+
+
+def test_too_many_certificates_are_refused():
+    certs = [make_certificate(f"CA {i}", serial=i + 1)[0] for i in range(certdrop.MAX_CERTIFICATES + 1)]
+    with pytest.raises(certdrop.CertificateError, match="limit is 300") as refusal:
+        certdrop.diagnose(pem_of(*certs), now=NOW)
+    assert refusal.value.code == "too-many"
+
+
+@pytest.mark.parametrize("data", [b"\x30\x80" * 40, b"\x30\x84\xff\xff\xff\xff", b"\x30", b"\x30\x80\x30\x80",
+                                  b"\x1f\xff\xff\xff"], ids=["deep-nesting", "huge-length", "truncated",
+                                                              "unterminated", "endless-tag"])
+def test_hostile_asn1_ends_in_a_clean_refusal(data):
+    with pytest.raises(certdrop.CertificateError):
+        certdrop.diagnose(data, now=NOW)
+
+
+def test_check_prints_a_readable_report(tmp_path, capsys, pki):
+    path = tmp_path / "fullchain.pem"
+    path.write_bytes(pem_of(pki.leaf, pki.intermediate, pki.root))
+    assert certdrop.main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: PEM, 3 certificates\n")
+    assert re.search(r"root +Example Root CA  gets a link", out) and "left out: The server certificate" in out
+
+
+def test_check_of_a_missing_file_exits_3(tmp_path, capsys):
+    assert certdrop.main(["check", str(tmp_path / "missing.pem")]) == 3
+
+
+def test_check_without_files_is_a_usage_error_with_status_3(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        certdrop.main(["check"])
+    assert exit_.value.code == 3
+
+
+def test_library_warnings_about_odd_certificates_do_not_reach_the_user(tmp_path):
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "k.pem",
+            "-out", "negative.pem", "-subj", "/CN=Negative Serial Root", "-set_serial", "-5", "-days", "3650",
+            cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-W", "default", str(HERE / "certdrop.py"), "check",
+                             str(tmp_path / "negative.pem")], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "Negative Serial Root" in result.stdout
+    assert result.stderr == ""
+
+
+def test_check_stores_nothing(tmp_path, capsys, pki, monkeypatch):
+    monkeypatch.setattr(certdrop.Store, "add", lambda *args: pytest.fail("check stored something"))
+    path = tmp_path / "root.pem"
+    path.write_bytes(pem_of(pki.root))
+    assert certdrop.main(["check", str(path)]) == 0
 
 
 # -- store -----------------------------------------------------------------------------------------------------
@@ -610,7 +1094,7 @@ def cert_file(tmp_path, root_pem):
 
 
 def cli(ini, *args):
-    return certdrop.main(["-c", str(ini), *args])
+    return certdrop.main(["-c", str(ini), *args], clock=lambda: NOW)
 
 
 def cli_add(ini, cert_file, capsys, *options):
@@ -674,7 +1158,7 @@ def test_show_of_an_unknown_token_fails(ini, capsys):
 def test_bad_config_fails_naming_the_key(tmp_path, capsys):
     ini = tmp_path / "bad.ini"
     ini.write_text("[certdrop]\nmax_upload = lots\n")
-    assert certdrop.main(["-c", str(ini), "list"]) == 2
+    assert certdrop.main(["-c", str(ini), "list"]) == 3
     assert "'max_upload'" in capsys.readouterr().err
 
 
