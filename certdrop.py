@@ -28,6 +28,7 @@ import ipaddress
 import json
 import logging
 import os
+import plistlib
 import re
 import secrets
 import signal
@@ -38,6 +39,7 @@ import threading
 import time
 import typing
 import urllib.parse
+import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -106,10 +108,6 @@ DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 #: Command-line HTTP clients get plain text instead of HTML.
 TEXT_AGENTS = ("curl/", "wget/", "httpie/", "python-requests/", "python-urllib/", "powershell/")
 
-#: Nokia Symbian S60 browsers. Android phones named "S60" exist (Cat S60, Lenovo S60),
-#: so these markers count only without an Android token.
-S60_RE = re.compile(r"SymbianOS|Symbian/3|Series ?60|\bS60(?:V\d)?\b|SymbOS")
-ANDROID_RE = re.compile(r"\bAndroid\b")
 
 
 ###############################################################################
@@ -260,6 +258,23 @@ def _parse_log_level(text: str) -> str:
     return level
 
 
+def _parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
+        raise ValueError(f"{text!r} is not yes or no")
+    return value in ("yes", "true", "on", "1")
+
+
 def _parse_int(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(text)
@@ -287,6 +302,11 @@ class Config:
     cache_entries: int = 10000  # entries kept in memory
     threads: int = 4  # waitress worker threads
     log_level: str = "INFO"  # debug, info, warning or error
+    s60_delivery: str = "file"  # what S60 phones get at /c/<token>: file, page or redirect (to <name>.cer)
+    s60_attachment: bool = False  # send the S60 file with Content-Disposition: attachment
+    s40_delivery: str = "page"  # what Series 40 phones get at /c/<token>: page, der, whc or whc-alt
+    whc_layout: str = "der-direct"  # the default hashed-certificate layout: der-direct or length-prefixed
+    whc_charset: int = 106  # IANA MIBenum of the hashed certificate's display name: 106 UTF-8, 4 ISO-8859-1, 3 ASCII
 
     @classmethod
     def from_ini(cls, path: Path) -> "Config":
@@ -329,6 +349,11 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "cache_entries": _parse_int(1, 10_000_000),
     "threads": _parse_int(1, 256),
     "log_level": _parse_log_level,
+    "s60_delivery": _parse_choice("file", "page", "redirect"),
+    "s60_attachment": _parse_bool,
+    "s40_delivery": _parse_choice("page", "der", "whc", "whc-alt"),
+    "whc_layout": _parse_choice("der-direct", "length-prefixed"),
+    "whc_charset": lambda text: int(_parse_choice("106", "4", "3")(text)),
 }
 
 
@@ -999,6 +1024,220 @@ def matches_host(host: str, certificate: Certificate) -> bool:
 
 
 ###############################################################################
+# Device formats ##############################################################
+###############################################################################
+# Pure: who is asking (headers in, a device class out) and what each device installs (a certificate in, bytes
+# out). research/device-formats.md in the project's notes has the sources for every rule here.
+
+MIME_PEM = "application/x-pem-file"
+MIME_PROFILE = "application/x-apple-aspen-config"
+MIME_HASHED = "application/vnd.wap.hashed-certificate"
+MIME_XHTML_MP = "application/vnd.wap.xhtml+xml; charset=utf-8"
+MIME_XHTML = "application/xhtml+xml; charset=utf-8"
+MIME_WML = "text/vnd.wap.wml; charset=utf-8"
+
+#: Request headers in which proxy browsers (Opera Mini, UC Browser) pass on the handset's own User-Agent.
+HANDSET_HEADERS = ("X-OperaMini-Phone-UA", "X-UCBrowser-Device-UA", "Device-Stock-UA")
+
+#: Every request header the answer at /c/<token> depends on.
+VARY = ", ".join(("User-Agent", "Accept", *HANDSET_HEADERS))
+
+#: Nokia's S60 handsets, from 1st edition to Belle, for browsers that name only the handset (i-mode
+#: "portalmmm/2.0 N73(...)", Opera Mini "Opera Mini/NokiaN95", truncated WAP headers). Built from Nokia's
+#: public product lists; S40 models are deliberately absent (6700s is the S60 slide, 6700c the S40 classic).
+S60_MODELS = frozenset("""
+    3230 3250 3600 3620 3650 3660 5228 5230 5233 5235 5250 5320 5500 5530 5630 5700 5730 5800 6110 6120 6121
+    6122 6124 6210 6220 6260 6290 6600 6620 6630 6638 6650 6670 6680 6681 6682 6700s 6710 6720 6730 6760 6788
+    6790 7610 7650 7700 7710 500 600 603 700 701 702 808 C5 C6 C7 E5 E50 E51 E52 E55 E6 E60 E61 E62 E63 E65 E66
+    E7 E70 E71 E72 E73 E75 E90 N-Gage N70 N71 N72 N73 N75 N76 N77 N78 N79 N8 N80 N81 N82 N85 N86 N90 N91 N92
+    N93 N95 N96 N97 T7 X5 X6 X7
+""".split())
+
+NOKIA_MODEL_RE = re.compile(r"(?:^Nokia ?|^portalmmm/[\d.]+ |Opera Mini/Nokia|[(;] ?Nokia ?)(N-Gage|[A-Z]?\d{1,4})([a-z]{0,2})")
+S60_RE = re.compile(r"SymbianOS|Symbian/3|Series ?60|\bS60(?:V\d)?\b|SymbOS")
+S40_RE = re.compile(r"Series40\b|S40OviBrowser|Opera Mini/Nokia")
+ANDROID_RE = re.compile(r"\bAndroid\b")
+WINDOWS_MOBILE_RE = re.compile(r"Windows Phone|Windows CE|Windows Mobile|IEMobile|WPDesktop")
+BLACKBERRY_RE = re.compile(r"BlackBerry|\bBB10\b|RIM Tablet OS|PlayBook")
+IOS_RE = re.compile(r"iPhone|iPad|iPod")
+WINDOWS_RE = re.compile(r"Windows NT|Win64|WOW64|Windows 10|Windows 11")
+MAC_RE = re.compile(r"Macintosh|Mac OS X")
+UNIX_RE = re.compile(r"X11|Linux|FreeBSD|OpenBSD|NetBSD")
+PROXY_BROWSER_RE = re.compile(r"Opera Mini|UCBrowser|UCWEB|UC Browser")
+CERTIFICATE_TYPES = ("application/x-x509-ca-cert", "application/pkix-cert", "application/x-pem-file")
+
+#: IANA MIBenum -> Python codec, for the display name of a WAP hashed certificate.
+WAP_CHARSETS = {3: "ascii", 4: "latin-1", 106: "utf-8"}
+
+#: A fixed namespace, so a profile's UUIDs follow from the certificate alone.
+PROFILE_NAMESPACE = uuid.UUID("6f0b9c1e-7a43-5d2e-9c55-2f1b0d8e4a17")
+
+
+class Client(typing.NamedTuple):
+    """Who is asking at /c/<token>."""
+
+    device: str  # "s60", "s40", "ios", "android", "windows-mobile", "blackberry", "firefox", "macos", "windows",
+    #              "linux" or "other"
+    via_proxy: bool  # Opera Mini or UC Browser: the file reaches their server, not the phone's installer
+
+
+def is_s60_model(user_agent: str) -> bool:
+    """Return whether *user_agent* names a Nokia S60 handset from the model table."""
+    match = NOKIA_MODEL_RE.search(user_agent)
+    return bool(match) and (match[1] + match[2] in S60_MODELS or match[1] in S60_MODELS)
+
+
+@functools.lru_cache(maxsize=4096)
+def classify(user_agent: str) -> str:
+    """Return the device class of a User-Agent string; each distinct string is worked out once."""
+    if WINDOWS_MOBILE_RE.search(user_agent):  # before Android and iOS: Windows Phone 8.1+ claims both
+        return "windows-mobile"
+    android = ANDROID_RE.search(user_agent)  # Android phones named "S60" (Cat, Lenovo) are Android
+    if not android and (S60_RE.search(user_agent) or is_s60_model(user_agent)):
+        return "s60"  # before S40: S60 WAP browsers also send "Nokia.../x (fw) ... Profile/MIDP"
+    if not android and (S40_RE.search(user_agent) or (user_agent.startswith("Nokia") and "Profile/MIDP" in
+                                                      user_agent)):
+        return "s40"  # native S40 browsers carry no Series40 token; "Nokia" must lead, against spoofed UAs
+    if BLACKBERRY_RE.search(user_agent):
+        return "blackberry"
+    if android:
+        return "android"
+    if IOS_RE.search(user_agent):
+        return "ios"
+    windows, mac, unix = WINDOWS_RE.search(user_agent), MAC_RE.search(user_agent), UNIX_RE.search(user_agent)
+    if "Firefox/" in user_agent and unix and not (windows or mac):
+        return "firefox"  # Firefox on Windows and macOS trusts the system store, so it gets that system's page
+    if windows:
+        return "windows"
+    if mac:
+        return "macos"  # iPadOS Safari too, by default: the macOS page offers the profile first for that reason
+    if unix and "CrOS" not in user_agent:
+        return "linux"
+    return "other"
+
+
+@functools.lru_cache(maxsize=4096)
+def identify(user_agent: str, handset_agent: str) -> Client:
+    """Return the client behind a request's User-Agent and the handset UA a proxy browser passed on."""
+    via_proxy = bool(handset_agent) or bool(PROXY_BROWSER_RE.search(user_agent))
+    return Client(classify(handset_agent or user_agent), via_proxy)
+
+
+def accepts_only_certificates(accept: str) -> bool:
+    """Return whether an Accept header lists a certificate type but neither HTML nor ``*/*``."""
+    accept = accept.lower()
+    return any(kind in accept for kind in CERTIFICATE_TYPES) and "text/html" not in accept and "*/*" not in accept
+
+
+def nokia_page_type(accept: str) -> str:
+    """Return the Content-Type for a Nokia page: XHTML-MP when asked for, WML for WAP 1.x, else text/html."""
+    accept = accept.lower()
+    if "application/vnd.wap.xhtml+xml" in accept:
+        return MIME_XHTML_MP
+    if "application/xhtml+xml" in accept:
+        return MIME_XHTML
+    if "text/vnd.wap.wml" in accept or "application/vnd.wap.wmlc" in accept:
+        return MIME_WML  # gateways often add text/html for WAP 1.x phones; it does not make them XHTML browsers
+    return MIME_HTML
+
+
+# -- the files ---------------------------------------------------------------------------------------------------
+
+
+def pem_bytes(certificate: Certificate) -> bytes:
+    """Return the certificate as PEM with standard 64-column armour."""
+    return certificate.parsed.public_bytes(serialization.Encoding.PEM)
+
+
+def _plist_text(text: str) -> str:
+    # XML 1.0 cannot carry most control characters; a hostile CN must not make the profile unbuildable.
+    return re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]", "\ufffd", text)
+
+
+def apple_profile(certificate: Certificate) -> bytes:
+    """Return an unsigned configuration profile (``.mobileconfig``) that installs *certificate*.
+
+    UUIDs and identifiers follow from the SHA-256, so downloading it again replaces the earlier install, and a
+    renewed CA with the same name installs beside the old one instead of replacing it.
+    """
+    fingerprint = certificate.sha256.hex()
+    name = _plist_text(certificate.name)
+    payload = {
+        "PayloadType": "com.apple.security.root" if certificate.self_signed else "com.apple.security.pkcs1",
+        "PayloadVersion": 1,
+        "PayloadIdentifier": f"certdrop.{fingerprint}.certificate",
+        "PayloadUUID": str(uuid.uuid5(PROFILE_NAMESPACE, f"{fingerprint}/certificate")).upper(),
+        "PayloadDisplayName": name,
+        "PayloadCertificateFileName": f"{certificate.file_stem}.cer",
+        "PayloadContent": certificate.der,
+    }
+    profile = {
+        "PayloadType": "Configuration",
+        "PayloadVersion": 1,
+        "PayloadIdentifier": f"certdrop.{fingerprint}",
+        "PayloadUUID": str(uuid.uuid5(PROFILE_NAMESPACE, fingerprint)).upper(),
+        "PayloadDisplayName": name,
+        "PayloadDescription": f"Installs the CA certificate {name} (SHA-256 {colon_hex(certificate.sha256)}).",
+        "PayloadRemovalDisallowed": False,
+        "PayloadContent": [payload],
+    }
+    return plistlib.dumps(profile, fmt=plistlib.FMT_XML, sort_keys=False)
+
+
+def wap_display_name(name: str, charset: int) -> bytes:
+    """Return *name* in the MIBenum *charset*, cut on a character boundary to the format's 255 bytes."""
+    encoded = name.encode(WAP_CHARSETS[charset], "replace")[:255]
+    return encoded.decode(WAP_CHARSETS[charset], "ignore").encode(WAP_CHARSETS[charset]) or b"CA"
+
+
+def hashed_certificate(certificate: Certificate, *, charset: int = 106, length_prefixed: bool = False) -> bytes:
+    """Return the WAP WPKI TrustedCAInfo (``application/vnd.wap.hashed-certificate``) for a self-signed CA.
+
+    Layout: version 1, charset (uint16 BE), name length and name, format 2 (X.509), the DER (after a uint16 BE
+    length in the *length_prefixed* layout), then an empty CA-info URL and hash algorithm 0 (SHA-1) as ``00 00``.
+    The handset stacks disagree on that length; the one that installs X.509 CAs this way takes the DER directly.
+    """
+    name = wap_display_name(certificate.name, charset)
+    length = len(certificate.der).to_bytes(2, "big") if length_prefixed else b""
+    return (b"\x01" + charset.to_bytes(2, "big") + bytes([len(name)]) + name + b"\x02" + length
+            + certificate.der + b"\x00\x00")
+
+
+def file_body(certificate: Certificate, kind: str, charset: int = 106) -> tuple[bytes, str]:
+    """Return the bytes and Content-Type of file *kind*: "der", "pem", "mobileconfig", "whc-direct", "whc-length"."""
+    if kind == "der":
+        return certificate.der, MIME_CA_CERT
+    if kind == "pem":
+        return pem_bytes(certificate), MIME_PEM
+    if kind == "mobileconfig":
+        return apple_profile(certificate), MIME_PROFILE
+    return hashed_certificate(certificate, charset=charset, length_prefixed=kind == "whc-length"), MIME_HASHED
+
+
+def _check_digit(digits: str) -> int:
+    total = 0
+    for position, digit in enumerate(map(int, digits)):
+        if position % 2 == 0:  # the 1st, 3rd and 5th digits are doubled, two-digit results summed
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return (10 - total % 10) % 10
+
+
+def hashed_certificate_code(body: bytes) -> str:
+    """Return the 30-digit code a phone asks for before it installs the hashed certificate *body*.
+
+    Five groups of six digits: each is the big-endian uint16 of two bytes of the body's SHA-1, in five decimal
+    digits, followed by a check digit.
+    """
+    digest = hashlib.sha1(body).digest()
+    groups = []
+    for index in range(5):
+        digits = f"{int.from_bytes(digest[2 * index:2 * index + 2], 'big'):05d}"
+        groups.append(f"{digits}{_check_digit(digits)}")
+    return " ".join(groups)
+
+
+###############################################################################
 # Store #######################################################################
 ###############################################################################
 
@@ -1012,6 +1251,8 @@ class Entry:
     expires: float
     der: bytes | None = None
     revoked: float | None = None
+    #: Answers built for this entry, so a hot token is served without rendering: (answer, prefix) -> (response, etag)
+    responses: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
     def gone(self, now: float) -> LinkGone | None:
         """Return why this link no longer serves at *now*, or None while it is live."""
@@ -1293,7 +1534,7 @@ def _fsync_directory(directory: Path) -> None:
 
 
 ###############################################################################
-# Links #######################################################################
+# Links and lifetimes #########################################################
 ###############################################################################
 
 
@@ -1340,6 +1581,36 @@ def reachable_base(base: str, port: str) -> str | None:
     return f"{parts.scheme}://{name}{port}{parts.path}"
 
 
+def allowed_ttl_choices(config: Config) -> list[tuple[str, str]]:
+    """Return the lifetime choices of the upload form that the configured maximum allows."""
+    return [(value, label) for value, label in TTL_CHOICES
+            if config.max_ttl is None or (value != "cert" and ttl_seconds_for(value) <= config.max_ttl)]
+
+
+def ttl_seconds_for(value: str) -> int | None:
+    """Return the seconds of a lifetime choice, or None for "until the certificate expires"."""
+    return None if value == "cert" else parse_duration(value)
+
+
+def link_expiry(config: Config, certificate: Certificate, ttl: str, now: float) -> float:
+    """Return when a new link for *certificate* expires; raise CertificateError for a lifetime not allowed."""
+    try:
+        seconds = config.default_ttl if not ttl else ttl_seconds_for(ttl.strip().lower())
+    except ValueError as error:
+        raise CertificateError(f"The lifetime {error}.") from None
+    if seconds is None:
+        if config.max_ttl is not None:
+            raise CertificateError(f"Links may live at most {format_duration(config.max_ttl)} on this server.")
+        expires = certificate.not_after.timestamp()
+        if expires <= now:
+            raise CertificateError(f"This certificate expired on {format_time(expires)}, so a link "
+                                   "\u201cuntil the certificate expires\u201d would never work. Choose a lifetime.")
+        return expires
+    if config.max_ttl is not None and seconds > config.max_ttl:
+        raise CertificateError(f"Links may live at most {format_duration(config.max_ttl)} on this server.")
+    return now + seconds
+
+
 ###############################################################################
 # Rendering ###################################################################
 ###############################################################################
@@ -1361,6 +1632,9 @@ table{border-collapse:collapse;width:100%}th,td{text-align:left;vertical-align:t
 th{white-space:nowrap;color:#556}td{word-break:break-all}
 code,.fp{font:13px/1.4 ui-monospace,monospace}
 .muted,footer{color:#667;font-size:.9rem}footer{text-align:center;padding:1rem}
+section>h2:first-child{margin-top:0}
+a.button{display:inline-block;background:#1f5fbf;color:#fff;padding:.75rem 1.25rem;border-radius:6px;
+font-weight:600;text-decoration:none;margin:.25rem 0}
 """
 
 #: Pages carry no script at all; the one inline style block is allowed by its hash.
@@ -1451,32 +1725,6 @@ def render_upload_form(config: Config, action: str) -> bytes:
         options.append(f'<option value="{esc(value)}"{selected}>{esc(label)}</option>')
     return render_page("certdrop", render(UPLOAD_FORM, action=action, options_html="".join(options)))
 
-
-#: What the administrator passes on to each device family.
-INSTALL_STEPS = (
-    ("Nokia Symbian (S60: E- and N-series)",
-     "Open the link in the phone's own browser and choose Save. Give the certificate a name and tick the trust "
-     "entry for Internet connections (\u201cInternet\u201d on 3rd edition; the name varies by release). "
-     "If the phone still warns, restart it."),
-    ("Android",
-     "Open the link; the file is downloaded. Then Settings \u203a Security \u203a Encryption & credentials \u203a "
-     "Install a certificate \u203a CA certificate, and pick the downloaded file. Android needs a screen lock for this."),
-    ("iPhone and iPad",
-     "Open the link in Safari and allow the download. Install it in Settings \u203a Profile Downloaded within "
-     "8 minutes, then turn on full trust in Settings \u203a General \u203a About \u203a Certificate Trust Settings."),
-    ("Windows",
-     "Open the downloaded file, choose Install Certificate, and place it in \u201cTrusted Root Certification "
-     "Authorities\u201d. As an administrator: certutil -addstore root FILE.crt"),
-    ("macOS",
-     "Open the downloaded file in Keychain Access, then open the certificate and set \u201cWhen using this "
-     "certificate\u201d to Always Trust."),
-    ("Firefox",
-     "Settings \u203a Privacy & Security \u203a Certificates \u203a View Certificates \u203a Authorities \u203a "
-     "Import, then tick \u201cTrust this CA to identify websites\u201d."),
-    ("Linux",
-     "Convert and install the downloaded file: openssl x509 -inform der -in FILE.crt -out "
-     "/usr/local/share/ca-certificates/FILE.crt && update-ca-certificates"),
-)
 
 ROLE_LABELS = {
     "root": "Root CA",
@@ -1574,8 +1822,19 @@ def render_link(link: Link, now: float) -> str:
                   facts_html=render_facts(certificate))
 
 
+def render_result_steps(certificate: Certificate) -> str:
+    """Return the install steps of every device family, to pass on with the link."""
+    parts = []
+    for device in RESULT_PAGE_FAMILIES:
+        guide = DEVICE_GUIDES[device]
+        file_name = f"{certificate.file_stem}{FILE_KINDS[guide.first][1]}".replace(".pem", ".crt")
+        steps = "".join(f"<li>{esc(step)}</li>" for step in guide_steps(device, certificate, file_name))
+        parts.append(f"<h3>{esc(guide.label)}</h3><ol>{steps}</ol>")
+    return "".join(parts)
+
+
 def render_result(links: list[Link], diagnosis: Diagnosis, port: str, now: float, home: str) -> bytes:
-    steps = "".join(f"<h3>{esc(family)}</h3><p>{esc(text)}</p>" for family, text in INSTALL_STEPS)
+    steps = render_result_steps(links[0].entry.certificate)
     heading = "Your install links" if len(links) > 1 else "Your install link"
     if not any(link.created for link in links):
         heading = "This certificate already has a link" if len(links) == 1 else "These certificates already have links"
@@ -1590,6 +1849,220 @@ def render_result(links: list[Link], diagnosis: Diagnosis, port: str, now: float
         home=home,
     )
     return render_page(f"Link for {links[0].entry.certificate.name}", body)
+
+
+class Guide(typing.NamedTuple):
+    """How one device family installs a CA: its name, the file to offer first, and the steps."""
+
+    label: str
+    first: str  # a key of FILE_KINDS
+    steps: tuple[str, ...]  # may name {file}, {name}, {store} and {certutil_store}
+
+
+#: The explicit files every page offers: kind -> (what it is, file extension).
+FILE_KINDS = {
+    "crt": ("Certificate, DER (.crt): Android, Windows, most devices", ".crt"),
+    "cer": ("Certificate, DER (.cer): Windows, Nokia, BlackBerry", ".cer"),
+    "pem": ("Certificate, PEM text (saved as .crt): Linux", ".pem"),
+    "mobileconfig": ("Configuration profile (.mobileconfig): iPhone, iPad, Mac", ".mobileconfig"),
+    "whc": ("WAP hashed certificate (.whc): old Nokia Series 40", ".whc"),
+    "whc-alt": ("WAP hashed certificate, other layout (.alt.whc)", ".alt.whc"),
+}
+
+DEVICE_GUIDES = {
+    "s60": Guide("Nokia Symbian (S60)", "cer", (
+        "Open the link in the phone's own browser (not Opera Mini or UC Browser) and choose Save.",
+        "Give the certificate a name and tick the trust entry for Internet connections (\u201cInternet\u201d on "
+        "3rd edition; the name varies by release).",
+        "If the phone still warns about the server, restart it.")),
+    "s40": Guide("Nokia Series 40", "cer", (
+        "Open the link in the phone's own browser and choose the certificate file first.",
+        "If the phone says the format is not supported, go back and choose the hashed certificate: the phone asks "
+        "for the code printed above it. Type it exactly.",
+        "Some Series 40 phones accept only 1024-bit RSA CAs.")),
+    "ios": Guide("iPhone and iPad", "mobileconfig", (
+        "Open this page in Safari: other browsers cannot install profiles. Tap the button and allow the download.",
+        "Open Settings, tap \u201cProfile Downloaded\u201d and then Install, within 8 minutes: iOS discards a "
+        "profile that waits longer.",
+        "Turn on full trust: Settings \u203a General \u203a About \u203a Certificate Trust Settings, switch on "
+        "\u201c{name}\u201d. Without this step iOS does not trust it for websites.")),
+    "android": Guide("Android", "crt", (
+        "Tap the button: {file} is saved to Downloads.",
+        "Open Settings \u203a Security \u203a Encryption & credentials \u203a Install a certificate \u203a CA "
+        "certificate (on some phones under \u201cMore security settings\u201d), tap Install anyway and pick {file}. "
+        "Android 11 and later cannot install a CA from the browser itself, only from Settings.",
+        "A screen lock (PIN, pattern or password) is required.",
+        "Browsers such as Chrome then trust the CA. Apps made for Android 7 or later ignore user-installed CAs "
+        "unless their makers opted in, so some apps may still refuse the server.")),
+    "windows": Guide("Windows", "cer", (
+        "Download {file} and open it, then choose Install Certificate and Local Machine (all users).",
+        "Choose \u201cPlace all certificates in the following store\u201d and pick \u201c{store}\u201d: letting "
+        "Windows choose the store automatically puts a root in the wrong one.",
+        "Or, in an administrator command prompt: certutil -addstore {certutil_store} {file}",
+        "Chrome and Edge use this store; Firefox on Windows does too.")),
+    "macos": Guide("macOS", "mobileconfig", (
+        "Download the profile, then open System Settings \u203a Privacy & Security \u203a Profiles (on older macOS "
+        "System Preferences \u203a Profiles) and install it.",
+        "Or download {file}, open it in Keychain Access (System keychain), open the certificate and set Trust "
+        "\u203a \u201cWhen using this certificate\u201d to Always Trust.",
+        "On an iPad, which shows this Mac page, use the profile too, then Settings \u203a General \u203a About "
+        "\u203a Certificate Trust Settings.")),
+    "linux": Guide("Linux", "pem", (
+        "Debian and Ubuntu: sudo cp {file} /usr/local/share/ca-certificates/ && sudo update-ca-certificates (it "
+        "reads only PEM files named .crt, which this one is).",
+        "Fedora, RHEL and Arch: sudo trust anchor {file}",
+        "Firefox keeps its own store: Settings \u203a Privacy & Security \u203a View Certificates \u203a Authorities "
+        "\u203a Import. Chrome on Linux reads ~/.pki/nssdb: certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n "
+        "\"{name}\" -i {file}")),
+    "firefox": Guide("Firefox", "crt", (
+        "Click the button: Firefox opens its own \u201cDownloading Certificate\u201d dialog.",
+        "Tick \u201cTrust this CA to identify websites\u201d and choose OK.",
+        "Firefox keeps its own store: the rest of the system needs the certificate separately (see the PEM file).")),
+    "windows-mobile": Guide("Windows Phone and Windows Mobile", "cer", (
+        "Tap the button and open {file}: the certificate installer asks whether to install it.",
+        "Company-managed phones may refuse certificates their company did not provision.")),
+    "blackberry": Guide("BlackBerry", "cer", (
+        "Open the link in the BlackBerry browser and choose Import Certificate (BlackBerry 10 opens it directly).",
+        "Confirm that you trust it; it appears under Security \u203a Certificates.")),
+    "other": Guide("Other devices", "crt", (
+        "Download {file} and import it as a trusted CA (root) certificate in the device's or browser's "
+        "certificate settings.",
+        "If your device is one of those named under Other formats, pick the file named for it.")),
+}
+
+#: The device families the result page explains, in this order.
+RESULT_PAGE_FAMILIES = ("s60", "s40", "ios", "android", "windows", "macos", "linux", "firefox")
+
+
+def guide_steps(device: str, certificate: Certificate, file_name: str) -> list[str]:
+    """Return the install steps for *device*, with the file name, CA name and Windows store filled in."""
+    root = certificate.self_signed
+    return [step.format(file=file_name, name=certificate.name,
+                        store="Trusted Root Certification Authorities" if root else "Intermediate Certification "
+                                                                                    "Authorities",
+                        certutil_store="root" if root else "CA")
+            for step in DEVICE_GUIDES[device].steps]
+
+
+def file_kinds_for(certificate: Certificate) -> list[str]:
+    """Return the file kinds offered for *certificate*: hashed certificates exist only for self-signed ones."""
+    return [kind for kind in FILE_KINDS if certificate.self_signed or not kind.startswith("whc")]
+
+
+LANDING_PAGE = string.Template("""<h1>Install \u201c$name\u201d</h1>
+<p class="muted">$role for $device. $proxy_note Not your device? Every format is listed below.</p>
+<p><a class="button" href="$first_url">$first_label</a></p>
+<ol>$steps_html</ol>
+<section>
+<h2>Check before you trust</h2>
+$facts_html
+<p class="muted">Compare these fingerprints with the ones your administrator gave you. This page comes over plain
+HTTP; the fingerprint is what proves the certificate was not swapped on the way.</p>
+</section>
+<section>
+<h2>Other formats</h2>
+<ul>$formats_html</ul>
+</section>
+""")
+
+PROXY_NOTE = "Opera Mini and UC Browser cannot hand a certificate to the phone: open this link in its own browser."
+
+
+def render_fingerprints(certificate: Certificate) -> str:
+    rows = (("Name", certificate.name), ("SHA-256", colon_hex(certificate.sha256)),
+            ("SHA-1", colon_hex(certificate.sha1)))
+    return "<table>" + "".join(f'<tr><th>{esc(label)}</th><td class="fp">{esc(value)}</td></tr>'
+                               for label, value in rows) + "</table>"
+
+
+def render_landing(certificate: Certificate, client: Client, base_path: str) -> bytes:
+    """Return the HTML page for *client* at /c/<token>: the right file first, its steps, then every format.
+
+    *base_path* is the link's path (``/prefix/c/<token>``); file links hang below it.
+    """
+    guide = DEVICE_GUIDES[client.device]
+    stem = certificate.file_stem
+    first_name = f"{stem}{FILE_KINDS[guide.first][1]}".replace(".pem", ".crt")
+    formats = "".join(f'<li><a href="{esc(base_path)}/{esc(stem + FILE_KINDS[kind][1])}">'
+                      f"{esc(FILE_KINDS[kind][0])}</a></li>" for kind in file_kinds_for(certificate))
+    body = render(
+        LANDING_PAGE,
+        name=certificate.name,
+        role=ROLE_LABELS[certificate.role],
+        device=guide.label,
+        proxy_note=PROXY_NOTE if client.via_proxy else "",
+        first_url=f"{base_path}/{stem}{FILE_KINDS[guide.first][1]}",
+        first_label="Download the " + FILE_KINDS[guide.first][0].split(":")[0].lower(),
+        steps_html="".join(f"<li>{esc(step)}</li>" for step in guide_steps(client.device, certificate, first_name)),
+        facts_html=render_fingerprints(certificate),
+        formats_html=formats,
+    )
+    return render_page(f"Install {certificate.name}", body)
+
+
+# Nokia pages: XHTML Mobile Profile, or the same content as a WML 1.1 deck for WAP 1.x browsers. No script, no
+# style sheet, no image, short lines: they must stay small (S40 gateways) and readable 176 pixels wide.
+XHTML_MP_PAGE = string.Template("""<?xml version="1.0" encoding="utf-8"?>
+<!DOCTYPE html PUBLIC "-//WAPFORUM//DTD XHTML Mobile 1.0//EN" "http://www.wapforum.org/DTD/xhtml-mobile10.dtd">
+<html xmlns="http://www.w3.org/1999/xhtml"><head><title>CA certificate</title></head><body>
+$content_html
+</body></html>
+""")
+
+WML_DECK = string.Template("""<?xml version="1.0" encoding="utf-8"?>
+<!DOCTYPE wml PUBLIC "-//WAPFORUM//DTD WML 1.1//EN" "http://www.wapforum.org/DTD/wml_1.1.xml">
+<wml><card id="ca" title="CA certificate">
+$content_html
+</card></wml>
+""")
+
+
+NO_HASHED_NOTE = ("No hashed certificate: this is an intermediate CA, and that format needs a self-signed root. "
+                  "Use the file above.")
+OLD_WAP_NOTE = ("Old WAP phones may take only RSA CAs signed with SHA-1 or MD5: a SHA-256 or ECDSA CA may fail there "
+                "even with the right code.")
+COMPARE_NOTE = "Compare the SHA-1 with the one your administrator gave you before you trust it."
+
+
+def wml_esc(value: object) -> str:
+    """Return *value* escaped for WML, where ``$`` starts a variable reference."""
+    return esc(value).replace("$", "$$")
+
+
+def render_nokia_page(certificate: Certificate, client: Client, base_path: str, content_type: str,
+                      whc_kinds: tuple[str, str], charset: int) -> bytes:
+    """Return the small page for Nokia phones: the DER link, then (on S40) both hashed certificates with codes."""
+    escape = wml_esc if content_type == MIME_WML else esc
+    stem = certificate.file_stem
+    # Five bytes a line: a colon-separated fingerprint has nowhere to wrap on a 176-pixel screen.
+    sha1 = "<br/>".join(colon_hex(certificate.sha1[index:index + 5]) for index in range(0, 20, 5))
+    parts = [f"<p><b>{escape(certificate.name)}</b><br/>SHA-1:<br/>{sha1}</p>"]
+    if client.via_proxy:
+        parts.append(f"<p>{escape(PROXY_NOTE)}</p>")
+    parts.append(f'<p>1. <a href="{escape(base_path)}/{escape(stem)}.cer">Certificate file (.cer)</a></p>')
+    if client.device == "s40":
+        parts.append(_render_hashed_links(certificate, base_path, whc_kinds, charset, escape))
+    steps = "<br/>".join(escape(step) for step in guide_steps(client.device, certificate, f"{stem}.cer"))
+    parts.append(f"<p>{steps}</p>")
+    parts.append(f"<p>{escape(COMPARE_NOTE)}</p>")
+    template = WML_DECK if content_type == MIME_WML else XHTML_MP_PAGE
+    return render(template, content_html="\n".join(parts)).encode("utf-8")
+
+
+def _render_hashed_links(certificate: Certificate, base_path: str, whc_kinds: tuple[str, str], charset: int,
+                         escape: Callable[[object], str]) -> str:
+    if not certificate.self_signed:
+        return f"<p>{escape(NO_HASHED_NOTE)}</p>"
+    parts = []
+    for number, kind in enumerate(whc_kinds, start=2):
+        body = hashed_certificate(certificate, charset=charset, length_prefixed=kind == "whc-length")
+        groups = hashed_certificate_code(body).split()
+        label = "Hashed certificate" if number == 2 else "Hashed certificate, other layout"
+        extension = ".whc" if number == 2 else ".alt.whc"
+        parts.append(f"<p>{number}. {escape(label)}. Code:<br/>{' '.join(groups[:3])}<br/>{' '.join(groups[3:])}"
+                     f'<br/><a href="{escape(base_path)}/{escape(certificate.file_stem)}{extension}">Install</a></p>')
+    parts.append(f"<p>{escape(OLD_WAP_NOTE)}</p>")
+    return "\n".join(parts)
 
 
 ERROR_PAGE = string.Template("""<h1>$title</h1>
@@ -1663,8 +2136,9 @@ class Response:
 
 def send(response: Response, start_response: Callable, head: bool = False) -> list[bytes]:
     """Start the WSGI response and return its body (empty for HEAD, with the same Content-Length)."""
-    headers = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body))),
-               ("X-Content-Type-Options", "nosniff"), *response.headers]
+    headers = [("X-Content-Type-Options", "nosniff"), *response.headers]
+    if response.status != 304:  # a 304 carries no body, so no entity headers either
+        headers[:0] = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body)))]
     for name, value in headers:
         if "\r" in value or "\n" in value or "\0" in value:
             raise ValueError(f"control character in header {name}")
@@ -1733,58 +2207,53 @@ def _parse_multipart(body: bytes, params: str, limit: int) -> dict[str, bytes]:
 
 
 ###############################################################################
-# Devices #####################################################################
-###############################################################################
-
-
-@functools.lru_cache(maxsize=4096)
-def is_s60(user_agent: str) -> bool:
-    """Return whether *user_agent* is a Nokia Symbian S60 browser, whose installer wants bare DER."""
-    return bool(S60_RE.search(user_agent)) and not ANDROID_RE.search(user_agent)
-
-
-def allowed_ttl_choices(config: Config) -> list[tuple[str, str]]:
-    """Return the lifetime choices of the upload form that the configured maximum allows."""
-    return [(value, label) for value, label in TTL_CHOICES
-            if config.max_ttl is None or (value != "cert" and ttl_seconds_for(value) <= config.max_ttl)]
-
-
-def ttl_seconds_for(value: str) -> int | None:
-    """Return the seconds of a lifetime choice, or None for "until the certificate expires"."""
-    return None if value == "cert" else parse_duration(value)
-
-
-def link_expiry(config: Config, certificate: Certificate, ttl: str, now: float) -> float:
-    """Return when a new link for *certificate* expires; raise CertificateError for a lifetime not allowed."""
-    try:
-        seconds = config.default_ttl if not ttl else ttl_seconds_for(ttl.strip().lower())
-    except ValueError as error:
-        raise CertificateError(f"The lifetime {error}.") from None
-    if seconds is None:
-        if config.max_ttl is not None:
-            raise CertificateError(f"Links may live at most {format_duration(config.max_ttl)} on this server.")
-        expires = certificate.not_after.timestamp()
-        if expires <= now:
-            raise CertificateError(f"This certificate expired on {format_time(expires)}, so a link "
-                                   "\u201cuntil the certificate expires\u201d would never work. Choose a lifetime.")
-        return expires
-    if config.max_ttl is not None and seconds > config.max_ttl:
-        raise CertificateError(f"Links may live at most {format_duration(config.max_ttl)} on this server.")
-    return now + seconds
-
-
-def certificate_response(entry: Entry, user_agent: str) -> Response:
-    """Return the certificate as the device behind *user_agent* installs it."""
-    headers = [("Cache-Control", "private, no-transform"), ("Vary", "User-Agent")]
-    if not is_s60(user_agent):
-        # S60's installer takes the body only without an attachment header; everyone else saves a named file.
-        headers.append(("Content-Disposition", f'attachment; filename="{entry.certificate.file_stem}.crt"'))
-    return Response(entry.der, 200, MIME_CA_CERT, tuple(headers))
-
-
-###############################################################################
 # Application #################################################################
 ###############################################################################
+
+
+class FileAnswer(typing.NamedTuple):
+    kind: str  # "der", "pem", "mobileconfig", "whc-direct" or "whc-length"
+    filename: str
+    inline: bool  # False: sent with Content-Disposition: attachment
+
+
+class PageAnswer(typing.NamedTuple):
+    client: Client
+    content_type: str  # HTML for browsers; XHTML-MP, WML or text/html for Nokia pages
+
+
+class RedirectAnswer(typing.NamedTuple):
+    filename: str
+
+
+Answer = FileAnswer | PageAnswer | RedirectAnswer
+
+#: ``?format=`` values that name a file, and the extension of its file name.
+PUBLIC_FORMATS = {"der": ".crt", "pem": ".pem", "mobileconfig": ".mobileconfig", "whc": ".whc", "whc-alt": ".alt.whc"}
+
+#: File name endings under /c/<token>/, longest first.
+FILE_SUFFIXES = ((".alt.whc", "whc-alt"), (".whc", "whc"), (".mobileconfig", "mobileconfig"), (".pem", "pem"),
+                 (".cer", "der"), (".crt", "der"), (".der", "der"))
+
+
+def client_of(request: Request) -> Client:
+    """Return who is asking, from the User-Agent and any handset UA a proxy browser passed on."""
+    handset = next((request.header(name) for name in HANDSET_HEADERS if request.header(name)), "")
+    return identify(request.user_agent, handset)
+
+
+def with_etag(response: Response) -> tuple[Response, str]:
+    """Return *response* with an ETag derived from its body, and that ETag."""
+    etag = f'"{hashlib.sha256(response.body).hexdigest()[:24]}"'
+    return dataclasses.replace(response, headers=response.headers + (("ETag", etag),)), etag
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """Return whether an If-None-Match header names *etag* (weak or strong) or is ``*``."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 class App:
@@ -1845,7 +2314,99 @@ class App:
 
     def install(self, request: Request, token: str) -> Response:
         entry = self.store.get(token)
-        return certificate_response(entry, request.user_agent)
+        client = client_of(request)
+        chosen = request.query.get("format")
+        if chosen is None:
+            return self.respond(request, entry, self.default_answer(request, client, entry.certificate))
+        return self.respond(request, entry, self.explicit_answer(request, client, entry.certificate, chosen))
+
+    def download(self, request: Request, token: str, name: str) -> Response:
+        entry = self.store.get(token)
+        lower = name.lower()
+        kind = next(kind for suffix, kind in FILE_SUFFIXES if lower.endswith(suffix))
+        return self.respond(request, entry, self.file_answer(kind, name, client_of(request), entry.certificate))
+
+    # -- what each device gets ---------------------------------------------------------------------------------
+
+    def default_answer(self, request: Request, client: Client, certificate: Certificate) -> "Answer":
+        """Return what /c/<token> sends *client* when it does not choose a format."""
+        stem, accept = certificate.file_stem, request.header("Accept")
+        nokia = client.device in ("s60", "s40")
+        if client.device == "s60" and not client.via_proxy and self.config.s60_delivery != "page":
+            if self.config.s60_delivery == "redirect":  # a saved file keeps an extension the installer knows
+                return RedirectAnswer(f"{stem}.cer")
+            return FileAnswer("der", f"{stem}.cer", inline=not self.config.s60_attachment)
+        if client.device == "s40" and not client.via_proxy and self.config.s40_delivery != "page":
+            kind = self.config.s40_delivery if certificate.self_signed else "der"
+            return self.file_answer(kind, f"{stem}{PUBLIC_FORMATS[kind]}", client, certificate)
+        if nokia:
+            return PageAnswer(client, nokia_page_type(accept))
+        if accepts_only_certificates(accept) or request.user_agent.lower().startswith(TEXT_AGENTS):
+            return FileAnswer("der", f"{stem}.crt", inline=False)
+        return PageAnswer(client, MIME_HTML)
+
+    def explicit_answer(self, request: Request, client: Client, certificate: Certificate, chosen: str) -> "Answer":
+        """Return the answer for ``?format=...``, for people whose device was guessed wrong."""
+        if chosen == "page":
+            nokia = client.device in ("s60", "s40")
+            return PageAnswer(client, nokia_page_type(request.header("Accept")) if nokia else MIME_HTML)
+        if chosen not in PUBLIC_FORMATS:
+            raise BadRequest(f"Unknown format {chosen[:40]!r}: choose der, pem, mobileconfig, whc, whc-alt or page.")
+        return self.file_answer(chosen, f"{certificate.file_stem}{PUBLIC_FORMATS[chosen]}", client, certificate)
+
+    def file_answer(self, kind: str, name: str, client: Client, certificate: Certificate) -> "FileAnswer":
+        """Return the answer for file *kind* ("der", "pem", "mobileconfig", "whc" or "whc-alt") named *name*."""
+        if kind == "der":
+            # S60's installer takes the body only without an attachment header, and so does Firefox's dialog.
+            inline = (client.device == "s60" and not self.config.s60_attachment) or client.device == "firefox"
+            return FileAnswer("der", name, inline)
+        if kind == "pem":  # update-ca-certificates reads only PEM files named .crt
+            return FileAnswer("pem", re.sub(r"(?i)\.pem$", ".crt", name), inline=False)
+        if kind == "mobileconfig":
+            return FileAnswer("mobileconfig", name, inline=False)
+        if not certificate.self_signed:
+            raise NotFound("There is no hashed certificate for an intermediate CA: the WAP format needs a "
+                           "self-signed root. Use the .cer file instead.")
+        return FileAnswer(self.whc_kinds[kind == "whc-alt"], name, inline=True)
+
+    @functools.cached_property
+    def whc_kinds(self) -> tuple[str, str]:
+        """Return the hashed-certificate layouts as (default, other)."""
+        direct = self.config.whc_layout == "der-direct"
+        return ("whc-direct", "whc-length") if direct else ("whc-length", "whc-direct")
+
+    # -- answering, from the entry's cache ---------------------------------------------------------------------
+
+    def respond(self, request: Request, entry: Entry, answer: "Answer") -> Response:
+        """Return *answer* for *entry*: built once per entry and prefix, then served from memory (304 if unchanged)."""
+        if isinstance(answer, RedirectAnswer):
+            location = f"{self.base_url(request)}/c/{entry.token}/{answer.filename}"
+            return Response(b"", 302, MIME_TEXT, (("Location", location), ("Vary", VARY),
+                                                  ("Cache-Control", "private, no-transform")))
+        key = (answer, request.script_name)
+        cached = entry.responses.get(key)
+        if cached is None:
+            cached = entry.responses[key] = with_etag(self.build(entry, answer, request.script_name))
+        response, etag = cached
+        if etag_matches(request.header("If-None-Match"), etag):
+            return Response(b"", 304, "", (("ETag", etag), ("Vary", VARY), ("Cache-Control", "private, no-transform")))
+        return response
+
+    def build(self, entry: Entry, answer: "Answer", script_name: str) -> Response:
+        certificate = entry.certificate
+        headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY))
+        base_path = f"{script_name}/c/{entry.token}"
+        if isinstance(answer, PageAnswer) and answer.client.device in ("s60", "s40"):
+            body = render_nokia_page(certificate, answer.client, base_path, answer.content_type, self.whc_kinds,
+                                     self.config.whc_charset)
+            return Response(body, 200, answer.content_type, headers)
+        if isinstance(answer, PageAnswer):
+            return Response(render_landing(certificate, answer.client, base_path), 200, MIME_HTML,
+                            headers + HTML_HEADERS)
+        body, content_type = file_body(certificate, answer.kind, self.config.whc_charset)
+        if not answer.inline:
+            headers += (("Content-Disposition", f'attachment; filename="{answer.filename}"'),)
+        return Response(body, 200, content_type, headers)
 
 
 def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, now: float, base: str) -> list[Link]:
@@ -1876,6 +2437,8 @@ def choose_upload(fields: dict[str, bytes]) -> bytes:
 ROUTES = (
     (r"/", {"GET": App.upload_form, "POST": App.upload}),
     (r"/c/(?P<token>[^/]+)/?", {"GET": App.install}),
+    (r"/c/(?P<token>[^/]+)/(?P<name>[A-Za-z0-9._-]{0,100}(?i:\.cer|\.crt|\.der|\.pem|\.mobileconfig|\.whc))",
+     {"GET": App.download}),
 )
 COMPILED_ROUTES = tuple((re.compile(pattern), handlers) for pattern, handlers in ROUTES)
 

@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import json
 import os
+import plistlib
 import re
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import pytest
 import webtest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 from cryptography.x509.oid import NameOID
 
@@ -38,7 +40,6 @@ S60_AGENTS = {
     "6600-wap": "Nokia6600/1.0 (4.09.1) SymbianOS/7.0s Series60/2.0 Profile/MIDP-2.0 Configuration/CLDC-1.0",
     "n8-symbian3": "Mozilla/5.0 (Symbian/3; Series60/5.2 NokiaN8-00/012.002; Profile/MIDP-2.1 Configuration/CLDC-1.1 ) "
                    "AppleWebKit/533.4 (KHTML, like Gecko) NokiaBrowser/7.3.0 Mobile Safari/533.4 3gpp-gba",
-    "ucweb-s60v3": "Mozilla/5.0 (S60V3; U; en-us; Nokia6120ci)/UC Browser8.2.0.132/28/355/UCWEB Mobile",
 }
 OTHER_AGENTS = {
     "cat-s60-android": "Mozilla/5.0 (Linux; Android 6.0.1; S60 Build/MMB29M) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -241,16 +242,6 @@ def test_file_name_is_made_of_safe_characters_only():
     cert, _ = make_certificate('My "CA" / ../..\\x\r\n')
     certificate = certdrop.inspect_certificate(cert)
     assert certificate.file_stem == "My_CA_.._.._x"
-
-
-@pytest.mark.parametrize("agent", S60_AGENTS.values(), ids=S60_AGENTS.keys())
-def test_symbian_browsers_are_s60(agent):
-    assert certdrop.is_s60(agent)
-
-
-@pytest.mark.parametrize("agent", OTHER_AGENTS.values(), ids=OTHER_AGENTS.keys())
-def test_other_browsers_are_not_s60(agent):
-    assert not certdrop.is_s60(agent)
 
 
 @pytest.mark.parametrize(("host", "loopback"), [("localhost", True), ("127.0.0.1", True), ("[::1]", True),
@@ -736,6 +727,470 @@ def test_check_stores_nothing(tmp_path, capsys, pki, monkeypatch):
     assert certdrop.main(["check", str(path)]) == 0
 
 
+# -- device formats --------------------------------------------------------------------------------------------
+
+#: Real User-Agent strings (research/device-formats.md and uap-core's test data), the class each must get, and
+#: what /c/<token> must answer with default settings: "der-inline", "der-attachment", "nokia-page" or "html-page".
+USER_AGENTS = {
+    "s60-1st-3650": ("Nokia3650/1.0 (4.17) SymbianOS/6.1 Series60/1.2 Profile/MIDP-1.0 Configuration/CLDC-1.0",
+                     "s60", "der-inline"),
+    "s60-2nd-6600": (S60_AGENTS["6600-wap"], "s60", "der-inline"),
+    "s60-2nd-6630": ("Nokia6630/1.0 (3.45.113) SymbianOS/8.0 Series60/2.6 Profile/MIDP-2.0 Configuration/CLDC-1.1",
+                     "s60", "der-inline"),
+    "s60-3rd-e61i": (S60_AGENTS["e61i"], "s60", "der-inline"),
+    "s60-3rd-e61-msie": ("Mozilla/4.0 (compatible; MSIE 5.0; Series60/3.0 NokiaE61-1/05w38.2 Profile/MIDP-2.0 "
+                         "Configuration/CLDC-1.1)", "s60", "der-inline"),
+    "s60-3rd-e65-operator": ("NokiaE65-1 Orange/1.0 (1.0633.18.02) SymbianOS/9.1 Series60/3.0 Profile/MIDP-2.0 "
+                             "Configuration/CLDC-1.1", "s60", "der-inline"),
+    "s60-3.1-n95": ("Mozilla/5.0 (SymbianOS/9.2; U; Series60/3.1 NokiaN95/12.0.013; Profile/MIDP-2.0 "
+                    "Configuration/CLDC-1.1 ) AppleWebKit/413 (KHTML, like Gecko) Safari/413", "s60", "der-inline"),
+    "s60-3.1-e71": ("Mozilla/5.0 (SymbianOS/9.2; Series60/3.1 NokiaE71-1/200.21.118; Profile/MIDP-2.0 "
+                    "Configuration/CLDC-1.1 ) AppleWebKit/413 (KHTML, like Gecko) Safari/413", "s60", "der-inline"),
+    "s60-5th-5800": ("Mozilla/5.0 (SymbianOS/9.4; Series60/5.0 Nokia5800d-1/20.7.006; Profile/MIDP-2.1 "
+                     "Configuration/CLDC-1.1 ) AppleWebKit/525 (KHTML, like Gecko) Version/3.0 BrowserNG/7.2.3",
+                     "s60", "der-inline"),
+    "s60-5th-n97": ("Mozilla/5.0 (SymbianOS/9.4; Series60/5.0 NokiaN97-5/10.2.020; Profile/MIDP-2.1 "
+                    "Configuration/CLDC-1.1) AppleWebKit/525 (KHTML, like Gecko) BrowserNG/7", "s60", "der-inline"),
+    "symbian3-n8": (S60_AGENTS["n8-symbian3"], "s60", "der-inline"),
+    "symbian-belle-701": ("Mozilla/5.0 (Symbian/3; Series60/5.3 Nokia701/111.020.0307; Profile/MIDP-2.1 "
+                          "Configuration/CLDC-1.1 ) AppleWebKit/533.4 (KHTML, like Gecko) NokiaBrowser/7.4.1.14 "
+                          "Mobile Safari/533.4 3gpp-gba", "s60", "der-inline"),
+    "s60-ucweb-proxy": ("Mozilla/5.0 (S60V3; U; en-us; Nokia6120ci)/UC Browser8.2.0.132/28/355/UCWEB Mobile",
+                        "s60", "nokia-page"),
+    "s60-imode-n73": ("portalmmm/2.0 N73(c100;TB)", "s60", "der-inline"),
+    "s60-truncated-wap": ("Nokia6630/1.0 (2.39.15)", "s60", "der-inline"),
+    "s60-opera-mini-n95": ("Opera/9.80 (J2ME/MIDP; Opera Mini/NokiaN95/22.478; U; en) Presto/2.5.25 Version/10.54",
+                           "s60", "nokia-page"),
+    "s40-6500s": ("Nokia6500s/2.0 (05.41) Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40", "nokia-page"),
+    "s40-2730c": ("Nokia2730c/2.0 (07.60) Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40", "nokia-page"),
+    "s40-6303c-webkit": ("Nokia6303c/2.0 (06.40) Profile/MIDP-2.1 Configuration/CLDC-1.1 Mozilla/5.0 "
+                         "AppleWebKit/420 (KHTML, like Gecko) Safari/420", "s40", "nokia-page"),
+    "s40-6100-old": ("Nokia6100/1.0 (05.16) Profile/MIDP-1.0 Configuration/CLDC-1.0", "s40", "nokia-page"),
+    "s40-ovi-6300": ("Mozilla/5.0 (Series40/3.0FP1; Nokia6300/07.00; Profile/MIDP-2.1 Configuration/CLDC-1.1) "
+                     "Gecko/20100401 S40OviBrowser/0.8.3", "s40", "nokia-page"),
+    "s40-ovi-2700c": ("Mozilla/5.0 (Series40; Nokia2700c-2/07.15; Profile/MIDP-2.1 Configuration/CLDC-1.1) "
+                      "Gecko/20100401 S40OviBrowser/4.0.0.0.45", "s40", "nokia-page"),
+    "s40-opera-mini-2730c": ("Opera/9.80 (J2ME/MIDP; Opera Mini/Nokia2730c-1/22.478; U; en) Presto/2.5.25 "
+                             "Version/10.54", "s40", "nokia-page"),
+    "s40-ucweb-201": ("Nokia201/2.0 (11.21) Profile/MIDP-2.1 Configuration/CLDC-1.1 "
+                      "UCBrowser8.3.0.154/70/355/UCWEB Mobile", "s40", "nokia-page"),
+    "s40-midlet-untrusted": ("Nokia7210c/2.0 (05.60) Profile/MIDP-2.1 Configuration/CLDC-1.1 UNTRUSTED/1.0",
+                             "s40", "nokia-page"),
+    "lg-naming-nokia6233": ("LG-CU920/V1.0s Obigo/Q05A Profile/MIDP-2.0 Configuration/CLDC-1.1 Nokia6233/2.0",
+                            "other", "html-page"),
+    "opera-mini-generic": ("Opera/9.80 (J2ME/MIDP; Opera Mini/9.80 (J2ME/23.377; U; en) Presto/2.5.25 "
+                           "Version/10.54", "other", "html-page"),
+    "meego-n9": ("Mozilla/5.0 (MeeGo; NokiaN9) AppleWebKit/534.13 (KHTML, like Gecko) NokiaBrowser/8.5.0 Mobile "
+                 "Safari/534.13", "other", "html-page"),
+    "cat-s60-android": (OTHER_AGENTS["cat-s60-android"], "android", "html-page"),
+    "lenovo-s60-android": ("Mozilla/5.0 (Linux; Android 5.0.2; Lenovo S60-a Build/LRX22G) AppleWebKit/537.36 "
+                           "(KHTML, like Gecko) Chrome/58.0.3029.83 Mobile Safari/537.36", "android", "html-page"),
+    "android-chrome": ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+                       "Chrome/131.0.0.0 Mobile Safari/537.36", "android", "html-page"),
+    "android-firefox": ("Mozilla/5.0 (Android 14; Mobile; rv:132.0) Gecko/132.0 Firefox/132.0", "android",
+                        "html-page"),
+    "nokia-x-android": ("Mozilla/5.0 (Linux; U; Android 4.1.2; en-us; Nokia_X Build/JZO54K) AppleWebKit/534.30 "
+                        "(KHTML, like Gecko) Version/4.0 Mobile Safari/534.30", "android", "html-page"),
+    "iphone-safari": ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+                      "Gecko) Version/18.1 Mobile/15E148 Safari/604.1", "ios", "html-page"),
+    "ipad-ios12": ("Mozilla/5.0 (iPad; CPU OS 12_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+                   "Version/12.1 Mobile/15E148 Safari/604.1", "ios", "html-page"),
+    "iphone-chrome": ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+                      "Gecko) CriOS/120.0.6099.119 Mobile/15E148 Safari/604.1", "ios", "html-page"),
+    "ipados-as-mac": ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+                      "Version/17.0 Safari/605.1.15", "macos", "html-page"),
+    "macos-firefox": ("Mozilla/5.0 (Macintosh; Intel Mac OS X 14.5; rv:132.0) Gecko/20100101 Firefox/132.0",
+                      "macos", "html-page"),
+    "macos-chrome": ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
+                     "Chrome/131.0.0.0 Safari/537.36", "macos", "html-page"),
+    "windows-edge": ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+                     "Chrome/131.0.0.0 Safari/537.36 Edg/131.0.0.0", "windows", "html-page"),
+    "windows-firefox": ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:132.0) Gecko/20100101 Firefox/132.0",
+                        "windows", "html-page"),
+    "windows-ie11": ("Mozilla/5.0 (Windows NT 6.1; Trident/7.0; rv:11.0) like Gecko", "windows", "html-page"),
+    "linux-firefox": (OTHER_AGENTS["firefox-linux"], "firefox", "html-page"),
+    "ubuntu-firefox": ("Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0", "firefox",
+                       "html-page"),
+    "linux-chrome": ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 "
+                     "Safari/537.36", "linux", "html-page"),
+    "chromeos": ("Mozilla/5.0 (X11; CrOS x86_64 14541.0.0) AppleWebKit/537.36 (KHTML, like Gecko) "
+                 "Chrome/131.0.0.0 Safari/537.36", "other", "html-page"),
+    "windows-phone-8.1": ("Mozilla/5.0 (Mobile; Windows Phone 8.1; Android 4.0; ARM; Trident/7.0; Touch; rv:11.0; "
+                          "IEMobile/11.0; NOKIA; Lumia 630) like iPhone OS 7_0_3 Mac OS X AppleWebKit/537 (KHTML, "
+                          "like Gecko) Mobile Safari/537", "windows-mobile", "html-page"),
+    "windows-phone-10": ("Mozilla/5.0 (Windows Phone 10.0; Android 6.0.1; Microsoft; Lumia 950) "
+                         "AppleWebKit/537.36 (KHTML, like Gecko) Chrome/52.0.2743.116 Mobile Safari/537.36 "
+                         "Edge/15.15063", "windows-mobile", "html-page"),
+    "windows-mobile-6.5": ("Mozilla/4.0 (compatible; MSIE 6.0; Windows CE; IEMobile 8.12; MSIEMobile 6.5)",
+                           "windows-mobile", "html-page"),
+    "blackberry-9900": ("Mozilla/5.0 (BlackBerry; U; BlackBerry 9900; en) AppleWebKit/534.11+ (KHTML, like Gecko) "
+                        "Version/7.1.0.346 Mobile Safari/534.11+", "blackberry", "html-page"),
+    "blackberry-10": ("Mozilla/5.0 (BB10; Touch) AppleWebKit/537.35+ (KHTML, like Gecko) Version/10.3.3.2205 "
+                      "Mobile Safari/537.35+", "blackberry", "html-page"),
+    "blackberry-os4-midp": ("BlackBerry9000/4.6.0.167 Profile/MIDP-2.0 Configuration/CLDC-1.1 VendorID/102",
+                            "blackberry", "html-page"),
+    "curl": ("curl/8.5.0", "other", "der-attachment"),
+    "wget": ("Wget/1.21.4", "other", "der-attachment"),
+    "no-user-agent": ("", "other", "html-page"),
+}
+
+#: The file each landing page offers first.
+FIRST_FILES = {"ios": ".mobileconfig", "android": ".crt", "windows": ".cer", "macos": ".mobileconfig",
+               "linux": ".pem", "firefox": ".crt", "windows-mobile": ".cer", "blackberry": ".cer", "other": ".crt"}
+
+FIXED_CODES = {"whc-direct": "502351 322412 497438 320788 097006", "whc-length": "224675 382440 165332 125849 248054"}
+
+
+def fixed_certificate():
+    """Return a certificate whose DER is the same on every run (Ed25519 signatures are deterministic)."""
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Fixed Test Root")])
+    start = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(42).not_valid_before(start).not_valid_after(start.replace(year=2045))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, None))
+    return certdrop.inspect_certificate(cert)
+
+
+@pytest.fixture
+def root_token(testapp, root_der):
+    return token_of(upload(testapp, root_der))
+
+
+def response_kind(response):
+    disposition = response.headers.get("Content-Disposition", "")
+    if response.content_type == "application/x-x509-ca-cert":
+        return "der-attachment" if disposition.startswith("attachment") else "der-inline"
+    if b"XHTML Mobile" in response.body:
+        return "nokia-page"
+    return "html-page" if b"<!DOCTYPE html>" in response.body else "unknown"
+
+
+@pytest.mark.parametrize("name", USER_AGENTS, ids=USER_AGENTS)
+def test_each_real_user_agent_is_classified(name):
+    agent, device, _ = USER_AGENTS[name]
+    assert certdrop.classify(agent) == device
+
+
+@pytest.mark.parametrize("name", USER_AGENTS, ids=USER_AGENTS)
+def test_each_real_user_agent_gets_its_answer(testapp, root_token, root_der, name):
+    agent, _, expected = USER_AGENTS[name]
+    response = testapp.get(f"/c/{root_token}", headers={"User-Agent": agent})
+    assert response.status_int == 200 and response_kind(response) == expected
+    if expected.startswith("der"):
+        assert response.body == root_der
+    if expected == "der-attachment":
+        assert response.headers["Content-Disposition"] == 'attachment; filename="Example_Root_CA.crt"'
+    if expected.endswith("page"):
+        ET.fromstring(response.body)  # every page is well-formed XML
+
+
+def test_at_least_forty_real_user_agents_are_pinned():
+    assert len(USER_AGENTS) >= 40
+
+
+def test_proxy_browser_headers_name_the_handset(testapp, root_token):
+    response = testapp.get(f"/c/{root_token}", headers={"User-Agent": "Opera/9.80 (J2ME/MIDP; Opera Mini/9.80 "
+                                                                      "(J2ME/23.377; U; en) Presto/2.5.25",
+                                                        "X-OperaMini-Phone-UA": S60_AGENTS["e61i"]})
+    assert response_kind(response) == "nokia-page" and b"open this link in its own browser" in response.body
+
+
+@pytest.mark.parametrize("device", FIRST_FILES, ids=FIRST_FILES)
+def test_each_landing_page_offers_its_platforms_file_first(testapp, root_token, device):
+    agent = next(agent for agent, kind, _ in USER_AGENTS.values() if kind == device)
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": agent})
+    first = page.html.select_one("a.button")["href"]
+    assert first == f"/c/{root_token}/Example_Root_CA{FIRST_FILES[device]}"
+
+
+@pytest.mark.parametrize("device", FIRST_FILES, ids=FIRST_FILES)
+def test_each_landing_page_shows_fingerprints_and_why_to_compare(testapp, root_token, root, device):
+    agent = next(agent for agent, kind, _ in USER_AGENTS.values() if kind == device)
+    text = html_text(testapp.get(f"/c/{root_token}", headers={"User-Agent": agent}))
+    assert root[0].fingerprint(hashes.SHA256()).hex(":").upper() in text
+    assert root[0].fingerprint(hashes.SHA1()).hex(":").upper() in text and "Compare these fingerprints" in text
+
+
+def test_landing_pages_name_their_platforms_steps(testapp, root_token):
+    def text(device):
+        agent = next(agent for agent, kind, _ in USER_AGENTS.values() if kind == device)
+        return html_text(testapp.get(f"/c/{root_token}", headers={"User-Agent": agent}))
+    assert "within 8 minutes" in text("ios") and "Certificate Trust Settings" in text("ios")
+    assert "Install a certificate" in text("android") and "screen lock" in text("android")
+    assert "Android 7" in text("android")
+    assert "certutil -addstore root Example_Root_CA.cer" in text("windows")
+    assert "Trusted Root Certification Authorities" in text("windows")
+    assert "update-ca-certificates" in text("linux") and "trust anchor Example_Root_CA.crt" in text("linux")
+    assert "identify websites" in text("firefox") and "Keychain Access" in text("macos")
+
+
+def test_every_landing_page_lists_every_format(testapp, root_token):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["android-chrome"][0]})
+    links = [a["href"].rsplit("/", 1)[1] for a in page.html.select("section li a")]
+    assert links == ["Example_Root_CA.crt", "Example_Root_CA.cer", "Example_Root_CA.pem",
+                     "Example_Root_CA.mobileconfig", "Example_Root_CA.whc", "Example_Root_CA.alt.whc"]
+
+
+def test_firefox_on_linux_gets_the_der_inline_for_its_trust_dialog(testapp, root_token, root_der):
+    response = testapp.get(f"/c/{root_token}/Example_Root_CA.crt", headers={"User-Agent": OTHER_AGENTS["firefox-linux"]})
+    assert response.content_type == "application/x-x509-ca-cert" and response.body == root_der
+    assert "Content-Disposition" not in response.headers
+
+
+def test_client_that_takes_only_certificates_gets_the_der(testapp, root_token, root_der):
+    response = testapp.get(f"/c/{root_token}", headers={"Accept": "application/x-x509-ca-cert"})
+    assert response.body == root_der
+
+
+@pytest.mark.parametrize(("path", "content_type", "disposition"), [
+    ("any-name.cer", "application/x-x509-ca-cert", 'attachment; filename="any-name.cer"'),
+    ("x.CRT", "application/x-x509-ca-cert", 'attachment; filename="x.CRT"'),
+    ("ca.der", "application/x-x509-ca-cert", 'attachment; filename="ca.der"'),
+    ("mine.pem", "application/x-pem-file", 'attachment; filename="mine.crt"'),
+    ("ca.mobileconfig", "application/x-apple-aspen-config", 'attachment; filename="ca.mobileconfig"'),
+    ("ca.whc", "application/vnd.wap.hashed-certificate", None),
+    ("ca.alt.whc", "application/vnd.wap.hashed-certificate", None),
+], ids=["cer", "crt-upper", "der", "pem", "mobileconfig", "whc", "alt-whc"])
+def test_explicit_file_names_serve_their_format(testapp, root_token, path, content_type, disposition):
+    response = testapp.get(f"/c/{root_token}/{path}", headers={"User-Agent": USER_AGENTS["windows-edge"][0]})
+    assert response.content_type == content_type
+    assert response.headers.get("Content-Disposition") == disposition
+
+
+@pytest.mark.parametrize(("chosen", "content_type"), [
+    ("der", "application/x-x509-ca-cert"), ("pem", "application/x-pem-file"),
+    ("mobileconfig", "application/x-apple-aspen-config"), ("whc", "application/vnd.wap.hashed-certificate"),
+    ("whc-alt", "application/vnd.wap.hashed-certificate"), ("page", "text/html")])
+def test_format_query_picks_a_format_by_hand(testapp, root_token, chosen, content_type):
+    response = testapp.get(f"/c/{root_token}?format={chosen}", headers={"User-Agent": S60_AGENTS["e61i"]})
+    assert response.content_type == content_type
+
+
+def test_unknown_format_query_is_a_clear_400(testapp, root_token):
+    assert "choose der, pem" in testapp.get(f"/c/{root_token}?format=zip", status=400).text
+
+
+def test_unknown_file_extension_is_404_without_touching_the_store(testapp, store, monkeypatch):
+    monkeypatch.setattr(store, "get", lambda token: pytest.fail("asked the store"))
+    testapp.get("/c/abcdefgh/ca.exe", status=404)
+
+
+def test_der_and_pem_files_are_byte_exact(testapp, root_token, root_der, root_pem):
+    assert testapp.get(f"/c/{root_token}/a.der").body == root_der
+    pem = testapp.get(f"/c/{root_token}/a.pem").body
+    assert pem == root_pem
+    assert all(len(line) <= 64 for line in pem.splitlines())
+    assert x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER) == root_der
+
+
+def profile_of(testapp, token):
+    return plistlib.loads(testapp.get(f"/c/{token}/ca.mobileconfig").body)
+
+
+def test_profile_carries_the_root_as_a_root_payload(testapp, root_token, root_der, root):
+    profile = profile_of(testapp, root_token)
+    (payload,) = profile["PayloadContent"]
+    sha256 = root[0].fingerprint(hashes.SHA256()).hex()
+    assert profile["PayloadType"] == "Configuration" and profile["PayloadVersion"] == 1
+    assert payload["PayloadType"] == "com.apple.security.root" and payload["PayloadContent"] == root_der
+    assert payload["PayloadDisplayName"] == profile["PayloadDisplayName"] == "Example Root CA"
+    assert sha256 in profile["PayloadIdentifier"] and sha256 in payload["PayloadIdentifier"]
+    assert str(uuid.UUID(profile["PayloadUUID"])).upper() == profile["PayloadUUID"]
+    assert profile["PayloadUUID"] != payload["PayloadUUID"]
+
+
+def test_profile_uuids_follow_from_the_certificate(testapp, root_token, root):
+    first = certdrop.apple_profile(certdrop.inspect_certificate(root[0]))
+    assert testapp.get(f"/c/{root_token}/ca.mobileconfig").body == first
+    renewed = certdrop.apple_profile(certdrop.inspect_certificate(make_certificate()[0]))
+    assert plistlib.loads(renewed)["PayloadUUID"] != plistlib.loads(first)["PayloadUUID"]
+    assert plistlib.loads(renewed)["PayloadIdentifier"] != plistlib.loads(first)["PayloadIdentifier"]
+
+
+def test_profile_for_an_intermediate_uses_the_pkcs1_payload(testapp, pki):
+    token = token_of(upload(testapp, pem_of(pki.intermediate)))
+    (payload,) = profile_of(testapp, token)["PayloadContent"]
+    assert payload["PayloadType"] == "com.apple.security.pkcs1" and payload["PayloadContent"] == der_of(pki.intermediate)
+
+
+def test_profile_survives_control_characters_in_the_name():
+    cert, _ = make_certificate("Evil\x01\x1b CA")
+    profile = plistlib.loads(certdrop.apple_profile(certdrop.inspect_certificate(cert)))
+    assert profile["PayloadDisplayName"] == "Evil\ufffd\ufffd CA"
+
+
+def parse_hashed(body):
+    """Return the fields of a TrustedCAInfo body, read independently of certdrop."""
+    version, charset, length = body[0], int.from_bytes(body[1:3], "big"), body[3]
+    name, rest = body[4:4 + length], body[4 + length:]
+    return version, charset, name, rest[0], rest[1:-2], rest[-2:]
+
+
+def test_hashed_certificate_matches_the_research_vectors():
+    fake = dataclasses.replace(fixed_certificate(), der=b"\x30\x01\x00", common_names=("Test",))
+    direct = certdrop.hashed_certificate(fake)
+    prefixed = certdrop.hashed_certificate(fake, length_prefixed=True)
+    assert direct == bytes.fromhex("01006A0454657374023001000000")
+    assert prefixed == bytes.fromhex("01006A04546573740200033001000000")
+    assert certdrop.hashed_certificate_code(direct) == "404111 588616 451872 172643 327908"
+    assert certdrop.hashed_certificate_code(prefixed) == "632828 567206 015198 044651 484535"
+
+
+@pytest.mark.parametrize("kind", ["whc-direct", "whc-length"])
+def test_hashed_certificate_fields_and_pinned_code_for_a_fixed_certificate(kind):
+    certificate = fixed_certificate()
+    body, content_type = certdrop.file_body(certificate, kind)
+    version, charset, name, cert_format, certificate_field, trailer = parse_hashed(body)
+    assert (version, charset, name, cert_format, trailer) == (1, 106, b"Fixed Test Root", 2, b"\0\0")
+    if kind == "whc-length":
+        assert int.from_bytes(certificate_field[:2], "big") == len(certificate.der)
+        certificate_field = certificate_field[2:]
+    assert certificate_field == certificate.der and content_type == "application/vnd.wap.hashed-certificate"
+    assert certdrop.hashed_certificate_code(body) == FIXED_CODES[kind]
+
+
+def test_every_code_group_passes_the_handsets_check_digit_rule():
+    for value in range(0, 65536, 97):
+        digits = f"{value:05d}"
+        group = digits + str(certdrop._check_digit(digits))
+        total = sum(int(d) if i % 2 else (2 * int(d) - 9 if int(d) > 4 else 2 * int(d)) for i, d in enumerate(group))
+        assert total % 10 == 0
+
+
+def test_display_name_is_cut_on_a_character_boundary_to_255_bytes():
+    name = certdrop.wap_display_name("\u00e9" * 200, 106)
+    assert len(name) == 254 and name.decode("utf-8") == "\u00e9" * 127
+    assert certdrop.wap_display_name("Caf\u00e9 \u2603", 4) == b"Caf\xe9 ?"
+
+
+def s40_page(testapp, token, accept=""):
+    return testapp.get(f"/c/{token}", headers={"User-Agent": USER_AGENTS["s40-6500s"][0], "Accept": accept})
+
+
+def test_s40_page_is_small_xhtml_mp_with_the_der_and_both_hashed_certificates(testapp, root_token):
+    page = s40_page(testapp, root_token, "application/vnd.wap.xhtml+xml, text/html")
+    assert page.content_type == "application/vnd.wap.xhtml+xml" and len(page.body) < 3072
+    tree = ET.fromstring(page.body)
+    links = [a.get("href") for a in tree.iter("{http://www.w3.org/1999/xhtml}a")]
+    assert links == [f"/c/{root_token}/Example_Root_CA.cer", f"/c/{root_token}/Example_Root_CA.whc",
+                     f"/c/{root_token}/Example_Root_CA.alt.whc"]
+    assert not re.search(rb"<script|<style|<img|<link", page.body)
+
+
+def test_s40_page_prints_the_code_of_each_hashed_certificate(testapp, root_token):
+    text = s40_page(testapp, root_token).text
+    for path in ("ca.whc", "ca.alt.whc"):
+        code = certdrop.hashed_certificate_code(testapp.get(f"/c/{root_token}/{path}").body).split()
+        assert f"{' '.join(code[:3])}<br/>{' '.join(code[3:])}" in text
+    assert "SHA-256 or ECDSA CA may fail" in text
+
+
+def test_s40_page_is_a_wml_deck_for_wap_1_browsers(testapp, root_token):
+    page = s40_page(testapp, root_token, "text/vnd.wap.wml, text/html, image/vnd.wap.wbmp")
+    assert page.content_type == "text/vnd.wap.wml" and ET.fromstring(page.body).tag == "wml"
+
+
+@pytest.mark.parametrize(("accept", "content_type"), [("application/xhtml+xml", "application/xhtml+xml"),
+                                                      ("text/html, */*", "text/html"), ("", "text/html")])
+def test_nokia_page_type_follows_accept(testapp, root_token, accept, content_type):
+    assert s40_page(testapp, root_token, accept).content_type == content_type
+
+
+def test_wml_escapes_dollar_signs_in_names(testapp):
+    cert, _ = make_certificate("Cost $ CA")
+    token = token_of(upload(testapp, der_of(cert)))
+    assert b"Cost $$ CA" in s40_page(testapp, token, "text/vnd.wap.wml").body
+
+
+def test_s40_page_for_an_intermediate_offers_the_der_and_says_why(testapp, pki):
+    token = token_of(upload(testapp, pem_of(pki.intermediate)))
+    page = s40_page(testapp, token)
+    assert b".whc" not in page.body and b"needs a self-signed root" in page.body
+    assert "self-signed root" in testapp.get(f"/c/{token}/ca.whc", status=404).text
+
+
+def nokia_app(config, store, clock, **settings):
+    return webtest.TestApp(certdrop.make_app(dataclasses.replace(config, **settings), store, clock),
+                           extra_environ={"HTTP_HOST": "ca.example.org:8080"})
+
+
+def test_whc_layout_setting_swaps_the_default_and_the_other(config, store, clock, testapp, root_token, root_der):
+    swapped = nokia_app(config, store, clock, whc_layout="length-prefixed")
+    assert swapped.get(f"/c/{root_token}/ca.whc").body == testapp.get(f"/c/{root_token}/ca.alt.whc").body
+    assert parse_hashed(swapped.get(f"/c/{root_token}/ca.whc").body)[4][2:] == root_der
+
+
+def test_whc_charset_setting_is_written_into_the_body(config, store, clock, root_token):
+    latin = nokia_app(config, store, clock, whc_charset=4)
+    assert parse_hashed(latin.get(f"/c/{root_token}/ca.whc").body)[1] == 4
+
+
+def test_s40_delivery_setting_sends_a_file_instead_of_the_page(config, store, clock, root_token):
+    direct = nokia_app(config, store, clock, s40_delivery="whc")
+    response = direct.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["s40-6500s"][0]})
+    assert response.content_type == "application/vnd.wap.hashed-certificate"
+
+
+def test_s60_delivery_page_sends_the_steps_first(config, store, clock, root_token):
+    response = nokia_app(config, store, clock, s60_delivery="page").get(
+        f"/c/{root_token}", headers={"User-Agent": S60_AGENTS["e61i"]})
+    assert b"Internet" in response.body and b".whc" not in response.body
+    ET.fromstring(response.body)
+
+
+def test_s60_delivery_redirect_keeps_a_cer_extension(config, store, clock, root_token, root_der):
+    app = nokia_app(config, store, clock, s60_delivery="redirect")
+    response = app.get(f"/c/{root_token}", headers={"User-Agent": S60_AGENTS["e61i"]}, status=302)
+    assert response.headers["Location"] == f"http://ca.example.org:8080/c/{root_token}/Example_Root_CA.cer"
+    followed = app.get(f"/c/{root_token}/Example_Root_CA.cer", headers={"User-Agent": S60_AGENTS["e61i"]})
+    assert followed.body == root_der and "Content-Disposition" not in followed.headers
+
+
+def test_s60_attachment_setting_adds_the_header(config, store, clock, root_token):
+    response = nokia_app(config, store, clock, s60_attachment=True).get(
+        f"/c/{root_token}", headers={"User-Agent": S60_AGENTS["e61i"]})
+    assert response.headers["Content-Disposition"] == 'attachment; filename="Example_Root_CA.cer"'
+
+
+@pytest.mark.parametrize("path", ["", "/ca.cer", "/ca.mobileconfig", "/ca.whc", "?format=page"])
+def test_answers_carry_vary_cache_control_and_nosniff(testapp, root_token, path):
+    headers = testapp.get(f"/c/{root_token}{path}").headers
+    assert headers["Vary"] == "User-Agent, Accept, X-OperaMini-Phone-UA, X-UCBrowser-Device-UA, Device-Stock-UA"
+    assert headers["Cache-Control"] == "private, no-transform" and headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_etag_differs_per_variant_and_if_none_match_answers_304(testapp, root_token):
+    der = testapp.get(f"/c/{root_token}/ca.cer")
+    pem = testapp.get(f"/c/{root_token}/ca.pem")
+    assert der.headers["ETag"] != pem.headers["ETag"]
+    again = testapp.get(f"/c/{root_token}/ca.cer", headers={"If-None-Match": der.headers["ETag"]}, status=304)
+    assert again.body == b"" and again.headers["ETag"] == der.headers["ETag"]
+    testapp.get(f"/c/{root_token}/ca.cer", headers={"If-None-Match": '"other"'}, status=200)
+
+
+def test_head_works_for_pages_and_files(testapp, root_token):
+    for path in ("", "/ca.mobileconfig"):
+        full = testapp.get(f"/c/{root_token}{path}")
+        head = testapp.head(f"/c/{root_token}{path}")
+        assert head.body == b"" and head.headers["Content-Length"] == str(len(full.body))
+
+
+def test_a_hot_token_is_answered_without_rendering_again(testapp, root_token, monkeypatch):
+    agent = {"User-Agent": USER_AGENTS["iphone-safari"][0]}
+    first = testapp.get(f"/c/{root_token}", headers=agent)
+    monkeypatch.setattr(certdrop, "render_landing", lambda *args: pytest.fail("rendered again"))
+    monkeypatch.setattr(certdrop, "apple_profile", lambda *args: pytest.fail("built again"))
+    assert testapp.get(f"/c/{root_token}", headers=agent).body == first.body
+
+
+def test_result_page_passes_on_the_steps_of_every_family(testapp, root_der):
+    text = html_text(upload(testapp, root_der))
+    for label in ("Nokia Symbian (S60)", "Nokia Series 40", "iPhone and iPad", "Android", "Windows", "macOS",
+                  "Linux", "Firefox"):
+        assert label in text
+
+
 # -- store -----------------------------------------------------------------------------------------------------
 
 
@@ -979,24 +1434,16 @@ def test_s60_gets_raw_der_as_ca_cert_without_attachment(testapp, root_der, agent
     assert response.body == root_der
 
 
-@pytest.mark.parametrize("agent", OTHER_AGENTS.values(), ids=OTHER_AGENTS.keys())
-def test_other_clients_get_der_as_a_named_crt_download(testapp, root_der, agent):
-    token = token_of(upload(testapp, root_der))
-    response = testapp.get(f"/c/{token}", headers={"User-Agent": agent})
-    assert response.headers["Content-Disposition"] == 'attachment; filename="Example_Root_CA.crt"'
-    assert response.content_type == "application/x-x509-ca-cert" and response.body == root_der
-
-
 def test_head_answers_with_headers_and_no_body(testapp, root_der):
     token = token_of(upload(testapp, root_der))
-    response = testapp.head(f"/c/{token}")
+    response = testapp.head(f"/c/{token}/ca.crt")
     assert response.headers["Content-Length"] == str(len(root_der)) and response.body == b""
 
 
 def test_tokens_are_case_insensitive(testapp, root_der):
     token = token_of(upload(testapp, root_der))
-    assert testapp.get(f"/c/{token.capitalize()}").body == root_der
-    assert testapp.get(f"/c/{token.upper()}").body == root_der
+    assert testapp.get(f"/c/{token.capitalize()}/ca.crt").body == root_der
+    assert testapp.get(f"/c/{token.upper()}?format=der").body == root_der
 
 
 @pytest.mark.parametrize("path", ["/c/abc", "/c/" + "a" * 33, "/c/abcd0efg", "/c/..%2F..%2Fetc", "/c/",
@@ -1037,7 +1484,7 @@ def test_link_stays_410_after_the_sweep_and_404_after_the_tombstone_expires(test
 def test_a_new_app_on_the_same_directory_serves_earlier_uploads(testapp, config, clock, root_der):
     token = token_of(upload(testapp, root_der))
     fresh = webtest.TestApp(certdrop.make_app(config, clock=clock))
-    assert fresh.get(f"/c/{token}").body == root_der
+    assert fresh.get(f"/c/{token}/ca.crt").body == root_der
 
 
 def test_damaged_entry_answers_404(testapp, config, clock, store, root_der):
