@@ -1,13 +1,16 @@
 """certdrop: put a private CA certificate onto phones and laptops with one short link.
 
-An administrator uploads the CA certificate once (on the page at ``/`` or with ``add``) and gets a link
-``http://host/c/<token>``. Each device that opens the link gets what it can install: raw DER as
-``application/x-x509-ca-cert`` for Nokia Symbian S60, a ``.crt`` download for everyone else.
+An administrator uploads the CA certificate once, in any format (on the page at ``/`` or with ``add``), and gets
+a link ``http://host/c/<token>``. The certificate doctor says what was uploaded and refuses private keys. Each
+device that opens the link gets what it can install: raw DER as ``application/x-x509-ca-cert`` for Nokia Symbian
+S60, a WAP page with the hashed certificate for Nokia Series 40, a configuration profile for iOS, and a page with
+the right file and steps for Android, Windows, macOS, Linux, Firefox and the rest.
 
 Usage::
 
     python3 certdrop.py serve                 # run the web server under waitress
-    python3 certdrop.py add ca.pem --ttl 7d   # store a certificate, print its link
+    python3 certdrop.py add ca.pem --ttl 7d   # store the CA certificates of a file, print their links
+    python3 certdrop.py check ca.p7b          # diagnose a file without storing anything
     python3 certdrop.py list | show TOKEN | revoke TOKEN | gc
 
 Configuration comes from ``-c/--config PATH``, else ``$CERTDROP_CONFIG``, else ``certdrop.ini`` beside this
@@ -104,6 +107,9 @@ TTL_CHOICES = (
 )
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+#: Characters that XML 1.0 cannot carry even escaped; certificate names may hold them.
+XML_INVALID_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 #: Command-line HTTP clients get plain text instead of HTML.
 TEXT_AGENTS = ("curl/", "wget/", "httpie/", "python-requests/", "python-urllib/", "powershell/")
@@ -431,7 +437,7 @@ class Certificate:
             return "root" if self.self_signed else "intermediate"
         return "self-signed leaf" if self.self_signed else "leaf"
 
-    @property
+    @functools.cached_property
     def file_stem(self) -> str:
         """Return a file name (no extension) made only of safe characters."""
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("._-")[:64]
@@ -486,13 +492,15 @@ def refuse(code: str, message: str) -> CertificateError:
 
 
 def quiet_library_warnings() -> None:
-    """Keep the library's deprecation notes about odd certificates (a negative serial number in a real Mozilla
-    root, say) out of the users' output and the log; they say nothing an administrator can act on.
+    """Keep the library's notes about odd certificates (a negative serial number in a real Mozilla root, a CN
+    longer than 64 characters) out of the users' output and the log; they say nothing an administrator can act on.
 
     Called by ``make_app`` and ``main`` rather than on import, and narrowed to warnings raised from this module.
     A filter, unlike ``catch_warnings``, is safe with waitress's threads.
     """
     warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"(certdrop|__main__)\Z")
+    # Real certificates exceed X.509's length bounds (a CN over 64 characters); the library says so on parsing.
+    warnings.filterwarnings("ignore", message=r"Attribute's length must be", category=UserWarning)
 
 
 # -- facts of one certificate -----------------------------------------------------------------------------------
@@ -1150,8 +1158,8 @@ def pem_bytes(certificate: Certificate) -> bytes:
 
 
 def _plist_text(text: str) -> str:
-    # XML 1.0 cannot carry most control characters; a hostile CN must not make the profile unbuildable.
-    return re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]", "\ufffd", text)
+    # A hostile CN must not make the profile unbuildable: plistlib refuses what XML cannot carry.
+    return XML_INVALID_RE.sub("\ufffd", text)
 
 
 def apple_profile(certificate: Certificate) -> bytes:
@@ -1671,7 +1679,7 @@ $body_html
 
 def esc(value: object) -> str:
     """Return *value* as text safe inside HTML and XML, attribute values included."""
-    return html.escape(str(value), quote=True)
+    return XML_INVALID_RE.sub("\ufffd", html.escape(str(value), quote=True))
 
 
 def render(template: string.Template, **values: object) -> str:
@@ -2092,7 +2100,7 @@ class Request:
         return cls(environ, method, environ.get("PATH_INFO", "") or "/", query)
 
     def header(self, name: str) -> str:
-        return self.environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+        return self.environ.get(_environ_key(name), "")
 
     @property
     def user_agent(self) -> str:
@@ -2122,6 +2130,11 @@ class Request:
         if len(body) < length:
             raise BadRequest("The request body ended before its declared length.")
         return body
+
+
+@functools.cache
+def _environ_key(header_name: str) -> str:
+    return "HTTP_" + header_name.upper().replace("-", "_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2231,6 +2244,9 @@ Answer = FileAnswer | PageAnswer | RedirectAnswer
 #: ``?format=`` values that name a file, and the extension of its file name.
 PUBLIC_FORMATS = {"der": ".crt", "pem": ".pem", "mobileconfig": ".mobileconfig", "whc": ".whc", "whc-alt": ".alt.whc"}
 
+#: Answers kept per entry. Devices need about a dozen; the rest are file names clients made up.
+MAX_CACHED_ANSWERS = 32
+
 #: File name endings under /c/<token>/, longest first.
 FILE_SUFFIXES = ((".alt.whc", "whc-alt"), (".whc", "whc"), (".mobileconfig", "mobileconfig"), (".pem", "pem"),
                  (".cer", "der"), (".crt", "der"), (".der", "der"))
@@ -2328,7 +2344,7 @@ class App:
 
     # -- what each device gets ---------------------------------------------------------------------------------
 
-    def default_answer(self, request: Request, client: Client, certificate: Certificate) -> "Answer":
+    def default_answer(self, request: Request, client: Client, certificate: Certificate) -> Answer:
         """Return what /c/<token> sends *client* when it does not choose a format."""
         stem, accept = certificate.file_stem, request.header("Accept")
         nokia = client.device in ("s60", "s40")
@@ -2338,14 +2354,15 @@ class App:
             return FileAnswer("der", f"{stem}.cer", inline=not self.config.s60_attachment)
         if client.device == "s40" and not client.via_proxy and self.config.s40_delivery != "page":
             kind = self.config.s40_delivery if certificate.self_signed else "der"
-            return self.file_answer(kind, f"{stem}{PUBLIC_FORMATS[kind]}", client, certificate)
+            return self.file_answer(kind, f"{stem}{'.cer' if kind == 'der' else PUBLIC_FORMATS[kind]}", client,
+                                    certificate)
         if nokia:
             return PageAnswer(client, nokia_page_type(accept))
         if accepts_only_certificates(accept) or request.user_agent.lower().startswith(TEXT_AGENTS):
             return FileAnswer("der", f"{stem}.crt", inline=False)
         return PageAnswer(client, MIME_HTML)
 
-    def explicit_answer(self, request: Request, client: Client, certificate: Certificate, chosen: str) -> "Answer":
+    def explicit_answer(self, request: Request, client: Client, certificate: Certificate, chosen: str) -> Answer:
         """Return the answer for ``?format=...``, for people whose device was guessed wrong."""
         if chosen == "page":
             nokia = client.device in ("s60", "s40")
@@ -2354,11 +2371,11 @@ class App:
             raise BadRequest(f"Unknown format {chosen[:40]!r}: choose der, pem, mobileconfig, whc, whc-alt or page.")
         return self.file_answer(chosen, f"{certificate.file_stem}{PUBLIC_FORMATS[chosen]}", client, certificate)
 
-    def file_answer(self, kind: str, name: str, client: Client, certificate: Certificate) -> "FileAnswer":
+    def file_answer(self, kind: str, name: str, client: Client, certificate: Certificate) -> FileAnswer:
         """Return the answer for file *kind* ("der", "pem", "mobileconfig", "whc" or "whc-alt") named *name*."""
         if kind == "der":
-            # S60's installer takes the body only without an attachment header, and so does Firefox's dialog.
-            inline = (client.device == "s60" and not self.config.s60_attachment) or client.device == "firefox"
+            # Nokia installers and Firefox's trust dialog take the body only without an attachment header.
+            inline = client.device in ("s40", "firefox") or (client.device == "s60" and not self.config.s60_attachment)
             return FileAnswer("der", name, inline)
         if kind == "pem":  # update-ca-certificates reads only PEM files named .crt
             return FileAnswer("pem", re.sub(r"(?i)\.pem$", ".crt", name), inline=False)
@@ -2377,7 +2394,7 @@ class App:
 
     # -- answering, from the entry's cache ---------------------------------------------------------------------
 
-    def respond(self, request: Request, entry: Entry, answer: "Answer") -> Response:
+    def respond(self, request: Request, entry: Entry, answer: Answer) -> Response:
         """Return *answer* for *entry*: built once per entry and prefix, then served from memory (304 if unchanged)."""
         if isinstance(answer, RedirectAnswer):
             location = f"{self.base_url(request)}/c/{entry.token}/{answer.filename}"
@@ -2386,13 +2403,15 @@ class App:
         key = (answer, request.script_name)
         cached = entry.responses.get(key)
         if cached is None:
-            cached = entry.responses[key] = with_etag(self.build(entry, answer, request.script_name))
+            cached = with_etag(self.build(entry, answer, request.script_name))
+            if len(entry.responses) < MAX_CACHED_ANSWERS:  # clients choose file names; memory must not follow
+                entry.responses[key] = cached
         response, etag = cached
         if etag_matches(request.header("If-None-Match"), etag):
             return Response(b"", 304, "", (("ETag", etag), ("Vary", VARY), ("Cache-Control", "private, no-transform")))
         return response
 
-    def build(self, entry: Entry, answer: "Answer", script_name: str) -> Response:
+    def build(self, entry: Entry, answer: Answer, script_name: str) -> Response:
         certificate = entry.certificate
         headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY))
         base_path = f"{script_name}/c/{entry.token}"

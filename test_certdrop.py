@@ -17,6 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -1086,6 +1087,18 @@ def test_s40_page_prints_the_code_of_each_hashed_certificate(testapp, root_token
     assert "SHA-256 or ECDSA CA may fail" in text
 
 
+def test_s40_phone_following_the_page_gets_the_der_inline(testapp, root_token, root_der):
+    response = testapp.get(f"/c/{root_token}/Example_Root_CA.cer", headers={"User-Agent": USER_AGENTS["s40-6500s"][0]})
+    assert response.content_type == "application/x-x509-ca-cert" and response.body == root_der
+    assert "Content-Disposition" not in response.headers
+
+
+def test_s40_delivery_der_sends_the_cer_inline(config, store, clock, root_token, root_der):
+    response = nokia_app(config, store, clock, s40_delivery="der").get(
+        f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["s40-2730c"][0]})
+    assert response.body == root_der and "Content-Disposition" not in response.headers
+
+
 def test_s40_page_is_a_wml_deck_for_wap_1_browsers(testapp, root_token):
     page = s40_page(testapp, root_token, "text/vnd.wap.wml, text/html, image/vnd.wap.wbmp")
     assert page.content_type == "text/vnd.wap.wml" and ET.fromstring(page.body).tag == "wml"
@@ -1182,6 +1195,12 @@ def test_a_hot_token_is_answered_without_rendering_again(testapp, root_token, mo
     monkeypatch.setattr(certdrop, "render_landing", lambda *args: pytest.fail("rendered again"))
     monkeypatch.setattr(certdrop, "apple_profile", lambda *args: pytest.fail("built again"))
     assert testapp.get(f"/c/{root_token}", headers=agent).body == first.body
+
+
+def test_file_names_chosen_by_clients_cannot_grow_the_answer_cache(testapp, store, root_token, root_der):
+    for number in range(200):
+        assert testapp.get(f"/c/{root_token}/name{number}.cer").body == root_der
+    assert len(store.get(root_token).responses) <= certdrop.MAX_CACHED_ANSWERS
 
 
 def test_result_page_passes_on_the_steps_of_every_family(testapp, root_der):
@@ -1682,3 +1701,41 @@ def test_real_server_uploads_serves_s60_follows_the_cli_and_stops_cleanly(tmp_pa
         code = server.stop()
     assert code == 0
     assert "certdrop stopped" in "".join(server.log)
+
+
+# -- hostile certificate text ----------------------------------------------------------------------------------
+
+HOSTILE_NAMES = {
+    "script": '<script>alert("x")</script>',
+    "quotes-and-amp": "\"quoted' & <b>bold</b>",
+    "javascript-url": "javascript:alert(1)",
+    "crlf": "line\r\nbreak",
+    "control-characters": "bell\x07 escape\x1b nul\x00",
+    "right-to-left": "\u202eAC tooR",
+    "dollar": "$(name) $$",
+    "very-long": "x" * 10000,
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=HOSTILE_NAMES)
+def test_hostile_names_stay_inert_on_every_page_and_file(testapp, name):
+    with warnings.catch_warnings():  # the library warns about names longer than X.509's 64 characters
+        warnings.simplefilter("ignore")
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTILE_NAMES[name], _validate=False)])
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(5).not_valid_before(datetime.datetime(2025, 1, 1))
+            .not_valid_after(datetime.datetime(2035, 1, 1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    result = upload(testapp, der_of(cert))
+    token = token_of(result)
+    pages = [result, testapp.get(f"/c/{token}", headers={"User-Agent": USER_AGENTS["android-chrome"][0]})]
+    for accept in ("application/vnd.wap.xhtml+xml", "text/vnd.wap.wml"):
+        pages.append(s40_page(testapp, token, accept))
+    for page in pages:
+        ET.fromstring(page.body)
+        assert b"<script>" not in page.body and b"<b>bold" not in page.body
+    plistlib.loads(testapp.get(f"/c/{token}/ca.mobileconfig").body)
+    disposition = testapp.get(f"/c/{token}?format=der").headers["Content-Disposition"]
+    assert re.fullmatch(r'attachment; filename="[A-Za-z0-9._-]+\.crt"', disposition)
