@@ -1364,6 +1364,12 @@ class Store:
         return entry
 
     def _load(self, token: str) -> Entry:
+        entry, signature = self._read(token)
+        self._remember(entry, signature)
+        return entry
+
+    def _read(self, token: str) -> tuple[Entry, tuple]:
+        """Return the entry stored for *token* and its file's signature, without touching the cache."""
         path = self.path_for(token)
         try:
             with open(path, "rb") as file:
@@ -1378,8 +1384,7 @@ class Store:
         except (ValueError, KeyError, TypeError, binascii.Error, CertificateError) as error:
             log.warning("entry %s is damaged and is not served: %s", path, error)
             raise UnknownToken(token) from None
-        self._remember(entry, signature)
-        return entry
+        return entry, signature
 
     def _remember(self, entry: Entry, signature: tuple) -> None:
         with self._lock:
@@ -1443,8 +1448,8 @@ class Store:
         return counts
 
     def _sweep_entry(self, path: Path, now: float) -> str | None:
-        try:
-            entry = self._load(path.stem)
+        try:  # read around the cache: a sweep through every entry must not push out the hot ones
+            entry, _ = self._read(path.stem)
         except UnknownToken:
             return None
         gone = entry.gone(now)
@@ -1457,7 +1462,8 @@ class Store:
             return "deleted"
         if entry.der is not None:
             self._drop_index(entry)
-            self._write(dataclasses.replace(entry, der=None))
+            self._write(dataclasses.replace(entry, der=None), remember=False)
+            self._forget(entry.token)
             return "expired"
         return None
 
@@ -1483,10 +1489,11 @@ class Store:
             if not self.path_for(token).exists():
                 return token
 
-    def _write(self, entry: Entry) -> None:
+    def _write(self, entry: Entry, remember: bool = True) -> None:
         path = self.path_for(entry.token)
         _write_atomically(path, entry.to_json())
-        self._remember(entry, _file_signature(path))
+        if remember:
+            self._remember(entry, _file_signature(path))
 
     def _forget(self, token: str) -> None:
         with self._lock:
@@ -2568,9 +2575,18 @@ def cmd_add(args, config: Config, clock: Callable[[], float]) -> int:
         print(f"left out: {reason}")
     for finding in diagnosis.findings:
         print(f"{'note' if finding.note else 'warning'} [{finding.code}]: {finding.message}")
-    if is_loopback_host(urllib.parse.urlsplit(links[0].url).hostname or ""):
-        print("Phones cannot reach localhost: set public_url in certdrop.ini to this server's name.")
+    print_reachable_note(links[0].url)
     return 0
+
+
+def print_reachable_note(url: str) -> None:
+    """Tell the administrator when *url* points at loopback, with the link on the machine's name if it has one."""
+    parts = urllib.parse.urlsplit(url)
+    if not is_loopback_host(parts.hostname or ""):
+        return
+    other = reachable_base(f"{parts.scheme}://{parts.netloc}", f":{parts.port}" if parts.port else "")
+    advice = f"use {other}{parts.path}" if other else "set public_url in certdrop.ini to this server's name"
+    print(f"Phones cannot open {parts.hostname}, this server's own loopback name: {advice}")
 
 
 #: Exit statuses of ``check``.

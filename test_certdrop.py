@@ -1575,6 +1575,23 @@ def test_add_prints_the_link_and_fingerprints(ini, cert_file, capsys, root):
     assert root[0].fingerprint(hashes.SHA256()).hex(":").upper() in out
 
 
+def test_add_with_a_loopback_link_shows_the_link_on_the_machine_name(tmp_path, cert_file, capsys, monkeypatch):
+    monkeypatch.setattr(certdrop, "machine_name", lambda: "server.corp.example")
+    ini = tmp_path / "local.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\npublic_url = http://localhost:8080\n")
+    token, out = cli_add(ini, cert_file, capsys)
+    assert f"Phones cannot open localhost, this server's own loopback name: use http://server.corp.example:8080/c/{token}" in out
+
+
+def test_sweep_does_not_push_hot_entries_out_of_the_cache(config, clock, root_der, other_der):
+    store = certdrop.Store(config.data_dir, clock=clock, cache_entries=1)
+    add(store, other_der, days=1)
+    hot = add(store, root_der, days=30)
+    clock.advance(2 * DAY)
+    assert store.sweep()["expired"] == 1
+    assert list(store._cache) == [hot.token]
+
+
 def test_add_of_a_missing_file_fails_with_a_one_line_reason(ini, tmp_path, capsys):
     assert cli(ini, "add", str(tmp_path / "nope.pem")) == 1
     err = capsys.readouterr().err
