@@ -54,7 +54,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
@@ -549,8 +549,9 @@ def is_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         key = issuer.public_key()
         hash_algorithm = cert.signature_hash_algorithm
         if isinstance(key, rsa.RSAPublicKey):
-            key.verify(cert.signature, cert.tbs_certificate_bytes, cert.signature_algorithm_parameters,
-                       hash_algorithm)
+            # The library gives no parameters for md5WithRSAEncryption; PKCS#1 v1.5 is what that OID means.
+            parameters = cert.signature_algorithm_parameters or padding.PKCS1v15()
+            key.verify(cert.signature, cert.tbs_certificate_bytes, parameters, hash_algorithm)
         elif isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_algorithm))
         elif isinstance(key, dsa.DSAPublicKey):
@@ -2036,7 +2037,7 @@ NO_HASHED_NOTE = ("No hashed certificate: this is an intermediate CA, and that f
                   "Use the file above.")
 OLD_WAP_NOTE = ("Old WAP phones may take only RSA CAs signed with SHA-1 or MD5: a SHA-256 or ECDSA CA may fail there "
                 "even with the right code.")
-COMPARE_NOTE = "Compare the SHA-1 with the one your administrator gave you before you trust it."
+COMPARE_NOTE = "Compare a fingerprint with the one your administrator gave you before you trust it."
 
 
 def wml_esc(value: object) -> str:
@@ -2049,9 +2050,8 @@ def render_nokia_page(certificate: Certificate, client: Client, base_path: str, 
     """Return the small page for Nokia phones: the DER link, then (on S40) both hashed certificates with codes."""
     escape = wml_esc if content_type == MIME_WML else esc
     stem = certificate.file_stem
-    # Five bytes a line: a colon-separated fingerprint has nowhere to wrap on a 176-pixel screen.
-    sha1 = "<br/>".join(colon_hex(certificate.sha1[index:index + 5]) for index in range(0, 20, 5))
-    parts = [f"<p><b>{escape(certificate.name)}</b><br/>SHA-1:<br/>{sha1}</p>"]
+    parts = [f"<p><b>{escape(certificate.name)}</b><br/>SHA-1:<br/>{_short_lines(certificate.sha1)}<br/>"
+             f"SHA-256:<br/>{_short_lines(certificate.sha256)}</p>"]
     if client.via_proxy:
         parts.append(f"<p>{escape(PROXY_NOTE)}</p>")
     parts.append(f'<p>1. <a href="{escape(base_path)}/{escape(stem)}.cer">Certificate file (.cer)</a></p>')
@@ -2062,6 +2062,11 @@ def render_nokia_page(certificate: Certificate, client: Client, base_path: str, 
     parts.append(f"<p>{escape(COMPARE_NOTE)}</p>")
     template = WML_DECK if content_type == MIME_WML else XHTML_MP_PAGE
     return render(template, content_html="\n".join(parts)).encode("utf-8")
+
+
+def _short_lines(fingerprint: bytes) -> str:
+    # Five bytes a line: a colon-separated fingerprint has nowhere to wrap on a 176-pixel screen.
+    return "<br/>".join(colon_hex(fingerprint[index:index + 5]) for index in range(0, len(fingerprint), 5))
 
 
 def _render_hashed_links(certificate: Certificate, base_path: str, whc_kinds: tuple[str, str], charset: int,

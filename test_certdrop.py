@@ -9,6 +9,7 @@ import os
 import plistlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -325,10 +326,13 @@ class PKI:
                     "3650", "-set_serial", "7", "-extfile", "ca.ext", "-out", f"sub-{digest}.pem", cwd=work)
         openssl("x509", "-req", "-in", "sub.csr", "-signkey", "sub.key", "-days", "3650", "-out", "v1.pem", cwd=work)
         openssl("x509", "-in", "old.pem", "-trustout", "-addtrust", "serverAuth", "-out", "trusted.pem", cwd=work)
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "md5.key", "-out", "md5-root.pem", "-md5",
+                "-days", "7300", "-subj", "/CN=MD5 SBS Root", cwd=work)
         load = lambda name: x509.load_pem_x509_certificate((work / name).read_bytes())  # noqa: E731
         self.old_root, self.sha1_intermediate, self.md5_intermediate = map(load, ("old.pem", "sub-sha1.pem",
                                                                                   "sub-md5.pem"))
         self.v1_root = load("v1.pem")
+        self.md5_root = load("md5-root.pem")
         self.trusted_pem = (work / "trusted.pem").read_bytes()
         (work / "bundle.pem").write_bytes(pem_of(self.leaf, self.root, self.intermediate))
         for form in ("DER", "PEM"):
@@ -387,6 +391,8 @@ INPUT_FORMS = {
         ["Example Root CA", "Example Issuing CA"]),
     "sha1-chain-orders-by-signature": (lambda p: pem_of(p.sha1_intermediate, p.old_root),
                                        ["Old SBS Root", "Old Issuing CA"]),
+    "md5-chain-orders-by-signature": (lambda p: pem_of(p.md5_intermediate, p.old_root),
+                                      ["Old SBS Root", "Old Issuing CA"]),
     "v1-self-signed-is-a-ca": (lambda p: pem_of(p.v1_root), ["Old Issuing CA"]),
     "self-signed-server-certificate": (lambda p: pem_of(p.self_signed_leaf), ["intranet.example.com"]),
     "duplicates-count-once": (lambda p: pem_of(p.root, p.root), ["Example Root CA"]),
@@ -649,6 +655,11 @@ def test_clean_root_has_no_warnings(pki):
     assert certdrop.diagnose(pem_of(pki.root), now=NOW).warnings == ()
 
 
+def test_md5_signed_root_is_recognised_as_self_signed(pki):
+    (certificate,) = certdrop.diagnose(pem_of(pki.md5_root), now=NOW).installable
+    assert certificate.role == "root" and certificate.signature_hash == "md5"
+
+
 def test_self_signed_root_with_sha1_is_not_a_weak_signature(pki):
     assert "weak-signature" not in diagnosis_codes(pem_of(pki.old_root))
 
@@ -878,6 +889,7 @@ def test_each_real_user_agent_gets_its_answer(testapp, root_token, root_der, nam
     agent, _, expected = USER_AGENTS[name]
     response = testapp.get(f"/c/{root_token}", headers={"User-Agent": agent})
     assert response.status_int == 200 and response_kind(response) == expected
+    assert response.content_type == ("application/x-x509-ca-cert" if expected.startswith("der") else "text/html")
     if expected.startswith("der"):
         assert response.body == root_der
     if expected == "der-attachment":
@@ -1077,6 +1089,13 @@ def test_s40_page_is_small_xhtml_mp_with_the_der_and_both_hashed_certificates(te
     assert links == [f"/c/{root_token}/Example_Root_CA.cer", f"/c/{root_token}/Example_Root_CA.whc",
                      f"/c/{root_token}/Example_Root_CA.alt.whc"]
     assert not re.search(rb"<script|<style|<img|<link", page.body)
+
+
+def test_nokia_pages_show_both_fingerprints_in_short_lines(testapp, root_token, root):
+    text = s40_page(testapp, root_token).text
+    sha256 = root[0].fingerprint(hashes.SHA256())
+    assert f"SHA-256:<br/>{sha256[:5].hex(':').upper()}<br/>{sha256[5:10].hex(':').upper()}" in text
+    assert root[0].fingerprint(hashes.SHA1())[15:].hex(":").upper() in text
 
 
 def test_s40_page_prints_the_code_of_each_hashed_certificate(testapp, root_token):
@@ -1513,6 +1532,17 @@ def test_damaged_entry_answers_404(testapp, config, clock, store, root_der):
     fresh.get(f"/c/{token}", status=404)
 
 
+@pytest.mark.parametrize("path", ["/c/abcdefgh", "/nothing", "/c/abcdefgh?format=der"])
+def test_error_pages_are_well_formed_xml(testapp, path):
+    ET.fromstring(testapp.get(path, status=404).body)
+
+
+def test_gone_page_is_well_formed_xml(testapp, store, root_der):
+    token = token_of(upload(testapp, root_der))
+    store.revoke(token)
+    ET.fromstring(testapp.get(f"/c/{token}", status=410).body)
+
+
 def test_wrong_method_answers_405_with_allow(testapp):
     response = testapp.delete("/", status=405)
     assert response.headers["Allow"] == "GET, HEAD, POST"
@@ -1684,6 +1714,15 @@ class Server:
         return code
 
 
+def oversize_status(url, length):
+    """Announce a body of *length* bytes, send none of it, and return the status the server answers with."""
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as connection:
+        connection.sendall(f"POST / HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: text/plain\r\n"
+                           f"Content-Length: {length}\r\n\r\n".encode())
+        return int(connection.recv(4096).split(b" ", 2)[1])
+
+
 def run_cli(ini, *args):
     return subprocess.run([sys.executable, str(HERE / "certdrop.py"), "-c", str(ini), *args],
                           capture_output=True, text=True, timeout=30)
@@ -1708,6 +1747,11 @@ def test_real_server_uploads_serves_s60_follows_the_cli_and_stops_cleanly(tmp_pa
         assert added.returncode == 0, added.stderr
         other_token = re.search(r"/c/([a-z0-9]+)", added.stdout)[1]
         assert server.request(f"/c/{other_token}")[2] == other_der
+
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        status, _, body = server.request("/", b"pem=" + b"A" * (1536 * 1024), form)
+        assert status == 413 and b"larger than the limit of 1 MiB" in body
+        assert oversize_status(server.url, 64 * 1024 * 1024) == 413  # waitress refuses it from Content-Length
 
         assert run_cli(ini, "revoke", token).returncode == 0
         deadline = time.monotonic() + 2.0
