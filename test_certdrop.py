@@ -212,7 +212,7 @@ def test_max_ttl_hides_longer_choices_from_the_form():
     assert choices == ["1h", "1d", "7d", "30d"]
 
 
-# -- certificates and devices ----------------------------------------------------------------------------------
+# -- certificates and links ------------------------------------------------------------------------------------
 
 
 def only_certificate(data):
@@ -1572,6 +1572,44 @@ def test_html_pages_carry_a_strict_security_policy(testapp):
     assert headers["Referrer-Policy"] == "no-referrer" and headers["X-Content-Type-Options"] == "nosniff"
 
 
+# -- hostile certificate text ----------------------------------------------------------------------------------
+
+HOSTILE_NAMES = {
+    "script": '<script>alert("x")</script>',
+    "quotes-and-amp": "\"quoted' & <b>bold</b>",
+    "javascript-url": "javascript:alert(1)",
+    "crlf": "line\r\nbreak",
+    "control-characters": "bell\x07 escape\x1b nul\x00",
+    "right-to-left": "\u202eAC tooR",
+    "dollar": "$(name) $$",
+    "very-long": "x" * 10000,
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=HOSTILE_NAMES)
+def test_hostile_names_stay_inert_on_every_page_and_file(testapp, name):
+    with warnings.catch_warnings():  # the library warns about names longer than X.509's 64 characters
+        warnings.simplefilter("ignore")
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTILE_NAMES[name], _validate=False)])
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(5).not_valid_before(datetime.datetime(2025, 1, 1))
+            .not_valid_after(datetime.datetime(2035, 1, 1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    result = upload(testapp, der_of(cert))
+    token = token_of(result)
+    pages = [result, testapp.get(f"/c/{token}", headers={"User-Agent": USER_AGENTS["android-chrome"][0]})]
+    for accept in ("application/vnd.wap.xhtml+xml", "text/vnd.wap.wml"):
+        pages.append(s40_page(testapp, token, accept))
+    for page in pages:
+        ET.fromstring(page.body)
+        assert b"<script>" not in page.body and b"<b>bold" not in page.body
+    plistlib.loads(testapp.get(f"/c/{token}/ca.mobileconfig").body)
+    disposition = testapp.get(f"/c/{token}?format=der").headers["Content-Disposition"]
+    assert re.fullmatch(r'attachment; filename="[A-Za-z0-9._-]+\.crt"', disposition)
+
+
 # -- command line ----------------------------------------------------------------------------------------------
 
 
@@ -1762,41 +1800,3 @@ def test_real_server_uploads_serves_s60_follows_the_cli_and_stops_cleanly(tmp_pa
         code = server.stop()
     assert code == 0
     assert "certdrop stopped" in "".join(server.log)
-
-
-# -- hostile certificate text ----------------------------------------------------------------------------------
-
-HOSTILE_NAMES = {
-    "script": '<script>alert("x")</script>',
-    "quotes-and-amp": "\"quoted' & <b>bold</b>",
-    "javascript-url": "javascript:alert(1)",
-    "crlf": "line\r\nbreak",
-    "control-characters": "bell\x07 escape\x1b nul\x00",
-    "right-to-left": "\u202eAC tooR",
-    "dollar": "$(name) $$",
-    "very-long": "x" * 10000,
-}
-
-
-@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=HOSTILE_NAMES)
-def test_hostile_names_stay_inert_on_every_page_and_file(testapp, name):
-    with warnings.catch_warnings():  # the library warns about names longer than X.509's 64 characters
-        warnings.simplefilter("ignore")
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTILE_NAMES[name], _validate=False)])
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(5).not_valid_before(datetime.datetime(2025, 1, 1))
-            .not_valid_after(datetime.datetime(2035, 1, 1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    result = upload(testapp, der_of(cert))
-    token = token_of(result)
-    pages = [result, testapp.get(f"/c/{token}", headers={"User-Agent": USER_AGENTS["android-chrome"][0]})]
-    for accept in ("application/vnd.wap.xhtml+xml", "text/vnd.wap.wml"):
-        pages.append(s40_page(testapp, token, accept))
-    for page in pages:
-        ET.fromstring(page.body)
-        assert b"<script>" not in page.body and b"<b>bold" not in page.body
-    plistlib.loads(testapp.get(f"/c/{token}/ca.mobileconfig").body)
-    disposition = testapp.get(f"/c/{token}?format=der").headers["Content-Disposition"]
-    assert re.fullmatch(r'attachment; filename="[A-Za-z0-9._-]+\.crt"', disposition)
