@@ -1126,10 +1126,13 @@ def classify(user_agent: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def identify(user_agent: str, handset_agent: str) -> Client:
-    """Return the client behind a request's User-Agent and the handset UA a proxy browser passed on."""
-    via_proxy = bool(handset_agent) or bool(PROXY_BROWSER_RE.search(user_agent))
-    return Client(classify(handset_agent or user_agent), via_proxy)
+def identify(user_agent: str, handset_agent: str, proxied: bool) -> Client:
+    """Return the client behind a request's User-Agent and the handset UA a browser passed on.
+
+    *proxied* says the handset UA came from Opera Mini's or UC Browser's own header. Device-Stock-UA alone is no
+    sign of a proxy: ordinary browsers (Opera for Android) send it too.
+    """
+    return Client(classify(handset_agent or user_agent), proxied or bool(PROXY_BROWSER_RE.search(user_agent)))
 
 
 def accepts_only_certificates(accept: str) -> bool:
@@ -1598,9 +1601,13 @@ def reachable_base(base: str, port: str) -> str | None:
 
 
 def allowed_ttl_choices(config: Config) -> list[tuple[str, str]]:
-    """Return the lifetime choices of the upload form that the configured maximum allows."""
-    return [(value, label) for value, label in TTL_CHOICES
-            if config.max_ttl is None or (value != "cert" and ttl_seconds_for(value) <= config.max_ttl)]
+    """Return the lifetime choices of the upload form that the configured maximum allows, the default included."""
+    choices = [(value, label) for value, label in TTL_CHOICES
+               if config.max_ttl is None or (value != "cert" and ttl_seconds_for(value) <= config.max_ttl)]
+    if all(ttl_seconds_for(value) != config.default_ttl for value, _ in choices):
+        choices.append((f"{config.default_ttl}s", format_duration(config.default_ttl)))
+        choices.sort(key=lambda choice: ttl_seconds_for(choice[0]) or float("inf"))
+    return choices
 
 
 def ttl_seconds_for(value: str) -> int | None:
@@ -2267,7 +2274,8 @@ FILE_SUFFIXES = ((".alt.whc", "whc-alt"), (".whc", "whc"), (".mobileconfig", "mo
 def client_of(request: Request) -> Client:
     """Return who is asking, from the User-Agent and any handset UA a proxy browser passed on."""
     handset = next((request.header(name) for name in HANDSET_HEADERS if request.header(name)), "")
-    return identify(request.user_agent, handset)
+    proxied = bool(request.header("X-OperaMini-Phone-UA") or request.header("X-UCBrowser-Device-UA"))
+    return identify(request.user_agent, handset, proxied)
 
 
 def with_etag(response: Response) -> tuple[Response, str]:

@@ -207,6 +207,12 @@ def test_config_path_comes_from_the_environment_when_not_given(tmp_path, monkeyp
     assert certdrop.load_config().port == 9999
 
 
+def test_a_default_lifetime_outside_the_choices_is_offered_and_preselected(store, clock, config):
+    app = webtest.TestApp(certdrop.make_app(dataclasses.replace(config, default_ttl=2 * DAY), store, clock))
+    select = app.get("/").forms[0]["ttl"]
+    assert select.value == "172800s" and ("172800s", True, "2 days") in select.options
+
+
 def test_max_ttl_hides_longer_choices_from_the_form():
     choices = [value for value, _ in certdrop.allowed_ttl_choices(certdrop.Config(max_ttl=30 * DAY))]
     assert choices == ["1h", "1d", "7d", "30d"]
@@ -907,6 +913,13 @@ def test_proxy_browser_headers_name_the_handset(testapp, root_token):
                                                                       "(J2ME/23.377; U; en) Presto/2.5.25",
                                                         "X-OperaMini-Phone-UA": S60_AGENTS["e61i"]})
     assert response_kind(response) == "nokia-page" and b"open this link in its own browser" in response.body
+
+
+def test_device_stock_ua_classifies_without_calling_the_browser_a_proxy(testapp, root_token):
+    response = testapp.get(f"/c/{root_token}", headers={
+        "User-Agent": "Mozilla/5.0 (Linux; Android 14) AppleWebKit/537.36 Chrome/131.0 Mobile Safari/537.36 OPR/85.0",
+        "Device-Stock-UA": USER_AGENTS["android-chrome"][0]})
+    assert "Install a certificate" in response.text and "Opera Mini and UC Browser" not in response.text
 
 
 @pytest.mark.parametrize("device", FIRST_FILES, ids=FIRST_FILES)
