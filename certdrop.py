@@ -1052,18 +1052,19 @@ HANDSET_HEADERS = ("X-OperaMini-Phone-UA", "X-UCBrowser-Device-UA", "Device-Stoc
 VARY = ", ".join(("User-Agent", "Accept", *HANDSET_HEADERS))
 
 #: Nokia's S60 handsets, from 1st edition to Belle, for browsers that name only the handset (i-mode
-#: "portalmmm/2.0 N73(...)", Opera Mini "Opera Mini/NokiaN95", truncated WAP headers). Built from Nokia's
-#: public product lists; S40 models are deliberately absent (6700s is the S60 slide, 6700c the S40 classic).
+#: "portalmmm/2.0 N73(...)", Opera Mini "Opera Mini/NokiaN95", truncated WAP headers). Keys are the model tokens
+#: as UAs write them, suffix included: Nokia reused numbers across platforms (the 2000 WAP 6210 and the 2008
+#: Symbian 6210 Navigator, the S40 6260 slide "6260s" and the S60 6260), so ambiguous bare numbers are left out.
 S60_MODELS = frozenset("""
-    3230 3250 3600 3620 3650 3660 5228 5230 5233 5235 5250 5320 5500 5530 5630 5700 5730 5800 6110 6120 6121
-    6122 6124 6210 6220 6260 6290 6600 6620 6630 6638 6650 6670 6680 6681 6682 6700s 6710 6720 6730 6760 6788
-    6790 7610 7650 7700 7710 500 600 603 700 701 702 808 C5 C6 C7 E5 E50 E51 E52 E55 E6 E60 E61 E62 E63 E65 E66
-    E7 E70 E71 E72 E73 E75 E90 N-Gage N70 N71 N72 N73 N75 N76 N77 N78 N79 N8 N80 N81 N82 N85 N86 N90 N91 N92
-    N93 N95 N96 N97 T7 X5 X6 X7
+    3230 3250 3600 3620 3650 3660 5228 5230 5233 5235 5250 5320 5320d 5500 5500d 5530 5630 5630d 5700 5730 5730s
+    5800 5800d 5800i 6110 6120 6120c 6120ci 6121 6121c 6122 6122c 6124 6124c 6220c 6260 6290 6600 6620 6630 6638
+    6650d 6670 6680 6681 6682 6700s 6710s 6720c 6730c 6760s 6788 6788i 6790 6790s 7610 7650 500 600 603 700 701
+    702 808 C5 C6 C7 E5 E50 E51 E52 E55 E6 E60 E61 E61i E62 E63 E65 E66 E7 E70 E71 E72 E73 E75 E90 N-Gage N70
+    N71 N72 N73 N75 N76 N77 N78 N79 N8 N80 N81 N82 N85 N86 N90 N91 N92 N93 N93i N95 N96 N97 T7 X6 X7
 """.split())
 
 NOKIA_MODEL_RE = re.compile(r"(?:^Nokia ?|^portalmmm/[\d.]+ |Opera Mini/Nokia|[(;] ?Nokia ?)(N-Gage|[A-Z]?\d{1,4})([a-z]{0,2})")
-S60_RE = re.compile(r"SymbianOS|Symbian/3|Series ?60|\bS60(?:V\d)?\b|SymbOS")
+S60_RE = re.compile(r"Symbian|Series ?60|\bS60(?:V\d)?\b|SymbOS|Series80")
 S40_RE = re.compile(r"Series40\b|S40OviBrowser|Opera Mini/Nokia")
 ANDROID_RE = re.compile(r"\bAndroid\b")
 WINDOWS_MOBILE_RE = re.compile(r"Windows Phone|Windows CE|Windows Mobile|IEMobile|WPDesktop")
@@ -1093,20 +1094,24 @@ class Client(typing.NamedTuple):
 def is_s60_model(user_agent: str) -> bool:
     """Return whether *user_agent* names a Nokia S60 handset from the model table."""
     match = NOKIA_MODEL_RE.search(user_agent)
-    return bool(match) and (match[1] + match[2] in S60_MODELS or match[1] in S60_MODELS)
+    return bool(match) and match[1] + match[2] in S60_MODELS
 
 
 @functools.lru_cache(maxsize=4096)
 def classify(user_agent: str) -> str:
-    """Return the device class of a User-Agent string; each distinct string is worked out once."""
+    """Return the device class of a User-Agent string; each distinct string is worked out once.
+
+    "s60" covers every Symbian browser (Series 80 Communicators too): their installers take DER.
+    """
     if WINDOWS_MOBILE_RE.search(user_agent):  # before Android and iOS: Windows Phone 8.1+ claims both
         return "windows-mobile"
     android = ANDROID_RE.search(user_agent)  # Android phones named "S60" (Cat, Lenovo) are Android
     if not android and (S60_RE.search(user_agent) or is_s60_model(user_agent)):
         return "s60"  # before S40: S60 WAP browsers also send "Nokia.../x (fw) ... Profile/MIDP"
-    if not android and (S40_RE.search(user_agent) or (user_agent.startswith("Nokia") and "Profile/MIDP" in
-                                                      user_agent)):
-        return "s40"  # native S40 browsers carry no Series40 token; "Nokia" must lead, against spoofed UAs
+    if not android and (S40_RE.search(user_agent) or user_agent.startswith("Nokia")):
+        # Native S40 browsers carry no Series40 token, and older Nokia WAP phones (3330, 6210) are best served by
+        # the same WAP page. "Nokia" must lead: other phones' UAs may merely mention a Nokia model.
+        return "s40"
     if BLACKBERRY_RE.search(user_agent):
         return "blackberry"
     if android:

@@ -747,8 +747,10 @@ def test_check_stores_nothing(tmp_path, capsys, pki, monkeypatch):
 
 # -- device formats --------------------------------------------------------------------------------------------
 
-#: Real User-Agent strings (research/device-formats.md and uap-core's test data), the class each must get, and
-#: what /c/<token> must answer with default settings: "der-inline", "der-attachment", "nokia-page" or "html-page".
+#: User-Agent strings as devices send them: the Nokia ones from the research note (uap-core's test data) and a
+#: public WAP user-agent list, current browsers in their published formats; ids ending in "-pattern" were built on
+#: the pattern of their siblings. For each: the class it must get and what /c/<token> must answer with by default:
+#: "der-inline", "der-attachment", "nokia-page" or "html-page".
 USER_AGENTS = {
     "s60-1st-3650": ("Nokia3650/1.0 (4.17) SymbianOS/6.1 Series60/1.2 Profile/MIDP-1.0 Configuration/CLDC-1.0",
                      "s60", "der-inline"),
@@ -779,6 +781,15 @@ USER_AGENTS = {
     "s60-truncated-wap": ("Nokia6630/1.0 (2.39.15)", "s60", "der-inline"),
     "s60-opera-mini-n95": ("Opera/9.80 (J2ME/MIDP; Opera Mini/NokiaN95/22.478; U; en) Presto/2.5.25 Version/10.54",
                            "s60", "nokia-page"),
+    "symbian-s80-9210": ("Nokia 9210/Symbian Crystal 6.0 (1.00)", "s60", "der-inline"),
+    "s60-japan-v702nk": ("Vodafone/1.0/V702NK/NKJ001 Series60/2.6 Profile/MIDP-2.0 Configuration/CLDC-1.1", "s60",
+                         "der-inline"),
+    "wap-6210-of-2000": ("Nokia6210/1.0 (03.01) UP.Link/4.2.2.1", "s40", "nokia-page"),
+    "wap-3330": ("Nokia3330/1.0 (04.50) UP.Link/5.1.1a", "s40", "nokia-page"),
+    "s40-6650-of-2003": ("Nokia6650/1.0 (13.88) Profile/MIDP-1.0 Configuration/CLDC-1.0", "s40", "nokia-page"),
+    "s60-7650-model-only": ("Nokia7650 [XIDRIS WML Browser 2.2]", "s60", "der-inline"),
+    "s40-6220-of-2003": ("Nokia6220/2.0 (5.15) Profile/MIDP-2.0 Configuration/CLDC-1.1", "s40", "nokia-page"),
+    "s40-6260-slide-pattern": ("Nokia6260s-1/2.0 (04.60) Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40", "nokia-page"),
     "s40-6500s": ("Nokia6500s/2.0 (05.41) Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40", "nokia-page"),
     "s40-2730c": ("Nokia2730c/2.0 (07.60) Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40", "nokia-page"),
     "s40-6303c-webkit": ("Nokia6303c/2.0 (06.40) Profile/MIDP-2.1 Configuration/CLDC-1.1 Mozilla/5.0 "
