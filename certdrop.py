@@ -2076,6 +2076,13 @@ def render_nokia_page(certificate: Certificate, client: Client, base_path: str, 
     return render(template, content_html="\n".join(parts)).encode("utf-8")
 
 
+def render_nokia_message(title: str, message: str, content_type: str) -> bytes:
+    """Return a one-paragraph Nokia page (XHTML-MP or WML, as *content_type* says) with *title* and *message*."""
+    escape = wml_esc if content_type == MIME_WML else esc
+    template = WML_DECK if content_type == MIME_WML else XHTML_MP_PAGE
+    return render(template, content_html=f"<p><b>{escape(title)}</b><br/>{escape(message)}</p>").encode("utf-8")
+
+
 def _short_lines(fingerprint: bytes) -> str:
     # Five bytes a line: a colon-separated fingerprint has nowhere to wrap on a 176-pixel screen.
     return "<br/>".join(colon_hex(fingerprint[index:index + 5]) for index in range(0, len(fingerprint), 5))
@@ -2184,20 +2191,25 @@ def send(response: Response, start_response: Callable, head: bool = False) -> li
 
 
 def response_format(request: Request) -> str:
-    """Return "json", "text" or "html": what this client wants for pages and errors."""
+    """Return "json", "text", "nokia" (XHTML-MP or WML) or "html": what this client wants for errors."""
     accept = request.header("Accept").lower()
     if "application/json" in accept and "text/html" not in accept:
         return "json"
     agent = request.user_agent.lower()
     if agent.startswith(TEXT_AGENTS) or ("text/plain" in accept and "text/html" not in accept):
         return "text"
+    if client_of(request).device in ("s60", "s40"):
+        return "nokia"
     return "html"
 
 
 def render_error(request: Request, error: HTTPError, home: str) -> Response:
     title = HTTPStatus(error.status).phrase
     fmt = response_format(request)
-    headers = (("Vary", "Accept, User-Agent"), ("Cache-Control", "no-store"), *error.headers)
+    headers = (("Vary", VARY), ("Cache-Control", "no-store"), *error.headers)
+    if fmt == "nokia":  # a mistyped token on a WAP phone must still get a page that phone can show
+        content_type = nokia_page_type(request.header("Accept"))
+        return Response(render_nokia_message(title, error.message, content_type), error.status, content_type, headers)
     if fmt == "json":
         body = json.dumps({"error": {"status": error.status, "message": error.message}}).encode()
         return Response(body, error.status, MIME_JSON, headers)

@@ -1567,6 +1567,19 @@ def test_gone_page_is_well_formed_xml(testapp, store, root_der):
     ET.fromstring(testapp.get(f"/c/{token}", status=410).body)
 
 
+def test_nokia_phones_get_errors_as_pages_they_can_show(testapp, clock, root_der):
+    s40 = {"User-Agent": "Nokia6500s/2.0 (05.41) Profile/MIDP-2.1 Configuration/CLDC-1.1"}
+    missing = testapp.get("/c/abcdefgh", headers=s40, status=404)
+    assert b"XHTML Mobile" in missing.body and b"no such page or link" in missing.body
+    ET.fromstring(missing.body)
+    wml = testapp.get("/c/abcdefgh", headers={**s40, "Accept": "text/vnd.wap.wml"}, status=404)
+    assert wml.content_type == "text/vnd.wap.wml" and ET.fromstring(wml.body).tag == "wml"
+    token = token_of(upload(testapp, root_der, ttl="1h"))
+    clock.advance(DAY)
+    gone = testapp.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]}, status=410)
+    assert b"XHTML Mobile" in gone.body and b"expired on" in gone.body
+
+
 def test_wrong_method_answers_405_with_allow(testapp):
     response = testapp.delete("/", status=405)
     assert response.headers["Allow"] == "GET, HEAD, POST"
