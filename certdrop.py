@@ -1594,15 +1594,13 @@ def install_url(base: str, token: str) -> str:
     return f"{base}/c/{token}"
 
 
-def reachable_base(base: str, port: str) -> str | None:
-    """Return *base* rebuilt on the machine's reachable name when *base* points at loopback, else None."""
-    parts = urllib.parse.urlsplit(base)
-    if not is_loopback_host(parts.hostname or ""):
-        return None
+def reachable_url(url: str) -> str | None:
+    """Return *url* on the machine's reachable name, same port and path, when *url* points at loopback; else None."""
+    parts = urllib.parse.urlsplit(url)
     name = machine_name()
-    if name is None:
+    if not is_loopback_host(parts.hostname or "") or name is None:
         return None
-    return f"{parts.scheme}://{name}{port}{parts.path}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{name}:{parts.port}" if parts.port else name))
 
 
 def allowed_ttl_choices(config: Config) -> list[tuple[str, str]]:
@@ -1814,18 +1812,17 @@ def render_facts(certificate: Certificate) -> str:
     return f"<table>{cells}</table>"
 
 
-def render_reachable_note(url: str, port: str) -> str:
+def render_reachable_note(url: str) -> str:
     """Return the warning shown when *url* points at loopback, with the link on the machine's name if known."""
-    parts = urllib.parse.urlsplit(url)
-    if not is_loopback_host(parts.hostname or ""):
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if not is_loopback_host(host):
         return ""
-    base = reachable_base(f"{parts.scheme}://{parts.netloc}", port)
-    if base:
-        other = base + parts.path
+    other = reachable_url(url)
+    if other:
         advice = f'Use this link instead: <a href="{esc(other)}">{esc(other)}</a>'
     else:
         advice = "Open this page by the server's name or address, or set public_url in certdrop.ini."
-    return render(REACHABLE_NOTE, host=parts.hostname, advice_html=advice)
+    return render(REACHABLE_NOTE, host=host, advice_html=advice)
 
 
 def render_findings(diagnosis: Diagnosis) -> str:
@@ -1861,7 +1858,7 @@ def render_result_steps(certificate: Certificate) -> str:
     return "".join(parts)
 
 
-def render_result(links: list[Link], diagnosis: Diagnosis, port: str, now: float, home: str) -> bytes:
+def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str) -> bytes:
     steps = render_result_steps(links[0].entry.certificate)
     heading = "Your install links" if len(links) > 1 else "Your install link"
     if not any(link.created for link in links):
@@ -1869,7 +1866,7 @@ def render_result(links: list[Link], diagnosis: Diagnosis, port: str, now: float
     body = render(
         RESULT_PAGE,
         heading=heading,
-        reachable_html=render_reachable_note(links[0].url, port),
+        reachable_html=render_reachable_note(links[0].url),
         order_html=ORDER_NOTE if len(links) > 1 else "",
         links_html="".join(render_link(link, now) for link in links),
         findings_html=render_findings(diagnosis),
@@ -2359,8 +2356,7 @@ class App:
                              force=bool(form_text(fields, "force")))
         base = self.base_url(request)  # a bad Host is refused before anything is stored
         links = store_links(self.store, self.config, diagnosis, form_text(fields, "ttl"), now, base)
-        port = split_host(request.header("Host") or "x")[1]
-        page = render_result(links, diagnosis, port, now, home=request.script_name + "/")
+        page = render_result(links, diagnosis, now, home=request.script_name + "/")
         status = 201 if any(link.created for link in links) else 200
         return Response(page, status, MIME_HTML,
                         HTML_HEADERS + (("Cache-Control", "no-store"), ("Location", links[0].url)))
@@ -2611,12 +2607,12 @@ def cmd_add(args, config: Config, clock: Callable[[], float]) -> int:
 
 def print_reachable_note(url: str) -> None:
     """Tell the administrator when *url* points at loopback, with the link on the machine's name if it has one."""
-    parts = urllib.parse.urlsplit(url)
-    if not is_loopback_host(parts.hostname or ""):
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if not is_loopback_host(host):
         return
-    other = reachable_base(f"{parts.scheme}://{parts.netloc}", f":{parts.port}" if parts.port else "")
-    advice = f"use {other}{parts.path}" if other else "set public_url in certdrop.ini to this server's name"
-    print(f"Phones cannot open {parts.hostname}, this server's own loopback name: {advice}")
+    other = reachable_url(url)
+    advice = f"use {other}" if other else "set public_url in certdrop.ini to this server's name"
+    print(f"Phones cannot open {host}, this server's own loopback name: {advice}")
 
 
 #: Exit statuses of ``check``.

@@ -1480,6 +1480,13 @@ def test_loopback_link_is_shown_with_the_machine_name_beside_it(app, root_der, m
     assert f"http://server.corp.example:8080/c/{token_of(result)}" in result.text
 
 
+def test_loopback_link_on_the_default_port_keeps_no_port_on_the_machine_name(app, root_der, monkeypatch):
+    monkeypatch.setattr(certdrop, "machine_name", lambda: "server.corp.example")
+    local = webtest.TestApp(app, extra_environ={"HTTP_HOST": "localhost:80"})
+    result = upload(local, root_der)
+    assert f'href="http://server.corp.example/c/{token_of(result)}"' in result.text
+
+
 def test_result_page_has_no_loopback_warning_for_a_real_host(testapp, root_der):
     assert "Phones cannot open" not in upload(testapp, root_der).text
 
