@@ -34,6 +34,7 @@ import os
 import plistlib
 import re
 import secrets
+import shlex
 import signal
 import socket
 import string
@@ -108,8 +109,25 @@ TTL_CHOICES = (
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
+#: The longest duration any setting or lifetime may name: past it, dates stop being printable.
+MAX_DURATION = 100 * 365 * 86400
+
+#: The shortest lifetime of a link.
+MIN_TTL = 60
+
+#: Stored times outside this range (1970 to the end of year 9999) are damage, not dates.
+MAX_TIMESTAMP = 253402300799
+
 #: Characters that XML 1.0 cannot carry even escaped; certificate names may hold them.
 XML_INVALID_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+#: Characters that steer a terminal or reorder what it shows: C0 and C1 controls (ESC starts colour and cursor
+#: codes; CR and LF forge lines), DEL, bidi controls (U+202E shows text backwards), line separators, BOM.
+TERMINAL_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
+
+#: Line breaks and bidi controls, which a one-line display name (a profile's, say) drops.
+LINE_BREAKS_RE = re.compile("[\r\n\x0b\x0c\x85\u2028\u2029]+")
+BIDI_CONTROLS_RE = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 #: Command-line HTTP clients get plain text instead of HTML.
 TEXT_AGENTS = ("curl/", "wget/", "httpie/", "python-requests/", "python-urllib/", "powershell/")
@@ -140,6 +158,14 @@ class CertificateError(CertdropError):
 
 class UnknownToken(CertdropError):
     """No link with this token exists (or its entry is unreadable)."""
+
+
+class DamagedEntry(UnknownToken):
+    """The entry file exists but cannot be read; it is reported and served as unknown."""
+
+
+class LifetimeError(CertdropError):
+    """The lifetime asked for a link is not one this server allows."""
 
 
 class LinkGone(CertdropError):
@@ -202,6 +228,8 @@ def http_error_for(error: CertdropError) -> HTTPError:
     """Return the HTTP answer for a domain error raised by the doctor or the store."""
     if isinstance(error, CertificateError):
         return Unprocessable(str(error))
+    if isinstance(error, LifetimeError):
+        return BadRequest(str(error))
     if isinstance(error, LinkGone):
         return Gone(str(error))
     if isinstance(error, UnknownToken):
@@ -216,10 +244,13 @@ def http_error_for(error: CertdropError) -> HTTPError:
 
 def parse_duration(text: str) -> int:
     """Return seconds for ``"90s"``, ``"45m"``, ``"12h"``, ``"7d"``, ``"2w"`` or a bare number of seconds."""
-    match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text.lower())
+    match = re.fullmatch(r"\s*(\d{1,12})\s*([smhdw]?)\s*", text.lower())
     if not match or int(match[1]) == 0:
-        raise ValueError(f"{text!r} is not a duration like 90m, 12h, 7d or 2w")
-    return int(match[1]) * DURATION_UNITS.get(match[2] or "s")
+        raise ValueError(f"{text[:40]!r} is not a duration like 90m, 12h, 7d or 2w")
+    seconds = int(match[1]) * DURATION_UNITS.get(match[2] or "s")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{text[:40]!r} is longer than 100 years")
+    return seconds
 
 
 def parse_size(text: str) -> int:
@@ -390,6 +421,10 @@ PEM_PKCS7_TYPES = (b"PKCS7", b"PKCS #7 SIGNED DATA", b"CMS")
 BASE64_RE = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
 OID_SIGNED_DATA = bytes.fromhex("06092a864886f70d010702")  # 1.2.840.113549.1.7.2, DER-encoded
 
+#: What the library raises when it parses a field of a hostile certificate lazily, on first access.
+FIELD_ERRORS = (ValueError, TypeError, OverflowError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType,
+                x509.InvalidVersion, UnsupportedAlgorithm)
+
 PRIVATE_KEY_MESSAGE = (
     "This upload contains a private key. A CA's private key must never leave the CA: devices need only its "
     "certificate. Nothing was stored. Export the certificate alone (DER or Base-64 .cer) and upload that."
@@ -445,7 +480,10 @@ class Certificate:
 
     @property
     def serial_hex(self) -> str:
-        return colon_hex(self.serial.to_bytes((self.serial.bit_length() + 7) // 8 or 1, "big"))
+        """Return the serial number in colon hex; negative ones (forbidden, yet real) with a minus sign."""
+        magnitude = abs(self.serial)
+        text = colon_hex(magnitude.to_bytes((magnitude.bit_length() + 7) // 8 or 1, "big"))
+        return f"-{text}" if self.serial < 0 else text
 
     @property
     def server_name(self) -> str:
@@ -513,7 +551,7 @@ def _name_values(name: x509.Name, oid: x509.ObjectIdentifier) -> tuple[str, ...]
 def _extension(cert: x509.Certificate, kind: type):
     try:
         return cert.extensions.get_extension_for_class(kind).value
-    except (x509.ExtensionNotFound, ValueError):
+    except x509.ExtensionNotFound:
         return None
 
 
@@ -616,8 +654,8 @@ def load_der(der: bytes) -> Certificate:
     """Return the facts of a DER certificate; raise CertificateError if it is not one."""
     try:
         return inspect_certificate(parse_der(der))
-    except (ValueError, x509.InvalidVersion):
-        raise refuse("not-a-certificate", "This is not a DER certificate.") from None
+    except FIELD_ERRORS:
+        raise refuse("not-a-certificate", "This is not a readable DER certificate.") from None
 
 
 # -- reading whatever was uploaded ------------------------------------------------------------------------------
@@ -926,11 +964,13 @@ def diagnose(data: bytes, *, now: float, host: str = "", force: bool = False) ->
 
 
 def _inspect_uploaded(cert: x509.Certificate) -> Certificate:
+    # Every field a page, profile, file name or CLI line shows is read here, once: the library parses names,
+    # extensions and the serial lazily, so a crafted certificate fails now, before anything is stored, or never.
     try:
         return inspect_certificate(cert)
-    except (ValueError, x509.InvalidVersion):  # fields are parsed lazily: damage in a name or date surfaces now
-        raise refuse("damaged-certificate", "A certificate in the upload is damaged: its fields cannot be read. "
-                                            "Export it again from the original source.") from None
+    except FIELD_ERRORS as error:
+        raise refuse("damaged-certificate", "A certificate in the upload is damaged: its fields cannot be read "
+                                            f"({error}). Export it again from the original source.") from None
 
 
 def _refusal_for_leaf(leaf: Certificate) -> CertificateError:
@@ -1163,12 +1203,15 @@ def nokia_page_type(accept: str) -> str:
 
 def pem_bytes(certificate: Certificate) -> bytes:
     """Return the certificate as PEM with standard 64-column armour."""
-    return certificate.parsed.public_bytes(serialization.Encoding.PEM)
+    text = base64.b64encode(certificate.der)
+    lines = b"".join(text[start:start + 64] + b"\n" for start in range(0, len(text), 64))
+    return b"-----BEGIN CERTIFICATE-----\n" + lines + b"-----END CERTIFICATE-----\n"
 
 
 def _plist_text(text: str) -> str:
-    # A hostile CN must not make the profile unbuildable: plistlib refuses what XML cannot carry.
-    return XML_INVALID_RE.sub("\ufffd", text)
+    # A hostile CN must not make the profile unbuildable (plistlib refuses what XML cannot carry), nor forge lines
+    # or reverse text in the install dialog.
+    return XML_INVALID_RE.sub("\ufffd", BIDI_CONTROLS_RE.sub("", LINE_BREAKS_RE.sub(" ", text)))
 
 
 def apple_profile(certificate: Certificate) -> bytes:
@@ -1295,7 +1338,7 @@ class Entry:
     def from_json(cls, token: str, data: bytes) -> "Entry":
         """Return the entry stored in *data*; raise ValueError if it is damaged or belongs to another token."""
         record = json.loads(data)
-        if record.get("format") != 1 or record.get("token") != token:
+        if not isinstance(record, dict) or record.get("format") != 1 or record.get("token") != token:
             raise ValueError("wrong format or token")
         der = None
         if "der" in record:
@@ -1303,8 +1346,15 @@ class Entry:
             if hashlib.sha256(der).hexdigest() != record.get("sha256"):
                 raise ValueError("certificate does not match its checksum")
         revoked = record.get("revoked")
-        return cls(token, float(record["created"]), float(record["expires"]), der,
-                   None if revoked is None else float(revoked))
+        return cls(token, _stored_time(record["created"]), _stored_time(record["expires"]), der,
+                   None if revoked is None else _stored_time(revoked))
+
+
+def _stored_time(value: object) -> float:
+    """Return a Unix time read from an entry file; raise ValueError for anything no date can be printed for."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TIMESTAMP:
+        raise ValueError(f"time out of range: {value!r:.40}")
+    return float(value)
 
 
 class Store:
@@ -1392,7 +1442,7 @@ class Store:
                 _ = entry.certificate  # parse once now, so a damaged certificate is caught here, not while serving
         except (ValueError, KeyError, TypeError, binascii.Error, CertificateError) as error:
             log.warning("entry %s is damaged and is not served: %s", path, error)
-            raise UnknownToken(token) from None
+            raise DamagedEntry(f"the entry file {path} is damaged: {error}") from None
         return entry, signature
 
     def _remember(self, entry: Entry, signature: tuple) -> None:
@@ -1402,12 +1452,14 @@ class Store:
             while len(self._cache) > self.cache_entries:
                 self._cache.popitem(last=False)
 
-    def entries(self) -> Iterator[Entry]:
-        """Yield every readable entry on disk, live or gone, skipping damaged files with a warning."""
+    def entries(self) -> Iterator[tuple[str, Entry | None]]:
+        """Yield (token, entry) for every entry file on disk, live or gone; entry is None for a damaged file."""
         for path in sorted(self.directory.glob("??/*.json")):
             try:
-                yield self.lookup(path.stem)
-            except UnknownToken:
+                yield path.stem, self.lookup(path.stem)
+            except DamagedEntry:
+                yield path.stem, None
+            except UnknownToken:  # removed meanwhile, or a stray file whose name is no token
                 continue
 
     # -- writing ------------------------------------------------------------------------------------------
@@ -1443,7 +1495,7 @@ class Store:
 
     def sweep(self) -> dict[str, int]:
         """Turn expired entries into tombstones, delete old tombstones and stale temporary files; return counts."""
-        counts = {"expired": 0, "deleted": 0, "temporary": 0}
+        counts = {"expired": 0, "deleted": 0, "temporary": 0, "damaged": 0}
         now = self.clock()
         with self._exclusive():
             for path in self.directory.glob("??/*.json"):
@@ -1459,6 +1511,8 @@ class Store:
     def _sweep_entry(self, path: Path, now: float) -> str | None:
         try:  # read around the cache: a sweep through every entry must not push out the hot ones
             entry, _ = self._read(path.stem)
+        except DamagedEntry:
+            return "damaged"  # kept for a person to look at: the sweep deletes only what it understands
         except UnknownToken:
             return None
         gone = entry.gone(now)
@@ -1618,23 +1672,41 @@ def ttl_seconds_for(value: str) -> int | None:
     return None if value == "cert" else parse_duration(value)
 
 
-def link_expiry(config: Config, certificate: Certificate, ttl: str, now: float) -> float:
-    """Return when a new link for *certificate* expires; raise CertificateError for a lifetime not allowed."""
+def lifetime_seconds(config: Config, ttl: str) -> int | None:
+    """Return the seconds of the lifetime *ttl* (None: until the certificate expires); raise LifetimeError.
+
+    A lifetime is one of the form's choices or a duration from one minute up to ``max_ttl``.
+    """
+    longest = config.max_ttl or MAX_DURATION
+    refusal = LifetimeError(
+        f"\u201c{ttl.strip()[:40]}\u201d is not a lifetime this server allows. Choose "
+        f"{', '.join(value for value, _ in allowed_ttl_choices(config))}, or a duration such as 90m, 12h or 2w "
+        f"from 1 minute to {format_duration(longest)}.")
     try:
-        seconds = config.default_ttl if not ttl else ttl_seconds_for(ttl.strip().lower())
-    except ValueError as error:
-        raise CertificateError(f"The lifetime {error}.") from None
+        seconds = config.default_ttl if not ttl.strip() else ttl_seconds_for(ttl.strip().lower())
+    except ValueError:
+        raise refusal from None
+    if (seconds is None and config.max_ttl is not None) or (seconds is not None and not MIN_TTL <= seconds <= longest):
+        raise refusal
+    return seconds
+
+
+def link_expiry(config: Config, certificate: Certificate, ttl: str, now: float) -> tuple[float, bool]:
+    """Return when a new link for *certificate* expires, and whether that was cut short to the certificate's end.
+
+    A link never outlives its certificate; a certificate that has already expired keeps the chosen lifetime (its
+    pages say it expired). Raise LifetimeError for a lifetime not allowed.
+    """
+    seconds = lifetime_seconds(config, ttl)
+    not_after = certificate.not_after.timestamp()
     if seconds is None:
-        if config.max_ttl is not None:
-            raise CertificateError(f"Links may live at most {format_duration(config.max_ttl)} on this server.")
-        expires = certificate.not_after.timestamp()
-        if expires <= now:
-            raise CertificateError(f"This certificate expired on {format_time(expires)}, so a link "
-                                   "\u201cuntil the certificate expires\u201d would never work. Choose a lifetime.")
-        return expires
-    if config.max_ttl is not None and seconds > config.max_ttl:
-        raise CertificateError(f"Links may live at most {format_duration(config.max_ttl)} on this server.")
-    return now + seconds
+        if not_after <= now:
+            raise LifetimeError(f"This certificate expired on {format_time(not_after)}, so a link \u201cuntil the "
+                                "certificate expires\u201d would never work. Choose a lifetime.")
+        return not_after, False
+    if now < not_after < now + seconds:
+        return not_after, True
+    return now + seconds, False
 
 
 ###############################################################################
@@ -1672,9 +1744,13 @@ CONTENT_SECURITY_POLICY = (
 
 HTML_HEADERS = (
     ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
-    ("Referrer-Policy", "no-referrer"),  # tokens are in our URLs
     ("X-Frame-Options", "DENY"),
 )
+
+
+def page_headers(content_type: str) -> tuple[tuple[str, str], ...]:
+    """Return the security headers of a page: HTML and XHTML-MP get the policy, WML decks have nothing to guard."""
+    return () if content_type == MIME_WML else HTML_HEADERS
 
 # Pages are polyglot HTML5: they are also well-formed XML, so tests can parse them and old XHTML browsers cope.
 LAYOUT = string.Template("""<!DOCTYPE html>
@@ -1698,6 +1774,11 @@ $body_html
 def esc(value: object) -> str:
     """Return *value* as text safe inside HTML and XML, attribute values included."""
     return XML_INVALID_RE.sub("\ufffd", html.escape(str(value), quote=True))
+
+
+def term(value: object) -> str:
+    """Return *value* as one safe terminal line: control, bidi and line-separator characters shown escaped."""
+    return TERMINAL_UNSAFE_RE.sub(lambda match: ascii(match[0])[1:-1], str(value))
 
 
 def render(template: string.Template, **values: object) -> str:
@@ -1764,6 +1845,7 @@ class Link(typing.NamedTuple):
     entry: Entry
     url: str
     created: bool  # False when the certificate already had this link
+    cut: bool = False  # the chosen lifetime would have outlived the certificate, so the link ends with it
 
 
 RESULT_PAGE = string.Template("""<h1>$heading</h1>
@@ -1783,7 +1865,7 @@ $steps_html
 LINK_SECTION = string.Template("""<section>
 <h2>$role: $name</h2>
 <p class="link"><a href="$url">$url</a></p>
-<p>$status until $expires (for $remaining).</p>
+<p>$status until $expires (for $remaining).$cut</p>
 $facts_html
 </section>
 """)
@@ -1839,12 +1921,15 @@ def render_findings(diagnosis: Diagnosis) -> str:
     return "\n".join(parts)
 
 
+CUT_NOTE = "That is sooner than the lifetime you chose: a link never outlives its certificate, which expires then."
+
+
 def render_link(link: Link, now: float) -> str:
     certificate = link.entry.certificate
     return render(LINK_SECTION, role=ROLE_LABELS[certificate.role], name=certificate.name, url=link.url,
                   status="New link, works" if link.created else "This certificate already had this link; it works",
                   expires=format_time(link.entry.expires), remaining=format_duration(link.entry.expires - now),
-                  facts_html=render_facts(certificate))
+                  cut=f" {CUT_NOTE}" if link.cut else "", facts_html=render_facts(certificate))
 
 
 def render_result_steps(certificate: Certificate) -> str:
@@ -1881,7 +1966,7 @@ class Guide(typing.NamedTuple):
 
     label: str
     first: str  # a key of FILE_KINDS
-    steps: tuple[str, ...]  # may name {file}, {name}, {store} and {certutil_store}
+    steps: tuple[str, ...]  # may name {file}, {name}, {nickname}, {store} and {certutil_store}
 
 
 #: The explicit files every page offers: kind -> (what it is, file extension).
@@ -1938,7 +2023,7 @@ DEVICE_GUIDES = {
         "Fedora, RHEL and Arch: sudo trust anchor {file}",
         "Firefox keeps its own store: Settings \u203a Privacy & Security \u203a View Certificates \u203a Authorities "
         "\u203a Import. Chrome on Linux reads ~/.pki/nssdb: certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n "
-        "\"{name}\" -i {file}")),
+        "{nickname} -i {file}")),
     "firefox": Guide("Firefox", "crt", (
         "Click the button: Firefox opens its own \u201cDownloading Certificate\u201d dialog.",
         "Tick \u201cTrust this CA to identify websites\u201d and choose OK.",
@@ -1962,7 +2047,7 @@ RESULT_PAGE_FAMILIES = ("s60", "s40", "ios", "android", "windows", "macos", "lin
 def guide_steps(device: str, certificate: Certificate, file_name: str) -> list[str]:
     """Return the install steps for *device*, with the file name, CA name and Windows store filled in."""
     root = certificate.self_signed
-    return [step.format(file=file_name, name=certificate.name,
+    return [step.format(file=file_name, name=certificate.name, nickname=shlex.quote(certificate.file_stem),
                         store="Trusted Root Certification Authorities" if root else "Intermediate Certification "
                                                                                     "Authorities",
                         certutil_store="root" if root else "CA")
@@ -2141,7 +2226,7 @@ class Request:
     def read_body(self, limit: int) -> bytes:
         """Return the request body; raise PayloadTooLarge past *limit* bytes without reading it."""
         declared = self.environ.get("CONTENT_LENGTH") or ""
-        if declared and not declared.isdigit():
+        if declared and not re.fullmatch(r"[0-9]{1,20}", declared):  # str.isdigit() takes "²" too
             raise BadRequest("The Content-Length header is not a number.")
         too_large = PayloadTooLarge(f"The upload is larger than the limit of {format_size(limit)}. "
                                     "A CA certificate is a few kilobytes: check that you chose the right file.")
@@ -2177,7 +2262,8 @@ class Response:
 
 def send(response: Response, start_response: Callable, head: bool = False) -> list[bytes]:
     """Start the WSGI response and return its body (empty for HEAD, with the same Content-Length)."""
-    headers = [("X-Content-Type-Options", "nosniff"), *response.headers]
+    # Every answer: tokens are in our URLs, so no page or file may pass its address on as a Referer.
+    headers = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"), *response.headers]
     if response.status != 304:  # a 304 carries no body, so no entity headers either
         headers[:0] = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body)))]
     for name, value in headers:
@@ -2206,12 +2292,14 @@ def render_error(request: Request, error: HTTPError, home: str) -> Response:
     headers = (("Vary", VARY), ("Cache-Control", "no-store"), *error.headers)
     if fmt == "nokia":  # a mistyped token on a WAP phone must still get a page that phone can show
         content_type = nokia_page_type(request.header("Accept"))
-        return Response(render_nokia_message(title, error.message, content_type), error.status, content_type, headers)
+        return Response(render_nokia_message(title, error.message, content_type), error.status, content_type,
+                        headers + page_headers(content_type))
     if fmt == "json":
         body = json.dumps({"error": {"status": error.status, "message": error.message}}).encode()
         return Response(body, error.status, MIME_JSON, headers)
     if fmt == "text":
-        return Response(f"{error.status} {title}: {error.message}\n".encode(), error.status, MIME_TEXT, headers)
+        return Response(f"{term(f'{error.status} {title}: {error.message}')}\n".encode(), error.status, MIME_TEXT,
+                        headers)
     page = render_page(title, render(ERROR_PAGE, title=title, message=error.message, home=home))
     return Response(page, error.status, MIME_HTML, headers + HTML_HEADERS)
 
@@ -2451,7 +2539,7 @@ class App:
         if isinstance(answer, PageAnswer) and answer.client.device in ("s60", "s40"):
             body = render_nokia_page(certificate, answer.client, base_path, answer.content_type, self.whc_kinds,
                                      self.config.whc_charset)
-            return Response(body, 200, answer.content_type, headers)
+            return Response(body, 200, answer.content_type, headers + page_headers(answer.content_type))
         if isinstance(answer, PageAnswer):
             return Response(render_landing(certificate, answer.client, base_path), 200, MIME_HTML,
                             headers + HTML_HEADERS)
@@ -2465,11 +2553,11 @@ def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, no
     """Store every installable certificate of *diagnosis*, roots first, and return their links."""
     expiries = [link_expiry(config, certificate, ttl, now) for certificate in diagnosis.installable]
     links = []
-    for certificate, expires in zip(diagnosis.installable, expiries, strict=True):  # all checked before any write
+    for certificate, (expires, cut) in zip(diagnosis.installable, expiries, strict=True):  # all checked first
         entry, created = store.add(certificate, expires)
         log.info("%s link %s for %r until %s", "new" if created else "existing", entry.token, certificate.name,
                  format_time(entry.expires))
-        links.append(Link(entry, install_url(base, entry.token), created))
+        links.append(Link(entry, install_url(base, entry.token), created, cut and entry.expires == expires))
     return links
 
 
@@ -2592,17 +2680,24 @@ def cmd_add(args, config: Config, clock: Callable[[], float]) -> int:
     links = store_links(make_store(config, clock), config, diagnosis, args.ttl or "", now, cli_base_url(config))
     for link in links:
         certificate = link.entry.certificate
-        print(link.url)
-        print(f"  {'new' if link.created else 'existing'} link for {ROLE_LABELS[certificate.role].lower()} "
-              f"{certificate.name!r}, works until {format_time(link.entry.expires)}")
-        print(f"  SHA-256 {colon_hex(certificate.sha256)}")
-        print(f"  SHA-1   {colon_hex(certificate.sha1)}")
+        say(link.url)
+        say(f"  {'new' if link.created else 'existing'} link for {ROLE_LABELS[certificate.role].lower()} "
+            f"\u201c{certificate.name}\u201d, works until {format_time(link.entry.expires)}")
+        if link.cut:
+            say(f"  {CUT_NOTE}")
+        say(f"  SHA-256 {colon_hex(certificate.sha256)}")
+        say(f"  SHA-1   {colon_hex(certificate.sha1)}")
     for _, reason in diagnosis.left_out:
-        print(f"left out: {reason}")
+        say(f"left out: {reason}")
     for finding in diagnosis.findings:
-        print(f"{'note' if finding.note else 'warning'} [{finding.code}]: {finding.message}")
+        say(f"{'note' if finding.note else 'warning'} [{finding.code}]: {finding.message}")
     print_reachable_note(links[0].url)
     return 0
+
+
+def say(text: str = "", file: typing.TextIO | None = None) -> None:
+    """Print one line for a person at a terminal; whatever came from a certificate cannot steer the terminal."""
+    print(term(text), file=file or sys.stdout)
 
 
 def print_reachable_note(url: str) -> None:
@@ -2612,7 +2707,7 @@ def print_reachable_note(url: str) -> None:
         return
     other = reachable_url(url)
     advice = f"use {other}" if other else "set public_url in certdrop.ini to this server's name"
-    print(f"Phones cannot open {host}, this server's own loopback name: {advice}")
+    say(f"Phones cannot open {host}, this server's own loopback name: {advice}")
 
 
 #: Exit statuses of ``check``.
@@ -2645,18 +2740,18 @@ def check_report(name: str, data: bytes, host: str, now: float) -> tuple[int, di
 
 def print_check_report(report: dict) -> None:
     if not report["installable"]:
-        print(f"{report['file']}: refused [{report['refused']['code']}]: {report['refused']['message']}")
+        say(f"{report['file']}: refused [{report['refused']['code']}]: {report['refused']['message']}")
         return
     count = len(report["certificates"])
-    print(f"{report['file']}: {report['format']}, {count} certificate{'s' if count != 1 else ''}")
+    say(f"{report['file']}: {report['format']}, {count} certificate{'s' if count != 1 else ''}")
     for c in report["certificates"]:
-        print(f"  {c['role']:<17} {c['name']}  {'gets a link' if c['link'] else 'no link'}")
-        print(f"  {'':<17} SHA-256 {c['sha256']}")
+        say(f"  {c['role']:<17} {c['name']}  {'gets a link' if c['link'] else 'no link'}")
+        say(f"  {'':<17} SHA-256 {c['sha256']}")
     for reason in report["left_out"]:
-        print(f"  left out: {reason}")
+        say(f"  left out: {reason}")
     for kind, findings in (("warning", report["warnings"]), ("note", report["notes"])):
         for finding in findings:
-            print(f"  {kind} [{finding['code']}]: {finding['message']}")
+            say(f"  {kind} [{finding['code']}]: {finding['message']}")
 
 
 def cmd_check(args, config: Config, clock: Callable[[], float]) -> int:
@@ -2665,7 +2760,7 @@ def cmd_check(args, config: Config, clock: Callable[[], float]) -> int:
         try:
             data = read_input(name, config.max_upload)
         except CertdropError as error:
-            print(f"certdrop: {error}", file=sys.stderr)
+            say(f"certdrop: {error}", file=sys.stderr)
             status = CHECK_ERROR
             continue
         file_status, report = check_report(name, data, args.host or "", now)
@@ -2680,20 +2775,23 @@ def cmd_check(args, config: Config, clock: Callable[[], float]) -> int:
 
 def cmd_list(args, config: Config, clock: Callable[[], float]) -> int:
     now = clock()
-    for entry in make_store(config, clock).entries():
+    for token, entry in make_store(config, clock).entries():
+        if entry is None:
+            say(f"{token}  damaged  (not served; the log says why)")
+            continue
         gone = entry.gone(now)
         state = gone.reason if gone else "live"
         name = entry.certificate.name if entry.der is not None else "-"
-        print(f"{entry.token}  {state:<7}  {format_time(gone.since if gone else entry.expires)}  {name}")
+        say(f"{entry.token}  {state:<7}  {format_time(gone.since if gone else entry.expires)}  {name}")
     return 0
 
 
 def cmd_show(args, config: Config, clock: Callable[[], float]) -> int:
     entry = make_store(config, clock).lookup(args.token)
     gone = entry.gone(clock())
-    print(f"link      {install_url(cli_base_url(config), entry.token)}")
-    print(f"state     {gone if gone else 'live until ' + format_time(entry.expires)}")
-    print(f"created   {format_time(entry.created)}")
+    say(f"link      {install_url(cli_base_url(config), entry.token)}")
+    say(f"state     {gone if gone else 'live until ' + format_time(entry.expires)}")
+    say(f"created   {format_time(entry.created)}")
     if entry.der is None:
         return 0
     certificate = entry.certificate
@@ -2702,19 +2800,22 @@ def cmd_show(args, config: Config, clock: Callable[[], float]) -> int:
                                                                    f" to {format_time(certificate.not_after.timestamp())}"),
                          ("serial", certificate.serial_hex), ("SHA-256", colon_hex(certificate.sha256)),
                          ("SHA-1", colon_hex(certificate.sha1))):
-        print(f"{label:<9} {value}")
+        say(f"{label:<9} {value}")
     return 0
 
 
 def cmd_revoke(args, config: Config, clock: Callable[[], float]) -> int:
     entry = make_store(config, clock).revoke(args.token)
-    print(f"revoked {entry.token}: it answers 410 Gone from now on")
+    say(f"revoked {entry.token}: it answers 410 Gone from now on")
     return 0
 
 
 def cmd_gc(args, config: Config, clock: Callable[[], float]) -> int:
     counts = make_store(config, clock).sweep()
-    print(f"{counts['expired']} expired, {counts['deleted']} deleted, {counts['temporary']} temporary files removed")
+    say(f"{counts['expired']} expired, {counts['deleted']} deleted, {counts['temporary']} temporary files removed")
+    if counts["damaged"]:
+        say(f"{counts['damaged']} damaged entries left as they are for you to look at ('list' names them, the log "
+            "says why)")
     return 0
 
 
@@ -2769,16 +2870,33 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
         print(f"certdrop: {error}", file=sys.stderr)
         return CHECK_ERROR
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        handler = logging.StreamHandler()
+        handler.setFormatter(TerminalFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=config.log_level, handlers=[handler])
     try:
         return args.func(args, config, clock)
+    except BrokenPipeError:  # "certdrop.py list | head -1": the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except LifetimeError as error:
+        say(f"certdrop: {error}", file=sys.stderr)
+        return CHECK_ERROR  # a usage error, like any other bad option
+    except DamagedEntry as error:
+        say(f"certdrop: {error}", file=sys.stderr)
     except UnknownToken as error:
-        print(f"certdrop: no link {str(error)!r}", file=sys.stderr)
+        say(f"certdrop: no link {str(error)!r}", file=sys.stderr)
     except CertdropError as error:
-        print(f"certdrop: {error}", file=sys.stderr)
+        say(f"certdrop: {error}", file=sys.stderr)
     except OSError as error:
-        print(f"certdrop: {error}", file=sys.stderr)
+        say(f"certdrop: {error}", file=sys.stderr)
     return 1
+
+
+class TerminalFormatter(logging.Formatter):
+    """Log lines in which a certificate's name or a request's path cannot forge lines or steer the terminal."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return term(super().formatMessage(record))
 
 
 if __name__ == "__main__":

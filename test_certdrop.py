@@ -4,16 +4,20 @@ import base64
 import codecs
 import dataclasses
 import datetime
+import io
 import json
+import logging
 import os
 import plistlib
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import typing
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,6 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
+from cryptography.x509.name import _ASN1Type  # the string types a name attribute can be written in
 from cryptography.x509.oid import NameOID
 
 import certdrop
@@ -709,6 +714,105 @@ def test_hostile_asn1_ends_in_a_clean_refusal(data):
         certdrop.diagnose(data, now=NOW)
 
 
+# -- crafted certificates: fields the library reads lazily ------------------------------------------------------
+
+
+def tlv(tag, content):
+    """Return one DER element."""
+    if len(content) < 0x80:
+        return bytes([tag, len(content)]) + content
+    length = len(content).to_bytes((len(content).bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+CRAFT_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def crafted(edit):
+    """Return a self-signed CA whose TBS fields *edit* rewrote, signed again so its signature verifies."""
+    cert, _ = make_certificate("Crafted CA", key=CRAFT_KEY)
+    tbs = cert.tbs_certificate_bytes
+    fields = [tbs[f.start:f.end] for f in certdrop.ber_children(tbs, certdrop.ber_element(tbs))]
+    body = tlv(0x30, b"".join(edit(fields)))
+    signature = CRAFT_KEY.sign(body, ec.ECDSA(hashes.SHA256()))
+    return tlv(0x30, body + tlv(0x30, bytes.fromhex("06082a8648ce3d040302")) + tlv(0x03, b"\0" + signature))
+
+
+def rewrite_extensions(change):
+    """Return an edit that passes the TBS's extensions through *change* (a list of DER extensions in and out).
+
+    TBS fields: version, serial, algorithm, issuer, validity, subject, key, [3] extensions."""
+    def edit(fields):
+        outer = fields[7]
+        inner = outer[certdrop.ber_element(outer).content_start:]
+        present = [inner[e.start:e.end] for e in certdrop.ber_children(inner, certdrop.ber_element(inner))]
+        return [*fields[:7], tlv(0xA3, tlv(0x30, b"".join(change(present))))]
+    return edit
+
+
+def san_extension(general_name):
+    return tlv(0x30, tlv(0x06, bytes.fromhex("551d11")) + tlv(0x04, tlv(0x30, general_name)))
+
+
+def common_name_as(value):
+    """Return an edit that makes the subject and issuer a CN with the raw DER *value*."""
+    name = tlv(0x30, tlv(0x31, tlv(0x30, tlv(0x06, bytes.fromhex("550403")) + value)))
+    return lambda fields: [*fields[:3], name, fields[4], name, *fields[6:]]
+
+
+def negative_serial(fields):
+    return [fields[0], tlv(0x02, b"\xff\x01"), *fields[2:]]
+
+
+CRAFTED = {
+    "duplicate-extension": lambda: crafted(rewrite_extensions(lambda present: present * 2)),
+    "edipartyname-in-san": lambda: crafted(rewrite_extensions(
+        lambda present: [*present, san_extension(tlv(0xA5, tlv(0xA1, tlv(0x0C, b"x"))))])),
+    "x400address-in-san": lambda: crafted(rewrite_extensions(
+        lambda present: [*present, san_extension(tlv(0xA3, tlv(0x30, b"")))])),
+    "cn-as-bit-string": lambda: crafted(common_name_as(tlv(0x03, b"\x00ab"))),
+    "cn-as-integer": lambda: crafted(common_name_as(tlv(0x02, b"\x05"))),
+    "cn-as-bad-utf8": lambda: crafted(common_name_as(tlv(0x0C, b"\xff\xfe"))),
+}
+
+
+@pytest.mark.parametrize("case", CRAFTED, ids=CRAFTED)
+def test_crafted_certificates_are_refused_as_damaged(case):
+    with pytest.raises(certdrop.CertificateError) as refusal:
+        certdrop.diagnose(CRAFTED[case](), now=NOW)
+    assert refusal.value.code == "damaged-certificate"
+
+
+@pytest.mark.parametrize("case", CRAFTED, ids=CRAFTED)
+def test_crafted_certificate_upload_answers_422_and_stores_nothing(testapp, config, case):
+    response = upload(testapp, CRAFTED[case](), status=422)
+    assert "damaged" in html_text(response)
+    assert files_under(config.data_dir) == []
+
+
+@pytest.mark.parametrize("case", CRAFTED, ids=CRAFTED)
+def test_check_of_a_crafted_certificate_exits_2_without_a_traceback(tmp_path, case):
+    (tmp_path / "crafted.der").write_bytes(CRAFTED[case]())
+    result = subprocess.run([sys.executable, str(HERE / "certdrop.py"), "check", str(tmp_path / "crafted.der")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "refused [damaged-certificate]" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_negative_serial_is_shown_with_a_minus_sign_on_the_result_page(testapp):
+    assert "Serial-FF" in html_text(upload(testapp, crafted(negative_serial)))
+
+
+def test_show_prints_a_negative_serial(tmp_path, capsys):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\n")
+    (tmp_path / "negative.der").write_bytes(crafted(negative_serial))
+    assert certdrop.main(["-c", str(ini), "add", str(tmp_path / "negative.der")], clock=lambda: NOW) == 0
+    token = re.search(r"/c/([a-z0-9]+)", capsys.readouterr().out)[1]
+    assert certdrop.main(["-c", str(ini), "show", token], clock=lambda: NOW) == 0
+    assert "serial    -FF\n" in capsys.readouterr().out
+
+
 def test_check_prints_a_readable_report(tmp_path, capsys, pki):
     path = tmp_path / "fullchain.pem"
     path.write_bytes(pem_of(pki.leaf, pki.intermediate, pki.root))
@@ -1293,6 +1397,44 @@ def test_entry_whose_certificate_was_altered_is_not_served(config, clock, root_d
         certdrop.make_store(config, clock).get(token)
 
 
+def damage(store, token, **fields):
+    """Rewrite fields of *token*'s entry file as an editor or a bad disk might."""
+    path = store.path_for(token)
+    record = json.loads(path.read_text())
+    record.update(fields)
+    path.write_text(json.dumps(record))
+
+
+DAMAGE = {
+    "expiry-past-year-9999": {"expires": 1e300},
+    "expiry-negative": {"expires": -1},
+    "expiry-a-string": {"expires": "soon"},
+    "created-infinite": {"created": float("inf")},
+    "revoked-a-boolean": {"revoked": True},
+    "revoked-huge": {"revoked": 10 ** 30},
+}
+
+
+@pytest.mark.parametrize("fields", DAMAGE.values(), ids=DAMAGE)
+def test_entries_with_fields_out_of_range_are_damaged_never_fatal(config, clock, root_der, other_der, fields):
+    token = add(certdrop.make_store(config, clock), root_der).token
+    healthy = add(certdrop.make_store(config, clock), other_der).token
+    damage(certdrop.make_store(config, clock), token, **fields)
+    store = certdrop.make_store(config, clock)
+    with pytest.raises(certdrop.DamagedEntry):
+        store.get(token)
+    assert dict(store.entries()) == {token: None, healthy: store.get(healthy)}
+    assert store.sweep()["damaged"] == 1 and store.path_for(token).exists()
+
+
+def test_entry_file_that_is_not_an_object_is_damaged(config, clock, root_der):
+    store = certdrop.make_store(config, clock)
+    token = add(store, root_der).token
+    store.path_for(token).write_text("[1, 2, 3]")
+    with pytest.raises(certdrop.DamagedEntry):
+        certdrop.make_store(config, clock).get(token)
+
+
 def test_storing_the_same_certificate_again_keeps_the_link_and_the_later_expiry(store, root_der):
     first = add(store, root_der, days=30)
     again, created = store.add(certdrop.load_der(root_der), store.clock() + DAY)
@@ -1442,7 +1584,51 @@ def test_upload_over_the_size_limit_answers_413(config, store, clock, root_der):
 
 def test_lifetime_beyond_the_configured_maximum_is_refused(config, store, clock, root_der):
     strict = webtest.TestApp(certdrop.make_app(dataclasses.replace(config, max_ttl=30 * DAY), store, clock))
-    upload(strict, root_der, ttl="90d", status=422)
+    upload(strict, root_der, ttl="90d", status=400)
+
+
+@pytest.mark.parametrize("ttl", ["99999999999d", "999999999999999999999", "30s", "0m", "-5d", "7 days", "forever",
+                                 "1e9"])
+def test_lifetimes_outside_the_allowed_range_answer_400_naming_the_choices_and_store_nothing(testapp, config, root_der,
+                                                                                              ttl):
+    refusal = upload(testapp, root_der, ttl=ttl, status=400)
+    assert "Choose 1h, 1d, 7d, 30d, 90d, 365d, cert, or a duration" in html_text(refusal)
+    assert files_under(config.data_dir) == []
+
+
+def test_a_lifetime_is_any_duration_from_one_minute(testapp, store, root_der):
+    token = token_of(upload(testapp, root_der, ttl="1m"))
+    assert store.get(token).expires == NOW + 60
+
+
+def test_a_link_never_outlives_its_certificate_and_the_page_says_so(testapp, store):
+    ending = make_certificate("Ending Soon CA", not_after=datetime.datetime.fromtimestamp(NOW + 10 * DAY,
+                                                                                           datetime.timezone.utc))[0]
+    result = upload(testapp, der_of(ending), ttl="999d")
+    assert store.get(token_of(result)).expires == NOW + 10 * DAY
+    assert "sooner than the lifetime you chose" in html_text(result)
+
+
+def test_an_expired_certificate_keeps_the_chosen_lifetime_and_its_warning(testapp, store):
+    expired = make_certificate("Expired CA", not_before=datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc),
+                               not_after=datetime.datetime(2021, 1, 1, tzinfo=datetime.timezone.utc))[0]
+    result = upload(testapp, der_of(expired), ttl="7d")
+    assert store.get(token_of(result)).expires == NOW + 7 * DAY
+    assert "[expired]" in html_text(result)
+
+
+def test_add_with_a_lifetime_out_of_range_exits_3_and_stores_nothing(tmp_path, capsys, root_pem):
+    (tmp_path / "ca.pem").write_bytes(root_pem)
+    (tmp_path / "certdrop.ini").write_text("[certdrop]\ndata_dir = data\n")
+    assert certdrop.main(["-c", str(tmp_path / "certdrop.ini"), "add", str(tmp_path / "ca.pem"), "--ttl",
+                          "99999999999d"]) == 3
+    assert "is not a lifetime this server allows" in capsys.readouterr().err
+    assert files_under(tmp_path / "data") == []
+
+
+def test_durations_longer_than_a_century_are_refused_in_the_config():
+    with pytest.raises(ValueError):
+        certdrop.parse_duration("99999999999d")
 
 
 def test_link_until_the_certificate_expires(testapp, store, root_der):
@@ -1616,42 +1802,193 @@ def test_html_pages_carry_a_strict_security_policy(testapp):
     assert headers["Referrer-Policy"] == "no-referrer" and headers["X-Content-Type-Options"] == "nosniff"
 
 
-# -- hostile certificate text ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("agent", ["s60-3rd-e61i", "s40-6500s", "android-chrome", "curl"], ids=str)
+@pytest.mark.parametrize("path", ["", "/ca.cer", "/ca.whc", "?format=pem"], ids=["link", "cer", "whc", "pem"])
+def test_every_answer_under_c_carries_no_referrer(testapp, root_token, agent, path):
+    user_agent = USER_AGENTS[agent][0] if agent in USER_AGENTS else "curl/8.5.0"
+    response = testapp.get(f"/c/{root_token}{path}", headers={"User-Agent": user_agent})
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+    etag = response.headers["ETag"]
+    assert testapp.get(f"/c/{root_token}{path}", headers={"User-Agent": user_agent, "If-None-Match": etag},
+                       status=304).headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_unknown_and_ended_links_carry_no_referrer(testapp, store, root_token):
+    assert testapp.get("/c/abcdefgh", status=404).headers["Referrer-Policy"] == "no-referrer"
+    store.revoke(root_token)
+    assert testapp.get(f"/c/{root_token}", status=410).headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_nokia_xhtml_pages_carry_the_strict_policy_and_wml_decks_need_none(testapp, root_token):
+    xhtml = s40_page(testapp, root_token, "application/vnd.wap.xhtml+xml")
+    assert xhtml.headers["Content-Security-Policy"] == certdrop.CONTENT_SECURITY_POLICY
+    assert "Content-Security-Policy" not in s40_page(testapp, root_token, "text/vnd.wap.wml").headers
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "\u0661\u0662", "12a", "-1", " 5"], ids=["superscript-two", "arabic-digits",
+                                                                                  "letters", "negative", "space"])
+def test_content_length_of_anything_but_ascii_digits_is_a_400(app, length):
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/", "CONTENT_LENGTH": length, "HTTP_HOST": "localhost",
+               "CONTENT_TYPE": "application/x-www-form-urlencoded", "wsgi.input": io.BytesIO(b"pem=x"),
+               "REMOTE_ADDR": "127.0.0.1", "wsgi.url_scheme": "http"}
+    statuses = []
+    app(environ, lambda status, headers: statuses.append(status))
+    assert statuses == ["400 Bad Request"]
+
+
+# -- hostile certificate text: one matrix of names, every place a name can go ---------------------------------
 
 HOSTILE_NAMES = {
-    "script": '<script>alert("x")</script>',
-    "quotes-and-amp": "\"quoted' & <b>bold</b>",
-    "javascript-url": "javascript:alert(1)",
-    "crlf": "line\r\nbreak",
-    "control-characters": "bell\x07 escape\x1b nul\x00",
-    "right-to-left": "\u202eAC tooR",
-    "dollar": "$(name) $$",
-    "very-long": "x" * 10000,
+    "script": ('<script>alert("x")</script>', _ASN1Type.UTF8String),
+    "quotes-and-amp": ("\"quoted' & <b>bold</b>", _ASN1Type.UTF8String),
+    "javascript-url": ("javascript:alert(1)", _ASN1Type.UTF8String),
+    "shell": ('x" ; touch /tmp/pwned ; echo "$(id) `id`', _ASN1Type.UTF8String),
+    "crlf": ("line\r\nforged line", _ASN1Type.UTF8String),
+    "control-characters": ("bell\x07 escape\x1b[31m nul\x00 del\x7f", _ASN1Type.UTF8String),
+    "right-to-left": ("\u202eAC tooR", _ASN1Type.UTF8String),
+    "line-separator": ("one\u2028two\u2029three", _ASN1Type.UTF8String),
+    "dollar": ("$(name) $$", _ASN1Type.UTF8String),
+    "very-long": ("x" * 10000, _ASN1Type.UTF8String),
+    "printable-string": ("Printable (CA) = x'y", _ASN1Type.PrintableString),
+    "numeric-string": ("0123 <456>", _ASN1Type.NumericString),
+    "ia5-string": ("<ia5> \x1b]0;title\x07", _ASN1Type.IA5String),
+    "t61-string": ("<t61> \u00e9", _ASN1Type.T61String),
+    "visible-string": ("<visible> $(id)", _ASN1Type.VisibleString),
+    "universal-string": ("<universal> \u202e\U0001f512", _ASN1Type.UniversalString),
+    "bmp-string": ("<bmp> \u2028\u00e9", _ASN1Type.BMPString),
+    "octet-string": ("<octet>\r\n", _ASN1Type.OctetString),
 }
+HOSTILE = pytest.mark.parametrize("hostile", HOSTILE_NAMES, ids=HOSTILE_NAMES, indirect=True)
+
+#: What must not reach a terminal line: controls, bidi controls, line separators.
+TERMINAL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
-@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=HOSTILE_NAMES)
-def test_hostile_names_stay_inert_on_every_page_and_file(testapp, name):
+def hostile_certificate(name, string_type, ca=True, issuer=None):
     with warnings.catch_warnings():  # the library warns about names longer than X.509's 64 characters
         warnings.simplefilter("ignore")
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTILE_NAMES[name], _validate=False)])
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name, _type=string_type, _validate=False)])
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(5).not_valid_before(datetime.datetime(2025, 1, 1))
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject)
+            .public_key(key.public_key()).serial_number(5).not_valid_before(datetime.datetime(2025, 1, 1))
             .not_valid_after(datetime.datetime(2035, 1, 1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
-    result = upload(testapp, der_of(cert))
-    token = token_of(result)
-    pages = [result, testapp.get(f"/c/{token}", headers={"User-Agent": USER_AGENTS["android-chrome"][0]})]
-    for accept in ("application/vnd.wap.xhtml+xml", "text/vnd.wap.wml"):
-        pages.append(s40_page(testapp, token, accept))
+    return der_of(cert)
+
+
+class Hostile(typing.NamedTuple):
+    name: str
+    string_type: _ASN1Type
+    der: bytes  # a root CA whose CN is *name*
+
+
+@pytest.fixture
+def hostile(request):
+    name, string_type = HOSTILE_NAMES[request.param]
+    return Hostile(name, string_type, hostile_certificate(name, string_type))
+
+
+@pytest.fixture
+def hostile_token(testapp, hostile):
+    return token_of(upload(testapp, hostile.der))
+
+
+@HOSTILE
+def test_hostile_names_leave_html_pages_well_formed_and_inert(testapp, hostile, hostile_token):
+    pages = [upload(testapp, hostile.der, status=200)]
+    pages += [testapp.get(f"/c/{hostile_token}", headers={"User-Agent": USER_AGENTS[agent][0]})
+              for agent in ("android-chrome", "iphone-safari", "macos-chrome", "windows-edge", "linux-chrome",
+                            "linux-firefox")]
     for page in pages:
         ET.fromstring(page.body)
-        assert b"<script>" not in page.body and b"<b>bold" not in page.body
-    plistlib.loads(testapp.get(f"/c/{token}/ca.mobileconfig").body)
-    disposition = testapp.get(f"/c/{token}?format=der").headers["Content-Disposition"]
-    assert re.fullmatch(r'attachment; filename="[A-Za-z0-9._-]+\.crt"', disposition)
+        assert b"<script>" not in page.body and b"<b>bold" not in page.body and b"<ia5>" not in page.body
+
+
+@HOSTILE
+def test_hostile_names_leave_nokia_pages_well_formed_and_wml_variables_escaped(testapp, hostile_token):
+    for accept in ("application/vnd.wap.xhtml+xml", "text/vnd.wap.wml"):
+        page = s40_page(testapp, hostile_token, accept)
+        ET.fromstring(page.body)
+        assert b"<script>" not in page.body
+        if accept == "text/vnd.wap.wml":
+            assert not re.search(rb"(?<!\$)\$(?!\$)", page.body.replace(b"$$", b"")), "a lone $ starts a WML variable"
+
+
+@HOSTILE
+def test_hostile_names_keep_profiles_parseable_and_on_one_line(testapp, hostile_token):
+    profile = plistlib.loads(testapp.get(f"/c/{hostile_token}/ca.mobileconfig").body)
+    for name in (profile["PayloadDisplayName"], profile["PayloadContent"][0]["PayloadDisplayName"]):
+        assert not re.search("[\r\n\u2028\u2029\u202a-\u202e\u2066-\u2069]", name)
+
+
+@HOSTILE
+def test_hostile_names_never_reach_file_names(testapp, hostile_token):
+    for query in ("der", "pem", "mobileconfig"):
+        disposition = testapp.get(f"/c/{hostile_token}?format={query}").headers["Content-Disposition"]
+        assert re.fullmatch(r'attachment; filename="[A-Za-z0-9._-]+\.(crt|mobileconfig)"', disposition)
+
+
+@HOSTILE
+def test_hostile_names_never_land_unquoted_in_a_command_shown_to_paste(testapp, hostile_token):
+    page = testapp.get(f"/c/{hostile_token}", headers={"User-Agent": USER_AGENTS["linux-chrome"][0]})
+    steps = [li.get_text() for li in page.html.find_all("li")]
+    nss = next(step for step in steps if "certutil -d" in step)
+    command = shlex.split(nss[nss.index("certutil -d"):])
+    assert command[:8] == ["certutil", "-d", "sql:$HOME/.pki/nssdb", "-A", "-t", "C,,", "-n", command[7]]
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", command[7]) and command[8:] == ["-i", command[9]]
+    assert re.fullmatch(r"[A-Za-z0-9._-]+\.crt", command[9])
+
+
+@HOSTILE
+def test_hostile_names_in_refusals_stay_one_line_for_curl_and_exact_in_json(testapp, hostile):
+    leaf = hostile_certificate(hostile.name, hostile.string_type, ca=False, issuer=make_name("Some Issuing CA"))
+    files = [("cert", "leaf.cer", leaf)]
+    text = testapp.post("/", upload_files=files, headers={"User-Agent": "curl/8.5.0"}, status=422)
+    assert text.content_type == "text/plain" and text.text.count("\n") == 1 and text.text.endswith("\n")
+    assert not TERMINAL_UNSAFE.search(text.text[:-1])
+    answer = testapp.post("/", upload_files=files, headers={"Accept": "application/json"}, status=422).json
+    assert hostile.name in answer["error"]["message"]
+
+
+@HOSTILE
+def test_hostile_names_stay_on_one_terminal_line_in_every_command(tmp_path, capsys, hostile):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\npublic_url = http://ca.example.org\n")
+    (tmp_path / "ca.der").write_bytes(hostile.der)
+    run = lambda *args: certdrop.main(["-c", str(ini), *args], clock=lambda: NOW)  # noqa: E731
+    assert run("add", str(tmp_path / "ca.der")) == 0
+    added = capsys.readouterr().out
+    token = re.search(r"/c/([a-z0-9]+)", added)[1]
+    assert run("check", str(tmp_path / "ca.der")) in (0, 1)
+    checked = capsys.readouterr().out
+    assert run("list") == 0
+    listed = capsys.readouterr().out
+    assert run("show", token) == 0
+    shown = capsys.readouterr().out
+    assert listed.count("\n") == 1, "one entry, one line"
+    for output in (added, checked, listed, shown):
+        assert not TERMINAL_UNSAFE.search(output.replace("\n", ""))
+
+
+@HOSTILE
+def test_hostile_names_are_exact_in_json_reports(tmp_path, capsys, hostile):
+    (tmp_path / "ca.der").write_bytes(hostile.der)
+    certdrop.main(["check", "--json", str(tmp_path / "ca.der")])
+    report = json.loads(capsys.readouterr().out)
+    assert report[0]["certificates"][0]["name"] == hostile.name
+
+
+@HOSTILE
+def test_hostile_names_stay_on_one_line_in_the_log(hostile):
+    record = logging.LogRecord("certdrop", logging.INFO, __file__, 1, "new link %s for %r", ("abcdefgh", hostile.name),
+                               None)
+    line = certdrop.TerminalFormatter("%(levelname)s %(message)s").format(record)
+    assert not TERMINAL_UNSAFE.search(line)
+
+
+def test_terminal_lines_show_controls_and_bidi_characters_escaped():
+    assert certdrop.term("a\r\nb\x1b[31m\u202ec\u2028") == "a\\r\\nb\\x1b[31m\\u202ec\\u2028"
 
 
 # -- command line ----------------------------------------------------------------------------------------------
@@ -1748,6 +2085,21 @@ def test_gc_reports_what_it_removed(ini, cert_file, capsys):
 def test_show_of_an_unknown_token_fails(ini, capsys):
     assert cli(ini, "show", "abcdefgh") == 1
     assert "no link" in capsys.readouterr().err
+
+
+def test_list_show_and_gc_report_a_damaged_entry_and_carry_on(ini, cert_file, tmp_path, capsys, other_der):
+    token, _ = cli_add(ini, cert_file, capsys)
+    (tmp_path / "other.der").write_bytes(other_der)
+    other, _ = cli_add(ini, tmp_path / "other.der", capsys)
+    damage(certdrop.Store(tmp_path / "data"), token, expires=1e300)
+    assert cli(ini, "list") == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert sorted(listed) == sorted([f"{token}  damaged  (not served; the log says why)",
+                                     next(line for line in listed if line.startswith(other))])
+    assert cli(ini, "show", token) == 1
+    assert "is damaged" in capsys.readouterr().err
+    assert cli(ini, "gc") == 0
+    assert "1 damaged entries left as they are" in capsys.readouterr().out
 
 
 def test_bad_config_fails_naming_the_key(tmp_path, capsys):
