@@ -23,13 +23,16 @@ import codecs
 import configparser
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
+import hmac
 import html
 import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import plistlib
 import re
@@ -86,8 +89,12 @@ TOKEN_RE = re.compile(f"[{TOKEN_ALPHABET}]{{6,32}}")
 #: revocation made by another process is seen within two seconds.
 REVALIDATE_SECONDS = 1.0
 
-#: Temporary files older than this are leftovers of a crashed writer; the sweep removes them.
-STALE_TEMP_SECONDS = 3600
+#: Temporary files older than this are leftovers of a crashed writer (a write takes milliseconds); the sweep and
+#: the server's start remove them.
+STALE_TEMP_SECONDS = 60
+
+#: The generated upload key, in the data directory, readable by its owner only.
+UPLOAD_KEY_FILE = "upload.key"
 
 MIME_CA_CERT = "application/x-x509-ca-cert"
 MIME_HTML = "text/html; charset=utf-8"
@@ -168,6 +175,23 @@ class LifetimeError(CertdropError):
     """The lifetime asked for a link is not one this server allows."""
 
 
+class StorageError(CertdropError):
+    """The data directory cannot be written: full, read-only or not ours. Nothing was stored."""
+
+    @classmethod
+    def from_os_error(cls, error: OSError) -> "StorageError":
+        causes = {
+            errno.ENOSPC: "is full",
+            errno.EDQUOT: "is over its disk quota",
+            errno.EROFS: "is on a read-only file system",
+            errno.EACCES: "may not be written by the user certdrop runs as",
+            errno.EPERM: "may not be written by the user certdrop runs as",
+        }
+        cause = causes.get(error.errno, f"cannot be written ({error.strerror or error})")
+        return cls(f"The server's data directory {cause}, so nothing was stored. Existing links keep working; "
+                   "uploads work again by themselves once that is fixed.")
+
+
 class LinkGone(CertdropError):
     """The link existed but was revoked or has expired."""
 
@@ -224,12 +248,36 @@ class Unprocessable(HTTPError):
     status = 422
 
 
+class Unauthorized(HTTPError):
+    status = 401
+    message = "Uploading needs the upload key. Sign in, or send it with HTTP Basic (curl -u certdrop:KEY)."
+
+
+class Forbidden(HTTPError):
+    status = 403
+
+
+class TooManyRequests(HTTPError):
+    status = 429
+
+    def __init__(self, retry_after: float):
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(f"Too many requests from your address. Try again in {seconds} seconds.",
+                         headers=(("Retry-After", str(seconds)),))
+
+
+class ServiceUnavailable(HTTPError):
+    status = 503
+
+
 def http_error_for(error: CertdropError) -> HTTPError:
     """Return the HTTP answer for a domain error raised by the doctor or the store."""
     if isinstance(error, CertificateError):
         return Unprocessable(str(error))
     if isinstance(error, LifetimeError):
         return BadRequest(str(error))
+    if isinstance(error, StorageError):
+        return ServiceUnavailable(str(error))
     if isinstance(error, LinkGone):
         return Gone(str(error))
     if isinstance(error, UnknownToken):
@@ -322,6 +370,23 @@ def _parse_int(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _parse_networks(text: str) -> tuple:
+    networks = tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+    if not networks:
+        raise ValueError("name at least one network, e.g. 0.0.0.0/0, ::/0 for anywhere")
+    return networks
+
+
+def _parse_proxy(text: str) -> str:
+    text = text.strip()
+    return text if text in ("", "*") else str(ipaddress.ip_address(text))
+
+
+#: Loopback, private and link-local ranges: uploads come from the administrator's own network by default.
+DEFAULT_UPLOAD_NETWORKS = _parse_networks("127.0.0.0/8, ::1/128, 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, "
+                                          "169.254.0.0/16, fc00::/7, fe80::/10")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every setting, with the built-in defaults; ``certdrop.ini`` documents each key."""
@@ -344,6 +409,12 @@ class Config:
     s40_delivery: str = "page"  # what Series 40 phones get at /c/<token>: page, der, whc or whc-alt
     whc_layout: str = "der-direct"  # the default hashed-certificate layout: der-direct or length-prefixed
     whc_charset: int = 106  # IANA MIBenum of the hashed certificate's display name: 106 UTF-8, 4 ISO-8859-1, 3 ASCII
+    upload_auth: str = "remote"  # who needs the upload key: remote (all but direct loopback), always, none
+    upload_password: str = ""  # the upload key; empty = a random one kept in data_dir/upload.key
+    upload_networks: tuple = DEFAULT_UPLOAD_NETWORKS  # where uploads may come from at all
+    trusted_proxy: str = ""  # address of a reverse proxy in front of certdrop, or *; its requests never count as loopback
+    lookup_limit: int = 30  # unknown-token lookups a minute per client (IPv6: per /64); 0 = no limit
+    upload_limit: int = 20  # uploads a minute per client; 0 = no limit
 
     @classmethod
     def from_ini(cls, path: Path) -> "Config":
@@ -391,6 +462,12 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "s40_delivery": _parse_choice("page", "der", "whc", "whc-alt"),
     "whc_layout": _parse_choice("der-direct", "length-prefixed"),
     "whc_charset": lambda text: int(_parse_choice("106", "4", "3")(text)),
+    "upload_auth": _parse_choice("remote", "always", "none"),
+    "upload_password": str.strip,
+    "upload_networks": _parse_networks,
+    "trusted_proxy": _parse_proxy,
+    "lookup_limit": _parse_int(0, 100_000),
+    "upload_limit": _parse_int(0, 100_000),
 }
 
 
@@ -1477,9 +1554,27 @@ class Store:
                     self._write(entry)
                 return entry, False
             entry = Entry(self._new_token(), self.clock(), expires, certificate.der)
-            self._write(entry)
-            _write_atomically(self._index_path(certificate.sha256), entry.token.encode("ascii"))
+            index = self._index_path(certificate.sha256)
+            # The index first: if the entry then cannot be written, the index names no file and is simply stale.
+            _write_atomically(index, entry.token.encode("ascii"))
+            try:
+                self._write(entry)
+            except OSError:
+                index.unlink(missing_ok=True)
+                raise
             return entry, True
+
+    def upload_key(self, *, replace: bool = False) -> tuple[str, bool]:
+        """Return the upload key kept in the data directory and whether it was made just now (made if missing)."""
+        path = self.directory / UPLOAD_KEY_FILE
+        with contextlib.suppress(FileNotFoundError):
+            key = path.read_text("ascii").strip()
+            if key and not replace:
+                return key, False
+        with self._exclusive():
+            key = "-".join("".join(secrets.choice(TOKEN_ALPHABET) for _ in range(5)) for _ in range(4))
+            _write_atomically(path, key.encode("ascii") + b"\n", mode=0o600)
+        return key, True
 
     def revoke(self, token: str) -> Entry:
         """Revoke *token* now, keeping a tombstone; raise UnknownToken or LinkGone if it is not live."""
@@ -1502,11 +1597,22 @@ class Store:
                 outcome = self._sweep_entry(path, now)
                 if outcome:
                     counts[outcome] += 1
-            for path in self.directory.glob("*/.*.tmp"):
-                if time.time() - path.stat().st_mtime > STALE_TEMP_SECONDS:
-                    path.unlink(missing_ok=True)
-                    counts["temporary"] += 1
+            counts["temporary"] = self._remove_stale_temporary()
         return counts
+
+    def remove_stale_temporary(self) -> int:
+        """Remove what writers killed mid-write left behind; return how many files. The server does this at start."""
+        with self._exclusive():
+            return self._remove_stale_temporary()
+
+    def _remove_stale_temporary(self) -> int:
+        removed = 0
+        for path in (*self.directory.glob(".*.tmp"), *self.directory.glob("*/.*.tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - path.stat().st_mtime > STALE_TEMP_SECONDS:
+                    path.unlink()
+                    removed += 1
+        return removed
 
     def _sweep_entry(self, path: Path, now: float) -> str | None:
         try:  # read around the cache: a sweep through every entry must not push out the hot ones
@@ -1564,12 +1670,22 @@ class Store:
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
-        """Hold the directory's write lock, shared with every other process using it."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / ".lock", "a+b") as lock_file:
+        """Hold the directory's write lock, shared with every other process using it.
+
+        A write that fails for want of space or permission raises StorageError, having changed nothing.
+        """
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            lock_file = open(self.directory / ".lock", "a+b")
+        except OSError as error:
+            raise StorageError.from_os_error(error) from None
+        with lock_file:
             if fcntl is not None:
                 fcntl.flock(lock_file, fcntl.LOCK_EX)
-            yield
+            try:
+                yield
+            except OSError as error:
+                raise StorageError.from_os_error(error) from None
 
 
 def _file_signature(path: Path) -> tuple:
@@ -1585,12 +1701,13 @@ def _file_signature_of(file) -> tuple:
     return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes, mode: int = 0o666) -> None:
     """Write *data* to *path* so that readers see the old file or the whole new one, even after power loss."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(temporary, "xb") as file:
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode),
+                  "wb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
@@ -1719,7 +1836,8 @@ main{max-width:46rem;margin:0 auto;padding:1.25rem}
 h1{font-size:1.6rem;margin:.5rem 0 1rem}h2{font-size:1.15rem;margin:1.75rem 0 .5rem}
 section,form{background:#fff;border:1px solid #dde3ea;border-radius:8px;padding:1rem 1.25rem;margin:1rem 0}
 label{display:block;font-weight:600;margin:.75rem 0 .25rem}label.plain{font-weight:400}
-input[type=text]{width:100%;box-sizing:border-box;font:inherit;padding:.3rem}
+input[type=text],input[type=password]{width:100%;box-sizing:border-box;font:inherit;padding:.3rem}
+button.quiet{background:#fff;color:#1f5fbf;border:1px solid #1f5fbf;padding:.2rem .8rem;font-weight:400}
 textarea{width:100%;box-sizing:border-box;min-height:8rem;font:13px/1.3 ui-monospace,monospace}
 button{font:inherit;font-weight:600;padding:.55rem 1.4rem;border:0;border-radius:6px;background:#1f5fbf;color:#fff}
 .link{font-size:1.7rem;font-weight:700;word-break:break-all;margin:.25rem 0}
@@ -1822,15 +1940,44 @@ certificate itself.</p>
 <code>root_ca.crt</code>), never a file with a private key.</li>
 </ul>
 </section>
+$account_html""")
+
+SIGN_OUT_FORM = string.Template("""<form method="post" action="$action"><p class="muted">You are signed in with the
+upload key. <button class="quiet" type="submit">Sign out</button></p></form>
+""")
+
+SIGN_IN_PAGE = string.Template("""<h1>Sign in to share a CA certificate</h1>
+$message_html
+<form method="post" action="$action">
+<label for="key">Upload key</label>
+<input type="password" id="key" name="key" autocomplete="current-password" required="required" />
+<p><button type="submit">Sign in</button></p>
+</form>
+<section>
+<h2>Where is the key?</h2>
+<p>certdrop printed it when it first started. On the server, <code>certdrop.py upload-key</code> shows it, unless
+the administrator set <code>upload_password</code> in certdrop.ini. Scripts send it with HTTP Basic:
+<code>curl -u certdrop:KEY -F cert=@ca.pem</code> and the address of this server.</p>
+<p>Phones and laptops need no key: they only open the links you hand out.</p>
+</section>
 """)
 
 
-def render_upload_form(config: Config, action: str) -> bytes:
+def render_upload_form(config: Config, action: str, signed_in: bool = False) -> bytes:
     options = []
     for value, label in allowed_ttl_choices(config):
         selected = ' selected="selected"' if ttl_seconds_for(value) == config.default_ttl else ""
         options.append(f'<option value="{esc(value)}"{selected}>{esc(label)}</option>')
-    return render_page("certdrop", render(UPLOAD_FORM, action=action, options_html="".join(options)))
+    account = render(SIGN_OUT_FORM, action=f"{action}signout") if signed_in else ""
+    return render_page("certdrop", render(UPLOAD_FORM, action=action, options_html="".join(options),
+                                          account_html=account))
+
+
+def render_signin(home: str, message: str) -> bytes:
+    """Return the sign-in page; *home* is the upload page's address, *message* why the visitor is here."""
+    message_html = f'<section class="error"><p>{esc(message)}</p></section>' if message else ""
+    return render_page("Sign in \u2014 certdrop", render(SIGN_IN_PAGE, action=f"{home}signin",
+                                                          message_html=message_html))
 
 
 ROLE_LABELS = {
@@ -2223,6 +2370,16 @@ class Request:
     def script_name(self) -> str:
         return self.environ.get("SCRIPT_NAME", "").rstrip("/")
 
+    @property
+    def remote_addr(self) -> str:
+        return self.environ.get("REMOTE_ADDR", "")
+
+    @property
+    def forwarded(self) -> bool:
+        """Return whether a proxy says it passed this request on (X-Forwarded-*, Forwarded, X-Real-IP)."""
+        return any(key.startswith("HTTP_X_FORWARDED_") or key in ("HTTP_FORWARDED", "HTTP_X_REAL_IP")
+                   for key in self.environ)
+
     def read_body(self, limit: int) -> bytes:
         """Return the request body; raise PayloadTooLarge past *limit* bytes without reading it."""
         declared = self.environ.get("CONTENT_LENGTH") or ""
@@ -2262,8 +2419,11 @@ class Response:
 
 def send(response: Response, start_response: Callable, head: bool = False) -> list[bytes]:
     """Start the WSGI response and return its body (empty for HEAD, with the same Content-Length)."""
-    # Every answer: tokens are in our URLs, so no page or file may pass its address on as a Referer.
-    headers = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"), *response.headers]
+    # Tokens are in our URLs, so no page or file may pass its address on as a Referer; only pages whose address
+    # holds no token set a policy of their own (so that their forms send a real Origin).
+    headers = [("X-Content-Type-Options", "nosniff"), *response.headers]
+    if not any(name == "Referrer-Policy" for name, _ in response.headers):
+        headers.append(("Referrer-Policy", "no-referrer"))
     if response.status != 304:  # a 304 carries no body, so no entity headers either
         headers[:0] = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body)))]
     for name, value in headers:
@@ -2290,6 +2450,9 @@ def render_error(request: Request, error: HTTPError, home: str) -> Response:
     title = HTTPStatus(error.status).phrase
     fmt = response_format(request)
     headers = (("Vary", VARY), ("Cache-Control", "no-store"), *error.headers)
+    if error.status == 401:  # scripts answer a Basic challenge; browsers get the sign-in form instead of a dialog
+        headers += (("WWW-Authenticate", 'Basic realm="certdrop uploads", charset="UTF-8"' if fmt != "html"
+                     else 'Form realm="certdrop uploads"'),)
     if fmt == "nokia":  # a mistyped token on a WAP phone must still get a page that phone can show
         content_type = nokia_page_type(request.header("Accept"))
         return Response(render_nokia_message(title, error.message, content_type), error.status, content_type,
@@ -2300,6 +2463,8 @@ def render_error(request: Request, error: HTTPError, home: str) -> Response:
     if fmt == "text":
         return Response(f"{term(f'{error.status} {title}: {error.message}')}\n".encode(), error.status, MIME_TEXT,
                         headers)
+    if error.status == 401:
+        return Response(render_signin(home, error.message), 401, MIME_HTML, headers + HTML_HEADERS)
     page = render_page(title, render(ERROR_PAGE, title=title, message=error.message, home=home))
     return Response(page, error.status, MIME_HTML, headers + HTML_HEADERS)
 
@@ -2340,9 +2505,139 @@ def _parse_multipart(body: bytes, params: str, limit: int) -> dict[str, bytes]:
     return fields
 
 
+@functools.lru_cache(maxsize=4096)
+def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Return the client address in REMOTE_ADDR (an IPv4-mapped IPv6 address as IPv4), or None if it is none."""
+    try:
+        address = ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return None
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+@functools.lru_cache(maxsize=4096)
+def client_key(text: str) -> str:
+    """Return who a rate limit counts: the IPv4 address, or the /64 of an IPv6 one (one household or host)."""
+    address = parse_address(text)
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address) if address else text
+
+
+class RateLimiter:
+    """Per-client token buckets: *per_minute* requests a minute, at most *burst* at once; 0 turns it off.
+
+    Checking a client that is not limited costs one dict truthiness test, so the check can sit on the hot path.
+    """
+
+    #: Past this many clients, those whose buckets have refilled are forgotten.
+    MAX_CLIENTS = 65536
+
+    def __init__(self, per_minute: int, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = per_minute / 60
+        self.burst = burst
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when counted)
+        self._blocked: dict[str, float] = {}  # client -> when the next token is there
+        self._lock = threading.Lock()
+
+    def retry_after(self, address: str) -> float:
+        """Return the seconds *address* must wait before its next request counts, 0 if it may go ahead."""
+        if not self._blocked:
+            return 0.0
+        key = client_key(address)
+        until = self._blocked.get(key)
+        if until is None:
+            return 0.0
+        wait = until - self.clock()
+        if wait <= 0:
+            self._blocked.pop(key, None)
+            return 0.0
+        return wait
+
+    def spend(self, address: str) -> float:
+        """Count one request of *address*; return 0 if it is within the limit, else the seconds to wait."""
+        if not self.rate:
+            return 0.0
+        key, now = client_key(address), self.clock()
+        with self._lock:
+            tokens, then = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.rate)
+            if tokens < 1:
+                return (1 - tokens) / self.rate
+            tokens -= 1
+            if len(self._buckets) >= self.MAX_CLIENTS:
+                self._forget_idle(now)
+            self._buckets[key] = (tokens, now)
+            if tokens < 1:
+                self._blocked[key] = now + (1 - tokens) / self.rate
+        return 0.0
+
+    def _forget_idle(self, now: float) -> None:
+        refilled = self.burst / self.rate
+        for key, (_, then) in list(self._buckets.items()):
+            if now - then >= refilled:
+                del self._buckets[key]
+        if len(self._buckets) >= self.MAX_CLIENTS:  # a flood of fresh addresses: start counting afresh
+            self._buckets.clear()
+
+
+def address_in(text: str, networks: tuple) -> bool:
+    address = parse_address(text)
+    return address is not None and any(address in network for network in networks)
+
+
+def origin_of(url: str) -> str:
+    """Return the origin of *url* as browsers send it: scheme://host[:port], default ports left out."""
+    parts = urllib.parse.urlsplit(url.strip().lower())
+    try:
+        port = parts.port
+    except ValueError:
+        return ""
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
+def basic_password(request: Request) -> str | None:
+    """Return the password of an HTTP Basic Authorization header (the user name is not checked), else None."""
+    scheme, _, encoded = request.header("Authorization").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")[2]
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+
+
+def cookie_value(request: Request, name: str) -> str | None:
+    for pair in request.header("Cookie").split(";"):
+        key, _, value = pair.strip().partition("=")
+        if key == name:
+            return value.strip()
+    return None
+
+
 ###############################################################################
 # Application #################################################################
 ###############################################################################
+
+#: The browser's sign-in: an HttpOnly cookie holding an expiry and its HMAC under the upload key, so every server
+#: process checks it without shared state, and a new key signs everybody out.
+SESSION_COOKIE = "certdrop_session"
+SESSION_SECONDS = 12 * 3600
+
+#: Wrong upload keys a minute per client, and how many at once, before 429.
+SIGN_IN_FAILURES_PER_MINUTE, SIGN_IN_FAILURE_BURST = 5, 5
+
+#: Bursts allowed by the unknown-token and upload limits.
+LOOKUP_BURST, UPLOAD_BURST = 10, 5
+
+#: Pages whose address holds no token may send their origin, so that their forms pass the cross-site check.
+FORM_PAGE_HEADERS = HTML_HEADERS + (("Referrer-Policy", "same-origin"), ("Cache-Control", "no-store"))
+
+CROSS_SITE_MESSAGE = ("This request came from another web site, so it was refused: only certdrop's own pages may "
+                      "upload or sign in. Open certdrop's address yourself and try again.")
 
 
 class FileAnswer(typing.NamedTuple):
@@ -2401,6 +2696,9 @@ class App:
         self.config = config
         self.store = store
         self.clock = clock
+        self.lookups = RateLimiter(config.lookup_limit, LOOKUP_BURST, clock)
+        self.uploads = RateLimiter(config.upload_limit, UPLOAD_BURST, clock)
+        self.sign_in_failures = RateLimiter(SIGN_IN_FAILURES_PER_MINUTE, SIGN_IN_FAILURE_BURST, clock)
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
         request = Request.from_environ(environ)
@@ -2434,10 +2732,34 @@ class App:
     # -- handlers, named after what they show ------------------------------------------------------------------
 
     def upload_form(self, request: Request) -> Response:
-        page = render_upload_form(self.config, action=request.script_name + "/")
-        return Response(page, headers=HTML_HEADERS)
+        home = request.script_name + "/"
+        try:
+            how = self.authorize(request)
+        except Unauthorized:
+            return Response(render_signin(home, ""), headers=FORM_PAGE_HEADERS)
+        page = render_upload_form(self.config, action=home, signed_in=how == "session")
+        return Response(page, headers=FORM_PAGE_HEADERS)
+
+    def signin_form(self, request: Request) -> Response:
+        return Response(render_signin(request.script_name + "/", ""), headers=FORM_PAGE_HEADERS)
+
+    def signin(self, request: Request) -> Response:
+        self.refuse_cross_site(request)
+        self.check_network(request)
+        self.check_key(request, form_text(parse_form(request, 4096), "key"))
+        expires = int(self.clock()) + SESSION_SECONDS
+        return self.redirect_home(request, self.session_cookie(request, self.session_value(expires), SESSION_SECONDS))
+
+    def signout(self, request: Request) -> Response:
+        self.refuse_cross_site(request)
+        return self.redirect_home(request, self.session_cookie(request, "", 0))
 
     def upload(self, request: Request) -> Response:
+        self.refuse_cross_site(request)
+        self.authorize(request)
+        wait = self.uploads.spend(request.remote_addr)
+        if wait:
+            raise TooManyRequests(wait)
         fields = parse_form(request, self.config.max_upload)
         now = self.clock()
         diagnosis = diagnose(choose_upload(fields), now=now, host=form_text(fields, "host"),
@@ -2450,7 +2772,7 @@ class App:
                         HTML_HEADERS + (("Cache-Control", "no-store"), ("Location", links[0].url)))
 
     def install(self, request: Request, token: str) -> Response:
-        entry = self.store.get(token)
+        entry = self.live_entry(request, token)
         client = client_of(request)
         chosen = request.query.get("format")
         if chosen is None:
@@ -2458,10 +2780,105 @@ class App:
         return self.respond(request, entry, self.explicit_answer(request, client, entry.certificate, chosen))
 
     def download(self, request: Request, token: str, name: str) -> Response:
-        entry = self.store.get(token)
+        entry = self.live_entry(request, token)
         lower = name.lower()
         kind = next(kind for suffix, kind in FILE_SUFFIXES if lower.endswith(suffix))
         return self.respond(request, entry, self.file_answer(kind, name, client_of(request), entry.certificate))
+
+    def live_entry(self, request: Request, token: str) -> Entry:
+        """Return the live entry of *token*; count unknown tokens per client, so that guessing them runs into 429.
+
+        Once a client is limited, every lookup of it answers 429, known token or not: otherwise the difference
+        between 200 and 429 would still tell a guesser which tokens exist.
+        """
+        wait = self.lookups.retry_after(request.remote_addr)
+        if wait:
+            raise TooManyRequests(wait)
+        try:
+            return self.store.get(token)
+        except UnknownToken:
+            wait = self.lookups.spend(request.remote_addr)
+            if wait:
+                raise TooManyRequests(wait) from None
+            raise
+
+    # -- who may change what is stored -------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> str:
+        """Return why *request* may upload: "open", "loopback", "session" or "key"; raise an HTTPError if it may not.
+
+        The loopback exemption holds only for a request made on this machine directly: behind IIS or Apache on
+        the same box every client would otherwise be 127.0.0.1.
+        """
+        self.check_network(request)
+        if self.config.upload_auth == "none":
+            return "open"
+        if self.config.upload_auth == "remote" and self.is_direct_loopback(request):
+            return "loopback"
+        if self.has_session(request):
+            return "session"
+        given = basic_password(request)
+        if given is None:
+            raise Unauthorized()
+        self.check_key(request, given)
+        return "key"
+
+    def check_network(self, request: Request) -> None:
+        if not address_in(request.remote_addr, self.config.upload_networks):
+            raise Forbidden(f"Uploads are not accepted from your address ({request.remote_addr[:64]}): this server "
+                            "takes them only from the networks named in its upload_networks setting. Installing "
+                            "from a link works from anywhere.")
+
+    def is_direct_loopback(self, request: Request) -> bool:
+        address = parse_address(request.remote_addr)
+        proxy = self.config.trusted_proxy
+        via_proxy = request.forwarded or proxy == "*" or (proxy and parse_address(proxy) == address)
+        return address is not None and address.is_loopback and not via_proxy
+
+    def refuse_cross_site(self, request: Request) -> None:
+        """Refuse a state-changing request that another site's page made a browser send (CSRF).
+
+        Browsers name the page's origin in Origin and say cross-site in Sec-Fetch-Site; curl, wget and scripts
+        send neither and pass.
+        """
+        if request.header("Sec-Fetch-Site").lower() == "cross-site":
+            raise Forbidden(CROSS_SITE_MESSAGE)
+        origin = request.header("Origin")
+        if origin and origin_of(origin) != origin_of(self.base_url(request)):
+            raise Forbidden(CROSS_SITE_MESSAGE)
+
+    def check_key(self, request: Request, given: str) -> None:
+        """Raise Unauthorized unless *given* is the upload key; wrong keys are rate-limited per client."""
+        wait = self.sign_in_failures.retry_after(request.remote_addr)
+        if wait:
+            raise TooManyRequests(wait)
+        if not hmac.compare_digest(given.encode("utf-8"), self.upload_key().encode("utf-8")):
+            self.sign_in_failures.spend(request.remote_addr)
+            raise Unauthorized("That is not the upload key. Check it and try again.")
+
+    def upload_key(self) -> str:
+        return self.config.upload_password or self.store.upload_key()[0]
+
+    def session_value(self, expires: int) -> str:
+        mac = hmac.new(self.upload_key().encode("utf-8"), f"certdrop session {expires}".encode(), hashlib.sha256)
+        return f"{expires}.{mac.hexdigest()}"
+
+    def has_session(self, request: Request) -> bool:
+        value = cookie_value(request, SESSION_COOKIE)
+        expires, _, _ = (value or "").partition(".")
+        if not value or not expires.isascii() or not expires.isdigit() or int(expires) <= self.clock():
+            return False
+        return hmac.compare_digest(value.encode("utf-8", "replace"), self.session_value(int(expires)).encode())
+
+    def session_cookie(self, request: Request, value: str, max_age: int) -> str:
+        base = self.base_url(request)
+        path = urllib.parse.urlsplit(base).path.rstrip("/") + "/"
+        secure = "; Secure" if base.startswith("https:") else ""
+        return f"{SESSION_COOKIE}={value}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"
+
+    def redirect_home(self, request: Request, cookie: str) -> Response:
+        return Response(b"", 303, MIME_TEXT, (("Location", self.base_url(request) + "/"), ("Set-Cookie", cookie),
+                                              ("Cache-Control", "no-store")))
 
     # -- what each device gets ---------------------------------------------------------------------------------
 
@@ -2576,6 +2993,8 @@ def choose_upload(fields: dict[str, bytes]) -> bytes:
 #: (path pattern, {method: handler}); HEAD is answered by the GET handler.
 ROUTES = (
     (r"/", {"GET": App.upload_form, "POST": App.upload}),
+    (r"/signin", {"GET": App.signin_form, "POST": App.signin}),
+    (r"/signout", {"POST": App.signout}),
     (r"/c/(?P<token>[^/]+)/?", {"GET": App.install}),
     (r"/c/(?P<token>[^/]+)/(?P<name>[A-Za-z0-9._-]{0,100}(?i:\.cer|\.crt|\.der|\.pem|\.mobileconfig|\.whc))",
      {"GET": App.download}),
@@ -2632,6 +3051,9 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     if args.port is not None:
         config = dataclasses.replace(config, port=args.port)
     app = make_app(config, clock=clock)
+    removed = app.store.remove_stale_temporary()
+    if removed:
+        log.info("removed %d temporary files that an interrupted writer left behind", removed)
     # Waitress keeps bodies in memory up to inbuf_overflow; set both above our own limit, so that certdrop
     # answers oversize uploads with its own message and no body is spooled to disk.
     body_limit = 2 * config.max_upload + 65536
@@ -2643,6 +3065,7 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     log.info("certdrop %s serving on http://%s:%s/ with data in %s", __version__, server.effective_host,
              server.effective_port, config.data_dir)
+    announce_upload_key(app.store, config, server.effective_port)
     try:
         server.run()  # returns after SIGTERM or Ctrl-C, once waitress has closed its sockets and threads
     finally:
@@ -2651,12 +3074,32 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     return 0
 
 
+def announce_upload_key(store: Store, config: Config, port: int) -> None:
+    """Tell the administrator how to upload: the generated key when it is new or a person is watching, else where it is.
+
+    The key goes to standard error only, never into the log's messages about requests.
+    """
+    if config.upload_auth == "none":
+        log.warning("upload_auth = none: anyone who reaches this server can publish a CA under its name")
+        return
+    if config.upload_password:
+        return
+    key, created = store.upload_key()
+    address = cli_base_url(dataclasses.replace(config, port=port)) + "/"
+    if created or sys.stderr.isatty():
+        say(f"certdrop: upload key {key} ({'new, ' if created else ''}sign in at {address}signin, or "
+            f"curl -u certdrop:{key} -F cert=@ca.pem {address})", file=sys.stderr)
+    else:
+        say(f"certdrop: the upload key is in {store.directory / UPLOAD_KEY_FILE}; 'certdrop.py upload-key' shows "
+            "it", file=sys.stderr)
+
+
 def sweep_forever(store: Store, interval: float, stop: threading.Event) -> None:
     """Sweep *store* every *interval* seconds until *stop* is set; log and carry on after errors."""
     while not stop.wait(interval):
         try:
             counts = store.sweep()
-        except OSError as error:
+        except (OSError, CertdropError) as error:
             log.error("sweep failed: %s", error)
             continue
         if any(counts.values()):
@@ -2819,6 +3262,19 @@ def cmd_gc(args, config: Config, clock: Callable[[], float]) -> int:
     return 0
 
 
+def cmd_upload_key(args, config: Config, clock: Callable[[], float]) -> int:
+    if config.upload_password:
+        say("certdrop: the upload key is upload_password in the configuration file; change it there", file=sys.stderr)
+        return 1
+    key, created = make_store(config, clock).upload_key(replace=args.new)
+    say(key)
+    if args.new:
+        say("(the old key no longer works; browsers signed in with it must sign in again)", file=sys.stderr)
+    elif created:
+        say("(made just now: there was none yet)", file=sys.stderr)
+    return 0
+
+
 def build_parser():
     import argparse
 
@@ -2857,6 +3313,9 @@ def build_parser():
     revoke.add_argument("token")
     revoke.set_defaults(func=cmd_revoke)
     commands.add_parser("gc", help="remove expired certificates and old tombstones").set_defaults(func=cmd_gc)
+    upload_key = commands.add_parser("upload-key", help="print the upload key that browsers and scripts sign in with")
+    upload_key.add_argument("--new", action="store_true", help="replace it with a new random key")
+    upload_key.set_defaults(func=cmd_upload_key)
     return parser
 
 

@@ -142,9 +142,15 @@ def app(config, store, clock):
     return certdrop.make_app(config, store, clock)
 
 
+def client(app, **environ):
+    """Return a WebTest client of *app*, by default a browser on the server itself (loopback needs no key)."""
+    return webtest.TestApp(app, extra_environ={"HTTP_HOST": "ca.example.org:8080", "REMOTE_ADDR": "127.0.0.1",
+                                               **environ})
+
+
 @pytest.fixture
 def testapp(app):
-    return webtest.TestApp(app, extra_environ={"HTTP_HOST": "ca.example.org:8080"})
+    return client(app)
 
 
 def upload(testapp, data, filename="ca.cer", status=201, **fields):
@@ -213,7 +219,7 @@ def test_config_path_comes_from_the_environment_when_not_given(tmp_path, monkeyp
 
 
 def test_a_default_lifetime_outside_the_choices_is_offered_and_preselected(store, clock, config):
-    app = webtest.TestApp(certdrop.make_app(dataclasses.replace(config, default_ttl=2 * DAY), store, clock))
+    app = client(certdrop.make_app(dataclasses.replace(config, default_ttl=2 * DAY), store, clock))
     select = app.get("/").forms[0]["ttl"]
     assert select.value == "172800s" and ("172800s", True, "2 days") in select.options
 
@@ -1271,8 +1277,7 @@ def test_s40_page_for_an_intermediate_offers_the_der_and_says_why(testapp, pki):
 
 
 def nokia_app(config, store, clock, **settings):
-    return webtest.TestApp(certdrop.make_app(dataclasses.replace(config, **settings), store, clock),
-                           extra_environ={"HTTP_HOST": "ca.example.org:8080"})
+    return client(certdrop.make_app(dataclasses.replace(config, **settings), store, clock))
 
 
 def test_whc_layout_setting_swaps_the_default_and_the_other(config, store, clock, testapp, root_token, root_der):
@@ -1577,13 +1582,13 @@ def test_private_key_upload_is_refused_and_nothing_is_written(testapp, config, r
 
 
 def test_upload_over_the_size_limit_answers_413(config, store, clock, root_der):
-    small = webtest.TestApp(certdrop.make_app(dataclasses.replace(config, max_upload=1000), store, clock))
+    small = client(certdrop.make_app(dataclasses.replace(config, max_upload=1000), store, clock))
     result = upload(small, root_der + b"\0" * 2000, status=413)
     assert "larger than the limit" in result.text
 
 
 def test_lifetime_beyond_the_configured_maximum_is_refused(config, store, clock, root_der):
-    strict = webtest.TestApp(certdrop.make_app(dataclasses.replace(config, max_ttl=30 * DAY), store, clock))
+    strict = client(certdrop.make_app(dataclasses.replace(config, max_ttl=30 * DAY), store, clock))
     upload(strict, root_der, ttl="90d", status=400)
 
 
@@ -1653,14 +1658,14 @@ def test_certificate_text_is_escaped_in_the_page(testapp):
 
 
 def test_public_url_builds_the_link(config, store, clock, root_der):
-    app = webtest.TestApp(certdrop.make_app(dataclasses.replace(config, public_url="https://intranet.example.com/ca"),
+    app = client(certdrop.make_app(dataclasses.replace(config, public_url="https://intranet.example.com/ca"),
                                             store, clock))
     assert "https://intranet.example.com/ca/c/" in upload(app, root_der).text
 
 
 def test_loopback_link_is_shown_with_the_machine_name_beside_it(app, root_der, monkeypatch):
     monkeypatch.setattr(certdrop, "machine_name", lambda: "server.corp.example")
-    local = webtest.TestApp(app, extra_environ={"HTTP_HOST": "localhost:8080"})
+    local = client(app, HTTP_HOST="localhost:8080")
     result = upload(local, root_der)
     assert "Phones cannot open this link" in result.text
     assert f"http://server.corp.example:8080/c/{token_of(result)}" in result.text
@@ -1668,13 +1673,262 @@ def test_loopback_link_is_shown_with_the_machine_name_beside_it(app, root_der, m
 
 def test_loopback_link_on_the_default_port_keeps_no_port_on_the_machine_name(app, root_der, monkeypatch):
     monkeypatch.setattr(certdrop, "machine_name", lambda: "server.corp.example")
-    local = webtest.TestApp(app, extra_environ={"HTTP_HOST": "localhost:80"})
+    local = client(app, HTTP_HOST="localhost:80")
     result = upload(local, root_der)
     assert f'href="http://server.corp.example/c/{token_of(result)}"' in result.text
 
 
 def test_result_page_has_no_loopback_warning_for_a_real_host(testapp, root_der):
     assert "Phones cannot open" not in upload(testapp, root_der).text
+
+
+# -- HTTP: who may upload --------------------------------------------------------------------------------------
+
+REMOTE = "192.168.1.20"  # a desktop on the company network: private, but not this machine
+KEY = "correct-horse-battery-staple"
+
+
+def app_with(config, store, clock, **settings):
+    return certdrop.make_app(dataclasses.replace(config, **settings), store, clock)
+
+
+@pytest.fixture
+def keyed(config, store, clock):
+    """Return the app with a known upload key, as a client on the company network would reach it."""
+    return app_with(config, store, clock, upload_password=KEY)
+
+
+def basic(key):
+    return {"Authorization": "Basic " + base64.b64encode(f"certdrop:{key}".encode()).decode()}
+
+
+def post_cert(app_client, data, status, headers=None):
+    return app_client.post("/", params={"ttl": "7d"}, upload_files=[("cert", "ca.cer", data)], headers=headers or {},
+                           status=status)
+
+
+def test_upload_from_another_machine_without_the_key_answers_401_and_stores_nothing(keyed, config, root_der):
+    refusal = post_cert(client(keyed, REMOTE_ADDR=REMOTE), root_der, 401, {"User-Agent": "curl/8.5.0"})
+    assert refusal.headers["WWW-Authenticate"].startswith('Basic realm="certdrop uploads"')
+    assert "upload key" in refusal.text and KEY not in refusal.text
+    assert files_under(config.data_dir) == []
+
+
+def test_browser_without_the_key_gets_the_sign_in_form_not_a_password_dialog(keyed, root_der):
+    refusal = post_cert(client(keyed, REMOTE_ADDR=REMOTE), root_der, 401)
+    assert not refusal.headers["WWW-Authenticate"].startswith("Basic")
+    assert refusal.html.find("form", action="/signin") is not None and KEY not in refusal.text
+
+
+def test_upload_with_the_key_over_http_basic_works_from_another_machine(keyed, root_der):
+    post_cert(client(keyed, REMOTE_ADDR=REMOTE), root_der, 201, basic(KEY))
+
+
+@pytest.mark.parametrize("header", ["X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded",
+                                    "X-Real-IP"])
+def test_a_loopback_request_passed_on_by_a_proxy_needs_the_key(keyed, root_der, header):
+    post_cert(client(keyed), root_der, 401, {header: "for=203.0.113.9" if header == "Forwarded" else "203.0.113.9"})
+
+
+def test_requests_from_the_trusted_proxy_need_the_key_even_without_forwarding_headers(config, store, clock, root_der):
+    behind_iis = app_with(config, store, clock, upload_password=KEY, trusted_proxy="127.0.0.1")
+    post_cert(client(behind_iis), root_der, 401)
+    post_cert(client(behind_iis), root_der, 201, basic(KEY))
+
+
+def test_upload_auth_always_asks_loopback_too(config, store, clock, root_der):
+    post_cert(client(app_with(config, store, clock, upload_auth="always", upload_password=KEY)), root_der, 401)
+
+
+def test_upload_auth_none_lets_anyone_on_the_allowed_networks_upload(config, store, clock, root_der):
+    post_cert(client(app_with(config, store, clock, upload_auth="none"), REMOTE_ADDR=REMOTE), root_der, 201)
+
+
+@pytest.mark.parametrize("address", ["203.0.113.5", "2001:db8::5", "::ffff:8.8.8.8", "not-an-address", ""])
+def test_uploads_from_outside_the_upload_networks_answer_403_even_with_the_key(keyed, config, root_der, address):
+    refusal = post_cert(client(keyed, REMOTE_ADDR=address), root_der, 403, basic(KEY))
+    assert "upload_networks" in html_text(refusal)
+    assert files_under(config.data_dir) == []
+
+
+def test_ipv4_mapped_addresses_count_as_the_ipv4_address_they_carry(keyed, root_der):
+    post_cert(client(keyed, REMOTE_ADDR="::ffff:192.168.1.20"), root_der, 201, basic(KEY))
+
+
+def test_wrong_keys_are_rate_limited_even_when_the_right_one_follows(keyed, root_der):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    for _ in range(certdrop.SIGN_IN_FAILURE_BURST):
+        post_cert(remote, root_der, 401, basic("guess"))
+    limited = post_cert(remote, root_der, 429, basic(KEY))
+    assert int(limited.headers["Retry-After"]) >= 1
+
+
+def test_the_upload_key_is_made_once_kept_private_and_printed_by_upload_key(ini, tmp_path, capsys):
+    assert cli(ini, "upload-key") == 0
+    key = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"([a-z2-9]{5}-){3}[a-z2-9]{5}", key)
+    path = tmp_path / "data" / "upload.key"
+    assert path.read_text().strip() == key and path.stat().st_mode & 0o777 == 0o600
+    assert cli(ini, "upload-key") == 0 and capsys.readouterr().out.strip() == key
+    assert cli(ini, "upload-key", "--new") == 0
+    assert capsys.readouterr().out.strip() not in ("", key)
+
+
+def test_upload_key_defers_to_upload_password(tmp_path, capsys):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\nupload_password = secret\n")
+    assert certdrop.main(["-c", str(ini), "upload-key"]) == 1
+    assert "upload_password" in capsys.readouterr().err and not (tmp_path / "data" / "upload.key").exists()
+
+
+def test_the_generated_key_lets_a_remote_script_upload(app, store, root_der):
+    key, created = store.upload_key()
+    assert created
+    post_cert(client(app, REMOTE_ADDR=REMOTE), root_der, 201, basic(key))
+
+
+# -- signing in with a browser
+
+def sign_in(app_client, key=KEY, status=303):
+    return app_client.post("/signin", {"key": key}, status=status)
+
+
+def test_the_upload_page_asks_a_remote_browser_to_sign_in_first(keyed):
+    page = client(keyed, REMOTE_ADDR=REMOTE).get("/")
+    assert page.html.find("input", type="password") is not None and page.html.find("input", type="file") is None
+
+
+def test_signing_in_sets_a_strict_http_only_cookie_and_opens_the_upload_form(keyed, root_der):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    signed_in = sign_in(remote)
+    cookie = signed_in.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/;" in cookie and "Secure" not in cookie
+    assert KEY not in cookie and signed_in.headers["Location"] == "http://ca.example.org:8080/"
+    page = remote.get("/")
+    assert page.html.find("input", type="file") is not None and page.html.find("form", action="/signout")
+    post_cert(remote, root_der, 201)
+
+
+def test_a_wrong_key_at_sign_in_shows_the_form_again_and_sets_no_cookie(keyed):
+    refused = sign_in(client(keyed, REMOTE_ADDR=REMOTE), key="guess", status=401)
+    assert "That is not the upload key" in html_text(refused) and "Set-Cookie" not in refused.headers
+    assert refused.html.find("input", type="password") is not None
+
+
+def test_signing_out_ends_the_session(keyed, root_der):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    sign_in(remote)
+    assert "Max-Age=0" in remote.post("/signout", status=303).headers["Set-Cookie"]
+    post_cert(remote, root_der, 401)
+
+
+def test_a_session_ends_after_twelve_hours(keyed, clock, root_der):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    sign_in(remote)
+    clock.advance(certdrop.SESSION_SECONDS + 1)
+    post_cert(remote, root_der, 401)
+
+
+def session_of(signed_in):
+    """Return the Cookie header that a browser sends after the sign-in answer *signed_in*."""
+    return {"Cookie": signed_in.headers["Set-Cookie"].split(";")[0]}
+
+
+def test_a_forged_or_foreign_session_cookie_is_refused(config, store, clock, keyed, root_der):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    post_cert(remote, root_der, 401, {"Cookie": f"{certdrop.SESSION_COOKIE}={int(NOW) + 3600}.{'0' * 64}"})
+    other = client(app_with(config, store, clock, upload_password="another key"), REMOTE_ADDR=REMOTE)
+    post_cert(remote, root_der, 401, session_of(sign_in(other, key="another key")))
+    post_cert(remote, root_der, 201, session_of(sign_in(remote)))
+
+
+def test_a_session_works_on_every_process_that_shares_the_key(config, clock, keyed, root_der):
+    cookie = session_of(sign_in(client(keyed, REMOTE_ADDR=REMOTE)))
+    second = client(app_with(config, certdrop.make_store(config, clock), clock, upload_password=KEY),
+                    REMOTE_ADDR=REMOTE)
+    post_cert(second, root_der, 201, cookie)
+
+
+def test_a_new_upload_key_signs_everybody_out(app, store, root_der, ini):
+    remote = client(app, REMOTE_ADDR=REMOTE)
+    cookie = session_of(sign_in(remote, key=store.upload_key()[0]))
+    store.upload_key(replace=True)
+    post_cert(remote, root_der, 401, cookie)
+
+
+def test_the_session_cookie_is_scoped_to_the_public_prefix_and_secure_over_https(config, store, clock):
+    app = app_with(config, store, clock, upload_password=KEY, public_url="https://intranet.example.com/certdrop")
+    cookie = sign_in(client(app, REMOTE_ADDR=REMOTE)).headers["Set-Cookie"]
+    assert "Path=/certdrop/;" in cookie and cookie.endswith("; Secure")
+
+
+# -- cross-site requests
+
+@pytest.mark.parametrize("headers", [{"Origin": "http://evil.example"}, {"Origin": "null"},
+                                     {"Origin": "http://ca.example.org:8081"}, {"Sec-Fetch-Site": "cross-site"},
+                                     {"Origin": "http://ca.example.org:8080", "Sec-Fetch-Site": "cross-site"}],
+                         ids=["other-site", "null-origin", "other-port", "fetch-metadata", "both"])
+def test_a_forged_cross_site_upload_stores_nothing(testapp, config, root_der, headers):
+    refusal = post_cert(testapp, root_der, 403, headers)
+    assert "another web site" in html_text(refusal)
+    assert files_under(config.data_dir) == []
+
+
+def test_cross_site_sign_in_and_sign_out_are_refused(keyed):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    remote.post("/signin", {"key": KEY}, headers={"Origin": "http://evil.example"}, status=403)
+    remote.post("/signout", headers={"Sec-Fetch-Site": "cross-site"}, status=403)
+
+
+def test_same_origin_browsers_and_scripts_without_origin_may_upload(testapp, root_der, other_der):
+    post_cert(testapp, root_der, 201, {"Origin": "http://ca.example.org:8080", "Sec-Fetch-Site": "same-origin"})
+    post_cert(testapp, other_der, 201, {"User-Agent": "curl/8.5.0"})
+
+
+def test_with_public_url_the_origin_must_be_the_public_one(config, store, clock, root_der):
+    app = client(app_with(config, store, clock, public_url="http://intranet.example.com/certdrop"))
+    post_cert(app, root_der, 403, {"Origin": "http://ca.example.org:8080"})
+    post_cert(app, root_der, 201, {"Origin": "http://intranet.example.com"})
+
+
+# -- rate limits
+
+def test_guessing_tokens_runs_into_429_and_then_even_known_tokens_wait(testapp, clock, root_der):
+    token = token_of(upload(testapp, root_der))
+    for guess in range(certdrop.LOOKUP_BURST):
+        testapp.get(f"/c/{'zzzzzz' + certdrop.TOKEN_ALPHABET[guess] * 2}", status=404)
+    limited = testapp.get("/c/zzzzzzzz", status=429)
+    assert int(limited.headers["Retry-After"]) >= 1
+    testapp.get(f"/c/{token}", status=429)  # or a guesser would still tell live tokens from dead ones
+    clock.advance(int(limited.headers["Retry-After"]))
+    testapp.get(f"/c/{token}", status=200)
+
+
+def test_other_clients_are_not_held_up_by_a_guesser(app, root_der):
+    guesser, other = client(app, REMOTE_ADDR="10.0.0.7"), client(app, REMOTE_ADDR="10.0.0.8")
+    token = token_of(upload(client(app), root_der))
+    for _ in range(certdrop.LOOKUP_BURST + 1):
+        guesser.get("/c/zzzzzzzz", expect_errors=True)
+    other.get(f"/c/{token}", status=200)
+
+
+def test_ipv6_clients_count_per_64(app):
+    for host in range(certdrop.LOOKUP_BURST):
+        client(app, REMOTE_ADDR=f"2001:db8:1:2::{host + 1}").get("/c/zzzzzzzz", status=404)
+    client(app, REMOTE_ADDR="2001:db8:1:2:ffff::1").get("/c/zzzzzzzz", status=429)
+    client(app, REMOTE_ADDR="2001:db8:1:3::1").get("/c/zzzzzzzz", status=404)
+
+
+def test_lookup_limit_0_turns_the_limit_off(config, store, clock):
+    unlimited = client(app_with(config, store, clock, lookup_limit=0))
+    for _ in range(3 * certdrop.LOOKUP_BURST):
+        unlimited.get("/c/zzzzzzzz", status=404)
+
+
+def test_uploads_are_rate_limited_per_client(testapp, root_der):
+    for _ in range(certdrop.UPLOAD_BURST):
+        post_cert(testapp, root_der, "*")
+    assert int(post_cert(testapp, root_der, 429).headers["Retry-After"]) >= 1
 
 
 # -- HTTP: the install link ------------------------------------------------------------------------------------
@@ -1738,14 +1992,14 @@ def test_link_stays_410_after_the_sweep_and_404_after_the_tombstone_expires(test
 
 def test_a_new_app_on_the_same_directory_serves_earlier_uploads(testapp, config, clock, root_der):
     token = token_of(upload(testapp, root_der))
-    fresh = webtest.TestApp(certdrop.make_app(config, clock=clock))
+    fresh = client(certdrop.make_app(config, clock=clock))
     assert fresh.get(f"/c/{token}/ca.crt").body == root_der
 
 
 def test_damaged_entry_answers_404(testapp, config, clock, store, root_der):
     token = token_of(upload(testapp, root_der))
     store.path_for(token).write_bytes(b'{"format": 1, "tok')
-    fresh = webtest.TestApp(certdrop.make_app(config, clock=clock))
+    fresh = client(certdrop.make_app(config, clock=clock))
     fresh.get(f"/c/{token}", status=404)
 
 
@@ -1790,7 +2044,7 @@ def test_json_clients_get_errors_as_json(testapp):
 
 def test_unexpected_failure_is_logged_and_answers_500_without_details(app, caplog, monkeypatch):
     monkeypatch.setattr(app.store, "get", lambda token: 1 / 0)
-    response = webtest.TestApp(app).get("/c/abcdefgh", expect_errors=True)
+    response = client(app).get("/c/abcdefgh", expect_errors=True)
     assert response.status_int == 500 and "ZeroDivisionError" not in response.text
     assert "ZeroDivisionError" in caplog.text
 
@@ -1799,7 +2053,10 @@ def test_html_pages_carry_a_strict_security_policy(testapp):
     headers = testapp.get("/").headers
     assert "script-src" not in headers["Content-Security-Policy"]
     assert "default-src 'none'" in headers["Content-Security-Policy"]
-    assert headers["Referrer-Policy"] == "no-referrer" and headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    # The upload page's address holds no token; "same-origin" lets its form send a real Origin (no-referrer would
+    # make browsers send "Origin: null", which the cross-site check refuses).
+    assert headers["Referrer-Policy"] == "same-origin"
 
 
 @pytest.mark.parametrize("agent", ["s60-3rd-e61i", "s40-6500s", "android-chrome", "curl"], ids=str)
@@ -2196,3 +2453,47 @@ def test_real_server_uploads_serves_s60_follows_the_cli_and_stops_cleanly(tmp_pa
         code = server.stop()
     assert code == 0
     assert "certdrop stopped" in "".join(server.log)
+
+
+def wait_for_log(server, text, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not any(text in line for line in server.log):
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{''.join(server.log)}"
+        time.sleep(0.05)
+    return next(line for line in server.log if text in line)
+
+
+def test_serve_prints_a_new_upload_key_once_and_scripts_upload_with_it(tmp_path, root_pem):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\nupload_auth = always\n")
+    server = Server(ini)
+    try:
+        line = wait_for_log(server, "upload key ")
+        key = (tmp_path / "data" / "upload.key").read_text().strip()
+        assert f"upload key {key} (new, sign in at " in line
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        body = urllib.parse.urlencode({"pem": root_pem.decode()}).encode()
+        assert server.request("/", body, form)[0] == 401
+        auth = {"Authorization": "Basic " + base64.b64encode(f"certdrop:{key}".encode()).decode()}
+        assert server.request("/", body, {**form, **auth})[0] == 201
+    finally:
+        server.stop()
+    again = Server(ini)
+    try:
+        wait_for_log(again, "the upload key is in")
+        assert not any(key in line for line in again.log), "a key that is not new is not printed to a log"
+    finally:
+        again.stop()
+
+
+def test_serve_removes_temporary_files_left_by_a_killed_writer_at_start(tmp_path):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\nupload_auth = none\n")
+    (tmp_path / "data" / "ab").mkdir(parents=True)
+    stale, fresh = tmp_path / "data" / "ab" / ".abcdefgh.json.1a2b.tmp", tmp_path / "data" / ".upload.key.3c4d.tmp"
+    for path in (stale, fresh):
+        path.write_bytes(b"half an entry")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    server = Server(ini)
+    server.stop()
+    assert not stale.exists() and fresh.exists()
