@@ -403,6 +403,9 @@ class Config:
     max_upload: int = 1024 * 1024  # bytes in one upload request
     cache_entries: int = 10000  # entries kept in memory
     threads: int = 4  # waitress worker threads
+    connection_limit: int = 1000  # open connections waitress holds at once; past it, new ones wait to be accepted
+    channel_timeout: int = 30  # seconds a connection may stay silent (idle, or a request sent too slowly)
+    use_poll: bool = True  # poll() instead of select(), which fails past 1,024 open sockets
     log_level: str = "INFO"  # debug, info, warning or error
     s60_delivery: str = "file"  # what S60 phones get at /c/<token>: file, page or redirect (to <name>.cer)
     s60_attachment: bool = False  # send the S60 file with Content-Disposition: attachment
@@ -456,6 +459,9 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "max_upload": parse_size,
     "cache_entries": _parse_int(1, 10_000_000),
     "threads": _parse_int(1, 256),
+    "connection_limit": _parse_int(10, 100_000),
+    "channel_timeout": parse_duration,
+    "use_poll": _parse_bool,
     "log_level": _parse_log_level,
     "s60_delivery": _parse_choice("file", "page", "redirect"),
     "s60_attachment": _parse_bool,
@@ -3057,8 +3063,14 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     # Waitress keeps bodies in memory up to inbuf_overflow; set both above our own limit, so that certdrop
     # answers oversize uploads with its own message and no body is spooled to disk.
     body_limit = 2 * config.max_upload + 65536
+    raise_file_limit(config.connection_limit + 64)
+    # Idle and byte-at-a-time clients cost a socket each, no thread: enough sockets, polled past select()'s 1,024,
+    # and dropped after channel_timeout of silence, keep one client from starving the rest.
     server = create_server(app, host=config.host, port=config.port, threads=config.threads, ident="certdrop",
-                           max_request_body_size=body_limit, inbuf_overflow=body_limit + 1)
+                           max_request_body_size=body_limit, inbuf_overflow=body_limit + 1,
+                           connection_limit=config.connection_limit, channel_timeout=config.channel_timeout,
+                           cleanup_interval=max(1, min(30, config.channel_timeout // 2)),
+                           asyncore_use_poll=config.use_poll)
     stop = threading.Event()
     if config.sweep_interval:
         threading.Thread(target=sweep_forever, args=(app.store, config.sweep_interval, stop), daemon=True).start()
@@ -3072,6 +3084,20 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
         stop.set()
     log.info("certdrop stopped")
     return 0
+
+
+def raise_file_limit(wanted: int) -> None:
+    """Raise this process's open-file limit towards *wanted* (each connection is a socket), as far as allowed."""
+    try:
+        import resource
+    except ImportError:  # Windows: no per-process descriptor limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            log.warning("only %d open files allowed (connection_limit needs %d): raise LimitNOFILE", target, wanted)
 
 
 def announce_upload_key(store: Store, config: Config, port: int) -> None:

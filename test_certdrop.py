@@ -2,8 +2,12 @@
 
 import base64
 import codecs
+import contextlib
 import dataclasses
 import datetime
+import functools
+import http.client
+import ipaddress
 import io
 import json
 import logging
@@ -15,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import typing
@@ -26,6 +31,8 @@ import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import webtest
 from cryptography import x509
@@ -817,6 +824,133 @@ def test_show_prints_a_negative_serial(tmp_path, capsys):
     token = re.search(r"/c/([a-z0-9]+)", capsys.readouterr().out)[1]
     assert certdrop.main(["-c", str(ini), "show", token], clock=lambda: NOW) == 0
     assert "serial    -FF\n" in capsys.readouterr().out
+
+
+# -- property tests: whatever arrives ends in a result or a clean refusal ---------------------------------------
+
+PROPERTY_SETTINGS = hypothesis.settings(max_examples=250, deadline=None, database=None,
+                                        suppress_health_check=[hypothesis.HealthCheck.too_slow])
+
+
+def render_everything(diagnosis):
+    """Run every renderer over every certificate of *diagnosis*, as pages, files, reports and CLI lines would."""
+    entries = [certdrop.Entry("abcdefgh", NOW, NOW + DAY, certificate.der) for certificate in diagnosis.installable]
+    links = [certdrop.Link(entry, "http://ca.example.org/c/abcdefgh", True) for entry in entries]
+    ET.fromstring(certdrop.render_result(links, diagnosis, NOW, "/"))
+    for certificate in diagnosis.installable:
+        for device in certdrop.DEVICE_GUIDES:
+            ET.fromstring(certdrop.render_landing(certificate, certdrop.Client(device, False), "/c/abcdefgh"))
+        for content_type in (certdrop.MIME_XHTML_MP, certdrop.MIME_WML):
+            ET.fromstring(certdrop.render_nokia_page(certificate, certdrop.Client("s40", False), "/c/abcdefgh",
+                                                     content_type, ("whc-direct", "whc-length"), 106))
+        plistlib.loads(certdrop.apple_profile(certificate))
+        certdrop.hashed_certificate(certificate)
+        pem = certdrop.pem_bytes(certificate).decode("ascii").splitlines()
+        assert base64.b64decode("".join(pem[1:-1])) == certificate.der and max(map(len, pem)) <= 64
+    json.dumps(certdrop.check_report("upload", diagnosis_bytes(diagnosis), "", NOW)[1])
+
+
+def diagnosis_bytes(diagnosis):
+    return b"".join(certdrop.pem_bytes(certificate) for certificate in diagnosis.certificates)
+
+
+def diagnose_or_refuse(data):
+    """Return the diagnosis of *data*, after rendering it everywhere, or None for a clean refusal."""
+    certdrop.quiet_library_warnings()  # as the app and the command line do; pytest resets filters per test
+    try:
+        diagnosis = certdrop.diagnose(data, now=NOW, force=True)
+    except certdrop.CertificateError as refusal:
+        assert refusal.code and str(refusal)
+        return None
+    render_everything(diagnosis)
+    return diagnosis
+
+
+@functools.cache
+def mutation_corpus():
+    """Return real certificates to mutate: roots with and without extensions, an RSA intermediate, a leaf."""
+    root, root_key = make_certificate("Corpus Root")
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = make_name("Corpus RSA Intermediate", "Corpus Org")
+    intermediate = (x509.CertificateBuilder().subject_name(subject).issuer_name(root.subject)
+                    .public_key(rsa_key.public_key()).serial_number(99)
+                    .not_valid_before(datetime.datetime(2025, 1, 1)).not_valid_after(datetime.datetime(2030, 1, 1))
+                    .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                    .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), True)
+                    .add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+                        x509.oid.AuthorityInformationAccessOID.CA_ISSUERS,
+                        x509.UniformResourceIdentifier("http://pki.example.com/root.cer"))]), False)
+                    .sign(root_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(make_name("mail.example.com")).issuer_name(subject)
+            .public_key(ec.generate_private_key(ec.SECP256R1()).public_key()).serial_number(7)
+            .not_valid_before(datetime.datetime(2025, 1, 1)).not_valid_after(datetime.datetime(2026, 1, 1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("mail.example.com"),
+                                                        x509.IPAddress(ipaddress.ip_address("10.0.0.1"))]), False)
+            .sign(rsa_key, hashes.SHA256()))
+    return [der_of(root), der_of(intermediate), der_of(leaf), crafted(negative_serial)]
+
+
+def element_offsets(der):
+    """Return the start of every DER element inside *der*, walking constructed ones."""
+    offsets, stack = [], [0]
+    while stack and len(offsets) < 2000:
+        offset = stack.pop()
+        try:
+            element = certdrop.ber_element(der, offset)
+        except ValueError:
+            continue
+        offsets.append(offset)
+        if element.tag & 0x20:  # constructed: its children are elements too
+            with contextlib.suppress(ValueError):
+                stack.extend(child.start for child in certdrop.ber_children(der, element))
+    return offsets
+
+
+@st.composite
+def mutated_certificates(draw):
+    der = bytearray(draw(st.sampled_from(mutation_corpus())))
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["bit-flip", "truncate", "length", "tag", "duplicate-extensions"]))
+        offsets = element_offsets(bytes(der)) or [0]
+        if kind == "bit-flip" and der:
+            index = draw(st.integers(0, len(der) - 1))
+            der[index] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "truncate":
+            der = der[:draw(st.integers(0, len(der)))]
+        elif kind == "length" and len(der) > 2:
+            index = min(draw(st.sampled_from(offsets)) + 1, len(der) - 1)
+            der[index] = draw(st.integers(0, 255))
+        elif kind == "tag" and der:
+            der[draw(st.sampled_from(offsets))] = draw(st.sampled_from(
+                [0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x0C, 0x12, 0x13, 0x14, 0x16, 0x17, 0x18, 0x1A, 0x1C, 0x1E,
+                 0x30, 0x31, 0x80, 0xA0, 0xA3, 0xFF]))
+        elif kind == "duplicate-extensions":
+            with contextlib.suppress(ValueError, IndexError):
+                der = bytearray(duplicate_an_extension(bytes(der)))
+    return bytes(der)
+
+
+def duplicate_an_extension(der):
+    """Return *der* with its first extension twice, keeping the (now wrong) signature: deterministic, unlike
+    signing again."""
+    tbs, algorithm, signature = (der[e.start:e.end] for e in certdrop.ber_children(der, certdrop.ber_element(der)))
+    fields = [tbs[f.start:f.end] for f in certdrop.ber_children(tbs, certdrop.ber_element(tbs))]
+    fields = rewrite_extensions(lambda present: present + present[:1])(fields)
+    return tlv(0x30, tlv(0x30, b"".join(fields)) + algorithm + signature)
+
+
+@PROPERTY_SETTINGS
+@hypothesis.given(st.binary(max_size=4096))
+def test_any_bytes_give_a_diagnosis_or_a_clean_refusal(data):
+    diagnose_or_refuse(data)
+
+
+@PROPERTY_SETTINGS
+@hypothesis.given(mutated_certificates())
+def test_mutated_certificates_give_a_diagnosis_that_renders_everywhere_or_a_clean_refusal(der):
+    diagnose_or_refuse(der)
+    diagnose_or_refuse(base64.encodebytes(der))
+    diagnose_or_refuse(b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE-----\n")
 
 
 def test_check_prints_a_readable_report(tmp_path, capsys, pki):
@@ -1931,6 +2065,58 @@ def test_uploads_are_rate_limited_per_client(testapp, root_der):
     assert int(post_cert(testapp, root_der, 429).headers["Retry-After"]) >= 1
 
 
+# -- property test: any request gets an answer, never a 500 ---------------------------------------------------
+
+HEADER_NAMES = ["User-Agent", "Accept", "Host", "Origin", "Cookie", "Authorization", "Content-Type",
+                "If-None-Match", "X-Forwarded-For", "X-OperaMini-Phone-UA", "Sec-Fetch-Site", "Forwarded"]
+LATIN_1 = st.text(st.characters(max_codepoint=255), max_size=80)  # WSGI carries header values as latin-1 text
+
+
+@functools.cache
+def fuzzed_app():
+    """Return an app with one live link, shared by the examples (hypothesis runs them many times per test)."""
+    directory = Path(tempfile.mkdtemp(prefix="certdrop-fuzz-"))
+    config = certdrop.Config(data_dir=directory, upload_password=KEY, lookup_limit=0, upload_limit=0)
+    app = certdrop.make_app(config, certdrop.make_store(config, FakeClock()), FakeClock())
+    token = app.store.add(certdrop.load_der(mutation_corpus()[0]), NOW + DAY)[0].token
+    return app, token
+
+
+@st.composite
+def requests(draw):
+    app, token = fuzzed_app()
+    path = draw(st.one_of(
+        st.sampled_from(["/", "/signin", "/signout", f"/c/{token}", f"/c/{token}/", f"/c/{token.upper()}/x.cer",
+                         f"/c/{token}/ca.alt.whc", "/c/zzzzzzzz", "/c/../../etc/passwd"]),
+        st.text(st.characters(max_codepoint=255), max_size=60).map(lambda text: "/" + text),
+        LATIN_1.map(lambda text: f"/c/{token}/{text}")))
+    environ = {
+        "REQUEST_METHOD": draw(st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "get", "BREW"])),
+        "PATH_INFO": path, "QUERY_STRING": draw(st.one_of(st.just("format=der"), LATIN_1)),
+        "SCRIPT_NAME": draw(st.sampled_from(["", "/certdrop"])), "SERVER_NAME": "localhost", "SERVER_PORT": "80",
+        "REMOTE_ADDR": draw(st.sampled_from(["127.0.0.1", "192.168.1.9", "2001:db8::1", "", "junk"])),
+        "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(draw(st.binary(max_size=600))),
+    }
+    environ["CONTENT_LENGTH"] = draw(st.one_of(st.just(str(len(environ["wsgi.input"].getvalue()))), LATIN_1))
+    environ["CONTENT_TYPE"] = draw(st.one_of(
+        st.sampled_from(["multipart/form-data; boundary=x", "application/x-www-form-urlencoded", ""]), LATIN_1))
+    for name in draw(st.lists(st.sampled_from(HEADER_NAMES), max_size=5, unique=True)):
+        environ["HTTP_" + name.upper().replace("-", "_")] = draw(LATIN_1)
+    return environ
+
+
+@PROPERTY_SETTINGS
+@hypothesis.given(requests())
+def test_any_request_gets_an_answer_below_500_with_clean_headers(environ):
+    app, _ = fuzzed_app()
+    answers = []
+    body = b"".join(app(environ, lambda status, headers: answers.append((status, headers))))
+    (status, headers), = answers
+    assert int(status[:3]) < 500, (status, body[:300])
+    for name, value in headers:
+        assert value.isprintable() and "\r" not in value and "\n" not in value, (name, value)
+
+
 # -- HTTP: the install link ------------------------------------------------------------------------------------
 
 
@@ -2091,6 +2277,70 @@ def test_content_length_of_anything_but_ascii_digits_is_a_400(app, length):
     statuses = []
     app(environ, lambda status, headers: statuses.append(status))
     assert statuses == ["400 Bad Request"]
+
+
+# -- faults: a full or read-only data directory -----------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Return a 256 KiB tmpfs mounted for this test (the suite runs as root, as CI does)."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mountpoint)], check=True,
+                   capture_output=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+def fill(directory):
+    """Fill the file system of *directory* to the last byte; return the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as file, contextlib.suppress(OSError):
+        while True:
+            file.write(b"\0" * 4096)
+    return filler
+
+
+def disk_app(small_disk, clock):
+    config = certdrop.Config(data_dir=small_disk / "data")
+    return client(certdrop.make_app(config, certdrop.make_store(config, clock), clock)), config
+
+
+def test_a_full_data_directory_answers_503_keeps_links_working_and_recovers(small_disk, clock, root_der, other_der):
+    app, config = disk_app(small_disk, clock)
+    token = token_of(upload(app, root_der))
+    before = files_under(config.data_dir)
+    filler = fill(small_disk)
+    refusal = upload(app, other_der, status=503)
+    assert "data directory is full, so nothing was stored" in html_text(refusal)
+    assert files_under(config.data_dir) == before, "nothing half-written is left behind"
+    fresh, _ = disk_app(small_disk, clock)  # a process with nothing cached reads the link from the full disk
+    assert fresh.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]}).body == root_der
+    filler.unlink()
+    upload(app, other_der, status=201)
+
+
+def test_a_read_only_data_directory_answers_503_and_recovers_when_writable(small_disk, clock, root_der, other_der):
+    app, config = disk_app(small_disk, clock)
+    token = token_of(upload(app, root_der))
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    refusal = upload(app, other_der, status=503)
+    assert "read-only file system" in html_text(refusal)
+    fresh, _ = disk_app(small_disk, clock)
+    assert fresh.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]}).body == root_der
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    upload(app, other_der, status=201)
+
+
+def test_the_command_line_says_why_it_cannot_store(small_disk, capsys, root_pem):
+    (small_disk / "certdrop.ini").write_text("[certdrop]\ndata_dir = data\n")
+    (small_disk / "ca.pem").write_bytes(root_pem)
+    fill(small_disk)
+    assert certdrop.main(["-c", str(small_disk / "certdrop.ini"), "add", str(small_disk / "ca.pem")]) == 1
+    assert "data directory is full" in capsys.readouterr().err
 
 
 # -- hostile certificate text: one matrix of names, every place a name can go ---------------------------------
@@ -2397,8 +2647,8 @@ class Server:
         except urllib.error.HTTPError as error:
             return error.code, dict(error.headers), error.read()
 
-    def stop(self):
-        self.process.send_signal(signal.SIGTERM)
+    def stop(self, signum=signal.SIGTERM):
+        self.process.send_signal(signum)
         code = self.process.wait(timeout=10)
         self._drain.join(timeout=5)
         self.process.stderr.close()
@@ -2497,3 +2747,120 @@ def test_serve_removes_temporary_files_left_by_a_killed_writer_at_start(tmp_path
     server = Server(ini)
     server.stop()
     assert not stale.exists() and fresh.exists()
+
+
+def hold_connections(url, count, stop):
+    """Open *count* connections to *url* that never finish a request: half idle after a partial request line, half
+    sending one byte every half second. Return the sockets; the trickle stops when *stop* is set."""
+    parts = urllib.parse.urlsplit(url)
+    sockets = []
+    for number in range(count):
+        connection = socket.create_connection((parts.hostname, parts.port), timeout=5)
+        connection.sendall(b"GET / HTTP/1.1\r\n" if number % 2 else b"G")
+        sockets.append(connection)
+
+    def trickle():
+        while not stop.wait(0.5):
+            for connection in sockets[::2]:
+                with contextlib.suppress(OSError):
+                    connection.sendall(b"E")
+    threading.Thread(target=trickle, daemon=True).start()
+    return sockets
+
+
+def test_a_client_holding_500_idle_or_slow_connections_does_not_starve_others(tmp_path, root_der):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\n")
+    (tmp_path / "ca.der").write_bytes(root_der)
+    token = re.search(r"/c/([a-z0-9]+)", run_cli(ini, "add", str(tmp_path / "ca.der")).stdout)[1]
+    server, stop = Server(ini), threading.Event()
+    try:
+        held = hold_connections(server.url, 500, stop)
+        time.sleep(1.0)  # let the server accept them all
+        started = time.monotonic()
+        status, _, body = server.request(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
+        assert (status, body) == (200, root_der) and time.monotonic() - started < 1.0
+    finally:
+        stop.set()
+        for connection in held:
+            connection.close()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def many_roots():
+    """Return 120 distinct root CA certificates (DER), for tests that upload one after another."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return [der_of(make_certificate(f"Root {number}", key=key, serial=1000 + number)[0]) for number in range(120)]
+
+
+def upload_der(url, der):
+    """POST *der* to a real server as a script would; return the token, or None if it was not acknowledged."""
+    body = urllib.parse.urlencode({"pem": base64.b64encode(der).decode()}).encode()
+    request = urllib.request.Request(url + "/", data=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.headers["Location"].rsplit("/", 1)[1] if response.status in (200, 201) else None
+    except (OSError, urllib.error.URLError, http.client.HTTPException):
+        return None
+
+
+def test_a_server_killed_mid_upload_20_times_loses_no_acknowledged_upload(tmp_path, many_roots):
+    import random
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\nupload_limit = 0\n")
+    acknowledged, pending = {}, list(many_roots)
+    for _ in range(20):
+        server, stop = Server(ini), threading.Event()
+
+        def keep_uploading(url=server.url):
+            while pending and not stop.is_set():
+                der = pending[0]
+                token = upload_der(url, der)
+                if token is None:
+                    return
+                acknowledged[token] = pending.pop(0)
+        uploader = threading.Thread(target=keep_uploading)
+        uploader.start()
+        time.sleep(random.uniform(0.0, 0.15))
+        server.stop(signal.SIGKILL)
+        stop.set()
+        uploader.join(timeout=10)
+    assert len(acknowledged) >= 20, "the test must exercise real uploads"
+    survivor = Server(ini)
+    try:
+        for token, der in acknowledged.items():
+            assert survivor.request(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})[2] == der
+        for path in (tmp_path / "data").glob("??/*.json"):
+            certdrop.Entry.from_json(path.stem, path.read_bytes())  # every entry file is whole
+    finally:
+        survivor.stop()
+
+
+def test_two_servers_sharing_a_data_directory_lose_nothing_and_see_revocations(tmp_path, many_roots):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\nupload_limit = 0\n")
+    servers = [Server(ini), Server(ini)]
+    try:
+        results = {}
+
+        def upload_share(number):
+            for index in range(number, 48, 6):
+                results[index] = upload_der(servers[number % 2].url, many_roots[index])
+        threads = [threading.Thread(target=upload_share, args=(number,)) for number in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(results) == 48 and None not in results.values()
+        for index, token in results.items():
+            for server in servers:
+                assert server.request(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})[2] == many_roots[index]
+        assert run_cli(ini, "revoke", results[0]).returncode == 0
+        deadline = time.monotonic() + 2.0
+        while any(server.request(f"/c/{results[0]}")[0] != 410 for server in servers):
+            assert time.monotonic() < deadline, "a revocation was not seen by both servers within 2 seconds"
+            time.sleep(0.1)
+    finally:
+        for server in servers:
+            server.stop()
