@@ -2423,13 +2423,20 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def send(response: Response, start_response: Callable, head: bool = False) -> list[bytes]:
+def referrer_policy(path: str) -> str:
+    """Return the Referrer-Policy for an answer at *path*.
+
+    An address that holds a token must never travel on as a Referer. Elsewhere (the upload, result and sign-in
+    pages) "same-origin" keeps addresses at home yet lets their forms send a real Origin: under "no-referrer",
+    browsers send "Origin: null" on a form post, which the cross-site check must refuse.
+    """
+    return "no-referrer" if path.startswith("/c/") else "same-origin"
+
+
+def send(response: Response, start_response: Callable, head: bool = False,
+         referrer: str = "no-referrer") -> list[bytes]:
     """Start the WSGI response and return its body (empty for HEAD, with the same Content-Length)."""
-    # Tokens are in our URLs, so no page or file may pass its address on as a Referer; only pages whose address
-    # holds no token set a policy of their own (so that their forms send a real Origin).
-    headers = [("X-Content-Type-Options", "nosniff"), *response.headers]
-    if not any(name == "Referrer-Policy" for name, _ in response.headers):
-        headers.append(("Referrer-Policy", "no-referrer"))
+    headers = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", referrer), *response.headers]
     if response.status != 304:  # a 304 carries no body, so no entity headers either
         headers[:0] = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body)))]
     for name, value in headers:
@@ -2639,8 +2646,8 @@ SIGN_IN_FAILURES_PER_MINUTE, SIGN_IN_FAILURE_BURST = 5, 5
 #: Bursts allowed by the unknown-token and upload limits.
 LOOKUP_BURST, UPLOAD_BURST = 10, 5
 
-#: Pages whose address holds no token may send their origin, so that their forms pass the cross-site check.
-FORM_PAGE_HEADERS = HTML_HEADERS + (("Referrer-Policy", "same-origin"), ("Cache-Control", "no-store"))
+#: Pages with a form: they depend on the visitor's sign-in, so no cache keeps them.
+FORM_PAGE_HEADERS = HTML_HEADERS + (("Cache-Control", "no-store"),)
 
 CROSS_SITE_MESSAGE = ("This request came from another web site, so it was refused: only certdrop's own pages may "
                       "upload or sign in. Open certdrop's address yourself and try again.")
@@ -2715,7 +2722,7 @@ class App:
         except Exception:
             log.exception("error while answering %s %r", request.method, request.path)
             response = Response(b"500 Internal Server Error: the error has been logged.\n", 500, MIME_TEXT)
-        return send(response, start_response, head=request.method == "HEAD")
+        return send(response, start_response, head=request.method == "HEAD", referrer=referrer_policy(request.path))
 
     def dispatch(self, request: Request) -> Response:
         handler, arguments = match_route(request.method, request.path)

@@ -2008,6 +2008,14 @@ def test_a_forged_cross_site_upload_stores_nothing(testapp, config, root_der, he
     assert files_under(config.data_dir) == []
 
 
+def test_every_page_with_a_form_lets_the_browser_send_its_real_origin(keyed, root_der):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    for page in (remote.get("/"), remote.get("/signin"), post_cert(remote, root_der, 401),
+                 sign_in(remote, key="guess", status=401)):
+        assert page.html.find("form") is not None
+        assert page.headers["Referrer-Policy"] == "same-origin", "no-referrer makes browsers send Origin: null"
+
+
 def test_cross_site_sign_in_and_sign_out_are_refused(keyed):
     remote = client(keyed, REMOTE_ADDR=REMOTE)
     remote.post("/signin", {"key": KEY}, headers={"Origin": "http://evil.example"}, status=403)
