@@ -49,7 +49,7 @@ import urllib.parse
 import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from http import HTTPStatus
 from pathlib import Path
@@ -1186,9 +1186,13 @@ S60_MODELS = frozenset("""
     N71 N72 N73 N75 N76 N77 N78 N79 N8 N80 N81 N82 N85 N86 N90 N91 N92 N93 N93i N95 N96 N97 T7 X6 X7
 """.split())
 
-NOKIA_MODEL_RE = re.compile(r"(?:^Nokia ?|^portalmmm/[\d.]+ |Opera Mini/Nokia|[(;] ?Nokia ?)(N-Gage|[A-Z]?\d{1,4})([a-z]{0,2})")
-S60_RE = re.compile(r"Symbian|Series ?60|\bS60(?:V\d)?\b|SymbOS|Series80")
-S40_RE = re.compile(r"Series40\b|S40OviBrowser|Opera Mini/Nokia")
+#: A Nokia model token as UAs write it, in any case ("Nokia6230", "NOKIA-6236i", "nokia6680", "Nokia 6230" inside
+#: Opera Mini's UA, i-mode's bare "N73"). It ends at a delimiter, not where another word of the name follows:
+#: "Nokia7610 Supernova" (2008, Series 40) is not the 7610 (2004, S60).
+NOKIA_MODEL_RE = re.compile(r"(?:^Nokia[ -]?|^portalmmm/[\d.]+ |Opera Mini/Nokia|[\s(;]Nokia[ -]?)"
+                            r"(N-Gage|[A-Z]?\d{1,4})([a-z]{0,2})(?=[-/();,_\[]|\s+[^A-Za-z]|\s*$)", re.IGNORECASE)
+S60_RE = re.compile(r"Symbian|Series ?60|\bS60(?:V\d)?\b|SymbOS|Series80", re.IGNORECASE)
+S40_RE = re.compile(r"Series40\b|S40OviBrowser|Opera Mini/Nokia", re.IGNORECASE)
 ANDROID_RE = re.compile(r"\bAndroid\b")
 WINDOWS_MOBILE_RE = re.compile(r"Windows Phone|Windows CE|Windows Mobile|IEMobile|WPDesktop")
 BLACKBERRY_RE = re.compile(r"BlackBerry|\bBB10\b|RIM Tablet OS|PlayBook")
@@ -1196,7 +1200,8 @@ IOS_RE = re.compile(r"iPhone|iPad|iPod")
 WINDOWS_RE = re.compile(r"Windows NT|Win64|WOW64|Windows 10|Windows 11")
 MAC_RE = re.compile(r"Macintosh|Mac OS X")
 UNIX_RE = re.compile(r"X11|Linux|FreeBSD|OpenBSD|NetBSD")
-PROXY_BROWSER_RE = re.compile(r"Opera Mini|UCBrowser|UCWEB|UC Browser")
+PROXY_BROWSER_RE = re.compile(r"Opera Mini|UCBrowser|UCWEB|UC Browser", re.IGNORECASE)
+CHROME_OS_RE = re.compile(r"\bCrOS\b")
 CERTIFICATE_TYPES = ("application/x-x509-ca-cert", "application/pkix-cert", "application/x-pem-file")
 
 #: IANA MIBenum -> Python codec, for the display name of a WAP hashed certificate.
@@ -1214,33 +1219,52 @@ class Client(typing.NamedTuple):
     via_proxy: bool  # Opera Mini or UC Browser: the file reaches their server, not the phone's installer
 
 
-def is_s60_model(user_agent: str) -> bool:
-    """Return whether *user_agent* names a Nokia S60 handset from the model table."""
+def nokia_model(user_agent: str) -> str | None:
+    """Return the Nokia model *user_agent* names, spelt as in S60_MODELS ("6600", "N95", "E61i"), or None."""
     match = NOKIA_MODEL_RE.search(user_agent)
-    return bool(match) and match[1] + match[2] in S60_MODELS
+    if not match:
+        return None
+    number = "N-Gage" if match[1].lower() == "n-gage" else match[1].upper()
+    return number + match[2].lower()
+
+
+def nokia_class(user_agent: str) -> str | None:
+    """Return "s60" or "s40" when *user_agent* is a Nokia phone's (or a proxy browser's naming one), else None.
+
+    "s60" covers every Symbian browser (Series 80 Communicators too): their installers take DER. It is tested
+    first, because S60 WAP browsers also send "Nokia.../x (fw) ... Profile/MIDP".
+    """
+    model, lowered = nokia_model(user_agent), user_agent.lower()
+    if S60_RE.search(user_agent) or model in S60_MODELS:
+        return "s60"
+    if S40_RE.search(user_agent) or lowered.startswith("nokia"):
+        # Native S40 browsers carry no Series40 token, and older Nokia WAP phones (3330, 6210) are best served by
+        # the same WAP page.
+        return "s40"
+    if model and ((lowered.startswith("mozilla/") and "profile/midp" in lowered) or "opera mini" in lowered):
+        # Series 40 WebKit browsers lead with Mozilla/5.0 and name the phone later; Opera Mini names the phone it
+        # runs on. Another maker's phone that merely mentions a Nokia model ("LG-CU920 ... Nokia6233") is neither.
+        return "s40"
+    return None
 
 
 @functools.lru_cache(maxsize=4096)
 def classify(user_agent: str) -> str:
-    """Return the device class of a User-Agent string; each distinct string is worked out once.
-
-    "s60" covers every Symbian browser (Series 80 Communicators too): their installers take DER.
-    """
+    """Return the device class of a User-Agent string; each distinct string is worked out once."""
     if WINDOWS_MOBILE_RE.search(user_agent):  # before Android and iOS: Windows Phone 8.1+ claims both
         return "windows-mobile"
     android = ANDROID_RE.search(user_agent)  # Android phones named "S60" (Cat, Lenovo) are Android
-    if not android and (S60_RE.search(user_agent) or is_s60_model(user_agent)):
-        return "s60"  # before S40: S60 WAP browsers also send "Nokia.../x (fw) ... Profile/MIDP"
-    if not android and (S40_RE.search(user_agent) or user_agent.startswith("Nokia")):
-        # Native S40 browsers carry no Series40 token, and older Nokia WAP phones (3330, 6210) are best served by
-        # the same WAP page. "Nokia" must lead: other phones' UAs may merely mention a Nokia model.
-        return "s40"
+    nokia = None if android else nokia_class(user_agent)
+    if nokia:
+        return nokia
     if BLACKBERRY_RE.search(user_agent):
         return "blackberry"
     if android:
         return "android"
     if IOS_RE.search(user_agent):
         return "ios"
+    if CHROME_OS_RE.search(user_agent):
+        return "chromeos"
     windows, mac, unix = WINDOWS_RE.search(user_agent), MAC_RE.search(user_agent), UNIX_RE.search(user_agent)
     if "Firefox/" in user_agent and unix and not (windows or mac):
         return "firefox"  # Firefox on Windows and macOS trusts the system store, so it gets that system's page
@@ -1248,7 +1272,7 @@ def classify(user_agent: str) -> str:
         return "windows"
     if mac:
         return "macos"  # iPadOS Safari too, by default: the macOS page offers the profile first for that reason
-    if unix and "CrOS" not in user_agent:
+    if unix:
         return "linux"
     return "other"
 
@@ -1263,22 +1287,55 @@ def identify(user_agent: str, handset_agent: str, proxied: bool) -> Client:
     return Client(classify(handset_agent or user_agent), proxied or bool(PROXY_BROWSER_RE.search(user_agent)))
 
 
+@functools.lru_cache(maxsize=1024)
+def accept_qualities(accept: str) -> dict[str, float]:
+    """Return the media ranges of an Accept header with their q-values ("*/*" and "type/*" included)."""
+    qualities = {}
+    for item in accept.lower().split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = min(1.0, max(0.0, float(value)))
+                except ValueError:
+                    quality = 0.0
+        if media:
+            qualities[media] = max(quality, qualities.get(media, 0.0))
+    return qualities
+
+
+def accept_quality(accept: str, media: str, *, wildcards: bool = True) -> float:
+    """Return the q-value *accept* gives *media*: its own range first, then "type/*" and "*/*" (q=0: refused)."""
+    qualities = accept_qualities(accept)
+    if media in qualities:
+        return qualities[media]
+    if not wildcards:
+        return 0.0
+    return qualities.get(media.partition("/")[0] + "/*", qualities.get("*/*", 0.0))
+
+
 def accepts_only_certificates(accept: str) -> bool:
-    """Return whether an Accept header lists a certificate type but neither HTML nor ``*/*``."""
-    accept = accept.lower()
-    return any(kind in accept for kind in CERTIFICATE_TYPES) and "text/html" not in accept and "*/*" not in accept
+    """Return whether an Accept header asks for a certificate type and refuses HTML."""
+    wants_certificate = any(accept_quality(accept, kind, wildcards=False) > 0 for kind in CERTIFICATE_TYPES)
+    return wants_certificate and accept_quality(accept, "text/html") == 0
 
 
 def nokia_page_type(accept: str) -> str:
-    """Return the Content-Type for a Nokia page: XHTML-MP when asked for, WML for WAP 1.x, else text/html."""
-    accept = accept.lower()
-    if "application/vnd.wap.xhtml+xml" in accept:
-        return MIME_XHTML_MP
-    if "application/xhtml+xml" in accept:
-        return MIME_XHTML
-    if "text/vnd.wap.wml" in accept or "application/vnd.wap.wmlc" in accept:
-        return MIME_WML  # gateways often add text/html for WAP 1.x phones; it does not make them XHTML browsers
-    return MIME_HTML
+    """Return the Content-Type for a Nokia page: the page type the phone names with the highest q, else text/html.
+
+    Only types the Accept header names count: gateways often add text/html or */* for WAP 1.x phones, which does
+    not make them XHTML browsers.
+    """
+    candidates = ((MIME_XHTML_MP, "application/vnd.wap.xhtml+xml"), (MIME_XHTML, "application/xhtml+xml"),
+                  (MIME_WML, "text/vnd.wap.wml"), (MIME_WML, "application/vnd.wap.wmlc"))
+    best, best_quality = MIME_HTML, 0.0
+    for content_type, media in candidates:
+        quality = accept_quality(accept, media, wildcards=False)
+        if quality > best_quality:
+            best, best_quality = content_type, quality
+    return best
 
 
 # -- the files ---------------------------------------------------------------------------------------------------
@@ -1851,8 +1908,11 @@ button{font:inherit;font-weight:600;padding:.55rem 1.4rem;border:0;border-radius
 .warn{background:#fff6e0;border-color:#f0c36d}
 .error{background:#fdecec;border-color:#e8a3a3}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;vertical-align:top;padding:.3rem .5rem .3rem 0}
-th{white-space:nowrap;color:#556}td{word-break:break-all}
-code,.fp{font:13px/1.4 ui-monospace,monospace}
+th{white-space:nowrap;color:#556}td{overflow-wrap:anywhere}
+code,.fp{font:13px/1.4 ui-monospace,monospace}td.fp{overflow-wrap:normal}
+li,p{overflow-wrap:anywhere}
+code.cmd{display:block;overflow-x:auto;white-space:pre;background:#f4f6f9;border:1px solid #dde3ea;border-radius:4px;
+padding:.3rem .5rem;margin:.3rem 0}
 .muted,footer{color:#667;font-size:.9rem}footer{text-align:center;padding:1rem}
 section>h2:first-child{margin-top:0}
 a.button{display:inline-block;background:#1f5fbf;color:#fff;padding:.75rem 1.25rem;border-radius:6px;
@@ -2031,8 +2091,21 @@ first</strong>: it is what devices must trust. The others are intermediate CAs; 
 complain about a missing intermediate (Nokia phones, some Android versions).</p></section>"""
 
 
+def hex_html(text: str) -> str:
+    """Return colon hex that wraps only between bytes ("12:04", never "12:0" / "4"), in a narrow column too."""
+    return esc(text).replace(":", ":<wbr />")
+
+
+def render_table(rows: Iterable[tuple[str, str]]) -> str:
+    """Return a facts table of (label, value) rows; colon-hex values get the fingerprint style."""
+    cells = "".join(f'<tr><th>{esc(label)}</th><td class="fp">{hex_html(value)}</td></tr>'
+                    if label in ("SHA-256", "SHA-1", "Serial") else f"<tr><th>{esc(label)}</th><td>{esc(value)}</td></tr>"
+                    for label, value in rows)
+    return f"<table>{cells}</table>"
+
+
 def render_facts(certificate: Certificate) -> str:
-    rows = (
+    return render_table((
         ("Name", certificate.name),
         ("Subject", certificate.subject),
         ("Issuer", certificate.issuer),
@@ -2041,10 +2114,7 @@ def render_facts(certificate: Certificate) -> str:
         ("Serial", certificate.serial_hex),
         ("SHA-256", colon_hex(certificate.sha256)),
         ("SHA-1", colon_hex(certificate.sha1)),
-    )
-    cells = "".join(f'<tr><th>{esc(label)}</th><td class="{"fp" if label.startswith("SHA") else ""}">'
-                    f"{esc(value)}</td></tr>" for label, value in rows)
-    return f"<table>{cells}</table>"
+    ))
 
 
 def render_reachable_note(url: str) -> str:
@@ -2090,8 +2160,8 @@ def render_result_steps(certificate: Certificate) -> str:
     parts = []
     for device in RESULT_PAGE_FAMILIES:
         guide = DEVICE_GUIDES[device]
-        file_name = f"{certificate.file_stem}{FILE_KINDS[guide.first][1]}".replace(".pem", ".crt")
-        steps = "".join(f"<li>{esc(step)}</li>" for step in guide_steps(device, certificate, file_name))
+        file_name = f"{certificate.file_stem}{FILE_KINDS[guide.first].extension}".replace(".pem", ".crt")
+        steps = "".join(f"<li>{step_html(step)}</li>" for step in guide_steps(device, certificate, file_name))
         parts.append(f"<h3>{esc(guide.label)}</h3><ol>{steps}</ol>")
     return "".join(parts)
 
@@ -2115,22 +2185,47 @@ def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str
 
 
 class Guide(typing.NamedTuple):
-    """How one device family installs a CA: its name, the file to offer first, and the steps."""
+    """How one device family installs a CA: its name, the file to offer first, and the steps.
+
+    A step may name {file}, {cer}, {name}, {nickname}, {key}, {store} and {certutil_store}; text between
+    backticks is a command, shown as code to copy. A step given as (condition, text) applies only to the
+    certificates *condition* accepts.
+    """
 
     label: str
     first: str  # a key of FILE_KINDS
-    steps: tuple[str, ...]  # may name {file}, {name}, {nickname}, {store} and {certutil_store}
+    steps: tuple
 
 
-#: The explicit files every page offers: kind -> (what it is, file extension).
+class FileKind(typing.NamedTuple):
+    description: str  # what it is and who takes it, for the list of every format
+    extension: str
+    button: str  # the words on a page's main button when it is the device's first file
+
+
+#: The explicit files every page offers.
 FILE_KINDS = {
-    "crt": ("Certificate, DER (.crt): Android, Windows, most devices", ".crt"),
-    "cer": ("Certificate, DER (.cer): Windows, Nokia, BlackBerry", ".cer"),
-    "pem": ("Certificate, PEM text (saved as .crt): Linux", ".pem"),
-    "mobileconfig": ("Configuration profile (.mobileconfig): iPhone, iPad, Mac", ".mobileconfig"),
-    "whc": ("WAP hashed certificate (.whc): old Nokia Series 40", ".whc"),
-    "whc-alt": ("WAP hashed certificate, other layout (.alt.whc)", ".alt.whc"),
+    "crt": FileKind("Certificate, DER (.crt): Android, Windows, most devices", ".crt",
+                    "Download the certificate (DER, .crt)"),
+    "cer": FileKind("Certificate, DER (.cer): Windows, Nokia, BlackBerry", ".cer",
+                    "Download the certificate (DER, .cer)"),
+    "pem": FileKind("Certificate, PEM text (saved as .crt): Linux", ".pem",
+                    "Download the certificate (PEM, saved as .crt)"),
+    "mobileconfig": FileKind("Configuration profile (.mobileconfig): iPhone, iPad, Mac", ".mobileconfig",
+                             "Download the configuration profile"),
+    "whc": FileKind("WAP hashed certificate (.whc): old Nokia Series 40", ".whc",
+                    "Download the WAP hashed certificate"),
+    "whc-alt": FileKind("WAP hashed certificate, other layout (.alt.whc)", ".alt.whc",
+                        "Download the WAP hashed certificate (other layout)"),
 }
+
+
+def is_root(certificate: Certificate) -> bool:
+    return certificate.self_signed
+
+
+def is_not_small_rsa(certificate: Certificate) -> bool:
+    return not (certificate.key_type == "RSA" and certificate.key_bits <= 1024)
 
 DEVICE_GUIDES = {
     "s60": Guide("Nokia Symbian (S60)", "cer", (
@@ -2140,9 +2235,9 @@ DEVICE_GUIDES = {
         "If the phone still warns about the server, restart it.")),
     "s40": Guide("Nokia Series 40", "cer", (
         "Open the link in the phone's own browser and choose the certificate file first.",
-        "If the phone says the format is not supported, go back and choose the hashed certificate: the phone asks "
-        "for the code printed above it. Type it exactly.",
-        "Some Series 40 phones accept only 1024-bit RSA CAs.")),
+        (is_root, "If the phone says the format is not supported, go back and choose the hashed certificate: the "
+                  "phone asks for the code printed above it. Type it exactly."),
+        (is_not_small_rsa, "Some Series 40 phones accept only CAs with a 1024-bit RSA key; this one has {key}."))),
     "ios": Guide("iPhone and iPad", "mobileconfig", (
         "Open this page in Safari: other browsers cannot install profiles. Tap the button and allow the download.",
         "Open Settings, tap \u201cProfile Downloaded\u201d and then Install, within 8 minutes: iOS discards a "
@@ -2161,26 +2256,31 @@ DEVICE_GUIDES = {
         "Download {file} and open it, then choose Install Certificate and Local Machine (all users).",
         "Choose \u201cPlace all certificates in the following store\u201d and pick \u201c{store}\u201d: letting "
         "Windows choose the store automatically puts a root in the wrong one.",
-        "Or, in an administrator command prompt: certutil -addstore {certutil_store} {file}",
+        "Or, in an administrator command prompt: `certutil -addstore {certutil_store} {file}`",
         "Chrome and Edge use this store; Firefox on Windows does too.")),
     "macos": Guide("macOS", "mobileconfig", (
         "Download the profile, then open System Settings \u203a Privacy & Security \u203a Profiles (on older macOS "
         "System Preferences \u203a Profiles) and install it.",
-        "Or download {file}, open it in Keychain Access (System keychain), open the certificate and set Trust "
+        "Or download {cer}, open it in Keychain Access (System keychain), open the certificate and set Trust "
         "\u203a \u201cWhen using this certificate\u201d to Always Trust.",
         "On an iPad, which shows this Mac page, use the profile too, then Settings \u203a General \u203a About "
         "\u203a Certificate Trust Settings.")),
     "linux": Guide("Linux", "pem", (
-        "Debian and Ubuntu: sudo cp {file} /usr/local/share/ca-certificates/ && sudo update-ca-certificates (it "
-        "reads only PEM files named .crt, which this one is).",
-        "Fedora, RHEL and Arch: sudo trust anchor {file}",
+        "Debian and Ubuntu (update-ca-certificates reads only PEM files named .crt, which this one is): "
+        "`sudo cp {file} /usr/local/share/ca-certificates/ && sudo update-ca-certificates`",
+        "Fedora, RHEL and Arch: `sudo trust anchor {file}`",
         "Firefox keeps its own store: Settings \u203a Privacy & Security \u203a View Certificates \u203a Authorities "
-        "\u203a Import. Chrome on Linux reads ~/.pki/nssdb: certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n "
-        "{nickname} -i {file}")),
+        "\u203a Import. Chrome on Linux reads ~/.pki/nssdb: "
+        "`certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n {nickname} -i {file}`")),
     "firefox": Guide("Firefox", "crt", (
         "Click the button: Firefox opens its own \u201cDownloading Certificate\u201d dialog.",
         "Tick \u201cTrust this CA to identify websites\u201d and choose OK.",
         "Firefox keeps its own store: the rest of the system needs the certificate separately (see the PEM file).")),
+    "chromeos": Guide("ChromeOS", "crt", (
+        "Tap the button: {file} is saved to Downloads.",
+        "Open Settings \u203a Privacy and security \u203a Security \u203a Manage certificates \u203a Authorities "
+        "\u203a Import, and pick {file}.",
+        "Tick \u201cTrust this certificate for identifying websites\u201d and choose OK.")),
     "windows-mobile": Guide("Windows Phone and Windows Mobile", "cer", (
         "Tap the button and open {file}: the certificate installer asks whether to install it.",
         "Company-managed phones may refuse certificates their company did not provision.")),
@@ -2194,17 +2294,45 @@ DEVICE_GUIDES = {
 }
 
 #: The device families the result page explains, in this order.
-RESULT_PAGE_FAMILIES = ("s60", "s40", "ios", "android", "windows", "macos", "linux", "firefox")
+RESULT_PAGE_FAMILIES = ("s60", "s40", "ios", "android", "windows", "macos", "linux", "firefox", "chromeos")
+
+#: One install step: (text, is a command) pieces.
+Step = tuple[tuple[str, bool], ...]
 
 
-def guide_steps(device: str, certificate: Certificate, file_name: str) -> list[str]:
-    """Return the install steps for *device*, with the file name, CA name and Windows store filled in."""
+def guide_steps(device: str, certificate: Certificate, file_name: str) -> list[Step]:
+    """Return the install steps for *device* that apply to *certificate*, with names and stores filled in.
+
+    The certificate's name fills only prose; commands get the fixed, shell-quoted nickname and file names made of
+    safe characters, so nothing from a certificate lands unquoted in a command a reader pastes.
+    """
     root = certificate.self_signed
-    return [step.format(file=file_name, name=certificate.name, nickname=shlex.quote(certificate.file_stem),
-                        store="Trusted Root Certification Authorities" if root else "Intermediate Certification "
-                                                                                    "Authorities",
-                        certutil_store="root" if root else "CA")
-            for step in DEVICE_GUIDES[device].steps]
+    values = {
+        "file": file_name, "cer": f"{certificate.file_stem}.cer", "name": certificate.name,
+        "nickname": shlex.quote(certificate.file_stem),
+        "key": f"a {certificate.key_bits}-bit {certificate.key_type} key" if certificate.key_bits else
+               f"an {certificate.key_type} key",
+        "store": "Trusted Root Certification Authorities" if root else "Intermediate Certification Authorities",
+        "certutil_store": "root" if root else "CA",
+    }
+    steps = []
+    for step in DEVICE_GUIDES[device].steps:
+        if isinstance(step, tuple):
+            applies, step = step
+            if not applies(certificate):
+                continue
+        pieces = step.split("`")  # odd pieces are commands
+        steps.append(tuple((piece.format(**values), index % 2 == 1) for index, piece in enumerate(pieces) if piece))
+    return steps
+
+
+def step_text(step: Step) -> str:
+    return "".join(text for text, _ in step)
+
+
+def step_html(step: Step) -> str:
+    """Return *step* as HTML: a command is code that scrolls in its own box rather than breaking mid-flag."""
+    return "".join(f'<code class="cmd">{esc(text)}</code>' if command else esc(text) for text, command in step)
 
 
 def file_kinds_for(certificate: Certificate) -> list[str]:
@@ -2232,10 +2360,8 @@ PROXY_NOTE = "Opera Mini and UC Browser cannot hand a certificate to the phone: 
 
 
 def render_fingerprints(certificate: Certificate) -> str:
-    rows = (("Name", certificate.name), ("SHA-256", colon_hex(certificate.sha256)),
-            ("SHA-1", colon_hex(certificate.sha1)))
-    return "<table>" + "".join(f'<tr><th>{esc(label)}</th><td class="fp">{esc(value)}</td></tr>'
-                               for label, value in rows) + "</table>"
+    return render_table((("Name", certificate.name), ("SHA-256", colon_hex(certificate.sha256)),
+                         ("SHA-1", colon_hex(certificate.sha1))))
 
 
 def render_landing(certificate: Certificate, client: Client, base_path: str) -> bytes:
@@ -2245,18 +2371,19 @@ def render_landing(certificate: Certificate, client: Client, base_path: str) -> 
     """
     guide = DEVICE_GUIDES[client.device]
     stem = certificate.file_stem
-    first_name = f"{stem}{FILE_KINDS[guide.first][1]}".replace(".pem", ".crt")
-    formats = "".join(f'<li><a href="{esc(base_path)}/{esc(stem + FILE_KINDS[kind][1])}">'
-                      f"{esc(FILE_KINDS[kind][0])}</a></li>" for kind in file_kinds_for(certificate))
+    first_name = f"{stem}{FILE_KINDS[guide.first].extension}".replace(".pem", ".crt")
+    formats = "".join(f'<li><a href="{esc(base_path)}/{esc(stem + FILE_KINDS[kind].extension)}">'
+                      f"{esc(FILE_KINDS[kind].description)}</a></li>" for kind in file_kinds_for(certificate))
     body = render(
         LANDING_PAGE,
         name=certificate.name,
         role=ROLE_LABELS[certificate.role],
         device=guide.label,
         proxy_note=PROXY_NOTE if client.via_proxy else "",
-        first_url=f"{base_path}/{stem}{FILE_KINDS[guide.first][1]}",
-        first_label="Download the " + FILE_KINDS[guide.first][0].split(":")[0].lower(),
-        steps_html="".join(f"<li>{esc(step)}</li>" for step in guide_steps(client.device, certificate, first_name)),
+        first_url=f"{base_path}/{stem}{FILE_KINDS[guide.first].extension}",
+        first_label=FILE_KINDS[guide.first].button,
+        steps_html="".join(f"<li>{step_html(step)}</li>"
+                           for step in guide_steps(client.device, certificate, first_name)),
         facts_html=render_fingerprints(certificate),
         formats_html=formats,
     )
@@ -2297,15 +2424,15 @@ def render_nokia_page(certificate: Certificate, client: Client, base_path: str, 
     """Return the small page for Nokia phones: the DER link, then (on S40) both hashed certificates with codes."""
     escape = wml_esc if content_type == MIME_WML else esc
     stem = certificate.file_stem
-    parts = [f"<p><b>{escape(certificate.name)}</b><br/>SHA-1:<br/>{_short_lines(certificate.sha1)}<br/>"
-             f"SHA-256:<br/>{_short_lines(certificate.sha256)}</p>"]
-    if client.via_proxy:
-        parts.append(f"<p>{escape(PROXY_NOTE)}</p>")
-    parts.append(f'<p>1. <a href="{escape(base_path)}/{escape(stem)}.cer">Certificate file (.cer)</a></p>')
+    # The first action comes first: at 176x220 the name and two fingerprints alone fill the first screen.
+    parts = [f"<p>{escape(PROXY_NOTE)}</p>"] if client.via_proxy else []
+    parts.append(f'<p>1. <a href="{escape(base_path)}/{escape(stem)}.cer">Install the certificate (.cer)</a></p>')
     if client.device == "s40":
         parts.append(_render_hashed_links(certificate, base_path, whc_kinds, charset, escape))
-    steps = "<br/>".join(escape(step) for step in guide_steps(client.device, certificate, f"{stem}.cer"))
+    steps = "<br/>".join(escape(step_text(step)) for step in guide_steps(client.device, certificate, f"{stem}.cer"))
     parts.append(f"<p>{steps}</p>")
+    parts.append(f"<p><b>{escape(certificate.name)}</b><br/>SHA-1:<br/>{_short_lines(certificate.sha1)}<br/>"
+                 f"SHA-256:<br/>{_short_lines(certificate.sha256)}</p>")
     parts.append(f"<p>{escape(COMPARE_NOTE)}</p>")
     template = WML_DECK if content_type == MIME_WML else XHTML_MP_PAGE
     return render(template, content_html="\n".join(parts)).encode("utf-8")
@@ -2448,11 +2575,12 @@ def send(response: Response, start_response: Callable, head: bool = False,
 
 def response_format(request: Request) -> str:
     """Return "json", "text", "nokia" (XHTML-MP or WML) or "html": what this client wants for errors."""
-    accept = request.header("Accept").lower()
-    if "application/json" in accept and "text/html" not in accept:
+    accept = request.header("Accept")
+    html = accept_quality(accept, "text/html", wildcards=False)
+    if accept_quality(accept, "application/json", wildcards=False) > html:
         return "json"
-    agent = request.user_agent.lower()
-    if agent.startswith(TEXT_AGENTS) or ("text/plain" in accept and "text/html" not in accept):
+    if request.user_agent.lower().startswith(TEXT_AGENTS) or accept_quality(accept, "text/plain",
+                                                                             wildcards=False) > html:
         return "text"
     if client_of(request).device in ("s60", "s40"):
         return "nokia"

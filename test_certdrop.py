@@ -1051,6 +1051,21 @@ USER_AGENTS = {
                              "s40", "nokia-page"),
     "lg-naming-nokia6233": ("LG-CU920/V1.0s Obigo/Q05A Profile/MIDP-2.0 Configuration/CLDC-1.1 Nokia6233/2.0",
                             "other", "html-page"),
+    # Classes the first users' agents fell through (written in the published formats of those browsers):
+    # "Nokia" in any case, Series 40 WebKit and Opera Mini naming the phone, a model token ending at a delimiter.
+    "s40-upper-case-6230": ("NOKIA6230/2.0 (04.44) Profile/MIDP-2.0 Configuration/CLDC-1.1", "s40", "nokia-page"),
+    "s40-cdma-6236i": ("NOKIA-6236i UP.Browser/6.2.3.4 (GUI) MMP/2.0", "s40", "nokia-page"),
+    "s60-lower-case-6680": ("nokia6680/1.0 (4.04.07) SymbianOS/8.0 Series60/2.6 Profile/MIDP-2.0 "
+                            "Configuration/CLDC-1.1", "s60", "der-inline"),
+    "s60-lower-case-model-only": ("nokian73/1.0 (2.0628.0.0.1)", "s60", "der-inline"),
+    "s40-webkit-6600s": ("Mozilla/5.0 (Nokia; U; en) AppleWebKit/533.4 (KHTML, like Gecko) Nokia6600s/2.0 (03.60) "
+                         "Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40", "nokia-page"),
+    "s40-7610-supernova": ("Nokia7610 Supernova/2.0 (05.20) Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40",
+                           "nokia-page"),
+    "s40-opera-mini-naming-the-phone": ("Opera/9.80 (J2ME/MIDP; Opera Mini/5.1.21214/28.2725; U; Nokia 6230; en) "
+                                        "Presto/2.5.25 Version/10.54", "s40", "nokia-page"),
+    "s60-opera-mini-lower-case": ("Opera/9.80 (J2ME/MIDP; Opera mini/4.2.14912/870; U; NokiaN95; en) "
+                                  "Presto/2.4.15", "s60", "nokia-page"),
     "opera-mini-generic": ("Opera/9.80 (J2ME/MIDP; Opera Mini/9.80 (J2ME/23.377; U; en) Presto/2.5.25 "
                            "Version/10.54", "other", "html-page"),
     "meego-n9": ("Mozilla/5.0 (MeeGo; NokiaN9) AppleWebKit/534.13 (KHTML, like Gecko) NokiaBrowser/8.5.0 Mobile "
@@ -1087,7 +1102,7 @@ USER_AGENTS = {
     "linux-chrome": ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 "
                      "Safari/537.36", "linux", "html-page"),
     "chromeos": ("Mozilla/5.0 (X11; CrOS x86_64 14541.0.0) AppleWebKit/537.36 (KHTML, like Gecko) "
-                 "Chrome/131.0.0.0 Safari/537.36", "other", "html-page"),
+                 "Chrome/131.0.0.0 Safari/537.36", "chromeos", "html-page"),
     "windows-phone-8.1": ("Mozilla/5.0 (Mobile; Windows Phone 8.1; Android 4.0; ARM; Trident/7.0; Touch; rv:11.0; "
                           "IEMobile/11.0; NOKIA; Lumia 630) like iPhone OS 7_0_3 Mac OS X AppleWebKit/537 (KHTML, "
                           "like Gecko) Mobile Safari/537", "windows-mobile", "html-page"),
@@ -1204,6 +1219,38 @@ def test_landing_pages_name_their_platforms_steps(testapp, root_token):
     assert "Trusted Root Certification Authorities" in text("windows")
     assert "update-ca-certificates" in text("linux") and "trust anchor Example_Root_CA.crt" in text("linux")
     assert "identify websites" in text("firefox") and "Keychain Access" in text("macos")
+    assert "Authorities › Import" in text("chromeos") and "Trust this certificate for identifying websites" in text(
+        "chromeos")
+
+
+def test_macos_steps_open_the_cer_in_keychain_access_not_the_profile(testapp, root_token):
+    page = html_text(testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["macos-chrome"][0]}))
+    assert "download Example_Root_CA.cer, open it in Keychain Access" in page
+
+
+@pytest.mark.parametrize(("device", "command"), [
+    ("windows-edge", "certutil -addstore root Example_Root_CA.cer"),
+    ("linux-chrome", "sudo trust anchor Example_Root_CA.crt"),
+    ("linux-chrome", "certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n Example_Root_CA -i Example_Root_CA.crt"),
+])
+def test_commands_are_shown_as_code_to_copy_whole(testapp, root_token, device, command):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS[device][0]})
+    assert command in [code.get_text() for code in page.html.find_all("code", class_="cmd")]
+
+
+def test_the_main_button_names_the_format_as_people_write_it(testapp, root_token):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["android-chrome"][0]})
+    assert page.html.find("a", class_="button").get_text() == "Download the certificate (DER, .crt)"
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["iphone-safari"][0]})
+    assert page.html.find("a", class_="button").get_text() == "Download the configuration profile"
+
+
+def test_fingerprints_wrap_only_between_bytes(testapp, root_token):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["android-chrome"][0]})
+    cells = re.findall(rb'<td class="fp">(.*?)</td>', page.body)
+    assert len(cells) == 2
+    for cell in cells:
+        assert re.fullmatch(rb"([0-9A-F]{2}:<wbr />)+[0-9A-F]{2}", cell)
 
 
 def test_every_landing_page_lists_every_format(testapp, root_token):
@@ -1391,8 +1438,13 @@ def test_s40_page_is_a_wml_deck_for_wap_1_browsers(testapp, root_token):
     assert page.content_type == "text/vnd.wap.wml" and ET.fromstring(page.body).tag == "wml"
 
 
-@pytest.mark.parametrize(("accept", "content_type"), [("application/xhtml+xml", "application/xhtml+xml"),
-                                                      ("text/html, */*", "text/html"), ("", "text/html")])
+@pytest.mark.parametrize(("accept", "content_type"), [
+    ("application/xhtml+xml", "application/xhtml+xml"), ("text/html, */*", "text/html"), ("", "text/html"),
+    ("application/vnd.wap.xhtml+xml;q=0, text/vnd.wap.wml", "text/vnd.wap.wml"),
+    ("text/vnd.wap.wml;q=0.5, application/vnd.wap.xhtml+xml;q=0.9", "application/vnd.wap.xhtml+xml"),
+    ("application/vnd.wap.xhtml+xml ; q=0.0, application/xhtml+xml;q=0", "text/html"),
+    ("application/vnd.wap.xhtml+xml;q=junk", "text/html"),
+])
 def test_nokia_page_type_follows_accept(testapp, root_token, accept, content_type):
     assert s40_page(testapp, root_token, accept).content_type == content_type
 
@@ -1408,6 +1460,28 @@ def test_s40_page_for_an_intermediate_offers_the_der_and_says_why(testapp, pki):
     page = s40_page(testapp, token)
     assert b".whc" not in page.body and b"needs a self-signed root" in page.body
     assert "self-signed root" in testapp.get(f"/c/{token}/ca.whc", status=404).text
+    assert b"choose the hashed certificate" not in page.body, "no step may point at what the page does not offer"
+
+
+def test_s40_steps_mention_the_1024_bit_limit_only_for_larger_keys(testapp, pki, root_token):
+    assert b"1024-bit RSA key; this one has a 256-bit EC key" in s40_page(testapp, root_token).body
+    assert b"this one has a 2048-bit RSA key" in s40_page(testapp, token_of(upload(testapp, pem_of(pki.rsa_root)))).body
+    assert b"1024-bit" not in s40_page(testapp, token_of(upload(testapp, pem_of(pki.weak_root)))).body
+
+
+def test_nokia_pages_put_the_first_action_before_the_fingerprints(testapp, root_token):
+    for accept in ("application/vnd.wap.xhtml+xml", "text/vnd.wap.wml"):
+        body = s40_page(testapp, root_token, accept).body
+        assert body.index(b".cer\">") < body.index(b"SHA-1") < body.index(b"SHA-256")
+
+
+@pytest.mark.parametrize(("accept", "only"), [
+    ("application/x-x509-ca-cert", True), ("application/pkix-cert, text/html;q=0", True),
+    ("application/x-x509-ca-cert, */*;q=0.1", False), ("application/x-x509-ca-cert;q=0, */*", False),
+    ("application/x-x509-ca-cert, text/*", False),
+])
+def test_only_clients_that_refuse_html_get_the_certificate_itself(accept, only):
+    assert certdrop.accepts_only_certificates(accept) is only
 
 
 def nokia_app(config, store, clock, **settings):
