@@ -212,6 +212,8 @@ class HTTPError(Exception):
     def __init__(self, message: str | None = None, headers: tuple = ()):
         self.message = message or self.message
         self.headers = tuple(headers)
+        #: more of the HTML page, after the message: the upload form again, say
+        self.extra_html = ""
         super().__init__(self.message)
 
 
@@ -222,7 +224,7 @@ class BadRequest(HTTPError):
 
 class NotFound(HTTPError):
     status = 404
-    message = "There is no such page or link. Check the address for typing mistakes."
+    message = "Nothing has this address. Check it for typing mistakes."
 
 
 class MethodNotAllowed(HTTPError):
@@ -494,6 +496,25 @@ def load_config(path: str | None = None) -> Config:
 #: At most this many certificates in one upload (Mozilla's whole bundle is about 150).
 MAX_CERTIFICATES = 300
 
+#: An upload with more CAs than this that devices already trust is a public trust store: asked to confirm.
+PUBLIC_ROOTS_ALLOWED = 3
+
+#: Without a system trust store to compare with, this many self-signed CAs in one upload make a public bundle.
+BUNDLE_SHAPE_ROOTS = 20
+
+#: Device notes that matter only for old Nokia WAP phones; pages and the command line group them apart.
+OLD_NOKIA_CODES = ("s40-key-size", "wap-algorithm")
+
+#: The heading of that group.
+OLD_NOKIA_HEADING = "Only for old Nokia phones (Series 40 and older WAP browsers): skip this if nobody uses one"
+
+#: Refusals that the uploader may override: "force" on the form, --force on the command line.
+FORCEABLE = ("server-certificate", "public-bundle")
+
+#: Where systems keep the public roots they trust (Debian, RHEL, Alpine and BSD, SUSE).
+SYSTEM_TRUST_STORES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem",
+                       "/etc/ssl/ca-bundle.pem")
+
 #: Links are for certificates that sign others; a leaf issued by a CA is left out unless forced.
 INSTALLABLE_ROLES = ("root", "intermediate", "self-signed leaf")
 
@@ -601,6 +622,16 @@ class Diagnosis:
     @property
     def notes(self) -> tuple[Finding, ...]:
         return tuple(finding for finding in self.findings if finding.note)
+
+    @property
+    def device_notes(self) -> tuple[Finding, ...]:
+        """Return the notes that matter beyond old Nokia phones."""
+        return tuple(finding for finding in self.notes if finding.code not in OLD_NOKIA_CODES)
+
+    @property
+    def old_nokia_notes(self) -> tuple[Finding, ...]:
+        """Return the notes that matter only for Series 40 and older WAP phones, which readers may skip."""
+        return tuple(finding for finding in self.notes if finding.code in OLD_NOKIA_CODES)
 
 
 def colon_hex(data: bytes) -> str:
@@ -851,11 +882,33 @@ def read_certificates(data: bytes) -> tuple[str, list[x509.Certificate]]:
     if PEM_PRIVATE_KEY_RE.search(text):
         raise refuse("private-key", PRIVATE_KEY_MESSAGE)
     if b"-----BEGIN " in text:
-        source, certs = _read_pem(text)
+        try:
+            source, certs = _read_pem(text)
+        except CertificateError:
+            if is_html(text):  # a saved page that quotes an armour line (certdrop's own form, say)
+                raise html_refusal() from None
+            raise
         return encoding + source, certs
-    if data[:1] == b"\x30":
+    if data[:1] == b"\x30" or (not encoding and is_binary(data)):
         return _read_binary(data)
     return _read_text(text)
+
+
+def is_html(text: bytes) -> bool:
+    lowered = text[:2048].lower().lstrip()
+    return lowered.startswith((b"<!doctype html", b"<html")) or b"<html" in lowered or b"<body" in lowered
+
+
+def is_binary(data: bytes) -> bool:
+    """Return whether *data* is no text: NUL bytes, bytes that are not UTF-8, or many control characters."""
+    sample = data[:1024]
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(sample) - 3:  # not merely a character cut at the sample's end
+            return True
+    controls = sum(byte < 32 and byte not in b"\t\r\n\f" for byte in sample)
+    return b"\0" in sample or controls > len(sample) // 20
 
 
 def _read_pem(text: bytes) -> tuple[str, list[x509.Certificate]]:
@@ -968,12 +1021,15 @@ def _refusal_for_der(data: bytes) -> CertificateError:
                                        "CA certificate as a .cer, .crt, .der or .pem file.")
 
 
+def html_refusal() -> CertificateError:
+    return refuse("html", "This is a web page, not a certificate: the download probably saved a login or error "
+                          "page. Download the CA certificate again, or open the file and copy the "
+                          "-----BEGIN CERTIFICATE----- block.")
+
+
 def _read_text(text: bytes) -> tuple[str, list[x509.Certificate]]:
-    lowered = text[:2048].lower().lstrip()
-    if lowered.startswith((b"<!doctype html", b"<html")) or b"<html" in lowered or b"<body" in lowered:
-        raise refuse("html", "This is a web page, not a certificate: the download probably saved a login or "
-                             "error page. Download the CA certificate again, or open the file and copy the "
-                             "-----BEGIN CERTIFICATE----- block.")
+    if is_html(text):
+        raise html_refusal()
     compact = b"".join(text.split())
     if len(compact) >= 64 and BASE64_RE.fullmatch(compact):
         try:
@@ -1022,11 +1078,13 @@ def chain_order(certificates: list[Certificate], issuers: dict[bytes, Certificat
 # -- the diagnosis ---------------------------------------------------------------------------------------------
 
 
-def diagnose(data: bytes, *, now: float, host: str = "", force: bool = False) -> Diagnosis:
+def diagnose(data: bytes, *, now: float, host: str = "", force: bool = False,
+             public_roots: frozenset[bytes] = frozenset()) -> Diagnosis:
     """Return what *data* holds, which certificates get links, and what is worth knowing about them.
 
     Raises CertificateError when nothing in it can be installed: private keys, things that are no certificate,
-    and a server certificate without its CA (unless *force*).
+    and (unless *force*) a server certificate without its CA or a public trust store. *public_roots* are the
+    SHA-256 digests of the CAs devices already trust (the system's store, see :func:`system_trust_store`).
     """
     source, parsed = read_certificates(data)
     if len(parsed) > MAX_CERTIFICATES:
@@ -1042,8 +1100,46 @@ def diagnose(data: bytes, *, now: float, host: str = "", force: bool = False) ->
         (leaf, f"The server certificate for {leaf.server_name} gets no link: devices need the CA that issued it, "
                "not the server certificate.") for leaf in leaves)
     installable = installable or leaves
+    public = public_among(installable, public_roots)
+    if public > PUBLIC_ROOTS_ALLOWED and not force:
+        raise refuse("public-bundle", f"This looks like a public trust store: {public} of its {len(installable)} CAs "
+                                      "are ones phones and computers already trust, so links for them would help "
+                                      "nobody. Upload your own CA alone.")
     findings = [*check_certificates(ordered, installable, issuers, now), *check_host(host, ordered)]
+    if public > PUBLIC_ROOTS_ALLOWED:
+        findings.append(Finding("public-bundle", f"{public} of these CAs are public ones that devices already trust; "
+                                                 "they got links because you chose to install them anyway."))
     return Diagnosis(source, tuple(ordered), tuple(installable), left_out, tuple(findings))
+
+
+def public_among(installable: list[Certificate], public_roots: frozenset[bytes]) -> int:
+    """Return how many of *installable* devices already trust: those in *public_roots*, or, with no store to
+    compare with, every self-signed one when there are more than a company would ever upload."""
+    if public_roots:
+        return sum(certificate.sha256 in public_roots for certificate in installable)
+    roots = sum(certificate.self_signed for certificate in installable)
+    return roots if roots > BUNDLE_SHAPE_ROOTS else 0
+
+
+@functools.cache
+def system_trust_store() -> frozenset[bytes]:
+    """Return the SHA-256 digests of the certificates in this system's public trust store (empty if none).
+
+    Read once, without parsing a certificate: the digest of the DER inside each PEM block is all that is needed.
+    """
+    for path in SYSTEM_TRUST_STORES:
+        try:
+            text = Path(path).read_bytes()
+        except OSError:
+            continue
+        digests = set()
+        for kind, body in PEM_BLOCK_RE.findall(text):
+            with contextlib.suppress(binascii.Error, ValueError):
+                if kind in PEM_CERTIFICATE_TYPES:
+                    digests.add(hashlib.sha256(first_der_element(base64.b64decode(b"".join(body.split())))).digest())
+        if digests:
+            return frozenset(digests)
+    return frozenset()
 
 
 def _inspect_uploaded(cert: x509.Certificate) -> Certificate:
@@ -1063,7 +1159,6 @@ def _refusal_for_leaf(leaf: Certificate) -> CertificateError:
                f"\u201c{issuer_name}\u201d: upload that instead.")
     if leaf.ca_issuers:
         message += f" The issuer's certificate is published at {leaf.ca_issuers[0]} (certdrop does not fetch it)."
-    message += " To install this server certificate itself anyway, choose \u201cinstall it anyway\u201d."
     return refuse("server-certificate", message)
 
 
@@ -1442,6 +1537,31 @@ def hashed_certificate_code(body: bytes) -> str:
 ###############################################################################
 
 
+class Remembered(typing.NamedTuple):
+    """What a tombstone keeps of its certificate, so that people can still tell which one it was."""
+
+    name: str
+    sha256: bytes
+    not_before: float
+    not_after: float
+
+    @classmethod
+    def of(cls, certificate: Certificate) -> "Remembered":
+        return cls(certificate.name, certificate.sha256, certificate.not_before.timestamp(),
+                   certificate.not_after.timestamp())
+
+    def to_record(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256.hex(), "not_before": self.not_before,
+                "not_after": self.not_after}
+
+    @classmethod
+    def from_record(cls, record: object) -> "Remembered":
+        if not isinstance(record, dict) or not isinstance(record.get("name"), str) or len(record["name"]) > 100_000:
+            raise ValueError("damaged memory of the certificate")
+        return cls(record["name"], bytes.fromhex(record["sha256"])[:32], _stored_time(record["not_before"]),
+                   _stored_time(record["not_after"]))
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One link: its token, lifetime and certificate. Without DER it is a tombstone that answers 410."""
@@ -1451,6 +1571,7 @@ class Entry:
     expires: float
     der: bytes | None = None
     revoked: float | None = None
+    was: Remembered | None = None  # a tombstone's memory of its certificate (none in tombstones of before 0.2)
     #: Answers built for this entry, so a hot token is served without rendering: (answer, prefix) -> (response, etag)
     responses: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
@@ -1466,12 +1587,24 @@ class Entry:
     def certificate(self) -> Certificate:
         return load_der(self.der)
 
+    @property
+    def remembered(self) -> Remembered | None:
+        """Return which certificate this link is or was for, when known."""
+        return Remembered.of(self.certificate) if self.der is not None else self.was
+
+    def tombstone(self, revoked: float | None = None) -> "Entry":
+        """Return this entry without its certificate (revoked at *revoked*, if given), remembering which it was."""
+        return dataclasses.replace(self, der=None, revoked=self.revoked if revoked is None else revoked,
+                                   was=self.remembered)
+
     def to_json(self) -> bytes:
         record = {"format": 1, "token": self.token, "created": self.created, "expires": self.expires,
                   "revoked": self.revoked}
         if self.der is not None:
             record["sha256"] = hashlib.sha256(self.der).hexdigest()
             record["der"] = base64.b64encode(self.der).decode("ascii")
+        elif self.was is not None:
+            record["was"] = self.was.to_record()
         return json.dumps(record, indent=1).encode("utf-8") + b"\n"
 
     @classmethod
@@ -1485,9 +1618,10 @@ class Entry:
             der = base64.b64decode(record["der"], validate=True)
             if hashlib.sha256(der).hexdigest() != record.get("sha256"):
                 raise ValueError("certificate does not match its checksum")
-        revoked = record.get("revoked")
+        revoked, was = record.get("revoked"), record.get("was")
         return cls(token, _stored_time(record["created"]), _stored_time(record["expires"]), der,
-                   None if revoked is None else _stored_time(revoked))
+                   None if revoked is None else _stored_time(revoked),
+                   None if was is None else Remembered.from_record(was))
 
 
 def _stored_time(value: object) -> float:
@@ -1647,7 +1781,7 @@ class Store:
             if gone:
                 raise gone
             self._drop_index(entry)
-            tombstone = dataclasses.replace(entry, der=None, revoked=self.clock())
+            tombstone = entry.tombstone(revoked=self.clock())
             self._write(tombstone)
             return tombstone
 
@@ -1694,7 +1828,7 @@ class Store:
             return "deleted"
         if entry.der is not None:
             self._drop_index(entry)
-            self._write(dataclasses.replace(entry, der=None), remember=False)
+            self._write(entry.tombstone(), remember=False)
             self._forget(entry.token)
             return "expired"
         return None
@@ -1905,7 +2039,7 @@ textarea{width:100%;box-sizing:border-box;min-height:8rem;font:13px/1.3 ui-monos
 button{font:inherit;font-weight:600;padding:.55rem 1.4rem;border:0;border-radius:6px;background:#1f5fbf;color:#fff}
 .link{font-size:1.7rem;font-weight:700;word-break:break-all;margin:.25rem 0}
 .link a{color:#1f5fbf}
-.warn{background:#fff6e0;border-color:#f0c36d}
+.warn{background:#fff6e0;border-color:#f0c36d}p.warn{padding:.5rem .75rem;border:1px solid #f0c36d;border-radius:6px}
 .error{background:#fdecec;border-color:#e8a3a3}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;vertical-align:top;padding:.3rem .5rem .3rem 0}
 th{white-space:nowrap;color:#556}td{overflow-wrap:anywhere}
@@ -1974,24 +2108,10 @@ def render_page(title: str, body_html: str) -> bytes:
     return render(LAYOUT, title=title, css_html=CSS, body_html=body_html, version=__version__).encode("utf-8")
 
 
-UPLOAD_FORM = string.Template("""<h1>Share a CA certificate</h1>
+UPLOAD_PAGE = string.Template("""<h1>Share a CA certificate</h1>
 <p>Upload your CA certificate once and get a short link. Open the link on each phone or laptop:
 it gets the certificate in the form that device installs.</p>
-<form method="post" action="$action" enctype="multipart/form-data">
-<label for="cert">Certificate file (.cer, .crt, .der or .pem)</label>
-<input type="file" id="cert" name="cert" />
-<label for="pem">or paste the certificate text</label>
-<textarea id="pem" name="pem" rows="8" cols="64" placeholder="-----BEGIN CERTIFICATE-----"></textarea>
-<label for="ttl">The link works for</label>
-<select id="ttl" name="ttl">$options_html</select>
-<label for="host">Server name people connect to (optional)</label>
-<input type="text" id="host" name="host" maxlength="253" placeholder="mail.example.com" />
-<p class="muted">When the upload includes the server certificate (a full chain, a .p7b), certdrop checks
-that this name is in it.</p>
-<p><label class="plain"><input type="checkbox" name="force" value="1" /> Install a server certificate anyway.
-Only for a self-made certificate that devices must trust directly; certdrop refuses it otherwise.</label></p>
-<p><button type="submit">Get the link</button></p>
-</form>
+$form_html
 <section>
 <h2>Which file?</h2>
 <p>Phones need the certificate of the <strong>CA that issued</strong> your server's certificate, not the server
@@ -2007,6 +2127,24 @@ certificate itself.</p>
 </ul>
 </section>
 $account_html""")
+
+UPLOAD_FORM = string.Template("""<form method="post" action="$action" enctype="multipart/form-data">
+<label for="cert">Certificate file (.cer, .crt, .der, .pem, .p7b, .p7c, .p12 or .pfx)</label>
+<input type="file" id="cert" name="cert" />
+<label for="pem">or paste the certificate text (PEM, or base64)</label>
+<textarea id="pem" name="pem" rows="8" cols="64" placeholder="-----BEGIN CERTIFICATE-----">$pem</textarea>
+<label for="ttl">The link works for</label>
+<select id="ttl" name="ttl">$options_html</select>
+<label for="host">Server name people connect to (optional)</label>
+<input type="text" id="host" name="host" maxlength="253" placeholder="mail.example.com" value="$host" />
+<p class="muted">When the upload includes the server certificate (a full chain, a .p7b), certdrop checks
+that this name is in it.</p>
+<p$force_class_html><label class="plain"><input type="checkbox" name="force" value="1" /> Install it anyway.</label>
+$force_reason Only for a self-made server certificate that devices must trust directly, or a bundle of public CAs
+you really mean to hand out: certdrop refuses both otherwise.</p>
+<p><button type="submit">Get the link</button></p>
+</form>
+""")
 
 SIGN_OUT_FORM = string.Template("""<form method="post" action="$action"><p class="muted">You are signed in with the
 upload key. <button class="quiet" type="submit">Sign out</button></p></form>
@@ -2030,13 +2168,23 @@ the administrator set <code>upload_password</code> in certdrop.ini. Scripts send
 
 
 def render_upload_form(config: Config, action: str, signed_in: bool = False) -> bytes:
+    account = render(SIGN_OUT_FORM, action=f"{action}signout") if signed_in else ""
+    return render_page("certdrop", render(UPLOAD_PAGE, form_html=render_form(config, action), account_html=account))
+
+
+def render_form(config: Config, action: str, *, pem: str = "", ttl: str = "", host: str = "",
+                force_reason: str = "") -> str:
+    """Return the upload form, filled in again after a refusal; *force_reason* says why "install it anyway" is the
+    way on."""
+    chosen = ttl.strip().lower()
+    known = any(value == chosen for value, _ in allowed_ttl_choices(config))
     options = []
     for value, label in allowed_ttl_choices(config):
-        selected = ' selected="selected"' if ttl_seconds_for(value) == config.default_ttl else ""
-        options.append(f'<option value="{esc(value)}"{selected}>{esc(label)}</option>')
-    account = render(SIGN_OUT_FORM, action=f"{action}signout") if signed_in else ""
-    return render_page("certdrop", render(UPLOAD_FORM, action=action, options_html="".join(options),
-                                          account_html=account))
+        selected = value == chosen if known else ttl_seconds_for(value) == config.default_ttl
+        marked = ' selected="selected"' if selected else ""
+        options.append(f'<option value="{esc(value)}"{marked}>{esc(label)}</option>')
+    return render(UPLOAD_FORM, action=action, pem=pem, host=host, options_html="".join(options),
+                  force_class_html=' class="warn"' if force_reason else "", force_reason=force_reason)
 
 
 def render_signin(home: str, message: str) -> bytes:
@@ -2062,7 +2210,6 @@ class Link(typing.NamedTuple):
 
 
 RESULT_PAGE = string.Template("""<h1>$heading</h1>
-$reachable_html
 $order_html
 $links_html
 $findings_html
@@ -2078,17 +2225,35 @@ $steps_html
 LINK_SECTION = string.Template("""<section>
 <h2>$role: $name</h2>
 <p class="link"><a href="$url">$url</a></p>
+$reachable_html
 <p>$status until $expires (for $remaining).$cut</p>
 $facts_html
 </section>
 """)
 
-REACHABLE_NOTE = string.Template("""<section class="warn"><p><strong>Phones cannot open this link:</strong> $host
-is this server's own loopback name. $advice_html</p></section>""")
+REACHABLE_NOTE = string.Template("""<p class="warn"><strong>Phones cannot open this link:</strong> $host
+is this server's own loopback name. $advice_html</p>""")
 
-ORDER_NOTE = """<section><p>This upload gives several links. <strong>Hand out the first one (the root CA)
-first</strong>: it is what devices must trust. The others are intermediate CAs; install them too on devices that
-complain about a missing intermediate (Nokia phones, some Android versions).</p></section>"""
+
+def render_order_note(links: list[Link]) -> str:
+    """Return which links to hand out first, said for what the upload really holds (roots, intermediates)."""
+    roles = [link.entry.certificate.role for link in links]
+    roots = sum(role != "intermediate" for role in roles)
+    intermediates = len(roles) - roots
+    if len(links) < 2:
+        return ""
+    if intermediates == 0:
+        text = (f"This upload gives {roots} links, one for each root CA in it. Each is a CA of its own: hand out "
+                "the ones your devices need.")
+    elif roots <= 1:
+        text = ("This upload gives several links. <strong>Hand out the first one (the root CA) first</strong>: it is "
+                "what devices must trust. The others are intermediate CAs; install them too on devices that "
+                "complain about a missing intermediate (Nokia phones, some Android versions).")
+    else:
+        text = (f"This upload gives {roots} root CAs and {intermediates} intermediate CAs. <strong>Hand out the "
+                "roots first</strong>: they are what devices must trust. Install the intermediates too on devices "
+                "that complain about a missing intermediate (Nokia phones, some Android versions).")
+    return f"<section><p>{text}</p></section>"
 
 
 def hex_html(text: str) -> str:
@@ -2136,7 +2301,8 @@ def render_findings(diagnosis: Diagnosis) -> str:
     for title, items, css in (
         ("What needs attention", [f"{f.message} [{f.code}]" for f in diagnosis.warnings], "warn"),
         ("Left out", [reason for _, reason in diagnosis.left_out], ""),
-        ("Device notes", [f"{f.message} [{f.code}]" for f in diagnosis.notes], ""),
+        ("Device notes", [f"{f.message} [{f.code}]" for f in diagnosis.device_notes], ""),
+        (OLD_NOKIA_HEADING, [f"{f.message} [{f.code}]" for f in diagnosis.old_nokia_notes], "muted"),
     ):
         if items:
             rows = "".join(f"<li>{esc(item)}</li>" for item in items)
@@ -2150,6 +2316,7 @@ CUT_NOTE = "That is sooner than the lifetime you chose: a link never outlives it
 def render_link(link: Link, now: float) -> str:
     certificate = link.entry.certificate
     return render(LINK_SECTION, role=ROLE_LABELS[certificate.role], name=certificate.name, url=link.url,
+                  reachable_html=render_reachable_note(link.url),
                   status="New link, works" if link.created else "This certificate already had this link; it works",
                   expires=format_time(link.entry.expires), remaining=format_duration(link.entry.expires - now),
                   cut=f" {CUT_NOTE}" if link.cut else "", facts_html=render_facts(certificate))
@@ -2174,8 +2341,7 @@ def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str
     body = render(
         RESULT_PAGE,
         heading=heading,
-        reachable_html=render_reachable_note(links[0].url),
-        order_html=ORDER_NOTE if len(links) > 1 else "",
+        order_html=render_order_note(links),
         links_html="".join(render_link(link, now) for link in links),
         findings_html=render_findings(diagnosis),
         steps_html=steps,
@@ -2468,8 +2634,26 @@ def _render_hashed_links(certificate: Certificate, base_path: str, whc_kinds: tu
 
 ERROR_PAGE = string.Template("""<h1>$title</h1>
 <section class="error"><p>$message</p></section>
-<p><a href="$home">Back to the upload page</a></p>
+$extra_html
 """)
+
+#: What happened, in plain words, for each status: pages lead with this rather than the HTTP phrase.
+ERROR_TITLES = {
+    400: "That did not work",
+    401: "Sign in first",
+    403: "Not allowed from here",
+    404: "No such page or link",
+    405: "Not at this address",
+    410: "This link has ended",
+    413: "That upload is too large",
+    415: "That was not an upload",
+    422: "certdrop cannot use this upload",
+    429: "Too many tries",
+    503: "Nothing can be stored right now",
+}
+
+#: For people who were sent a link: the upload page is not theirs to use.
+ENDED_LINK_ADVICE = "Ask whoever sent you this link for a new one."
 
 
 ###############################################################################
@@ -2588,7 +2772,7 @@ def response_format(request: Request) -> str:
 
 
 def render_error(request: Request, error: HTTPError, home: str) -> Response:
-    title = HTTPStatus(error.status).phrase
+    title = ERROR_TITLES.get(error.status, HTTPStatus(error.status).phrase)
     fmt = response_format(request)
     headers = (("Vary", VARY), ("Cache-Control", "no-store"), *error.headers)
     if error.status == 401:  # scripts answer a Basic challenge; browsers get the sign-in form instead of a dialog
@@ -2596,17 +2780,22 @@ def render_error(request: Request, error: HTTPError, home: str) -> Response:
                      else 'Form realm="certdrop uploads"'),)
     if fmt == "nokia":  # a mistyped token on a WAP phone must still get a page that phone can show
         content_type = nokia_page_type(request.header("Accept"))
-        return Response(render_nokia_message(title, error.message, content_type), error.status, content_type,
+        message = f"{error.message} {ENDED_LINK_ADVICE}" if request.path.startswith("/c/") else error.message
+        return Response(render_nokia_message(title, message, content_type), error.status, content_type,
                         headers + page_headers(content_type))
     if fmt == "json":
         body = json.dumps({"error": {"status": error.status, "message": error.message}}).encode()
         return Response(body, error.status, MIME_JSON, headers)
     if fmt == "text":
-        return Response(f"{term(f'{error.status} {title}: {error.message}')}\n".encode(), error.status, MIME_TEXT,
-                        headers)
+        line = f"{title}: {error.message} ({error.status} {HTTPStatus(error.status).phrase})"
+        return Response(f"{term(line)}\n".encode(), error.status, MIME_TEXT, headers)
     if error.status == 401:
         return Response(render_signin(home, error.message), 401, MIME_HTML, headers + HTML_HEADERS)
-    page = render_page(title, render(ERROR_PAGE, title=title, message=error.message, home=home))
+    if request.path.startswith("/c/"):
+        extra = f"<p>{esc(ENDED_LINK_ADVICE)}</p>"
+    else:
+        extra = error.extra_html or f'<p><a href="{esc(home)}">Back to the upload page</a></p>'
+    page = render_page(title, render(ERROR_PAGE, title=title, message=error.message, extra_html=extra))
     return Response(page, error.status, MIME_HTML, headers + HTML_HEADERS)
 
 
@@ -2902,15 +3091,33 @@ class App:
         if wait:
             raise TooManyRequests(wait)
         fields = parse_form(request, self.config.max_upload)
-        now = self.clock()
-        diagnosis = diagnose(choose_upload(fields), now=now, host=form_text(fields, "host"),
-                             force=bool(form_text(fields, "force")))
+        now, home = self.clock(), request.script_name + "/"
         base = self.base_url(request)  # a bad Host is refused before anything is stored
-        links = store_links(self.store, self.config, diagnosis, form_text(fields, "ttl"), now, base)
-        page = render_result(links, diagnosis, now, home=request.script_name + "/")
+        try:
+            diagnosis = diagnose(choose_upload(fields), now=now, host=form_text(fields, "host"),
+                                 force=bool(form_text(fields, "force")), public_roots=system_trust_store())
+            links = store_links(self.store, self.config, diagnosis, form_text(fields, "ttl"), now, base)
+        except (CertificateError, LifetimeError) as error:
+            raise self.refusal_with_form(error, fields, home) from None
+        page = render_result(links, diagnosis, now, home=home)
         status = 201 if any(link.created for link in links) else 200
         return Response(page, status, MIME_HTML,
                         HTML_HEADERS + (("Cache-Control", "no-store"), ("Location", links[0].url)))
+
+    def refusal_with_form(self, error: CertdropError, fields: dict[str, bytes], home: str) -> HTTPError:
+        """Return the answer to a refused upload: the reason, then the form again, filled in as it was sent.
+
+        Pasted text comes back unless it held a private key, which is never sent anywhere again.
+        """
+        forceable = getattr(error, "code", "") in FORCEABLE
+        refusal = http_error_for(error)
+        if forceable:
+            refusal.message += " To go ahead all the same, tick \u201cInstall it anyway\u201d below."
+        pem = "" if getattr(error, "code", "") == "private-key" else fields.get("pem", b"").decode("utf-8", "replace")
+        refusal.extra_html = render_form(self.config, home, pem=pem, ttl=form_text(fields, "ttl"),
+                                         host=form_text(fields, "host"),
+                                         force_reason="This is the choice for the refusal above." if forceable else "")
+        return refusal
 
     def install(self, request: Request, token: str) -> Response:
         entry = self.live_entry(request, token)
@@ -3177,9 +3384,14 @@ def make_app(config: Config, store: Store | None = None, clock: Callable[[], flo
 
 
 def cli_base_url(config: Config) -> str:
-    """Return the start of links printed by the command line, which has no request to take a Host from."""
+    """Return the start of links printed by the command line, which has no request to take a Host from.
+
+    Empty when no address is known: with ``port = 0`` the server picks its port only when it starts.
+    """
     if config.public_url:
         return config.public_url
+    if config.port == 0:
+        return ""
     port = "" if config.port == 80 else f":{config.port}"
     return f"http://{machine_name() or 'localhost'}{port}"
 
@@ -3280,11 +3492,16 @@ def read_input(name: str, limit: int) -> bytes:
 
 def cmd_add(args, config: Config, clock: Callable[[], float]) -> int:
     now = clock()
-    diagnosis = diagnose(read_input(args.file, config.max_upload), now=now, host=args.host or "", force=args.force)
+    diagnosis = diagnose(read_input(args.file, config.max_upload), now=now, host=args.host or "", force=args.force,
+                         public_roots=system_trust_store())
     links = store_links(make_store(config, clock), config, diagnosis, args.ttl or "", now, cli_base_url(config))
+    if not links[0].url.startswith("http"):
+        say("No address is known for these links (port = 0 picks one when the server starts): set public_url in "
+            "certdrop.ini to print whole links.")
     for link in links:
         certificate = link.entry.certificate
         say(link.url)
+        print_reachable_note(link.url)
         say(f"  {'new' if link.created else 'existing'} link for {ROLE_LABELS[certificate.role].lower()} "
             f"\u201c{certificate.name}\u201d, works until {format_time(link.entry.expires)}")
         if link.cut:
@@ -3293,10 +3510,21 @@ def cmd_add(args, config: Config, clock: Callable[[], float]) -> int:
         say(f"  SHA-1   {colon_hex(certificate.sha1)}")
     for _, reason in diagnosis.left_out:
         say(f"left out: {reason}")
-    for finding in diagnosis.findings:
-        say(f"{'note' if finding.note else 'warning'} [{finding.code}]: {finding.message}")
-    print_reachable_note(links[0].url)
+    print_findings(diagnosis.findings, indent="")
     return 0
+
+
+def print_findings(findings: Iterable[Finding], indent: str) -> None:
+    """Print warnings, then device notes, then the notes for old Nokia phones under their own heading."""
+    findings = list(findings)
+    old_nokia = [finding for finding in findings if finding.code in OLD_NOKIA_CODES]
+    for finding in findings:
+        if finding not in old_nokia:
+            say(f"{indent}{'note' if finding.note else 'warning'} [{finding.code}]: {finding.message}")
+    if old_nokia:
+        say(f"{indent}{OLD_NOKIA_HEADING}:")
+        for finding in old_nokia:
+            say(f"{indent}  note [{finding.code}]: {finding.message}")
 
 
 def say(text: str = "", file: typing.TextIO | None = None) -> None:
@@ -3311,7 +3539,7 @@ def print_reachable_note(url: str) -> None:
         return
     other = reachable_url(url)
     advice = f"use {other}" if other else "set public_url in certdrop.ini to this server's name"
-    say(f"Phones cannot open {host}, this server's own loopback name: {advice}")
+    say(f"  Phones cannot open {host}, this server's own loopback name: {advice}")
 
 
 #: Exit statuses of ``check``.
@@ -3321,10 +3549,10 @@ CHECK_OK, CHECK_WARNINGS, CHECK_REFUSED, CHECK_ERROR = 0, 1, 2, 3
 def check_report(name: str, data: bytes, host: str, now: float) -> tuple[int, dict]:
     """Return the exit status and the report of one file for ``check``."""
     try:
-        diagnosis = diagnose(data, now=now, host=host)
+        diagnosis = diagnose(data, now=now, host=host, public_roots=system_trust_store())
     except CertificateError as error:
         return CHECK_REFUSED, {"file": name, "installable": False, "refused": {"code": error.code,
-                                                                               "message": str(error)}}
+                                                                               "message": cli_message(error, "check")}}
     links = {certificate.sha256 for certificate in diagnosis.installable}
     report = {
         "file": name,
@@ -3353,9 +3581,7 @@ def print_check_report(report: dict) -> None:
         say(f"  {'':<17} SHA-256 {c['sha256']}")
     for reason in report["left_out"]:
         say(f"  left out: {reason}")
-    for kind, findings in (("warning", report["warnings"]), ("note", report["notes"])):
-        for finding in findings:
-            say(f"  {kind} [{finding['code']}]: {finding['message']}")
+    print_findings((Finding(**finding) for finding in report["warnings"] + report["notes"]), indent="  ")
 
 
 def cmd_check(args, config: Config, clock: Callable[[], float]) -> int:
@@ -3383,10 +3609,9 @@ def cmd_list(args, config: Config, clock: Callable[[], float]) -> int:
         if entry is None:
             say(f"{token}  damaged  (not served; the log says why)")
             continue
-        gone = entry.gone(now)
+        gone, was = entry.gone(now), entry.remembered
         state = gone.reason if gone else "live"
-        name = entry.certificate.name if entry.der is not None else "-"
-        say(f"{entry.token}  {state:<7}  {format_time(gone.since if gone else entry.expires)}  {name}")
+        say(f"{entry.token}  {state:<7}  {format_time(gone.since if gone else entry.expires)}  {was.name if was else '-'}")
     return 0
 
 
@@ -3397,6 +3622,10 @@ def cmd_show(args, config: Config, clock: Callable[[], float]) -> int:
     say(f"state     {gone if gone else 'live until ' + format_time(entry.expires)}")
     say(f"created   {format_time(entry.created)}")
     if entry.der is None:
+        if entry.was:  # the certificate itself is gone; enough remains to recognise it
+            say(f"name      {entry.was.name}")
+            say(f"valid     {format_time(entry.was.not_before)} to {format_time(entry.was.not_after)}")
+            say(f"SHA-256   {colon_hex(entry.was.sha256)}")
         return 0
     certificate = entry.certificate
     for label, value in (("name", certificate.name), ("subject", certificate.subject),
@@ -3501,6 +3730,8 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
     except LifetimeError as error:
         say(f"certdrop: {error}", file=sys.stderr)
         return CHECK_ERROR  # a usage error, like any other bad option
+    except CertificateError as error:
+        say(f"certdrop: {cli_message(error, args.command)}", file=sys.stderr)
     except DamagedEntry as error:
         say(f"certdrop: {error}", file=sys.stderr)
     except UnknownToken as error:
@@ -3510,6 +3741,15 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
     except OSError as error:
         say(f"certdrop: {error}", file=sys.stderr)
     return 1
+
+
+def cli_message(error: CertificateError, command: str) -> str:
+    """Return a refusal in the command line's words: the way past a refusal one may override is --force."""
+    if error.code not in FORCEABLE:
+        return str(error)
+    if command == "check":
+        return f"{error} (add --force would install it anyway.)"
+    return f"{error} To install it anyway, run add again with --force."
 
 
 class TerminalFormatter(logging.Formatter):

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import hashlib
 import http.client
 import ipaddress
 import io
@@ -485,7 +486,11 @@ REFUSALS = {
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo), "public-key", "public key"),
     "html-page": (lambda p: b"<!DOCTYPE html><html><body>Please log in</body></html>", "html", "web page"),
     "binary-junk": (lambda p: b"\x30\x82\xff\xff" + bytes(range(256)) * 4, "not-a-certificate", "binary file"),
-    "zip-file": (lambda p: b"PK\x03\x04" + bytes(200), "not-a-certificate", "no certificate"),
+    "zip-file": (lambda p: b"PK\x03\x04" + bytes(200), "not-a-certificate", "binary file"),
+    "random-binary": (lambda p: bytes(range(255, 0, -1)) * 3, "not-a-certificate", "binary file"),
+    "saved-upload-page": (lambda p: certdrop.render_upload_form(certdrop.Config(), "/"), "html", "web page"),
+    "saved-page-quoting-armour": (lambda p: b"<!DOCTYPE html><html><body><pre>-----BEGIN CERTIFICATE-----\nMIIB"
+                                            b"</pre></body></html>", "html", "web page"),
     "plain-text": (lambda p: b"Dear admin, here is the certificate you asked for.", "not-a-certificate",
                    "no certificate"),
     "damaged-pem": (lambda p: pem_of(p.root).replace(b"\nM", b"\nM!", 1), "damaged-pem", "damaged"),
@@ -628,6 +633,59 @@ def test_add_force_installs_a_server_certificate_alone(ini, tmp_path, capsys, pk
     assert cli(ini, "add", "--force", str(path)) == 0
 
 
+def test_refusals_on_the_command_line_name_force_not_the_web_form(ini, tmp_path, capsys, pki):
+    path = tmp_path / "leaf.pem"
+    path.write_bytes(pem_of(pki.leaf))
+    assert cli(ini, "add", str(path)) == 1
+    err = capsys.readouterr().err
+    assert "run add again with --force" in err and "install it anyway\u201d" not in err.lower()
+    assert cli(ini, "check", "--json", str(path)) == 2
+    assert "add --force would install it anyway" in json.loads(capsys.readouterr().out)[0]["refused"]["message"]
+
+
+def test_a_refused_upload_shows_the_form_again_with_install_it_anyway_explained(testapp, pki):
+    refusal = testapp.post("/", {"pem": pem_of(pki.leaf).decode(), "ttl": "30d", "host": "mail.example.com"},
+                           status=422)
+    assert "tick \u201cInstall it anyway\u201d below" in html_text(refusal)
+    form = refusal.forms[0]
+    assert form["pem"].value.startswith("-----BEGIN CERTIFICATE-----") and form["ttl"].value == "30d"
+    assert form["host"].value == "mail.example.com"
+    assert refusal.html.find("p", class_="warn").find("input", type="checkbox") is not None
+    form["force"] = True
+    assert form.submit(status=201).headers["Location"].startswith("http://ca.example.org:8080/c/")
+
+
+def test_a_refused_private_key_is_not_sent_back_in_the_form(testapp, root_pem, key_pem):
+    refusal = testapp.post("/", {"pem": (root_pem + key_pem).decode()}, status=422)
+    assert refusal.forms[0]["pem"].value == "" and b"PRIVATE KEY" not in refusal.body
+
+
+def test_public_trust_stores_ask_for_confirmation(testapp, store, many_roots):
+    public = frozenset(hashlib.sha256(der).digest() for der in many_roots[:10])
+    bundle = b"".join(pem_of(x509.load_der_x509_certificate(der)) for der in many_roots[:10])
+    with pytest.raises(certdrop.CertificateError) as refusal:
+        certdrop.diagnose(bundle, now=NOW, public_roots=public)
+    assert refusal.value.code == "public-bundle" and "10 of its 10 CAs" in str(refusal.value)
+    forced = certdrop.diagnose(bundle, now=NOW, public_roots=public, force=True)
+    assert len(forced.installable) == 10 and "public-bundle" in [f.code for f in forced.warnings]
+    assert certdrop.diagnose(bundle[:3 * len(bundle) // 10], now=NOW, public_roots=public).installable
+
+
+def test_without_a_system_store_the_shape_of_a_big_bundle_gives_it_away(many_roots):
+    bundle = b"".join(pem_of(x509.load_der_x509_certificate(der)) for der in many_roots[:25])
+    with pytest.raises(certdrop.CertificateError) as refusal:
+        certdrop.diagnose(bundle, now=NOW)
+    assert refusal.value.code == "public-bundle"
+    assert len(certdrop.diagnose(bundle[:len(bundle) // 5], now=NOW).installable) == 5
+
+
+def test_the_systems_own_trust_store_is_refused_until_confirmed(testapp):
+    store_file = next(Path(path) for path in certdrop.SYSTEM_TRUST_STORES if Path(path).exists())
+    refusal = upload(testapp, store_file.read_bytes(), status=422)
+    assert "looks like a public trust store" in html_text(refusal)
+    assert len(certdrop.system_trust_store()) > 100
+
+
 def test_full_chain_leaves_the_server_certificate_out_and_says_why(testapp, pki):
     result = upload(testapp, pem_of(pki.leaf, pki.intermediate, pki.root))
     assert result.text.count('class="link"') == 2
@@ -639,6 +697,27 @@ def test_several_links_say_which_to_hand_out_first(testapp, pki):
     headings = [h2.text for h2 in result.html.select("h2")]
     assert headings[:2] == ["Root CA: Example Root CA", "Intermediate CA: Example Issuing CA"]
     assert "Hand out the first one (the root CA) first" in html_text(result)
+
+
+def test_several_roots_are_not_called_intermediates(testapp, pki):
+    text = html_text(upload(testapp, pem_of(pki.root, pki.rsa_root)))
+    assert "one for each root CA" in text and "intermediate" not in text.lower()
+
+
+def test_every_loopback_link_gets_the_reachable_note(app, pki, monkeypatch):
+    monkeypatch.setattr(certdrop, "machine_name", lambda: "server.corp.example")
+    result = upload(client(app, HTTP_HOST="localhost:8080"), pem_of(pki.root, pki.rsa_root))
+    notes = [p.get_text() for p in result.html.find_all("p", class_="warn")]
+    assert len(notes) == 2 and all("Phones cannot open this link" in note for note in notes)
+
+
+def test_old_nokia_notes_are_grouped_under_one_heading_to_skip(testapp, pki):
+    result = upload(testapp, pem_of(pki.rsa_root))
+    group = next(section for section in result.html.find_all("section")
+                 if section.h2 and section.h2.get_text().startswith("Only for old Nokia phones"))
+    assert "[s40-key-size]" in group.get_text() and "[wap-algorithm]" in group.get_text()
+    assert not any("[wap-algorithm]" in section.get_text() for section in result.html.find_all("section")
+                   if section is not group and section.h2 and section.h2.get_text() == "Device notes")
 
 
 def test_uploading_a_chain_again_returns_the_same_links(testapp, pki):
@@ -1732,6 +1811,8 @@ def test_upload_page_is_a_form_with_file_paste_and_lifetime(testapp):
     assert {"cert", "pem", "ttl"} <= set(form.fields)
     assert form["ttl"].value == "7d"
     ET.fromstring(page.body)  # polyglot: also well-formed XML
+    label = page.html.find("label", attrs={"for": "cert"}).get_text()
+    assert all(extension in label for extension in (".cer", ".crt", ".der", ".pem", ".p7b", ".p7c", ".p12", ".pfx"))
 
 
 def test_upload_page_explains_where_to_find_the_ca_certificate(testapp):
@@ -2285,7 +2366,7 @@ def test_gone_page_is_well_formed_xml(testapp, store, root_der):
 def test_nokia_phones_get_errors_as_pages_they_can_show(testapp, clock, root_der):
     s40 = {"User-Agent": "Nokia6500s/2.0 (05.41) Profile/MIDP-2.1 Configuration/CLDC-1.1"}
     missing = testapp.get("/c/abcdefgh", headers=s40, status=404)
-    assert b"XHTML Mobile" in missing.body and b"no such page or link" in missing.body
+    assert b"XHTML Mobile" in missing.body and b"No such page or link" in missing.body
     ET.fromstring(missing.body)
     wml = testapp.get("/c/abcdefgh", headers={**s40, "Accept": "text/vnd.wap.wml"}, status=404)
     assert wml.content_type == "text/vnd.wap.wml" and ET.fromstring(wml.body).tag == "wml"
@@ -2295,6 +2376,15 @@ def test_nokia_phones_get_errors_as_pages_they_can_show(testapp, clock, root_der
     assert b"XHTML Mobile" in gone.body and b"expired on" in gone.body
 
 
+def test_error_pages_lead_with_what_happened_in_plain_words(testapp, store, root_token):
+    store.revoke(root_token)
+    ended = testapp.get(f"/c/{root_token}", status=410)
+    assert ended.html.h1.get_text() == "This link has ended" and "Gone" not in ended.html.h1.get_text()
+    assert "Ask whoever sent you this link" in html_text(ended) and "upload page" not in html_text(ended)
+    missing = testapp.get("/nowhere", status=404)
+    assert missing.html.h1.get_text() == "No such page or link" and "Back to the upload page" in html_text(missing)
+
+
 def test_wrong_method_answers_405_with_allow(testapp):
     response = testapp.delete("/", status=405)
     assert response.headers["Allow"] == "GET, HEAD, POST"
@@ -2302,7 +2392,8 @@ def test_wrong_method_answers_405_with_allow(testapp):
 
 def test_curl_gets_errors_as_plain_text(testapp):
     response = testapp.get("/c/abcdefgh", headers={"User-Agent": "curl/8.5.0"}, status=404)
-    assert response.content_type == "text/plain" and response.text.startswith("404 Not Found:")
+    assert response.content_type == "text/plain"
+    assert response.text == "No such page or link: Nothing has this address. Check it for typing mistakes. (404 Not Found)\n"
 
 
 def test_json_clients_get_errors_as_json(testapp):
@@ -2663,6 +2754,46 @@ def test_revoke_stops_a_link(ini, cert_file, capsys):
     assert cli(ini, "show", token) == 0
     assert "revoked on" in capsys.readouterr().out
     assert cli(ini, "revoke", token) == 1
+
+
+def test_an_ended_link_still_says_which_certificate_it_was(ini, cert_file, capsys, root):
+    token, _ = cli_add(ini, cert_file, capsys)
+    assert cli(ini, "revoke", token) == 0 and cli(ini, "list") == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("  Example Root CA")
+    assert cli(ini, "show", token) == 0
+    shown = capsys.readouterr().out
+    assert "name      Example Root CA" in shown and root[0].fingerprint(hashes.SHA256()).hex(":").upper() in shown
+
+
+def test_a_store_written_by_the_previous_release_keeps_working(tmp_path, capsys, root_der):
+    """Entries as 0.1.0 wrote them: a live one, and a tombstone that remembers nothing of its certificate."""
+    data = tmp_path / "data"
+    for token, record in {
+        "abcdefgh": {"format": 1, "token": "abcdefgh", "created": NOW, "expires": NOW + DAY, "revoked": None,
+                     "sha256": hashlib.sha256(root_der).hexdigest(), "der": base64.b64encode(root_der).decode()},
+        "bcdefghj": {"format": 1, "token": "bcdefghj", "created": NOW - DAY, "expires": NOW, "revoked": NOW - 60},
+    }.items():
+        (data / token[:2]).mkdir(parents=True, exist_ok=True)
+        (data / token[:2] / f"{token}.json").write_text(json.dumps(record, indent=1) + "\n")
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\n")
+    assert cli(ini, "list") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"abcdefgh  live     {certdrop.format_time(NOW + DAY)}  Example Root CA",
+        f"bcdefghj  revoked  {certdrop.format_time(NOW - 60)}  -"]
+    assert cli(ini, "show", "bcdefghj") == 0 and "revoked on" in capsys.readouterr().out
+    app = client(certdrop.make_app(certdrop.load_config(str(ini)), clock=FakeClock()))
+    assert app.get("/c/abcdefgh", headers={"User-Agent": S60_AGENTS["e61i"]}).body == root_der
+    app.get("/c/bcdefghj", status=410)
+
+
+def test_add_with_port_0_says_no_address_is_known(tmp_path, cert_file, capsys):
+    ini = tmp_path / "zero.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\nport = 0\n")
+    assert cli(ini, "add", str(cert_file)) == 0
+    out = capsys.readouterr().out
+    assert "No address is known for these links" in out and ":0/" not in out
+    assert re.search(r"^/c/[a-z2-9]{8}$", out, re.MULTILINE)
 
 
 def test_gc_reports_what_it_removed(ini, cert_file, capsys):
