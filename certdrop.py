@@ -8,10 +8,10 @@ the right file and steps for Android, Windows, macOS, Linux, Firefox and the res
 
 Usage::
 
-    python3 certdrop.py serve                 # run the web server under waitress
-    python3 certdrop.py add ca.pem --ttl 7d   # store the CA certificates of a file, print their links
-    python3 certdrop.py check ca.p7b          # diagnose a file without storing anything
-    python3 certdrop.py list | show TOKEN | revoke TOKEN | gc
+    .venv/bin/python certdrop.py serve                 # run the web server under waitress
+    .venv/bin/python certdrop.py add ca.pem --ttl 7d   # store the CA certificates of a file, print their links
+    .venv/bin/python certdrop.py check ca.p7b          # diagnose a file without storing anything
+    .venv/bin/python certdrop.py list | show TOKEN | revoke TOKEN | gc | upload-key
 
 Configuration comes from ``-c/--config PATH``, else ``$CERTDROP_CONFIG``, else ``certdrop.ini`` beside this
 file, else the built-in defaults of :class:`Config`. Every key is documented in ``certdrop.ini``.
@@ -54,13 +54,28 @@ from datetime import datetime, timezone
 from http import HTTPStatus
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
-from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+
+
+def missing_dependency(error: ModuleNotFoundError) -> str:
+    """Return one line saying which package is missing and how to install what certdrop needs."""
+    return (f"certdrop: the Python package {error.name!r} is missing. Install certdrop's dependencies with "
+            "'python3 -m venv .venv && .venv/bin/pip install -r requirements.txt', then run "
+            "'.venv/bin/python certdrop.py ...'.")
+
+
+try:
+    import multipart
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+    from cryptography.utils import CryptographyDeprecationWarning
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+except ModuleNotFoundError as missing:
+    if __name__ != "__main__":  # imported by a WSGI server or a test: its own traceback says enough
+        raise
+    sys.exit(missing_dependency(missing))
 
 try:
     import fcntl
@@ -2818,8 +2833,6 @@ def parse_form(request: Request, limit: int) -> dict[str, bytes]:
 
 
 def _parse_multipart(body: bytes, params: str, limit: int) -> dict[str, bytes]:
-    import multipart
-
     boundary = multipart.parse_options_header("multipart/form-data;" + params)[1].get("boundary")
     if not boundary:
         raise BadRequest("The form data has no boundary.")
@@ -3397,7 +3410,10 @@ def cli_base_url(config: Config) -> str:
 
 
 def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
-    from waitress import create_server
+    try:
+        from waitress import create_server
+    except ModuleNotFoundError as error:
+        raise CertdropError(missing_dependency(error).removeprefix("certdrop: ")) from None
 
     if args.host:
         config = dataclasses.replace(config, host=args.host)

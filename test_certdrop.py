@@ -2822,6 +2822,18 @@ def test_list_show_and_gc_report_a_damaged_entry_and_carry_on(ini, cert_file, tm
     assert "1 damaged entries left as they are" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("package", ["cryptography", "multipart"])
+def test_a_missing_dependency_is_one_line_saying_how_to_install_it(tmp_path, package):
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text(
+        f"raise ModuleNotFoundError({'No module named ' + package!r}, name={package!r})\n")
+    result = subprocess.run([sys.executable, str(HERE / "certdrop.py"), "list"], capture_output=True, text=True,
+                            timeout=30, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and f"package {package!r} is missing" in result.stderr
+    assert ".venv/bin/pip install -r requirements.txt" in result.stderr
+
+
 def test_bad_config_fails_naming_the_key(tmp_path, capsys):
     ini = tmp_path / "bad.ini"
     ini.write_text("[certdrop]\nmax_upload = lots\n")
