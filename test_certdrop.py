@@ -2834,6 +2834,18 @@ def test_a_missing_dependency_is_one_line_saying_how_to_install_it(tmp_path, pac
     assert ".venv/bin/pip install -r requirements.txt" in result.stderr
 
 
+def test_list_piped_into_head_stays_quiet(ini, tmp_path):
+    store = certdrop.Store(tmp_path / "data")
+    was = certdrop.Remembered("A CA with a name long enough to fill the pipe sooner", bytes(32), NOW, NOW)
+    for number in range(1500):  # more lines than a pipe holds, so the writer meets the closed end
+        token = f"zz{number:04d}".translate(str.maketrans("01", "yx")) + "ab"
+        store._write(certdrop.Entry(token, NOW, NOW, revoked=NOW, was=was), remember=False)
+    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(str(HERE / 'certdrop.py'))} -c "
+                            f"{shlex.quote(str(ini))} list | head -1", shell=True, capture_output=True, text=True,
+                            timeout=30)
+    assert result.stderr == "" and result.stdout.count("\n") == 1
+
+
 def test_bad_config_fails_naming_the_key(tmp_path, capsys):
     ini = tmp_path / "bad.ini"
     ini.write_text("[certdrop]\nmax_upload = lots\n")
