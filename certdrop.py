@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import plistlib
+import queue
 import re
 import secrets
 import shlex
@@ -195,16 +196,20 @@ class StorageError(CertdropError):
 
     @classmethod
     def from_os_error(cls, error: OSError) -> "StorageError":
-        causes = {
-            errno.ENOSPC: "is full",
-            errno.EDQUOT: "is over its disk quota",
-            errno.EROFS: "is on a read-only file system",
-            errno.EACCES: "may not be written by the user certdrop runs as",
-            errno.EPERM: "may not be written by the user certdrop runs as",
-        }
-        cause = causes.get(error.errno, f"cannot be written ({error.strerror or error})")
-        return cls(f"The server's data directory {cause}, so nothing was stored. Existing links keep working; "
-                   "uploads work again by themselves once that is fixed.")
+        return cls(f"The server's data directory {storage_cause(error)}, so nothing was stored. Existing links keep "
+                   "working; uploads work again by themselves once that is fixed.")
+
+
+def storage_cause(error: OSError) -> str:
+    """Return why a write to the data directory failed, to follow "the data directory"."""
+    causes = {
+        errno.ENOSPC: "is full",
+        errno.EDQUOT: "is over its disk quota",
+        errno.EROFS: "is on a read-only file system",
+        errno.EACCES: "may not be written by the user certdrop runs as",
+        errno.EPERM: "may not be written by the user certdrop runs as",
+    }
+    return causes.get(error.errno, f"cannot be written ({error.strerror or error})")
 
 
 class LinkGone(CertdropError):
@@ -394,6 +399,16 @@ def _parse_networks(text: str) -> tuple:
     return networks
 
 
+def _parse_proxy_headers(text: str) -> tuple:
+    names = tuple(text.lower().replace(",", " ").split())
+    known = ("x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-forwarded-by",
+             "forwarded")
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise ValueError(f"{' '.join(unknown) or 'nothing'}: name some of {', '.join(known)}")
+    return names
+
+
 def _parse_proxy(text: str) -> str:
     text = text.strip()
     return text if text in ("", "*") else str(ipaddress.ip_address(text))
@@ -423,6 +438,7 @@ class Config:
     connection_limit: int = 1000  # open connections waitress holds at once; past it, new ones wait to be accepted
     channel_timeout: int = 30  # seconds a connection may stay silent (idle, or a request sent too slowly)
     use_poll: bool = True  # poll() instead of select(), which fails past 1,024 open sockets
+    access_log: bool = True  # one line per request on standard error
     log_level: str = "INFO"  # debug, info, warning or error
     s60_delivery: str = "file"  # what S60 phones get at /c/<token>: file, page or redirect (to <name>.cer)
     s60_attachment: bool = False  # send the S60 file with Content-Disposition: attachment
@@ -433,6 +449,8 @@ class Config:
     upload_password: str = ""  # the upload key; empty = a random one kept in data_dir/upload.key
     upload_networks: tuple = DEFAULT_UPLOAD_NETWORKS  # where uploads may come from at all
     trusted_proxy: str = ""  # address of a reverse proxy in front of certdrop, or *; its requests never count as loopback
+    trusted_proxy_count: int = 1  # proxies in a row in front of certdrop whose X-Forwarded-For entries count
+    trusted_proxy_headers: tuple = ("x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port")
     lookup_limit: int = 30  # unknown-token lookups a minute per client (IPv6: per /64); 0 = no limit
     upload_limit: int = 20  # uploads a minute per client; 0 = no limit
 
@@ -479,6 +497,7 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "connection_limit": _parse_int(10, 100_000),
     "channel_timeout": parse_duration,
     "use_poll": _parse_bool,
+    "access_log": _parse_bool,
     "log_level": _parse_log_level,
     "s60_delivery": _parse_choice("file", "page", "redirect"),
     "s60_attachment": _parse_bool,
@@ -489,6 +508,8 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "upload_password": str.strip,
     "upload_networks": _parse_networks,
     "trusted_proxy": _parse_proxy,
+    "trusted_proxy_count": _parse_int(1, 16),
+    "trusted_proxy_headers": _parse_proxy_headers,
     "lookup_limit": _parse_int(0, 100_000),
     "upload_limit": _parse_int(0, 100_000),
 }
@@ -1812,6 +1833,27 @@ class Store:
             counts["temporary"] = self._remove_stale_temporary()
         return counts
 
+    def check_health(self) -> str | None:
+        """Return what keeps the data directory from working (missing, unreadable, full, read-only), or None.
+
+        Writes, syncs and removes a small probe file, as an upload would; it creates nothing else.
+        """
+        if not self.directory.is_dir():
+            return f"The data directory {self.directory} is missing."
+        probe = self.directory / f".healthz.{secrets.token_hex(4)}.tmp"
+        try:
+            os.listdir(self.directory)
+            with open(probe, "xb") as file:
+                file.write(b"certdrop health probe\n")
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as error:
+            return f"The data directory {storage_cause(error)}."
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        return None
+
     def remove_stale_temporary(self) -> int:
         """Remove what writers killed mid-write left behind; return how many files. The server does this at start."""
         with self._exclusive():
@@ -2708,9 +2750,8 @@ class Request:
 
     @property
     def forwarded(self) -> bool:
-        """Return whether a proxy says it passed this request on (X-Forwarded-*, Forwarded, X-Real-IP)."""
-        return any(key.startswith("HTTP_X_FORWARDED_") or key in ("HTTP_FORWARDED", "HTTP_X_REAL_IP")
-                   for key in self.environ)
+        """Return whether a proxy passed this request on, as the app saw it before any header was cleared."""
+        return self.environ.get("certdrop.forwarded", was_forwarded(self.environ))
 
     def read_body(self, limit: int) -> bytes:
         """Return the request body; raise PayloadTooLarge past *limit* bytes without reading it."""
@@ -2732,6 +2773,15 @@ class Request:
         if len(body) < length:
             raise BadRequest("The request body ended before its declared length.")
         return body
+
+
+def was_forwarded(environ: dict) -> bool:
+    """Return whether a proxy says it passed this request on (X-Forwarded-*, Forwarded, X-Real-IP)."""
+    return any(key.startswith("HTTP_X_FORWARDED_") or key in ("HTTP_FORWARDED", "HTTP_X_REAL_IP") for key in environ)
+
+
+#: A path prefix a proxy may forward: segments of URL-safe characters.
+PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 
 
 @functools.cache
@@ -2961,6 +3011,69 @@ def cookie_value(request: Request, name: str) -> str | None:
     return None
 
 
+class AccessLog:
+    """One line per request, written by a background thread: a request only puts a tuple on a queue.
+
+    Line: time, client address, method, path and query (percent-encoded, so it is one safe terminal line),
+    status, bytes, device class, duration.
+    """
+
+    def __init__(self, stream: typing.TextIO | None = None):
+        self.stream = stream  # None: standard error as it is when the line is written
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def record(self, *fields: object) -> None:
+        self._queue.put(fields)
+        if self._writer is None:
+            self._start()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every line recorded so far is written."""
+        if self._writer is not None:
+            written = threading.Event()
+            self._queue.put(written)
+            written.wait(timeout)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_forever, name="certdrop-access-log", daemon=True)
+                self._writer.start()
+
+    def _write_forever(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < 1000:
+                    batch.append(self._queue.get_nowait())
+            lines = "".join(format_access(*item) + "\n" for item in batch if isinstance(item, tuple))
+            stream = self.stream or sys.stderr
+            with contextlib.suppress(OSError, ValueError):  # a closed or full stderr must not stop the server
+                stream.write(lines)
+                stream.flush()
+            for item in batch:
+                if isinstance(item, threading.Event):
+                    item.set()
+
+
+def format_access(when: float, address: str, method: str, path: str, query: str, status: int, size: int,
+                  device: str, seconds: float) -> str:
+    target = urllib.parse.quote(path, safe=URL_SAFE) + ("?" + urllib.parse.quote(query, safe=URL_SAFE + "?")
+                                                           if query else "")
+    stamp = datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (f"{stamp} {term(address or '-')[:64]} {term(method)[:16]} {target[:2048]} {status} {size} {device} "
+            f"{seconds * 1000:.1f}ms")
+
+
+#: Characters an access log line keeps as they are in a path; the rest are percent-encoded.
+URL_SAFE = "/:@!$&'()*+,;=-._~"
+
+#: The access log of every app that make_app builds without one of its own.
+ACCESS_LOG = AccessLog()
+
+
 ###############################################################################
 # Application #################################################################
 ###############################################################################
@@ -3035,24 +3148,68 @@ def etag_matches(if_none_match: str, etag: str) -> bool:
 class App:
     """The certdrop WSGI application: routes requests to handlers and turns every failure into a clear answer."""
 
-    def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time):
+    def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time,
+                 access_log: AccessLog | None = None):
         self.config = config
         self.store = store
         self.clock = clock
+        self.access_log = access_log if config.access_log else None
         self.lookups = RateLimiter(config.lookup_limit, LOOKUP_BURST, clock)
         self.uploads = RateLimiter(config.upload_limit, UPLOAD_BURST, clock)
         self.sign_in_failures = RateLimiter(SIGN_IN_FAILURES_PER_MINUTE, SIGN_IN_FAILURE_BURST, clock)
+        #: the path of public_url, which every address certdrop writes starts with; None: from SCRIPT_NAME
+        self.public_path = urllib.parse.urlsplit(config.public_url).path.rstrip("/") if config.public_url else None
+        self.answer_request = self.answer
+        if config.trusted_proxy:
+            # waitress's own reading of X-Forwarded-For/-Host/-Proto/-Port and Forwarded, from the trusted proxy
+            # only, with untrusted copies cleared; inside make_app's app, so any WSGI server gets it
+            from waitress.proxy_headers import proxy_headers_middleware
+            self.answer_request = proxy_headers_middleware(
+                self.answer, trusted_proxy=config.trusted_proxy, trusted_proxy_count=config.trusted_proxy_count,
+                trusted_proxy_headers=set(config.trusted_proxy_headers), clear_untrusted=True)
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
+        if environ.get("REQUEST_METHOD") != "GET":  # only requests that may change something ask who passed them on
+            environ["certdrop.forwarded"] = was_forwarded(environ) or self.is_trusted_peer(environ)
+        if self.config.trusted_proxy:
+            self.take_forwarded_prefix(environ)
+        return self.answer_request(environ, start_response)
+
+    def is_trusted_peer(self, environ: dict) -> bool:
+        proxy = self.config.trusted_proxy
+        return proxy == "*" or bool(proxy) and parse_address(environ.get("REMOTE_ADDR", "")) == parse_address(proxy)
+
+    def take_forwarded_prefix(self, environ: dict) -> None:
+        """Prepend an X-Forwarded-Prefix from the trusted proxy to SCRIPT_NAME; drop one from anybody else.
+
+        Waitress knows no prefix header, so certdrop checks the peer itself, before waitress replaces REMOTE_ADDR
+        with the client's address.
+        """
+        prefix = environ.pop("HTTP_X_FORWARDED_PREFIX", "").strip().rstrip("/")
+        if prefix and self.is_trusted_peer(environ) and PREFIX_RE.fullmatch(prefix):
+            environ["SCRIPT_NAME"] = prefix + environ.get("SCRIPT_NAME", "")
+
+    def prefix(self, request: Request) -> str:
+        """Return the path every address certdrop writes starts with: public_url's, else SCRIPT_NAME."""
+        return request.script_name if self.public_path is None else self.public_path
+
+    def answer(self, environ: dict, start_response: Callable) -> list[bytes]:
+        started = time.perf_counter()
         request = Request.from_environ(environ)
         try:
             response = self.dispatch(request)
         except HTTPError as error:
-            response = render_error(request, error, home=request.script_name + "/")
+            response = render_error(request, error, home=self.prefix(request) + "/")
         except Exception:
             log.exception("error while answering %s %r", request.method, request.path)
             response = Response(b"500 Internal Server Error: the error has been logged.\n", 500, MIME_TEXT)
-        return send(response, start_response, head=request.method == "HEAD", referrer=referrer_policy(request.path))
+        body = send(response, start_response, head=request.method == "HEAD", referrer=referrer_policy(request.path))
+        if self.access_log:
+            self.access_log.record(time.time(), request.remote_addr, request.method,
+                                   request.script_name + request.path, environ.get("QUERY_STRING", ""),
+                                   response.status, len(body[0]), environ.get("certdrop.device", "-"),
+                                   time.perf_counter() - started)
+        return body
 
     def dispatch(self, request: Request) -> Response:
         handler, arguments = match_route(request.method, request.path)
@@ -3072,10 +3229,13 @@ class App:
             port = ""
         return f"{scheme}://{host.lower()}{port}{request.script_name}"
 
+    def home(self, request: Request) -> str:
+        return self.prefix(request) + "/"
+
     # -- handlers, named after what they show ------------------------------------------------------------------
 
     def upload_form(self, request: Request) -> Response:
-        home = request.script_name + "/"
+        home = self.home(request)
         try:
             how = self.authorize(request)
         except Unauthorized:
@@ -3083,8 +3243,15 @@ class App:
         page = render_upload_form(self.config, action=home, signed_in=how == "session")
         return Response(page, headers=FORM_PAGE_HEADERS)
 
+    def health(self, request: Request) -> Response:
+        """Answer 200 while the data directory can be read and written (a real probe write), else 503 and why."""
+        problem = self.store.check_health()
+        if problem:
+            raise ServiceUnavailable(problem)
+        return Response(b"ok\n", 200, MIME_TEXT, (("Cache-Control", "no-store"),))
+
     def signin_form(self, request: Request) -> Response:
-        return Response(render_signin(request.script_name + "/", ""), headers=FORM_PAGE_HEADERS)
+        return Response(render_signin(self.home(request), ""), headers=FORM_PAGE_HEADERS)
 
     def signin(self, request: Request) -> Response:
         self.refuse_cross_site(request)
@@ -3104,7 +3271,7 @@ class App:
         if wait:
             raise TooManyRequests(wait)
         fields = parse_form(request, self.config.max_upload)
-        now, home = self.clock(), request.script_name + "/"
+        now, home = self.clock(), self.home(request)
         base = self.base_url(request)  # a bad Host is refused before anything is stored
         try:
             diagnosis = diagnose(choose_upload(fields), now=now, host=form_text(fields, "host"),
@@ -3135,6 +3302,7 @@ class App:
     def install(self, request: Request, token: str) -> Response:
         entry = self.live_entry(request, token)
         client = client_of(request)
+        request.environ["certdrop.device"] = client.device  # for the access log
         chosen = request.query.get("format")
         if chosen is None:
             return self.respond(request, entry, self.default_answer(request, client, entry.certificate))
@@ -3144,7 +3312,9 @@ class App:
         entry = self.live_entry(request, token)
         lower = name.lower()
         kind = next(kind for suffix, kind in FILE_SUFFIXES if lower.endswith(suffix))
-        return self.respond(request, entry, self.file_answer(kind, name, client_of(request), entry.certificate))
+        client = client_of(request)
+        request.environ["certdrop.device"] = client.device  # for the access log
+        return self.respond(request, entry, self.file_answer(kind, name, client, entry.certificate))
 
     def live_entry(self, request: Request, token: str) -> Entry:
         """Return the live entry of *token*; count unknown tokens per client, so that guessing them runs into 429.
@@ -3299,10 +3469,11 @@ class App:
             location = f"{self.base_url(request)}/c/{entry.token}/{answer.filename}"
             return Response(b"", 302, MIME_TEXT, (("Location", location), ("Vary", VARY),
                                                   ("Cache-Control", "private, no-transform")))
-        key = (answer, request.script_name)
+        prefix = self.prefix(request)
+        key = (answer, prefix)
         cached = entry.responses.get(key)
         if cached is None:
-            cached = with_etag(self.build(entry, answer, request.script_name))
+            cached = with_etag(self.build(entry, answer, prefix))
             if len(entry.responses) < MAX_CACHED_ANSWERS:  # clients choose file names; memory must not follow
                 entry.responses[key] = cached
         response, etag = cached
@@ -3310,10 +3481,10 @@ class App:
             return Response(b"", 304, "", (("ETag", etag), ("Vary", VARY), ("Cache-Control", "private, no-transform")))
         return response
 
-    def build(self, entry: Entry, answer: Answer, script_name: str) -> Response:
+    def build(self, entry: Entry, answer: Answer, prefix: str) -> Response:
         certificate = entry.certificate
         headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY))
-        base_path = f"{script_name}/c/{entry.token}"
+        base_path = f"{prefix}/c/{entry.token}"
         if isinstance(answer, PageAnswer) and answer.client.device in ("s60", "s40"):
             body = render_nokia_page(certificate, answer.client, base_path, answer.content_type, self.whc_kinds,
                                      self.config.whc_charset)
@@ -3356,6 +3527,7 @@ ROUTES = (
     (r"/", {"GET": App.upload_form, "POST": App.upload}),
     (r"/signin", {"GET": App.signin_form, "POST": App.signin}),
     (r"/signout", {"POST": App.signout}),
+    (r"/healthz", {"GET": App.health}),
     (r"/c/(?P<token>[^/]+)/?", {"GET": App.install}),
     (r"/c/(?P<token>[^/]+)/(?P<name>[A-Za-z0-9._-]{0,100}(?i:\.cer|\.crt|\.der|\.pem|\.mobileconfig|\.whc))",
      {"GET": App.download}),
@@ -3385,10 +3557,11 @@ def make_store(config: Config, clock: Callable[[], float] = time.time) -> Store:
                  tombstone_ttl=config.tombstone_ttl, clock=clock)
 
 
-def make_app(config: Config, store: Store | None = None, clock: Callable[[], float] = time.time) -> App:
-    """Return the WSGI application for *config*; tests pass their own store and clock."""
+def make_app(config: Config, store: Store | None = None, clock: Callable[[], float] = time.time,
+             access_log: AccessLog | None = None) -> App:
+    """Return the WSGI application for *config*; tests pass their own store, clock and access log."""
     quiet_library_warnings()
-    return App(config, store or make_store(config, clock), clock)
+    return App(config, store or make_store(config, clock), clock, access_log or ACCESS_LOG)
 
 
 ###############################################################################

@@ -119,6 +119,14 @@ def key_pem(root):
 # -- the fixture chain: config -> clock -> store -> app -> testapp ---------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def access_log(monkeypatch):
+    """Return the access log that apps built by make_app write to: kept in memory, not on the test's stderr."""
+    log = certdrop.AccessLog(io.StringIO())
+    monkeypatch.setattr(certdrop, "ACCESS_LOG", log)
+    return log
+
+
 class FakeClock:
     def __init__(self, now=NOW):
         self.now = now
@@ -2278,6 +2286,102 @@ def test_any_request_gets_an_answer_below_500_with_clean_headers(environ):
     assert int(status[:3]) < 500, (status, body[:300])
     for name, value in headers:
         assert value.isprintable() and "\r" not in value and "\n" not in value, (name, value)
+
+
+# -- HTTP: behind a reverse proxy, under a prefix --------------------------------------------------------------
+
+
+def addresses_in(page):
+    """Return every address a page points at: links, form actions, buttons."""
+    return [tag.get("href") or tag.get("action") for tag in page.html.find_all(["a", "form"])
+            if tag.get("href") or tag.get("action")]
+
+
+def test_every_address_carries_the_prefix_of_public_url(config, store, clock, root_der, pki):
+    app = client(app_with(config, store, clock, public_url="https://intranet.example.com/certdrop"))
+    pages = [app.get("/"), app.get("/signin"), app.get("/nowhere", status=404)]
+    result = upload(app, pem_of(pki.root, pki.intermediate))
+    token = token_of(result)
+    pages += [result, refused_upload(app)]
+    pages += [app.get(f"/c/{token}", headers={"User-Agent": USER_AGENTS[agent][0]})
+              for agent in ("android-chrome", "windows-edge", "linux-chrome", "iphone-safari")]
+    for page in pages:
+        for address in addresses_in(page):
+            assert address.startswith(("/certdrop/", "https://intranet.example.com/certdrop/")), (page.request.url,
+                                                                                                  address)
+    nokia = s40_page(app, token, "application/vnd.wap.xhtml+xml").body.decode()
+    assert all(href.startswith("/certdrop/c/") for href in re.findall(r'href="([^"]+)"', nokia))
+    assert result.headers["Location"].startswith("https://intranet.example.com/certdrop/c/")
+
+
+def refused_upload(app):
+    return app.post("/", {"pem": "not a certificate"}, status=422)
+
+
+def proxied(app, peer="127.0.0.1", **headers):
+    return client(app, REMOTE_ADDR=peer, **{f"HTTP_{name.upper().replace('-', '_')}": value
+                                           for name, value in headers.items()})
+
+
+def test_the_trusted_proxy_sets_scheme_host_prefix_and_client_address(config, store, clock, root_der, access_log):
+    app = app_with(config, store, clock, trusted_proxy="127.0.0.1", upload_password=KEY)
+    through_proxy = proxied(app, **{"X-Forwarded-For": "192.168.1.20", "X-Forwarded-Proto": "https",
+                                    "X-Forwarded-Host": "ca.example.com", "X-Forwarded-Prefix": "/certdrop"})
+    result = post_cert(through_proxy, root_der, 201, basic(KEY))
+    assert result.headers["Location"].startswith("https://ca.example.com/certdrop/c/")
+    assert result.html.find("a", string=re.compile("Share another"))["href"] == "/certdrop/"
+    access_log.flush()
+    assert " 192.168.1.20 POST /certdrop/ 201 " in access_log.stream.getvalue()
+
+
+def test_forwarding_headers_from_anybody_else_are_ignored(config, store, clock, root_der):
+    app = app_with(config, store, clock, trusted_proxy="127.0.0.1", upload_password=KEY)
+    spoofed = proxied(app, peer="192.168.1.30", **{"X-Forwarded-For": "10.9.9.9", "X-Forwarded-Proto": "https",
+                                                    "X-Forwarded-Host": "evil.example", "X-Forwarded-Prefix": "/x"})
+    result = post_cert(spoofed, root_der, 201, basic(KEY))
+    assert result.headers["Location"].startswith("http://ca.example.org:8080/c/")
+
+
+def test_a_request_through_the_trusted_proxy_from_this_machine_still_needs_the_key(config, store, clock, root_der):
+    app = app_with(config, store, clock, trusted_proxy="127.0.0.1", upload_password=KEY)
+    post_cert(proxied(app, **{"X-Forwarded-For": "127.0.0.1"}), root_der, 401)
+
+
+# -- HTTP: health and the access log
+
+
+def test_healthz_answers_200_while_the_data_directory_works(testapp, config):
+    config.data_dir.mkdir(parents=True)
+    assert testapp.get("/healthz").text == "ok\n"
+    assert files_under(config.data_dir) == [], "the probe leaves nothing behind"
+
+
+def test_healthz_answers_503_naming_what_is_wrong(testapp, small_disk, clock):
+    assert "missing" in testapp.get("/healthz", status=503).text
+    app, config = disk_app(small_disk, clock)
+    config.data_dir.mkdir()
+    fill(small_disk)
+    assert "is full" in app.get("/healthz", status=503, headers={"User-Agent": "curl/8.5.0"}).text
+    (small_disk / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    assert "read-only" in app.get("/healthz", status=503, headers={"User-Agent": "curl/8.5.0"}).text
+
+
+def test_each_request_gets_one_access_log_line(testapp, root_der, access_log):
+    token = token_of(upload(testapp, root_der))
+    testapp.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
+    testapp.get(f"/c/{token}/x y\x1b.cer?format=der", status=404)
+    access_log.flush()
+    lines = access_log.stream.getvalue().splitlines()
+    assert re.fullmatch(rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.1 GET /c/{token} 200 {len(root_der)} s60 "
+                        r"\d+\.\dms", lines[1])
+    assert " GET /c/" in lines[2] and "/x%20y%1B.cer?format=der 404 " in lines[2]
+
+
+def test_access_log_off_writes_nothing(config, store, clock, access_log):
+    client(app_with(config, store, clock, access_log=False)).get("/")
+    access_log.flush()
+    assert access_log.stream.getvalue() == ""
 
 
 # -- HTTP: the install link ------------------------------------------------------------------------------------
