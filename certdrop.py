@@ -3610,16 +3610,46 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     stop = threading.Event()
     if config.sweep_interval:
         threading.Thread(target=sweep_forever, args=(app.store, config.sweep_interval, stop), daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # SIGTERM (systemd), Ctrl-C, and Ctrl-Break (how Windows service wrappers stop a console program)
+    for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda signum, frame: stop.set())
     log.info("certdrop %s serving on http://%s:%s/ with data in %s", __version__, server.effective_host,
              server.effective_port, config.data_dir)
     announce_upload_key(app.store, config, server.effective_port)
-    try:
-        server.run()  # returns after SIGTERM or Ctrl-C, once waitress has closed its sockets and threads
-    finally:
-        stop.set()
+    serve_until(server, stop)
+    if app.access_log:
+        app.access_log.flush()
     log.info("certdrop stopped")
     return 0
+
+
+def serve_until(server, stop: threading.Event, drain_seconds: float = 10.0) -> None:
+    """Run waitress until *stop* is set; then stop accepting, finish the requests in flight and close.
+
+    waitress's own run() would close every connection at once, dropping answers still being sent (an upload
+    already stored, say). A request counts as in flight from its first byte to its last byte sent.
+    """
+    connections = getattr(server, "_map", None) or server.map
+    loop = functools.partial(server.asyncore.loop, timeout=0.2, map=connections,
+                             use_poll=server.adj.asyncore_use_poll, count=1)
+    while not stop.is_set():
+        loop()
+    server.accepting = False
+    deadline = time.monotonic() + drain_seconds
+    while any(is_busy(channel) for channel in list(connections.values()) if channel is not server):
+        if time.monotonic() > deadline:
+            log.warning("stopping with requests still in flight after %d seconds", drain_seconds)
+            break
+        loop()
+    server.close()
+    server.task_dispatcher.shutdown()
+
+
+def is_busy(channel) -> bool:
+    """Return whether a waitress connection is receiving a request, running one, or sending an answer."""
+    return bool(getattr(channel, "request", None) is not None or getattr(channel, "requests", None)
+                or getattr(channel, "total_outbufs_len", 0))
 
 
 def raise_file_limit(wanted: int) -> None:

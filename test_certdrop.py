@@ -3205,3 +3205,24 @@ def test_two_servers_sharing_a_data_directory_lose_nothing_and_see_revocations(t
     finally:
         for server in servers:
             server.stop()
+
+
+def test_sigterm_finishes_an_upload_in_flight_and_loses_nothing(tmp_path, root_pem):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\n")
+    server = Server(ini)
+    body = urllib.parse.urlencode({"pem": root_pem.decode(), "ttl": "1d"}).encode()
+    parts = urllib.parse.urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as connection:
+        connection.sendall(f"POST / HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/x-www-form-"
+                           f"urlencoded\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+        time.sleep(0.3)  # the server has the first bytes of the request when it is told to stop
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        connection.sendall(body[100:])
+        answer = connection.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 201 ")
+    token = re.search(rb"Location: http://[^/]+/c/([a-z0-9]+)", answer)[1].decode()
+    assert server.process.wait(timeout=15) == 0
+    server.stop()
+    assert run_cli(ini, "show", token).returncode == 0
