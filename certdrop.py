@@ -80,8 +80,12 @@ except ModuleNotFoundError as missing:
 
 try:
     import fcntl
-except ImportError:  # Windows: one process per data directory, guarded by a thread lock only
+except ImportError:  # Windows: msvcrt.locking instead
     fcntl = None
+try:
+    import msvcrt
+except ImportError:  # POSIX: fcntl.flock instead
+    msvcrt = None
 
 __version__ = "0.1.0"
 
@@ -1686,6 +1690,8 @@ class Store:
         self.revalidate_after = revalidate_after
         self._cache: OrderedDict[str, tuple[Entry, tuple, float]] = OrderedDict()
         self._lock = threading.Lock()
+        self._writing = threading.Lock()  # threads of this process; the lock file keeps other processes out
+        self._owner: tuple[int, int] | None = None  # whom files made by root belong to: the directory's owner
 
     # -- paths: derived only from tokens that match TOKEN_RE -------------------------------------------------
 
@@ -1789,7 +1795,7 @@ class Store:
             entry = Entry(self._new_token(), self.clock(), expires, certificate.der)
             index = self._index_path(certificate.sha256)
             # The index first: if the entry then cannot be written, the index names no file and is simply stale.
-            _write_atomically(index, entry.token.encode("ascii"))
+            _write_atomically(index, entry.token.encode("ascii"), owner=self._owner)
             try:
                 self._write(entry)
             except OSError:
@@ -1806,7 +1812,7 @@ class Store:
                 return key, False
         with self._exclusive():
             key = "-".join("".join(secrets.choice(TOKEN_ALPHABET) for _ in range(5)) for _ in range(4))
-            _write_atomically(path, key.encode("ascii") + b"\n", mode=0o600)
+            _write_atomically(path, key.encode("ascii") + b"\n", mode=0o600, owner=self._owner)
         return key, True
 
     def revoke(self, token: str) -> Entry:
@@ -1914,7 +1920,7 @@ class Store:
 
     def _write(self, entry: Entry, remember: bool = True) -> None:
         path = self.path_for(entry.token)
-        _write_atomically(path, entry.to_json())
+        _write_atomically(path, entry.to_json(), owner=self._owner)
         if remember:
             self._remember(entry, _file_signature(path))
 
@@ -1930,16 +1936,38 @@ class Store:
         """
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            self._owner = owner_for_root(self.directory)
             lock_file = open(self.directory / ".lock", "a+b")
+            if self._owner:
+                os.chown(self.directory / ".lock", *self._owner)
         except OSError as error:
             raise StorageError.from_os_error(error) from None
-        with lock_file:
-            if fcntl is not None:
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
+        with self._writing, lock_file, locked(lock_file):
             try:
                 yield
             except OSError as error:
                 raise StorageError.from_os_error(error) from None
+
+
+@contextlib.contextmanager
+def locked(file: typing.BinaryIO) -> Iterator[None]:
+    """Hold an exclusive lock on *file* against other processes: flock on POSIX, msvcrt.locking on Windows."""
+    if fcntl is not None:
+        fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+        return
+    file.seek(0)
+    while True:
+        try:  # LK_LOCK gives up after ten tries a second apart; a writer waits as long as another one writes
+            msvcrt.locking(file.fileno(), msvcrt.LK_LOCK, 1)
+            break
+        except OSError:
+            continue
+    try:
+        yield
+    finally:
+        file.seek(0)
+        msvcrt.locking(file.fileno(), msvcrt.LK_UNLCK, 1)
 
 
 def _file_signature(path: Path) -> tuple:
@@ -1955,13 +1983,33 @@ def _file_signature_of(file) -> tuple:
     return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
-def _write_atomically(path: Path, data: bytes, mode: int = 0o666) -> None:
-    """Write *data* to *path* so that readers see the old file or the whole new one, even after power loss."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def owner_for_root(directory: Path) -> tuple[int, int] | None:
+    """Return (uid, gid) of *directory* when root writes into a directory that belongs to someone else, else None.
+
+    The command line run as root (sudo certdrop.py add ...) must leave files the service's own user can read,
+    replace and remove, so what root makes there takes the directory's owner.
+    """
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    status = directory.stat()
+    return None if status.st_uid == 0 else (status.st_uid, status.st_gid)
+
+
+def _write_atomically(path: Path, data: bytes, mode: int = 0o666, owner: tuple[int, int] | None = None) -> None:
+    """Write *data* to *path* so that readers see the old file or the whole new one, even after power loss.
+
+    With *owner*, the file and any directory made for it belong to that (uid, gid).
+    """
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if owner:
+            os.chown(path.parent, *owner)
     temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
         with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode),
                   "wb") as file:
+            if owner:
+                os.fchown(file.fileno(), *owner)
             file.write(data)
             file.flush()
             os.fsync(file.fileno())

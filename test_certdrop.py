@@ -5,6 +5,7 @@ import codecs
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import functools
 import hashlib
 import http.client
@@ -12,10 +13,12 @@ import ipaddress
 import io
 import json
 import logging
+import multiprocessing
 import os
 import plistlib
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -1809,6 +1812,72 @@ def test_paths_come_only_from_well_formed_tokens(store, token):
         store.path_for(token)
 
 
+class FakeMsvcrt:
+    """Windows' msvcrt.locking on Linux: byte-range locks that other processes respect, as on Windows.
+
+    Like msvcrt.locking, a lock from one process excludes every other; the store's thread lock covers threads.
+    """
+
+    LK_LOCK, LK_UNLCK = 1, 0
+
+    def __init__(self):
+        self.calls = []
+
+    def locking(self, fd, mode, nbytes):
+        self.calls.append(mode)
+        fcntl.lockf(fd, fcntl.LOCK_EX if mode == self.LK_LOCK else fcntl.LOCK_UN, nbytes, 0, os.SEEK_SET)
+
+
+@pytest.fixture
+def windows_locking(monkeypatch):
+    """Make the store take the branch Windows takes: no fcntl, msvcrt.locking."""
+    fake = FakeMsvcrt()
+    monkeypatch.setattr(certdrop, "fcntl", None)
+    monkeypatch.setattr(certdrop, "msvcrt", fake)
+    return fake
+
+
+def hold_store_lock(directory, held, release):
+    """Child process: take the store's write lock, say so, and keep it until told to let go."""
+    with certdrop.Store(directory)._exclusive():
+        held.set()
+        release.wait(10)
+
+
+@pytest.mark.parametrize("branch", ["posix", "windows"])
+def test_the_write_lock_keeps_other_processes_out(tmp_path, request, branch):
+    if branch == "windows":
+        request.getfixturevalue("windows_locking")
+    context = multiprocessing.get_context("fork")
+    held, release = context.Event(), context.Event()
+    child = context.Process(target=hold_store_lock, args=(tmp_path, held, release))
+    child.start()
+    try:
+        assert held.wait(10)
+        threading.Timer(0.5, release.set).start()
+        started = time.monotonic()
+        with certdrop.Store(tmp_path)._exclusive():
+            waited = time.monotonic() - started
+    finally:
+        release.set()
+        child.join(10)
+    assert waited >= 0.4, "the lock was taken while another process held it"
+
+
+def test_on_windows_concurrent_uploads_of_one_certificate_give_one_link(config, clock, root_der, windows_locking):
+    store = certdrop.make_store(config, clock)
+    certificate = certdrop.load_der(root_der)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(store.add(certificate, NOW + DAY)))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({entry.token for entry, _ in results}) == 1 and sum(created for _, created in results) == 1
+    assert windows_locking.calls.count(FakeMsvcrt.LK_LOCK) == windows_locking.calls.count(FakeMsvcrt.LK_UNLCK) == 8
+
+
 # -- HTTP: the upload page and the result page -----------------------------------------------------------------
 
 
@@ -3226,3 +3295,36 @@ def test_sigterm_finishes_an_upload_in_flight_and_loses_nothing(tmp_path, root_p
     assert server.process.wait(timeout=15) == 0
     server.stop()
     assert run_cli(ini, "show", token).returncode == 0
+
+
+def test_what_root_writes_for_the_service_stays_the_services_own(root_pem):
+    """sudo certdrop.py add/revoke/upload-key on the service's data leave files its own user can change."""
+    service = 65534  # nobody: any user but root will do
+    top = Path(tempfile.mkdtemp(prefix="certdrop-owner-"))
+    try:
+        top.chmod(0o755)
+        (top / "data").mkdir()
+        os.chown(top / "data", service, service)
+        (top / "certdrop.ini").write_text("[certdrop]\ndata_dir = data\n")
+        (top / "ca.pem").write_bytes(root_pem)
+        added = run_cli(top / "certdrop.ini", "add", str(top / "ca.pem"))
+        token = re.search(r"/c/([a-z0-9]+)", added.stdout)[1]
+        assert run_cli(top / "certdrop.ini", "upload-key").returncode == 0
+        owners = {(path.stat().st_uid, path.stat().st_gid) for path in (top / "data").rglob("*")}
+        assert owners == {(service, service)}
+        as_service = multiprocessing.get_context("fork").Process(target=revoke_as, args=(service, top / "data", token))
+        as_service.start()
+        as_service.join(30)
+        assert as_service.exitcode == 0, "the service's user could not revoke what root stored"
+    finally:
+        shutil.rmtree(top)
+
+
+def revoke_as(uid, directory, token):
+    """Child process: become *uid* and revoke *token*, as the service would (exit status 0 if that worked)."""
+    for encoding in ("ascii", "latin-1"):  # loaded lazily, from where root installed Python: load them now
+        codecs.lookup(encoding)
+    os.setgid(uid)
+    os.setuid(uid)
+    certdrop.Store(directory).revoke(token)
+    certdrop.Store(directory).sweep()
