@@ -3654,7 +3654,10 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
                            max_request_body_size=body_limit, inbuf_overflow=body_limit + 1,
                            connection_limit=config.connection_limit, channel_timeout=config.channel_timeout,
                            cleanup_interval=max(1, min(30, config.channel_timeout // 2)),
-                           asyncore_use_poll=config.use_poll)
+                           asyncore_use_poll=config.use_poll,
+                           # The app reads proxy headers itself (make_app): waitress clearing them first would
+                           # make a request passed on by an unconfigured proxy look like one made on this machine.
+                           clear_untrusted_proxy_headers=False)
     stop = threading.Event()
     if config.sweep_interval:
         threading.Thread(target=sweep_forever, args=(app.store, config.sweep_interval, stop), daemon=True).start()
@@ -3709,7 +3712,10 @@ def raise_file_limit(wanted: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):  # a sandbox may forbid it: then the limit it set is what there is
+            target = soft
         if target < wanted:
             log.warning("only %d open files allowed (connection_limit needs %d): raise LimitNOFILE", target, wanted)
 

@@ -3328,3 +3328,111 @@ def revoke_as(uid, directory, token):
     os.setuid(uid)
     certdrop.Store(directory).revoke(token)
     certdrop.Store(directory).sweep()
+
+
+def test_the_systemd_unit_rates_2_or_lower_and_verifies_cleanly(tmp_path):
+    unit = HERE / "systemd" / "certdrop.service"
+    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True,
+                              text=True, timeout=60)
+    exposure = float(re.search(r"Overall exposure level for certdrop\.service: ([\d.]+)", security.stdout)[1])
+    assert exposure <= 2.0
+    # verify checks that ExecStart's program exists: point the unit's paths at a tree made here
+    (tmp_path / "opt/certdrop/.venv/bin").mkdir(parents=True)
+    (tmp_path / "opt/certdrop/.venv/bin/python").symlink_to(os.path.realpath(sys.executable))
+    shutil.copy(HERE / "certdrop.py", tmp_path / "opt/certdrop/certdrop.py")
+    moved = tmp_path / "certdrop.service"
+    moved.write_text(unit.read_text().replace("/opt/certdrop", str(tmp_path / "opt/certdrop"))
+                     .replace("/etc/certdrop", str(tmp_path / "etc/certdrop")))
+    verify = subprocess.run(["systemd-analyze", "verify", str(moved)], capture_output=True, text=True, timeout=60)
+    assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
+
+
+APACHE_CONFIG = """
+Listen 127.0.0.1:{port}
+ServerName localhost
+PidFile {directory}/apache.pid
+ErrorLog {directory}/error.log
+LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
+LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
+LoadModule headers_module /usr/lib/apache2/modules/mod_headers.so
+LoadModule proxy_module /usr/lib/apache2/modules/mod_proxy.so
+LoadModule proxy_http_module /usr/lib/apache2/modules/mod_proxy_http.so
+User www-data
+Group www-data
+ProxyPass /naive/ http://{naive}/
+ProxyPass /certdrop/ http://{upstream}/
+RequestHeader set X-Forwarded-Prefix /certdrop
+RequestHeader set X-Forwarded-Proto http
+"""
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def fetch_from(source, port, path, method="GET", body=None, headers=None):
+    """Return (status, headers, body) for a request to 127.0.0.1:*port* sent from the address *source*."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def test_behind_apache_under_a_prefix_every_link_works_and_the_log_names_the_client(tmp_path, root_pem, root_der):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text(f"[certdrop]\ndata_dir = data\ntrusted_proxy = 127.0.0.1\nupload_password = {KEY}\n"
+                   "trusted_proxy_headers = x-forwarded-for x-forwarded-host x-forwarded-proto\n")
+    naive_ini = tmp_path / "naive.ini"  # a certdrop whose administrator did not name Apache as its proxy
+    naive_ini.write_text(f"[certdrop]\ndata_dir = naive\nupload_password = {KEY}\n")
+    server, naive, port = Server(ini), Server(naive_ini), free_port()
+    (tmp_path / "apache.conf").write_text(APACHE_CONFIG.format(port=port, directory=tmp_path,
+                                                               upstream=server.url.split("//")[1],
+                                                               naive=naive.url.split("//")[1]))
+    apache = subprocess.Popen(["/usr/sbin/apache2", "-X", "-f", str(tmp_path / "apache.conf")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert apache.poll() is None and time.monotonic() < deadline, (tmp_path / "error.log").read_text()
+                time.sleep(0.1)
+        form = urllib.parse.urlencode({"pem": root_pem.decode()}).encode()
+        plain = {"Content-Type": "application/x-www-form-urlencoded"}
+        assert fetch_from("127.0.0.2", port, "/naive/", "POST", form, plain)[0] == 401, "Apache is no loophole"
+        assert fetch_from("127.0.0.2", port, "/certdrop/", "POST", form, plain)[0] == 401
+        status, headers, page = fetch_from("127.0.0.2", port, "/certdrop/", "POST", form, {**plain, **basic(KEY)})
+        assert status == 201, page
+        link = headers["Location"]
+        assert link.startswith(f"http://127.0.0.1:{port}/certdrop/c/")
+        pages = [("/certdrop/", page)]
+        for agent in ("android-chrome", "windows-edge", "iphone-safari", "linux-chrome"):
+            pages.append((link, fetch_from("127.0.0.2", port, urllib.parse.urlsplit(link).path,
+                                           headers={"User-Agent": USER_AGENTS[agent][0]})[2]))
+        followed = 0
+        for base, body in pages:
+            for href in re.findall(rb'(?:href|action)="([^"]+)"', body):
+                target = urllib.parse.urlsplit(urllib.parse.urljoin(base, href.decode()))
+                status = fetch_from("127.0.0.2", port, target.path + ("?" + target.query if target.query else ""))[0]
+                assert status in (200, 304), f"{target.path} answered {status} through Apache"
+                followed += 1
+        assert followed >= 20
+        status, _, der = fetch_from("127.0.0.2", port, urllib.parse.urlsplit(link).path,
+                                    headers={"User-Agent": S60_AGENTS["e61i"]})
+        assert (status, der) == (200, root_der)
+    finally:
+        apache.terminate()
+        apache.wait(10)
+        apache.stderr.close()
+        server.stop()
+        naive.stop()
+    log = "".join(server.log)
+    assert " 127.0.0.2 POST /certdrop/ 201 " in log and " 127.0.0.2 GET /certdrop/c/" in log
+    assert " 127.0.0.1 " not in log.split("serving on")[1], "the log names Apache instead of the client"
