@@ -209,6 +209,11 @@ def test_every_setting_is_documented_in_the_shipped_ini():
     assert documented == {field.name for field in dataclasses.fields(certdrop.Config)} == set(certdrop.CONFIG_PARSERS)
 
 
+def test_every_setting_is_in_the_readme_table():
+    readme = (HERE / "README.md").read_text()
+    assert [key for key in certdrop.CONFIG_PARSERS if f"| `{key}` |" not in readme] == []
+
+
 def test_unknown_setting_stops_start_up_naming_key_and_file(tmp_path):
     ini = tmp_path / "x.ini"
     ini.write_text("[certdrop]\nport = 8080\ncolour = blue\n")
