@@ -156,8 +156,11 @@ TERMINAL_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u20
 LINE_BREAKS_RE = re.compile("[\r\n\x0b\x0c\x85\u2028\u2029]+")
 BIDI_CONTROLS_RE = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
-#: Command-line HTTP clients get plain text instead of HTML.
-TEXT_AGENTS = ("curl/", "wget/", "httpie/", "python-requests/", "python-urllib/", "powershell/")
+#: Command-line HTTP clients, which get plain text instead of HTML (PowerShell names itself after a Mozilla/5.0).
+TEXT_AGENT_RE = re.compile(r"^(?:curl|wget|httpie|python-requests|python-urllib)/|PowerShell/", re.IGNORECASE)
+
+#: The version of certdrop's JSON answers; it changes only when a field changes meaning or goes away.
+JSON_VERSION = 1
 
 
 
@@ -231,11 +234,13 @@ class HTTPError(Exception):
     """An answer other than success, with a status and a message for people."""
 
     status = 500
+    code = "server-error"  # stable, for scripts: JSON errors carry it
     message = "Something went wrong on the server. The error has been logged."
 
-    def __init__(self, message: str | None = None, headers: tuple = ()):
+    def __init__(self, message: str | None = None, headers: tuple = (), code: str | None = None):
         self.message = message or self.message
         self.headers = tuple(headers)
+        self.code = code or self.code
         #: more of the HTML page, after the message: the upload form again, say
         self.extra_html = ""
         super().__init__(self.message)
@@ -243,16 +248,19 @@ class HTTPError(Exception):
 
 class BadRequest(HTTPError):
     status = 400
+    code = "bad-request"
     message = "The request could not be understood."
 
 
 class NotFound(HTTPError):
     status = 404
+    code = "not-found"
     message = "Nothing has this address. Check it for typing mistakes."
 
 
 class MethodNotAllowed(HTTPError):
     status = 405
+    code = "method-not-allowed"
 
     def __init__(self, allowed: list[str]):
         super().__init__(f"This address accepts only {', '.join(allowed)}.", headers=(("Allow", ", ".join(allowed)),))
@@ -260,31 +268,38 @@ class MethodNotAllowed(HTTPError):
 
 class Gone(HTTPError):
     status = 410
+    code = "gone"
 
 
 class PayloadTooLarge(HTTPError):
     status = 413
+    code = "too-large"
 
 
 class UnsupportedMediaType(HTTPError):
     status = 415
+    code = "unsupported-type"
 
 
 class Unprocessable(HTTPError):
     status = 422
+    code = "refused"
 
 
 class Unauthorized(HTTPError):
     status = 401
+    code = "unauthorized"
     message = "Uploading needs the upload key. Sign in, or send it with HTTP Basic (curl -u certdrop:KEY)."
 
 
 class Forbidden(HTTPError):
     status = 403
+    code = "forbidden"
 
 
 class TooManyRequests(HTTPError):
     status = 429
+    code = "rate-limited"
 
     def __init__(self, retry_after: float):
         seconds = max(1, math.ceil(retry_after))
@@ -294,16 +309,17 @@ class TooManyRequests(HTTPError):
 
 class ServiceUnavailable(HTTPError):
     status = 503
+    code = "unavailable"
 
 
 def http_error_for(error: CertdropError) -> HTTPError:
     """Return the HTTP answer for a domain error raised by the doctor or the store."""
     if isinstance(error, CertificateError):
-        return Unprocessable(str(error))
+        return Unprocessable(str(error), code=error.code)
     if isinstance(error, LifetimeError):
-        return BadRequest(str(error))
+        return BadRequest(str(error), code="lifetime")
     if isinstance(error, StorageError):
-        return ServiceUnavailable(str(error))
+        return ServiceUnavailable(str(error), code="storage")
     if isinstance(error, LinkGone):
         return Gone(str(error))
     if isinstance(error, UnknownToken):
@@ -2876,7 +2892,7 @@ def response_format(request: Request) -> str:
     html = accept_quality(accept, "text/html", wildcards=False)
     if accept_quality(accept, "application/json", wildcards=False) > html:
         return "json"
-    if request.user_agent.lower().startswith(TEXT_AGENTS) or accept_quality(accept, "text/plain",
+    if TEXT_AGENT_RE.search(request.user_agent) or accept_quality(accept, "text/plain",
                                                                              wildcards=False) > html:
         return "text"
     if client_of(request).device in ("s60", "s40"):
@@ -2897,10 +2913,11 @@ def render_error(request: Request, error: HTTPError, home: str) -> Response:
         return Response(render_nokia_message(title, message, content_type), error.status, content_type,
                         headers + page_headers(content_type))
     if fmt == "json":
-        body = json.dumps({"error": {"status": error.status, "message": error.message}}).encode()
+        body = json.dumps({"version": JSON_VERSION, "error": {"status": error.status, "code": error.code,
+                                                              "message": error.message}}).encode()
         return Response(body, error.status, MIME_JSON, headers)
     if fmt == "text":
-        line = f"{title}: {error.message} ({error.status} {HTTPStatus(error.status).phrase})"
+        line = f"{title}: {error.message} [{error.code}] ({error.status} {HTTPStatus(error.status).phrase})"
         return Response(f"{term(line)}\n".encode(), error.status, MIME_TEXT, headers)
     if error.status == 401:
         return Response(render_signin(home, error.message), 401, MIME_HTML, headers + HTML_HEADERS)
@@ -2916,18 +2933,39 @@ def format_size(size: int) -> str:
     return f"{size // (1024 * 1024)} MiB" if size % (1024 * 1024) == 0 else f"{size // 1024} KiB"
 
 
-def parse_form(request: Request, limit: int) -> dict[str, bytes]:
-    """Return the fields of a posted form (multipart or urlencoded) as bytes; raise an HTTPError for anything else."""
+#: The upload's fields: a file or pasted text, and the options.
+FORM_FIELDS = ("cert", "pem", "ttl", "host", "force")
+
+#: Types of a request body that is the certificate file itself (curl --data-binary, PowerShell -InFile); the
+#: options then come in the query string.
+RAW_UPLOAD_TYPES = ("application/pkix-cert", "application/x-x509-ca-cert", "application/x-x509-user-cert",
+                    "application/pkcs7-mime", "application/x-pkcs7-certificates", "application/pkcs12",
+                    "application/x-pkcs12", "application/x-pem-file", "text/plain", "application/octet-stream", "")
+
+
+def parse_form(request: Request, limit: int, fields: tuple[str, ...] = FORM_FIELDS) -> dict[str, bytes]:
+    """Return the upload's fields as bytes: from a form (multipart or urlencoded), or a body that is the file.
+
+    wget --post-file and PowerShell send a file as application/x-www-form-urlencoded: a body with none of the
+    form's fields is taken as the file itself. Raise an HTTPError for anything else.
+    """
     content_type = request.environ.get("CONTENT_TYPE", "")
     body = request.read_body(limit)
     mime, _, params = content_type.partition(";")
     mime = mime.strip().lower()
+    if mime == "multipart/form-data":
+        return _parse_multipart(body, params, limit)
+    takes_a_file = "cert" in fields
     if mime == "application/x-www-form-urlencoded":
         pairs = urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True)
-        return {name: value.encode("latin-1") for name, value in pairs}
-    if mime != "multipart/form-data":
-        raise UnsupportedMediaType("Send the certificate with the upload form (multipart/form-data).")
-    return _parse_multipart(body, params, limit)
+        if not takes_a_file or any(name in fields for name, _ in pairs):
+            return {name: value.encode("latin-1") for name, value in pairs}
+    elif mime not in RAW_UPLOAD_TYPES or not takes_a_file:
+        raise UnsupportedMediaType(f"certdrop cannot read a {mime[:60]} body. Send the certificate file itself "
+                                   "(application/pkix-cert, application/octet-stream, text/plain, ...) or the "
+                                   "upload form (multipart/form-data).")
+    options = {name: value.encode("utf-8") for name, value in request.query.items() if name in ("ttl", "host", "force")}
+    return {**options, "cert": body}
 
 
 def _parse_multipart(body: bytes, params: str, limit: int) -> dict[str, bytes]:
@@ -3140,6 +3178,7 @@ LOOKUP_BURST, UPLOAD_BURST = 10, 5
 #: Pages with a form: they depend on the visitor's sign-in, so no cache keeps them.
 FORM_PAGE_HEADERS = HTML_HEADERS + (("Cache-Control", "no-store"),)
 
+CROSS_SITE_CODE = "cross-site"
 CROSS_SITE_MESSAGE = ("This request came from another web site, so it was refused: only certdrop's own pages may "
                       "upload or sign in. Open certdrop's address yourself and try again.")
 
@@ -3304,7 +3343,7 @@ class App:
     def signin(self, request: Request) -> Response:
         self.refuse_cross_site(request)
         self.check_network(request)
-        self.check_key(request, form_text(parse_form(request, 4096), "key"))
+        self.check_key(request, form_text(parse_form(request, 4096, fields=("key",)), "key"))
         expires = int(self.clock()) + SESSION_SECONDS
         return self.redirect_home(request, self.session_cookie(request, self.session_value(expires), SESSION_SECONDS))
 
@@ -3327,10 +3366,15 @@ class App:
             links = store_links(self.store, self.config, diagnosis, form_text(fields, "ttl"), now, base)
         except (CertificateError, LifetimeError) as error:
             raise self.refusal_with_form(error, fields, home) from None
-        page = render_result(links, diagnosis, now, home=home)
         status = 201 if any(link.created for link in links) else 200
-        return Response(page, status, MIME_HTML,
-                        HTML_HEADERS + (("Cache-Control", "no-store"), ("Location", links[0].url)))
+        headers = (("Cache-Control", "no-store"), ("Location", links[0].url), ("Vary", "Accept, User-Agent"))
+        answer_format = response_format(request)
+        if answer_format == "json":
+            body = json.dumps(upload_report(links, diagnosis), indent=1).encode("utf-8") + b"\n"
+            return Response(body, status, MIME_JSON, headers)
+        if answer_format == "text":
+            return Response(render_upload_text(links, diagnosis).encode("utf-8"), status, MIME_TEXT, headers)
+        return Response(render_result(links, diagnosis, now, home=home), status, MIME_HTML, HTML_HEADERS + headers)
 
     def refusal_with_form(self, error: CertdropError, fields: dict[str, bytes], home: str) -> HTTPError:
         """Return the answer to a refused upload: the reason, then the form again, filled in as it was sent.
@@ -3404,7 +3448,8 @@ class App:
 
     def check_network(self, request: Request) -> None:
         if not address_in(request.remote_addr, self.config.upload_networks):
-            raise Forbidden(f"Uploads are not accepted from your address ({request.remote_addr[:64]}): this server "
+            raise Forbidden(code="network", message=f"Uploads are not accepted from your address "
+                            f"({request.remote_addr[:64]}): this server "
                             "takes them only from the networks named in its upload_networks setting. Installing "
                             "from a link works from anywhere.")
 
@@ -3421,10 +3466,10 @@ class App:
         send neither and pass.
         """
         if request.header("Sec-Fetch-Site").lower() == "cross-site":
-            raise Forbidden(CROSS_SITE_MESSAGE)
+            raise Forbidden(CROSS_SITE_MESSAGE, code=CROSS_SITE_CODE)
         origin = request.header("Origin")
         if origin and origin_of(origin) != origin_of(self.base_url(request)):
-            raise Forbidden(CROSS_SITE_MESSAGE)
+            raise Forbidden(CROSS_SITE_MESSAGE, code=CROSS_SITE_CODE)
 
     def check_key(self, request: Request, given: str) -> None:
         """Raise Unauthorized unless *given* is the upload key; wrong keys are rate-limited per client."""
@@ -3475,7 +3520,7 @@ class App:
                                     certificate)
         if nokia:
             return PageAnswer(client, nokia_page_type(accept))
-        if accepts_only_certificates(accept) or request.user_agent.lower().startswith(TEXT_AGENTS):
+        if accepts_only_certificates(accept) or TEXT_AGENT_RE.search(request.user_agent):
             return FileAnswer("der", f"{stem}.crt", inline=False)
         return PageAnswer(client, MIME_HTML)
 
@@ -3556,6 +3601,40 @@ def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, no
                  format_time(entry.expires))
         links.append(Link(entry, install_url(base, entry.token), created, cut and entry.expires == expires))
     return links
+
+
+def upload_report(links: list[Link], diagnosis: Diagnosis) -> dict:
+    """Return the JSON answer to an upload (README documents this shape; JSON_VERSION says which it is)."""
+    def when(timestamp: float) -> str:
+        return datetime.fromtimestamp(timestamp, timezone.utc).isoformat().replace("+00:00", "Z")
+
+    return {
+        "version": JSON_VERSION,
+        "format": diagnosis.source,
+        "links": [{
+            "url": link.url, "token": link.entry.token, "new": link.created, "expires": when(link.entry.expires),
+            "cut_to_certificate": link.cut, "name": c.name, "role": c.role, "subject": c.subject,
+            "issuer": c.issuer, "not_before": when(c.not_before.timestamp()),
+            "not_after": when(c.not_after.timestamp()), "sha256": colon_hex(c.sha256), "sha1": colon_hex(c.sha1),
+        } for link in links for c in (link.entry.certificate,)],
+        "left_out": [{"name": c.name, "sha256": colon_hex(c.sha256), "reason": reason}
+                     for c, reason in diagnosis.left_out],
+        "findings": [dataclasses.asdict(finding) for finding in diagnosis.findings],
+    }
+
+
+def render_upload_text(links: list[Link], diagnosis: Diagnosis) -> str:
+    """Return the plain-text answer to an upload, for curl, wget and PowerShell: the links first, one a line."""
+    lines = [link.url for link in links] + [""]
+    for link in links:
+        certificate = link.entry.certificate
+        lines += [f"{link.url}  {ROLE_LABELS[certificate.role]} \u201c{certificate.name}\u201d, "
+                  f"{'new link' if link.created else 'link it already had'}, works until "
+                  f"{format_time(link.entry.expires)}{' (cut to the certificate)' if link.cut else ''}",
+                  f"  SHA-256 {colon_hex(certificate.sha256)}", f"  SHA-1   {colon_hex(certificate.sha1)}"]
+    lines += [f"left out: {reason}" for _, reason in diagnosis.left_out]
+    lines += [f"{'note' if f.note else 'warning'} [{f.code}]: {f.message}" for f in diagnosis.findings]
+    return "".join(term(line) + "\n" for line in lines)
 
 
 def form_text(fields: dict[str, bytes], name: str) -> str:

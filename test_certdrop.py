@@ -2012,8 +2012,9 @@ def test_link_until_the_certificate_expires(testapp, store, root_der):
     assert store.get(token).expires == datetime.datetime(2035, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
 
 
-def test_upload_that_is_not_a_form_is_refused_with_415(testapp, root_der):
-    testapp.post("/", root_der, content_type="application/octet-stream", status=415)
+def test_upload_of_a_type_that_holds_no_certificate_is_refused_with_415(testapp, root_der):
+    refusal = testapp.post("/", b'{"cert": 1}', content_type="application/json", status=415)
+    assert "multipart/form-data" in html_text(refusal)
 
 
 def test_hostile_host_header_is_refused(testapp, root_der):
@@ -2362,6 +2363,97 @@ def test_any_request_gets_an_answer_below_500_with_clean_headers(environ):
         assert value.isprintable() and "\r" not in value and "\n" not in value, (name, value)
 
 
+# -- HTTP: uploads from scripts ------------------------------------------------------------------------------
+
+RAW_TYPES = {
+    "application/pkix-cert": lambda pki: der_of(pki.root),
+    "application/x-x509-ca-cert": lambda pki: der_of(pki.root),
+    "application/octet-stream": lambda pki: der_of(pki.root),
+    "application/x-pem-file": lambda pki: pem_of(pki.root),
+    "text/plain": lambda pki: pem_of(pki.root),
+    "application/pkcs7-mime": lambda pki: pki.files["pkcs7-der"] if hasattr(pki, "files") else pkcs7.serialize_certificates(
+        [pki.root], serialization.Encoding.DER),
+    "application/x-pkcs12": lambda pki: pkcs12.serialize_key_and_certificates(
+        None, None, None, [pki.root], serialization.NoEncryption()),
+}
+
+
+@pytest.mark.parametrize("content_type", RAW_TYPES, ids=RAW_TYPES)
+def test_a_body_that_is_the_file_itself_is_an_upload(testapp, pki, content_type):
+    answer = testapp.post("/?ttl=1d", RAW_TYPES[content_type](pki), content_type=content_type,
+                          headers={"User-Agent": "curl/8.5.0"}, status=201)
+    assert answer.content_type == "text/plain" and answer.text.splitlines()[0] == answer.headers["Location"]
+
+
+def test_wget_post_file_sends_the_file_as_a_form_and_it_still_works(testapp, root_pem, store):
+    answer = testapp.post("/?ttl=30d", root_pem, content_type="application/x-www-form-urlencoded",
+                          headers={"User-Agent": "Wget/1.21.3"}, status=201)
+    token = answer.text.splitlines()[0].rsplit("/", 1)[1]
+    assert store.get(token).expires == NOW + 30 * DAY
+
+
+@pytest.mark.parametrize("agent", ["Mozilla/5.0 (Windows NT 10.0; Microsoft Windows 10.0.19045; en-US) "
+                                   "WindowsPowerShell/5.1.19041.4648",
+                                   "Mozilla/5.0 (Windows NT 10.0; Microsoft Windows 10.0.22631; en-US) PowerShell/7.4.6"],
+                         ids=["windows-powershell-5.1", "powershell-7"])
+def test_powershell_gets_the_same_text_answer_as_curl(testapp, root_der, agent):
+    answer = testapp.post("/", root_der, content_type="application/x-www-form-urlencoded",
+                          headers={"User-Agent": agent}, status=201)
+    assert answer.content_type == "text/plain" and "SHA-256 " in answer.text
+
+
+def test_the_text_answer_lists_links_names_fingerprints_and_findings(testapp, pki):
+    answer = testapp.post("/", pem_of(pki.root, pki.intermediate, pki.leaf), content_type="text/plain",
+                          headers={"User-Agent": "curl/8.5.0"}, status=201).text
+    lines = answer.splitlines()
+    assert lines[0].startswith("http://ca.example.org:8080/c/") and lines[1].startswith("http://") and lines[2] == ""
+    assert "Root CA \u201cExample Root CA\u201d, new link, works until " in answer
+    assert re.search(r"^  SHA-256 ([0-9A-F]{2}:){31}[0-9A-F]{2}$", answer, re.MULTILINE)
+    assert "left out: The server certificate for mail.example.com" in answer and "[wap-algorithm]" in answer
+
+
+def test_json_clients_get_the_documented_upload_shape(testapp, pki, root):
+    answer = testapp.post("/", pem_of(pki.root, pki.leaf), content_type="text/plain",
+                          headers={"Accept": "application/json"}, status=201).json
+    assert answer["version"] == 1 and answer["format"] == "PEM"
+    link = answer["links"][0]
+    assert set(link) == {"url", "token", "new", "expires", "cut_to_certificate", "name", "role", "subject", "issuer",
+                         "not_before", "not_after", "sha256", "sha1"}
+    assert link["url"].endswith("/c/" + link["token"]) and link["role"] == "root" and link["new"] is True
+    assert link["expires"] == "2027-01-22T08:00:00Z" and link["not_after"] == "2035-01-01T00:00:00Z"
+    assert answer["left_out"][0]["name"] == "mail.example.com"
+    assert {"code", "message", "certificate", "note"} == set(answer["findings"][0])
+
+
+def test_json_errors_carry_their_stable_refusal_code(testapp, root_pem, key_pem):
+    error = testapp.post("/", root_pem + key_pem, content_type="text/plain", headers={"Accept": "application/json"},
+                         status=422).json["error"]
+    assert (error["status"], error["code"]) == (422, "private-key") and "private key" in error["message"]
+
+
+def test_real_curl_and_wget_upload_and_read_the_text_answer(tmp_path, root_pem, other_der):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text(f"[certdrop]\ndata_dir = data\nupload_auth = always\nupload_password = {KEY}\n")
+    (tmp_path / "ca.pem").write_bytes(root_pem)
+    (tmp_path / "other.der").write_bytes(other_der)
+    server = Server(ini)
+    try:
+        form = subprocess.run(["curl", "-sS", "-u", f"certdrop:{KEY}", "-F", f"cert=@{tmp_path / 'ca.pem'}",
+                               server.url + "/"], capture_output=True, text=True, timeout=30)
+        binary = subprocess.run(["curl", "-sS", "-u", f"certdrop:{KEY}", "--data-binary", f"@{tmp_path / 'other.der'}",
+                                 "-H", "Content-Type: application/pkix-cert", server.url + "/?ttl=1d"],
+                                capture_output=True, text=True, timeout=30)
+        wget = subprocess.run(["wget", "-q", "-O", "-", "--user", "certdrop", "--password", KEY, "--auth-no-challenge",
+                               f"--post-file={tmp_path / 'ca.pem'}", server.url + "/"],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        server.stop()
+    for result in (form, binary, wget):
+        assert result.returncode == 0, result.stderr
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/c/[a-z2-9]{8}", result.stdout.splitlines()[0])
+    assert form.stdout.splitlines()[0] == wget.stdout.splitlines()[0], "the same certificate keeps its link"
+
+
 # -- HTTP: behind a reverse proxy, under a prefix --------------------------------------------------------------
 
 
@@ -2571,7 +2663,8 @@ def test_wrong_method_answers_405_with_allow(testapp):
 def test_curl_gets_errors_as_plain_text(testapp):
     response = testapp.get("/c/abcdefgh", headers={"User-Agent": "curl/8.5.0"}, status=404)
     assert response.content_type == "text/plain"
-    assert response.text == "No such page or link: Nothing has this address. Check it for typing mistakes. (404 Not Found)\n"
+    assert response.text == ("No such page or link: Nothing has this address. Check it for typing mistakes. "
+                             "[not-found] (404 Not Found)\n")
 
 
 def test_json_clients_get_errors_as_json(testapp):
