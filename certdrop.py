@@ -1628,6 +1628,7 @@ class Entry:
     der: bytes | None = None
     revoked: float | None = None
     was: Remembered | None = None  # a tombstone's memory of its certificate (none in tombstones of before 0.2)
+    revoke_hash: str | None = None  # SHA-256 (hex) of the secret that removes this link from the web; never the secret
     #: Answers built for this entry, so a hot token is served without rendering: (answer, prefix) -> (response, etag)
     responses: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
@@ -1661,6 +1662,8 @@ class Entry:
             record["der"] = base64.b64encode(self.der).decode("ascii")
         elif self.was is not None:
             record["was"] = self.was.to_record()
+        if self.revoke_hash:
+            record["revoke_sha256"] = self.revoke_hash
         return json.dumps(record, indent=1).encode("utf-8") + b"\n"
 
     @classmethod
@@ -1674,10 +1677,20 @@ class Entry:
             der = base64.b64decode(record["der"], validate=True)
             if hashlib.sha256(der).hexdigest() != record.get("sha256"):
                 raise ValueError("certificate does not match its checksum")
-        revoked, was = record.get("revoked"), record.get("was")
+        revoked, was, revoke_hash = record.get("revoked"), record.get("was"), record.get("revoke_sha256")
+        if revoke_hash is not None and not (isinstance(revoke_hash, str) and re.fullmatch("[0-9a-f]{64}", revoke_hash)):
+            raise ValueError("damaged revocation hash")
         return cls(token, _stored_time(record["created"]), _stored_time(record["expires"]), der,
                    None if revoked is None else _stored_time(revoked),
-                   None if was is None else Remembered.from_record(was))
+                   None if was is None else Remembered.from_record(was), revoke_hash)
+
+    def may_be_revoked_with(self, secret: str) -> bool:
+        """Return whether *secret* is the one made with this link (compared in constant time)."""
+        return bool(self.revoke_hash) and hmac.compare_digest(revoke_hash(secret), self.revoke_hash)
+
+
+def revoke_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
 
 
 def _stored_time(value: object) -> float:
@@ -1796,10 +1809,11 @@ class Store:
 
     # -- writing ------------------------------------------------------------------------------------------
 
-    def add(self, certificate: Certificate, expires: float) -> tuple[Entry, bool]:
+    def add(self, certificate: Certificate, expires: float, revoke_secret: str | None = None) -> tuple[Entry, bool]:
         """Store *certificate* until *expires*; return its entry and whether the link is new.
 
         A certificate that already has a live link keeps it, and the link's expiry moves to the later of the two.
+        A new link keeps the hash of *revoke_secret*, which removes it from the web.
         """
         with self._exclusive():
             existing = self._live_entry_for(certificate.sha256)
@@ -1808,7 +1822,8 @@ class Store:
                 if entry != existing:
                     self._write(entry)
                 return entry, False
-            entry = Entry(self._new_token(), self.clock(), expires, certificate.der)
+            entry = Entry(self._new_token(), self.clock(), expires, certificate.der,
+                          revoke_hash=revoke_hash(revoke_secret) if revoke_secret else None)
             index = self._index_path(certificate.sha256)
             # The index first: if the entry then cannot be written, the index names no file and is simply stale.
             _write_atomically(index, entry.token.encode("ascii"), owner=self._owner)
@@ -2328,6 +2343,7 @@ class Link(typing.NamedTuple):
     url: str
     created: bool  # False when the certificate already had this link
     cut: bool = False  # the chosen lifetime would have outlived the certificate, so the link ends with it
+    revoke_secret: str | None = None  # only for a new link, only on the answer that made it
 
 
 RESULT_PAGE = string.Template("""<h1>$heading</h1>
@@ -2349,7 +2365,19 @@ LINK_SECTION = string.Template("""<section>
 $reachable_html
 <p>$status until $expires (for $remaining).$cut</p>
 $facts_html
+$revoke_html
 </section>
+""")
+
+REVOKE_FORM = string.Template("""<form method="post" action="$url/revoke"><input type="hidden" name="secret"
+value="$secret" /><p class="muted">This page alone can remove the link before it ends: this link's secret is
+<code>$secret</code> (from a script: <code>curl -d secret=$secret $url/revoke</code>).
+<button class="quiet" type="submit">Remove this link now</button></p></form>""")
+
+REVOKED_PAGE = string.Template("""<h1>The link was removed</h1>
+<p>It answers \u201cThis link has ended\u201d from now on, on every certdrop process within 2 seconds. Devices
+that already installed the certificate keep it: remove it there by hand.</p>
+<p><a href="$home">Share a certificate</a></p>
 """)
 
 REACHABLE_NOTE = string.Template("""<p class="warn"><strong>Phones cannot open this link:</strong> $host
@@ -2440,7 +2468,9 @@ def render_link(link: Link, now: float) -> str:
                   reachable_html=render_reachable_note(link.url),
                   status="New link, works" if link.created else "This certificate already had this link; it works",
                   expires=format_time(link.entry.expires), remaining=format_duration(link.entry.expires - now),
-                  cut=f" {CUT_NOTE}" if link.cut else "", facts_html=render_facts(certificate))
+                  cut=f" {CUT_NOTE}" if link.cut else "", facts_html=render_facts(certificate),
+                  revoke_html=render(REVOKE_FORM, url=link.url, secret=link.revoke_secret) if link.revoke_secret
+                  else "")
 
 
 def render_result_steps(certificate: Certificate) -> str:
@@ -3376,6 +3406,28 @@ class App:
             return Response(render_upload_text(links, diagnosis).encode("utf-8"), status, MIME_TEXT, headers)
         return Response(render_result(links, diagnosis, now, home=home), status, MIME_HTML, HTML_HEADERS + headers)
 
+    def revoke(self, request: Request, token: str) -> Response:
+        """Remove a link with the secret shown when it was made: at once here, within 2 s on every process."""
+        self.refuse_cross_site(request)
+        wait = self.sign_in_failures.retry_after(request.remote_addr)
+        if wait:
+            raise TooManyRequests(wait)
+        secret = form_text(parse_form(request, 4096, fields=("secret",)), "secret") or request.query.get("secret", "")
+        if not self.store.get(token).may_be_revoked_with(secret):
+            self.sign_in_failures.spend(request.remote_addr)
+            raise Forbidden("That is not this link's secret: only the page that made the link shows it. On the "
+                            "server, 'certdrop.py revoke TOKEN' removes any link.", code="wrong-secret")
+        entry = self.store.revoke(token)
+        log.info("link %s revoked from the web", entry.token)
+        answer_format = response_format(request)
+        if answer_format == "json":
+            body = json.dumps({"version": JSON_VERSION, "revoked": entry.token}).encode() + b"\n"
+            return Response(body, 200, MIME_JSON, (("Cache-Control", "no-store"),))
+        if answer_format == "text":
+            return Response(f"revoked {entry.token}: it answers 410 from now on\n".encode(), 200, MIME_TEXT)
+        page = render_page("Link removed", render(REVOKED_PAGE, home=self.home(request)))
+        return Response(page, 200, MIME_HTML, HTML_HEADERS + (("Cache-Control", "no-store"),))
+
     def refusal_with_form(self, error: CertdropError, fields: dict[str, bytes], home: str) -> HTTPError:
         """Return the answer to a refused upload: the reason, then the form again, filled in as it was sent.
 
@@ -3596,10 +3648,12 @@ def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, no
     expiries = [link_expiry(config, certificate, ttl, now) for certificate in diagnosis.installable]
     links = []
     for certificate, (expires, cut) in zip(diagnosis.installable, expiries, strict=True):  # all checked first
-        entry, created = store.add(certificate, expires)
+        secret = secrets.token_urlsafe(16)
+        entry, created = store.add(certificate, expires, revoke_secret=secret)
         log.info("%s link %s for %r until %s", "new" if created else "existing", entry.token, certificate.name,
                  format_time(entry.expires))
-        links.append(Link(entry, install_url(base, entry.token), created, cut and entry.expires == expires))
+        links.append(Link(entry, install_url(base, entry.token), created, cut and entry.expires == expires,
+                          secret if created else None))
     return links
 
 
@@ -3616,6 +3670,7 @@ def upload_report(links: list[Link], diagnosis: Diagnosis) -> dict:
             "cut_to_certificate": link.cut, "name": c.name, "role": c.role, "subject": c.subject,
             "issuer": c.issuer, "not_before": when(c.not_before.timestamp()),
             "not_after": when(c.not_after.timestamp()), "sha256": colon_hex(c.sha256), "sha1": colon_hex(c.sha1),
+            "revoke_url": f"{link.url}/revoke", "revoke_secret": link.revoke_secret,
         } for link in links for c in (link.entry.certificate,)],
         "left_out": [{"name": c.name, "sha256": colon_hex(c.sha256), "reason": reason}
                      for c, reason in diagnosis.left_out],
@@ -3632,6 +3687,8 @@ def render_upload_text(links: list[Link], diagnosis: Diagnosis) -> str:
                   f"{'new link' if link.created else 'link it already had'}, works until "
                   f"{format_time(link.entry.expires)}{' (cut to the certificate)' if link.cut else ''}",
                   f"  SHA-256 {colon_hex(certificate.sha256)}", f"  SHA-1   {colon_hex(certificate.sha1)}"]
+        if link.revoke_secret:
+            lines.append(f"  to remove it: curl -d secret={link.revoke_secret} {link.url}/revoke")
     lines += [f"left out: {reason}" for _, reason in diagnosis.left_out]
     lines += [f"{'note' if f.note else 'warning'} [{f.code}]: {f.message}" for f in diagnosis.findings]
     return "".join(term(line) + "\n" for line in lines)
@@ -3656,6 +3713,7 @@ ROUTES = (
     (r"/signout", {"POST": App.signout}),
     (r"/healthz", {"GET": App.health}),
     (r"/c/(?P<token>[^/]+)/?", {"GET": App.install}),
+    (r"/c/(?P<token>[^/]+)/revoke", {"POST": App.revoke}),
     (r"/c/(?P<token>[^/]+)/(?P<name>[A-Za-z0-9._-]{0,100}(?i:\.cer|\.crt|\.der|\.pem|\.mobileconfig|\.whc))",
      {"GET": App.download}),
 )
