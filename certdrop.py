@@ -66,6 +66,7 @@ def missing_dependency(error: ModuleNotFoundError) -> str:
 
 try:
     import multipart
+    import segno
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
     from cryptography.utils import CryptographyDeprecationWarning
@@ -2078,12 +2079,63 @@ def is_loopback_host(host: str) -> bool:
 
 
 @functools.cache
-def machine_name() -> str | None:
-    """Return a name of this machine that other devices may reach, or None if it only knows itself as localhost."""
-    for name in (socket.getfqdn(), socket.gethostname()):
-        if name and not is_loopback_host(name):
-            return name
-    return None
+def machine_addresses() -> tuple[str, ...]:
+    """Return this machine's IPv4 addresses that other devices may reach (no loopback, no link-local)."""
+    found = set()
+    for name in {socket.gethostname(), socket.getfqdn()}:
+        with contextlib.suppress(OSError, UnicodeError):
+            found.update(info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET))
+    with contextlib.suppress(OSError):  # Linux knows every local address, also those no name resolves to
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+        found.update(lines[number - 1].split()[-1] for number, line in enumerate(lines) if "/32 host LOCAL" in line)
+    usable = [address for address in found if (parsed := parse_address(address)) is not None
+              and parsed.version == 4 and not (parsed.is_loopback or parsed.is_link_local or parsed.is_unspecified)]
+    return tuple(sorted(usable, key=lambda address: (not parse_address(address).is_private, address)))
+
+
+@functools.cache
+def machine_fqdn() -> str | None:
+    """Return this machine's fully qualified name when it has one that resolves, else None."""
+    name = socket.getfqdn().rstrip(".").lower()
+    if "." not in name or is_loopback_host(name):
+        return None
+    try:
+        socket.getaddrinfo(name, None)
+    except (OSError, UnicodeError):
+        return None
+    return name
+
+
+def is_single_label(host: str) -> bool:
+    """Return whether *host* is a bare name such as "server", which phones on Wi-Fi often cannot resolve."""
+    return bool(host) and "." not in host and parse_address(host.strip("[]")) is None
+
+
+def reachable_links(url: str, addresses: tuple[str, ...] | None = None,
+                    fqdn: str | None = "") -> list[tuple[str, str]]:
+    """Return (link, what its host is) for *url* on names phones can reach, best first; [] if *url* is fine.
+
+    When *url*'s host is loopback or a single-label name: the machine's IPv4 addresses first, then its fully
+    qualified name if it resolves. *addresses* and *fqdn* default to this machine's (tests pass their own).
+    """
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if not (is_loopback_host(host) or is_single_label(host)):
+        return []
+    addresses = machine_addresses() if addresses is None else addresses
+    fqdn = machine_fqdn() if fqdn == "" else fqdn
+    port = f":{parts.port}" if parts.port else ""
+    links = [(urllib.parse.urlunsplit(parts._replace(netloc=address + port)), f"this server's address {address}")
+             for address in addresses]
+    if fqdn and fqdn != host:
+        links.append((urllib.parse.urlunsplit(parts._replace(netloc=fqdn + port)), f"its full name {fqdn}"))
+    return links
+
+
+def lead_url(url: str) -> str:
+    """Return the link to hand out for *url*: *url* itself, or the best one phones can reach (reachable_links)."""
+    links = reachable_links(url)
+    return links[0][0] if links else url
 
 
 def split_host(host_header: str) -> tuple[str, str]:
@@ -2096,15 +2148,6 @@ def split_host(host_header: str) -> tuple[str, str]:
 
 def install_url(base: str, token: str) -> str:
     return f"{base}/c/{token}"
-
-
-def reachable_url(url: str) -> str | None:
-    """Return *url* on the machine's reachable name, same port and path, when *url* points at loopback; else None."""
-    parts = urllib.parse.urlsplit(url)
-    name = machine_name()
-    if not is_loopback_host(parts.hostname or "") or name is None:
-        return None
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{name}:{parts.port}" if parts.port else name))
 
 
 def allowed_ttl_choices(config: Config) -> list[tuple[str, str]]:
@@ -2175,6 +2218,11 @@ textarea{width:100%;box-sizing:border-box;min-height:8rem;font:13px/1.3 ui-monos
 button{font:inherit;font-weight:600;padding:.55rem 1.4rem;border:0;border-radius:6px;background:#1f5fbf;color:#fff}
 .link{font-size:1.7rem;font-weight:700;word-break:break-all;margin:.25rem 0}
 .link a{color:#1f5fbf}
+.qr svg{display:block;margin:.5rem 0;max-width:100%;height:auto}
+.card-link{font-size:2rem}table.card-steps th{padding-right:1rem}
+@media print{body{background:#fff;font-size:11pt}main{max-width:none;padding:0}footer{display:none}
+section,form{border:0;padding:0}.qr svg{width:45mm;height:45mm}}
+@page{margin:12mm}
 .warn{background:#fff6e0;border-color:#f0c36d}p.warn{padding:.5rem .75rem;border:1px solid #f0c36d;border-radius:6px}
 .error{background:#fdecec;border-color:#e8a3a3}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;vertical-align:top;padding:.3rem .5rem .3rem 0}
@@ -2223,6 +2271,19 @@ $body_html
 </body>
 </html>
 """)
+
+
+@functools.lru_cache(maxsize=1024)
+def qr_svg(url: str) -> str:
+    """Return a QR code of *url* as inline SVG, for a phone's camera pointed at the screen (no script, no image)."""
+    return segno.make(url, error="m").svg_inline(scale=4, border=2, title="QR code of the link")
+
+
+def qr_file(url: str, kind: str) -> bytes:
+    """Return a QR code of *url* as a standalone "svg" or "png" file."""
+    buffer = io.BytesIO()
+    segno.make(url, error="m").save(buffer, kind=kind, scale=4 if kind == "svg" else 8, border=4)
+    return buffer.getvalue()
 
 
 def esc(value: object) -> str:
@@ -2361,8 +2422,10 @@ $steps_html
 
 LINK_SECTION = string.Template("""<section>
 <h2>$role: $name</h2>
-<p class="link"><a href="$url">$url</a></p>
+<p class="link"><a href="$lead">$lead</a></p>
 $reachable_html
+<div class="qr">$qr_html</div>
+<p><a href="$url/card">A printable card</a> with this link, its QR code and short steps.</p>
 <p>$status until $expires (for $remaining).$cut</p>
 $facts_html
 $revoke_html
@@ -2380,8 +2443,8 @@ that already installed the certificate keep it: remove it there by hand.</p>
 <p><a href="$home">Share a certificate</a></p>
 """)
 
-REACHABLE_NOTE = string.Template("""<p class="warn"><strong>Phones cannot open this link:</strong> $host
-is this server's own loopback name. $advice_html</p>""")
+REACHABLE_NOTE = string.Template("""<p class="warn"><strong>Phones cannot open $host:</strong> it is
+$why. $advice_html</p>""")
 
 
 def render_order_note(links: list[Link]) -> str:
@@ -2432,16 +2495,19 @@ def render_facts(certificate: Certificate) -> str:
 
 
 def render_reachable_note(url: str) -> str:
-    """Return the warning shown when *url* points at loopback, with the link on the machine's name if known."""
+    """Return the note shown when *url*'s host is loopback or a bare name: which link leads instead, and why."""
     host = urllib.parse.urlsplit(url).hostname or ""
-    if not is_loopback_host(host):
+    if not (is_loopback_host(host) or is_single_label(host)):
         return ""
-    other = reachable_url(url)
-    if other:
-        advice = f'Use this link instead: <a href="{esc(other)}">{esc(other)}</a>'
+    links = reachable_links(url)
+    why = "this server's own loopback name" if is_loopback_host(host) else "a short name that phones often cannot look up"
+    if links:
+        advice = (f"The link above uses {esc(links[0][1])}. "
+                  + "".join(f'Also: <a href="{esc(link)}">{esc(link)}</a> ({esc(what)}). ' for link, what in links[1:])
+                  + f'Opened on this machine it is <a href="{esc(url)}">{esc(url)}</a>.')
     else:
         advice = "Open this page by the server's name or address, or set public_url in certdrop.ini."
-    return render(REACHABLE_NOTE, host=host, advice_html=advice)
+    return render(REACHABLE_NOTE, host=host, why=why, advice_html=advice)
 
 
 def render_findings(diagnosis: Diagnosis) -> str:
@@ -2464,8 +2530,9 @@ CUT_NOTE = "That is sooner than the lifetime you chose: a link never outlives it
 
 def render_link(link: Link, now: float) -> str:
     certificate = link.entry.certificate
-    return render(LINK_SECTION, role=ROLE_LABELS[certificate.role], name=certificate.name, url=link.url,
-                  reachable_html=render_reachable_note(link.url),
+    lead = lead_url(link.url)
+    return render(LINK_SECTION, role=ROLE_LABELS[certificate.role], name=certificate.name, url=link.url, lead=lead,
+                  qr_html=qr_svg(lead), reachable_html=render_reachable_note(link.url),
                   status="New link, works" if link.created else "This certificate already had this link; it works",
                   expires=format_time(link.entry.expires), remaining=format_duration(link.entry.expires - now),
                   cut=f" {CUT_NOTE}" if link.cut else "", facts_html=render_facts(certificate),
@@ -2667,11 +2734,54 @@ $facts_html
 <p class="muted">Compare these fingerprints with the ones your administrator gave you. This page comes over plain
 HTTP; the fingerprint is what proves the certificate was not swapped on the way.</p>
 </section>
+$qr_html
 <section>
 <h2>Other formats</h2>
 <ul>$formats_html</ul>
 </section>
 """)
+
+PHONE_QR = string.Template("""<section>
+<h2>For a phone</h2>
+<p>Point the phone's camera at this code: it opens <a href="$link">$link</a> there.</p>
+<div class="qr">$qr_html</div>
+<p><a href="$card">A printable card</a> with the link, this code and short steps, for a notice board.</p>
+</section>""")
+
+CARD_PAGE = string.Template("""<h1>Install the certificate \u201c$name\u201d</h1>
+<p class="link card-link">$link</p>
+<div class="qr">$qr_html</div>
+<p>Open the link on each phone or computer (or point its camera at the code) and follow the steps there.
+Before trusting the certificate, compare its fingerprint with this one:</p>
+$facts_html
+<table class="card-steps">$steps_html</table>
+""")
+
+#: Two short lines a device family, for the printable card.
+CARD_STEPS = (
+    ("iPhone, iPad", "Open the link in Safari, allow the profile, install it in Settings within 8 minutes.",
+     "Then Settings \u203a General \u203a About \u203a Certificate Trust Settings: switch it on."),
+    ("Android", "Open the link, tap the button: the certificate is saved to Downloads.",
+     "Settings \u203a Security \u203a Encryption & credentials \u203a Install a certificate \u203a CA certificate."),
+    ("Windows", "Open the link, download the .cer, open it: Install Certificate, Local Machine.",
+     "Place it in \u201cTrusted Root Certification Authorities\u201d (not automatically)."),
+    ("macOS", "Open the link, download the profile, install it in System Settings \u203a Profiles.",
+     "Or open the .cer in Keychain Access and set it to Always Trust."),
+    ("Linux, ChromeOS", "Open the link and follow the page: it names the commands or settings for you.",
+     "Firefox keeps its own store: it asks to trust the CA when you click the button."),
+    ("Nokia", "Open the link in the phone's own browser (not Opera Mini) and choose Save or Install.",
+     "Series 40 phones may ask for the code shown on their page: type it exactly."),
+)
+
+
+def render_card(certificate: Certificate, link: str) -> bytes:
+    """Return the printable hand-out of a link; it fits one A4 or Letter page."""
+    steps = "".join(f"<tr><th>{esc(family)}</th><td>{esc(first)}<br />{esc(second)}</td></tr>"
+                    for family, first, second in CARD_STEPS)
+    body = render(CARD_PAGE, name=certificate.name, link=link, qr_html=qr_svg(link),
+                  facts_html=render_fingerprints(certificate), steps_html=steps)
+    return render_page(f"Install {certificate.name}", body)
+
 
 PROXY_NOTE = "Opera Mini and UC Browser cannot hand a certificate to the phone: open this link in its own browser."
 
@@ -2681,10 +2791,11 @@ def render_fingerprints(certificate: Certificate) -> str:
                          ("SHA-1", colon_hex(certificate.sha1))))
 
 
-def render_landing(certificate: Certificate, client: Client, base_path: str) -> bytes:
+def render_landing(certificate: Certificate, client: Client, base_path: str, link: str = "") -> bytes:
     """Return the HTML page for *client* at /c/<token>: the right file first, its steps, then every format.
 
-    *base_path* is the link's path (``/prefix/c/<token>``); file links hang below it.
+    *base_path* is the link's path (``/prefix/c/<token>``); file links hang below it. With *link*, the page also
+    shows it as a QR code, so a person at a laptop can point a phone at the screen.
     """
     guide = DEVICE_GUIDES[client.device]
     stem = certificate.file_stem
@@ -2703,6 +2814,7 @@ def render_landing(certificate: Certificate, client: Client, base_path: str) -> 
                            for step in guide_steps(client.device, certificate, first_name)),
         facts_html=render_fingerprints(certificate),
         formats_html=formats,
+        qr_html=render(PHONE_QR, qr_html=qr_svg(link), link=link, card=f"{base_path}/card") if link else "",
     )
     return render_page(f"Install {certificate.name}", body)
 
@@ -3222,13 +3334,26 @@ class FileAnswer(typing.NamedTuple):
 class PageAnswer(typing.NamedTuple):
     client: Client
     content_type: str  # HTML for browsers; XHTML-MP, WML or text/html for Nokia pages
+    link: str = ""  # on desktop pages: the link to show as a QR code for a phone
+
+
+class QrAnswer(typing.NamedTuple):
+    kind: str  # "svg" or "png"
+    link: str
+
+
+class CardAnswer(typing.NamedTuple):
+    link: str
 
 
 class RedirectAnswer(typing.NamedTuple):
     filename: str
 
 
-Answer = FileAnswer | PageAnswer | RedirectAnswer
+Answer = FileAnswer | PageAnswer | RedirectAnswer | QrAnswer | CardAnswer
+
+#: Devices whose page is seen on a screen a phone can be pointed at: their pages show the link as a QR code.
+DESKTOP_DEVICES = ("windows", "macos", "linux", "firefox", "chromeos", "other")
 
 #: ``?format=`` values that name a file, and the extension of its file name.
 PUBLIC_FORMATS = {"der": ".crt", "pem": ".pem", "mobileconfig": ".mobileconfig", "whc": ".whc", "whc-alt": ".alt.whc"}
@@ -3449,8 +3574,26 @@ class App:
         request.environ["certdrop.device"] = client.device  # for the access log
         chosen = request.query.get("format")
         if chosen is None:
-            return self.respond(request, entry, self.default_answer(request, client, entry.certificate))
-        return self.respond(request, entry, self.explicit_answer(request, client, entry.certificate, chosen))
+            answer = self.default_answer(request, client, entry.certificate)
+        else:
+            answer = self.explicit_answer(request, client, entry.certificate, chosen)
+        if isinstance(answer, PageAnswer) and client.device in DESKTOP_DEVICES:
+            answer = answer._replace(link=self.link_for(request, entry.token))
+        return self.respond(request, entry, answer)
+
+    def qr(self, request: Request, token: str, kind: str) -> Response:
+        """Serve the link as a QR code file, the link the pages lead with."""
+        entry = self.live_entry(request, token)
+        return self.respond(request, entry, QrAnswer(kind, self.link_for(request, entry.token)))
+
+    def card(self, request: Request, token: str) -> Response:
+        """Serve a printable hand-out: the link in large type, its QR code, the fingerprints, short steps."""
+        entry = self.live_entry(request, token)
+        return self.respond(request, entry, CardAnswer(self.link_for(request, entry.token)))
+
+    def link_for(self, request: Request, token: str) -> str:
+        """Return the link to hand out for *token*: on public_url, else on a name or address phones can reach."""
+        return lead_url(install_url(self.base_url(request), token))
 
     def download(self, request: Request, token: str, name: str) -> Response:
         entry = self.live_entry(request, token)
@@ -3635,8 +3778,14 @@ class App:
                                      self.config.whc_charset)
             return Response(body, 200, answer.content_type, headers + page_headers(answer.content_type))
         if isinstance(answer, PageAnswer):
-            return Response(render_landing(certificate, answer.client, base_path), 200, MIME_HTML,
+            return Response(render_landing(certificate, answer.client, base_path, answer.link), 200, MIME_HTML,
                             headers + HTML_HEADERS)
+        if isinstance(answer, CardAnswer):
+            return Response(render_card(certificate, answer.link), 200, MIME_HTML, headers + HTML_HEADERS)
+        if isinstance(answer, QrAnswer):
+            content_type = "image/svg+xml" if answer.kind == "svg" else "image/png"
+            return Response(qr_file(answer.link, answer.kind), 200, content_type,
+                            headers + (("Content-Security-Policy", "default-src 'none'"),))
         body, content_type = file_body(certificate, answer.kind, self.config.whc_charset)
         if not answer.inline:
             headers += (("Content-Disposition", f'attachment; filename="{answer.filename}"'),)
@@ -3714,6 +3863,8 @@ ROUTES = (
     (r"/healthz", {"GET": App.health}),
     (r"/c/(?P<token>[^/]+)/?", {"GET": App.install}),
     (r"/c/(?P<token>[^/]+)/revoke", {"POST": App.revoke}),
+    (r"/c/(?P<token>[^/]+)/qr\.(?P<kind>svg|png)", {"GET": App.qr}),
+    (r"/c/(?P<token>[^/]+)/card", {"GET": App.card}),
     (r"/c/(?P<token>[^/]+)/(?P<name>[A-Za-z0-9._-]{0,100}(?i:\.cer|\.crt|\.der|\.pem|\.mobileconfig|\.whc))",
      {"GET": App.download}),
 )
@@ -3764,7 +3915,7 @@ def cli_base_url(config: Config) -> str:
     if config.port == 0:
         return ""
     port = "" if config.port == 80 else f":{config.port}"
-    return f"http://{machine_name() or 'localhost'}{port}"
+    return f"http://{machine_fqdn() or socket.gethostname() or 'localhost'}{port}"
 
 
 def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
@@ -3908,10 +4059,13 @@ def cmd_add(args, config: Config, clock: Callable[[], float]) -> int:
     if not links[0].url.startswith("http"):
         say("No address is known for these links (port = 0 picks one when the server starts): set public_url in "
             "certdrop.ini to print whole links.")
+    show_qr = not args.no_qr and sys.stdout.isatty()
     for link in links:
         certificate = link.entry.certificate
-        say(link.url)
+        say(lead_url(link.url))
         print_reachable_note(link.url)
+        if show_qr and link.url.startswith("http"):
+            segno.make(lead_url(link.url), error="m").terminal(out=sys.stdout, compact=True)
         say(f"  {'new' if link.created else 'existing'} link for {ROLE_LABELS[certificate.role].lower()} "
             f"\u201c{certificate.name}\u201d, works until {format_time(link.entry.expires)}")
         if link.cut:
@@ -3943,13 +4097,17 @@ def say(text: str = "", file: typing.TextIO | None = None) -> None:
 
 
 def print_reachable_note(url: str) -> None:
-    """Tell the administrator when *url* points at loopback, with the link on the machine's name if it has one."""
+    """Tell the administrator when *url*'s host is loopback or a bare name, and which link leads instead."""
     host = urllib.parse.urlsplit(url).hostname or ""
-    if not is_loopback_host(host):
+    if not (is_loopback_host(host) or is_single_label(host)):
         return
-    other = reachable_url(url)
-    advice = f"use {other}" if other else "set public_url in certdrop.ini to this server's name"
-    say(f"  Phones cannot open {host}, this server's own loopback name: {advice}")
+    links = reachable_links(url)
+    if not links:
+        say(f"  Phones cannot open {host}: set public_url in certdrop.ini to this server's name")
+        return
+    say(f"  Phones cannot open {host}; the link above uses {links[0][1]}")
+    for link, what in links[1:]:
+        say(f"  also {link} ({what})")
 
 
 #: Exit statuses of ``check``.
@@ -4098,6 +4256,8 @@ def build_parser():
     add.add_argument("--host", help="server name people connect to; warns if the upload's server certificate "
                                     "does not name it")
     add.add_argument("--force", action="store_true", help="give a server certificate a link when no CA came with it")
+    add.add_argument("--no-qr", action="store_true", help="print no QR code (none is printed when the output is no "
+                                                          "terminal)")
     add.set_defaults(func=cmd_add)
     check = commands.add_parser("check", help="diagnose certificate files without storing anything; exit 0 = "
                                               "installable, 1 = with warnings, 2 = refused, 3 = usage or I/O error")

@@ -720,11 +720,10 @@ def test_several_roots_are_not_called_intermediates(testapp, pki):
     assert "one for each root CA" in text and "intermediate" not in text.lower()
 
 
-def test_every_loopback_link_gets_the_reachable_note(app, pki, monkeypatch):
-    monkeypatch.setattr(certdrop, "machine_name", lambda: "server.corp.example")
+def test_every_loopback_link_gets_the_reachable_note(app, pki, machine):
     result = upload(client(app, HTTP_HOST="localhost:8080"), pem_of(pki.root, pki.rsa_root))
     notes = [p.get_text() for p in result.html.find_all("p", class_="warn")]
-    assert len(notes) == 2 and all("Phones cannot open this link" in note for note in notes)
+    assert len(notes) == 2 and all("Phones cannot open localhost" in note for note in notes)
 
 
 def test_old_nokia_notes_are_grouped_under_one_heading_to_skip(testapp, pki):
@@ -2035,19 +2034,39 @@ def test_public_url_builds_the_link(config, store, clock, root_der):
     assert "https://intranet.example.com/ca/c/" in upload(app, root_der).text
 
 
-def test_loopback_link_is_shown_with_the_machine_name_beside_it(app, root_der, monkeypatch):
-    monkeypatch.setattr(certdrop, "machine_name", lambda: "server.corp.example")
-    local = client(app, HTTP_HOST="localhost:8080")
-    result = upload(local, root_der)
-    assert "Phones cannot open this link" in result.text
-    assert f"http://server.corp.example:8080/c/{token_of(result)}" in result.text
+@pytest.fixture
+def machine(monkeypatch):
+    """Give this machine an address on the company network and a full name that resolves."""
+    monkeypatch.setattr(certdrop, "machine_addresses", lambda: ("192.168.1.5",))
+    monkeypatch.setattr(certdrop, "machine_fqdn", lambda: "server.corp.example")
 
 
-def test_loopback_link_on_the_default_port_keeps_no_port_on_the_machine_name(app, root_der, monkeypatch):
-    monkeypatch.setattr(certdrop, "machine_name", lambda: "server.corp.example")
-    local = client(app, HTTP_HOST="localhost:80")
-    result = upload(local, root_der)
-    assert f'href="http://server.corp.example/c/{token_of(result)}"' in result.text
+def test_a_loopback_link_leads_with_the_machines_address_then_its_full_name(app, root_der, machine):
+    result = upload(client(app, HTTP_HOST="localhost:8080"), root_der)
+    token = token_of(result)
+    assert result.html.find("p", class_="link").get_text() == f"http://192.168.1.5:8080/c/{token}"
+    note = " ".join(result.html.find("p", class_="warn").get_text(" ").split())
+    assert "Phones cannot open localhost: it is this server's own loopback name" in note
+    assert "this server's address 192.168.1.5" in note and f"http://server.corp.example:8080/c/{token}" in note
+
+
+def test_a_single_label_host_leads_with_an_address_too(app, root_der, machine):
+    result = upload(client(app, HTTP_HOST="server:80"), root_der)
+    assert result.html.find("p", class_="link").get_text() == f"http://192.168.1.5/c/{token_of(result)}"
+    assert "a short name that phones often cannot look up" in html_text(result)
+
+
+@pytest.mark.parametrize(("url", "addresses", "fqdn", "expected"), [
+    ("http://localhost:8080/c/x", ("10.0.0.5", "192.168.1.5"), "ca.corp.example",
+     ["http://10.0.0.5:8080/c/x", "http://192.168.1.5:8080/c/x", "http://ca.corp.example:8080/c/x"]),
+    ("http://127.0.0.1/c/x", (), "ca.corp.example", ["http://ca.corp.example/c/x"]),
+    ("http://server:8080/c/x", ("10.0.0.5",), None, ["http://10.0.0.5:8080/c/x"]),
+    ("http://localhost/c/x", (), None, []),
+    ("http://ca.corp.example/c/x", ("10.0.0.5",), "ca.corp.example", []),
+    ("http://10.0.0.5:8080/c/x", ("10.0.0.5",), "ca.corp.example", []),
+], ids=["loopback", "loopback-without-addresses", "single-label", "nothing-known", "full-name", "address"])
+def test_reachable_links_put_ipv4_addresses_first_then_the_full_name(url, addresses, fqdn, expected):
+    assert [link for link, _ in certdrop.reachable_links(url, addresses, fqdn)] == expected
 
 
 def test_result_page_has_no_loopback_warning_for_a_real_host(testapp, root_der):
@@ -2512,6 +2531,84 @@ def test_a_link_removed_through_one_process_ends_on_another_within_2_seconds(con
     while second.get(f"/c/{token}", expect_errors=True).status_int != 410:
         assert time.monotonic() < deadline, "still served 2 seconds after its removal"
         time.sleep(0.1)
+
+
+# -- HTTP: QR codes and the printable card
+
+
+def decode_qr(png, tmp_path):
+    """Return what a real decoder (zbarimg, from Debian's zbar-tools) reads in a PNG."""
+    (tmp_path / "qr.png").write_bytes(png)
+    result = subprocess.run(["zbarimg", "--quiet", "--raw", str(tmp_path / "qr.png")], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_the_qr_code_png_decodes_to_the_link_phones_can_reach(app, root_der, machine, tmp_path):
+    local = client(app, HTTP_HOST="localhost:8080")
+    token = token_of(upload(local, root_der))
+    png = local.get(f"/c/{token}/qr.png")
+    assert png.content_type == "image/png"
+    assert decode_qr(png.body, tmp_path) == f"http://192.168.1.5:8080/c/{token}"
+
+
+def test_the_qr_code_svg_is_a_standalone_image(testapp, root_token):
+    svg = testapp.get(f"/c/{root_token}/qr.svg")
+    assert svg.content_type == "image/svg+xml" and svg.headers["Content-Security-Policy"] == "default-src 'none'"
+    assert ET.fromstring(svg.body).tag == "{http://www.w3.org/2000/svg}svg"
+
+
+def test_the_result_page_shows_each_link_as_a_qr_code(testapp, pki):
+    result = upload(testapp, pem_of(pki.root, pki.intermediate))
+    assert len(result.html.select("section .qr svg")) == 2
+
+
+@pytest.mark.parametrize("agent", ["windows-edge", "macos-chrome", "linux-chrome", "linux-firefox", "chromeos"])
+def test_desktop_landing_pages_show_the_qr_code_for_a_phone(testapp, root_token, agent):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS[agent][0]})
+    assert page.html.select(".qr svg") and f"/c/{root_token}/card" in page.text
+
+
+@pytest.mark.parametrize("agent", ["android-chrome", "iphone-safari"])
+def test_phone_landing_pages_show_no_qr_code(testapp, root_token, agent):
+    assert not testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS[agent][0]}).html.select(".qr")
+
+
+def test_the_printable_card_has_the_link_its_code_fingerprints_and_steps(testapp, root_token, root):
+    card = testapp.get(f"/c/{root_token}/card")
+    ET.fromstring(card.body)
+    assert card.html.find("p", class_="card-link").get_text() == f"http://ca.example.org:8080/c/{root_token}"
+    assert card.html.select(".qr svg") and root[0].fingerprint(hashes.SHA256()).hex(":").upper() in html_text(card)
+    families = [th.get_text() for th in card.html.select("table.card-steps th")]
+    assert families == ["iPhone, iPad", "Android", "Windows", "macOS", "Linux, ChromeOS", "Nokia"]
+    assert "@page" in card.text and "@media print" in card.text
+
+
+def run_in_terminal(*args):
+    """Run the command line with its standard output on a pseudo-terminal, as a person sees it."""
+    leader, follower = os.openpty()
+    process = subprocess.Popen([sys.executable, str(HERE / "certdrop.py"), *args], stdout=follower,
+                               stderr=subprocess.DEVNULL)
+    os.close(follower)
+    output = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(leader, 65536):
+            output += chunk
+    process.wait(30)
+    os.close(leader)
+    return output.decode("utf-8", "replace")
+
+
+def test_add_prints_a_qr_code_on_a_terminal_only(tmp_path, root_pem, other_der, capsys):
+    (tmp_path / "certdrop.ini").write_text("[certdrop]\ndata_dir = data\npublic_url = http://ca.example.org\n")
+    (tmp_path / "ca.pem").write_bytes(root_pem)
+    (tmp_path / "other.der").write_bytes(other_der)
+    ini = str(tmp_path / "certdrop.ini")
+    assert "\u2588" in run_in_terminal("-c", ini, "add", str(tmp_path / "ca.pem"))
+    assert "\u2588" not in run_in_terminal("-c", ini, "add", "--no-qr", str(tmp_path / "other.der"))
+    assert certdrop.main(["-c", ini, "add", str(tmp_path / "ca.pem")]) == 0
+    assert "\u2588" not in capsys.readouterr().out
 
 
 # -- HTTP: behind a reverse proxy, under a prefix --------------------------------------------------------------
@@ -3035,12 +3132,13 @@ def test_add_prints_the_link_and_fingerprints(ini, cert_file, capsys, root):
     assert root[0].fingerprint(hashes.SHA256()).hex(":").upper() in out
 
 
-def test_add_with_a_loopback_link_shows_the_link_on_the_machine_name(tmp_path, cert_file, capsys, monkeypatch):
-    monkeypatch.setattr(certdrop, "machine_name", lambda: "server.corp.example")
+def test_add_with_a_loopback_link_leads_with_the_machines_address(tmp_path, cert_file, capsys, machine):
     ini = tmp_path / "local.ini"
     ini.write_text("[certdrop]\ndata_dir = data\npublic_url = http://localhost:8080\n")
     token, out = cli_add(ini, cert_file, capsys)
-    assert f"Phones cannot open localhost, this server's own loopback name: use http://server.corp.example:8080/c/{token}" in out
+    assert out.startswith(f"http://192.168.1.5:8080/c/{token}\n")
+    assert "  Phones cannot open localhost; the link above uses this server's address 192.168.1.5\n" in out
+    assert f"  also http://server.corp.example:8080/c/{token} (its full name server.corp.example)\n" in out
 
 
 def test_sweep_does_not_push_hot_entries_out_of_the_cache(config, clock, root_der, other_der):
