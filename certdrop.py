@@ -23,6 +23,8 @@ import codecs
 import configparser
 import contextlib
 import dataclasses
+import email.message
+import email.utils
 import errno
 import functools
 import hashlib
@@ -40,7 +42,9 @@ import re
 import secrets
 import shlex
 import signal
+import smtplib
 import socket
+import ssl
 import string
 import sys
 import threading
@@ -199,6 +203,10 @@ class LifetimeError(CertdropError):
     """The lifetime asked for a link is not one this server allows."""
 
 
+class MailError(CertdropError):
+    """The SMTP server could not be reached or did not take the message."""
+
+
 class StorageError(CertdropError):
     """The data directory cannot be written: full, read-only or not ours. Nothing was stored."""
 
@@ -308,6 +316,11 @@ class TooManyRequests(HTTPError):
                          headers=(("Retry-After", str(seconds)),))
 
 
+class BadGateway(HTTPError):
+    status = 502
+    code = "mail-failed"
+
+
 class ServiceUnavailable(HTTPError):
     status = 503
     code = "unavailable"
@@ -321,6 +334,8 @@ def http_error_for(error: CertdropError) -> HTTPError:
         return BadRequest(str(error), code="lifetime")
     if isinstance(error, StorageError):
         return ServiceUnavailable(str(error), code="storage")
+    if isinstance(error, MailError):
+        return BadGateway(str(error))
     if isinstance(error, LinkGone):
         return Gone(str(error))
     if isinstance(error, UnknownToken):
@@ -474,6 +489,17 @@ class Config:
     trusted_proxy_headers: tuple = ("x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port")
     lookup_limit: int = 30  # unknown-token lookups a minute per client (IPv6: per /64); 0 = no limit
     upload_limit: int = 20  # uploads a minute per client; 0 = no limit
+    # [mail]: how "e-mail this link" sends; without a host the page offers a mailto: link instead
+    mail_host: str = ""  # SMTP server; empty = no sending from certdrop
+    mail_port: int = 0  # 0 = the usual port for mail_security: 25, 587 (starttls) or 465 (tls)
+    mail_security: str = "starttls"  # none, starttls or tls
+    mail_user: str = ""  # SMTP login; empty = none
+    mail_password: str = ""
+    mail_sender: str = ""  # From: address; empty = certdrop@ this machine's name
+    mail_subject: str = "Install the CA certificate {name}"  # {name}: the first certificate's name
+    mail_cafile: str = ""  # CA file to verify the SMTP server's certificate with; empty = the system's
+    mail_recipients: int = 10  # addresses one message may go to
+    mail_timeout: int = 20  # seconds to wait for the SMTP server
 
     @classmethod
     def from_ini(cls, path: Path) -> "Config":
@@ -484,17 +510,18 @@ class Config:
                 parser.read_file(file)
         except (OSError, UnicodeDecodeError, configparser.Error) as error:
             raise ConfigError(f"cannot read {path}: {error}") from None
-        unknown_sections = set(parser.sections()) - {"certdrop"}
+        unknown_sections = set(parser.sections()) - set(CONFIG_SECTIONS)
         if unknown_sections:
             raise ConfigError(f"unknown section [{sorted(unknown_sections)[0]}] in {path}")
         values = {}
-        for key, text in parser.items("certdrop") if parser.has_section("certdrop") else ():
-            if key not in CONFIG_PARSERS:
-                raise ConfigError(f"unknown setting {key!r} in {path}")
-            try:
-                values[key] = CONFIG_PARSERS[key](text)
-            except ValueError as error:
-                raise ConfigError(f"bad value for {key!r} in {path}: {error}") from None
+        for section, (prefix, parsers) in CONFIG_SECTIONS.items():
+            for key, text in parser.items(section) if parser.has_section(section) else ():
+                if key not in parsers:
+                    raise ConfigError(f"unknown setting {key!r} in [{section}] of {path}")
+                try:
+                    values[prefix + key] = parsers[key](text)
+                except ValueError as error:
+                    raise ConfigError(f"bad value for {key!r} in [{section}] of {path}: {error}") from None
         if "data_dir" in values:
             values["data_dir"] = (path.parent / values["data_dir"]).resolve()
         if values.get("max_ttl") and values["max_ttl"] < values.get("default_ttl", cls.default_ttl):
@@ -534,6 +561,23 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "lookup_limit": _parse_int(0, 100_000),
     "upload_limit": _parse_int(0, 100_000),
 }
+
+
+MAIL_PARSERS: dict[str, Callable[[str], object]] = {
+    "host": str.strip,
+    "port": _parse_int(0, 65535),
+    "security": _parse_choice("none", "starttls", "tls"),
+    "user": str.strip,
+    "password": str.strip,
+    "sender": lambda text: "" if not text.strip() else parse_addresses(text, 1)[0],
+    "subject": lambda text: LINE_BREAKS_RE.sub(" ", text.strip())[:200],
+    "cafile": str.strip,
+    "recipients": _parse_int(1, 100),
+    "timeout": parse_duration,
+}
+
+#: Sections of the ini file: (prefix of the Config fields, parsers of the keys).
+CONFIG_SECTIONS = {"certdrop": ("", CONFIG_PARSERS), "mail": ("mail_", MAIL_PARSERS)}
 
 
 def load_config(path: str | None = None) -> Config:
@@ -2150,6 +2194,25 @@ def install_url(base: str, token: str) -> str:
     return f"{base}/c/{token}"
 
 
+#: One e-mail address, and nothing a header could be made of: no spaces, no line breaks, no angle brackets.
+ADDRESS_RE = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+")
+
+
+def parse_addresses(text: str, limit: int) -> list[str]:
+    """Return the e-mail addresses in *text* (separated by commas, semicolons or spaces); raise ValueError for
+    anything else, more than *limit* of them, or none."""
+    addresses = [part for part in re.split(r"[,;\s]+", text.strip()) if part]
+    bad = [part for part in addresses if not ADDRESS_RE.fullmatch(part)]
+    if bad or any(char in text for char in "\r\n\0"):
+        raise ValueError(f"\u201c{(bad or [text])[0][:60]}\u201d is not an e-mail address")
+    if not addresses:
+        raise ValueError("no e-mail address was given")
+    if len(addresses) > limit:
+        raise ValueError(f"{len(addresses)} addresses were given; one message goes to {limit} at most")
+    return list(dict.fromkeys(address.lower() for address in addresses))
+
+
 def allowed_ttl_choices(config: Config) -> list[tuple[str, str]]:
     """Return the lifetime choices of the upload form that the configured maximum allows, the default included."""
     choices = [(value, label) for value, label in TTL_CHOICES
@@ -2417,6 +2480,7 @@ one shown here: the link is plain HTTP, and the fingerprint is what proves the f
 <h2>How to install it</h2>
 $steps_html
 </section>
+$mail_html
 <p><a href="$home">Share another certificate</a></p>
 """)
 
@@ -2436,6 +2500,11 @@ REVOKE_FORM = string.Template("""<form method="post" action="$url/revoke"><input
 value="$secret" /><p class="muted">This page alone can remove the link before it ends: this link's secret is
 <code>$secret</code> (from a script: <code>curl -d secret=$secret $url/revoke</code>).
 <button class="quiet" type="submit">Remove this link now</button></p></form>""")
+
+MAIL_SENT_PAGE = string.Template("""<h1>The message was sent</h1>
+<p>The mail server took it for $recipients.</p>
+<p><a href="$home">Share another certificate</a></p>
+""")
 
 REVOKED_PAGE = string.Template("""<h1>The link was removed</h1>
 <p>It answers \u201cThis link has ended\u201d from now on, on every certdrop process within 2 seconds. Devices
@@ -2551,7 +2620,54 @@ def render_result_steps(certificate: Certificate) -> str:
     return "".join(parts)
 
 
-def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str) -> bytes:
+MAIL_FORM = string.Template("""<form method="post" action="$action">
+<h2>E-mail $these</h2>
+<input type="hidden" name="tokens" value="$tokens" />
+<label for="to">To (up to $most addresses, separated by commas)</label>
+<input type="text" id="to" name="to" placeholder="someone@example.com" />
+<p class="muted">A plain-text message with $these, the fingerprints and when $they end; no attachment, which
+mail systems mangle.</p>
+<p><button type="submit">Send</button></p>
+</form>""")
+
+MAILTO_NOTE = string.Template("""<section><h2>E-mail $these</h2><p><a href="$mailto">Write an e-mail with $these,
+the fingerprints and when $they end</a> (opens your mail program: this server sends no mail).</p></section>""")
+
+
+def render_mail_offer(config: Config, links: list[Link], home: str, whc: tuple[str, int]) -> str:
+    """Return the result page's "e-mail this link": a form when certdrop can send, else a mailto: link."""
+    these, they = ("these links", "they") if len(links) > 1 else ("this link", "it")
+    if config.mail_host:
+        return render(MAIL_FORM, action=f"{home}mail", tokens=" ".join(link.entry.token for link in links),
+                      most=config.mail_recipients, these=these, they=they)
+    pairs = [(lead_url(link.url), link.entry) for link in links]
+    query = urllib.parse.urlencode({"subject": mail_subject(config, pairs), "body": mail_text(pairs, whc)},
+                                   quote_via=urllib.parse.quote)
+    return render(MAILTO_NOTE, mailto=f"mailto:?{query}", these=these, they=they)
+
+
+def mail_subject(config: Config, links: list[tuple[str, Entry]]) -> str:
+    name = LINE_BREAKS_RE.sub(" ", BIDI_CONTROLS_RE.sub("", links[0][1].certificate.name))[:100]
+    return config.mail_subject.replace("{name}", name)
+
+
+def mail_text(links: list[tuple[str, Entry]], whc: tuple[str, int]) -> str:
+    """Return the plain-text message that carries *links*: (url, entry) pairs. *whc*: (default layout, charset)."""
+    lines = []
+    for url, entry in links:
+        certificate = entry.certificate
+        lines += [f"Install the CA certificate \u201c{certificate.name}\u201d from:", f"  {url}",
+                  f"  SHA-256 {colon_hex(certificate.sha256)}", f"  SHA-1   {colon_hex(certificate.sha1)}"]
+        if certificate.self_signed:
+            body = hashed_certificate(certificate, charset=whc[1], length_prefixed=whc[0] == "whc-length")
+            lines.append(f"  Nokia Series 40 code: {hashed_certificate_code(body)}")
+        lines += [f"  The link works until {format_time(entry.expires)}.", ""]
+    lines.append("To install: open the link on the phone or computer itself; the page there shows the steps for that "
+                 "device. Before you trust the certificate, compare its fingerprint with the one above.")
+    return "\n".join(term(line) for line in lines) + "\n"
+
+
+def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str, mail_html: str = "") -> bytes:
     steps = render_result_steps(links[0].entry.certificate)
     heading = "Your install links" if len(links) > 1 else "Your install link"
     if not any(link.created for link in links):
@@ -2564,6 +2680,7 @@ def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str
         findings_html=render_findings(diagnosis),
         steps_html=steps,
         home=home,
+        mail_html=mail_html,
     )
     return render_page(f"Link for {links[0].entry.certificate.name}", body)
 
@@ -2912,6 +3029,7 @@ ERROR_TITLES = {
     415: "That was not an upload",
     422: "certdrop cannot use this upload",
     429: "Too many tries",
+    502: "The message was not sent",
     503: "Nothing can be stored right now",
 }
 
@@ -3239,6 +3357,48 @@ def cookie_value(request: Request, name: str) -> str | None:
     return None
 
 
+def send_mail(config: Config, recipients: list[str], subject: str, text: str) -> None:
+    """Send a plain-text message through the [mail] SMTP server; raise MailError saying why it did not go."""
+    message = email.message.EmailMessage()
+    sender = config.mail_sender or f"certdrop@{machine_fqdn() or socket.gethostname() or 'localhost'}"
+    message["From"], message["To"], message["Subject"] = sender, ", ".join(recipients), subject
+    message["Date"] = email.utils.formatdate()
+    message["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2])
+    message.set_content(text)
+    context = ssl.create_default_context(cafile=config.mail_cafile or None)
+    port = config.mail_port or {"none": 25, "starttls": 587, "tls": 465}[config.mail_security]
+    try:
+        if config.mail_security == "tls":
+            smtp = smtplib.SMTP_SSL(config.mail_host, port, timeout=config.mail_timeout, context=context)
+        else:
+            smtp = smtplib.SMTP(config.mail_host, port, timeout=config.mail_timeout)
+        with smtp:
+            if config.mail_security == "starttls":
+                smtp.starttls(context=context)
+            if config.mail_user:
+                smtp.login(config.mail_user, config.mail_password)
+            smtp.send_message(message)
+    except (smtplib.SMTPException, OSError, ValueError) as error:
+        raise MailError(mail_failure(error, config.mail_host, port)) from None
+
+
+def mail_failure(error: Exception, host: str, port: int) -> str:
+    """Return in plain words why the SMTP exchange with *host*:*port* failed."""
+    if isinstance(error, smtplib.SMTPRecipientsRefused):
+        codes = {code for code, _ in error.recipients.values()}
+        return f"The mail server at {host} refused the addresses ({', '.join(map(str, sorted(codes)))})."
+    if isinstance(error, smtplib.SMTPResponseException):
+        reply = error.smtp_error.decode("utf-8", "replace") if isinstance(error.smtp_error, bytes) else error.smtp_error
+        return f"The mail server at {host} answered {error.smtp_code} {reply[:200]}."
+    if isinstance(error, TimeoutError) or "timed out" in str(error):  # smtplib may wrap the timeout
+        return f"The mail server at {host}:{port} did not answer in time."
+    if isinstance(error, ConnectionRefusedError):
+        return f"Nothing answers at {host}:{port}: is the mail server running, and is the port right?"
+    if isinstance(error, ssl.SSLError):
+        return f"The TLS connection to {host}:{port} failed ({error.reason or error})."
+    return f"The mail server at {host}:{port} could not be used ({error})."
+
+
 class AccessLog:
     """One line per request, written by a background thread: a request only puts a tuple on a queue.
 
@@ -3529,7 +3689,46 @@ class App:
             return Response(body, status, MIME_JSON, headers)
         if answer_format == "text":
             return Response(render_upload_text(links, diagnosis).encode("utf-8"), status, MIME_TEXT, headers)
-        return Response(render_result(links, diagnosis, now, home=home), status, MIME_HTML, HTML_HEADERS + headers)
+        mail_html = render_mail_offer(self.config, links, home, self.whc)
+        return Response(render_result(links, diagnosis, now, home=home, mail_html=mail_html), status, MIME_HTML,
+                        HTML_HEADERS + headers)
+
+    def mail(self, request: Request) -> Response:
+        """E-mail links made by an upload, as plain text; the same credential and cross-site check as uploading."""
+        self.refuse_cross_site(request)
+        self.authorize(request)
+        wait = self.uploads.spend(request.remote_addr)  # a mail relay is worth abusing: count it like an upload
+        if wait:
+            raise TooManyRequests(wait)
+        if not self.config.mail_host:
+            raise NotFound("This server sends no mail: no [mail] host is set in certdrop.ini.")
+        fields = parse_form(request, 16384, fields=("to", "tokens"))
+        try:
+            recipients = parse_addresses(fields.get("to", b"").decode("utf-8", "replace")[:4000],
+                                         self.config.mail_recipients)
+        except ValueError as error:
+            raise BadRequest(f"{str(error)[:1].upper()}{str(error)[1:]}. Nothing was sent.", code="bad-address") from None
+        tokens = fields.get("tokens", b"").decode("ascii", "replace").split()[:MAX_CERTIFICATES]
+        if not tokens:
+            raise BadRequest("No link was named. Nothing was sent.")
+        links = [(self.link_for(request, token), self.store.get(token)) for token in tokens]
+        try:
+            send_mail(self.config, recipients, mail_subject(self.config, links), mail_text(links, self.whc))
+        except MailError as error:
+            failure = http_error_for(error)
+            failure.extra_html = "<p>The links themselves work; hand them out another way:</p><ul>" + "".join(
+                f'<li><a href="{esc(url)}">{esc(url)}</a></li>' for url, _ in links) + "</ul>"
+            raise failure from None
+        log.info("mailed %d links to %d addresses", len(links), len(recipients))
+        answer_format = response_format(request)
+        if answer_format == "json":
+            body = json.dumps({"version": JSON_VERSION, "sent_to": recipients}).encode() + b"\n"
+            return Response(body, 200, MIME_JSON, (("Cache-Control", "no-store"),))
+        if answer_format == "text":
+            return Response(term(f"sent to {', '.join(recipients)}").encode() + b"\n", 200, MIME_TEXT)
+        page = render_page("Sent", render(MAIL_SENT_PAGE, count=len(recipients), home=self.home(request),
+                                          recipients=", ".join(recipients)))
+        return Response(page, 200, MIME_HTML, HTML_HEADERS + (("Cache-Control", "no-store"),))
 
     def revoke(self, request: Request, token: str) -> Response:
         """Remove a link with the secret shown when it was made: at once here, within 2 s on every process."""
@@ -3744,6 +3943,11 @@ class App:
         return FileAnswer(self.whc_kinds[kind == "whc-alt"], name, inline=True)
 
     @functools.cached_property
+    def whc(self) -> tuple[str, int]:
+        """Return the default hashed-certificate layout and its charset, for the Series 40 code in e-mails."""
+        return self.whc_kinds[0], self.config.whc_charset
+
+    @functools.cached_property
     def whc_kinds(self) -> tuple[str, str]:
         """Return the hashed-certificate layouts as (default, other)."""
         direct = self.config.whc_layout == "der-direct"
@@ -3861,6 +4065,7 @@ ROUTES = (
     (r"/signin", {"GET": App.signin_form, "POST": App.signin}),
     (r"/signout", {"POST": App.signout}),
     (r"/healthz", {"GET": App.health}),
+    (r"/mail", {"POST": App.mail}),
     (r"/c/(?P<token>[^/]+)/?", {"GET": App.install}),
     (r"/c/(?P<token>[^/]+)/revoke", {"POST": App.revoke}),
     (r"/c/(?P<token>[^/]+)/qr\.(?P<kind>svg|png)", {"GET": App.qr}),

@@ -5,6 +5,8 @@ import codecs
 import contextlib
 import dataclasses
 import datetime
+import email
+import email.policy
 import fcntl
 import functools
 import hashlib
@@ -21,6 +23,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -204,27 +207,41 @@ def test_shipped_ini_states_exactly_the_builtin_defaults():
 
 
 def test_every_setting_is_documented_in_the_shipped_ini():
-    text = (HERE / "certdrop.ini").read_text()
-    documented = set(re.findall(r"^(\w+) =", text, re.M))
-    assert documented == {field.name for field in dataclasses.fields(certdrop.Config)} == set(certdrop.CONFIG_PARSERS)
+    sections = re.split(r"^\[(\w+)\]$", (HERE / "certdrop.ini").read_text(), flags=re.M)[1:]
+    documented = {certdrop.CONFIG_SECTIONS[name][0] + key for name, text in zip(sections[::2], sections[1::2])
+                  for key in re.findall(r"^(\w+) =", text, re.M)}
+    parsed = {prefix + key for prefix, parsers in certdrop.CONFIG_SECTIONS.values() for key in parsers}
+    assert documented == {field.name for field in dataclasses.fields(certdrop.Config)} == parsed
 
 
 def test_every_setting_is_in_the_readme_table():
     readme = (HERE / "README.md").read_text()
     assert [key for key in certdrop.CONFIG_PARSERS if f"| `{key}` |" not in readme] == []
+    assert [key for key in certdrop.MAIL_PARSERS if f"| `[mail] {key}` |" not in readme] == []
 
 
 def test_unknown_setting_stops_start_up_naming_key_and_file(tmp_path):
     ini = tmp_path / "x.ini"
     ini.write_text("[certdrop]\nport = 8080\ncolour = blue\n")
-    with pytest.raises(certdrop.ConfigError, match=rf"'colour' in {re.escape(str(ini))}"):
+    with pytest.raises(certdrop.ConfigError, match=rf"'colour' in \[certdrop\] of {re.escape(str(ini))}"):
         certdrop.Config.from_ini(ini)
 
 
 def test_bad_value_stops_start_up_naming_key_and_file(tmp_path):
     ini = tmp_path / "x.ini"
     ini.write_text("[certdrop]\nport = eighty\n")
-    with pytest.raises(certdrop.ConfigError, match=rf"'port' in {re.escape(str(ini))}"):
+    with pytest.raises(certdrop.ConfigError, match=rf"'port' in \[certdrop\] of {re.escape(str(ini))}"):
+        certdrop.Config.from_ini(ini)
+
+
+def test_mail_settings_are_read_from_their_own_section(tmp_path):
+    ini = tmp_path / "x.ini"
+    ini.write_text("[certdrop]\nport = 8080\n[mail]\nhost = mail.example.com\nsecurity = tls\nsender = a@b.example\n")
+    config = certdrop.Config.from_ini(ini)
+    assert (config.mail_host, config.mail_security, config.mail_sender, config.port) == (
+        "mail.example.com", "tls", "a@b.example", 8080)
+    ini.write_text("[mail]\nsender = a@b.example\\r\\nBcc: x@y.example\n")
+    with pytest.raises(certdrop.ConfigError, match="'sender' in \\[mail\\]"):
         certdrop.Config.from_ini(ini)
 
 
@@ -2617,7 +2634,7 @@ def test_add_prints_a_qr_code_on_a_terminal_only(tmp_path, root_pem, other_der, 
 def addresses_in(page):
     """Return every address a page points at: links, form actions, buttons."""
     return [tag.get("href") or tag.get("action") for tag in page.html.find_all(["a", "form"])
-            if tag.get("href") or tag.get("action")]
+            if (tag.get("href") or tag.get("action")) and not (tag.get("href") or "").startswith("mailto:")]
 
 
 def test_every_address_carries_the_prefix_of_public_url(config, store, clock, root_der, pki):
@@ -3674,7 +3691,7 @@ def test_behind_apache_under_a_prefix_every_link_works_and_the_log_names_the_cli
                                            headers={"User-Agent": USER_AGENTS[agent][0]})[2]))
         followed = 0
         for base, body in pages:
-            for kind, href in re.findall(rb'(href|action)="([^"]+)"', body):
+            for kind, href in re.findall(rb'(href|action)="((?!mailto:)[^"]+)"', body):
                 target = urllib.parse.urlsplit(urllib.parse.urljoin(base, href.decode()))
                 status = fetch_from("127.0.0.2", port, target.path + ("?" + target.query if target.query else ""))[0]
                 # a form's address may take POST only (405 to a GET), but it must exist
@@ -3693,3 +3710,168 @@ def test_behind_apache_under_a_prefix_every_link_works_and_the_log_names_the_cli
     log = "".join(server.log)
     assert " 127.0.0.2 POST /certdrop/ 201 " in log and " 127.0.0.2 GET /certdrop/c/" in log
     assert " 127.0.0.1 " not in log.split("serving on")[1], "the log names Apache instead of the client"
+
+
+# -- e-mail over real SMTP (aiosmtpd in this process) -----------------------------------------------------------
+
+
+class Mailbox:
+    """An aiosmtpd handler that keeps what it receives, or refuses every recipient."""
+
+    def __init__(self, refuse=False):
+        self.refuse = refuse
+        self.messages = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.refuse:
+            return "550 5.1.1 No such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return "250 Message accepted"
+
+
+@pytest.fixture(scope="session")
+def smtp_tls(tmp_path_factory):
+    """Return (CA file, server SSL context) of a throwaway CA and its certificate for 127.0.0.1."""
+    directory = tmp_path_factory.mktemp("smtp-tls")
+    ca, ca_key = make_certificate("Throwaway Mail CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = (x509.CertificateBuilder().subject_name(make_name("127.0.0.1")).issuer_name(ca.subject)
+              .public_key(key.public_key()).serial_number(9).not_valid_before(datetime.datetime(2025, 1, 1))
+              .not_valid_after(datetime.datetime(2035, 1, 1))
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+              .sign(ca_key, hashes.SHA256()))
+    (directory / "ca.pem").write_bytes(pem_of(ca))
+    (directory / "server.pem").write_bytes(pem_of(server) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "server.pem")
+    return directory / "ca.pem", context
+
+
+@contextlib.contextmanager
+def smtp_server(mailbox, **options):
+    from aiosmtpd.controller import Controller
+    controller = Controller(mailbox, hostname="127.0.0.1", port=free_port(), **options)
+    controller.start()
+    try:
+        yield controller.port
+    finally:
+        controller.stop()
+
+
+def mail_app(config, store, clock, port, **settings):
+    settings = {"mail_security": "none", "mail_sender": "certdrop@ca.example.org", "mail_timeout": 2, **settings}
+    return client(app_with(config, store, clock, mail_host="127.0.0.1", mail_port=port, **settings))
+
+
+def mail_form(page):
+    return next(form for form in page.forms.values() if form.action.endswith("/mail"))
+
+
+def test_the_result_page_mails_the_links_as_plain_text(config, store, clock, pki):
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port:
+        app = mail_app(config, store, clock, port)
+        result = upload(app, pem_of(pki.root, pki.intermediate))
+        form = mail_form(result)
+        form["to"] = "alice@example.com, bob@example.org"
+        assert "The message was sent" in html_text(form.submit(status=200))
+    (sender, recipients, content), = mailbox.messages
+    message = email.message_from_bytes(content, policy=email.policy.default)
+    assert sender == "certdrop@ca.example.org" and recipients == ["alice@example.com", "bob@example.org"]
+    assert message["Subject"] == "Install the CA certificate Example Root CA" and not message.is_multipart()
+    body = message.get_content()
+    for link in result.html.select("p.link a"):
+        assert link["href"] in body
+    assert pki.root.fingerprint(hashes.SHA256()).hex(":").upper() in body
+    assert pki.root.fingerprint(hashes.SHA1()).hex(":").upper() in body
+    assert re.search(r"Nokia Series 40 code: (\d{6} ){4}\d{6}", body) and body.count("Nokia Series 40 code") == 1
+    assert "The link works until 2027-01-22 08:00 UTC." in body and "To install: open the link" in body
+
+
+def test_mail_goes_over_starttls_to_a_server_whose_ca_is_configured(config, store, clock, root_der, smtp_tls):
+    cafile, context = smtp_tls
+    mailbox = Mailbox()
+    with smtp_server(mailbox, tls_context=context, require_starttls=True) as port:
+        app = mail_app(config, store, clock, port, mail_security="starttls", mail_cafile=str(cafile))
+        form = mail_form(upload(app, root_der))
+        form["to"] = "alice@example.com"
+        form.submit(status=200)
+        untrusted = mail_app(config, store, clock, port, mail_security="starttls")
+        form = mail_form(upload(untrusted, root_der, status=200))
+        form["to"] = "alice@example.com"
+        refused = form.submit(status=502)
+    assert len(mailbox.messages) == 1
+    assert "The TLS connection to 127.0.0.1" in html_text(refused)
+
+
+@pytest.mark.parametrize("to", ["alice@example.com\r\nBcc: eve@example.net", "Alice <alice@example.com>",
+                                "alice@example.com\nSubject: hi", "not an address", "",
+                                ", ".join(f"user{number}@example.com" for number in range(11))],
+                         ids=["crlf-bcc", "display-name", "lf-subject", "no-at", "empty", "too-many"])
+def test_addresses_with_header_tricks_are_refused_and_nothing_is_sent(config, store, clock, root_der, to):
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port:
+        app = mail_app(config, store, clock, port)
+        form = mail_form(upload(app, root_der))
+        form["to"] = to
+        refusal = form.submit(status=400)
+    assert "Nothing was sent" in html_text(refusal) and mailbox.messages == []
+
+
+def test_a_mail_server_that_is_down_gets_a_clear_message_and_the_links_stay(config, store, clock, root_der):
+    app = mail_app(config, store, clock, free_port())
+    result = upload(app, root_der)
+    form = mail_form(result)
+    form["to"] = "alice@example.com"
+    failed = form.submit(status=502)
+    assert "Nothing answers at 127.0.0.1:" in html_text(failed)
+    assert [a["href"] for a in failed.html.select("main li a")] == [a["href"] for a in result.html.select("p.link a")]
+
+
+def test_a_mail_server_that_never_answers_times_out_with_a_clear_message(config, store, clock, root_der):
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        app = mail_app(config, store, clock, silent.getsockname()[1], mail_timeout=1)
+        form = mail_form(upload(app, root_der))
+        form["to"] = "alice@example.com"
+        started = time.monotonic()
+        failed = form.submit(status=502)
+    assert "did not answer in time" in html_text(failed) and time.monotonic() - started < 10
+
+
+def test_a_mail_server_that_refuses_the_recipients_says_so(config, store, clock, root_der):
+    with smtp_server(Mailbox(refuse=True)) as port:
+        app = mail_app(config, store, clock, port)
+        form = mail_form(upload(app, root_der))
+        form["to"] = "alice@example.com"
+        assert "refused the addresses (550)" in html_text(form.submit(status=502))
+
+
+def test_sending_mail_needs_the_upload_key_and_refuses_cross_site_requests(config, store, clock, root_der):
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port:
+        app = mail_app(config, store, clock, port, upload_password=KEY)
+        token = token_of(upload(app, root_der))
+        fields = {"to": "alice@example.com", "tokens": token}
+        client(app.app, REMOTE_ADDR=REMOTE).post("/mail", fields, status=401)
+        app.post("/mail", fields, headers={"Origin": "http://evil.example"}, status=403)
+        answer = app.post("/mail", fields, headers={"Accept": "application/json"}, status=200).json
+    assert answer == {"version": 1, "sent_to": ["alice@example.com"]} and len(mailbox.messages) == 1
+
+
+def test_without_a_mail_server_the_page_offers_a_mailto_link_with_the_same_text(testapp, root_der, root):
+    result = upload(testapp, root_der)
+    mailto = next(a["href"] for a in result.html.find_all("a") if a["href"].startswith("mailto:"))
+    fields = urllib.parse.parse_qs(urllib.parse.urlsplit(mailto).query)
+    assert fields["subject"] == ["Install the CA certificate Example Root CA"]
+    assert result.headers["Location"] in fields["body"][0]
+    assert root[0].fingerprint(hashes.SHA256()).hex(":").upper() in fields["body"][0]
+    assert not any(form.action.endswith("/mail") for form in result.forms.values())
+    testapp.post("/mail", {"to": "alice@example.com", "tokens": token_of(result)}, status=404)
