@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import plistlib
-import queue
 import re
 import secrets
 import shlex
@@ -53,7 +52,7 @@ import typing
 import urllib.parse
 import uuid
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from http import HTTPStatus
@@ -2356,7 +2355,10 @@ def esc(value: object) -> str:
 
 def term(value: object) -> str:
     """Return *value* as one safe terminal line: control, bidi and line-separator characters shown escaped."""
-    return TERMINAL_UNSAFE_RE.sub(lambda match: ascii(match[0])[1:-1], str(value))
+    text = str(value)
+    if text.isascii() and text.isprintable():  # the common case, and no character to escape
+        return text
+    return TERMINAL_UNSAFE_RE.sub(lambda match: ascii(match[0])[1:-1], text)
 
 
 def render(template: string.Template, **values: object) -> str:
@@ -3400,29 +3402,38 @@ def mail_failure(error: Exception, host: str, port: int) -> str:
 
 
 class AccessLog:
-    """One line per request, written by a background thread: a request only puts a tuple on a queue.
+    """One line per request, written by a background thread a few times a second.
 
-    Line: time, client address, method, path and query (percent-encoded, so it is one safe terminal line),
-    status, bytes, device class, duration.
+    A request only appends a tuple to a deque (thread-safe, and it wakes nobody): waking a writer thread for every
+    request would cost more than the request itself. Line: time, client address, method, path and query
+    (percent-encoded, so it is one safe terminal line), status, bytes, device class, duration.
     """
+
+    #: Seconds between writes.
+    INTERVAL = 0.2
 
     def __init__(self, stream: typing.TextIO | None = None):
         self.stream = stream  # None: standard error as it is when the line is written
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: deque = deque()
         self._writer: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def record(self, *fields: object) -> None:
-        self._queue.put(fields)
+        self._pending.append(fields)
         if self._writer is None:
             self._start()
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Wait until every line recorded so far is written."""
-        if self._writer is not None:
-            written = threading.Event()
-            self._queue.put(written)
-            written.wait(timeout)
+    def flush(self) -> None:
+        """Write every line recorded so far, now."""
+        with self._lock:
+            lines = []
+            while self._pending:
+                lines.append(format_access(*self._pending.popleft()) + "\n")
+            if lines:
+                stream = self.stream or sys.stderr
+                with contextlib.suppress(OSError, ValueError):  # a closed or full stderr must not stop the server
+                    stream.write("".join(lines))
+                    stream.flush()
 
     def _start(self) -> None:
         with self._lock:
@@ -3432,31 +3443,27 @@ class AccessLog:
 
     def _write_forever(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            with contextlib.suppress(queue.Empty):
-                while len(batch) < 1000:
-                    batch.append(self._queue.get_nowait())
-            lines = "".join(format_access(*item) + "\n" for item in batch if isinstance(item, tuple))
-            stream = self.stream or sys.stderr
-            with contextlib.suppress(OSError, ValueError):  # a closed or full stderr must not stop the server
-                stream.write(lines)
-                stream.flush()
-            for item in batch:
-                if isinstance(item, threading.Event):
-                    item.set()
+            time.sleep(self.INTERVAL)
+            self.flush()
 
 
 def format_access(when: float, address: str, method: str, path: str, query: str, status: int, size: int,
                   device: str, seconds: float) -> str:
-    target = urllib.parse.quote(path, safe=URL_SAFE) + ("?" + urllib.parse.quote(query, safe=URL_SAFE + "?")
-                                                           if query else "")
-    stamp = datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return (f"{stamp} {term(address or '-')[:64]} {term(method)[:16]} {target[:2048]} {status} {size} {device} "
-            f"{seconds * 1000:.1f}ms")
+    target = path if URL_SAFE_RE.fullmatch(path) else urllib.parse.quote(path, safe=URL_SAFE)
+    if query:
+        target += "?" + (query if URL_SAFE_RE.fullmatch(query) else urllib.parse.quote(query, safe=URL_SAFE + "?"))
+    return (f"{log_time(int(when))} {term(address or '-')[:64]} {term(method)[:16]} {target[:2048]} {status} {size} "
+            f"{device} {seconds * 1000:.1f}ms")
+
+
+@functools.lru_cache(maxsize=4)
+def log_time(second: int) -> str:
+    return datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 #: Characters an access log line keeps as they are in a path; the rest are percent-encoded.
 URL_SAFE = "/:@!$&'()*+,;=-._~"
+URL_SAFE_RE = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~=-]*")
 
 #: The access log of every app that make_app builds without one of its own.
 ACCESS_LOG = AccessLog()
