@@ -3875,3 +3875,116 @@ def test_without_a_mail_server_the_page_offers_a_mailto_link_with_the_same_text(
     assert root[0].fingerprint(hashes.SHA256()).hex(":").upper() in fields["body"][0]
     assert not any(form.action.endswith("/mail") for form in result.forms.values())
     testapp.post("/mail", {"to": "alice@example.com", "tokens": token_of(result)}, status=404)
+
+
+# -- in a real browser: headless Chromium driven through WebDriver ----------------------------------------------
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-quic", "--hide-scrollbars")
+
+#: (name, User-Agent, width, height) of the devices a person opens the link on.
+BROWSER_DEVICES = (
+    ("iphone", USER_AGENTS["iphone-safari"][0], 360, 740),
+    ("android", USER_AGENTS["android-chrome"][0], 360, 740),
+    ("desktop", USER_AGENTS["windows-edge"][0], 1280, 800),
+    ("series40", USER_AGENTS["s40-6500s"][0], 176, 220),
+)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Return a fresh headless Chromium (Debian's chromium and chromium-driver, installed by .ci/run)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    driver.set_page_load_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def as_device(driver, agent, width, height):
+    driver.execute_cdp_cmd("Emulation.setUserAgentOverride", {"userAgent": agent})
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 800})
+
+
+def screenshot(driver, directory, name):
+    path = directory / f"{name}.png"
+    driver.save_screenshot(str(path))
+    print(f"screenshot: {path}")
+
+
+def console_problems(driver):
+    """Return the console's CSP violations and script errors (a missing favicon is neither)."""
+    return [entry["message"] for entry in driver.get_log("browser")
+            if ("Content Security Policy" in entry["message"] or entry["level"] == "SEVERE")
+            and "favicon.ico" not in entry["message"]]
+
+
+def download(url, agent):
+    """Return what following *url* downloads for a device with *agent* (a page's CSP forbids fetch() in it)."""
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": agent}), timeout=10) as answer:
+        return answer.read()
+
+
+def certificate_in(name, body, der):
+    """Return whether the file *name* that a page offers carries the certificate *der* in its format."""
+    if name.endswith((".crt", ".cer", ".der")):
+        return body == der
+    if name.endswith(".pem"):
+        return base64.b64decode("".join(body.decode().splitlines()[1:-1])) == der
+    if name.endswith(".mobileconfig"):
+        return plistlib.loads(body)["PayloadContent"][0]["PayloadContent"] == der
+    return name.endswith(".whc") and body[0] == 1 and der in body
+
+
+def test_in_a_real_browser_sign_in_upload_and_install_on_every_device(tmp_path, browser, root_pem, root_der, root):
+    from selenium.webdriver.common.by import By
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text(f"[certdrop]\ndata_dir = data\nupload_auth = always\nupload_password = {KEY}\n"
+                   "[mail]\nhost = 127.0.0.1\n")
+    (tmp_path / "ca.pem").write_bytes(root_pem)
+    server = Server(ini)
+    try:
+        as_device(browser, *BROWSER_DEVICES[2][1:])
+        browser.get(server.url + "/")
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        browser.find_element(By.ID, "cert").send_keys(str(tmp_path / "ca.pem"))
+        browser.find_element(By.CSS_SELECTOR, "form[enctype='multipart/form-data'] button[type=submit]").click()
+        screenshot(browser, tmp_path, "result")
+        link = browser.find_element(By.CSS_SELECTOR, "p.link a").text
+        token = link.rsplit("/", 1)[1]
+        assert link == certdrop.lead_url(f"{server.url}/c/{token}")
+        page = browser.find_element(By.TAG_NAME, "main").text
+        assert root[0].fingerprint(hashes.SHA256()).hex(":").upper() in page.replace("\n", "")
+        assert root[0].fingerprint(hashes.SHA1()).hex(":").upper() in page.replace("\n", "")
+        qr = browser.find_element(By.CSS_SELECTOR, ".qr svg")
+        assert qr.is_displayed() and qr.size["width"] > 50 and qr.size["height"] > 50
+        assert browser.find_element(By.CSS_SELECTOR, "form[action$='/mail'] input[name=to]").is_displayed()
+        assert console_problems(browser) == []
+        for name, agent, width, height in BROWSER_DEVICES:
+            as_device(browser, agent, width, height)
+            browser.get(f"{server.url}/c/{token}")
+            screenshot(browser, tmp_path, name)
+            first = browser.find_element(By.CSS_SELECTOR, "a.button, body a")
+            top, bottom = browser.execute_script(
+                "const r = arguments[0].getBoundingClientRect(); return [r.top, r.bottom];", first)
+            assert 0 <= top and bottom <= height, f"{name}: the first button is not on the first screen"
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= width, (
+                f"{name}: the page scrolls sideways")
+            for anchor in browser.find_elements(By.CSS_SELECTOR, "a[href*='/c/']"):
+                href = anchor.get_attribute("href")
+                if re.search(r"\.(crt|cer|der|pem|mobileconfig|whc)$", href):
+                    assert certificate_in(href, download(href, agent), root_der), f"{name}: {href}"
+            assert console_problems(browser) == [], name
+    finally:
+        server.stop()
