@@ -3765,7 +3765,7 @@ def smtp_server(mailbox, **options):
 
 
 def mail_app(config, store, clock, port, **settings):
-    settings = {"mail_security": "none", "mail_sender": "certdrop@ca.example.org", "mail_timeout": 2, **settings}
+    settings = {"mail_security": "none", "mail_sender": "certdrop@ca.example.org", "mail_timeout": 10, **settings}
     return client(app_with(config, store, clock, mail_host="127.0.0.1", mail_port=port, **settings))
 
 
