@@ -3077,7 +3077,8 @@ class Request:
     @property
     def forwarded(self) -> bool:
         """Return whether a proxy passed this request on, as the app saw it before any header was cleared."""
-        return self.environ.get("certdrop.forwarded", was_forwarded(self.environ))
+        decided = self.environ.get("certdrop.forwarded")  # by App.__call__, before any header was cleared
+        return was_forwarded(self.environ) if decided is None else decided
 
     def read_body(self, limit: int) -> bytes:
         """Return the request body; raise PayloadTooLarge past *limit* bytes without reading it."""
