@@ -3988,3 +3988,28 @@ def test_in_a_real_browser_sign_in_upload_and_install_on_every_device(tmp_path, 
             assert console_problems(browser) == [], name
     finally:
         server.stop()
+
+
+def test_mail_goes_over_implicit_tls_with_a_login(config, store, clock, root_der, smtp_tls):
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+    cafile, context = smtp_tls
+    logins = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        good = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (b"relay", b"s3cret")
+        logins.append(good)
+        return AuthResult(success=good)
+
+    mailbox = Mailbox()
+    with smtp_server(mailbox, ssl_context=context, authenticator=authenticator, auth_require_tls=False) as port:
+        app = mail_app(config, store, clock, port, mail_security="tls", mail_cafile=str(cafile), mail_user="relay",
+                       mail_password="s3cret")
+        form = mail_form(upload(app, root_der))
+        form["to"] = "alice@example.com"
+        form.submit(status=200)
+        wrong = mail_app(config, store, clock, port, mail_security="tls", mail_cafile=str(cafile), mail_user="relay",
+                         mail_password="guess", mail_timeout=2)
+        form = mail_form(upload(wrong, root_der, status=200))
+        form["to"] = "alice@example.com"
+        assert "The message was not sent" in html_text(form.submit(status=502))
+    assert logins[0] is True and False in logins and len(mailbox.messages) == 1
