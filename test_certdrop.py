@@ -214,6 +214,11 @@ def test_every_setting_is_documented_in_the_shipped_ini():
     assert documented == {field.name for field in dataclasses.fields(certdrop.Config)} == parsed
 
 
+def test_every_test_readme_names_exists():
+    named = set(re.findall(r"`(test_[a-z0-9_]+)(?:\[\w+\])?`", (HERE / "README.md").read_text()))
+    assert named and [name for name in named if not callable(globals().get(name))] == []
+
+
 def test_every_setting_is_in_the_readme_table():
     readme = (HERE / "README.md").read_text()
     assert [key for key in certdrop.CONFIG_PARSERS if f"| `{key}` |" not in readme] == []
