@@ -3661,18 +3661,61 @@ def fetch_from(source, port, path, method="GET", body=None, headers=None):
         connection.close()
 
 
-def test_behind_apache_under_a_prefix_every_link_works_and_the_log_names_the_client(tmp_path, root_pem, root_der):
+NGINX_CONFIG = """
+daemon off;
+master_process off;
+user root;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log;
+events {{}}
+http {{
+    access_log off;
+    client_body_temp_path {directory}/nginx-body;
+    proxy_temp_path {directory}/nginx-proxy;
+    fastcgi_temp_path {directory}/nginx-fastcgi;
+    uwsgi_temp_path {directory}/nginx-uwsgi;
+    scgi_temp_path {directory}/nginx-scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location /naive/ {{
+            proxy_pass http://{naive}/;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }}
+        location /certdrop/ {{
+            proxy_pass http://{upstream}/;
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Prefix /certdrop;
+            client_max_body_size 2m;
+        }}
+    }}
+}}
+"""
+
+#: How each reverse proxy runs in the foreground on a configuration file made for the test.
+PROXIES = {
+    "apache": (APACHE_CONFIG, lambda conf: ["/usr/sbin/apache2", "-X", "-f", str(conf)],
+               "trusted_proxy_headers = x-forwarded-for x-forwarded-host x-forwarded-proto\n"),
+    "nginx": (NGINX_CONFIG, lambda conf: ["/usr/sbin/nginx", "-c", str(conf), "-p", str(conf.parent)],
+              "trusted_proxy_headers = x-forwarded-for x-forwarded-proto\n"),
+}
+
+
+@pytest.mark.parametrize("proxy", PROXIES)
+def test_behind_a_reverse_proxy_under_a_prefix_every_link_works_and_the_log_names_the_client(tmp_path, root_pem,
+                                                                                              root_der, proxy):
+    config_template, command, headers_setting = PROXIES[proxy]
     ini = tmp_path / "certdrop.ini"
     ini.write_text(f"[certdrop]\ndata_dir = data\ntrusted_proxy = 127.0.0.1\nupload_password = {KEY}\n"
-                   "trusted_proxy_headers = x-forwarded-for x-forwarded-host x-forwarded-proto\n")
-    naive_ini = tmp_path / "naive.ini"  # a certdrop whose administrator did not name Apache as its proxy
+                   + headers_setting)
+    naive_ini = tmp_path / "naive.ini"  # a certdrop whose administrator did not name the proxy
     naive_ini.write_text(f"[certdrop]\ndata_dir = naive\nupload_password = {KEY}\n")
     server, naive, port = Server(ini), Server(naive_ini), free_port()
-    (tmp_path / "apache.conf").write_text(APACHE_CONFIG.format(port=port, directory=tmp_path,
-                                                               upstream=server.url.split("//")[1],
-                                                               naive=naive.url.split("//")[1]))
-    apache = subprocess.Popen(["/usr/sbin/apache2", "-X", "-f", str(tmp_path / "apache.conf")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    conf = tmp_path / f"{proxy}.conf"
+    conf.write_text(config_template.format(port=port, directory=tmp_path, upstream=server.url.split("//")[1],
+                                           naive=naive.url.split("//")[1]))
+    front = subprocess.Popen(command(conf), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -3680,11 +3723,11 @@ def test_behind_apache_under_a_prefix_every_link_works_and_the_log_names_the_cli
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
-                assert apache.poll() is None and time.monotonic() < deadline, (tmp_path / "error.log").read_text()
+                assert front.poll() is None and time.monotonic() < deadline, (tmp_path / "error.log").read_text()
                 time.sleep(0.1)
         form = urllib.parse.urlencode({"pem": root_pem.decode()}).encode()
         plain = {"Content-Type": "application/x-www-form-urlencoded"}
-        assert fetch_from("127.0.0.2", port, "/naive/", "POST", form, plain)[0] == 401, "Apache is no loophole"
+        assert fetch_from("127.0.0.2", port, "/naive/", "POST", form, plain)[0] == 401, "the proxy is no loophole"
         assert fetch_from("127.0.0.2", port, "/certdrop/", "POST", form, plain)[0] == 401
         status, headers, page = fetch_from("127.0.0.2", port, "/certdrop/", "POST", form, {**plain, **basic(KEY)})
         assert status == 201, page
@@ -3707,14 +3750,14 @@ def test_behind_apache_under_a_prefix_every_link_works_and_the_log_names_the_cli
                                     headers={"User-Agent": S60_AGENTS["e61i"]})
         assert (status, der) == (200, root_der)
     finally:
-        apache.terminate()
-        apache.wait(10)
-        apache.stderr.close()
+        front.terminate()
+        front.wait(10)
+        front.stderr.close()
         server.stop()
         naive.stop()
     log = "".join(server.log)
     assert " 127.0.0.2 POST /certdrop/ 201 " in log and " 127.0.0.2 GET /certdrop/c/" in log
-    assert " 127.0.0.1 " not in log.split("serving on")[1], "the log names Apache instead of the client"
+    assert " 127.0.0.1 " not in log.split("serving on")[1], "the log names the proxy instead of the client"
 
 
 # -- e-mail over real SMTP (aiosmtpd in this process) -----------------------------------------------------------
