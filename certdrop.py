@@ -3219,6 +3219,8 @@ def parse_form(request: Request, limit: int, fields: tuple[str, ...] = FORM_FIEL
     if mime == "multipart/form-data":
         return _parse_multipart(body, params, limit)
     takes_a_file = "cert" in fields
+    if not takes_a_file and not body and not mime:  # a form posted empty: no field at all
+        return {}
     if mime == "application/x-www-form-urlencoded":
         pairs = urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True)
         if not takes_a_file or any(name in fields for name, _ in pairs):
@@ -3744,7 +3746,8 @@ class App:
         wait = self.sign_in_failures.retry_after(request.remote_addr)
         if wait:
             raise TooManyRequests(wait)
-        secret = form_text(parse_form(request, 4096, fields=("secret",)), "secret") or request.query.get("secret", "")
+        # In the body only: a query string would put the secret into access logs, ours and a proxy's.
+        secret = form_text(parse_form(request, 4096, fields=("secret",)), "secret")
         if not self.store.get(token).may_be_revoked_with(secret):
             self.sign_in_failures.spend(request.remote_addr)
             raise Forbidden("That is not this link's secret: only the page that made the link shows it. On the "

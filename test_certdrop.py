@@ -2538,6 +2538,13 @@ def test_removing_a_link_refuses_cross_site_requests_and_guessing(testapp, root_
     testapp.get(f"/c/{token}", status=200)
 
 
+def test_a_secret_in_the_query_string_is_not_taken_so_it_never_reaches_a_log(testapp, root_der):
+    made = testapp.post("/", root_der, content_type="application/pkix-cert", headers={"Accept": "application/json"},
+                        status=201).json["links"][0]
+    testapp.post(f"{made['revoke_url']}?secret={made['revoke_secret']}", status=403)
+    testapp.get(f"/c/{made['token']}", status=200)
+
+
 def test_links_made_before_secrets_existed_cannot_be_removed_from_the_web(testapp, store, root_der):
     entry, _ = store.add(certdrop.load_der(root_der), NOW + DAY)  # no secret, as 0.1.0 stored links
     testapp.post(f"/c/{entry.token}/revoke", {"secret": ""}, status=403)
