@@ -4041,8 +4041,23 @@ def test_in_a_real_browser_sign_in_upload_and_install_on_every_device(tmp_path, 
                 if re.search(r"\.(crt|cer|der|pem|mobileconfig|whc)$", href):
                     assert certificate_in(href, download(href, agent), root_der), f"{name}: {href}"
             assert console_problems(browser) == [], name
+        as_device(browser, *BROWSER_DEVICES[2][1:])
+        assert printed_pages(browser, f"{server.url}/c/{token}/card") == {"A4": 1, "Letter": 1}
     finally:
         server.stop()
+
+
+def printed_pages(driver, url):
+    """Return how many pages *url* prints on, on A4 and on US Letter (Chromium's own print to PDF)."""
+    from selenium.webdriver.common.print_page_options import PrintOptions
+    driver.get(url)
+    pages = {}
+    for paper, (width, height) in {"A4": (21.0, 29.7), "Letter": (21.59, 27.94)}.items():
+        options = PrintOptions()
+        options.page_width, options.page_height = width, height
+        pdf = base64.b64decode(driver.print_page(options))
+        pages[paper] = len(re.findall(rb"/Type\s*/Page(?!s)", pdf))
+    return pages
 
 
 def test_mail_goes_over_implicit_tls_with_a_login(config, store, clock, root_der, smtp_tls):
