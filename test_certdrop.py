@@ -3959,6 +3959,7 @@ def browser(tmp_path):
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
     driver.set_page_load_timeout(20)
+    driver.implicitly_wait(10)  # a click that submits a form returns before the next page is there
     try:
         yield driver
     finally:
