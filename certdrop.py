@@ -3140,7 +3140,7 @@ def send(response: Response, start_response: Callable, head: bool = False,
          referrer: str = "no-referrer") -> list[bytes]:
     """Start the WSGI response and return its body (empty for HEAD, with the same Content-Length)."""
     headers = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", referrer), *response.headers]
-    if response.status != 304:  # a 304 carries no body, so no entity headers either
+    if response.status not in (204, 304):  # they carry no body, so no entity headers either (RFC 9110)
         headers[:0] = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body)))]
     for name, value in headers:
         if "\r" in value or "\n" in value or "\0" in value:
@@ -3655,6 +3655,10 @@ class App:
         page = render_upload_form(self.config, action=home, signed_in=how == "session")
         return Response(page, headers=FORM_PAGE_HEADERS)
 
+    def favicon(self, request: Request) -> Response:
+        """Answer browsers' unasked-for icon request with nothing, for a day: no 404 page, no console error."""
+        return Response(b"", 204, MIME_TEXT, (("Cache-Control", "public, max-age=86400"),))
+
     def health(self, request: Request) -> Response:
         """Answer 200 while the data directory can be read and written (a real probe write), else 503 and why."""
         problem = self.store.check_health()
@@ -4076,6 +4080,7 @@ ROUTES = (
     (r"/signin", {"GET": App.signin_form, "POST": App.signin}),
     (r"/signout", {"POST": App.signout}),
     (r"/healthz", {"GET": App.health}),
+    (r"/favicon\.ico", {"GET": App.favicon}),
     (r"/mail", {"POST": App.mail}),
     (r"/c/(?P<token>[^/]+)/?", {"GET": App.install}),
     (r"/c/(?P<token>[^/]+)/revoke", {"POST": App.revoke}),

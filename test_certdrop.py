@@ -2702,6 +2702,12 @@ def test_a_request_through_the_trusted_proxy_from_this_machine_still_needs_the_k
 # -- HTTP: health and the access log
 
 
+def test_the_browsers_icon_request_gets_an_empty_answer_not_an_error_page(testapp):
+    answer = testapp.get("/favicon.ico", status=204)
+    assert answer.body == b"" and "max-age=86400" in answer.headers["Cache-Control"]
+    assert "Content-Length" not in answer.headers and "Content-Type" not in answer.headers
+
+
 def test_healthz_answers_200_while_the_data_directory_works(testapp, config):
     config.data_dir.mkdir(parents=True)
     assert testapp.get("/healthz").text == "ok\n"
@@ -3979,10 +3985,9 @@ def screenshot(driver, directory, name):
 
 
 def console_problems(driver):
-    """Return the console's CSP violations and script errors (a missing favicon is neither)."""
+    """Return the console's CSP violations, script errors and failed loads."""
     return [entry["message"] for entry in driver.get_log("browser")
-            if ("Content Security Policy" in entry["message"] or entry["level"] == "SEVERE")
-            and "favicon.ico" not in entry["message"]]
+            if "Content Security Policy" in entry["message"] or entry["level"] == "SEVERE"]
 
 
 def download(url, agent):
