@@ -2154,6 +2154,12 @@ def is_single_label(host: str) -> bool:
     return bool(host) and "." not in host and parse_address(host.strip("[]")) is None
 
 
+def unreachable_host(url: str) -> str | None:
+    """Return *url*'s host when phones cannot open it (loopback, or a single-label name), else None."""
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    return host if is_loopback_host(host) or is_single_label(host) else None
+
+
 def reachable_links(url: str, addresses: tuple[str, ...] | None = None,
                     fqdn: str | None = "") -> list[tuple[str, str]]:
     """Return (link, what its host is) for *url* on names phones can reach, best first; [] if *url* is fine.
@@ -2161,10 +2167,10 @@ def reachable_links(url: str, addresses: tuple[str, ...] | None = None,
     When *url*'s host is loopback or a single-label name: the machine's IPv4 addresses first, then its fully
     qualified name if it resolves. *addresses* and *fqdn* default to this machine's (tests pass their own).
     """
-    parts = urllib.parse.urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if not (is_loopback_host(host) or is_single_label(host)):
+    host = unreachable_host(url)
+    if host is None:
         return []
+    parts = urllib.parse.urlsplit(url)
     addresses = machine_addresses() if addresses is None else addresses
     fqdn = machine_fqdn() if fqdn == "" else fqdn
     port = f":{parts.port}" if parts.port else ""
@@ -2567,8 +2573,8 @@ def render_facts(certificate: Certificate) -> str:
 
 def render_reachable_note(url: str) -> str:
     """Return the note shown when *url*'s host is loopback or a bare name: which link leads instead, and why."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if not (is_loopback_host(host) or is_single_label(host)):
+    host = unreachable_host(url)
+    if host is None:
         return ""
     links = reachable_links(url)
     why = "this server's own loopback name" if is_loopback_host(host) else "a short name that phones often cannot look up"
@@ -4319,8 +4325,8 @@ def say(text: str = "", file: typing.TextIO | None = None) -> None:
 
 def print_reachable_note(url: str) -> None:
     """Tell the administrator when *url*'s host is loopback or a bare name, and which link leads instead."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if not (is_loopback_host(host) or is_single_label(host)):
+    host = unreachable_host(url)
+    if host is None:
         return
     links = reachable_links(url)
     if not links:
