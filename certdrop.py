@@ -310,9 +310,10 @@ class TooManyRequests(HTTPError):
     code = "rate-limited"
 
     def __init__(self, retry_after: float):
-        seconds = max(1, math.ceil(retry_after))
-        super().__init__(f"Too many requests from your address. Try again in {seconds} seconds.",
-                         headers=(("Retry-After", str(seconds)),))
+        #: the whole seconds to wait, as Retry-After says them
+        self.seconds = max(1, math.ceil(retry_after))
+        super().__init__(f"Too many requests from your address. Try again in {self.seconds} seconds.",
+                         headers=(("Retry-After", str(self.seconds)),))
 
 
 class BadGateway(HTTPError):
@@ -469,6 +470,7 @@ class Config:
     sweep_interval: int = 3600  # seconds between expiry sweeps in the server; 0 = never
     max_upload: int = 1024 * 1024  # bytes in one upload request
     cache_entries: int = 10000  # entries kept in memory
+    cache_size: int = 24 * 1024 * 1024  # bytes those entries and their built answers may take, about
     threads: int = 4  # waitress worker threads
     connection_limit: int = 1000  # open connections waitress holds at once; past it, new ones wait to be accepted
     channel_timeout: int = 30  # seconds a connection may stay silent (idle, or a request sent too slowly)
@@ -540,6 +542,7 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "sweep_interval": lambda text: 0 if text.strip() == "0" else parse_duration(text),
     "max_upload": parse_size,
     "cache_entries": _parse_int(1, 10_000_000),
+    "cache_size": parse_size,
     "threads": _parse_int(1, 256),
     "connection_limit": _parse_int(10, 100_000),
     "channel_timeout": parse_duration,
@@ -660,7 +663,8 @@ class Certificate:
     dns_names: tuple[str, ...]
     ip_addresses: tuple[str, ...]
     ca_issuers: tuple[str, ...]  # AIA caIssuers URLs: where the issuer's certificate is published
-    parsed: x509.Certificate = dataclasses.field(compare=False, repr=False)
+    #: the library's object, which the doctor orders chains with; None for a certificate read from the store
+    parsed: x509.Certificate | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -1366,8 +1370,11 @@ MIME_WML = "text/vnd.wap.wml; charset=utf-8"
 #: Request headers in which proxy browsers (Opera Mini, UC Browser) pass on the handset's own User-Agent.
 HANDSET_HEADERS = ("X-OperaMini-Phone-UA", "X-UCBrowser-Device-UA", "Device-Stock-UA")
 
+#: The request headers that say who is asking: what /c/<token> sends, and in which format errors go.
+CLIENT_HEADERS = ("User-Agent", "Accept", *HANDSET_HEADERS)
+
 #: Every request header the answer at /c/<token> depends on.
-VARY = ", ".join(("User-Agent", "Accept", *HANDSET_HEADERS))
+VARY = ", ".join(CLIENT_HEADERS)
 
 #: Nokia's S60 handsets, from 1st edition to Belle, for browsers that name only the handset (i-mode
 #: "portalmmm/2.0 N73(...)", Opera Mini "Opera Mini/NokiaN95", truncated WAP headers). Keys are the model tokens
@@ -1636,6 +1643,59 @@ def hashed_certificate_code(body: bytes) -> str:
 # Store #######################################################################
 ###############################################################################
 
+#: The entry format written now. Format 1 (certdrop 0.1.0 and 0.2) is still read: it keeps only the DER, which is
+#: then parsed, and its self-signature verified, when the entry is first loaded. An entry is rewritten in the new
+#: format whenever it changes (its expiry moves, it is revoked or swept).
+ENTRY_FORMAT = 2
+
+#: An expiry moves only when an upload lengthens it by at least this many seconds, so that uploading the same
+#: bundle again writes nothing.
+EXPIRY_STEP = 60
+
+#: Tokens remembered as having no entry file, so that a repeated unknown token costs no file system call. Like a
+#: cached entry, each is looked for again after REVALIDATE_SECONDS, so links made by other processes appear.
+MAX_ABSENT_TOKENS = 4096
+
+#: Answers kept per entry. Devices need about a dozen; the rest are file names clients made up.
+MAX_CACHED_ANSWERS = 32
+
+#: Bytes a cached entry takes beyond its DER and its built answers, and an answer beyond its body (Python objects,
+#: measured with tracemalloc): the cache's byte limit counts these.
+ENTRY_OVERHEAD, ANSWER_OVERHEAD = 3000, 700
+
+#: The facts of a certificate that an entry file keeps beside its DER, with their JSON types. A cold lookup builds
+#: the Certificate from them instead of parsing the DER and verifying its signature again.
+STORED_FACTS = {
+    "subject": str, "issuer": str, "common_names": list, "organization": (str, type(None)), "serial": str,
+    "not_before": str, "not_after": str, "version": int, "is_ca": bool, "self_signed": bool,
+    "has_basic_constraints": bool, "key_cert_sign": (bool, type(None)), "key_type": str, "key_bits": int,
+    "signature_hash": (str, type(None)), "dns_names": list, "ip_addresses": list, "ca_issuers": list,
+}
+
+
+def certificate_facts(certificate: Certificate) -> dict:
+    """Return the facts of *certificate* that its entry file keeps, as JSON values."""
+    facts = {name: list(getattr(certificate, name)) if kind is list else getattr(certificate, name)
+             for name, kind in STORED_FACTS.items()}
+    facts["serial"] = format(certificate.serial, "x")  # hex: JSON integers have a digit limit in Python
+    facts["not_before"] = certificate.not_before.isoformat()
+    facts["not_after"] = certificate.not_after.isoformat()
+    return facts
+
+
+def certificate_from_facts(der: bytes, facts: object) -> Certificate:
+    """Return the Certificate that an entry file's facts describe; raise ValueError if they are damaged."""
+    if not isinstance(facts, dict) or not all(isinstance(facts.get(name), kind) for name, kind in STORED_FACTS.items()):
+        raise ValueError("damaged certificate facts")
+    values = {name: tuple(facts[name]) if kind is list else facts[name] for name, kind in STORED_FACTS.items()}
+    if not all(isinstance(item, str) for name, kind in STORED_FACTS.items() if kind is list for item in values[name]):
+        raise ValueError("damaged certificate facts")
+    values.update(serial=int(facts["serial"], 16), not_before=datetime.fromisoformat(facts["not_before"]),
+                  not_after=datetime.fromisoformat(facts["not_after"]))
+    if values["not_before"].tzinfo is None or values["not_after"].tzinfo is None:
+        raise ValueError("damaged certificate dates")
+    return Certificate(der=der, sha256=hashlib.sha256(der).digest(), sha1=hashlib.sha1(der).digest(), **values)
+
 
 class Remembered(typing.NamedTuple):
     """What a tombstone keeps of its certificate, so that people can still tell which one it was."""
@@ -1673,8 +1733,16 @@ class Entry:
     revoked: float | None = None
     was: Remembered | None = None  # a tombstone's memory of its certificate (none in tombstones of before 0.2)
     revoke_hash: str | None = None  # SHA-256 (hex) of the secret that removes this link from the web; never the secret
-    #: Answers built for this entry, so a hot token is served without rendering: (answer, prefix) -> (response, etag)
+    #: the certificate's facts as its entry file keeps them (certificate_facts); None in entries of format 1
+    facts: dict | None = dataclasses.field(default=None, compare=False, repr=False)
+    #: Answers built for this entry, so a hot token is served without rendering: answer -> Prepared
     responses: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
+    #: until when the link answers with its certificate: its expiry, or 0 once revoked or a tombstone
+    serves_until: float = dataclasses.field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        live = self.revoked is None and self.der is not None
+        object.__setattr__(self, "serves_until", self.expires if live else 0.0)  # frozen: set once, here
 
     def gone(self, now: float) -> LinkGone | None:
         """Return why this link no longer serves at *now*, or None while it is live."""
@@ -1686,7 +1754,10 @@ class Entry:
 
     @functools.cached_property
     def certificate(self) -> Certificate:
-        return load_der(self.der)
+        """Return the certificate's facts: from the entry file where it keeps them, else parsed from the DER."""
+        if self.facts is None:
+            return load_der(self.der)
+        return certificate_from_facts(self.der, self.facts)
 
     @property
     def remembered(self) -> Remembered | None:
@@ -1695,15 +1766,16 @@ class Entry:
 
     def tombstone(self, revoked: float | None = None) -> "Entry":
         """Return this entry without its certificate (revoked at *revoked*, if given), remembering which it was."""
-        return dataclasses.replace(self, der=None, revoked=self.revoked if revoked is None else revoked,
+        return dataclasses.replace(self, der=None, facts=None, revoked=self.revoked if revoked is None else revoked,
                                    was=self.remembered)
 
     def to_json(self) -> bytes:
-        record = {"format": 1, "token": self.token, "created": self.created, "expires": self.expires,
+        record = {"format": ENTRY_FORMAT, "token": self.token, "created": self.created, "expires": self.expires,
                   "revoked": self.revoked}
         if self.der is not None:
             record["sha256"] = hashlib.sha256(self.der).hexdigest()
             record["der"] = base64.b64encode(self.der).decode("ascii")
+            record["certificate"] = self.facts or certificate_facts(self.certificate)
         elif self.was is not None:
             record["was"] = self.was.to_record()
         if self.revoke_hash:
@@ -1712,9 +1784,12 @@ class Entry:
 
     @classmethod
     def from_json(cls, token: str, data: bytes) -> "Entry":
-        """Return the entry stored in *data*; raise ValueError if it is damaged or belongs to another token."""
+        """Return the entry stored in *data* (format 1 or 2); raise ValueError if it is damaged or another token's.
+
+        The certificate itself is built from its facts (or parsed) only when first used.
+        """
         record = json.loads(data)
-        if not isinstance(record, dict) or record.get("format") != 1 or record.get("token") != token:
+        if not isinstance(record, dict) or record.get("format") not in (1, ENTRY_FORMAT) or record.get("token") != token:
             raise ValueError("wrong format or token")
         der = None
         if "der" in record:
@@ -1726,11 +1801,16 @@ class Entry:
             raise ValueError("damaged revocation hash")
         return cls(token, _stored_time(record["created"]), _stored_time(record["expires"]), der,
                    None if revoked is None else _stored_time(revoked),
-                   None if was is None else Remembered.from_record(was), revoke_hash)
+                   None if was is None else Remembered.from_record(was), revoke_hash,
+                   record.get("certificate") if der is not None else None)
 
     def may_be_revoked_with(self, secret: str) -> bool:
         """Return whether *secret* is the one made with this link (compared in constant time)."""
         return bool(self.revoke_hash) and hmac.compare_digest(revoke_hash(secret), self.revoke_hash)
+
+    def memory_size(self) -> int:
+        """Return about how many bytes this entry holds in memory, its built answers left out."""
+        return ENTRY_OVERHEAD + len(self.der or b"")
 
 
 def revoke_hash(secret: str) -> str:
@@ -1744,24 +1824,40 @@ def _stored_time(value: object) -> float:
     return float(value)
 
 
+class CachedEntry:
+    """An entry in the store's memory, with its file's signature when read and when that was last checked."""
+
+    __slots__ = ("entry", "signature", "checked", "size")
+
+    def __init__(self, entry: Entry, signature: tuple, checked: float):
+        self.entry, self.signature, self.checked = entry, signature, checked
+        self.size = entry.memory_size()  # grows with the answers built for the entry
+
+
 class Store:
     """Entries on disk, one JSON file per token, with a bounded memory cache in front.
 
     Files are replaced atomically and made durable before an upload is acknowledged, so a crash never leaves
     a half-written entry to serve. Several processes may share the directory: writers take a file lock, and a
-    cached entry is re-checked against its file at most every REVALIDATE_SECONDS.
+    cached entry (or a token known to be unknown) is checked against the disk at most every REVALIDATE_SECONDS.
+    The cache holds at most *cache_entries* entries and about *cache_bytes* bytes, their built answers included;
+    the least recently used go first.
     """
 
     def __init__(self, directory: Path, *, token_length: int = 8, cache_entries: int = 10000,
-                 tombstone_ttl: float = 30 * 86400, clock: Callable[[], float] = time.time,
-                 revalidate_after: float = REVALIDATE_SECONDS):
+                 cache_bytes: int = 32 * 1024 * 1024, tombstone_ttl: float = 30 * 86400,
+                 clock: Callable[[], float] = time.time, revalidate_after: float = REVALIDATE_SECONDS):
         self.directory = Path(directory)
         self.token_length = token_length
         self.cache_entries = cache_entries
+        self.cache_bytes = cache_bytes
         self.tombstone_ttl = tombstone_ttl
         self.clock = clock
         self.revalidate_after = revalidate_after
-        self._cache: OrderedDict[str, tuple[Entry, tuple, float]] = OrderedDict()
+        self._root = str(self.directory)
+        self._cache: OrderedDict[str, CachedEntry] = OrderedDict()
+        self._cached_bytes = 0
+        self._absent: dict[str, float] = {}  # token -> when it was last seen to have no file (monotonic)
         self._lock = threading.Lock()
         self._writing = threading.Lock()  # threads of this process; the lock file keeps other processes out
         self._owner: tuple[int, int] | None = None  # whom files made by root belong to: the directory's owner
@@ -1770,14 +1866,31 @@ class Store:
 
     def path_for(self, token: str) -> Path:
         """Return the entry file of *token*; raise UnknownToken for anything that is not a token."""
+        return Path(self._file(token))
+
+    def _file(self, token: str) -> str:
         if not TOKEN_RE.fullmatch(token):
             raise UnknownToken(token)
-        return self.directory / token[:2] / f"{token}.json"
+        return os.path.join(self._root, token[:2], f"{token}.json")
 
     def _index_path(self, sha256: bytes) -> Path:
         return self.directory / "sha256" / sha256.hex()
 
     # -- reading ------------------------------------------------------------------------------------------
+
+    def fresh(self, token: str) -> Entry | None:
+        """Return *token*'s entry if memory holds it and its file was checked within revalidate_after, else None.
+
+        The hot path's lookup: no lock, no file system call, no clock but the monotonic one.
+        """
+        item = self._cache.get(token)
+        if item is None or time.monotonic() - item.checked >= self.revalidate_after:
+            return None
+        try:
+            self._cache.move_to_end(token)
+        except KeyError:  # evicted by another thread meanwhile; this request still has the entry
+            pass
+        return item.entry
 
     def get(self, token: str) -> Entry:
         """Return the live entry for *token*; raise UnknownToken or LinkGone."""
@@ -1794,31 +1907,44 @@ class Store:
         return self._cached(token) or self._load(token)
 
     def _cached(self, token: str) -> Entry | None:
-        with self._lock:
-            item = self._cache.get(token)
-            if item is None:
-                return None
-            entry, signature, checked = item
-            if time.monotonic() - checked < self.revalidate_after:
-                self._cache.move_to_end(token)
-                return entry
-        if _file_signature(self.path_for(token)) != signature:
-            with self._lock:
-                self._cache.pop(token, None)
+        entry = self.fresh(token)
+        if entry is not None:
+            return entry
+        item = self._cache.get(token)
+        if item is None:
             return None
-        with self._lock:
-            self._cache[token] = (entry, signature, time.monotonic())
-            self._cache.move_to_end(token)
-        return entry
+        if _file_signature(self._file(token)) != item.signature:
+            self._forget(token)
+            return None
+        item.checked = time.monotonic()
+        return item.entry
+
+    def is_absent(self, token: str) -> bool:
+        """Return whether *token* was seen to have no entry file within revalidate_after (memory only)."""
+        seen = self._absent.get(token)
+        return seen is not None and time.monotonic() - seen < self.revalidate_after
 
     def _load(self, token: str) -> Entry:
-        entry, signature = self._read(token)
+        if self.is_absent(token):
+            raise UnknownToken(token)
+        try:
+            entry, signature = self._read(token)
+        except DamagedEntry:
+            raise
+        except UnknownToken:
+            if len(self._absent) >= MAX_ABSENT_TOKENS:
+                self._absent.clear()
+            self._absent[token] = time.monotonic()
+            raise
         self._remember(entry, signature)
         return entry
 
-    def _read(self, token: str) -> tuple[Entry, tuple]:
-        """Return the entry stored for *token* and its file's signature, without touching the cache."""
-        path = self.path_for(token)
+    def _read(self, token: str, *, certificate: bool = True) -> tuple[Entry, tuple]:
+        """Return the entry stored for *token* and its file's signature, without touching the cache.
+
+        With *certificate*, its certificate is built now, so that a damaged one is caught here, not while serving.
+        """
+        path = self._file(token)
         try:
             with open(path, "rb") as file:
                 signature = _file_signature_of(file)
@@ -1827,8 +1953,8 @@ class Store:
             raise UnknownToken(token) from None
         try:
             entry = Entry.from_json(token, data)
-            if entry.der is not None:
-                _ = entry.certificate  # parse once now, so a damaged certificate is caught here, not while serving
+            if certificate and entry.der is not None:
+                _ = entry.certificate
         except (ValueError, KeyError, TypeError, binascii.Error, CertificateError) as error:
             log.warning("entry %s is damaged and is not served: %s", path, error)
             raise DamagedEntry(f"the entry file {path} is damaged: {error}") from None
@@ -1836,47 +1962,97 @@ class Store:
 
     def _remember(self, entry: Entry, signature: tuple) -> None:
         with self._lock:
-            self._cache[entry.token] = (entry, signature, time.monotonic())
-            self._cache.move_to_end(entry.token)
-            while len(self._cache) > self.cache_entries:
-                self._cache.popitem(last=False)
+            self._absent.pop(entry.token, None)
+            old = self._cache.pop(entry.token, None)
+            if old is not None:
+                self._cached_bytes -= old.size
+            item = self._cache[entry.token] = CachedEntry(entry, signature, time.monotonic())
+            self._cached_bytes += item.size
+            self._evict()
+
+    def remember_answer(self, entry: Entry, key: typing.Hashable, answer: object, size: int) -> None:
+        """Keep *answer* with *entry*, counted against the cache's byte limit, if memory still holds the entry.
+
+        An entry keeps at most MAX_CACHED_ANSWERS answers: clients choose file names, and memory must not follow.
+        """
+        with self._lock:
+            item = self._cache.get(entry.token)
+            if item is None or item.entry is not entry or len(entry.responses) >= MAX_CACHED_ANSWERS:
+                return
+            entry.responses[key] = answer
+            item.size += size
+            self._cached_bytes += size
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries while the cache is over a limit (the newest always stays)."""
+        while len(self._cache) > 1 and (len(self._cache) > self.cache_entries or self._cached_bytes > self.cache_bytes):
+            _, item = self._cache.popitem(last=False)
+            self._cached_bytes -= item.size
 
     def entries(self) -> Iterator[tuple[str, Entry | None]]:
         """Yield (token, entry) for every entry file on disk, live or gone; entry is None for a damaged file."""
-        for path in sorted(self.directory.glob("??/*.json")):
+        for token in sorted(self._stored_tokens()):
             try:
-                yield path.stem, self.lookup(path.stem)
+                yield token, self.lookup(token)
             except DamagedEntry:
-                yield path.stem, None
+                yield token, None
             except UnknownToken:  # removed meanwhile, or a stray file whose name is no token
                 continue
+
+    def _stored_tokens(self) -> Iterator[str]:
+        """Yield the name of every entry file (``??/*.json``), read with one directory listing per shard."""
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._root) as shards:
+            for shard in shards:
+                if len(shard.name) != 2 or not shard.is_dir():
+                    continue
+                with contextlib.suppress(FileNotFoundError), os.scandir(shard.path) as files:
+                    yield from (file.name[:-5] for file in files
+                                if file.name.endswith(".json") and not file.name.startswith("."))
 
     # -- writing ------------------------------------------------------------------------------------------
 
     def add(self, certificate: Certificate, expires: float, revoke_secret: str | None = None) -> tuple[Entry, bool]:
-        """Store *certificate* until *expires*; return its entry and whether the link is new.
+        """Store *certificate* until *expires*; return its entry and whether the link is new (see add_all)."""
+        return self.add_all([(certificate, expires, revoke_secret)])[0]
 
-        A certificate that already has a live link keeps it, and the link's expiry moves to the later of the two.
-        A new link keeps the hash of *revoke_secret*, which removes it from the web.
+    def add_all(self, wanted: list[tuple[Certificate, float, str | None]]) -> list[tuple[Entry, bool]]:
+        """Store each (certificate, expiry, revoke secret); return (entry, whether the link is new) for each.
+
+        A certificate that already has a live link keeps it, and the link's expiry moves to the later of the two
+        once that is at least EXPIRY_STEP later. A new link keeps the hash of its secret, which removes it from
+        the web. Every file is synced before its rename, and each directory once after all of them: every link
+        returned survives a power loss.
         """
+        results = []
         with self._exclusive():
-            existing = self._live_entry_for(certificate.sha256)
-            if existing is not None:
-                entry = dataclasses.replace(existing, expires=max(existing.expires, expires))
-                if entry != existing:
-                    self._write(entry)
-                return entry, False
-            entry = Entry(self._new_token(), self.clock(), expires, certificate.der,
-                          revoke_hash=revoke_hash(revoke_secret) if revoke_secret else None)
-            index = self._index_path(certificate.sha256)
-            # The index first: if the entry then cannot be written, the index names no file and is simply stale.
-            _write_atomically(index, entry.token.encode("ascii"), owner=self._owner)
-            try:
-                self._write(entry)
-            except OSError:
-                index.unlink(missing_ok=True)
-                raise
-            return entry, True
+            unsynced: set[Path] = set()
+            for certificate, expires, secret in wanted:
+                results.append(self._add(certificate, expires, secret, unsynced))
+            for directory in sorted(unsynced, key=lambda path: len(path.parts), reverse=True):
+                _fsync_directory(directory)  # a new shard first, then the data directory that names it
+        return results
+
+    def _add(self, certificate: Certificate, expires: float, secret: str | None,
+             unsynced: set[Path]) -> tuple[Entry, bool]:
+        existing = self._live_entry_for(certificate.sha256)
+        if existing is not None:
+            if expires < existing.expires + EXPIRY_STEP:
+                return existing, False
+            entry = dataclasses.replace(existing, expires=expires)
+            self._write(entry, unsynced=unsynced)
+            return entry, False
+        entry = Entry(self._new_token(), self.clock(), expires, certificate.der,
+                      revoke_hash=revoke_hash(secret) if secret else None, facts=certificate_facts(certificate))
+        index = self._index_path(certificate.sha256)
+        # The index first: if the entry then cannot be written, the index names no file and is simply stale.
+        _write_atomically(index, entry.token.encode("ascii"), owner=self._owner, unsynced=unsynced)
+        try:
+            self._write(entry, unsynced=unsynced)
+        except OSError:
+            index.unlink(missing_ok=True)
+            raise
+        return entry, True
 
     def upload_key(self, *, replace: bool = False) -> tuple[str, bool]:
         """Return the upload key kept in the data directory and whether it was made just now (made if missing)."""
@@ -1903,14 +2079,32 @@ class Store:
             return tombstone
 
     def sweep(self) -> dict[str, int]:
-        """Turn expired entries into tombstones, delete old tombstones and stale temporary files; return counts."""
+        """Turn expired entries into tombstones, delete old tombstones and stale temporary files; return counts.
+
+        Every file is read once, without the write lock and without building its certificate; only the entries
+        that ended are read again, under the lock, and changed.
+        """
         counts = {"expired": 0, "deleted": 0, "temporary": 0, "damaged": 0}
         now = self.clock()
+        ended = []
+        for token in self._stored_tokens():
+            try:  # read around the cache: a sweep through every entry must not push out the hot ones
+                entry, _ = self._read(token, certificate=False)
+            except DamagedEntry:
+                counts["damaged"] += 1  # kept for a person to look at: the sweep deletes only what it understands
+                continue
+            except UnknownToken:
+                continue
+            if entry.gone(now) is not None:
+                ended.append(token)
         with self._exclusive():
-            for path in self.directory.glob("??/*.json"):
-                outcome = self._sweep_entry(path, now)
+            unsynced: set[Path] = set()
+            for token in ended:
+                outcome = self._sweep_entry(token, now, unsynced)
                 if outcome:
                     counts[outcome] += 1
+            for directory in unsynced:
+                _fsync_directory(directory)
             counts["temporary"] = self._remove_stale_temporary()
         return counts
 
@@ -1949,25 +2143,25 @@ class Store:
                     removed += 1
         return removed
 
-    def _sweep_entry(self, path: Path, now: float) -> str | None:
-        try:  # read around the cache: a sweep through every entry must not push out the hot ones
-            entry, _ = self._read(path.stem)
-        except DamagedEntry:
-            return "damaged"  # kept for a person to look at: the sweep deletes only what it understands
-        except UnknownToken:
+    def _sweep_entry(self, token: str, now: float, unsynced: set[Path]) -> str | None:
+        try:  # again, under the lock: an upload may have renewed it since the first look
+            entry, _ = self._read(token)
+        except UnknownToken:  # removed meanwhile; one that became damaged is left alone too
             return None
         gone = entry.gone(now)
         if gone is None:
             return None
         if now >= gone.since + self.tombstone_ttl:
             self._drop_index(entry)
-            path.unlink(missing_ok=True)
-            self._forget(entry.token)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._file(token))
+            unsynced.add(self.path_for(token).parent)
+            self._forget(token)
             return "deleted"
         if entry.der is not None:
             self._drop_index(entry)
-            self._write(entry.tombstone(), remember=False)
-            self._forget(entry.token)
+            self._write(entry.tombstone(), remember=False, unsynced=unsynced)
+            self._forget(token)
             return "expired"
         return None
 
@@ -1990,18 +2184,20 @@ class Store:
     def _new_token(self) -> str:
         while True:
             token = "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(self.token_length))
-            if not self.path_for(token).exists():
+            if not os.path.exists(self._file(token)):
                 return token
 
-    def _write(self, entry: Entry, remember: bool = True) -> None:
+    def _write(self, entry: Entry, remember: bool = True, unsynced: set[Path] | None = None) -> None:
         path = self.path_for(entry.token)
-        _write_atomically(path, entry.to_json(), owner=self._owner)
+        _write_atomically(path, entry.to_json(), owner=self._owner, unsynced=unsynced)
         if remember:
             self._remember(entry, _file_signature(path))
 
     def _forget(self, token: str) -> None:
         with self._lock:
-            self._cache.pop(token, None)
+            item = self._cache.pop(token, None)
+            if item is not None:
+                self._cached_bytes -= item.size
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -2045,9 +2241,9 @@ def locked(file: typing.BinaryIO) -> Iterator[None]:
         msvcrt.locking(file.fileno(), msvcrt.LK_UNLCK, 1)
 
 
-def _file_signature(path: Path) -> tuple:
+def _file_signature(path: Path | str) -> tuple:
     try:
-        status = path.stat()
+        status = os.stat(path)
     except FileNotFoundError:
         return ()
     return (status.st_ino, status.st_size, status.st_mtime_ns)
@@ -2070,13 +2266,17 @@ def owner_for_root(directory: Path) -> tuple[int, int] | None:
     return None if status.st_uid == 0 else (status.st_uid, status.st_gid)
 
 
-def _write_atomically(path: Path, data: bytes, mode: int = 0o666, owner: tuple[int, int] | None = None) -> None:
+def _write_atomically(path: Path, data: bytes, mode: int = 0o666, owner: tuple[int, int] | None = None,
+                      unsynced: set[Path] | None = None) -> None:
     """Write *data* to *path* so that readers see the old file or the whole new one, even after power loss.
 
-    With *owner*, the file and any directory made for it belong to that (uid, gid).
+    With *owner*, the file and any directory made for it belong to that (uid, gid). With *unsynced*, the
+    directories to sync are added to that set instead, for the caller to sync each once after all its writes.
     """
+    directories = {path.parent}
     if not path.parent.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
+        directories.add(path.parent.parent)  # which now names the new directory
         if owner:
             os.chown(path.parent, *owner)
     temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
@@ -2092,7 +2292,11 @@ def _write_atomically(path: Path, data: bytes, mode: int = 0o666, owner: tuple[i
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    if unsynced is not None:
+        unsynced.update(directories)
+        return
+    for directory in sorted(directories, key=lambda directory: len(directory.parts), reverse=True):
+        _fsync_directory(directory)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -3050,20 +3254,23 @@ ENDED_LINK_ADVICE = "Ask whoever sent you this link for a new one."
 ###############################################################################
 
 
-@dataclasses.dataclass(frozen=True)
 class Request:
-    """What certdrop uses of one WSGI request; the body is read only by handlers that want it."""
+    """What certdrop uses of one WSGI request; the query and the body are read only by handlers that want them."""
 
-    environ: dict
-    method: str
-    path: str
-    query: dict[str, str]
+    def __init__(self, environ: dict):
+        self.environ = environ
+        self.method = environ.get("REQUEST_METHOD", "GET").upper()
+        self.path = environ.get("PATH_INFO", "") or "/"
+        #: set when the token asked for has no link, or the client is limited for asking about too many
+        self.refused_lookup = False
 
     @classmethod
     def from_environ(cls, environ: dict) -> "Request":
-        method = environ.get("REQUEST_METHOD", "GET").upper()
-        query = dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True))
-        return cls(environ, method, environ.get("PATH_INFO", "") or "/", query)
+        return cls(environ)
+
+    @functools.cached_property
+    def query(self) -> dict[str, str]:
+        return dict(urllib.parse.parse_qsl(self.environ.get("QUERY_STRING", ""), keep_blank_values=True))
 
     def header(self, name: str) -> str:
         return self.environ.get(_environ_key(name), "")
@@ -3085,6 +3292,11 @@ class Request:
         """Return whether a proxy passed this request on, as the app saw it before any header was cleared."""
         decided = self.environ.get("certdrop.forwarded")  # by App.__call__, before any header was cleared
         return was_forwarded(self.environ) if decided is None else decided
+
+    @property
+    def signature(self) -> tuple:
+        """Return what an answer under /c/<token> depends on besides the token (see request_signature)."""
+        return request_signature(self.environ, self.path[3:].partition("/")[2])
 
     def read_body(self, limit: int) -> bytes:
         """Return the request body; raise PayloadTooLarge past *limit* bytes without reading it."""
@@ -3108,6 +3320,20 @@ class Request:
         return body
 
 
+def request_signature(environ: dict, rest: str) -> tuple:
+    """Return what an answer under /c/<token> depends on besides the token: *rest*, the path after
+    /c/<token>/; the query (?format=); who is asking (the User-Agent, Accept and handset headers); and what the
+    link's address is made of (public_url aside).
+
+    Two requests with one signature get the same answer for any token, so what was decided for one (the device,
+    the format, the file name) holds for the other. Spelt out key by key: this runs on every hot request.
+    """
+    get = environ.get
+    return (rest, get("QUERY_STRING"), get("HTTP_USER_AGENT"), get("HTTP_ACCEPT"), get("HTTP_X_OPERAMINI_PHONE_UA"),
+            get("HTTP_X_UCBROWSER_DEVICE_UA"), get("HTTP_DEVICE_STOCK_UA"), get("HTTP_HOST"), get("SERVER_NAME"),
+            get("wsgi.url_scheme"), get("SCRIPT_NAME"))
+
+
 def was_forwarded(environ: dict) -> bool:
     """Return whether a proxy says it passed this request on (X-Forwarded-*, Forwarded, X-Real-IP)."""
     return any(key.startswith("HTTP_X_FORWARDED_") or key in ("HTTP_FORWARDED", "HTTP_X_REAL_IP") for key in environ)
@@ -3124,12 +3350,23 @@ def _environ_key(header_name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Response:
-    """What to send: status, body and headers. Only :func:`send` turns it into WSGI calls."""
+    """What to send: status, body and headers. :func:`prepare` turns it into what start_response takes."""
 
     body: bytes
     status: int = 200
     content_type: str = MIME_HTML
     headers: tuple[tuple[str, str], ...] = ()
+
+
+class Prepared(typing.NamedTuple):
+    """A response as start_response and the server take it, checked once: kept and served again as it is."""
+
+    code: int
+    status: str  # the status line, "200 OK"
+    headers: list[tuple[str, str]]
+    body: list[bytes]  # the WSGI body: one string of bytes
+    etag: str = ""  # for answers of an entry, which If-None-Match may name
+    not_modified: list[tuple[str, str]] | None = None  # the headers of the 304 that answers a matching If-None-Match
 
 
 def referrer_policy(path: str) -> str:
@@ -3142,29 +3379,68 @@ def referrer_policy(path: str) -> str:
     return "no-referrer" if path.startswith("/c/") else "same-origin"
 
 
-def send(response: Response, start_response: Callable, head: bool = False,
-         referrer: str = "no-referrer") -> list[bytes]:
-    """Start the WSGI response and return its body (empty for HEAD, with the same Content-Length)."""
+def prepare(response: Response, referrer: str = "no-referrer") -> Prepared:
+    """Return *response* ready for start_response: its header list built and checked for control characters."""
     headers = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", referrer), *response.headers]
     if response.status not in (204, 304):  # they carry no body, so no entity headers either (RFC 9110)
         headers[:0] = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body)))]
     for name, value in headers:
         if "\r" in value or "\n" in value or "\0" in value:
             raise ValueError(f"control character in header {name}")
-    start_response(STATUS_LINES[response.status], headers)
-    return [b""] if head else [response.body]
+    return Prepared(response.status, STATUS_LINES[response.status], headers, [response.body])
+
+
+def prepare_answer(response: Response) -> Prepared:
+    """Return an entry's answer prepared to be kept: with an ETag from its body, and its 304 built too."""
+    if response.status != 200:
+        return prepare(response)
+    etag = f'"{hashlib.sha256(response.body).hexdigest()[:24]}"'
+    tagged = prepare(dataclasses.replace(response, headers=response.headers + (("ETag", etag),)))
+    not_modified = prepare(Response(b"", 304, "", (("ETag", etag), ("Vary", VARY),
+                                                   ("Cache-Control", "private, no-transform"))))
+    return tagged._replace(etag=etag, not_modified=not_modified.headers)
+
+
+def serve(prepared: Prepared, environ: dict, start_response: Callable) -> tuple[int, list[bytes]]:
+    """Start the WSGI response; return its status and body (304 for a matching If-None-Match, empty for HEAD).
+
+    The one function that talks to start_response.
+    """
+    if_none_match = environ.get("HTTP_IF_NONE_MATCH")
+    if if_none_match and prepared.etag and etag_matches(if_none_match, prepared.etag):
+        start_response(STATUS_LINES[304], prepared.not_modified)
+        return 304, [b""]
+    start_response(prepared.status, prepared.headers)
+    return prepared.code, [b""] if environ.get("REQUEST_METHOD") == "HEAD" else prepared.body
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """Return whether an If-None-Match header names *etag* (weak or strong) or is ``*``."""
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+def client_of(request: Request) -> Client:
+    """Return who is asking, from the User-Agent and any handset UA a proxy browser passed on."""
+    handset = next((request.header(name) for name in HANDSET_HEADERS if request.header(name)), "")
+    proxied = bool(request.header("X-OperaMini-Phone-UA") or request.header("X-UCBrowser-Device-UA"))
+    return identify(request.user_agent, handset, proxied)
 
 
 def response_format(request: Request) -> str:
     """Return "json", "text", "nokia" (XHTML-MP or WML) or "html": what this client wants for errors."""
-    accept = request.header("Accept")
+    return answer_format(request.header("Accept"), request.user_agent, client_of(request))
+
+
+@functools.lru_cache(maxsize=4096)
+def answer_format(accept: str, user_agent: str, client: Client) -> str:
+    """Return the format of answers for these headers (see response_format); each combination is worked out once."""
     html = accept_quality(accept, "text/html", wildcards=False)
     if accept_quality(accept, "application/json", wildcards=False) > html:
         return "json"
-    if TEXT_AGENT_RE.search(request.user_agent) or accept_quality(accept, "text/plain",
-                                                                             wildcards=False) > html:
+    if TEXT_AGENT_RE.search(user_agent) or accept_quality(accept, "text/plain", wildcards=False) > html:
         return "text"
-    if client_of(request).device in ("s60", "s40"):
+    if client.device in ("s60", "s40"):
         return "nokia"
     return "html"
 
@@ -3288,20 +3564,21 @@ class RateLimiter:
         self.burst = burst
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when counted)
-        self._blocked: dict[str, float] = {}  # client -> when the next token is there
+        #: client -> when its next token is there; empty while nobody is limited, which the hot path checks alone
+        self.blocked: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def retry_after(self, address: str) -> float:
         """Return the seconds *address* must wait before its next request counts, 0 if it may go ahead."""
-        if not self._blocked:
+        if not self.blocked:
             return 0.0
         key = client_key(address)
-        until = self._blocked.get(key)
+        until = self.blocked.get(key)
         if until is None:
             return 0.0
         wait = until - self.clock()
         if wait <= 0:
-            self._blocked.pop(key, None)
+            self.blocked.pop(key, None)
             return 0.0
         return wait
 
@@ -3320,7 +3597,7 @@ class RateLimiter:
                 self._forget_idle(now)
             self._buckets[key] = (tokens, now)
             if tokens < 1:
-                self._blocked[key] = now + (1 - tokens) / self.rate
+                self.blocked[key] = now + (1 - tokens) / self.rate
         return 0.0
 
     def _forget_idle(self, now: float) -> None:
@@ -3413,8 +3690,9 @@ def mail_failure(error: Exception, host: str, port: int) -> str:
 class AccessLog:
     """One line per request, written by a background thread a few times a second.
 
-    A request only appends a tuple to a deque (thread-safe, and it wakes nobody): waking a writer thread for every
-    request would cost more than the request itself. Line: time, client address, method, path and query
+    A request formats its line and appends it to a deque (thread-safe, and it wakes nobody): waking a writer
+    thread for every request would cost more than the request itself, and so would a writer that formats
+    thousands of lines at once while the request threads wait for the interpreter. Line: time, client address, method, path and query
     (percent-encoded, so it is one safe terminal line), status, bytes, device class, duration.
     """
 
@@ -3424,31 +3702,40 @@ class AccessLog:
     def __init__(self, stream: typing.TextIO | None = None):
         self.stream = stream  # None: standard error as it is when the line is written
         self._pending: deque = deque()
+        #: Queue one line. The deque's own append: no lock, no wake-up.
+        self.record = self._pending.append
+        self._stamp = (0, "")  # (a second, its time stamp)
         self._writer: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def record(self, *fields: object) -> None:
-        self._pending.append(fields)
-        if self._writer is None:
-            self._start()
+    def request(self, environ: dict, status: int, size: int, device: str, seconds: float) -> None:
+        """Queue the line of one request: its status, the bytes of its body, the device class, how long it took."""
+        second = int(time.time())
+        stamped, stamp = self._stamp  # one tuple, so that threads never pair one second with another's text
+        if stamped != second:
+            stamp = log_time(second)
+            self._stamp = (second, stamp)
+        middle = access_line(environ.get("REMOTE_ADDR", ""), environ.get("REQUEST_METHOD", ""),
+                             environ.get("SCRIPT_NAME", ""), environ.get("PATH_INFO", ""),
+                             environ.get("QUERY_STRING", ""), status, size, device)
+        self.record(f"{stamp} {middle} {seconds * 1000:.1f}ms\n")
 
-    def flush(self) -> None:
-        """Write every line recorded so far, now."""
-        with self._lock:
-            lines = []
-            while self._pending:
-                lines.append(format_access(*self._pending.popleft()) + "\n")
-            if lines:
-                stream = self.stream or sys.stderr
-                with contextlib.suppress(OSError, ValueError):  # a closed or full stderr must not stop the server
-                    stream.write("".join(lines))
-                    stream.flush()
-
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the thread that writes the queued lines, unless it runs already."""
         with self._lock:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_forever, name="certdrop-access-log", daemon=True)
                 self._writer.start()
+
+    def flush(self) -> None:
+        """Write every line recorded so far, now."""
+        with self._lock:
+            batch = [self._pending.popleft() for _ in range(len(self._pending))]
+            if batch:
+                stream = self.stream or sys.stderr
+                with contextlib.suppress(OSError, ValueError):  # a closed or full stderr must not stop the server
+                    stream.write("".join(batch))
+                    stream.flush()
 
     def _write_forever(self) -> None:
         while True:
@@ -3456,13 +3743,16 @@ class AccessLog:
             self.flush()
 
 
-def format_access(when: float, address: str, method: str, path: str, query: str, status: int, size: int,
-                  device: str, seconds: float) -> str:
-    target = path if URL_SAFE_RE.fullmatch(path) else urllib.parse.quote(path, safe=URL_SAFE)
+@functools.lru_cache(maxsize=4096)
+def access_line(address: str, method: str, script_name: str, path: str, query: str, status: int, size: int,
+                device: str) -> str:
+    """Return the middle of an access log line, safe for a terminal: a client asking again costs no formatting."""
+    target = script_name.rstrip("/") + path
+    if not URL_SAFE_RE.fullmatch(target):
+        target = urllib.parse.quote(target, safe=URL_SAFE)
     if query:
         target += "?" + (query if URL_SAFE_RE.fullmatch(query) else urllib.parse.quote(query, safe=URL_SAFE + "?"))
-    return (f"{log_time(int(when))} {term(address or '-')[:64]} {term(method)[:16]} {target[:2048]} {status} {size} "
-            f"{device} {seconds * 1000:.1f}ms")
+    return f"{term(address or '-')[:64]} {term(method)[:16]} {target[:2048]} {status} {size} {device}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -3502,31 +3792,48 @@ CROSS_SITE_MESSAGE = ("This request came from another web site, so it was refuse
 
 
 class FileAnswer(typing.NamedTuple):
-    kind: str  # "der", "pem", "mobileconfig", "whc-direct" or "whc-length"
-    filename: str
+    kind: str  # "der", "pem", "mobileconfig", "whc" or "whc-alt"
+    name: str  # the file name; one that starts with "." follows the certificate's own name (its file stem)
     inline: bool  # False: sent with Content-Disposition: attachment
+    der_instead: bool = False  # an intermediate CA, which has no hashed certificate, sends its DER instead
 
 
 class PageAnswer(typing.NamedTuple):
     client: Client
     content_type: str  # HTML for browsers; XHTML-MP, WML or text/html for Nokia pages
-    link: str = ""  # on desktop pages: the link to show as a QR code for a phone
+    prefix: str  # the path every address on the page starts with
+    base: str = ""  # on desktop pages: the address the link shown as a QR code is made from
 
 
 class QrAnswer(typing.NamedTuple):
     kind: str  # "svg" or "png"
-    link: str
+    base: str  # the address the link is made from
 
 
 class CardAnswer(typing.NamedTuple):
-    link: str
+    base: str
 
 
 class RedirectAnswer(typing.NamedTuple):
-    filename: str
+    name: str  # as FileAnswer.name
+    base: str
 
 
 Answer = FileAnswer | PageAnswer | RedirectAnswer | QrAnswer | CardAnswer
+
+
+class Decision(typing.NamedTuple):
+    """What a request under /c/<token> gets, whatever the token: kept by the request's signature."""
+
+    answer: Answer
+    device: str  # for the access log: the device class, or "-"
+
+
+#: Signatures whose decision is kept; past this many, the kept ones are forgotten and decided again.
+MAX_DECISIONS = 4096
+
+#: Error answers kept, by everything they are made of, so that unknown tokens and limited clients cost no rendering.
+MAX_ERROR_ANSWERS = 256
 
 #: Devices whose page is seen on a screen a phone can be pointed at: their pages show the link as a QR code.
 DESKTOP_DEVICES = ("windows", "macos", "linux", "firefox", "chromeos", "other")
@@ -3534,33 +3841,10 @@ DESKTOP_DEVICES = ("windows", "macos", "linux", "firefox", "chromeos", "other")
 #: ``?format=`` values that name a file, and the extension of its file name.
 PUBLIC_FORMATS = {"der": ".crt", "pem": ".pem", "mobileconfig": ".mobileconfig", "whc": ".whc", "whc-alt": ".alt.whc"}
 
-#: Answers kept per entry. Devices need about a dozen; the rest are file names clients made up.
-MAX_CACHED_ANSWERS = 32
 
 #: File name endings under /c/<token>/, longest first.
 FILE_SUFFIXES = ((".alt.whc", "whc-alt"), (".whc", "whc"), (".mobileconfig", "mobileconfig"), (".pem", "pem"),
                  (".cer", "der"), (".crt", "der"), (".der", "der"))
-
-
-def client_of(request: Request) -> Client:
-    """Return who is asking, from the User-Agent and any handset UA a proxy browser passed on."""
-    handset = next((request.header(name) for name in HANDSET_HEADERS if request.header(name)), "")
-    proxied = bool(request.header("X-OperaMini-Phone-UA") or request.header("X-UCBrowser-Device-UA"))
-    return identify(request.user_agent, handset, proxied)
-
-
-def with_etag(response: Response) -> tuple[Response, str]:
-    """Return *response* with an ETag derived from its body, and that ETag."""
-    etag = f'"{hashlib.sha256(response.body).hexdigest()[:24]}"'
-    return dataclasses.replace(response, headers=response.headers + (("ETag", etag),)), etag
-
-
-def etag_matches(if_none_match: str, etag: str) -> bool:
-    """Return whether an If-None-Match header names *etag* (weak or strong) or is ``*``."""
-    if not if_none_match:
-        return False
-    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
-    return "*" in tags or etag in tags
 
 
 class App:
@@ -3572,9 +3856,17 @@ class App:
         self.store = store
         self.clock = clock
         self.access_log = access_log if config.access_log else None
+        if self.access_log:
+            self.access_log.start()
         self.lookups = RateLimiter(config.lookup_limit, LOOKUP_BURST, clock)
         self.uploads = RateLimiter(config.upload_limit, UPLOAD_BURST, clock)
         self.sign_in_failures = RateLimiter(SIGN_IN_FAILURES_PER_MINUTE, SIGN_IN_FAILURE_BURST, clock)
+        #: request signature -> Decision, for every token (see request_signature)
+        self.decisions: dict[tuple, Decision] = {}
+        #: what an error answer is made of -> its Prepared answer (see error_answer)
+        self.error_answers: dict[tuple, Prepared] = {}
+        #: (request signature, 404 or 429, seconds to wait) -> the answer to an unknown token or a limited client
+        self.refusals: dict[tuple, Prepared] = {}
         #: the path of public_url, which every address certdrop writes starts with; None: from SCRIPT_NAME
         self.public_path = urllib.parse.urlsplit(config.public_url).path.rstrip("/") if config.public_url else None
         self.answer_request = self.answer
@@ -3583,10 +3875,14 @@ class App:
             # only, with untrusted copies cleared; inside make_app's app, so any WSGI server gets it
             from waitress.proxy_headers import proxy_headers_middleware
             self.answer_request = proxy_headers_middleware(
-                self.answer, trusted_proxy=config.trusted_proxy, trusted_proxy_count=config.trusted_proxy_count,
+                self.answer_proxied, trusted_proxy=config.trusted_proxy, trusted_proxy_count=config.trusted_proxy_count,
                 trusted_proxy_headers=set(config.trusted_proxy_headers), clear_untrusted=True)
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
+        if not self.config.trusted_proxy:  # behind one, the hot path runs after waitress has read its headers
+            body = self.serve_hot(environ, start_response)
+            if body is not None:
+                return body
         if environ.get("REQUEST_METHOD") != "GET":  # only requests that may change something ask who passed them on
             environ["certdrop.forwarded"] = was_forwarded(environ) or self.is_trusted_peer(environ)
         if self.config.trusted_proxy:
@@ -3612,24 +3908,94 @@ class App:
         return request.script_name if self.public_path is None else self.public_path
 
     def answer(self, environ: dict, start_response: Callable) -> list[bytes]:
+        """Answer any request the full way: see full_answer."""
         started = time.perf_counter()
-        request = Request.from_environ(environ)
+        status, body = serve(self.full_answer(environ), environ, start_response)
+        if self.access_log:
+            self.access_log.request(environ, status, len(body[0]), environ.get("certdrop.device", "-"),
+                                    time.perf_counter() - started)
+        return body
+
+    def answer_proxied(self, environ: dict, start_response: Callable) -> list[bytes]:
+        """Answer a request as waitress's reading of the trusted proxy's headers left it: the hot way if it can."""
+        body = self.serve_hot(environ, start_response)
+        return body if body is not None else self.answer(environ, start_response)
+
+    def serve_hot(self, environ: dict, start_response: Callable) -> list[bytes] | None:
+        """Serve a GET of a token in memory whose answer was decided and built before; else return None.
+
+        The hot path: a few dictionary lookups, no parsing, no file system call, no rendering. What it does not
+        find ready (a token not in memory or due for a look at its file, a client with a new signature, an answer
+        not built yet, a client being limited) takes the full way, which leaves it ready for the next time.
+        """
+        started = time.perf_counter()
+        path = environ.get("PATH_INFO", "")
+        if path[:3] != "/c/" or environ.get("REQUEST_METHOD") != "GET":
+            return None
+        token, _, rest = path[3:].partition("/")
+        signature = request_signature(environ, rest)
+        prepared, device = self.hot_answer(token.lower(), signature, environ.get("REMOTE_ADDR", ""))
+        if prepared is None:
+            return None
+        status, body = serve(prepared, environ, start_response)
+        if self.access_log:
+            self.access_log.request(environ, status, len(body[0]), device, time.perf_counter() - started)
+        return body
+
+    def hot_answer(self, token: str, signature: tuple, address: str) -> tuple[Prepared | None, str]:
+        """Return the answer kept for this token and request signature, and the device; None if there is none.
+
+        Besides a live token's answer: the 404 of a token known to have no file (counted by the lookup limit, as
+        the full way counts it), and the 429 of a client being limited.
+        """
+        wait = self.lookups.blocked and self.lookups.retry_after(address)
+        if wait:
+            return self.refusals.get((signature, 429, max(1, math.ceil(wait)))), "-"
+        entry = self.store.fresh(token)
+        if entry is None:
+            unknown = self.refusals.get((signature, 404, 0))
+            if unknown is None or not self.store.is_absent(token) or self.lookups.spend(address):
+                return None, "-"
+            return unknown, "-"
+        decision = self.decisions.get(signature)
+        if decision is None or self.clock() >= entry.serves_until:
+            return None, "-"
+        return entry.responses.get(decision.answer), decision.device
+
+    def full_answer(self, environ: dict) -> Prepared:
+        """Return the answer to any request: routed to its handler, every failure turned into a clear answer."""
+        request = Request(environ)
         try:
             response = self.dispatch(request)
         except HTTPError as error:
-            response = render_error(request, error, home=self.prefix(request) + "/")
+            return self.error_answer(request, error)
         except Exception:
             log.exception("error while answering %s %r", request.method, request.path)
             response = Response(b"500 Internal Server Error: the error has been logged.\n", 500, MIME_TEXT)
-        body = send(response, start_response, head=request.method == "HEAD", referrer=referrer_policy(request.path))
-        if self.access_log:
-            self.access_log.record(time.time(), request.remote_addr, request.method,
-                                   request.script_name + request.path, environ.get("QUERY_STRING", ""),
-                                   response.status, len(body[0]), environ.get("certdrop.device", "-"),
-                                   time.perf_counter() - started)
-        return body
+        return response if isinstance(response, Prepared) else prepare(response, referrer_policy(request.path))
 
-    def dispatch(self, request: Request) -> Response:
+    def error_answer(self, request: Request, error: HTTPError) -> Prepared:
+        """Return the page, text or JSON for *error*, rendered once for each client format and kept.
+
+        An error with more of a page (a refused upload's form, which holds what was sent) is never kept.
+        """
+        home = self.home(request)
+        key = (error.status, error.code, error.message, error.headers, request.path.startswith("/c/"), home,
+               *map(request.header, CLIENT_HEADERS))
+        prepared = None if error.extra_html else self.error_answers.get(key)
+        if prepared is None:
+            prepared = prepare(render_error(request, error, home), referrer_policy(request.path))
+            if not error.extra_html:
+                if len(self.error_answers) >= MAX_ERROR_ANSWERS:
+                    self.error_answers.clear()
+                self.error_answers[key] = prepared
+        if request.refused_lookup and request.method == "GET":  # the same for every token: kept for the hot path
+            if len(self.refusals) >= MAX_ERROR_ANSWERS:
+                self.refusals.clear()
+            self.refusals[(request.signature, error.status, getattr(error, "seconds", 0))] = prepared
+        return prepared
+
+    def dispatch(self, request: Request) -> Response | Prepared:
         handler, arguments = match_route(request.method, request.path)
         try:
             return handler(self, request, **arguments)
@@ -3788,40 +4154,36 @@ class App:
                                          force_reason="This is the choice for the refusal above." if forceable else "")
         return refusal
 
-    def install(self, request: Request, token: str) -> Response:
-        entry = self.live_entry(request, token)
-        client = client_of(request)
-        request.environ["certdrop.device"] = client.device  # for the access log
-        chosen = request.query.get("format")
-        if chosen is None:
-            answer = self.default_answer(request, client, entry.certificate)
-        else:
-            answer = self.explicit_answer(request, client, entry.certificate, chosen)
-        if isinstance(answer, PageAnswer) and client.device in DESKTOP_DEVICES:
-            answer = answer._replace(link=self.link_for(request, entry.token))
-        return self.respond(request, entry, answer)
+    def install(self, request: Request, token: str) -> Prepared:
+        return self.deliver(request, token, self.install_answer)
 
-    def qr(self, request: Request, token: str, kind: str) -> Response:
+    def qr(self, request: Request, token: str, kind: str) -> Prepared:
         """Serve the link as a QR code file, the link the pages lead with."""
-        entry = self.live_entry(request, token)
-        return self.respond(request, entry, QrAnswer(kind, self.link_for(request, entry.token)))
+        return self.deliver(request, token, lambda request: Decision(QrAnswer(kind, self.base_url(request)), "-"))
 
-    def card(self, request: Request, token: str) -> Response:
+    def card(self, request: Request, token: str) -> Prepared:
         """Serve a printable hand-out: the link in large type, its QR code, the fingerprints, short steps."""
+        return self.deliver(request, token, lambda request: Decision(CardAnswer(self.base_url(request)), "-"))
+
+    def download(self, request: Request, token: str, name: str) -> Prepared:
+        return self.deliver(request, token, lambda request: self.download_answer(request, name))
+
+    def deliver(self, request: Request, token: str, decide: Callable[[Request], Decision]) -> Prepared:
+        """Return the answer that *decide* chooses for a live token; keep the decision for the hot path."""
         entry = self.live_entry(request, token)
-        return self.respond(request, entry, CardAnswer(self.link_for(request, entry.token)))
+        signature = request.signature
+        decision = self.decisions.get(signature)
+        if decision is None:
+            decision = decide(request)
+            if len(self.decisions) >= MAX_DECISIONS:
+                self.decisions.clear()
+            self.decisions[signature] = decision
+        request.environ["certdrop.device"] = decision.device  # for the access log
+        return self.respond(entry, decision.answer)
 
     def link_for(self, request: Request, token: str) -> str:
         """Return the link to hand out for *token*: on public_url, else on a name or address phones can reach."""
         return lead_url(install_url(self.base_url(request), token))
-
-    def download(self, request: Request, token: str, name: str) -> Response:
-        entry = self.live_entry(request, token)
-        lower = name.lower()
-        kind = next(kind for suffix, kind in FILE_SUFFIXES if lower.endswith(suffix))
-        client = client_of(request)
-        request.environ["certdrop.device"] = client.device  # for the access log
-        return self.respond(request, entry, self.file_answer(kind, name, client, entry.certificate))
 
     def live_entry(self, request: Request, token: str) -> Entry:
         """Return the live entry of *token*; count unknown tokens per client, so that guessing them runs into 429.
@@ -3831,10 +4193,12 @@ class App:
         """
         wait = self.lookups.retry_after(request.remote_addr)
         if wait:
+            request.refused_lookup = True
             raise TooManyRequests(wait)
         try:
             return self.store.get(token)
         except UnknownToken:
+            request.refused_lookup = True
             wait = self.lookups.spend(request.remote_addr)
             if wait:
                 raise TooManyRequests(wait) from None
@@ -3921,34 +4285,52 @@ class App:
 
     # -- what each device gets ---------------------------------------------------------------------------------
 
-    def default_answer(self, request: Request, client: Client, certificate: Certificate) -> Answer:
+    def install_answer(self, request: Request) -> Decision:
+        """Return what /c/<token> sends: what the client installs, or the format ``?format=`` names."""
+        client = client_of(request)
+        chosen = request.query.get("format")
+        if chosen is None:
+            return Decision(self.default_answer(request, client), client.device)
+        return Decision(self.explicit_answer(request, client, chosen), client.device)
+
+    def download_answer(self, request: Request, name: str) -> Decision:
+        """Return what /c/<token>/<name> sends: the file its extension names."""
+        lower = name.lower()
+        kind = next(kind for suffix, kind in FILE_SUFFIXES if lower.endswith(suffix))
+        client = client_of(request)
+        return Decision(self.file_answer(kind, name, client), client.device)
+
+    def default_answer(self, request: Request, client: Client) -> Answer:
         """Return what /c/<token> sends *client* when it does not choose a format."""
-        stem, accept = certificate.file_stem, request.header("Accept")
-        nokia = client.device in ("s60", "s40")
         if client.device == "s60" and not client.via_proxy and self.config.s60_delivery != "page":
             if self.config.s60_delivery == "redirect":  # a saved file keeps an extension the installer knows
-                return RedirectAnswer(f"{stem}.cer")
-            return FileAnswer("der", f"{stem}.cer", inline=not self.config.s60_attachment)
+                return RedirectAnswer(".cer", self.base_url(request))
+            return FileAnswer("der", ".cer", inline=not self.config.s60_attachment)
         if client.device == "s40" and not client.via_proxy and self.config.s40_delivery != "page":
-            kind = self.config.s40_delivery if certificate.self_signed else "der"
-            return self.file_answer(kind, f"{stem}{'.cer' if kind == 'der' else PUBLIC_FORMATS[kind]}", client,
-                                    certificate)
-        if nokia:
-            return PageAnswer(client, nokia_page_type(accept))
-        if accepts_only_certificates(accept) or TEXT_AGENT_RE.search(request.user_agent):
-            return FileAnswer("der", f"{stem}.crt", inline=False)
-        return PageAnswer(client, MIME_HTML)
+            kind = self.config.s40_delivery
+            return FileAnswer(kind, ".cer" if kind == "der" else PUBLIC_FORMATS[kind], inline=True, der_instead=True)
+        if client.device in ("s60", "s40"):
+            return self.page_answer(request, client)
+        if accepts_only_certificates(request.header("Accept")) or TEXT_AGENT_RE.search(request.user_agent):
+            return FileAnswer("der", ".crt", inline=False)
+        return self.page_answer(request, client)
 
-    def explicit_answer(self, request: Request, client: Client, certificate: Certificate, chosen: str) -> Answer:
+    def explicit_answer(self, request: Request, client: Client, chosen: str) -> Answer:
         """Return the answer for ``?format=...``, for people whose device was guessed wrong."""
         if chosen == "page":
-            nokia = client.device in ("s60", "s40")
-            return PageAnswer(client, nokia_page_type(request.header("Accept")) if nokia else MIME_HTML)
+            return self.page_answer(request, client)
         if chosen not in PUBLIC_FORMATS:
             raise BadRequest(f"Unknown format {chosen[:40]!r}: choose der, pem, mobileconfig, whc, whc-alt or page.")
-        return self.file_answer(chosen, f"{certificate.file_stem}{PUBLIC_FORMATS[chosen]}", client, certificate)
+        return self.file_answer(chosen, PUBLIC_FORMATS[chosen], client)
 
-    def file_answer(self, kind: str, name: str, client: Client, certificate: Certificate) -> FileAnswer:
+    def page_answer(self, request: Request, client: Client) -> PageAnswer:
+        """Return the page for *client*: a small one for Nokia phones; desktops also show the link as a QR code."""
+        if client.device in ("s60", "s40"):
+            return PageAnswer(client, nokia_page_type(request.header("Accept")), self.prefix(request))
+        base = self.base_url(request) if client.device in DESKTOP_DEVICES else ""
+        return PageAnswer(client, MIME_HTML, self.prefix(request), base)
+
+    def file_answer(self, kind: str, name: str, client: Client) -> FileAnswer:
         """Return the answer for file *kind* ("der", "pem", "mobileconfig", "whc" or "whc-alt") named *name*."""
         if kind == "der":
             # Nokia installers and Firefox's trust dialog take the body only without an attachment header.
@@ -3956,12 +4338,7 @@ class App:
             return FileAnswer("der", name, inline)
         if kind == "pem":  # update-ca-certificates reads only PEM files named .crt
             return FileAnswer("pem", re.sub(r"(?i)\.pem$", ".crt", name), inline=False)
-        if kind == "mobileconfig":
-            return FileAnswer("mobileconfig", name, inline=False)
-        if not certificate.self_signed:
-            raise NotFound("There is no hashed certificate for an intermediate CA: the WAP format needs a "
-                           "self-signed root. Use the .cer file instead.")
-        return FileAnswer(self.whc_kinds[kind == "whc-alt"], name, inline=True)
+        return FileAnswer(kind, name, inline=kind != "mobileconfig")
 
     @functools.cached_property
     def whc(self) -> tuple[str, int]:
@@ -3976,54 +4353,62 @@ class App:
 
     # -- answering, from the entry's cache ---------------------------------------------------------------------
 
-    def respond(self, request: Request, entry: Entry, answer: Answer) -> Response:
-        """Return *answer* for *entry*: built once per entry and prefix, then served from memory (304 if unchanged)."""
-        if isinstance(answer, RedirectAnswer):
-            location = f"{self.base_url(request)}/c/{entry.token}/{answer.filename}"
-            return Response(b"", 302, MIME_TEXT, (("Location", location), ("Vary", VARY),
-                                                  ("Cache-Control", "private, no-transform")))
-        prefix = self.prefix(request)
-        key = (answer, prefix)
-        cached = entry.responses.get(key)
-        if cached is None:
-            cached = with_etag(self.build(entry, answer, prefix))
-            if len(entry.responses) < MAX_CACHED_ANSWERS:  # clients choose file names; memory must not follow
-                entry.responses[key] = cached
-        response, etag = cached
-        if etag_matches(request.header("If-None-Match"), etag):
-            return Response(b"", 304, "", (("ETag", etag), ("Vary", VARY), ("Cache-Control", "private, no-transform")))
-        return response
+    def respond(self, entry: Entry, answer: Answer) -> Prepared:
+        """Return *answer* for *entry*: built once, then kept with the entry while memory allows."""
+        prepared = entry.responses.get(answer)
+        if prepared is None:
+            prepared = prepare_answer(self.build(entry, answer))
+            self.store.remember_answer(entry, answer, prepared, len(prepared.body[0]) + ANSWER_OVERHEAD)
+        return prepared
 
-    def build(self, entry: Entry, answer: Answer, prefix: str) -> Response:
+    def build(self, entry: Entry, answer: Answer) -> Response:
         certificate = entry.certificate
         headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY))
-        base_path = f"{prefix}/c/{entry.token}"
+        if isinstance(answer, RedirectAnswer):
+            location = f"{answer.base}/c/{entry.token}/{file_name(certificate, answer.name)}"
+            return Response(b"", 302, MIME_TEXT, (("Location", location), *headers))
         if isinstance(answer, PageAnswer) and answer.client.device in ("s60", "s40"):
-            body = render_nokia_page(certificate, answer.client, base_path, answer.content_type, self.whc_kinds,
-                                     self.config.whc_charset)
+            body = render_nokia_page(certificate, answer.client, f"{answer.prefix}/c/{entry.token}",
+                                     answer.content_type, self.whc_kinds, self.config.whc_charset)
             return Response(body, 200, answer.content_type, headers + page_headers(answer.content_type))
+        link = lead_url(install_url(getattr(answer, "base", ""), entry.token)) if getattr(answer, "base", "") else ""
         if isinstance(answer, PageAnswer):
-            return Response(render_landing(certificate, answer.client, base_path, answer.link), 200, MIME_HTML,
-                            headers + HTML_HEADERS)
+            return Response(render_landing(certificate, answer.client, f"{answer.prefix}/c/{entry.token}", link), 200,
+                            MIME_HTML, headers + HTML_HEADERS)
         if isinstance(answer, CardAnswer):
-            return Response(render_card(certificate, answer.link), 200, MIME_HTML, headers + HTML_HEADERS)
+            return Response(render_card(certificate, link), 200, MIME_HTML, headers + HTML_HEADERS)
         if isinstance(answer, QrAnswer):
             content_type = "image/svg+xml" if answer.kind == "svg" else "image/png"
-            return Response(qr_file(answer.link, answer.kind), 200, content_type,
+            return Response(qr_file(link, answer.kind), 200, content_type,
                             headers + (("Content-Security-Policy", "default-src 'none'"),))
-        body, content_type = file_body(certificate, answer.kind, self.config.whc_charset)
+        return self.build_file(certificate, answer, headers)
+
+    def build_file(self, certificate: Certificate, answer: FileAnswer, headers: tuple) -> Response:
+        kind, name = answer.kind, answer.name
+        if kind in ("whc", "whc-alt") and not certificate.self_signed:
+            if not answer.der_instead:
+                raise NotFound("There is no hashed certificate for an intermediate CA: the WAP format needs a "
+                               "self-signed root. Use the .cer file instead.")
+            kind, name = "der", ".cer"
+        layout = self.whc_kinds[kind == "whc-alt"] if kind in ("whc", "whc-alt") else kind
+        body, content_type = file_body(certificate, layout, self.config.whc_charset)
         if not answer.inline:
-            headers += (("Content-Disposition", f'attachment; filename="{answer.filename}"'),)
+            headers += (("Content-Disposition", f'attachment; filename="{file_name(certificate, name)}"'),)
         return Response(body, 200, content_type, headers)
+
+
+def file_name(certificate: Certificate, name: str) -> str:
+    """Return the file name an answer names: *name*, or, for an extension alone, the certificate's own name with it."""
+    return f"{certificate.file_stem}{name}" if name.startswith(".") else name
 
 
 def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, now: float, base: str) -> list[Link]:
     """Store every installable certificate of *diagnosis*, roots first, and return their links."""
     expiries = [link_expiry(config, certificate, ttl, now) for certificate in diagnosis.installable]
+    wanted = [(certificate, expires, secrets.token_urlsafe(16))
+              for certificate, (expires, _) in zip(diagnosis.installable, expiries, strict=True)]  # all checked first
     links = []
-    for certificate, (expires, cut) in zip(diagnosis.installable, expiries, strict=True):  # all checked first
-        secret = secrets.token_urlsafe(16)
-        entry, created = store.add(certificate, expires, revoke_secret=secret)
+    for (certificate, expires, secret), (_, cut), (entry, created) in zip(wanted, expiries, store.add_all(wanted)):
         log.info("%s link %s for %r until %s", "new" if created else "existing", entry.token, certificate.name,
                  format_time(entry.expires))
         links.append(Link(entry, install_url(base, entry.token), created, cut and entry.expires == expires,
@@ -4096,11 +4481,13 @@ ROUTES = (
      {"GET": App.download}),
 )
 COMPILED_ROUTES = tuple((re.compile(pattern), handlers) for pattern, handlers in ROUTES)
+#: The routes under /c/, tried alone for paths there: most requests are for links.
+TOKEN_ROUTES = tuple(route for route in COMPILED_ROUTES if route[0].pattern.startswith("/c/"))
 
 
 def match_route(method: str, path: str) -> tuple[Callable, dict[str, str]]:
     """Return the handler and path arguments for a request; raise NotFound or MethodNotAllowed."""
-    for pattern, handlers in COMPILED_ROUTES:
+    for pattern, handlers in TOKEN_ROUTES if path.startswith("/c/") else COMPILED_ROUTES:
         match = pattern.fullmatch(path)
         if not match:
             continue
@@ -4117,7 +4504,7 @@ def match_route(method: str, path: str) -> tuple[Callable, dict[str, str]]:
 
 def make_store(config: Config, clock: Callable[[], float] = time.time) -> Store:
     return Store(config.data_dir, token_length=config.token_length, cache_entries=config.cache_entries,
-                 tombstone_ttl=config.tombstone_ttl, clock=clock)
+                 cache_bytes=config.cache_size, tombstone_ttl=config.tombstone_ttl, clock=clock)
 
 
 def make_app(config: Config, store: Store | None = None, clock: Callable[[], float] = time.time,
