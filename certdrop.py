@@ -1788,9 +1788,7 @@ class Entry:
 
         The certificate itself is built from its facts (or parsed) only when first used.
         """
-        record = json.loads(data)
-        if not isinstance(record, dict) or record.get("format") not in (1, ENTRY_FORMAT) or record.get("token") != token:
-            raise ValueError("wrong format or token")
+        record = cls.record_of(token, data)
         der = None
         if "der" in record:
             der = base64.b64decode(record["der"], validate=True)
@@ -1803,6 +1801,24 @@ class Entry:
                    None if revoked is None else _stored_time(revoked),
                    None if was is None else Remembered.from_record(was), revoke_hash,
                    record.get("certificate") if der is not None else None)
+
+    @staticmethod
+    def record_of(token: str, data: bytes) -> dict:
+        """Return the JSON record of *token*'s entry file; raise ValueError if it is none, or another token's."""
+        record = json.loads(data)
+        if not isinstance(record, dict) or record.get("format") not in (1, ENTRY_FORMAT) or record.get("token") != token:
+            raise ValueError("wrong format or token")
+        return record
+
+    @staticmethod
+    def has_ended(record: dict, now: float) -> bool:
+        """Return whether the entry that *record* holds no longer serves at *now*, as gone() says; its times are
+        checked, and nothing else is read: the sweep asks this of every entry."""
+        created, expires, revoked = (_stored_time(record[name]) if record.get(name) is not None else None
+                                     for name in ("created", "expires", "revoked"))
+        if created is None or expires is None:
+            raise ValueError("no creation or expiry time")
+        return revoked is not None or now >= expires or "der" not in record
 
     def may_be_revoked_with(self, secret: str) -> bool:
         """Return whether *secret* is the one made with this link (compared in constant time)."""
@@ -1871,7 +1887,7 @@ class Store:
     def _file(self, token: str) -> str:
         if not TOKEN_RE.fullmatch(token):
             raise UnknownToken(token)
-        return os.path.join(self._root, token[:2], f"{token}.json")
+        return f"{self._root}{os.sep}{token[:2]}{os.sep}{token}.json"
 
     def _index_path(self, sha256: bytes) -> Path:
         return self.directory / "sha256" / sha256.hex()
@@ -1939,26 +1955,48 @@ class Store:
         self._remember(entry, signature)
         return entry
 
-    def _read(self, token: str, *, certificate: bool = True) -> tuple[Entry, tuple]:
+    def _read(self, token: str) -> tuple[Entry, tuple]:
         """Return the entry stored for *token* and its file's signature, without touching the cache.
 
-        With *certificate*, its certificate is built now, so that a damaged one is caught here, not while serving.
+        Its certificate is built now, so that a damaged one is caught here, not while serving.
         """
+        path, data, signature = self._read_file(token)
+        try:
+            entry = Entry.from_json(token, data)
+            if entry.der is not None:
+                _ = entry.certificate
+        except (ValueError, KeyError, TypeError, binascii.Error, CertificateError) as error:
+            raise self._damaged(path, error) from None
+        return entry, signature
+
+    def _has_ended(self, token: str, now: float) -> bool:
+        """Return whether *token*'s entry no longer serves at *now*, reading only its times."""
+        path, data, _ = self._read_file(token, signature=False)
+        try:
+            return Entry.has_ended(Entry.record_of(token, data), now)
+        except (ValueError, KeyError, TypeError) as error:
+            raise self._damaged(path, error) from None
+
+    def _read_file(self, token: str, signature: bool = True) -> tuple[str, bytes, tuple]:
+        """Return the path, bytes and (with *signature*) signature of *token*'s entry file; raise UnknownToken if
+        there is none. Plain system calls: the sweep reads every file, a cold lookup one."""
         path = self._file(token)
         try:
-            with open(path, "rb") as file:
-                signature = _file_signature_of(file)
-                data = file.read()
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         except FileNotFoundError:
             raise UnknownToken(token) from None
         try:
-            entry = Entry.from_json(token, data)
-            if certificate and entry.der is not None:
-                _ = entry.certificate
-        except (ValueError, KeyError, TypeError, binascii.Error, CertificateError) as error:
-            log.warning("entry %s is damaged and is not served: %s", path, error)
-            raise DamagedEntry(f"the entry file {path} is damaged: {error}") from None
-        return entry, signature
+            chunks = [os.read(descriptor, 65536)]
+            while len(chunks[-1]) == 65536:  # an entry is a few kilobytes; a huge certificate takes more reads
+                chunks.append(os.read(descriptor, 65536))
+            return path, b"".join(chunks), _file_signature_of(descriptor) if signature else ()
+        finally:
+            os.close(descriptor)
+
+    @staticmethod
+    def _damaged(path: str, error: Exception) -> DamagedEntry:
+        log.warning("entry %s is damaged and is not served: %s", path, error)
+        return DamagedEntry(f"the entry file {path} is damaged: {error}")
 
     def _remember(self, entry: Entry, signature: tuple) -> None:
         with self._lock:
@@ -2081,22 +2119,20 @@ class Store:
     def sweep(self) -> dict[str, int]:
         """Turn expired entries into tombstones, delete old tombstones and stale temporary files; return counts.
 
-        Every file is read once, without the write lock and without building its certificate; only the entries
-        that ended are read again, under the lock, and changed.
+        Every file is read once, for its times only, without the write lock; only the entries that ended are read
+        whole, under the lock, and changed. Reads go around the cache: a sweep must not push out the hot entries.
         """
         counts = {"expired": 0, "deleted": 0, "temporary": 0, "damaged": 0}
         now = self.clock()
         ended = []
         for token in self._stored_tokens():
-            try:  # read around the cache: a sweep through every entry must not push out the hot ones
-                entry, _ = self._read(token, certificate=False)
+            try:
+                if self._has_ended(token, now):
+                    ended.append(token)
             except DamagedEntry:
                 counts["damaged"] += 1  # kept for a person to look at: the sweep deletes only what it understands
-                continue
             except UnknownToken:
                 continue
-            if entry.gone(now) is not None:
-                ended.append(token)
         with self._exclusive():
             unsynced: set[Path] = set()
             for token in ended:
@@ -2249,8 +2285,8 @@ def _file_signature(path: Path | str) -> tuple:
     return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
-def _file_signature_of(file) -> tuple:
-    status = os.fstat(file.fileno())
+def _file_signature_of(descriptor: int) -> tuple:
+    status = os.fstat(descriptor)
     return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
