@@ -1814,11 +1814,12 @@ class Entry:
     def has_ended(record: dict, now: float) -> bool:
         """Return whether the entry that *record* holds no longer serves at *now*, as gone() says; its times are
         checked, and nothing else is read: the sweep asks this of every entry."""
-        created, expires, revoked = (_stored_time(record[name]) if record.get(name) is not None else None
-                                     for name in ("created", "expires", "revoked"))
-        if created is None or expires is None:
-            raise ValueError("no creation or expiry time")
-        return revoked is not None or now >= expires or "der" not in record
+        _stored_time(record["created"])
+        expires = _stored_time(record["expires"])
+        if record.get("revoked") is not None:
+            _stored_time(record["revoked"])  # a damaged time is damage, even in an entry that ended
+            return True
+        return now >= expires or "der" not in record
 
     def may_be_revoked_with(self, secret: str) -> bool:
         """Return whether *secret* is the one made with this link (compared in constant time)."""

@@ -1673,6 +1673,61 @@ def test_a_hot_token_is_answered_without_rendering_again(testapp, root_token, mo
     assert testapp.get(f"/c/{root_token}", headers=agent).body == first.body
 
 
+def test_a_hot_token_is_served_without_routing_deciding_or_rendering(testapp, app, root_token, monkeypatch):
+    agents = [S60_AGENTS["e61i"], USER_AGENTS["android-chrome"][0], USER_AGENTS["windows-edge"][0]]
+    first = [testapp.get(f"/c/{root_token}", headers={"User-Agent": agent}) for agent in agents]
+    monkeypatch.setattr(certdrop.App, "full_answer", lambda *args: pytest.fail("took the full way"))
+    again = [testapp.get(f"/c/{root_token}", headers={"User-Agent": agent}) for agent in agents]
+    assert [answer.body for answer in again] == [answer.body for answer in first]
+    assert [answer.headers["ETag"] for answer in again] == [answer.headers["ETag"] for answer in first]
+
+
+def test_a_hot_answer_is_304_for_its_etag_and_empty_for_head(testapp, root_token, monkeypatch):
+    full = testapp.get(f"/c/{root_token}/ca.cer")
+    monkeypatch.setattr(certdrop.App, "full_answer", lambda *args: pytest.fail("took the full way"))
+    testapp.get(f"/c/{root_token}/ca.cer", headers={"If-None-Match": full.headers["ETag"]}, status=304)
+    monkeypatch.undo()
+    head = testapp.head(f"/c/{root_token}/ca.cer")
+    assert head.body == b"" and head.headers["Content-Length"] == str(len(full.body))
+
+
+def test_a_desktop_page_decided_for_one_host_is_not_served_for_another(testapp, root_token):
+    agent = {"User-Agent": USER_AGENTS["windows-edge"][0]}
+    first = testapp.get(f"/c/{root_token}", headers={**agent, "Host": "ca.example.org:8080"})
+    second = testapp.get(f"/c/{root_token}", headers={**agent, "Host": "certs.example.net"})
+    assert f"http://ca.example.org:8080/c/{root_token}" in first.text
+    assert f"http://certs.example.net/c/{root_token}" in second.text and "ca.example.org" not in second.text
+
+
+@pytest.mark.parametrize("key", ["QUERY_STRING", *("HTTP_" + name.upper().replace("-", "_")
+                                                    for name in certdrop.CLIENT_HEADERS),
+                                 "HTTP_HOST", "SERVER_NAME", "wsgi.url_scheme", "SCRIPT_NAME"])
+def test_every_value_an_answer_depends_on_is_in_the_request_signature(key):
+    environ = {"QUERY_STRING": "", "HTTP_USER_AGENT": "x", "HTTP_HOST": "h", "SERVER_NAME": "s",
+               "wsgi.url_scheme": "http", "SCRIPT_NAME": ""}
+    assert certdrop.request_signature({**environ, key: "other"}, "") != certdrop.request_signature(environ, "")
+    assert certdrop.request_signature(environ, "ca.cer") != certdrop.request_signature(environ, "")
+
+
+def test_a_hot_token_answers_410_once_revoked_or_expired(testapp, store, clock, root_der, other_der):
+    revoked, expiring = token_of(upload(testapp, root_der)), token_of(upload(testapp, other_der, ttl="1h"))
+    for token in (revoked, expiring):
+        testapp.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
+    store.revoke(revoked)
+    testapp.get(f"/c/{revoked}", headers={"User-Agent": S60_AGENTS["e61i"]}, status=410)
+    clock.advance(3601)
+    testapp.get(f"/c/{expiring}", headers={"User-Agent": S60_AGENTS["e61i"]}, status=410)
+
+
+def test_unknown_tokens_answered_from_memory_still_count_towards_the_lookup_limit(testapp, monkeypatch):
+    statuses = [testapp.get("/c/abcdefgh", expect_errors=True).status_int for _ in range(certdrop.LOOKUP_BURST + 1)]
+    assert statuses == [404] * certdrop.LOOKUP_BURST + [429]
+    first = testapp.get("/c/abcdefgh", status=429)
+    monkeypatch.setattr(certdrop.App, "full_answer", lambda *args: pytest.fail("took the full way"))
+    assert testapp.get("/c/abcdefgh", status=429).body == first.body
+    assert testapp.get(f"/c/{certdrop.TOKEN_ALPHABET[:8]}", status=429).headers["Retry-After"] == "2"
+
+
 def test_file_names_chosen_by_clients_cannot_grow_the_answer_cache(testapp, store, root_token, root_der):
     for number in range(200):
         assert testapp.get(f"/c/{root_token}/name{number}.cer").body == root_der
@@ -1836,6 +1891,115 @@ def test_a_new_link_for_a_certificate_whose_link_was_revoked(store, root_der):
 def test_paths_come_only_from_well_formed_tokens(store, token):
     with pytest.raises(certdrop.UnknownToken):
         store.path_for(token)
+
+
+def test_entry_files_keep_the_certificate_facts_so_a_cold_lookup_parses_no_certificate(config, clock, root_der,
+                                                                                     monkeypatch):
+    token = add(certdrop.make_store(config, clock), root_der).token
+    record = json.loads(certdrop.make_store(config, clock).path_for(token).read_text())
+    assert record["format"] == 2 and record["certificate"]["subject"] == "CN=Example Root CA,O=Example Org"
+    expected = certdrop.load_der(root_der)
+    monkeypatch.setattr(certdrop, "parse_der", lambda der: pytest.fail("parsed the DER of a stored entry"))
+    monkeypatch.setattr(certdrop, "is_signed_by", lambda *args: pytest.fail("verified a stored signature again"))
+    assert certdrop.make_store(config, clock).get(token).certificate == expected
+
+
+@pytest.mark.parametrize("facts", [{"self_signed": "yes"}, {"common_names": [1]}, {"not_after": "soon"},
+                                   {"serial": "xyz"}, {"not_before": "2025-01-01T00:00:00"}],
+                         ids=["bool-a-string", "name-a-number", "date-no-date", "serial-no-hex", "date-no-zone"])
+def test_entries_with_damaged_certificate_facts_are_damaged_never_fatal(config, clock, root_der, facts):
+    token = add(certdrop.make_store(config, clock), root_der).token
+    record = json.loads(certdrop.make_store(config, clock).path_for(token).read_text())
+    damage(certdrop.make_store(config, clock), token, certificate={**record["certificate"], **facts})
+    with pytest.raises(certdrop.DamagedEntry):
+        certdrop.make_store(config, clock).get(token)
+
+
+def test_a_serial_number_too_long_for_a_json_integer_is_stored_and_read_back(store, config, clock):
+    # A crafted CA may carry a serial of thousands of digits; Python's JSON refuses integers past 4,300.
+    big = certdrop.inspect_certificate(x509.load_der_x509_certificate(
+        make_certificate("Big Serial CA", serial=2 ** 159 - 1)[0].public_bytes(serialization.Encoding.DER)))
+    huge = dataclasses.replace(big, serial=-(10 ** 5000))
+    token = store.add(huge, clock() + DAY)[0].token
+    assert certdrop.make_store(config, clock).get(token).certificate.serial == -(10 ** 5000)
+
+
+def counting_fsyncs(monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda descriptor: (synced.append(os.readlink(f"/proc/self/fd/{descriptor}")),
+                                                         real(descriptor)))
+    return synced
+
+
+def test_an_upload_syncs_each_file_once_and_each_directory_once(store, clock, root_der, other_der, monkeypatch):
+    third = make_certificate("Third CA", serial=99)[0].public_bytes(serialization.Encoding.DER)
+    store.add(certdrop.load_der(third), clock() + DAY)  # the data directory and sha256/ exist already
+    synced = counting_fsyncs(monkeypatch)
+    stored = store.add_all([(certdrop.load_der(der), clock() + DAY, "secret") for der in (root_der, other_der)])
+    files = [str(store.path_for(entry.token)) for entry, _ in stored]
+    indexes = [str(store.directory / "sha256" / hashlib.sha256(der).hexdigest()) for der in (root_der, other_der)]
+    written = {path: synced.count(path) for path in synced if not os.path.isdir(path)}
+    assert len(written) == 4 and set(written.values()) == {1}  # each new file once, under its temporary name
+    directories = [path for path in synced if os.path.isdir(path)]
+    assert sorted(directories) == sorted(set(directories))  # no directory twice
+    assert {str(Path(path).parent) for path in files + indexes} <= set(directories)
+
+
+def test_uploading_the_same_certificates_again_writes_nothing(store, clock, root_der, monkeypatch):
+    first, _ = store.add(certdrop.load_der(root_der), clock() + DAY)
+    before = store.path_for(first.token).stat().st_mtime_ns
+    synced = counting_fsyncs(monkeypatch)
+    clock.advance(30)  # the same lifetime, chosen half a minute later
+    again, created = store.add(certdrop.load_der(root_der), clock() + DAY)
+    assert (again.expires, created, synced) == (first.expires, False, [])
+    assert store.path_for(first.token).stat().st_mtime_ns == before
+    clock.advance(60)
+    moved, _ = store.add(certdrop.load_der(root_der), clock() + DAY)
+    assert moved.expires == clock() + DAY and synced
+
+
+def test_the_memory_cache_is_bounded_by_bytes_answers_included(config, clock, root_der, other_der):
+    store = certdrop.Store(config.data_dir, clock=clock, cache_bytes=2 * certdrop.ENTRY_OVERHEAD + 4000)
+    first, second = add(store, root_der), add(store, other_der)
+    assert set(store._cache) == {first.token, second.token}
+    store.remember_answer(second, "page", object(), 20_000)  # a large page built for the newest entry
+    assert list(store._cache) == [second.token] and store._cached_bytes <= 2 * certdrop.ENTRY_OVERHEAD + 24_000
+    assert store.get(first.token).der == root_der  # evicted entries load again
+    assert store._cached_bytes == sum(item.size for item in store._cache.values())
+
+
+def test_a_repeated_unknown_token_costs_no_file_system_call(store, monkeypatch):
+    with pytest.raises(certdrop.UnknownToken):
+        store.get("abcdefgh")
+    monkeypatch.setattr(os, "open", lambda *args: pytest.fail("looked at the disk again within a second"))
+    with pytest.raises(certdrop.UnknownToken):
+        store.get("abcdefgh")
+
+
+def test_a_link_another_process_makes_is_found_once_the_unknown_token_is_looked_for_again(config, clock, root_der):
+    server = certdrop.Store(config.data_dir, clock=clock, revalidate_after=0.05)
+    other = certdrop.make_store(config, clock)
+    token = other._new_token()
+    with pytest.raises(certdrop.UnknownToken):
+        server.get(token)
+    entry = certdrop.Entry(token, clock(), clock() + DAY, root_der,
+                           facts=certdrop.certificate_facts(certdrop.load_der(root_der)))
+    other._write(entry)
+    time.sleep(0.06)
+    assert server.get(token).der == root_der
+
+
+def test_the_sweep_reads_only_the_times_of_entries_that_have_not_ended(store, clock, root_der, other_der,
+                                                                       monkeypatch):
+    live, ending = add(store, root_der, days=30), add(store, other_der, days=1)
+    clock.advance(2 * DAY)
+    read = []
+    real = certdrop.Entry.from_json.__func__
+    monkeypatch.setattr(certdrop.Entry, "from_json",
+                        classmethod(lambda cls, token, data: (read.append(token), real(cls, token, data))[1]))
+    assert store.sweep()["expired"] == 1
+    assert read == [ending.token] and store.get(live.token).der == root_der
 
 
 class FakeMsvcrt:
@@ -3249,6 +3413,51 @@ def test_a_store_written_by_the_previous_release_keeps_working(tmp_path, capsys,
     app = client(certdrop.make_app(certdrop.load_config(str(ini)), clock=FakeClock()))
     assert app.get("/c/abcdefgh", headers={"User-Agent": S60_AGENTS["e61i"]}).body == root_der
     app.get("/c/bcdefghj", status=410)
+
+
+def test_a_store_written_by_certdrop_0_2_keeps_working_and_is_rewritten_as_it_changes(tmp_path, capsys, root_der,
+                                                                                       other_der):
+    """Entries in format 1 as 0.2 wrote them: live links with a revocation hash, and a tombstone that remembers."""
+    data, secret = tmp_path / "data", "s3cret-from-the-result-page"
+    records = {
+        "abcdefgh": {"format": 1, "token": "abcdefgh", "created": NOW, "expires": NOW + DAY, "revoked": None,
+                     "sha256": hashlib.sha256(root_der).hexdigest(), "der": base64.b64encode(root_der).decode(),
+                     "revoke_sha256": hashlib.sha256(secret.encode()).hexdigest()},
+        "bcdefghj": {"format": 1, "token": "bcdefghj", "created": NOW - DAY, "expires": NOW + 60, "revoked": None,
+                     "sha256": hashlib.sha256(other_der).hexdigest(), "der": base64.b64encode(other_der).decode()},
+        "cdefghjk": {"format": 1, "token": "cdefghjk", "created": NOW - DAY, "expires": NOW, "revoked": NOW - 60,
+                     "was": {"name": "Old CA", "sha256": "ab" * 32, "not_before": NOW - 9 * DAY,
+                             "not_after": NOW + 9 * DAY}},
+    }
+    for token, record in records.items():
+        (data / token[:2]).mkdir(parents=True, exist_ok=True)
+        (data / token[:2] / f"{token}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (data / "sha256").mkdir()
+    (data / "sha256" / hashlib.sha256(root_der).hexdigest()).write_text("abcdefgh")
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\n")
+    assert cli(ini, "list") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"abcdefgh  live     {certdrop.format_time(NOW + DAY)}  Example Root CA",
+        f"bcdefghj  live     {certdrop.format_time(NOW + 60)}  Second CA",
+        f"cdefghjk  revoked  {certdrop.format_time(NOW - 60)}  Old CA"]
+    clock = FakeClock()
+    app = client(certdrop.make_app(certdrop.load_config(str(ini)), clock=clock))
+    assert app.get("/c/abcdefgh", headers={"User-Agent": S60_AGENTS["e61i"]}).body == root_der
+    assert "Example Root CA" in app.get("/c/abcdefgh", headers={"User-Agent": USER_AGENTS["android-chrome"][0]})
+    app.get("/c/cdefghjk", status=410)
+    # the same certificate uploaded for longer keeps its link; the entry is rewritten in the new format
+    again = upload(app, root_der, ttl="30d", status=200)
+    assert token_of(again) == "abcdefgh"
+    rewritten = json.loads((data / "ab" / "abcdefgh.json").read_text())
+    assert rewritten["format"] == 2 and rewritten["revoke_sha256"] == records["abcdefgh"]["revoke_sha256"]
+    assert rewritten["certificate"]["self_signed"] is True and rewritten["expires"] == NOW + 30 * DAY
+    app.post("/c/abcdefgh/revoke", {"secret": secret}, headers={"User-Agent": "curl/8.5.0"})
+    app.get("/c/abcdefgh", status=410)
+    clock.advance(120)  # the old entry that expires is swept into a tombstone that remembers its certificate
+    assert certdrop.main(["-c", str(ini), "gc"], clock=clock) == 0
+    tombstone = json.loads((data / "bc" / "bcdefghj.json").read_text())
+    assert "der" not in tombstone and tombstone["was"]["name"] == "Second CA"
 
 
 def test_add_with_port_0_says_no_address_is_known(tmp_path, cert_file, capsys):
