@@ -3301,10 +3301,6 @@ class Request:
         #: set when the token asked for has no link, or the client is limited for asking about too many
         self.refused_lookup = False
 
-    @classmethod
-    def from_environ(cls, environ: dict) -> "Request":
-        return cls(environ)
-
     @functools.cached_property
     def query(self) -> dict[str, str]:
         return dict(urllib.parse.parse_qsl(self.environ.get("QUERY_STRING", ""), keep_blank_values=True))
@@ -4401,24 +4397,25 @@ class App:
     def build(self, entry: Entry, answer: Answer) -> Response:
         certificate = entry.certificate
         headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY))
-        if isinstance(answer, RedirectAnswer):
-            location = f"{answer.base}/c/{entry.token}/{file_name(certificate, answer.name)}"
-            return Response(b"", 302, MIME_TEXT, (("Location", location), *headers))
+        if isinstance(answer, FileAnswer):
+            return self.build_file(certificate, answer, headers)
         if isinstance(answer, PageAnswer) and answer.client.device in ("s60", "s40"):
             body = render_nokia_page(certificate, answer.client, f"{answer.prefix}/c/{entry.token}",
                                      answer.content_type, self.whc_kinds, self.config.whc_charset)
             return Response(body, 200, answer.content_type, headers + page_headers(answer.content_type))
-        link = lead_url(install_url(getattr(answer, "base", ""), entry.token)) if getattr(answer, "base", "") else ""
+        # the rest name the link itself, on the address the request came by
+        link = lead_url(install_url(answer.base, entry.token)) if answer.base else ""
+        if isinstance(answer, RedirectAnswer):
+            location = f"{answer.base}/c/{entry.token}/{file_name(certificate, answer.name)}"
+            return Response(b"", 302, MIME_TEXT, (("Location", location), *headers))
         if isinstance(answer, PageAnswer):
-            return Response(render_landing(certificate, answer.client, f"{answer.prefix}/c/{entry.token}", link), 200,
-                            MIME_HTML, headers + HTML_HEADERS)
+            return Response(render_landing(certificate, answer.client, f"{answer.prefix}/c/{entry.token}", link),
+                            200, MIME_HTML, headers + HTML_HEADERS)
         if isinstance(answer, CardAnswer):
             return Response(render_card(certificate, link), 200, MIME_HTML, headers + HTML_HEADERS)
-        if isinstance(answer, QrAnswer):
-            content_type = "image/svg+xml" if answer.kind == "svg" else "image/png"
-            return Response(qr_file(link, answer.kind), 200, content_type,
-                            headers + (("Content-Security-Policy", "default-src 'none'"),))
-        return self.build_file(certificate, answer, headers)
+        content_type = "image/svg+xml" if answer.kind == "svg" else "image/png"
+        return Response(qr_file(link, answer.kind), 200, content_type,
+                        headers + (("Content-Security-Policy", "default-src 'none'"),))
 
     def build_file(self, certificate: Certificate, answer: FileAnswer, headers: tuple) -> Response:
         kind, name = answer.kind, answer.name
