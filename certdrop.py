@@ -1875,6 +1875,9 @@ class Store:
         self._cache: OrderedDict[str, CachedEntry] = OrderedDict()
         self._cached_bytes = 0
         self._absent: dict[str, float] = {}  # token -> when it was last seen to have no file (monotonic)
+        #: Called (under the store's lock, so quick) whenever memory replaces or drops an entry: whoever keeps
+        #: answers made from entries (the App's hot path) forgets them.
+        self.watchers: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._writing = threading.Lock()  # threads of this process; the lock file keeps other processes out
         self._owner: tuple[int, int] | None = None  # whom files made by root belong to: the directory's owner
@@ -1908,6 +1911,14 @@ class Store:
         except KeyError:  # evicted by another thread meanwhile; this request still has the entry
             pass
         return item.entry
+
+    def fresh_for(self, entry: Entry) -> float:
+        """Return for how many more seconds fresh() returns *entry* (until a look at its file is due), 0 if it no
+        longer does: memory has dropped or replaced it."""
+        item = self._cache.get(entry.token)
+        if item is None or item.entry is not entry:
+            return 0.0
+        return max(0.0, item.checked + self.revalidate_after - time.monotonic())
 
     def get(self, token: str) -> Entry:
         """Return the live entry for *token*; raise UnknownToken or LinkGone."""
@@ -2005,6 +2016,7 @@ class Store:
             old = self._cache.pop(entry.token, None)
             if old is not None:
                 self._cached_bytes -= old.size
+                self._dropped()
             item = self._cache[entry.token] = CachedEntry(entry, signature, time.monotonic())
             self._cached_bytes += item.size
             self._evict()
@@ -2028,6 +2040,11 @@ class Store:
         while len(self._cache) > 1 and (len(self._cache) > self.cache_entries or self._cached_bytes > self.cache_bytes):
             _, item = self._cache.popitem(last=False)
             self._cached_bytes -= item.size
+            self._dropped()
+
+    def _dropped(self) -> None:
+        for forget in self.watchers:
+            forget()
 
     def entries(self) -> Iterator[tuple[str, Entry | None]]:
         """Yield (token, entry) for every entry file on disk, live or gone; entry is None for a damaged file."""
@@ -2235,6 +2252,7 @@ class Store:
             item = self._cache.pop(token, None)
             if item is not None:
                 self._cached_bytes -= item.size
+                self._dropped()
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -3353,18 +3371,42 @@ class Request:
         return body
 
 
-def request_signature(environ: dict, rest: str) -> tuple:
-    """Return what an answer under /c/<token> depends on besides the token: *rest*, the path after
-    /c/<token>/; the query (?format=); who is asking (the User-Agent, Accept and handset headers); and what the
-    link's address is made of (public_url aside).
+@functools.lru_cache(maxsize=4096)
+def token_path(path: str) -> tuple[str, str] | None:
+    """Return (the token in lower case, the rest after /c/<token>/) of a path under /c/, else None.
 
-    Two requests with one signature get the same answer for any token, so what was decided for one (the device,
-    the format, the file name) holds for the other. Spelt out key by key: this runs on every hot request.
+    Kept for the paths asked for lately: a phone asking again costs one dictionary lookup, no new strings.
+    """
+    if not path.startswith("/c/"):
+        return None
+    token, _, rest = path[3:].partition("/")
+    return token.lower(), rest
+
+
+def request_key(environ: dict) -> tuple:
+    """Return everything the answer to a request under /c/ depends on: the path, the method, the query
+    (?format=), who is asking (the User-Agent, Accept and handset headers), and what the link's address is made of
+    (public_url aside). The hot path's key: spelt out key by key, since it runs on every request.
     """
     get = environ.get
-    return (rest, get("QUERY_STRING"), get("HTTP_USER_AGENT"), get("HTTP_ACCEPT"), get("HTTP_X_OPERAMINI_PHONE_UA"),
-            get("HTTP_X_UCBROWSER_DEVICE_UA"), get("HTTP_DEVICE_STOCK_UA"), get("HTTP_HOST"), get("SERVER_NAME"),
-            get("wsgi.url_scheme"), get("SCRIPT_NAME"))
+    return (get("PATH_INFO"), get("REQUEST_METHOD"), get("QUERY_STRING"), get("HTTP_USER_AGENT"), get("HTTP_ACCEPT"),
+            get("HTTP_X_OPERAMINI_PHONE_UA"), get("HTTP_X_UCBROWSER_DEVICE_UA"), get("HTTP_DEVICE_STOCK_UA"),
+            get("HTTP_HOST"), get("SERVER_NAME"), get("wsgi.url_scheme"), get("SCRIPT_NAME"))
+
+
+def request_signature(environ: dict, rest: str) -> tuple:
+    """Return what an answer under /c/<token> depends on besides the token and the method: *rest*, the path after
+    /c/<token>/, and the rest of request_key.
+
+    Two requests with one signature get the same answer for any token, so what was decided for one (the device,
+    the format, the file name) holds for the other.
+    """
+    return signature_of(request_key(environ), rest)
+
+
+def signature_of(key: tuple, rest: str) -> tuple:
+    """Return the request signature of a request_key whose path ends with *rest*."""
+    return (rest, *key[2:])
 
 
 def was_forwarded(environ: dict) -> bool:
@@ -3721,37 +3763,32 @@ def mail_failure(error: Exception, host: str, port: int) -> str:
 
 
 class AccessLog:
-    """One line per request, written by a background thread a few times a second.
+    """One line per request, formatted and written by a background thread ten times a second.
 
-    A request formats its line and appends it to a deque (thread-safe, and it wakes nobody): waking a writer
-    thread for every request would cost more than the request itself, and so would a writer that formats
-    thousands of lines at once while the request threads wait for the interpreter. Line: time, client address, method, path and query
-    (percent-encoded, so it is one safe terminal line), status, bytes, device class, duration.
+    A request queues the facts of its line as one tuple, with the deque's own append (thread-safe, no lock, it wakes
+    nobody); the writer turns each batch into lines. Formatting the line in the request thread cost more than all
+    the rest of the hot path, and waking a writer for each request would cost more than the request itself. Line:
+    time, client address, method, path and query (percent-encoded, so it is one safe terminal line), status, bytes,
+    device class, duration.
     """
 
     #: Seconds between writes.
-    INTERVAL = 0.2
+    INTERVAL = 0.1
 
     def __init__(self, stream: typing.TextIO | None = None):
         self.stream = stream  # None: standard error as it is when the line is written
         self._pending: deque = deque()
-        #: Queue one line. The deque's own append: no lock, no wake-up.
+        #: Queue one request: (time.perf_counter() when it began, when it ended, client address, access_tail).
         self.record = self._pending.append
-        self._stamp = (0, "")  # (a second, its time stamp)
         self._writer: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def request(self, environ: dict, status: int, size: int, device: str, seconds: float) -> None:
-        """Queue the line of one request: its status, the bytes of its body, the device class, how long it took."""
-        second = int(time.time())
-        stamped, stamp = self._stamp  # one tuple, so that threads never pair one second with another's text
-        if stamped != second:
-            stamp = log_time(second)
-            self._stamp = (second, stamp)
-        middle = access_line(environ.get("REMOTE_ADDR", ""), environ.get("REQUEST_METHOD", ""),
-                             environ.get("SCRIPT_NAME", ""), environ.get("PATH_INFO", ""),
-                             environ.get("QUERY_STRING", ""), status, size, device)
-        self.record(f"{stamp} {middle} {seconds * 1000:.1f}ms\n")
+    def request(self, environ: dict, status: int, size: int, device: str, started: float) -> None:
+        """Queue the line of a request that began at *started* (time.perf_counter()) and has been answered."""
+        get = environ.get
+        tail = access_tail(get("REQUEST_METHOD", ""), get("SCRIPT_NAME", ""), get("PATH_INFO", ""),
+                           get("QUERY_STRING", ""), status, size, device)
+        self.record((started, time.perf_counter(), get("REMOTE_ADDR", ""), tail))
 
     def start(self) -> None:
         """Start the thread that writes the queued lines, unless it runs already."""
@@ -3764,11 +3801,17 @@ class AccessLog:
         """Write every line recorded so far, now."""
         with self._lock:
             batch = [self._pending.popleft() for _ in range(len(self._pending))]
-            if batch:
-                stream = self.stream or sys.stderr
-                with contextlib.suppress(OSError, ValueError):  # a closed or full stderr must not stop the server
-                    stream.write("".join(batch))
-                    stream.flush()
+            if not batch:
+                return
+            try:
+                text = access_lines(batch)
+            except Exception:  # a line that cannot be written must not stop the lines after it
+                log.exception("could not write %d access log lines", len(batch))
+                return
+            stream = self.stream or sys.stderr
+            with contextlib.suppress(OSError, ValueError):  # a closed or full stderr must not stop the server
+                stream.write(text)
+                stream.flush()
 
     def _write_forever(self) -> None:
         while True:
@@ -3776,16 +3819,56 @@ class AccessLog:
             self.flush()
 
 
-@functools.lru_cache(maxsize=4096)
-def access_line(address: str, method: str, script_name: str, path: str, query: str, status: int, size: int,
-                device: str) -> str:
-    """Return the middle of an access log line, safe for a terminal: a client asking again costs no formatting."""
-    target = script_name.rstrip("/") + path
-    if not URL_SAFE_RE.fullmatch(target):
-        target = urllib.parse.quote(target, safe=URL_SAFE)
-    if query:
-        target += "?" + (query if URL_SAFE_RE.fullmatch(query) else urllib.parse.quote(query, safe=URL_SAFE + "?"))
-    return f"{term(address or '-')[:64]} {term(method)[:16]} {target[:2048]} {status} {size} {device}"
+def access_lines(batch: list[tuple]) -> str:
+    """Return the log lines of the requests that AccessLog.record queued."""
+    wall = time.time() - time.perf_counter()  # read now: the wall clock may have been set since the last batch
+    lines = []
+    second, stamp = -1, ""
+    for started, ended, address, tail in batch:
+        if int(started + wall) != second:
+            second = int(started + wall)
+            stamp = log_time(second)
+        tenths = round((ended - started) * 10000)
+        lines.append(f"{stamp} {log_address(address[:64])} {tail} "
+                     f"{DURATIONS[tenths] if tenths < len(DURATIONS) else tenths / 10}ms\n")
+    return "".join(lines)
+
+
+#: "0.0" to "99.9": the durations of almost every request, written without formatting a float.
+DURATIONS = tuple(f"{tenths // 10}.{tenths % 10}" for tenths in range(1000))
+
+
+@functools.lru_cache(maxsize=1024)
+def log_address(address: str) -> str:
+    return term(address or "-")[:64]
+
+
+def access_tail(method: str, script_name: str, path: str, query: str, status: int, size: int, device: str) -> str:
+    """Return the access log line after the client's address: method, path and query, status, bytes, device.
+
+    Safe for a terminal: the path and query are percent-encoded where they are not plain URL characters. Kept for
+    short paths, so that a client asking again costs no formatting (and long paths cost no memory).
+    """
+    key = (method, script_name, path, query, status, size, device)
+    tail = ACCESS_TAILS.get(key)
+    if tail is None:
+        target = script_name.rstrip("/") + path
+        if not URL_SAFE_RE.fullmatch(target):
+            target = urllib.parse.quote(target, safe=URL_SAFE)
+        if query:
+            target += "?" + (query if URL_SAFE_RE.fullmatch(query)
+                             else urllib.parse.quote(query, safe=URL_SAFE + "?"))
+        tail = f"{term(method)[:16]} {target[:2048]} {status} {size} {device}"
+        if len(target) <= 512:
+            if len(ACCESS_TAILS) >= MAX_ACCESS_TAILS:
+                ACCESS_TAILS.clear()
+            ACCESS_TAILS[key] = tail
+    return tail
+
+
+#: Recent access_tail answers, by what they are made of, and how many are kept.
+ACCESS_TAILS: dict[tuple, str] = {}
+MAX_ACCESS_TAILS = 4096
 
 
 @functools.lru_cache(maxsize=4)
@@ -3865,6 +3948,22 @@ class Decision(typing.NamedTuple):
 #: Signatures whose decision is kept; past this many, the kept ones are forgotten and decided again.
 MAX_DECISIONS = 4096
 
+class HotAnswer(typing.NamedTuple):
+    """An answer the hot path serves as it is, kept by request_key while the app's clock reads in [since, until).
+
+    *until* is when the entry ends or, sooner, when the store is due to look at its file again (a revocation by
+    another process); a clock set back before *since* makes it look again too.
+    """
+
+    prepared: Prepared
+    tails: dict[int, str]  # status -> the access log line after the client's address (see access_tail)
+    since: float = -math.inf
+    until: float = math.inf
+
+
+#: Request keys whose answer the hot path keeps; past this many, the kept ones are forgotten and found again.
+MAX_HOT_ANSWERS = 4096
+
 #: Error answers kept, by everything they are made of, so that unknown tokens and limited clients cost no rendering.
 MAX_ERROR_ANSWERS = 256
 
@@ -3900,6 +3999,10 @@ class App:
         self.error_answers: dict[tuple, Prepared] = {}
         #: (request signature, 404 or 429, seconds to wait) -> the answer to an unknown token or a limited client
         self.refusals: dict[tuple, Prepared] = {}
+        #: request_key -> HotAnswer: what a hot token's request gets, found by one dictionary lookup (see serve_hot);
+        #: forgotten whenever the store replaces or drops an entry from its memory
+        self.hot_answers: dict[tuple, HotAnswer] = {}
+        store.watchers.append(self.hot_answers.clear)
         #: the path of public_url, which every address certdrop writes starts with; None: from SCRIPT_NAME
         self.public_path = urllib.parse.urlsplit(config.public_url).path.rstrip("/") if config.public_url else None
         self.answer_request = self.answer
@@ -3945,8 +4048,7 @@ class App:
         started = time.perf_counter()
         status, body = serve(self.full_answer(environ), environ, start_response)
         if self.access_log:
-            self.access_log.request(environ, status, len(body[0]), environ.get("certdrop.device", "-"),
-                                    time.perf_counter() - started)
+            self.access_log.request(environ, status, len(body[0]), environ.get("certdrop.device", "-"), started)
         return body
 
     def answer_proxied(self, environ: dict, start_response: Callable) -> list[bytes]:
@@ -3957,43 +4059,63 @@ class App:
     def serve_hot(self, environ: dict, start_response: Callable) -> list[bytes] | None:
         """Serve a GET of a token in memory whose answer was decided and built before; else return None.
 
-        The hot path: a few dictionary lookups, no parsing, no file system call, no rendering. What it does not
-        find ready (a token not in memory or due for a look at its file, a client with a new signature, an answer
-        not built yet, a client being limited) takes the full way, which leaves it ready for the next time.
+        The hot path: one dictionary lookup by request_key, one clock reading, one start_response. What is not kept
+        there is looked for by find_hot; what find_hot does not find ready (a token not in memory or due for a look
+        at its file, a client with a new signature, an answer not built yet) takes the full way, which leaves it
+        ready for the next time.
         """
         started = time.perf_counter()
-        path = environ.get("PATH_INFO", "")
-        if path[:3] != "/c/" or environ.get("REQUEST_METHOD") != "GET":
-            return None
-        token, _, rest = path[3:].partition("/")
-        signature = request_signature(environ, rest)
-        prepared, device = self.hot_answer(token.lower(), signature, environ.get("REMOTE_ADDR", ""))
-        if prepared is None:
-            return None
-        status, body = serve(prepared, environ, start_response)
-        if self.access_log:
-            self.access_log.request(environ, status, len(body[0]), device, time.perf_counter() - started)
+        key = request_key(environ)
+        hot = self.hot_answers.get(key)
+        if hot is None or self.lookups.blocked or not hot.since <= self.clock() < hot.until:
+            hot = self.find_hot(key, environ.get("REMOTE_ADDR", ""))
+            if hot is None:
+                return None
+        status, body = serve(hot.prepared, environ, start_response)
+        if self.access_log:  # AccessLog.request, spelt out
+            self.access_log.record((started, time.perf_counter(), environ.get("REMOTE_ADDR", ""), hot.tails[status]))
         return body
 
-    def hot_answer(self, token: str, signature: tuple, address: str) -> tuple[Prepared | None, str]:
-        """Return the answer kept for this token and request signature, and the device; None if there is none.
+    def find_hot(self, key: tuple, address: str) -> HotAnswer | None:
+        """Return the answer to the GET of request_key *key* if it needs no routing, deciding or building; else None.
 
-        Besides a live token's answer: the 404 of a token known to have no file (counted by the lookup limit, as
-        the full way counts it), and the 429 of a client being limited.
+        That is: a live token's answer decided and built before, kept in hot_answers until its entry is due for a
+        look at its file or ends; the 404 of a token known to have no file (counted by the lookup limit, as the
+        full way counts it); the 429 of a client being limited.
         """
+        parts = token_path(key[0]) if key[1] == "GET" and key[0] else None
+        if parts is None:
+            return None
+        token, rest = parts
+        signature = signature_of(key, rest)
         wait = self.lookups.blocked and self.lookups.retry_after(address)
         if wait:
-            return self.refusals.get((signature, 429, max(1, math.ceil(wait)))), "-"
+            return self.hot_refusal(key, self.refusals.get((signature, 429, max(1, math.ceil(wait)))))
         entry = self.store.fresh(token)
         if entry is None:
             unknown = self.refusals.get((signature, 404, 0))
             if unknown is None or not self.store.is_absent(token) or self.lookups.spend(address):
-                return None, "-"
-            return unknown, "-"
-        decision = self.decisions.get(signature)
-        if decision is None or self.clock() >= entry.serves_until:
-            return None, "-"
-        return entry.responses.get(decision.answer), decision.device
+                return None
+            return self.hot_refusal(key, unknown)
+        decision, now = self.decisions.get(signature), self.clock()
+        prepared = decision and entry.responses.get(decision.answer)
+        if not prepared or now >= entry.serves_until:
+            return None
+        tails = {code: access_tail("GET", key[-1] or "", key[0], key[2] or "", code, len(body[0]), decision.device)
+                 for code, body in ((prepared.code, prepared.body), (304, [b""]))}
+        hot = HotAnswer(prepared, tails, now, min(entry.serves_until, now + self.store.fresh_for(entry)))
+        if len(self.hot_answers) >= MAX_HOT_ANSWERS:
+            self.hot_answers.clear()
+        self.hot_answers[key] = hot
+        return hot
+
+    @staticmethod
+    def hot_refusal(key: tuple, prepared: Prepared | None) -> HotAnswer | None:
+        """Return a 404 or 429 that serve_hot serves as it is, but does not keep: each one is counted."""
+        if prepared is None:
+            return None
+        return HotAnswer(prepared, {prepared.code: access_tail("GET", key[-1] or "", key[0], key[2] or "",
+                                                                prepared.code, len(prepared.body[0]), "-")})
 
     def full_answer(self, environ: dict) -> Prepared:
         """Return the answer to any request: routed to its handler, every failure turned into a clear answer."""

@@ -1709,14 +1709,44 @@ def test_every_value_an_answer_depends_on_is_in_the_request_signature(key):
     assert certdrop.request_signature(environ, "ca.cer") != certdrop.request_signature(environ, "")
 
 
-def test_a_hot_token_answers_410_once_revoked_or_expired(testapp, store, clock, root_der, other_der):
+def test_a_hot_token_answers_410_once_revoked_or_expired(testapp, app, store, clock, root_der, other_der):
     revoked, expiring = token_of(upload(testapp, root_der)), token_of(upload(testapp, other_der, ttl="1h"))
     for token in (revoked, expiring):
-        testapp.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
+        for _ in range(3):  # decided, kept by signature, then kept by request key
+            testapp.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
+    assert len(app.hot_answers) == 2
     store.revoke(revoked)
     testapp.get(f"/c/{revoked}", headers={"User-Agent": S60_AGENTS["e61i"]}, status=410)
     clock.advance(3601)
     testapp.get(f"/c/{expiring}", headers={"User-Agent": S60_AGENTS["e61i"]}, status=410)
+
+
+def test_a_hot_answer_is_one_dictionary_lookup_away(testapp, app, root_token, monkeypatch):
+    agent = {"User-Agent": USER_AGENTS["android-chrome"][0]}
+    first, _ = testapp.get(f"/c/{root_token}", headers=agent), testapp.get(f"/c/{root_token}", headers=agent)
+    monkeypatch.setattr(certdrop.App, "find_hot", lambda *args: pytest.fail("looked for the answer again"))
+    monkeypatch.setattr(certdrop.Store, "fresh", lambda *args: pytest.fail("looked in the store"))
+    assert testapp.get(f"/c/{root_token}", headers=agent).body == first.body
+
+
+def test_a_hot_answer_revoked_by_another_process_is_410_once_the_store_revalidates(config, root_der):
+    server = certdrop.Store(config.data_dir, clock=time.time, revalidate_after=0.05)  # real time passes
+    token = add(server, root_der).token
+    app = client(certdrop.make_app(config, server, time.time))
+    for _ in range(3):
+        app.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
+    certdrop.make_store(config, time.time).revoke(token)
+    time.sleep(0.06)
+    app.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]}, status=410)
+
+
+def test_a_client_limited_for_guessing_gets_429_even_for_a_hot_token(testapp, root_token):
+    agent = {"User-Agent": S60_AGENTS["e61i"]}
+    for _ in range(3):
+        testapp.get(f"/c/{root_token}", headers=agent)
+    for _ in range(certdrop.LOOKUP_BURST + 1):
+        testapp.get("/c/abcdefgh", headers=agent, expect_errors=True)
+    testapp.get(f"/c/{root_token}", headers=agent, status=429)
 
 
 def test_unknown_tokens_answered_from_memory_still_count_towards_the_lookup_limit(testapp, monkeypatch):
@@ -2898,6 +2928,17 @@ def test_each_request_gets_one_access_log_line(testapp, root_der, access_log):
     assert re.fullmatch(rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.1 GET /c/{token} 200 {len(root_der)} s60 "
                         r"\d+\.\dms", lines[1])
     assert " GET /c/" in lines[2] and "/x%20y%1B.cer?format=der 404 " in lines[2]
+
+
+def test_the_access_log_keeps_a_bounded_number_of_short_lines_only(testapp, access_log):
+    certdrop.ACCESS_TAILS.clear()
+    for number in range(certdrop.MAX_ACCESS_TAILS + 10):
+        testapp.get(f"/c/{number:08}", expect_errors=True)
+    testapp.get("/c/" + "x" * 5000, expect_errors=True)
+    access_log.flush()
+    assert len(certdrop.ACCESS_TAILS) <= certdrop.MAX_ACCESS_TAILS
+    assert not any(len(path) > 512 for _, _, path, *_ in certdrop.ACCESS_TAILS)
+    assert access_log.stream.getvalue().count("\n") == certdrop.MAX_ACCESS_TAILS + 11
 
 
 def test_access_log_off_writes_nothing(config, store, clock, access_log):
