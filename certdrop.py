@@ -4699,6 +4699,10 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     if args.port is not None:
         config = dataclasses.replace(config, port=args.port)
     app = make_app(config, clock=clock)
+    if config.log_level != "DEBUG":
+        # waitress warns "Task queue depth is N" for each request that waits for a free thread: under load,
+        # thousands of lines a second, costing more than the requests they are about
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     removed = app.store.remove_stale_temporary()
     if removed:
         log.info("removed %d temporary files that an interrupted writer left behind", removed)

@@ -3738,6 +3738,29 @@ def test_a_client_holding_500_idle_or_slow_connections_does_not_starve_others(tm
         server.stop()
 
 
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_busy_server_logs_no_queue_warning_per_request_except_at_debug_level(tmp_path, root_der, level):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text(f"[certdrop]\ndata_dir = data\nthreads = 1\naccess_log = no\nlog_level = {level}\n")
+    (tmp_path / "ca.der").write_bytes(root_der)
+    token = re.search(r"/c/([a-z0-9]+)", run_cli(ini, "add", str(tmp_path / "ca.der")).stdout)[1]
+    server, statuses = Server(ini), []
+    try:
+        def fetch_many():
+            for _ in range(50):
+                statuses.append(server.request(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})[0])
+        clients = [threading.Thread(target=fetch_many) for _ in range(8)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+    finally:
+        server.stop()
+    assert statuses == [200] * 400
+    warned = any("Task queue depth" in line for line in server.log)
+    assert warned == (level == "debug")
+
+
 @pytest.fixture(scope="session")
 def many_roots():
     """Return 120 distinct root CA certificates (DER), for tests that upload one after another."""
