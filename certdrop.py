@@ -4003,6 +4003,8 @@ class App:
         #: forgotten whenever the store replaces or drops an entry from its memory
         self.hot_answers: dict[tuple, HotAnswer] = {}
         store.watchers.append(self.hot_answers.clear)
+        #: (request_key, 404 or 429, seconds to wait) -> HotAnswer: refusals, found without a signature
+        self.hot_refusals: dict[tuple, HotAnswer] = {}
         #: the path of public_url, which every address certdrop writes starts with; None: from SCRIPT_NAME
         self.public_path = urllib.parse.urlsplit(config.public_url).path.rstrip("/") if config.public_url else None
         self.answer_request = self.answer
@@ -4087,16 +4089,16 @@ class App:
         if parts is None:
             return None
         token, rest = parts
-        signature = signature_of(key, rest)
         wait = self.lookups.blocked and self.lookups.retry_after(address)
         if wait:
-            return self.hot_refusal(key, self.refusals.get((signature, 429, max(1, math.ceil(wait)))))
+            return self.hot_refusal(key, rest, 429, max(1, math.ceil(wait)))
         entry = self.store.fresh(token)
         if entry is None:
-            unknown = self.refusals.get((signature, 404, 0))
+            unknown = self.hot_refusal(key, rest, 404, 0)
             if unknown is None or not self.store.is_absent(token) or self.lookups.spend(address):
                 return None
-            return self.hot_refusal(key, unknown)
+            return unknown
+        signature = signature_of(key, rest)
         decision, now = self.decisions.get(signature), self.clock()
         prepared = decision and entry.responses.get(decision.answer)
         if not prepared or now >= entry.serves_until:
@@ -4109,13 +4111,20 @@ class App:
         self.hot_answers[key] = hot
         return hot
 
-    @staticmethod
-    def hot_refusal(key: tuple, prepared: Prepared | None) -> HotAnswer | None:
-        """Return a 404 or 429 that serve_hot serves as it is, but does not keep: each one is counted."""
-        if prepared is None:
-            return None
-        return HotAnswer(prepared, {prepared.code: access_tail("GET", key[-1] or "", key[0], key[2] or "",
-                                                                prepared.code, len(prepared.body[0]), "-")})
+    def hot_refusal(self, key: tuple, rest: str, code: int, seconds: int) -> HotAnswer | None:
+        """Return the 404 or the 429 (with *seconds* to wait) that the full way gave a request like this, if it
+        gave one; kept by request key, but never served from hot_answers: each one must be counted."""
+        hot = self.hot_refusals.get((key, code, seconds))
+        if hot is None:
+            prepared = self.refusals.get((signature_of(key, rest), code, seconds))
+            if prepared is None:
+                return None
+            tail = access_tail("GET", key[-1] or "", key[0], key[2] or "", code, len(prepared.body[0]), "-")
+            hot = HotAnswer(prepared, {code: tail})
+            if len(self.hot_refusals) >= MAX_HOT_ANSWERS:
+                self.hot_refusals.clear()
+            self.hot_refusals[(key, code, seconds)] = hot
+        return hot
 
     def full_answer(self, environ: dict) -> Prepared:
         """Return the answer to any request: routed to its handler, every failure turned into a clear answer."""
