@@ -3962,6 +3962,12 @@ class HotAnswer(typing.NamedTuple):
     until: float = math.inf
 
 
+def hot_tail(key: tuple, prepared: Prepared | None, device: str) -> str:
+    """Return the access log tail of a GET with request_key *key* answered with *prepared* (None: a 304)."""
+    code, size = (prepared.code, len(prepared.body[0])) if prepared else (304, 0)
+    return access_tail("GET", key[-1] or "", key[0], key[2] or "", code, size, device)
+
+
 #: Request keys whose answer the hot path keeps (about 1 KB each, beside the answers the entries hold); past this
 #: many, the kept ones are forgotten and found again.
 MAX_HOT_ANSWERS = 4096
@@ -4105,8 +4111,7 @@ class App:
         prepared = decision and entry.responses.get(decision.answer)
         if not prepared or now >= entry.serves_until:
             return None
-        tails = {code: access_tail("GET", key[-1] or "", key[0], key[2] or "", code, len(body[0]), decision.device)
-                 for code, body in ((prepared.code, prepared.body), (304, [b""]))}
+        tails = {prepared.code: hot_tail(key, prepared, decision.device), 304: hot_tail(key, None, decision.device)}
         hot = HotAnswer(prepared, tails, now, min(entry.serves_until, now + self.store.fresh_for(entry)))
         if len(self.hot_answers) >= MAX_HOT_ANSWERS:
             self.hot_answers.clear()
@@ -4121,8 +4126,7 @@ class App:
             prepared = self.refusals.get((signature_of(key, rest), code, seconds))
             if prepared is None:
                 return None
-            tail = access_tail("GET", key[-1] or "", key[0], key[2] or "", code, len(prepared.body[0]), "-")
-            hot = HotAnswer(prepared, {code: tail})
+            hot = HotAnswer(prepared, {code: hot_tail(key, prepared, "-")})
             if len(self.hot_refusals) >= MAX_HOT_ANSWERS:
                 self.hot_refusals.clear()
             self.hot_refusals[(key, code, seconds)] = hot

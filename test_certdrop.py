@@ -1758,6 +1758,14 @@ def test_unknown_tokens_answered_from_memory_still_count_towards_the_lookup_limi
     assert testapp.get(f"/c/{certdrop.TOKEN_ALPHABET[:8]}", status=429).headers["Retry-After"] == "2"
 
 
+def test_a_repeated_refusal_is_found_by_request_key_without_a_signature(testapp, monkeypatch):
+    for _ in range(certdrop.LOOKUP_BURST + 1):
+        testapp.get("/c/abcdefgh", expect_errors=True)
+    first = testapp.get("/c/abcdefgh", status=429)
+    monkeypatch.setattr(certdrop, "signature_of", lambda *args: pytest.fail("made a signature again"))
+    assert testapp.get("/c/abcdefgh", status=429).body == first.body
+
+
 def test_file_names_chosen_by_clients_cannot_grow_the_answer_cache(testapp, store, root_token, root_der):
     for number in range(200):
         assert testapp.get(f"/c/{root_token}/name{number}.cer").body == root_der
