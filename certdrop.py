@@ -50,6 +50,7 @@ import threading
 import time
 import typing
 import urllib.parse
+import unicodedata
 import uuid
 import warnings
 from collections import OrderedDict, deque
@@ -309,10 +310,10 @@ class TooManyRequests(HTTPError):
     status = 429
     code = "rate-limited"
 
-    def __init__(self, retry_after: float):
+    def __init__(self, retry_after: float, message: str = ""):
         #: the whole seconds to wait, as Retry-After says them
         self.seconds = max(1, math.ceil(retry_after))
-        super().__init__(f"Too many requests from your address. Try again in {self.seconds} seconds.",
+        super().__init__(message or f"Too many requests from your address. Try again in {self.seconds} seconds.",
                          headers=(("Retry-After", str(self.seconds)),))
 
 
@@ -445,6 +446,15 @@ def _parse_proxy_headers(text: str) -> tuple:
     return names
 
 
+def _parse_hosts(text: str) -> tuple:
+    """Return the host names (or addresses) of an allowed_hosts line, in lower case, without ports."""
+    hosts = tuple(part.strip("[]").lower().rstrip(".") for part in text.replace(",", " ").split())
+    bad = [host for host in hosts if host_of(f"[{host}]" if ":" in host else host) != host]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a host name or address (name hosts without a port or scheme)")
+    return hosts
+
+
 def _parse_proxy(text: str) -> str:
     text = text.strip()
     return text if text in ("", "*") else str(ipaddress.ip_address(text))
@@ -462,6 +472,7 @@ class Config:
     host: str = "0.0.0.0"  # address to listen on; 0.0.0.0 = all IPv4 interfaces
     port: int = 8080  # TCP port
     public_url: str = ""  # e.g. https://intranet.example.com/certdrop; empty = from the request's Host
+    allowed_hosts: tuple = ()  # names pages may be asked by besides public_url's host and this machine's own
     data_dir: Path = MODULE_DIR / "data"  # where entries live; relative paths are relative to the ini file
     token_length: int = 8  # characters in a new token (31 symbols each, about 5 bits)
     default_ttl: int = 7 * 86400  # seconds a link lives when the uploader does not choose
@@ -500,6 +511,7 @@ class Config:
     mail_subject: str = "Install the CA certificate {name}"  # {name}: the first certificate's name
     mail_cafile: str = ""  # CA file to verify the SMTP server's certificate with; empty = the system's
     mail_recipients: int = 10  # addresses one message may go to
+    mail_per_hour: int = 30  # messages the whole server sends in an hour, whoever asks; 0 = no limit
     mail_timeout: int = 20  # seconds to wait for the SMTP server
 
     @classmethod
@@ -534,6 +546,7 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "host": str.strip,
     "port": _parse_int(0, 65535),
     "public_url": _parse_public_url,
+    "allowed_hosts": _parse_hosts,
     "data_dir": lambda text: Path(text.strip()).expanduser(),
     "token_length": _parse_int(6, 32),
     "default_ttl": parse_duration,
@@ -575,6 +588,7 @@ MAIL_PARSERS: dict[str, Callable[[str], object]] = {
     "subject": lambda text: LINE_BREAKS_RE.sub(" ", text.strip())[:200],
     "cafile": str.strip,
     "recipients": _parse_int(1, 100),
+    "per_hour": _parse_int(0, 100_000),
     "timeout": parse_duration,
 }
 
@@ -2276,6 +2290,73 @@ class Store:
                 raise StorageError.from_os_error(error) from None
 
 
+class SignOuts:
+    """The browser sessions signed out before their end, in data_dir/signed-out, one "<id> <expires>" a line.
+
+    A session cookie is signed with the upload key, so every process checks it without shared state; ending one
+    early needs a record that every process sees. Each process reads the file again when its size or time changed,
+    looking at most every REVALIDATE_SECONDS, so a sign-out holds everywhere within 2 s and across restarts. Lines
+    of sessions that have ended by themselves are dropped whenever the file is written.
+    """
+
+    FILE = "signed-out"
+
+    def __init__(self, store: "Store"):
+        self.store = store
+        self.path = store.directory / self.FILE
+        self._ids: frozenset[str] = frozenset()
+        self._every_until = 0  # every session that ends by then is out (a "*" line; see _lines)
+        self._signature: tuple | None = None
+        self._checked = -math.inf  # time.monotonic() of the last look at the file
+
+    def add(self, session_id: str, expires: int) -> None:
+        """Record that session *session_id* (ending at *expires*) is signed out; durable when this returns."""
+        now = self.store.clock()
+        with self.store._exclusive():
+            lines = [line for line in self._lines() if line[1] > now] + [(session_id, expires)]
+            text = "".join(f"{sid} {until}\n" for sid, until in lines).encode("ascii")
+            _write_atomically(self.path, text, owner=self.store._owner)
+        self._checked = -math.inf
+
+    def has(self, session_id: str, expires: int) -> bool:
+        """Return whether the session *session_id* that ends at *expires* has been signed out."""
+        if time.monotonic() - self._checked >= REVALIDATE_SECONDS:
+            self._reload()
+        return session_id in self._ids or expires <= self._every_until
+
+    def _reload(self) -> None:
+        signature = _file_signature(self.path)
+        if signature != self._signature:
+            lines = self._lines()
+            self._ids = frozenset(sid for sid, _ in lines)
+            self._every_until = max((until for sid, until in lines if sid == EVERY_SESSION), default=0)
+            self._signature = signature
+        self._checked = time.monotonic()
+
+    def _lines(self) -> list[tuple[str, int]]:
+        """Return (session id, end) of every well-formed line; a damaged line names no session.
+
+        A file past MAX_SIGNED_OUT_BYTES is never read in part, which could revive a session: it counts as one
+        "*" line that ends every session made until now (each ends SESSION_SECONDS after it was made).
+        """
+        try:
+            with open(self.path, "rb") as file:
+                data = file.read(MAX_SIGNED_OUT_BYTES + 1)
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            raise StorageError.from_os_error(error) from None
+        if len(data) > MAX_SIGNED_OUT_BYTES:
+            return [(EVERY_SESSION, int(self.store.clock()) + SESSION_SECONDS)]
+        return [(sid, int(until)) for sid, until in SIGNED_OUT_LINE_RE.findall(data.decode("ascii", "replace"))]
+
+
+#: A line of data_dir/signed-out, and how much of the file is read: 23,000 sign-outs within a session's 12 hours.
+SIGNED_OUT_LINE_RE = re.compile(r"^([0-9a-f]{32}|\*) ([0-9]{1,12})$", re.MULTILINE)
+MAX_SIGNED_OUT_BYTES = 1024 * 1024
+EVERY_SESSION = "*"
+
+
 @contextlib.contextmanager
 def locked(file: typing.BinaryIO) -> Iterator[None]:
     """Hold an exclusive lock on *file* against other processes: flock on POSIX, msvcrt.locking on Windows."""
@@ -2407,6 +2488,36 @@ def machine_fqdn() -> str | None:
     except (OSError, UnicodeError):
         return None
     return name
+
+
+#: A Host header: a name or an address (IPv6 in brackets), and an optional port.
+HOST_HEADER_RE = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?")
+
+
+def host_of(host_header: str) -> str | None:
+    """Return the host a Host header names, in lower case without port, brackets or final dot; None if it names
+    none."""
+    match = HOST_HEADER_RE.fullmatch(host_header)
+    return match[1].strip("[]").lower().rstrip(".") if match else None
+
+
+@functools.cache
+def machine_names() -> frozenset[str]:
+    """Return the names and addresses this machine is asked by: its host names and every address of its own.
+
+    Loopback names are not listed: is_machine_host asks is_loopback_host for those.
+    """
+    names = {socket.gethostname().lower(), socket.getfqdn().lower().rstrip("."), *machine_addresses()}
+    with contextlib.suppress(OSError):  # Linux lists its IPv6 addresses here, 32 hex digits first on each line
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            digits = line.split()[0]
+            names.add(str(ipaddress.IPv6Address(int(digits, 16))))
+    return frozenset(name for name in names if name)
+
+
+def is_machine_host(host: str) -> bool:
+    """Return whether *host* (as host_of gives it) is this machine: a loopback name or one of machine_names."""
+    return is_loopback_host(host) or host in machine_names()
 
 
 def is_single_label(host: str) -> bool:
@@ -2915,8 +3026,14 @@ def render_mail_offer(config: Config, links: list[Link], home: str, whc: tuple[s
 
 
 def mail_subject(config: Config, links: list[tuple[str, Entry]]) -> str:
-    name = LINE_BREAKS_RE.sub(" ", BIDI_CONTROLS_RE.sub("", links[0][1].certificate.name))[:100]
-    return config.mail_subject.replace("{name}", name)
+    return header_text(config.mail_subject.replace("{name}", header_text(links[0][1].certificate.name)[:100]))
+
+
+def header_text(value: str) -> str:
+    """Return *value* fit for a mail header: line breaks as spaces; every other control, format (bidi) and
+    separator character removed. Python's e-mail library folds headers at \\x1c-\\x1e too, and fails on them."""
+    return "".join(char for char in LINE_BREAKS_RE.sub(" ", value)
+                   if unicodedata.category(char) not in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"))
 
 
 def mail_text(links: list[tuple[str, Entry]], whc: tuple[str, int]) -> str:
@@ -3621,6 +3738,8 @@ def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
 def client_key(text: str) -> str:
     """Return who a rate limit counts: the IPv4 address, or the /64 of an IPv6 one (one household or host)."""
     address = parse_address(text)
+    if address is not None and address.is_loopback:  # 127.0.0.1, 127.9.9.9 and ::1 are all this one machine
+        return "loopback"
     if isinstance(address, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address) if address else text
@@ -3894,11 +4013,21 @@ ACCESS_LOG = AccessLog()
 SESSION_COOKIE = "certdrop_session"
 SESSION_SECONDS = 12 * 3600
 
+#: A session cookie's value: when it ends, its random id, and their HMAC under the upload key (session_value).
+SESSION_RE = re.compile(r"([0-9]{1,12})\.([0-9a-f]{32})\.[0-9a-f]{64}")
+
+#: Who the mail budget counts: the whole server.
+MAIL_BUDGET_KEY = "every client"
+
 #: Wrong upload keys a minute per client, and how many at once, before 429.
 SIGN_IN_FAILURES_PER_MINUTE, SIGN_IN_FAILURE_BURST = 5, 5
 
 #: Bursts allowed by the unknown-token and upload limits.
 LOOKUP_BURST, UPLOAD_BURST = 10, 5
+
+#: Paths that answer under any Host: links printed on cards and QR codes may name the server by a CNAME (and
+#: HTTP/1.0 phones send no Host), and monitors probe health by whatever name they know.
+LENIENT_PATHS = ("/c/", "/healthz")
 
 #: Pages with a form: they depend on the visitor's sign-in, so no cache keeps them.
 FORM_PAGE_HEADERS = HTML_HEADERS + (("Cache-Control", "no-store"),)
@@ -4001,6 +4130,9 @@ class App:
         self.lookups = RateLimiter(config.lookup_limit, LOOKUP_BURST, clock)
         self.uploads = RateLimiter(config.upload_limit, UPLOAD_BURST, clock)
         self.sign_in_failures = RateLimiter(SIGN_IN_FAILURES_PER_MINUTE, SIGN_IN_FAILURE_BURST, clock)
+        #: one budget for the whole server: however many clients ask, it cannot be turned into a spam relay
+        self.mail_budget = RateLimiter(config.mail_per_hour / 60, config.mail_per_hour, clock)
+        self.signed_out = SignOuts(store)
         #: request signature -> Decision, for every token (see request_signature)
         self.decisions: dict[tuple, Decision] = {}
         #: what an error answer is made of -> its Prepared answer (see error_answer)
@@ -4015,6 +4147,7 @@ class App:
         self.hot_refusals: dict[tuple, HotAnswer] = {}
         #: the path of public_url, which every address certdrop writes starts with; None: from SCRIPT_NAME
         self.public_path = urllib.parse.urlsplit(config.public_url).path.rstrip("/") if config.public_url else None
+        self.public_host = (urllib.parse.urlsplit(config.public_url).hostname or "").rstrip(".")
         self.answer_request = self.answer
         if config.trusted_proxy:
             # waitress's own reading of X-Forwarded-For/-Host/-Proto/-Port and Forwarded, from the trusted proxy
@@ -4029,8 +4162,9 @@ class App:
             body = self.serve_hot(environ, start_response)
             if body is not None:
                 return body
-        if environ.get("REQUEST_METHOD") != "GET":  # only requests that may change something ask who passed them on
-            environ["certdrop.forwarded"] = was_forwarded(environ) or self.is_trusted_peer(environ)
+        # Decided before waitress's proxy middleware replaces REMOTE_ADDR and clears headers (see Request.forwarded)
+        environ["certdrop.via_proxy"] = self.is_trusted_peer(environ)
+        environ["certdrop.forwarded"] = environ["certdrop.via_proxy"] or was_forwarded(environ)
         if self.config.trusted_proxy:
             self.take_forwarded_prefix(environ)
         return self.answer_request(environ, start_response)
@@ -4167,17 +4301,43 @@ class App:
 
     def dispatch(self, request: Request) -> Response | Prepared:
         handler, arguments = match_route(request.method, request.path)
+        if not request.path.startswith(LENIENT_PATHS) and not self.is_our_host(request):
+            raise BadRequest(f"This server does not answer to the name \u201c{request.header('Host')[:100]}\u201d, "
+                             "so the request was refused. Open certdrop by its own address; its administrator can "
+                             "add other names to allowed_hosts in certdrop.ini.", code="foreign-host")
         try:
             return handler(self, request, **arguments)
         except CertdropError as error:
             raise http_error_for(error) from None
 
+    def is_our_host(self, request: Request) -> bool:
+        """Return whether the request names this server: public_url's host, a name in allowed_hosts, or this machine.
+
+        A page a browser fetched under another name (DNS rebinding: evil.example resolving to 127.0.0.1) would
+        otherwise be this server's page to that site's scripts. Behind the trusted proxy with public_url set, only
+        public_url's host counts: Apache and nginx pass the client's own Host on. No Host at all (HTTP/1.0) is
+        no other name: links are then made from SERVER_NAME.
+        """
+        host_header = request.header("Host")
+        if not host_header:
+            return True
+        host = host_of(host_header)
+        if host is None:
+            return False
+        if self.public_host and request.environ.get("certdrop.via_proxy"):
+            return host == self.public_host
+        return host == self.public_host or host in self.config.allowed_hosts or is_machine_host(host)
+
     def base_url(self, request: Request) -> str:
-        """Return the URL that links start with: ``public_url``, else built from the request's Host."""
+        """Return the URL that links start with: ``public_url``, else built from the request's Host when it is one
+        of ours (is_our_host), else from the server's own name."""
         if self.config.public_url:
             return self.config.public_url
         scheme = request.environ.get("wsgi.url_scheme", "http")
-        host_header = request.header("Host") or request.environ.get("SERVER_NAME", "localhost")
+        host_header = request.header("Host") if self.is_our_host(request) else ""
+        if not host_header:
+            port = request.environ.get("SERVER_PORT", "")
+            host_header = request.environ.get("SERVER_NAME", "localhost") + (f":{port}" if port else "")
         host, port = split_host(host_header)
         if (scheme, port) in (("http", ":80"), ("https", ":443")):
             port = ""
@@ -4216,10 +4376,15 @@ class App:
         self.check_network(request)
         self.check_key(request, form_text(parse_form(request, 4096, fields=("key",)), "key"))
         expires = int(self.clock()) + SESSION_SECONDS
-        return self.redirect_home(request, self.session_cookie(request, self.session_value(expires), SESSION_SECONDS))
+        value = self.session_value(expires, secrets.token_hex(16))
+        return self.redirect_home(request, self.session_cookie(request, value, SESSION_SECONDS))
 
     def signout(self, request: Request) -> Response:
+        """End the browser's session here and on every process sharing data_dir (within 2 s), for good."""
         self.refuse_cross_site(request)
+        session = self.session_of(request)
+        if session:
+            self.signed_out.add(session[1], session[0])
         return self.redirect_home(request, self.session_cookie(request, "", 0))
 
     def upload(self, request: Request) -> Response:
@@ -4258,6 +4423,10 @@ class App:
             raise TooManyRequests(wait)
         if not self.config.mail_host:
             raise NotFound("This server sends no mail: no [mail] host is set in certdrop.ini.")
+        wait = self.mail_budget.spend(MAIL_BUDGET_KEY)
+        if wait:
+            raise TooManyRequests(wait, f"This server has sent the {self.config.mail_per_hour} messages an hour its "
+                                        "per_hour setting allows. Nothing was sent; hand the link out another way.")
         fields = parse_form(request, 16384, fields=("to", "tokens"))
         try:
             recipients = parse_addresses(fields.get("to", b"").decode("utf-8", "replace")[:4000],
@@ -4267,7 +4436,7 @@ class App:
         tokens = fields.get("tokens", b"").decode("ascii", "replace").split()[:MAX_CERTIFICATES]
         if not tokens:
             raise BadRequest("No link was named. Nothing was sent.")
-        links = [(self.link_for(request, token), self.store.get(token)) for token in tokens]
+        links = [(self.link_for(request, token), self.live_entry(request, token)) for token in tokens]
         try:
             send_mail(self.config, recipients, mail_subject(self.config, links), mail_text(links, self.whc))
         except MailError as error:
@@ -4289,15 +4458,24 @@ class App:
     def revoke(self, request: Request, token: str) -> Response:
         """Remove a link with the secret shown when it was made: at once here, within 2 s on every process."""
         self.refuse_cross_site(request)
-        wait = self.sign_in_failures.retry_after(request.remote_addr)
+        address = request.remote_addr
+        wait = max(self.sign_in_failures.retry_after(address), self.lookups.retry_after(address))
         if wait:
             raise TooManyRequests(wait)
         # In the body only: a query string would put the secret into access logs, ours and a proxy's.
         secret = form_text(parse_form(request, 4096, fields=("secret",)), "secret")
-        if not self.store.get(token).may_be_revoked_with(secret):
-            self.sign_in_failures.spend(request.remote_addr)
-            raise Forbidden("That is not this link's secret: only the page that made the link shows it. On the "
-                            "server, 'certdrop.py revoke TOKEN' removes any link.", code="wrong-secret")
+        try:
+            entry = self.store.get(token)
+        except (UnknownToken, LinkGone):
+            entry = None
+        if entry is None or not entry.may_be_revoked_with(secret):
+            # One answer and one count for a wrong secret and a token with no live link: telling them apart
+            # would let anybody test guessed tokens here, past the lookup limit.
+            self.sign_in_failures.spend(address)
+            self.lookups.spend(address)
+            raise Forbidden("Nothing was removed: there is no live link with that secret. Only the page that made "
+                            "a link shows its secret; on the server, 'certdrop.py revoke TOKEN' removes any link.",
+                            code="wrong-secret")
         entry = self.store.revoke(token)
         log.info("link %s revoked from the web", entry.token)
         answer_format = response_format(request)
@@ -4403,10 +4581,15 @@ class App:
                             "from a link works from anywhere.")
 
     def is_direct_loopback(self, request: Request) -> bool:
+        """Return whether the request comes from this machine itself, by one of its names (is_our_host).
+
+        A loopback address alone is not enough: a page from evil.example that resolves to 127.0.0.1 (DNS
+        rebinding) makes the browser on the server send requests from loopback, under the page's own name.
+        """
         address = parse_address(request.remote_addr)
         proxy = self.config.trusted_proxy
         via_proxy = request.forwarded or proxy == "*" or (proxy and parse_address(proxy) == address)
-        return address is not None and address.is_loopback and not via_proxy
+        return address is not None and address.is_loopback and not via_proxy and self.is_our_host(request)
 
     def refuse_cross_site(self, request: Request) -> None:
         """Refuse a state-changing request that another site's page made a browser send (CSRF).
@@ -4432,16 +4615,24 @@ class App:
     def upload_key(self) -> str:
         return self.config.upload_password or self.store.upload_key()[0]
 
-    def session_value(self, expires: int) -> str:
-        mac = hmac.new(self.upload_key().encode("utf-8"), f"certdrop session {expires}".encode(), hashlib.sha256)
-        return f"{expires}.{mac.hexdigest()}"
+    def session_value(self, expires: int, session_id: str) -> str:
+        """Return the cookie value of session *session_id* ending at *expires*: both, and their HMAC under the key."""
+        mac = hmac.new(self.upload_key().encode("utf-8"), f"certdrop session {expires} {session_id}".encode(),
+                       hashlib.sha256)
+        return f"{expires}.{session_id}.{mac.hexdigest()}"
+
+    def session_of(self, request: Request) -> tuple[int, str] | None:
+        """Return (end, id) of the request's session cookie if the key signed it and it is still on, else None."""
+        match = SESSION_RE.fullmatch(cookie_value(request, SESSION_COOKIE) or "")
+        if not match:
+            return None
+        expires, session_id = int(match[1]), match[2]
+        if expires <= self.clock() or not hmac.compare_digest(match[0], self.session_value(expires, session_id)):
+            return None
+        return None if self.signed_out.has(session_id, expires) else (expires, session_id)
 
     def has_session(self, request: Request) -> bool:
-        value = cookie_value(request, SESSION_COOKIE)
-        expires, _, _ = (value or "").partition(".")
-        if not value or not expires.isascii() or not expires.isdigit() or int(expires) <= self.clock():
-            return False
-        return hmac.compare_digest(value.encode("utf-8", "replace"), self.session_value(int(expires)).encode())
+        return self.session_of(request) is not None
 
     def session_cookie(self, request: Request, value: str, max_age: int) -> str:
         base = self.base_url(request)

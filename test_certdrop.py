@@ -14,6 +14,7 @@ import http.client
 import ipaddress
 import io
 import json
+import math
 import logging
 import multiprocessing
 import os
@@ -144,9 +145,13 @@ class FakeClock:
         self.now += seconds
 
 
+#: The names the tests ask the server by, besides its own: its allowed_hosts.
+TEST_HOSTS = ("ca.example.org", "certs.example.net", "ca.example.com")
+
+
 @pytest.fixture
 def config(tmp_path):
-    return certdrop.Config(data_dir=tmp_path / "data")
+    return certdrop.Config(data_dir=tmp_path / "data", allowed_hosts=TEST_HOSTS)
 
 
 @pytest.fixture
@@ -2263,6 +2268,7 @@ def machine(monkeypatch):
     """Give this machine an address on the company network and a full name that resolves."""
     monkeypatch.setattr(certdrop, "machine_addresses", lambda: ("192.168.1.5",))
     monkeypatch.setattr(certdrop, "machine_fqdn", lambda: "server.corp.example")
+    monkeypatch.setattr(certdrop, "machine_names", lambda: frozenset({"server", "server.corp.example", "192.168.1.5"}))
 
 
 def test_a_loopback_link_leads_with_the_machines_address_then_its_full_name(app, root_der, machine):
@@ -2437,6 +2443,50 @@ def test_signing_out_ends_the_session(keyed, root_der):
     post_cert(remote, root_der, 401)
 
 
+def test_a_signed_out_cookie_sent_again_from_another_address_cannot_upload(keyed, root_der):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    sign_in(remote)
+    cookie = remote.cookies[certdrop.SESSION_COOKIE]
+    remote.post("/signout", status=303)
+    elsewhere = client(keyed, REMOTE_ADDR="192.168.1.77")
+    elsewhere.set_cookie(certdrop.SESSION_COOKIE, cookie)
+    post_cert(elsewhere, root_der, 401)
+
+
+def test_a_sign_out_is_kept_in_the_data_directory_so_a_new_app_never_revives_it(keyed, config, store, clock,
+                                                                                root_der):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    sign_in(remote)
+    cookie = remote.cookies[certdrop.SESSION_COOKIE]
+    remote.post("/signout", status=303)
+    restarted = client(app_with(config, certdrop.make_store(config, clock), clock, upload_password=KEY),
+                       REMOTE_ADDR=REMOTE)
+    restarted.set_cookie(certdrop.SESSION_COOKIE, cookie)
+    post_cert(restarted, root_der, 401)
+
+
+def test_signing_out_ends_only_that_session(keyed, root_der):
+    first, second = client(keyed, REMOTE_ADDR=REMOTE), client(keyed, REMOTE_ADDR=REMOTE)
+    sign_in(first)
+    sign_in(second)
+    first.post("/signout", status=303)
+    post_cert(second, root_der, 201)
+
+
+def test_an_oversized_sign_out_file_ends_every_older_session_but_not_newer_ones(keyed, config, clock, root_der):
+    before = client(keyed, REMOTE_ADDR=REMOTE)
+    sign_in(before)
+    config.data_dir.mkdir(exist_ok=True)
+    (config.data_dir / certdrop.SignOuts.FILE).write_bytes(b"x" * (certdrop.MAX_SIGNED_OUT_BYTES + 1))
+    clock.advance(2)
+    keyed.signed_out._checked = -math.inf  # as if a second had passed since the file was last looked at
+    post_cert(before, root_der, 401)
+    clock.advance(1)
+    after = client(keyed, REMOTE_ADDR=REMOTE)
+    sign_in(after)
+    post_cert(after, root_der, 201)
+
+
 def test_a_session_ends_after_twelve_hours(keyed, clock, root_der):
     remote = client(keyed, REMOTE_ADDR=REMOTE)
     sign_in(remote)
@@ -2565,7 +2615,8 @@ LATIN_1 = st.text(st.characters(max_codepoint=255), max_size=80)  # WSGI carries
 def fuzzed_app():
     """Return an app with one live link, shared by the examples (hypothesis runs them many times per test)."""
     directory = Path(tempfile.mkdtemp(prefix="certdrop-fuzz-"))
-    config = certdrop.Config(data_dir=directory, upload_password=KEY, lookup_limit=0, upload_limit=0)
+    config = certdrop.Config(data_dir=directory, upload_password=KEY, lookup_limit=0, upload_limit=0,
+                             allowed_hosts=TEST_HOSTS)
     app = certdrop.make_app(config, certdrop.make_store(config, FakeClock()), FakeClock())
     token = app.store.add(certdrop.load_der(mutation_corpus()[0]), NOW + DAY)[0].token
     return app, token
@@ -2697,6 +2748,63 @@ def test_real_curl_and_wget_upload_and_read_the_text_answer(tmp_path, root_pem, 
     assert form.stdout.splitlines()[0] == wget.stdout.splitlines()[0], "the same certificate keeps its link"
 
 
+# -- HTTP: only our own names
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/"), ("POST", "/"), ("GET", "/signin"), ("POST", "/signin"),
+                                              ("POST", "/signout"), ("POST", "/mail")])
+def test_a_foreign_host_is_refused_with_400_everywhere_but_under_c_and_stores_nothing(testapp, config, root_der,
+                                                                                      method, path):
+    """DNS rebinding: a page on evil.example, resolving to 127.0.0.1, makes the server's own browser ask."""
+    foreign = {"Host": "evil.example:8080", "Origin": "http://evil.example:8080"}
+    if method == "GET":
+        answer = testapp.get(path, headers=foreign, status=400)
+    else:
+        answer = testapp.post(path, {"cert": root_der.hex(), "key": "x", "to": "a@example.com"}, headers=foreign,
+                              status=400)
+    assert "does not answer to the name" in answer.text and "allowed_hosts" in answer.text
+    assert not (config.data_dir / "sha256").exists()
+
+
+def test_a_foreign_host_uploading_as_a_script_from_loopback_gets_400_not_201(testapp, config, root_der):
+    refused = testapp.post("/", root_der, content_type="application/pkix-cert",
+                           headers={"Host": "evil.example", "Accept": "application/json"}, status=400)
+    assert refused.json["error"]["code"] == "foreign-host" and not (config.data_dir / "sha256").exists()
+
+
+@pytest.mark.parametrize("host", ["localhost:8080", "127.0.0.1:8080", "[::1]:8080", "ca.example.org", "CA.Example.ORG.",
+                                  "certs.example.net:443"])
+def test_loopback_names_machine_names_and_allowed_hosts_are_accepted(testapp, host):
+    testapp.get("/", headers={"Host": host}, status=200)
+
+
+def test_public_urls_host_is_accepted_and_alone_accepted_through_the_trusted_proxy(config, store, clock):
+    app = app_with(config, store, clock, public_url="https://ca.example.com/certdrop", trusted_proxy="127.0.0.1")
+    through_proxy = client(app)
+    through_proxy.get("/", headers={"X-Forwarded-Host": "ca.example.com", "X-Forwarded-Proto": "https"}, status=200)
+    for forwarded in ("evil.example", "localhost", "ca.example.org"):
+        through_proxy.get("/", headers={"X-Forwarded-Host": forwarded}, status=400)
+
+
+def test_under_c_a_foreign_host_is_answered_with_links_on_the_servers_own_name(testapp, root_token):
+    page = testapp.get(f"/c/{root_token}", headers={"Host": "evil.example:8080",
+                                                   "User-Agent": USER_AGENTS["windows-edge"][0]},
+                       extra_environ={"SERVER_NAME": "ca.example.org", "SERVER_PORT": "8080"}, status=200)
+    assert "evil.example" not in page.text and f"http://ca.example.org:8080/c/{root_token}" in page.text
+    card = testapp.get(f"/c/{root_token}/card", headers={"Host": "evil.example"},
+                       extra_environ={"SERVER_NAME": "ca.example.org", "SERVER_PORT": "8080"}, status=200)
+    assert "evil.example" not in card.text
+
+
+def test_allowed_hosts_takes_names_and_addresses_and_refuses_urls(tmp_path):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\nallowed_hosts = Certs.Example.COM, fd00::5 10.1.2.3\n")
+    assert certdrop.load_config(str(ini)).allowed_hosts == ("certs.example.com", "fd00::5", "10.1.2.3")
+    ini.write_text("[certdrop]\nallowed_hosts = https://certs.example.com/\n")
+    with pytest.raises(certdrop.ConfigError, match="allowed_hosts"):
+        certdrop.load_config(str(ini))
+
+
 # -- HTTP: removing a link from the web
 
 
@@ -2738,6 +2846,26 @@ def test_removing_a_link_refuses_cross_site_requests_and_guessing(testapp, root_
         testapp.post(f"/c/{token}/revoke", {"secret": "guess"}, status=403)
     testapp.post(f"/c/{token}/revoke", {"secret": secret}, status=429)
     testapp.get(f"/c/{token}", status=200)
+
+
+@pytest.mark.parametrize("agent", ["curl/8.5.0", USER_AGENTS["windows-edge"][0]], ids=["text", "html"])
+def test_an_unknown_token_a_removed_link_and_a_wrong_secret_get_the_same_answer(testapp, store, root_der, other_der,
+                                                                                agent):
+    made = testapp.post("/", root_der, content_type="application/pkix-cert", headers={"Accept": "application/json"},
+                        status=201).json["links"][0]
+    removed, _ = store.add(certdrop.load_der(other_der), NOW + DAY, "s3cret")
+    store.revoke(removed.token)
+    answers = [testapp.post(f"/c/{token}/revoke", {"secret": "guess"}, headers={"User-Agent": agent}, status="*")
+               for token in (made["token"], "zzzzzzzz", removed.token)]
+    assert {answer.status_int for answer in answers} == {403}
+    assert answers[0].body == answers[1].body == answers[2].body
+
+
+def test_guessing_tokens_at_the_removal_address_runs_into_429(config, store, clock):
+    app = client(app_with(config, store, clock, lookup_limit=5))
+    statuses = [app.post(f"/c/{token}/revoke", {"secret": "guess"}, status="*").status_int
+                for token in ("abcdefgh", "bcdefghj", "cdefghjk", "defghjkm", "efghjkmn", "fghjkmnp", "ghjkmnpq")]
+    assert statuses[:5] == [403] * 5 and 429 in statuses[5:]
 
 
 def test_a_secret_in_the_query_string_is_not_taken_so_it_never_reaches_a_log(testapp, root_der):
@@ -3154,7 +3282,7 @@ def fill(directory):
 
 
 def disk_app(small_disk, clock):
-    config = certdrop.Config(data_dir=small_disk / "data")
+    config = certdrop.Config(data_dir=small_disk / "data", allowed_hosts=TEST_HOSTS)
     return client(certdrop.make_app(config, certdrop.make_store(config, clock), clock)), config
 
 
@@ -3484,7 +3612,7 @@ def test_a_store_written_by_certdrop_0_2_keeps_working_and_is_rewritten_as_it_ch
     (data / "sha256").mkdir()
     (data / "sha256" / hashlib.sha256(root_der).hexdigest()).write_text("abcdefgh")
     ini = tmp_path / "certdrop.ini"
-    ini.write_text("[certdrop]\ndata_dir = data\n")
+    ini.write_text("[certdrop]\ndata_dir = data\nallowed_hosts = ca.example.org\n")
     assert cli(ini, "list") == 0
     assert capsys.readouterr().out.splitlines() == [
         f"abcdefgh  live     {certdrop.format_time(NOW + DAY)}  Example Root CA",
@@ -3848,6 +3976,31 @@ def test_two_servers_sharing_a_data_directory_lose_nothing_and_see_revocations(t
             server.stop()
 
 
+def test_a_sign_out_on_one_server_holds_on_another_within_2_seconds_and_after_its_restart(tmp_path, root_der):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text(f"[certdrop]\ndata_dir = data\nupload_password = {KEY}\nupload_auth = always\n")
+    servers = [Server(ini), Server(ini)]
+    try:
+        port = int(servers[0].url.rpartition(":")[2])
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        status, headers, _ = fetch_from("127.0.0.1", port, "/signin", "POST", f"key={KEY}", form)
+        assert status == 303
+        cookie = headers["Set-Cookie"].partition(";")[0]
+        upload = {"Cookie": cookie, "Content-Type": "application/pkix-cert"}
+        assert servers[1].request("/", root_der, upload)[0] in (200, 201)
+        assert fetch_from("127.0.0.1", port, "/signout", "POST", "", {**form, "Cookie": cookie})[0] == 303
+        deadline = time.monotonic() + 2.0
+        while servers[1].request("/", root_der, upload)[0] != 401:
+            assert time.monotonic() < deadline, "a sign-out was not seen by the other server within 2 seconds"
+            time.sleep(0.1)
+        servers[1].stop()
+        servers[1] = Server(ini)
+        assert servers[1].request("/", root_der, upload)[0] == 401
+    finally:
+        for server in servers:
+            server.stop()
+
+
 def test_sigterm_finishes_an_upload_in_flight_and_loses_nothing(tmp_path, root_pem):
     ini = tmp_path / "certdrop.ini"
     ini.write_text("[certdrop]\ndata_dir = data\n")
@@ -4134,6 +4287,50 @@ def test_the_result_page_mails_the_links_as_plain_text(config, store, clock, pki
     assert pki.root.fingerprint(hashes.SHA1()).hex(":").upper() in body
     assert re.search(r"Nokia Series 40 code: (\d{6} ){4}\d{6}", body) and body.count("Nokia Series 40 code") == 1
     assert "The link works until 2027-01-22 08:00 UTC." in body and "To install: open the link" in body
+
+
+def test_every_loopback_address_is_one_client_to_every_limit():
+    assert {certdrop.client_key(address) for address in ("127.0.0.1", "127.9.8.7", "::1", "::ffff:127.0.0.2")} == {
+        "loopback"}
+    assert certdrop.client_key("192.168.1.20") != certdrop.client_key("192.168.1.21")
+
+
+def test_the_mail_budget_holds_for_the_whole_server_whoever_asks(config, store, clock, root_der):
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port:
+        app = certdrop.make_app(dataclasses.replace(
+            config, mail_host="127.0.0.1", mail_port=port, mail_security="none", mail_timeout=10, mail_per_hour=2,
+            upload_auth="none", upload_limit=0), store, clock)
+        token = token_of(upload(client(app), root_der))
+        statuses = [client(app, REMOTE_ADDR=f"192.168.1.{number}").post(
+            "/mail", {"to": "alice@example.com", "tokens": token}, headers={"Accept": "application/json"},
+            status="*") for number in range(20, 24)]
+    assert [answer.status_int for answer in statuses] == [200, 200, 429, 429] and len(mailbox.messages) == 2
+    assert "per_hour" in statuses[2].json["error"]["message"]
+
+
+def test_control_bidi_and_separator_characters_never_reach_the_subject(config, store, clock):
+    name = "Evil\x1cCA\x1d\x1e\x1b[31m\x07\x00\u202e\u2028\u2066Corp"
+    der = make_certificate(name)[0].public_bytes(serialization.Encoding.DER)
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port:
+        app = mail_app(config, store, clock, port)
+        token = token_of(upload(app, der))
+        app.post("/mail", {"to": "alice@example.com", "tokens": token}, status=200)
+    (_, _, content), = mailbox.messages
+    subject = email.message_from_bytes(content, policy=email.policy.default)["Subject"]
+    assert subject == "Install the CA certificate EvilCA[31m Corp"
+
+
+def test_a_link_in_a_mail_comes_from_an_accepted_host(config, store, clock, root_der):
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port:
+        app = mail_app(config, store, clock, port)
+        token = token_of(upload(app, root_der))
+        app.post("/mail", {"to": "alice@example.com", "tokens": token}, headers={"Host": "evil.example"}, status=400)
+        app.post("/mail", {"to": "alice@example.com", "tokens": token}, headers={"Host": "certs.example.net"})
+    (_, _, content), = mailbox.messages
+    assert f"http://certs.example.net/c/{token}" in content.decode() and b"evil" not in content
 
 
 def test_mail_goes_over_starttls_to_a_server_whose_ca_is_configured(config, store, clock, root_der, smtp_tls):
