@@ -2447,12 +2447,40 @@ def lead_url(url: str) -> str:
     return links[0][0] if links else url
 
 
-def split_host(host_header: str) -> tuple[str, str]:
-    """Return (host, ":port" or "") from a Host header; raise BadRequest if it is not a host name or address."""
-    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?", host_header)
-    if not match:
-        raise BadRequest("The Host header is not a valid host name.")
-    return match[1], match[2] or ""
+#: A Host header: a name of at most 253 characters (DNS's limit, which also keeps a link short enough for a QR
+#: code) or an address, IPv6 in brackets; then maybe a port.
+HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})(?::([0-9]{1,5}))?")
+
+
+def split_host(host_header: str) -> tuple[str, str] | None:
+    """Return (host, ":port" or "") from a Host header, or None if it is not a host name or address and a port.
+
+    urlsplit, which every link goes through later, raises for a port past 65535 and for brackets around anything
+    but an IPv6 address, and segno for a link too long for a QR code: such a Host is turned away here, once.
+    """
+    match = HOST_RE.fullmatch(host_header)
+    if not match or (match[2] and not 0 < int(match[2]) <= 65535):
+        return None
+    if match[1].startswith("[") and not is_ipv6_address(match[1][1:-1]):
+        return None
+    return match[1], f":{int(match[2])}" if match[2] else ""
+
+
+def is_ipv6_address(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def server_host(environ: dict) -> tuple[str, str]:
+    """Return (host, ":port" or "") from the server's SERVER_NAME and SERVER_PORT, or localhost when they name none.
+
+    Behind a trusted proxy, waitress sets both from X-Forwarded-Host, so they are checked like a Host header.
+    """
+    name, port = environ.get("SERVER_NAME", ""), environ.get("SERVER_PORT", "")
+    return split_host(f"{name}:{port}" if port else name) or split_host(name) or ("localhost", "")
 
 
 def install_url(base: str, token: str) -> str:
@@ -3392,7 +3420,7 @@ def request_key(environ: dict) -> tuple:
     get = environ.get
     return (get("PATH_INFO"), get("REQUEST_METHOD"), get("QUERY_STRING"), get("HTTP_USER_AGENT"), get("HTTP_ACCEPT"),
             get("HTTP_X_OPERAMINI_PHONE_UA"), get("HTTP_X_UCBROWSER_DEVICE_UA"), get("HTTP_DEVICE_STOCK_UA"),
-            get("HTTP_HOST"), get("SERVER_NAME"), get("wsgi.url_scheme"), get("SCRIPT_NAME"))
+            get("HTTP_HOST"), get("SERVER_NAME"), get("SERVER_PORT"), get("wsgi.url_scheme"), get("SCRIPT_NAME"))
 
 
 def request_signature(environ: dict, rest: str) -> tuple:
@@ -3415,8 +3443,9 @@ def was_forwarded(environ: dict) -> bool:
     return any(key.startswith("HTTP_X_FORWARDED_") or key in ("HTTP_FORWARDED", "HTTP_X_REAL_IP") for key in environ)
 
 
-#: A path prefix a proxy may forward: segments of URL-safe characters.
+#: A path prefix a proxy may forward: segments of URL-safe characters, short enough to leave room in a QR code.
 PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+MAX_PREFIX = 256
 
 
 @functools.cache
@@ -3692,10 +3721,10 @@ def address_in(text: str, networks: tuple) -> bool:
 
 def origin_of(url: str) -> str:
     """Return the origin of *url* as browsers send it: scheme://host[:port], default ports left out."""
-    parts = urllib.parse.urlsplit(url.strip().lower())
     try:
+        parts = urllib.parse.urlsplit(url.strip().lower())
         port = parts.port
-    except ValueError:
+    except ValueError:  # a "[" alone, brackets around no IPv6 address, a port past 65535: no origin at all
         return ""
     default = {"http": 80, "https": 443}.get(parts.scheme)
     host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
@@ -3709,7 +3738,7 @@ def basic_password(request: Request) -> str | None:
         return None
     try:
         return base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")[2]
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII to begin with, or not UTF-8 once decoded
         return ""
 
 
@@ -4046,7 +4075,7 @@ class App:
         with the client's address.
         """
         prefix = environ.pop("HTTP_X_FORWARDED_PREFIX", "").strip().rstrip("/")
-        if prefix and self.is_trusted_peer(environ) and PREFIX_RE.fullmatch(prefix):
+        if prefix and self.is_trusted_peer(environ) and len(prefix) <= MAX_PREFIX and PREFIX_RE.fullmatch(prefix):
             environ["SCRIPT_NAME"] = prefix + environ.get("SCRIPT_NAME", "")
 
     def prefix(self, request: Request) -> str:
@@ -4177,11 +4206,22 @@ class App:
         if self.config.public_url:
             return self.config.public_url
         scheme = request.environ.get("wsgi.url_scheme", "http")
-        host_header = request.header("Host") or request.environ.get("SERVER_NAME", "localhost")
-        host, port = split_host(host_header)
+        host, port = self.link_host(request)
         if (scheme, port) in (("http", ":80"), ("https", ":443")):
             port = ""
         return f"{scheme}://{host.lower()}{port}{request.script_name}"
+
+    def link_host(self, request: Request) -> tuple[str, str]:
+        """Return (host, ":port" or "") for links: the Host header's, else the server's own name and port.
+
+        A Host that is no host name is refused (400), except under /c/: a link someone was handed must open
+        whatever a proxy or a phone's gateway made of the header, so there the server's name stands in for it.
+        """
+        given = request.header("Host")
+        host = split_host(given) if given else None
+        if host is None and given and not request.path.startswith("/c/"):
+            raise BadRequest("The Host header is not a valid host name.")
+        return host or server_host(request.environ)
 
     def home(self, request: Request) -> str:
         return self.prefix(request) + "/"
@@ -4439,7 +4479,8 @@ class App:
     def has_session(self, request: Request) -> bool:
         value = cookie_value(request, SESSION_COOKIE)
         expires, _, _ = (value or "").partition(".")
-        if not value or not expires.isascii() or not expires.isdigit() or int(expires) <= self.clock():
+        # Twelve digits reach the year 9999; int() of a few thousand raises (Python's limit on digits).
+        if not value or not re.fullmatch(r"[0-9]{1,12}", expires) or int(expires) <= self.clock():
             return False
         return hmac.compare_digest(value.encode("utf-8", "replace"), self.session_value(int(expires)).encode())
 
