@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 import typing
+import unicodedata
 import urllib.parse
 import uuid
 import warnings
@@ -155,6 +156,11 @@ XML_INVALID_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 #: Characters that steer a terminal or reorder what it shows: C0 and C1 controls (ESC starts colour and cursor
 #: codes; CR and LF forge lines), DEL, bidi controls (U+202E shows text backwards), line separators, BOM.
 TERMINAL_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
+
+#: Unicode categories that a page shows escaped (see esc): format characters (bidi controls, zero-width spaces
+#: and joiners, soft hyphens, tags), line and paragraph separators, and controls (C1 ones: C0 ones are all ASCII).
+INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp", "Cc"})
+NON_ASCII_RE = re.compile(r"[^\x00-\x7f]")
 
 #: Line breaks and bidi controls, which a one-line display name (a profile's, say) drops.
 LINE_BREAKS_RE = re.compile("[\r\n\x0b\x0c\x85\u2028\u2029]+")
@@ -2643,8 +2649,19 @@ def qr_file(url: str, kind: str) -> bytes:
 
 
 def esc(value: object) -> str:
-    """Return *value* as text safe inside HTML and XML, attribute values included."""
-    return XML_INVALID_RE.sub("\ufffd", html.escape(str(value), quote=True))
+    """Return *value* as text safe inside HTML and XML, attribute values included: invisible characters shown
+    escaped, as term() shows them."""
+    text = html.escape(str(value), quote=True)
+    if not text.isascii():
+        text = NON_ASCII_RE.sub(_shown_if_invisible, text)
+    return XML_INVALID_RE.sub("\ufffd", text)
+
+
+def _shown_if_invisible(match: re.Match) -> str:
+    # A certificate's name must not reorder the page around it (U+202E shows the rest backwards, the fingerprint
+    # too), break a line where none is, or hide characters between look-alike names.
+    char = match[0]
+    return ascii(char)[1:-1] if unicodedata.category(char) in INVISIBLE_CATEGORIES else char
 
 
 def term(value: object) -> str:

@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import typing
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -3321,6 +3322,8 @@ HOSTILE_NAMES = {
     "control-characters": ("bell\x07 escape\x1b[31m nul\x00 del\x7f", _ASN1Type.UTF8String),
     "right-to-left": ("\u202eAC tooR", _ASN1Type.UTF8String),
     "line-separator": ("one\u2028two\u2029three", _ASN1Type.UTF8String),
+    "bidi-isolates-and-marks": ("\u2067Root\u2069 \u202aCA\u202c \u202b\u202d\u200e\u200f\u061c", _ASN1Type.UTF8String),
+    "invisible-format": ("Root\u200bCA\u200d\u2060\ufeff\u00ad\U000e0041 \u0085", _ASN1Type.UTF8String),
     "dollar": ("$(name) $$", _ASN1Type.UTF8String),
     "very-long": ("x" * 10000, _ASN1Type.UTF8String),
     "printable-string": ("Printable (CA) = x'y", _ASN1Type.PrintableString),
@@ -3333,6 +3336,13 @@ HOSTILE_NAMES = {
     "octet-string": ("<octet>\r\n", _ASN1Type.OctetString),
 }
 HOSTILE = pytest.mark.parametrize("hostile", HOSTILE_NAMES, ids=HOSTILE_NAMES, indirect=True)
+
+#: What must not reach a page from a name: format characters (bidi controls, zero-width ones), line and paragraph
+#: separators, and controls beyond ASCII.
+def invisible_characters(text):
+    return [f"U+{ord(char):04X}" for char in text if unicodedata.category(char) in ("Cf", "Zl", "Zp")
+            or unicodedata.category(char) == "Cc" and not char.isascii()]
+
 
 #: What must not reach a terminal line: controls, bidi controls, line separators.
 TERMINAL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -3387,6 +3397,22 @@ def test_hostile_names_leave_nokia_pages_well_formed_and_wml_variables_escaped(t
         assert b"<script>" not in page.body
         if accept == "text/vnd.wap.wml":
             assert not re.search(rb"(?<!\$)\$(?!\$)", page.body.replace(b"$$", b"")), "a lone $ starts a WML variable"
+
+
+@HOSTILE
+def test_hostile_names_cannot_reorder_or_break_html_xhtml_mp_or_wml_pages(testapp, hostile, hostile_token):
+    desktop = {"User-Agent": USER_AGENTS["windows-edge"][0]}
+    leaf = hostile_certificate(hostile.name, hostile.string_type, ca=False, issuer=make_name("Some Issuing CA"))
+    pages = {"upload result": upload(testapp, hostile.der, status=200),
+             "refusal": testapp.post("/", upload_files=[("cert", "leaf.cer", leaf)], status=422),
+             "landing": testapp.get(f"/c/{hostile_token}", headers=desktop),
+             "card": testapp.get(f"/c/{hostile_token}/card", headers=desktop),
+             "xhtml-mp": s40_page(testapp, hostile_token, "application/vnd.wap.xhtml+xml"),
+             "wml": s40_page(testapp, hostile_token, "text/vnd.wap.wml")}
+    for where, page in pages.items():
+        assert not invisible_characters(page.text), where
+    shown = {ascii(char)[1:-1] for char in hostile.name if invisible_characters(char)}
+    assert all(escape in pages["landing"].text and escape in pages["wml"].text for escape in shown)
 
 
 @HOSTILE
