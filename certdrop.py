@@ -49,8 +49,8 @@ import sys
 import threading
 import time
 import typing
-import urllib.parse
 import unicodedata
+import urllib.parse
 import uuid
 import warnings
 from collections import OrderedDict, deque
@@ -156,6 +156,11 @@ XML_INVALID_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 #: Characters that steer a terminal or reorder what it shows: C0 and C1 controls (ESC starts colour and cursor
 #: codes; CR and LF forge lines), DEL, bidi controls (U+202E shows text backwards), line separators, BOM.
 TERMINAL_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
+
+#: Unicode categories that a page shows escaped (see esc): format characters (bidi controls, zero-width spaces
+#: and joiners, soft hyphens, tags), line and paragraph separators, and controls (C1 ones: C0 ones are all ASCII).
+INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp", "Cc"})
+NON_ASCII_RE = re.compile(r"[^\x00-\x7f]")
 
 #: Line breaks and bidi controls, which a one-line display name (a profile's, say) drops.
 LINE_BREAKS_RE = re.compile("[\r\n\x0b\x0c\x85\u2028\u2029]+")
@@ -2490,15 +2495,11 @@ def machine_fqdn() -> str | None:
     return name
 
 
-#: A Host header: a name or an address (IPv6 in brackets), and an optional port.
-HOST_HEADER_RE = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?")
-
-
 def host_of(host_header: str) -> str | None:
     """Return the host a Host header names, in lower case without port, brackets or final dot; None if it names
-    none."""
-    match = HOST_HEADER_RE.fullmatch(host_header)
-    return match[1].strip("[]").lower().rstrip(".") if match else None
+    none (see split_host)."""
+    parts = split_host(host_header)
+    return parts[0].strip("[]").lower().rstrip(".") if parts else None
 
 
 @functools.cache
@@ -2558,12 +2559,40 @@ def lead_url(url: str) -> str:
     return links[0][0] if links else url
 
 
-def split_host(host_header: str) -> tuple[str, str]:
-    """Return (host, ":port" or "") from a Host header; raise BadRequest if it is not a host name or address."""
-    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?", host_header)
-    if not match:
-        raise BadRequest("The Host header is not a valid host name.")
-    return match[1], match[2] or ""
+#: A Host header: a name of at most 253 characters (DNS's limit, which also keeps a link short enough for a QR
+#: code) or an address, IPv6 in brackets; then maybe a port.
+HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})(?::([0-9]{1,5}))?")
+
+
+def split_host(host_header: str) -> tuple[str, str] | None:
+    """Return (host, ":port" or "") from a Host header, or None if it is not a host name or address and a port.
+
+    urlsplit, which every link goes through later, raises for a port past 65535 and for brackets around anything
+    but an IPv6 address, and segno for a link too long for a QR code: such a Host is turned away here, once.
+    """
+    match = HOST_RE.fullmatch(host_header)
+    if not match or (match[2] and not 0 < int(match[2]) <= 65535):
+        return None
+    if match[1].startswith("[") and not is_ipv6_address(match[1][1:-1]):
+        return None
+    return match[1], f":{int(match[2])}" if match[2] else ""
+
+
+def is_ipv6_address(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def server_host(environ: dict) -> tuple[str, str]:
+    """Return (host, ":port" or "") from the server's SERVER_NAME and SERVER_PORT, or localhost when they name none.
+
+    Behind a trusted proxy, waitress sets both from X-Forwarded-Host, so they are checked like a Host header.
+    """
+    name, port = environ.get("SERVER_NAME", ""), environ.get("SERVER_PORT", "")
+    return split_host(f"{name}:{port}" if port else name) or split_host(name) or ("localhost", "")
 
 
 def install_url(base: str, token: str) -> str:
@@ -2726,8 +2755,19 @@ def qr_file(url: str, kind: str) -> bytes:
 
 
 def esc(value: object) -> str:
-    """Return *value* as text safe inside HTML and XML, attribute values included."""
-    return XML_INVALID_RE.sub("\ufffd", html.escape(str(value), quote=True))
+    """Return *value* as text safe inside HTML and XML, attribute values included: invisible characters shown
+    escaped, as term() shows them."""
+    text = html.escape(str(value), quote=True)
+    if not text.isascii():
+        text = NON_ASCII_RE.sub(_shown_if_invisible, text)
+    return XML_INVALID_RE.sub("\ufffd", text)
+
+
+def _shown_if_invisible(match: re.Match) -> str:
+    # A certificate's name must not reorder the page around it (U+202E shows the rest backwards, the fingerprint
+    # too), break a line where none is, or hide characters between look-alike names.
+    char = match[0]
+    return ascii(char)[1:-1] if unicodedata.category(char) in INVISIBLE_CATEGORIES else char
 
 
 def term(value: object) -> str:
@@ -3509,7 +3549,7 @@ def request_key(environ: dict) -> tuple:
     get = environ.get
     return (get("PATH_INFO"), get("REQUEST_METHOD"), get("QUERY_STRING"), get("HTTP_USER_AGENT"), get("HTTP_ACCEPT"),
             get("HTTP_X_OPERAMINI_PHONE_UA"), get("HTTP_X_UCBROWSER_DEVICE_UA"), get("HTTP_DEVICE_STOCK_UA"),
-            get("HTTP_HOST"), get("SERVER_NAME"), get("wsgi.url_scheme"), get("SCRIPT_NAME"))
+            get("HTTP_HOST"), get("SERVER_NAME"), get("SERVER_PORT"), get("wsgi.url_scheme"), get("SCRIPT_NAME"))
 
 
 def request_signature(environ: dict, rest: str) -> tuple:
@@ -3532,8 +3572,9 @@ def was_forwarded(environ: dict) -> bool:
     return any(key.startswith("HTTP_X_FORWARDED_") or key in ("HTTP_FORWARDED", "HTTP_X_REAL_IP") for key in environ)
 
 
-#: A path prefix a proxy may forward: segments of URL-safe characters.
+#: A path prefix a proxy may forward: segments of URL-safe characters, short enough to leave room in a QR code.
 PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+MAX_PREFIX = 256
 
 
 @functools.cache
@@ -3811,10 +3852,10 @@ def address_in(text: str, networks: tuple) -> bool:
 
 def origin_of(url: str) -> str:
     """Return the origin of *url* as browsers send it: scheme://host[:port], default ports left out."""
-    parts = urllib.parse.urlsplit(url.strip().lower())
     try:
+        parts = urllib.parse.urlsplit(url.strip().lower())
         port = parts.port
-    except ValueError:
+    except ValueError:  # a "[" alone, brackets around no IPv6 address, a port past 65535: no origin at all
         return ""
     default = {"http": 80, "https": 443}.get(parts.scheme)
     host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
@@ -3828,7 +3869,7 @@ def basic_password(request: Request) -> str | None:
         return None
     try:
         return base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")[2]
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII to begin with, or not UTF-8 once decoded
         return ""
 
 
@@ -4180,7 +4221,7 @@ class App:
         with the client's address.
         """
         prefix = environ.pop("HTTP_X_FORWARDED_PREFIX", "").strip().rstrip("/")
-        if prefix and self.is_trusted_peer(environ) and PREFIX_RE.fullmatch(prefix):
+        if prefix and self.is_trusted_peer(environ) and len(prefix) <= MAX_PREFIX and PREFIX_RE.fullmatch(prefix):
             environ["SCRIPT_NAME"] = prefix + environ.get("SCRIPT_NAME", "")
 
     def prefix(self, request: Request) -> str:
@@ -4302,6 +4343,8 @@ class App:
     def dispatch(self, request: Request) -> Response | Prepared:
         handler, arguments = match_route(request.method, request.path)
         if not request.path.startswith(LENIENT_PATHS) and not self.is_our_host(request):
+            if host_of(request.header("Host")) is None:
+                raise BadRequest("The Host header is not a valid host name.", code="bad-host")
             raise BadRequest(f"This server does not answer to the name \u201c{request.header('Host')[:100]}\u201d, "
                              "so the request was refused. Open certdrop by its own address; its administrator can "
                              "add other names to allowed_hosts in certdrop.ini.", code="foreign-host")
@@ -4334,14 +4377,21 @@ class App:
         if self.config.public_url:
             return self.config.public_url
         scheme = request.environ.get("wsgi.url_scheme", "http")
-        host_header = request.header("Host") if self.is_our_host(request) else ""
-        if not host_header:
-            port = request.environ.get("SERVER_PORT", "")
-            host_header = request.environ.get("SERVER_NAME", "localhost") + (f":{port}" if port else "")
-        host, port = split_host(host_header)
+        host, port = self.link_host(request)
         if (scheme, port) in (("http", ":80"), ("https", ":443")):
             port = ""
         return f"{scheme}://{host.lower()}{port}{request.script_name}"
+
+    def link_host(self, request: Request) -> tuple[str, str]:
+        """Return (host, ":port" or "") for links: the Host header's when it names this server (is_our_host), else
+        the server's own name and port.
+
+        Outside /c/ dispatch has refused any other Host already (400). Under /c/ a link someone was handed must
+        open whatever a proxy, a CNAME or a phone's gateway made of the header, so there the server's name stands in.
+        """
+        given = request.header("Host")
+        host = split_host(given) if given and self.is_our_host(request) else None
+        return host or server_host(request.environ)
 
     def home(self, request: Request) -> str:
         return self.prefix(request) + "/"

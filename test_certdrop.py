@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import typing
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -1706,9 +1707,9 @@ def test_a_desktop_page_decided_for_one_host_is_not_served_for_another(testapp, 
 
 @pytest.mark.parametrize("key", ["QUERY_STRING", *("HTTP_" + name.upper().replace("-", "_")
                                                     for name in certdrop.CLIENT_HEADERS),
-                                 "HTTP_HOST", "SERVER_NAME", "wsgi.url_scheme", "SCRIPT_NAME"])
+                                 "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "wsgi.url_scheme", "SCRIPT_NAME"])
 def test_every_value_an_answer_depends_on_is_in_the_request_signature(key):
-    environ = {"QUERY_STRING": "", "HTTP_USER_AGENT": "x", "HTTP_HOST": "h", "SERVER_NAME": "s",
+    environ = {"QUERY_STRING": "", "HTTP_USER_AGENT": "x", "HTTP_HOST": "h", "SERVER_NAME": "s", "SERVER_PORT": "80",
                "wsgi.url_scheme": "http", "SCRIPT_NAME": ""}
     assert certdrop.request_signature({**environ, key: "other"}, "") != certdrop.request_signature(environ, "")
     assert certdrop.request_signature(environ, "ca.cer") != certdrop.request_signature(environ, "")
@@ -2606,18 +2607,39 @@ def test_uploads_are_rate_limited_per_client(testapp, root_der):
 
 # -- property test: any request gets an answer, never a 500 ---------------------------------------------------
 
-HEADER_NAMES = ["User-Agent", "Accept", "Host", "Origin", "Cookie", "Authorization", "Content-Type",
-                "If-None-Match", "X-Forwarded-For", "X-OperaMini-Phone-UA", "Sec-Fetch-Site", "Forwarded"]
+HEADER_NAMES = ["User-Agent", "Accept", "Accept-Language", "Host", "Origin", "Referer", "Cookie", "Authorization",
+                "If-None-Match", "Sec-Fetch-Site", "X-OperaMini-Phone-UA", "X-UCBrowser-Device-UA", "Device-Stock-UA",
+                "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Port", "X-Forwarded-Prefix",
+                "X-Real-IP", "Forwarded", "Transfer-Encoding"]
 LATIN_1 = st.text(st.characters(max_codepoint=255), max_size=80)  # WSGI carries header values as latin-1 text
+
+#: Header values that gave a 500 once, or are the kind that could: ports past 65535, brackets around no IPv6
+#: address, more digits than int() takes, non-ASCII where base64 is expected, names too long for a QR code.
+HOSTILE_HEADER_VALUES = [
+    "x:99999", "localhost:65536", "[::1]:99999", "x:0", "x:", "[", "[::::]", "[1.2.3.4]", "[v1.x]", "a.b" + "x" * 3000,
+    "http://[", "http://[::::]", "http://[1.2.3.4]", "http://x:99999", "null",
+    f"certdrop_session={'9' * 5000}.x", f"certdrop_session={'9' * 20}.x", "certdrop_session=\xe9.x",
+    "Basic \xe9", "Basic ////", "Basic ====", "basic", "9" * 5000, "-1", "*/*;q=" + "9" * 5000, "text/html;q=nan",
+    "for=x;proto=http;host=x:99999", 'for="[";host="[::::]"', "/" + "a" * 3000, "%", "%zz", "\x00\r\n", 'W/"x", *',
+]
+HEADER_VALUES = st.one_of(
+    LATIN_1, st.sampled_from(HOSTILE_HEADER_VALUES),
+    st.text(max_size=40).map(lambda text: text.encode("utf-8").decode("latin-1")),  # UTF-8, as a server passes it on
+    st.tuples(st.sampled_from(["x", "localhost", "127.0.0.1", "[::1]", "[::]", "ca.example.org", ""]),
+              st.text("0123456789", max_size=12)).map(":".join),
+    st.text("0123456789", min_size=1, max_size=6000))
 
 
 @functools.cache
-def fuzzed_app():
-    """Return an app with one live link, shared by the examples (hypothesis runs them many times per test)."""
+def fuzzed_app(proxy_headers=None):
+    """Return an app with one live link, shared by the examples (hypothesis runs them many times per test); with
+    *proxy_headers*, behind a trusted proxy that may send those. No rate limit: a 429 would hide what it answers."""
     directory = Path(tempfile.mkdtemp(prefix="certdrop-fuzz-"))
     config = certdrop.Config(data_dir=directory, upload_password=KEY, lookup_limit=0, upload_limit=0,
-                             allowed_hosts=TEST_HOSTS)
+                             allowed_hosts=TEST_HOSTS, trusted_proxy="*" if proxy_headers else "",
+                             trusted_proxy_headers=proxy_headers or certdrop.Config.trusted_proxy_headers)
     app = certdrop.make_app(config, certdrop.make_store(config, FakeClock()), FakeClock())
+    app.sign_in_failures = app.mail_budget = certdrop.RateLimiter(0, 0)
     token = app.store.add(certdrop.load_der(mutation_corpus()[0]), NOW + DAY)[0].token
     return app, token
 
@@ -2645,16 +2667,112 @@ def requests(draw):
     return environ
 
 
+class ErrorRecords(logging.Handler):
+    """Keep the ERROR records certdrop logs while it is attached: an answer below 500 may still hide a traceback."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def answer_of(app, environ):
+    """Return (status, headers, body) of *app* for *environ*, asserting nothing was logged at ERROR on the way."""
+    answers, errors, logger = [], ErrorRecords(), logging.getLogger("certdrop")
+    logger.addHandler(errors)
+    try:
+        body = b"".join(app(environ, lambda status, headers: answers.append((status, headers))))
+    finally:
+        logger.removeHandler(errors)
+    assert not errors.records, [record.getMessage() for record in errors.records]
+    (status, headers), = answers
+    return int(status[:3]), headers, body
+
+
 @PROPERTY_SETTINGS
 @hypothesis.given(requests())
 def test_any_request_gets_an_answer_below_500_with_clean_headers(environ):
     app, _ = fuzzed_app()
-    answers = []
-    body = b"".join(app(environ, lambda status, headers: answers.append((status, headers))))
-    (status, headers), = answers
-    assert int(status[:3]) < 500, (status, body[:300])
+    status, headers, body = answer_of(app, environ)
+    assert status < 500, (status, body[:300])
     for name, value in headers:
         assert value.isprintable() and "\r" not in value and "\n" not in value, (name, value)
+
+
+#: Every route, each asked with GET and POST (one of them answers 405), by a token that exists and one that does not.
+ROUTE_PATHS = ["/", "/signin", "/signout", "/mail", "/healthz", "/c/{token}", "/c/{token}/card", "/c/{token}/qr.svg",
+               "/c/{token}/qr.png", "/c/{token}/x.crt", "/c/{token}/revoke", "/c/zzzzzzzz"]
+
+#: How each app of fuzzed_app is reached: directly, or behind a proxy trusted with X-Forwarded-* or Forwarded.
+PROXY_HEADERS = [None, certdrop.Config.trusted_proxy_headers, ("forwarded",)]
+
+
+def route_environ(token, method, path, headers, remote_addr="127.0.0.1"):
+    """Return the environ of a request to a route of ROUTE_PATHS with *headers* ({name: value}), from
+    *remote_addr*, with a form body that names every field a route reads; Content-Length and Content-Type among
+    *headers* replace the body's own."""
+    body = f"ttl=1d&host=x&key=k&secret=s&to=a%40b.example&tokens={token}".encode()
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path.format(token=token), "QUERY_STRING": "",
+               "SCRIPT_NAME": "", "SERVER_NAME": "localhost", "SERVER_PORT": "80", "REMOTE_ADDR": remote_addr,
+               "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
+               "CONTENT_TYPE": "application/x-www-form-urlencoded"}
+    for name, value in headers.items():
+        key = name.upper().replace("-", "_")
+        environ[key if key in ("CONTENT_LENGTH", "CONTENT_TYPE") else "HTTP_" + key] = value
+    return environ
+
+
+@hypothesis.settings(PROPERTY_SETTINGS, max_examples=200)
+@hypothesis.given(st.sampled_from(PROXY_HEADERS), st.sampled_from(["GET", "POST"]), st.sampled_from(ROUTE_PATHS),
+                  st.dictionaries(st.sampled_from([*HEADER_NAMES, "Content-Length", "Content-Type"]), HEADER_VALUES,
+                                  min_size=1, max_size=4),
+                  st.sampled_from(["127.0.0.1", "192.168.1.9", "203.0.113.7"]))
+def test_any_header_value_on_any_route_gets_an_answer_below_500_and_logs_no_error(proxy_headers, method, path,
+                                                                                  headers, remote_addr):
+    app, token = fuzzed_app(proxy_headers)
+    status, _, body = answer_of(app, route_environ(token, method, path, headers, remote_addr))
+    assert status < 500, (status, body[:300])
+
+
+#: Requests that answered 500 before every header parse was made total: (header, value, routes it broke).
+HEADERS_THAT_BROKE = {
+    "host-port-past-65535": ("Host", "x:99999", ["/c/{token}", "/c/{token}/card", "/c/{token}/qr.svg"]),
+    "host-brackets-around-no-ipv6": ("Host", "[1.2.3.4]", ["/c/{token}", "/c/{token}/card", "/signout"]),
+    "host-too-long-for-a-qr-code": ("Host", "a.b" + "x" * 3000, ["/c/{token}", "/c/{token}/card", "/c/{token}/qr.png"]),
+    "origin-bracket": ("Origin", "http://[", ["/", "/signin", "/signout", "/mail", "/c/{token}/revoke"]),
+    "origin-brackets-around-no-ipv6": ("Origin", "http://[::::]", ["/", "/signin", "/signout"]),
+    "session-of-5000-digits": ("Cookie", f"certdrop_session={'9' * 5000}.x", ["/", "/mail"]),
+    "basic-not-ascii": ("Authorization", "Basic \xe9", ["/", "/mail"]),
+    "forwarded-host-port-past-65535": ("X-Forwarded-Host", "x:99999", ["/c/{token}", "/c/{token}/card"]),
+    "forwarded-host-in-brackets": ("Forwarded", 'for=x;host="[::::]"', ["/c/{token}", "/signout"]),
+    "prefix-too-long-for-a-qr-code": ("X-Forwarded-Prefix", "/" + "a" * 3000, ["/c/{token}", "/c/{token}/qr.png"]),
+}
+
+
+@pytest.mark.parametrize("case", HEADERS_THAT_BROKE, ids=HEADERS_THAT_BROKE)
+def test_header_values_that_once_gave_500_get_an_answer_below_500(case):
+    name, value, paths = HEADERS_THAT_BROKE[case]
+    for proxy_headers in PROXY_HEADERS:  # behind a proxy, the session and the key are checked for loopback too
+        app, token = fuzzed_app(proxy_headers)
+        for path in paths:
+            method = "GET" if path.startswith("/c/") and not path.endswith("revoke") else "POST"
+            status, _, body = answer_of(app, route_environ(token, method, path, {name: value}))
+            assert status < 500, (proxy_headers, path, status, body[:300])
+
+
+def test_a_broken_host_under_c_gets_links_on_the_servers_own_name():
+    app, token = fuzzed_app()
+    environ = route_environ(token, "GET", "/c/{token}", {"Host": "ca.example.org:99999"})
+    environ.update(SERVER_NAME="ca.example.net", SERVER_PORT="8080", HTTP_USER_AGENT=USER_AGENTS["windows-edge"][0])
+    status, _, body = answer_of(app, environ)
+    assert status == 200 and f"http://ca.example.net:8080/c/{token}".encode() in body and b"99999" not in body
+
+
+def test_a_broken_host_elsewhere_is_refused_with_400(testapp):
+    answer = testapp.post("/signout", headers={"Host": "x:99999"}, status=400)
+    assert "The Host header is not a valid host name." in html_text(answer)
 
 
 # -- HTTP: uploads from scripts ------------------------------------------------------------------------------
@@ -3331,6 +3449,8 @@ HOSTILE_NAMES = {
     "control-characters": ("bell\x07 escape\x1b[31m nul\x00 del\x7f", _ASN1Type.UTF8String),
     "right-to-left": ("\u202eAC tooR", _ASN1Type.UTF8String),
     "line-separator": ("one\u2028two\u2029three", _ASN1Type.UTF8String),
+    "bidi-isolates-and-marks": ("\u2067Root\u2069 \u202aCA\u202c \u202b\u202d\u200e\u200f\u061c", _ASN1Type.UTF8String),
+    "invisible-format": ("Root\u200bCA\u200d\u2060\ufeff\u00ad\U000e0041 \u0085", _ASN1Type.UTF8String),
     "dollar": ("$(name) $$", _ASN1Type.UTF8String),
     "very-long": ("x" * 10000, _ASN1Type.UTF8String),
     "printable-string": ("Printable (CA) = x'y", _ASN1Type.PrintableString),
@@ -3343,6 +3463,13 @@ HOSTILE_NAMES = {
     "octet-string": ("<octet>\r\n", _ASN1Type.OctetString),
 }
 HOSTILE = pytest.mark.parametrize("hostile", HOSTILE_NAMES, ids=HOSTILE_NAMES, indirect=True)
+
+#: What must not reach a page from a name: format characters (bidi controls, zero-width ones), line and paragraph
+#: separators, and controls beyond ASCII.
+def invisible_characters(text):
+    return [f"U+{ord(char):04X}" for char in text if unicodedata.category(char) in ("Cf", "Zl", "Zp")
+            or unicodedata.category(char) == "Cc" and not char.isascii()]
+
 
 #: What must not reach a terminal line: controls, bidi controls, line separators.
 TERMINAL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -3397,6 +3524,22 @@ def test_hostile_names_leave_nokia_pages_well_formed_and_wml_variables_escaped(t
         assert b"<script>" not in page.body
         if accept == "text/vnd.wap.wml":
             assert not re.search(rb"(?<!\$)\$(?!\$)", page.body.replace(b"$$", b"")), "a lone $ starts a WML variable"
+
+
+@HOSTILE
+def test_hostile_names_cannot_reorder_or_break_html_xhtml_mp_or_wml_pages(testapp, hostile, hostile_token):
+    desktop = {"User-Agent": USER_AGENTS["windows-edge"][0]}
+    leaf = hostile_certificate(hostile.name, hostile.string_type, ca=False, issuer=make_name("Some Issuing CA"))
+    pages = {"upload result": upload(testapp, hostile.der, status=200),
+             "refusal": testapp.post("/", upload_files=[("cert", "leaf.cer", leaf)], status=422),
+             "landing": testapp.get(f"/c/{hostile_token}", headers=desktop),
+             "card": testapp.get(f"/c/{hostile_token}/card", headers=desktop),
+             "xhtml-mp": s40_page(testapp, hostile_token, "application/vnd.wap.xhtml+xml"),
+             "wml": s40_page(testapp, hostile_token, "text/vnd.wap.wml")}
+    for where, page in pages.items():
+        assert not invisible_characters(page.text), where
+    shown = {ascii(char)[1:-1] for char in hostile.name if invisible_characters(char)}
+    assert all(escape in pages["landing"].text and escape in pages["wml"].text for escape in shown)
 
 
 @HOSTILE
