@@ -40,6 +40,7 @@ import plistlib
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import smtplib
 import socket
@@ -1668,6 +1669,15 @@ MAX_CACHED_ANSWERS = 32
 #: 1,124 bytes.
 ENTRY_OVERHEAD, ANSWER_OVERHEAD = 3700, 1100
 
+#: Bytes of a typical entry file: /healthz writes a probe this large, as an upload writes an entry. The largest
+#: of the 150 roots in Debian's ca-certificates makes a format-2 entry of 3,590 bytes (the median one 2,380), and
+#: file systems give every file whole 4 KiB blocks.
+ENTRY_FILE_BYTES = 4096
+
+#: Free bytes /healthz asks of the data directory's file system: what an upload of a root and its intermediate
+#: writes, an entry file and an index file for each, a block apiece.
+UPLOAD_FREE_BYTES = 4 * ENTRY_FILE_BYTES
+
 #: The facts of a certificate that an entry file keeps beside its DER, with their JSON types. A cold lookup builds
 #: the Certificate from them instead of parsing the DER and verifying its signature again.
 STORED_FACTS = {
@@ -1871,6 +1881,13 @@ def _stored_time(value: object) -> float:
     return float(value)
 
 
+class WriteFailure(typing.NamedTuple):
+    """A write to the data directory that failed: in which directory, and why (as storage_cause says it)."""
+
+    directory: Path
+    cause: str
+
+
 class CachedEntry:
     """An entry in the store's memory, with its file's signature when read and when that was last checked."""
 
@@ -1911,6 +1928,8 @@ class Store:
         self._lock = threading.Lock()
         self._writing = threading.Lock()  # threads of this process; the lock file keeps other processes out
         self._owner: tuple[int, int] | None = None  # whom files made by root belong to: the directory's owner
+        #: The last write that failed, until a write (or /healthz's probe) there works again: /healthz says so.
+        self._failure: WriteFailure | None = None
 
     # -- paths: derived only from tokens that match TOKEN_RE -------------------------------------------------
 
@@ -2222,17 +2241,34 @@ class Store:
         return counts
 
     def check_health(self) -> str | None:
-        """Return what keeps the data directory from working (missing, unreadable, full, read-only), or None.
+        """Return why an upload would fail now (the data directory missing, unreadable, full, read-only), or None.
 
-        Writes, syncs and removes a small probe file, as an upload would; it creates nothing else.
+        Looks for room for an upload, then writes, syncs and removes a probe the size of an entry file, as an
+        upload would; it creates nothing else. After a write failed, the probe goes where that write went, and
+        until it works there (or a real write does) the answer names that failure.
         """
         if not self.directory.is_dir():
             return f"The data directory {self.directory} is missing."
-        probe = self.directory / f".healthz.{secrets.token_hex(4)}.tmp"
+        failure = self._failure
+        if failure is not None:
+            if self._probe(failure.directory if failure.directory.is_dir() else self.directory):
+                return f"The data directory {failure.cause}: the last write failed, and none has worked since."
+            with self._lock:
+                if self._failure is failure:  # not one that failed meanwhile
+                    self._failure = None
+        return self._probe(self.directory)
+
+    def _probe(self, directory: Path) -> str | None:
+        """Return why an entry file could not be written in *directory* now, or None."""
+        probe = directory / f".healthz.{secrets.token_hex(4)}.tmp"
         try:
-            os.listdir(self.directory)
+            os.listdir(directory)
+            free = shutil.disk_usage(directory).free  # statvfs's f_bavail on POSIX, GetDiskFreeSpaceEx on Windows
+            if free < UPLOAD_FREE_BYTES:  # room for the probe may still be no room for an upload
+                return (f"The data directory is full: {free // 1024:,} KiB free, and an upload needs "
+                        f"{UPLOAD_FREE_BYTES // 1024:,} KiB.")
             with open(probe, "xb") as file:
-                file.write(b"certdrop health probe\n")
+                file.write(os.urandom(ENTRY_FILE_BYTES))  # random: a compressing file system stores it whole
                 file.flush()
                 os.fsync(file.fileno())
         except OSError as error:
@@ -2305,6 +2341,7 @@ class Store:
     def _write(self, entry: Entry, remember: bool = True, unsynced: set[Path] | None = None) -> None:
         path = self.path_for(entry.token)
         _write_atomically(path, entry.to_json(), owner=self._owner, unsynced=unsynced)
+        self._failure = None  # an entry file was written: whatever failed before works again
         if remember:
             self._remember(entry, _file_signature(path))
 
@@ -2328,12 +2365,19 @@ class Store:
             if self._owner:
                 os.chown(self.directory / ".lock", *self._owner)
         except OSError as error:
-            raise StorageError.from_os_error(error) from None
+            raise self._failed(error) from None
         with self._writing, lock_file, locked(lock_file):
             try:
                 yield
             except OSError as error:
-                raise StorageError.from_os_error(error) from None
+                raise self._failed(error) from None
+
+    def _failed(self, error: OSError) -> StorageError:
+        """Remember the write that failed with *error*, for /healthz; return the StorageError to raise."""
+        where = Path(error.filename).parent if isinstance(error.filename, (str, os.PathLike)) else self.directory
+        self._failure = WriteFailure(where if where.is_relative_to(self.directory) else self.directory,
+                                     storage_cause(error))
+        return StorageError.from_os_error(error)
 
 
 @contextlib.contextmanager
@@ -4261,7 +4305,7 @@ class App:
         return Response(b"", 204, MIME_TEXT, (("Cache-Control", "public, max-age=86400"),))
 
     def health(self, request: Request) -> Response:
-        """Answer 200 while the data directory can be read and written (a real probe write), else 503 and why."""
+        """Answer 200 while an upload would work (room for one, a probe write of an entry's size), else 503 and why."""
         problem = self.store.check_health()
         if problem:
             raise ServiceUnavailable(problem)

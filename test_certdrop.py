@@ -3226,6 +3226,27 @@ def test_a_read_only_data_directory_answers_503_and_recovers_when_writable(small
     upload(app, other_der, status=201)
 
 
+def test_healthz_answers_503_when_there_is_room_for_a_byte_but_not_for_an_upload(small_disk, clock, root_der):
+    app, config = disk_app(small_disk, clock)
+    config.data_dir.mkdir()
+    filler = fill(small_disk)
+    os.truncate(filler, filler.stat().st_size // 4096 * 4096 - 4096)  # one block free
+    assert "is full" in app.get("/healthz", status=503, headers={"User-Agent": "curl/8.5.0"}).text
+    upload(app, root_der, status=503)
+
+
+def test_healthz_names_a_failed_upload_until_an_upload_works_again(small_disk, clock, root_der, other_der):
+    app, config = disk_app(small_disk, clock)
+    upload(app, root_der)
+    filler = fill(small_disk)
+    upload(app, other_der, status=503)
+    health = app.get("/healthz", status=503, headers={"User-Agent": "curl/8.5.0"}).text
+    assert "is full: the last write failed, and none has worked since" in health
+    filler.unlink()
+    upload(app, other_der, status=201)
+    assert app.get("/healthz").text == "ok\n"
+
+
 def test_the_command_line_says_why_it_cannot_store(small_disk, capsys, root_pem):
     (small_disk / "certdrop.ini").write_text("[certdrop]\ndata_dir = data\n")
     (small_disk / "ca.pem").write_bytes(root_pem)
