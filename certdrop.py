@@ -40,10 +40,12 @@ import plistlib
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import smtplib
 import socket
 import ssl
+import stat
 import string
 import sys
 import threading
@@ -120,6 +122,9 @@ STALE_TEMP_SECONDS = 60
 
 #: The generated upload key, in the data directory, readable by its owner only.
 UPLOAD_KEY_FILE = "upload.key"
+
+#: The longest upload key file read: a generated key is 23 characters, one chosen by hand a line of typing.
+MAX_KEY_BYTES = 1024
 
 MIME_CA_CERT = "application/x-x509-ca-cert"
 MIME_HTML = "text/html; charset=utf-8"
@@ -1683,6 +1688,15 @@ MAX_CACHED_ANSWERS = 32
 #: 1,124 bytes.
 ENTRY_OVERHEAD, ANSWER_OVERHEAD = 3700, 1100
 
+#: Bytes of a typical entry file: /healthz writes a probe this large, as an upload writes an entry. The largest
+#: of the 150 roots in Debian's ca-certificates makes a format-2 entry of 3,590 bytes (the median one 2,380), and
+#: file systems give every file whole 4 KiB blocks.
+ENTRY_FILE_BYTES = 4096
+
+#: Free bytes /healthz asks of the data directory's file system: what an upload of a root and its intermediate
+#: writes, an entry file and an index file for each, a block apiece.
+UPLOAD_FREE_BYTES = 4 * ENTRY_FILE_BYTES
+
 #: The facts of a certificate that an entry file keeps beside its DER, with their JSON types. A cold lookup builds
 #: the Certificate from them instead of parsing the DER and verifying its signature again.
 STORED_FACTS = {
@@ -1705,16 +1719,25 @@ def certificate_facts(certificate: Certificate) -> dict:
 
 def certificate_from_facts(der: bytes, facts: object) -> Certificate:
     """Return the Certificate that an entry file's facts describe; raise ValueError if they are damaged."""
-    if not isinstance(facts, dict) or not all(isinstance(facts.get(name), kind) for name, kind in STORED_FACTS.items()):
+    if not isinstance(facts, dict) or not all(is_stored(facts.get(name), kind) for name, kind in STORED_FACTS.items()):
         raise ValueError("damaged certificate facts")
     values = {name: tuple(facts[name]) if kind is list else facts[name] for name, kind in STORED_FACTS.items()}
     if not all(isinstance(item, str) for name, kind in STORED_FACTS.items() if kind is list for item in values[name]):
         raise ValueError("damaged certificate facts")
+    if not re.fullmatch("-?[0-9a-f]+", facts["serial"]):  # as certificate_facts writes it; int() takes more
+        raise ValueError("damaged serial number")
     values.update(serial=int(facts["serial"], 16), not_before=datetime.fromisoformat(facts["not_before"]),
                   not_after=datetime.fromisoformat(facts["not_after"]))
     if values["not_before"].tzinfo is None or values["not_after"].tzinfo is None:
         raise ValueError("damaged certificate dates")
     return Certificate(der=der, sha256=hashlib.sha256(der).digest(), sha1=hashlib.sha1(der).digest(), **values)
+
+
+def is_stored(value: object, kind: type | tuple[type, ...]) -> bool:
+    """Return whether *value*, read from JSON, is of *kind*; JSON's true is no integer here, as Python's is."""
+    if isinstance(value, bool):
+        return kind is bool or isinstance(kind, tuple) and bool in kind
+    return isinstance(value, kind)
 
 
 class Remembered(typing.NamedTuple):
@@ -1738,7 +1761,9 @@ class Remembered(typing.NamedTuple):
     def from_record(cls, record: object) -> "Remembered":
         if not isinstance(record, dict) or not isinstance(record.get("name"), str) or len(record["name"]) > 100_000:
             raise ValueError("damaged memory of the certificate")
-        return cls(record["name"], bytes.fromhex(record["sha256"])[:32], _stored_time(record["not_before"]),
+        if not isinstance(record.get("sha256"), str) or not re.fullmatch("[0-9a-f]{64}", record["sha256"]):
+            raise ValueError("damaged fingerprint of the certificate")
+        return cls(record["name"], bytes.fromhex(record["sha256"]), _stored_time(record["not_before"]),
                    _stored_time(record["not_after"]))
 
 
@@ -1779,6 +1804,12 @@ class Entry:
             return load_der(self.der)
         return certificate_from_facts(self.der, self.facts)
 
+    def with_certificate(self) -> "Entry":
+        """Return this entry with its certificate built, so that damage to it shows when read, not when served."""
+        if self.der is not None:
+            _ = self.certificate
+        return self
+
     @property
     def remembered(self) -> Remembered | None:
         """Return which certificate this link is or was for, when known."""
@@ -1806,11 +1837,16 @@ class Entry:
     def from_json(cls, token: str, data: bytes) -> "Entry":
         """Return the entry stored in *data* (format 1 or 2); raise ValueError if it is damaged or another token's.
 
-        The certificate itself is built from its facts (or parsed) only when first used.
+        The certificate itself is built from its facts (or parsed) only when first used. Files are read through
+        Store._decode, which turns whatever else damage makes this raise into DamagedEntry.
         """
         record = cls.record_of(token, data)
+        # JSON's \ud800 escapes make lone surrogates, which pass every type check and then fail the page's encoding
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
         der = None
         if "der" in record:
+            if not isinstance(record["der"], str):
+                raise ValueError("damaged certificate")
             der = base64.b64decode(record["der"], validate=True)
             if hashlib.sha256(der).hexdigest() != record.get("sha256"):
                 raise ValueError("certificate does not match its checksum")
@@ -1826,8 +1862,11 @@ class Entry:
     def record_of(token: str, data: bytes) -> dict:
         """Return the JSON record of *token*'s entry file; raise ValueError if it is none, or another token's."""
         record = json.loads(data)
-        if not isinstance(record, dict) or record.get("format") not in (1, ENTRY_FORMAT) or record.get("token") != token:
-            raise ValueError("wrong format or token")
+        version = record.get("format") if isinstance(record, dict) else None
+        if type(version) is not int or version not in (1, ENTRY_FORMAT):  # in Python, JSON's true and 2.0 are 1 and 2
+            raise ValueError("wrong format")
+        if record.get("token") != token:
+            raise ValueError("another token's entry")
         return record
 
     @staticmethod
@@ -1859,6 +1898,13 @@ def _stored_time(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TIMESTAMP:
         raise ValueError(f"time out of range: {value!r:.40}")
     return float(value)
+
+
+class WriteFailure(typing.NamedTuple):
+    """A write to the data directory that failed: in which directory, and why (as storage_cause says it)."""
+
+    directory: Path
+    cause: str
 
 
 class CachedEntry:
@@ -1901,6 +1947,8 @@ class Store:
         self._lock = threading.Lock()
         self._writing = threading.Lock()  # threads of this process; the lock file keeps other processes out
         self._owner: tuple[int, int] | None = None  # whom files made by root belong to: the directory's owner
+        #: The last write that failed, until a write (or /healthz's probe) there works again: /healthz says so.
+        self._failure: WriteFailure | None = None
 
     # -- paths: derived only from tokens that match TOKEN_RE -------------------------------------------------
 
@@ -1993,42 +2041,57 @@ class Store:
         Its certificate is built now, so that a damaged one is caught here, not while serving.
         """
         path, data, signature = self._read_file(token)
-        try:
-            entry = Entry.from_json(token, data)
-            if entry.der is not None:
-                _ = entry.certificate
-        except (ValueError, KeyError, TypeError, binascii.Error, CertificateError) as error:
-            raise self._damaged(path, error) from None
-        return entry, signature
+        return self._decode(path, lambda: Entry.from_json(token, data).with_certificate()), signature
 
     def _has_ended(self, token: str, now: float) -> bool:
         """Return whether *token*'s entry no longer serves at *now*, reading only its times."""
         path, data, _ = self._read_file(token, signature=False)
+        return self._decode(path, lambda: Entry.has_ended(Entry.record_of(token, data), now))
+
+    @classmethod
+    def _decode(cls, path: str, decode: Callable[[], typing.Any]) -> typing.Any:
+        """Return decode(), which makes values of the bytes of the entry file *path*; raise DamagedEntry for
+        anything it raises.
+
+        The one place where a file's content becomes values. Decoding is pure, so what it raises comes from the
+        bytes: RecursionError from JSON nested 100,000 deep, ValueError from a 100,000-digit number, TypeError or
+        KeyError from a field of the wrong kind, and whatever damage no one foresaw makes the parser or a check
+        raise. MemoryError counts too: what one file's decoding asks for comes from its size or shape, the
+        verdict is not kept (the next read tries again), and a sweep must go on to the other files.
+        """
         try:
-            return Entry.has_ended(Entry.record_of(token, data), now)
-        except (ValueError, KeyError, TypeError) as error:
-            raise self._damaged(path, error) from None
+            return decode()
+        except Exception as error:
+            raise cls._damaged(path, error) from None
 
     def _read_file(self, token: str, signature: bool = True) -> tuple[str, bytes, tuple]:
         """Return the path, bytes and (with *signature*) signature of *token*'s entry file; raise UnknownToken if
-        there is none. Plain system calls: the sweep reads every file, a cold lookup one."""
+        there is none, DamagedEntry if it is no file certdrop can read. Plain system calls: the sweep reads every
+        file, a cold lookup one."""
         path = self._file(token)
-        try:
-            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:  # O_NONBLOCK: a FIFO under an entry's name would make open() wait for a writer for ever
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             raise UnknownToken(token) from None
+        except PermissionError as error:  # made by another user (root, say): for this process, unreadable
+            raise self._damaged(path, error) from None
         try:
+            status = os.fstat(descriptor)  # before reading: a file changed in place meanwhile is read again later
+            if not stat.S_ISREG(status.st_mode):
+                raise self._damaged(path, ValueError("not a regular file"))
             chunks = [os.read(descriptor, 65536)]
             while len(chunks[-1]) == 65536:  # an entry is a few kilobytes; a huge certificate takes more reads
                 chunks.append(os.read(descriptor, 65536))
-            return path, b"".join(chunks), _file_signature_of(descriptor) if signature else ()
+            return path, b"".join(chunks), _signature_of(status) if signature else ()
         finally:
             os.close(descriptor)
 
     @staticmethod
     def _damaged(path: str, error: Exception) -> DamagedEntry:
-        log.warning("entry %s is damaged and is not served: %s", path, error)
-        return DamagedEntry(f"the entry file {path} is damaged: {error}")
+        # a damaged field can be megabytes long, and some errors quote it whole
+        reason = f"{type(error).__name__}: {error}"[:200]
+        log.warning("entry %s is damaged and is not served: %s", path, reason)
+        return DamagedEntry(f"the entry file {path} is damaged: {reason}")
 
     def _remember(self, entry: Entry, signature: tuple) -> None:
         with self._lock:
@@ -2133,14 +2196,28 @@ class Store:
     def upload_key(self, *, replace: bool = False) -> tuple[str, bool]:
         """Return the upload key kept in the data directory and whether it was made just now (made if missing)."""
         path = self.directory / UPLOAD_KEY_FILE
-        with contextlib.suppress(FileNotFoundError):
-            key = path.read_text("ascii").strip()
-            if key and not replace:
-                return key, False
+        key = self._stored_key(path)
+        if key and not replace:
+            return key, False
         with self._exclusive():
             key = "-".join("".join(secrets.choice(TOKEN_ALPHABET) for _ in range(5)) for _ in range(4))
             _write_atomically(path, key.encode("ascii") + b"\n", mode=0o600, owner=self._owner)
         return key, True
+
+    @staticmethod
+    def _stored_key(path: Path) -> str:
+        """Return the key kept in *path*; "" if there is none, or only a damaged one, which a new key replaces."""
+        try:
+            with open(path, "rb") as file:
+                data = file.read(MAX_KEY_BYTES + 1)
+        except FileNotFoundError:
+            return ""
+        key = data.strip()
+        if len(data) > MAX_KEY_BYTES or not key.isascii() or not key.decode("ascii").isprintable():
+            # one line that people type or paste; anything else is a damaged file, not a key anyone can use
+            log.warning("the upload key file %s is damaged: a new key replaces it", path)
+            return ""
+        return key.decode("ascii")
 
     def revoke(self, token: str) -> Entry:
         """Revoke *token* now, keeping a tombstone; raise UnknownToken or LinkGone if it is not live."""
@@ -2183,17 +2260,34 @@ class Store:
         return counts
 
     def check_health(self) -> str | None:
-        """Return what keeps the data directory from working (missing, unreadable, full, read-only), or None.
+        """Return why an upload would fail now (the data directory missing, unreadable, full, read-only), or None.
 
-        Writes, syncs and removes a small probe file, as an upload would; it creates nothing else.
+        Looks for room for an upload, then writes, syncs and removes a probe the size of an entry file, as an
+        upload would; it creates nothing else. After a write failed, the probe goes where that write went, and
+        until it works there (or a real write does) the answer names that failure.
         """
         if not self.directory.is_dir():
             return f"The data directory {self.directory} is missing."
-        probe = self.directory / f".healthz.{secrets.token_hex(4)}.tmp"
+        failure = self._failure
+        if failure is not None:
+            if self._probe(failure.directory if failure.directory.is_dir() else self.directory):
+                return f"The data directory {failure.cause}: the last write failed, and none has worked since."
+            with self._lock:
+                if self._failure is failure:  # not one that failed meanwhile
+                    self._failure = None
+        return self._probe(self.directory)
+
+    def _probe(self, directory: Path) -> str | None:
+        """Return why an entry file could not be written in *directory* now, or None."""
+        probe = directory / f".healthz.{secrets.token_hex(4)}.tmp"
         try:
-            os.listdir(self.directory)
+            os.listdir(directory)
+            free = shutil.disk_usage(directory).free  # statvfs's f_bavail on POSIX, GetDiskFreeSpaceEx on Windows
+            if free < UPLOAD_FREE_BYTES:  # room for the probe may still be no room for an upload
+                return (f"The data directory is full: {free // 1024:,} KiB free, and an upload needs "
+                        f"{UPLOAD_FREE_BYTES // 1024:,} KiB.")
             with open(probe, "xb") as file:
-                file.write(b"certdrop health probe\n")
+                file.write(os.urandom(ENTRY_FILE_BYTES))  # random: a compressing file system stores it whole
                 file.flush()
                 os.fsync(file.fileno())
         except OSError as error:
@@ -2220,7 +2314,9 @@ class Store:
     def _sweep_entry(self, token: str, now: float, unsynced: set[Path]) -> str | None:
         try:  # again, under the lock: an upload may have renewed it since the first look
             entry, _ = self._read(token)
-        except UnknownToken:  # removed meanwhile; one that became damaged is left alone too
+        except DamagedEntry:  # its times could be read, the rest cannot: left for a person to look at
+            return "damaged"
+        except UnknownToken:  # removed meanwhile
             return None
         gone = entry.gone(now)
         if gone is None:
@@ -2264,6 +2360,7 @@ class Store:
     def _write(self, entry: Entry, remember: bool = True, unsynced: set[Path] | None = None) -> None:
         path = self.path_for(entry.token)
         _write_atomically(path, entry.to_json(), owner=self._owner, unsynced=unsynced)
+        self._failure = None  # an entry file was written: whatever failed before works again
         if remember:
             self._remember(entry, _file_signature(path))
 
@@ -2287,12 +2384,19 @@ class Store:
             if self._owner:
                 os.chown(self.directory / ".lock", *self._owner)
         except OSError as error:
-            raise StorageError.from_os_error(error) from None
+            raise self._failed(error) from None
         with self._writing, lock_file, locked(lock_file):
             try:
                 yield
             except OSError as error:
-                raise StorageError.from_os_error(error) from None
+                raise self._failed(error) from None
+
+    def _failed(self, error: OSError) -> StorageError:
+        """Remember the write that failed with *error*, for /healthz; return the StorageError to raise."""
+        where = Path(error.filename).parent if isinstance(error.filename, (str, os.PathLike)) else self.directory
+        self._failure = WriteFailure(where if where.is_relative_to(self.directory) else self.directory,
+                                     storage_cause(error))
+        return StorageError.from_os_error(error)
 
 
 class SignOuts:
@@ -2391,8 +2495,7 @@ def _file_signature(path: Path | str) -> tuple:
     return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
-def _file_signature_of(descriptor: int) -> tuple:
-    status = os.fstat(descriptor)
+def _signature_of(status: os.stat_result) -> tuple:
     return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
@@ -4412,7 +4515,7 @@ class App:
         return Response(b"", 204, MIME_TEXT, (("Cache-Control", "public, max-age=86400"),))
 
     def health(self, request: Request) -> Response:
-        """Answer 200 while the data directory can be read and written (a real probe write), else 503 and why."""
+        """Answer 200 while an upload would work (room for one, a probe write of an entry's size), else 503 and why."""
         problem = self.store.check_health()
         if problem:
             raise ServiceUnavailable(problem)
@@ -5065,6 +5168,9 @@ def sweep_forever(store: Store, interval: float, stop: threading.Event) -> None:
             counts = store.sweep()
         except (OSError, CertdropError) as error:
             log.error("sweep failed: %s", error)
+            continue
+        except Exception:  # a bug, or damage no reader foresaw: this thread is the only sweep the server has
+            log.exception("sweep failed; sweeping again in %s seconds", interval)
             continue
         if any(counts.values()):
             log.info("sweep: %(expired)d expired, %(deleted)d deleted, %(temporary)d temporary files", counts)

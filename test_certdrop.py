@@ -1863,6 +1863,37 @@ def test_entry_file_that_is_not_an_object_is_damaged(config, clock, root_der):
         certdrop.make_store(config, clock).get(token)
 
 
+#: One value of each kind JSON has; a field holding a kind it may not hold is damage.
+JSON_VALUES = {"null": None, "boolean": True, "integer": 2, "number": 2.5, "text": "x", "list": [], "object": {}}
+JSON_KIND_OF = {str: "text", int: "integer", bool: "boolean", list: "list", type(None): "null"}
+
+#: The kinds each field of an entry file may hold: "certificate.x" is a fact, "was.x" a tombstone's memory.
+ENTRY_FIELD_KINDS = {
+    "format": {"integer"}, "token": {"text"}, "created": {"integer", "number"}, "expires": {"integer", "number"},
+    "revoked": {"integer", "number", "null"}, "der": {"text"}, "sha256": {"text"}, "certificate": {"object", "null"},
+    "revoke_sha256": {"text", "null"}, "was": {"object", "null"}, "was.name": {"text"}, "was.sha256": {"text"},
+    "was.not_before": {"integer", "number"}, "was.not_after": {"integer", "number"},
+    **{f"certificate.{name}": {JSON_KIND_OF[kind] for kind in (kinds if isinstance(kinds, tuple) else (kinds,))}
+       for name, kinds in certdrop.STORED_FACTS.items()},
+}
+
+
+@pytest.mark.parametrize("field", ENTRY_FIELD_KINDS)
+def test_an_entry_file_holding_any_other_kind_of_value_in_a_field_is_damaged(config, clock, root_der, other_der,
+                                                                             field):
+    store = certdrop.make_store(config, clock)
+    token = (store.revoke(add(store, other_der).token) if field.startswith("was") else add(store, root_der)).token
+    path = store.path_for(token)
+    record = json.loads(path.read_text())
+    outer, _, inner = field.partition(".")
+    for kind, value in JSON_VALUES.items():
+        if kind in ENTRY_FIELD_KINDS[field]:
+            continue
+        path.write_text(json.dumps({**record, outer: {**record[outer], inner: value} if inner else value}))
+        with pytest.raises(certdrop.DamagedEntry):
+            certdrop.make_store(config, clock).lookup(token)
+
+
 def test_storing_the_same_certificate_again_keeps_the_link_and_the_later_expiry(store, root_der):
     first = add(store, root_der, days=30)
     again, created = store.add(certdrop.load_der(root_der), store.clock() + DAY)
@@ -2394,6 +2425,17 @@ def test_the_upload_key_is_made_once_kept_private_and_printed_by_upload_key(ini,
     assert cli(ini, "upload-key") == 0 and capsys.readouterr().out.strip() == key
     assert cli(ini, "upload-key", "--new") == 0
     assert capsys.readouterr().out.strip() not in ("", key)
+
+
+@pytest.mark.parametrize("damaged", [b"\xff\xfe\x00k\x00e\x00y", b"key\x1b[2J", b"k" * 2000],
+                         ids=["not-ascii", "a-control-character", "longer-than-a-line-of-typing"])
+def test_a_damaged_upload_key_file_is_replaced_by_a_new_key(ini, tmp_path, capsys, damaged):
+    path = tmp_path / "data" / "upload.key"
+    path.parent.mkdir()
+    path.write_bytes(damaged)
+    assert cli(ini, "upload-key") == 0
+    key = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"([a-z2-9]{5}-){3}[a-z2-9]{5}", key) and path.read_text().strip() == key
 
 
 def test_upload_key_defers_to_upload_password(tmp_path, capsys):
@@ -3430,6 +3472,27 @@ def test_a_read_only_data_directory_answers_503_and_recovers_when_writable(small
     upload(app, other_der, status=201)
 
 
+def test_healthz_answers_503_when_there_is_room_for_a_byte_but_not_for_an_upload(small_disk, clock, root_der):
+    app, config = disk_app(small_disk, clock)
+    config.data_dir.mkdir()
+    filler = fill(small_disk)
+    os.truncate(filler, filler.stat().st_size // 4096 * 4096 - 4096)  # one block free
+    assert "is full" in app.get("/healthz", status=503, headers={"User-Agent": "curl/8.5.0"}).text
+    upload(app, root_der, status=503)
+
+
+def test_healthz_names_a_failed_upload_until_an_upload_works_again(small_disk, clock, root_der, other_der):
+    app, config = disk_app(small_disk, clock)
+    upload(app, root_der)
+    filler = fill(small_disk)
+    upload(app, other_der, status=503)
+    health = app.get("/healthz", status=503, headers={"User-Agent": "curl/8.5.0"}).text
+    assert "is full: the last write failed, and none has worked since" in health
+    filler.unlink()
+    upload(app, other_der, status=201)
+    assert app.get("/healthz").text == "ok\n"
+
+
 def test_the_command_line_says_why_it_cannot_store(small_disk, capsys, root_pem):
     (small_disk / "certdrop.ini").write_text("[certdrop]\ndata_dir = data\n")
     (small_disk / "ca.pem").write_bytes(root_pem)
@@ -3813,6 +3876,119 @@ def test_list_show_and_gc_report_a_damaged_entry_and_carry_on(ini, cert_file, tm
     assert "is damaged" in capsys.readouterr().err
     assert cli(ini, "gc") == 0
     assert "1 damaged entries left as they are" in capsys.readouterr().out
+
+
+DEEP = 100_000
+
+
+def entry_file(change=lambda record: record, raw=b""):
+    """Return a writer of an entry file: its record as *change* makes it, with *raw* JSON text where it put "RAW"."""
+    def write(path, record):
+        path.write_bytes(json.dumps(change(record)).encode().replace(b'"RAW"', raw))
+    return write
+
+
+def entry_bytes(data):
+    return lambda path, record: path.write_bytes(data)
+
+
+def entry_node(make):
+    """Return a writer that puts what *make* makes (a directory, a FIFO) where the entry file was."""
+    def write(path, record):
+        path.unlink()
+        make(path)
+    return write
+
+
+def every_field(value):
+    return entry_file(lambda record: dict.fromkeys(record, value))
+
+
+def in_facts(raw=b"", **facts):
+    return entry_file(lambda record: {**record, "certificate": {**record["certificate"], **facts}}, raw)
+
+
+def as_tombstone(**was):
+    def change(record):
+        kept = {name: value for name, value in record.items() if name not in ("der", "sha256", "certificate")}
+        return {**kept, "was": {"name": "CA", "sha256": "0" * 64, "not_before": 0, "not_after": 1, **was}}
+    return entry_file(change)
+
+
+HOSTILE_ENTRY_FILES = {
+    "arrays-nested-100000-deep": entry_bytes(b"[" * DEEP + b"]" * DEEP),
+    "objects-nested-100000-deep": entry_bytes(b'{"a":' * DEEP + b"1" + b"}" * DEEP),
+    "facts-nested-100000-deep": entry_file(lambda record: {**record, "certificate": "RAW"},
+                                           b"[" * DEEP + b"]" * DEEP),
+    "tombstone-memory-nested-100000-deep": entry_file(lambda record: {**record, "was": "RAW"},
+                                                      b'{"a":' * DEEP + b"1" + b"}" * DEEP),
+    "expiry-1e400": entry_file(lambda record: {**record, "expires": "RAW"}, b"1e400"),
+    "creation-an-integer-of-100000-digits": entry_file(lambda record: {**record, "created": "RAW"}, b"9" * DEEP),
+    "key-size-an-integer-of-100000-digits": in_facts(b"9" * DEEP, key_bits="RAW"),
+    "serial-not-hex": in_facts(serial="0x1f"),
+    "token-ten-million-characters": entry_file(lambda record: {**record, "token": "a" * 10 ** 7}),
+    "certificate-ten-million-characters-of-base64": entry_file(lambda record: {**record, "der": "A" * 10 ** 7}),
+    "end-date-ten-million-digits": in_facts(not_after="9" * 10 ** 7),
+    "tombstone-name-of-a-million-characters": as_tombstone(name="x" * 10 ** 6),
+    "tombstone-fingerprint-not-hex": as_tombstone(sha256="zz" * 32),
+    "name-with-a-lone-surrogate": in_facts(subject="CN=\ud800", common_names=["\ud800"]),
+    "format-true": entry_file(lambda record: {**record, "format": True}),
+    "format-two-point-zero": entry_file(lambda record: {**record, "format": 2.0}),
+    "key-size-true": in_facts(key_bits=True),
+    "every-field-null": every_field(None),
+    "every-field-true": every_field(True),
+    "every-field-a-number": every_field(1.5),
+    "every-field-text": every_field("x"),
+    "every-field-a-list": every_field([]),
+    "every-field-an-object": every_field({}),
+    "not-utf-8": entry_bytes(b'{"format": 2, "token": "\xff\xfe"}'),
+    "a-list": entry_bytes(b"[1, 2, 3]"),
+    "a-string": entry_bytes(b'"entry"'),
+    "a-number": entry_bytes(b"2"),
+    "null": entry_bytes(b"null"),
+    "empty": entry_bytes(b""),
+    "a-directory": entry_node(Path.mkdir),
+    "a-fifo": entry_node(os.mkfifo),
+}
+
+
+def node_state(path):
+    status = os.lstat(path)
+    return status.st_ino, status.st_mode, status.st_size, status.st_mtime_ns
+
+
+@pytest.mark.parametrize("write", HOSTILE_ENTRY_FILES.values(), ids=HOSTILE_ENTRY_FILES)
+def test_a_hostile_entry_file_is_damaged_everywhere_and_crashes_nothing(write, ini, config, clock, root_der,
+                                                                        other_der, capsys):
+    store = certdrop.make_store(config, clock)
+    token = add(store, root_der).token
+    store.add(certdrop.load_der(other_der), clock() - 1)  # ended: the sweep makes it a tombstone
+    path = store.path_for(token)
+    write(path, json.loads(path.read_text()))
+    before = node_state(path)
+    client(certdrop.make_app(config, clock=clock)).get(f"/c/{token}", status=404)
+    assert certdrop.make_store(config, clock).sweep()["expired"] == 1, "the other entries are swept"
+    assert cli(ini, "list") == 0
+    assert f"{token}  damaged  (not served; the log says why)" in capsys.readouterr().out.splitlines()
+    assert cli(ini, "gc") == 0
+    assert node_state(path) == before
+
+
+def test_the_background_sweep_logs_an_unexpected_error_and_sweeps_again(store, monkeypatch, caplog):
+    stop, sweeps = threading.Event(), []
+
+    def sweep():
+        sweeps.append("sweep")
+        if len(sweeps) == 1:
+            raise RecursionError("maximum recursion depth exceeded")
+        stop.set()
+        return {"expired": 0, "deleted": 0, "temporary": 0, "damaged": 0}
+
+    monkeypatch.setattr(store, "sweep", sweep)
+    certdrop.sweep_forever(store, 0.01, stop)
+    assert len(sweeps) == 2
+    failure = next(record for record in caplog.records if "sweep failed" in record.getMessage())
+    assert failure.levelno == logging.ERROR and failure.exc_info[0] is RecursionError
 
 
 @pytest.mark.parametrize("package", ["cryptography", "multipart"])
