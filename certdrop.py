@@ -295,6 +295,11 @@ class PayloadTooLarge(HTTPError):
     code = "too-large"
 
 
+class URITooLong(HTTPError):
+    status = 414
+    code = "too-long"
+
+
 class UnsupportedMediaType(HTTPError):
     status = 415
     code = "unsupported-type"
@@ -491,7 +496,8 @@ class Config:
     sweep_interval: int = 3600  # seconds between expiry sweeps in the server; 0 = never
     max_upload: int = 1024 * 1024  # bytes in one upload request
     cache_entries: int = 10000  # entries kept in memory
-    cache_size: int = 24 * 1024 * 1024  # bytes those entries and their built answers may take, about
+    cache_size: int = 24 * 1024 * 1024  # bytes those entries may take, about
+    answer_cache_size: int = 16 * 1024 * 1024  # bytes the answers kept to answer requests again may take, about
     threads: int = 4  # waitress worker threads
     connection_limit: int = 1000  # open connections waitress holds at once; past it, new ones wait to be accepted
     channel_timeout: int = 30  # seconds a connection may stay silent (idle, or a request sent too slowly)
@@ -566,6 +572,7 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "max_upload": parse_size,
     "cache_entries": _parse_int(1, 10_000_000),
     "cache_size": parse_size,
+    "answer_cache_size": parse_size,
     "threads": _parse_int(1, 256),
     "connection_limit": _parse_int(10, 100_000),
     "channel_timeout": parse_duration,
@@ -1680,12 +1687,9 @@ EXPIRY_STEP = 60
 #: cached entry, each is looked for again after REVALIDATE_SECONDS, so links made by other processes appear.
 MAX_ABSENT_TOKENS = 4096
 
-#: Answers kept per entry. Devices need about a dozen; the rest are file names clients made up.
-MAX_CACHED_ANSWERS = 32
-
-#: Bytes a cached entry takes beyond its DER and its built answers, and an answer beyond its body: the cache's byte
-#: limit counts these. Measured with tracemalloc over 1,000 entries and their S60 and Android answers: 3,692 and
-#: 1,124 bytes.
+#: Bytes a cached entry takes beyond its DER, and a built answer beyond its body: the byte limits of the store's
+#: cache and of the AnswerCache count these. Measured with tracemalloc over 1,000 entries and their S60 and Android
+#: answers: 3,692 and 1,124 bytes.
 ENTRY_OVERHEAD, ANSWER_OVERHEAD = 3700, 1100
 
 #: Bytes of a typical entry file: /healthz writes a probe this large, as an upload writes an entry. The largest
@@ -1780,8 +1784,6 @@ class Entry:
     revoke_hash: str | None = None  # SHA-256 (hex) of the secret that removes this link from the web; never the secret
     #: the certificate's facts as its entry file keeps them (certificate_facts); None in entries of format 1
     facts: dict | None = dataclasses.field(default=None, compare=False, repr=False)
-    #: Answers built for this entry, so a hot token is served without rendering: answer -> Prepared
-    responses: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
     #: until when the link answers with its certificate: its expiry, or 0 once revoked or a tombstone
     serves_until: float = dataclasses.field(init=False, compare=False, repr=False)
 
@@ -1885,7 +1887,7 @@ class Entry:
         return bool(self.revoke_hash) and hmac.compare_digest(revoke_hash(secret), self.revoke_hash)
 
     def memory_size(self) -> int:
-        """Return about how many bytes this entry holds in memory, its built answers left out."""
+        """Return about how many bytes this entry holds in memory (its answers are the AnswerCache's)."""
         return ENTRY_OVERHEAD + len(self.der or b"")
 
 
@@ -1914,7 +1916,7 @@ class CachedEntry:
 
     def __init__(self, entry: Entry, signature: tuple, checked: float):
         self.entry, self.signature, self.checked = entry, signature, checked
-        self.size = entry.memory_size()  # grows with the answers built for the entry
+        self.size = entry.memory_size()
 
 
 class Store:
@@ -1923,7 +1925,8 @@ class Store:
     Files are replaced atomically and made durable before an upload is acknowledged, so a crash never leaves
     a half-written entry to serve. Several processes may share the directory: writers take a file lock, and a
     cached entry (or a token known to be unknown) is checked against the disk at most every REVALIDATE_SECONDS.
-    The cache holds at most *cache_entries* entries and about *cache_bytes* bytes, their built answers included;
+    The cache holds at most *cache_entries* entries and about *cache_bytes* bytes (their answers are the
+    AnswerCache's);
     the least recently used go first.
     """
 
@@ -1941,9 +1944,9 @@ class Store:
         self._cache: OrderedDict[str, CachedEntry] = OrderedDict()
         self._cached_bytes = 0
         self._absent: dict[str, float] = {}  # token -> when it was last seen to have no file (monotonic)
-        #: Called (under the store's lock, so quick) whenever memory replaces or drops an entry: whoever keeps
-        #: answers made from entries (the App's hot path) forgets them.
-        self.watchers: list[Callable[[], None]] = []
+        #: Called with the token (under the store's lock, so quick) whenever memory replaces or drops an entry:
+        #: whoever keeps answers made from that entry (the AnswerCache) forgets them.
+        self.watchers: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._writing = threading.Lock()  # threads of this process; the lock file keeps other processes out
         self._owner: tuple[int, int] | None = None  # whom files made by root belong to: the directory's owner
@@ -2099,35 +2102,21 @@ class Store:
             old = self._cache.pop(entry.token, None)
             if old is not None:
                 self._cached_bytes -= old.size
-                self._dropped()
+                self._dropped(entry.token)
             item = self._cache[entry.token] = CachedEntry(entry, signature, time.monotonic())
             self._cached_bytes += item.size
-            self._evict()
-
-    def remember_answer(self, entry: Entry, key: typing.Hashable, answer: object, size: int) -> None:
-        """Keep *answer* with *entry*, counted against the cache's byte limit, if memory still holds the entry.
-
-        An entry keeps at most MAX_CACHED_ANSWERS answers: clients choose file names, and memory must not follow.
-        """
-        with self._lock:
-            item = self._cache.get(entry.token)
-            if item is None or item.entry is not entry or len(entry.responses) >= MAX_CACHED_ANSWERS:
-                return
-            entry.responses[key] = answer
-            item.size += size
-            self._cached_bytes += size
             self._evict()
 
     def _evict(self) -> None:
         """Drop the least recently used entries while the cache is over a limit (the newest always stays)."""
         while len(self._cache) > 1 and (len(self._cache) > self.cache_entries or self._cached_bytes > self.cache_bytes):
-            _, item = self._cache.popitem(last=False)
+            token, item = self._cache.popitem(last=False)
             self._cached_bytes -= item.size
-            self._dropped()
+            self._dropped(token)
 
-    def _dropped(self) -> None:
+    def _dropped(self, token: str) -> None:
         for forget in self.watchers:
-            forget()
+            forget(token)
 
     def entries(self) -> Iterator[tuple[str, Entry | None]]:
         """Yield (token, entry) for every entry file on disk, live or gone; entry is None for a damaged file."""
@@ -2369,7 +2358,7 @@ class Store:
             item = self._cache.pop(token, None)
             if item is not None:
                 self._cached_bytes -= item.size
-                self._dropped()
+                self._dropped(token)
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -2689,12 +2678,11 @@ def is_ipv6_address(text: str) -> bool:
     return True
 
 
-def server_host(environ: dict) -> tuple[str, str]:
+def server_host(name: str, port: str) -> tuple[str, str]:
     """Return (host, ":port" or "") from the server's SERVER_NAME and SERVER_PORT, or localhost when they name none.
 
     Behind a trusted proxy, waitress sets both from X-Forwarded-Host, so they are checked like a Host header.
     """
-    name, port = environ.get("SERVER_NAME", ""), environ.get("SERVER_PORT", "")
     return split_host(f"{name}:{port}" if port else name) or split_host(name) or ("localhost", "")
 
 
@@ -3554,6 +3542,7 @@ ERROR_TITLES = {
     405: "Not at this address",
     410: "This link has ended",
     413: "That upload is too large",
+    414: "That address is too long",
     415: "That was not an upload",
     422: "certdrop cannot use this upload",
     429: "Too many tries",
@@ -3605,11 +3594,6 @@ class Request:
         decided = self.environ.get("certdrop.forwarded")  # by App.__call__, before any header was cleared
         return was_forwarded(self.environ) if decided is None else decided
 
-    @property
-    def signature(self) -> tuple:
-        """Return what an answer under /c/<token> depends on besides the token (see request_signature)."""
-        return request_signature(self.environ, self.path[3:].partition("/")[2])
-
     def read_body(self, limit: int) -> bytes:
         """Return the request body; raise PayloadTooLarge past *limit* bytes without reading it."""
         declared = self.environ.get("CONTENT_LENGTH") or ""
@@ -3632,42 +3616,97 @@ class Request:
         return body
 
 
-@functools.lru_cache(maxsize=4096)
 def token_path(path: str) -> tuple[str, str] | None:
-    """Return (the token in lower case, the rest after /c/<token>/) of a path under /c/, else None.
-
-    Kept for the paths asked for lately: a phone asking again costs one dictionary lookup, no new strings.
-    """
+    """Return (the token in lower case, the rest after /c/<token>/) of a path under /c/, else None."""
     if not path.startswith("/c/"):
         return None
     token, _, rest = path[3:].partition("/")
     return token.lower(), rest
 
 
-def request_key(environ: dict) -> tuple:
-    """Return everything the answer to a request under /c/ depends on: the path, the method, the query
-    (?format=), who is asking (the User-Agent, Accept and handset headers), and what the link's address is made of
-    (public_url aside). The hot path's key: spelt out key by key, since it runs on every request.
+#: The longest path and query certdrop reads (414 past it, before any cache or limit sees the request), and the
+#: longest request line and headers waitress takes (431 past it, from waitress itself: serve sets it).
+MAX_TARGET = 8 * 1024
+MAX_REQUEST_HEADERS = 32 * 1024
+
+
+class RequestKey(typing.NamedTuple):
+    """Every value of a request that its answer under /c/ and its access log line are made from, as the request
+    sent it: the hot path's key (request_key reads it, field by field, on every request).
+
+    The rule for this key and every key made from it (Signature, BuiltKey, RefusalKey, ErrorPage): it holds all that
+    what it keeps was made from. Whatever decides or renders a kept answer reads only its key's fields (decide,
+    build_answer and render_error take nothing else), so an answer cannot depend on something its key leaves out.
+    A request whose key is longer than MAX_KEPT_KEY characters is answered, never kept.
     """
+
+    path: str | None
+    method: str | None
+    query: str | None
+    user_agent: str | None
+    accept: str | None
+    opera_mini_phone_ua: str | None  # the handset behind Opera Mini's proxy
+    uc_browser_device_ua: str | None  # the handset behind UC Browser's proxy
+    device_stock_ua: str | None  # the handset's own browser, as some proxies and browsers pass it on
+    accept_language: str | None  # what Signature.language, the reader's language, is made from
+    host: str | None
+    server_name: str | None
+    server_port: str | None
+    scheme: str | None
+    script_name: str | None
+
+
+def request_key(environ: dict) -> RequestKey:
+    """Return the RequestKey of a request: spelt out, field by field, since it runs on every request."""
     get = environ.get
-    return (get("PATH_INFO"), get("REQUEST_METHOD"), get("QUERY_STRING"), get("HTTP_USER_AGENT"), get("HTTP_ACCEPT"),
-            get("HTTP_X_OPERAMINI_PHONE_UA"), get("HTTP_X_UCBROWSER_DEVICE_UA"), get("HTTP_DEVICE_STOCK_UA"),
-            get("HTTP_HOST"), get("SERVER_NAME"), get("SERVER_PORT"), get("wsgi.url_scheme"), get("SCRIPT_NAME"))
+    return RequestKey(get("PATH_INFO"), get("REQUEST_METHOD"), get("QUERY_STRING"), get("HTTP_USER_AGENT"),
+                      get("HTTP_ACCEPT"), get("HTTP_X_OPERAMINI_PHONE_UA"), get("HTTP_X_UCBROWSER_DEVICE_UA"),
+                      get("HTTP_DEVICE_STOCK_UA"), get("HTTP_ACCEPT_LANGUAGE"), get("HTTP_HOST"), get("SERVER_NAME"),
+                      get("SERVER_PORT"), get("wsgi.url_scheme"), get("SCRIPT_NAME"))
 
 
-def request_signature(environ: dict, rest: str) -> tuple:
-    """Return what an answer under /c/<token> depends on besides the token and the method: *rest*, the path after
-    /c/<token>/, and the rest of request_key.
+#: Keys longer than this (all their fields, in characters) are never kept: a client chooses them.
+MAX_KEPT_KEY = 4096
 
-    Two requests with one signature get the same answer for any token, so what was decided for one (the device,
-    the format, the file name) holds for the other.
+
+def key_length(key: RequestKey) -> int:
+    """Return how many characters *key*'s fields hold together."""
+    return sum(len(value) for value in key if value)
+
+
+class Signature(typing.NamedTuple):
+    """What a request under /c/<token> is decided by, whatever the token: its RequestKey without the path and the
+    method, with the path after /c/<token>/, and what is worked out once from the key's fields.
+
+    Two requests with one signature get the same answer for any token (see decide).
     """
-    return signature_of(request_key(environ), rest)
+
+    rest: str  # the path after /c/<token>/: "", "card", "qr.svg", a file name
+    query: str
+    user_agent: str
+    accept: str
+    opera_mini_phone_ua: str
+    uc_browser_device_ua: str
+    device_stock_ua: str
+    host: str  # the Host header as sent; links use it only when host_accepted
+    server_name: str
+    server_port: str
+    scheme: str
+    script_name: str
+    host_accepted: bool  # whether host names this server (App.is_our_name)
+    language: str  # the reader's language, from accept_language: "en", the one language certdrop speaks yet
+
+    @classmethod
+    def of(cls, key: RequestKey, rest: str, host_accepted: bool) -> "Signature":
+        return cls(rest, key.query or "", key.user_agent or "", key.accept or "", key.opera_mini_phone_ua or "",
+                   key.uc_browser_device_ua or "", key.device_stock_ua or "", key.host or "", key.server_name or "",
+                   key.server_port or "", key.scheme or "http", key.script_name or "", host_accepted,
+                   reader_language(key.accept_language or ""))
 
 
-def signature_of(key: tuple, rest: str) -> tuple:
-    """Return the request signature of a request_key whose path ends with *rest*."""
-    return (rest, *key[2:])
+def reader_language(accept_language: str) -> str:
+    """Return the language of answers for an Accept-Language header: English, the only one certdrop has yet."""
+    return "en"
 
 
 def was_forwarded(environ: dict) -> bool:
@@ -3782,33 +3821,56 @@ def answer_format(accept: str, user_agent: str, client: Client) -> str:
     return "html"
 
 
-def render_error(request: Request, error: HTTPError, home: str) -> Response:
-    title = ERROR_TITLES.get(error.status, HTTPStatus(error.status).phrase)
-    fmt = response_format(request)
-    headers = (("Vary", VARY), ("Cache-Control", "no-store"), *error.headers)
-    if error.status == 401:  # scripts answer a Basic challenge; browsers get the sign-in form instead of a dialog
-        headers += (("WWW-Authenticate", 'Basic realm="certdrop uploads", charset="UTF-8"' if fmt != "html"
+class ErrorPage(typing.NamedTuple):
+    """Everything an error answer is made of (render_error reads nothing else): the key it is kept by."""
+
+    status: int
+    code: str
+    message: str
+    headers: tuple[tuple[str, str], ...]
+    format: str  # "json", "text", "nokia" or "html" (response_format)
+    content_type: str  # of a Nokia page (nokia_page_type); "" for the rest
+    under_c: bool  # asked for a link: the page tells device users to ask whoever sent it
+    home: str  # the upload page's address
+    language: str = "en"
+
+    @classmethod
+    def of(cls, request: Request, error: HTTPError, home: str) -> "ErrorPage":
+        fmt = response_format(request)
+        content_type = nokia_page_type(request.header("Accept")) if fmt == "nokia" else ""
+        return cls(error.status, error.code, error.message, error.headers, fmt, content_type,
+                   request.path.startswith("/c/"), home)
+
+
+def render_error(page: ErrorPage, extra_html: str = "") -> Response:
+    """Return the answer for an error: a page, a Nokia page, a line of text or JSON, as *page* says.
+
+    *extra_html* (a refused upload's form) goes on HTML pages outside /c/; answers with it are never kept.
+    """
+    title = ERROR_TITLES.get(page.status, HTTPStatus(page.status).phrase)
+    headers = (("Vary", VARY), ("Cache-Control", "no-store"), *page.headers)
+    if page.status == 401:  # scripts answer a Basic challenge; browsers get the sign-in form instead of a dialog
+        headers += (("WWW-Authenticate", 'Basic realm="certdrop uploads", charset="UTF-8"' if page.format != "html"
                      else 'Form realm="certdrop uploads"'),)
-    if fmt == "nokia":  # a mistyped token on a WAP phone must still get a page that phone can show
-        content_type = nokia_page_type(request.header("Accept"))
-        message = f"{error.message} {ENDED_LINK_ADVICE}" if request.path.startswith("/c/") else error.message
-        return Response(render_nokia_message(title, message, content_type), error.status, content_type,
-                        headers + page_headers(content_type))
-    if fmt == "json":
-        body = json.dumps({"version": JSON_VERSION, "error": {"status": error.status, "code": error.code,
-                                                              "message": error.message}}).encode()
-        return Response(body, error.status, MIME_JSON, headers)
-    if fmt == "text":
-        line = f"{title}: {error.message} [{error.code}] ({error.status} {HTTPStatus(error.status).phrase})"
-        return Response(f"{term(line)}\n".encode(), error.status, MIME_TEXT, headers)
-    if error.status == 401:
-        return Response(render_signin(home, error.message), 401, MIME_HTML, headers + HTML_HEADERS)
-    if request.path.startswith("/c/"):
-        extra = f"<p>{esc(ENDED_LINK_ADVICE)}</p>"
+    if page.format == "nokia":  # a mistyped token on a WAP phone must still get a page that phone can show
+        message = f"{page.message} {ENDED_LINK_ADVICE}" if page.under_c else page.message
+        return Response(render_nokia_message(title, message, page.content_type), page.status, page.content_type,
+                        headers + page_headers(page.content_type))
+    if page.format == "json":
+        body = json.dumps({"version": JSON_VERSION, "error": {"status": page.status, "code": page.code,
+                                                              "message": page.message}}).encode()
+        return Response(body, page.status, MIME_JSON, headers)
+    if page.format == "text":
+        line = f"{title}: {page.message} [{page.code}] ({page.status} {HTTPStatus(page.status).phrase})"
+        return Response(f"{term(line)}\n".encode(), page.status, MIME_TEXT, headers)
+    if page.status == 401:
+        return Response(render_signin(page.home, page.message), 401, MIME_HTML, headers + HTML_HEADERS)
+    if page.under_c:
+        extra_html = f"<p>{esc(ENDED_LINK_ADVICE)}</p>"
     else:
-        extra = error.extra_html or f'<p><a href="{esc(home)}">Back to the upload page</a></p>'
-    page = render_page(title, render(ERROR_PAGE, title=title, message=error.message, extra_html=extra))
-    return Response(page, error.status, MIME_HTML, headers + HTML_HEADERS)
+        extra_html = extra_html or f'<p><a href="{esc(page.home)}">Back to the upload page</a></p>'
+    body = render_page(title, render(ERROR_PAGE, title=title, message=page.message, extra_html=extra_html))
+    return Response(body, page.status, MIME_HTML, headers + HTML_HEADERS)
 
 
 def format_size(size: int) -> str:
@@ -4149,6 +4211,415 @@ ACCESS_LOG = AccessLog()
 
 
 ###############################################################################
+# Answers under /c/ ###########################################################
+###############################################################################
+# What a request for a link gets: decided from its Signature alone (decide), whatever the token, and built from the
+# entry and that decision alone (build_answer). Both are pure, so what they make may be kept by those keys.
+
+
+class FileAnswer(typing.NamedTuple):
+    kind: str  # "der", "pem", "mobileconfig", "whc" or "whc-alt"
+    name: str  # the file name; one that starts with "." follows the certificate's own name (its file stem)
+    inline: bool  # False: sent with Content-Disposition: attachment
+    der_instead: bool = False  # an intermediate CA, which has no hashed certificate, sends its DER instead
+
+
+class PageAnswer(typing.NamedTuple):
+    client: Client
+    content_type: str  # HTML for browsers; XHTML-MP, WML or text/html for Nokia pages
+    prefix: str  # the path every address on the page starts with
+    base: str = ""  # on desktop pages: the address the link shown as a QR code is made from
+    language: str = "en"  # the language of the page's words
+
+
+class QrAnswer(typing.NamedTuple):
+    kind: str  # "svg" or "png"
+    base: str  # the address the link is made from
+
+
+class CardAnswer(typing.NamedTuple):
+    base: str
+    language: str = "en"
+
+
+class RedirectAnswer(typing.NamedTuple):
+    name: str  # as FileAnswer.name
+    base: str
+
+
+Answer = FileAnswer | PageAnswer | RedirectAnswer | QrAnswer | CardAnswer
+
+
+class Decision(typing.NamedTuple):
+    """What a request under /c/<token> gets, whatever the token: kept by the request's Signature."""
+
+    answer: Answer
+    device: str  # for the access log: the device class, or "-"
+
+
+#: Devices whose page is seen on a screen a phone can be pointed at: their pages show the link as a QR code.
+DESKTOP_DEVICES = ("windows", "macos", "linux", "firefox", "chromeos", "other")
+
+#: ``?format=`` values that name a file, and the extension of its file name.
+PUBLIC_FORMATS = {"der": ".crt", "pem": ".pem", "mobileconfig": ".mobileconfig", "whc": ".whc", "whc-alt": ".alt.whc"}
+
+#: File name endings under /c/<token>/, longest first.
+FILE_SUFFIXES = ((".alt.whc", "whc-alt"), (".whc", "whc"), (".mobileconfig", "mobileconfig"), (".pem", "pem"),
+                 (".cer", "der"), (".crt", "der"), (".der", "der"))
+
+
+def decide(signature: Signature, config: Config) -> Decision:
+    """Return what a request with *signature* gets for any live token: the page or file its device installs (or
+    the format ``?format=`` names), the file its name asks for, the card, or the QR code."""
+    rest = signature.rest
+    if rest in ("qr.svg", "qr.png"):
+        return Decision(QrAnswer(rest[3:], link_base(signature, config)), "-")
+    if rest == "card":
+        return Decision(CardAnswer(link_base(signature, config), signature.language), "-")
+    client = client_of_signature(signature)
+    if rest:
+        kind = next(kind for suffix, kind in FILE_SUFFIXES if rest.lower().endswith(suffix))
+        return Decision(file_answer(kind, rest, client, config), client.device)
+    chosen = dict(urllib.parse.parse_qsl(signature.query, keep_blank_values=True)).get("format")
+    if chosen is None:
+        return Decision(default_answer(signature, client, config), client.device)
+    if chosen == "page":
+        return Decision(page_answer(signature, client, config), client.device)
+    if chosen not in PUBLIC_FORMATS:
+        raise BadRequest(f"Unknown format {chosen[:40]!r}: choose der, pem, mobileconfig, whc, whc-alt or page.")
+    return Decision(file_answer(chosen, PUBLIC_FORMATS[chosen], client, config), client.device)
+
+
+def client_of_signature(signature: Signature) -> Client:
+    """Return who is asking, from the User-Agent and any handset UA a proxy browser passed on."""
+    handset = signature.opera_mini_phone_ua or signature.uc_browser_device_ua or signature.device_stock_ua
+    proxied = bool(signature.opera_mini_phone_ua or signature.uc_browser_device_ua)
+    return identify(signature.user_agent, handset, proxied)
+
+
+def default_answer(signature: Signature, client: Client, config: Config) -> Answer:
+    """Return what /c/<token> sends *client* when it does not choose a format."""
+    if client.device == "s60" and not client.via_proxy and config.s60_delivery != "page":
+        if config.s60_delivery == "redirect":  # a saved file keeps an extension the installer knows
+            return RedirectAnswer(".cer", link_base(signature, config))
+        return FileAnswer("der", ".cer", inline=not config.s60_attachment)
+    if client.device == "s40" and not client.via_proxy and config.s40_delivery != "page":
+        kind = config.s40_delivery
+        return FileAnswer(kind, ".cer" if kind == "der" else PUBLIC_FORMATS[kind], inline=True, der_instead=True)
+    if client.device in ("s60", "s40"):
+        return page_answer(signature, client, config)
+    if accepts_only_certificates(signature.accept) or TEXT_AGENT_RE.search(signature.user_agent):
+        return FileAnswer("der", ".crt", inline=False)
+    return page_answer(signature, client, config)
+
+
+def page_answer(signature: Signature, client: Client, config: Config) -> PageAnswer:
+    """Return the page for *client*: a small one for Nokia phones; desktops also show the link as a QR code."""
+    prefix = link_prefix(signature, config)
+    if client.device in ("s60", "s40"):
+        return PageAnswer(client, nokia_page_type(signature.accept), prefix, language=signature.language)
+    base = link_base(signature, config) if client.device in DESKTOP_DEVICES else ""
+    return PageAnswer(client, MIME_HTML, prefix, base, signature.language)
+
+
+def file_answer(kind: str, name: str, client: Client, config: Config) -> FileAnswer:
+    """Return the answer for file *kind* ("der", "pem", "mobileconfig", "whc" or "whc-alt") named *name*."""
+    if kind == "der":
+        # Nokia installers and Firefox's trust dialog take the body only without an attachment header.
+        inline = client.device in ("s40", "firefox") or (client.device == "s60" and not config.s60_attachment)
+        return FileAnswer("der", name, inline)
+    if kind == "pem":  # update-ca-certificates reads only PEM files named .crt
+        return FileAnswer("pem", re.sub(r"(?i)\.pem$", ".crt", name), inline=False)
+    return FileAnswer(kind, name, inline=kind != "mobileconfig")
+
+
+def link_base(signature: Signature, config: Config) -> str:
+    """Return the URL links start with: ``public_url``, else made from the Host when it names this server
+    (host_accepted), else from the server's own name and port.
+
+    Outside /c/ any other Host was refused (400). Under /c/ a link someone was handed must open whatever a proxy,
+    a CNAME or a phone's gateway made of the header, so there the server's own name stands in for it.
+    """
+    if config.public_url:
+        return config.public_url
+    given = split_host(signature.host) if signature.host and signature.host_accepted else None
+    host, port = given or server_host(signature.server_name, signature.server_port)
+    if (signature.scheme, port) in (("http", ":80"), ("https", ":443")):
+        port = ""
+    return f"{signature.scheme}://{host.lower()}{port}{signature.script_name.rstrip('/')}"
+
+
+def link_prefix(signature: Signature, config: Config) -> str:
+    """Return the path every address certdrop writes starts with: public_url's, else SCRIPT_NAME."""
+    if config.public_url:
+        return urllib.parse.urlsplit(config.public_url).path.rstrip("/")
+    return signature.script_name.rstrip("/")
+
+
+def whc_default(config: Config) -> tuple[str, int]:
+    """Return the default hashed-certificate layout and its charset, for the Series 40 code in e-mails."""
+    return whc_kinds(config)[0], config.whc_charset
+
+
+def whc_kinds(config: Config) -> tuple[str, str]:
+    """Return the hashed-certificate layouts as (default, other)."""
+    direct = config.whc_layout == "der-direct"
+    return ("whc-direct", "whc-length") if direct else ("whc-length", "whc-direct")
+
+
+def build_answer(entry: Entry, answer: Answer, config: Config) -> Response:
+    """Return *answer* for *entry*, made from the two alone (and the settings)."""
+    certificate = entry.certificate
+    headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY))
+    if isinstance(answer, FileAnswer):
+        return build_file(certificate, answer, headers, config)
+    if isinstance(answer, PageAnswer) and answer.client.device in ("s60", "s40"):
+        body = render_nokia_page(certificate, answer.client, f"{answer.prefix}/c/{entry.token}",
+                                 answer.content_type, whc_kinds(config), config.whc_charset)
+        return Response(body, 200, answer.content_type, headers + page_headers(answer.content_type))
+    # the rest name the link itself, on the address the request came by
+    link = lead_url(install_url(answer.base, entry.token)) if answer.base else ""
+    if isinstance(answer, RedirectAnswer):
+        location = f"{answer.base}/c/{entry.token}/{file_name(certificate, answer.name)}"
+        return Response(b"", 302, MIME_TEXT, (("Location", location), *headers))
+    if isinstance(answer, PageAnswer):
+        return Response(render_landing(certificate, answer.client, f"{answer.prefix}/c/{entry.token}", link),
+                        200, MIME_HTML, headers + HTML_HEADERS)
+    if isinstance(answer, CardAnswer):
+        return Response(render_card(certificate, link), 200, MIME_HTML, headers + HTML_HEADERS)
+    content_type = "image/svg+xml" if answer.kind == "svg" else "image/png"
+    return Response(qr_file(link, answer.kind), 200, content_type,
+                    headers + (("Content-Security-Policy", "default-src 'none'"),))
+
+
+def build_file(certificate: Certificate, answer: FileAnswer, headers: tuple, config: Config) -> Response:
+    kind, name = answer.kind, answer.name
+    if kind in ("whc", "whc-alt") and not certificate.self_signed:
+        if not answer.der_instead:
+            raise NotFound("There is no hashed certificate for an intermediate CA: the WAP format needs a "
+                           "self-signed root. Use the .cer file instead.")
+        kind, name = "der", ".cer"
+    layout = whc_kinds(config)[kind == "whc-alt"] if kind in ("whc", "whc-alt") else kind
+    body, content_type = file_body(certificate, layout, config.whc_charset)
+    if not answer.inline:
+        headers += (("Content-Disposition", f'attachment; filename="{file_name(certificate, name)}"'),)
+    return Response(body, 200, content_type, headers)
+
+
+def file_name(certificate: Certificate, name: str) -> str:
+    """Return the file name an answer names: *name*, or, for an extension alone, the certificate's own name with it."""
+    return f"{certificate.file_stem}{name}" if name.startswith(".") else name
+
+
+###############################################################################
+# Answer cache ################################################################
+###############################################################################
+# Everything certdrop keeps across requests to answer them again without deciding, building or rendering has one
+# owner, the AnswerCache: named keys (RequestKey and the keys made from it, whose rule RequestKey states), and one
+# byte budget, answer_cache_size, shared out among its parts. Other things kept across requests have bounds of
+# their own, listed in README's "Memory" table: the store's entries (cache_size), the rate limiters' tables, the
+# access log's queue, the sign-outs.
+
+
+class BoundedMap:
+    """A dict that holds at most *max_bytes*, as its callers count their items; the first put go first.
+
+    Lookups are plain dict lookups (the hot path's), so "first put" stands in for "least recently used": an item
+    forgotten while still asked for is made again and put back at the end. Keys over *max_bytes* are never kept.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: dict = {}
+        self._sizes: dict = {}
+        self._lock = threading.Lock()
+        self.get = self.items.get
+
+    def put(self, key: typing.Hashable, value: object, size: int) -> list:
+        """Keep *value* by *key*, counted as *size* bytes; return the (key, value) pairs forgotten to make room."""
+        if size > self.max_bytes:
+            return []
+        forgotten = []
+        with self._lock:
+            self.bytes += size - self._sizes.pop(key, 0)
+            self.items[key] = value
+            self._sizes[key] = size
+            while self.bytes > self.max_bytes:
+                oldest = next(iter(self._sizes))
+                self.bytes -= self._sizes.pop(oldest)
+                forgotten.append((oldest, self.items.pop(oldest)))
+        return forgotten
+
+    def pop(self, key: typing.Hashable) -> None:
+        with self._lock:
+            if key in self._sizes:
+                self.bytes -= self._sizes.pop(key)
+                del self.items[key]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class HotAnswer(typing.NamedTuple):
+    """An answer the hot path serves as it is, kept by RequestKey while the app's clock reads in [since, until).
+
+    *until* is when the entry ends or, sooner, when the store is due to look at its file again (a revocation by
+    another process); a clock set back before *since* makes it look again too.
+    """
+
+    prepared: Prepared
+    tails: dict[int, str]  # status -> the access log line after the client's address (see access_tail)
+    token: str = ""  # whose answer this is; "" for a refusal
+    since: float = -math.inf
+    until: float = math.inf
+
+
+class BuiltKey(typing.NamedTuple):
+    """An answer built for one entry (build_answer reads the entry and the answer, nothing else)."""
+
+    token: str
+    answer: Answer
+
+
+class RefusalKey(typing.NamedTuple):
+    """The 404 of an unknown token or the 429 of a limited client, the same for every token of a signature."""
+
+    signature: Signature
+    status: int
+    seconds: int  # the Retry-After of a 429; 0 for a 404
+
+
+class HotRefusalKey(typing.NamedTuple):
+    """The same refusal, found by request key without making a signature."""
+
+    key: RequestKey
+    status: int
+    seconds: int
+
+
+def hot_tail(key: RequestKey, prepared: Prepared | None, device: str) -> str:
+    """Return the access log tail of a GET with request key *key* answered with *prepared* (None: a 304)."""
+    code, size = (prepared.code, len(prepared.body[0])) if prepared else (304, 0)
+    return access_tail("GET", key.script_name or "", key.path or "", key.query or "", code, size, device)
+
+
+#: Bytes the parts of a kept item take beyond what their keys' and bodies' lengths count, measured with
+#: tracemalloc: a RequestKey and its HotAnswer, a Signature and its Decision, a key of an error page.
+HOT_OVERHEAD, DECISION_OVERHEAD, KEY_OVERHEAD = 2000, 1500, 600
+
+#: Answers kept per token: devices need about a dozen; the rest are file names clients made up.
+MAX_ANSWERS_PER_TOKEN = 32
+
+
+class AnswerCache:
+    """What certdrop keeps to answer requests again without deciding, building or rendering (see the section).
+
+    Its parts, each a BoundedMap with a share of *max_bytes*:
+    - hot: RequestKey -> HotAnswer, a live token's answer found by one lookup (App.serve_hot);
+    - decisions: Signature -> Decision, what a request gets whatever the token (decide);
+    - built: BuiltKey -> Prepared, an answer built for one entry (build_answer);
+    - refusals: RefusalKey -> Prepared and HotRefusalKey -> HotAnswer, the 404s and 429s of the lookup limit;
+    - errors: ErrorPage -> Prepared, every other error answer (render_error).
+    Forgetting one token (the store replaced or dropped its entry) forgets its hot and built answers only.
+    """
+
+    SHARES = {"hot": 0.25, "decisions": 0.1, "built": 0.45, "refusals": 0.1, "errors": 0.1}
+
+    def __init__(self, max_bytes: int):
+        self.hot, self.decisions, self.built, self.refusals, self.errors = (
+            BoundedMap(int(max_bytes * share)) for share in self.SHARES.values())
+        self._keys_of: dict[str, set] = {}  # token -> its keys in hot and built
+        self._lock = threading.Lock()
+        #: counts forget() calls: an answer found before one is not kept after it (see keep_hot)
+        self.generation = 0
+
+    def decision(self, signature: Signature, config: Config) -> Decision:
+        """Return what requests with *signature* get: decided once, then kept."""
+        decision = self.decisions.get(signature)
+        if decision is None:
+            decision = decide(signature, config)
+            self.decisions.put(signature, decision, signature_length(signature) + DECISION_OVERHEAD)
+        return decision
+
+    def answer(self, entry: Entry, answer: Answer, config: Config) -> Prepared:
+        """Return *answer* for *entry*: built once, then kept while the entry is."""
+        key = BuiltKey(entry.token, answer)
+        prepared = self.built.get(key)
+        if prepared is None:
+            prepared = prepare_answer(build_answer(entry, answer, config))
+            self._keep(entry.token, self.built, key, prepared, len(prepared.body[0]) + ANSWER_OVERHEAD)
+        return prepared
+
+    def keep_hot(self, key: RequestKey, hot: HotAnswer, generation: int) -> None:
+        """Keep *hot* by *key*, unless a token was forgotten since *generation* was read (its entry may be gone)."""
+        if key_length(key) <= MAX_KEPT_KEY and generation == self.generation:
+            self._keep(hot.token, self.hot, key, hot, key_length(key) + HOT_OVERHEAD)
+
+    def _keep(self, token: str, part: BoundedMap, key: typing.Hashable, value: object, size: int) -> None:
+        with self._lock:
+            keys = self._keys_of.setdefault(token, set())
+            built = sum(isinstance(kept, BuiltKey) for kept in keys) if part is self.built else 0
+            if size > part.max_bytes or built >= MAX_ANSWERS_PER_TOKEN:
+                return
+            keys.add(key)
+            for old_key, old_value in part.put(key, value, size):
+                old_token = old_key.token if isinstance(old_key, BuiltKey) else old_value.token
+                old_keys = self._keys_of.get(old_token, set())
+                old_keys.discard(old_key)
+                if not old_keys:
+                    self._keys_of.pop(old_token, None)
+
+    def forget(self, token: str) -> None:
+        """Forget every answer kept for *token*: its entry was replaced or dropped."""
+        with self._lock:
+            self.generation += 1
+            for key in self._keys_of.pop(token, ()):
+                self.hot.pop(key)
+                self.built.pop(key)
+
+    def refusal(self, key: RequestKey, signature: Callable[[], Signature], status: int,
+                seconds: int) -> HotAnswer | None:
+        """Return the 404 or 429 (with *seconds* to wait) the full way gave a request like this, if it gave one;
+        *signature* makes the request's signature, needed only the first time a request key is refused."""
+        hot_key = HotRefusalKey(key, status, seconds)
+        hot = self.refusals.get(hot_key)
+        if hot is None:
+            prepared = self.refusals.get(RefusalKey(signature(), status, seconds))
+            if prepared is None:
+                return None
+            hot = HotAnswer(prepared, {status: hot_tail(key, prepared, "-")})
+            if key_length(key) <= MAX_KEPT_KEY:
+                self.refusals.put(hot_key, hot, key_length(key) + HOT_OVERHEAD)
+        return hot
+
+    def keep_refusal(self, signature: Signature, status: int, seconds: int, prepared: Prepared) -> None:
+        if signature_length(signature) <= MAX_KEPT_KEY:
+            self.refusals.put(RefusalKey(signature, status, seconds), prepared,
+                              signature_length(signature) + KEY_OVERHEAD)
+
+    def error(self, page: "ErrorPage", referrer: str) -> Prepared:
+        """Return the answer for error *page*: rendered once, then kept."""
+        prepared = self.errors.get(page)
+        if prepared is None:
+            prepared = prepare(render_error(page), referrer)
+            self.errors.put(page, prepared, len(prepared.body[0]) + len(page.message) + ANSWER_OVERHEAD)
+        return prepared
+
+    def __len__(self) -> int:
+        return sum(map(len, (self.hot, self.decisions, self.built, self.refusals, self.errors)))
+
+    @property
+    def bytes(self) -> int:
+        return sum(part.bytes for part in (self.hot, self.decisions, self.built, self.refusals, self.errors))
+
+
+def signature_length(signature: Signature) -> int:
+    """Return how many characters *signature*'s text fields hold together."""
+    return sum(len(value) for value in signature if isinstance(value, str))
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -4181,85 +4652,6 @@ CROSS_SITE_MESSAGE = ("This request came from another web site, so it was refuse
                       "upload or sign in. Open certdrop's address yourself and try again.")
 
 
-class FileAnswer(typing.NamedTuple):
-    kind: str  # "der", "pem", "mobileconfig", "whc" or "whc-alt"
-    name: str  # the file name; one that starts with "." follows the certificate's own name (its file stem)
-    inline: bool  # False: sent with Content-Disposition: attachment
-    der_instead: bool = False  # an intermediate CA, which has no hashed certificate, sends its DER instead
-
-
-class PageAnswer(typing.NamedTuple):
-    client: Client
-    content_type: str  # HTML for browsers; XHTML-MP, WML or text/html for Nokia pages
-    prefix: str  # the path every address on the page starts with
-    base: str = ""  # on desktop pages: the address the link shown as a QR code is made from
-
-
-class QrAnswer(typing.NamedTuple):
-    kind: str  # "svg" or "png"
-    base: str  # the address the link is made from
-
-
-class CardAnswer(typing.NamedTuple):
-    base: str
-
-
-class RedirectAnswer(typing.NamedTuple):
-    name: str  # as FileAnswer.name
-    base: str
-
-
-Answer = FileAnswer | PageAnswer | RedirectAnswer | QrAnswer | CardAnswer
-
-
-class Decision(typing.NamedTuple):
-    """What a request under /c/<token> gets, whatever the token: kept by the request's signature."""
-
-    answer: Answer
-    device: str  # for the access log: the device class, or "-"
-
-
-#: Signatures whose decision is kept; past this many, the kept ones are forgotten and decided again.
-MAX_DECISIONS = 4096
-
-class HotAnswer(typing.NamedTuple):
-    """An answer the hot path serves as it is, kept by request_key while the app's clock reads in [since, until).
-
-    *until* is when the entry ends or, sooner, when the store is due to look at its file again (a revocation by
-    another process); a clock set back before *since* makes it look again too.
-    """
-
-    prepared: Prepared
-    tails: dict[int, str]  # status -> the access log line after the client's address (see access_tail)
-    since: float = -math.inf
-    until: float = math.inf
-
-
-def hot_tail(key: tuple, prepared: Prepared | None, device: str) -> str:
-    """Return the access log tail of a GET with request_key *key* answered with *prepared* (None: a 304)."""
-    code, size = (prepared.code, len(prepared.body[0])) if prepared else (304, 0)
-    return access_tail("GET", key[-1] or "", key[0], key[2] or "", code, size, device)
-
-
-#: Request keys whose answer the hot path keeps (about 1 KB each, beside the answers the entries hold); past this
-#: many, the kept ones are forgotten and found again.
-MAX_HOT_ANSWERS = 4096
-
-#: Error answers kept, by everything they are made of, so that unknown tokens and limited clients cost no rendering.
-MAX_ERROR_ANSWERS = 256
-
-#: Devices whose page is seen on a screen a phone can be pointed at: their pages show the link as a QR code.
-DESKTOP_DEVICES = ("windows", "macos", "linux", "firefox", "chromeos", "other")
-
-#: ``?format=`` values that name a file, and the extension of its file name.
-PUBLIC_FORMATS = {"der": ".crt", "pem": ".pem", "mobileconfig": ".mobileconfig", "whc": ".whc", "whc-alt": ".alt.whc"}
-
-
-#: File name endings under /c/<token>/, longest first.
-FILE_SUFFIXES = ((".alt.whc", "whc-alt"), (".whc", "whc"), (".mobileconfig", "mobileconfig"), (".pem", "pem"),
-                 (".cer", "der"), (".crt", "der"), (".der", "der"))
-
-
 class App:
     """The certdrop WSGI application: routes requests to handlers and turns every failure into a clear answer."""
 
@@ -4277,18 +4669,10 @@ class App:
         #: one budget for the whole server: however many clients ask, it cannot be turned into a spam relay
         self.mail_budget = RateLimiter(config.mail_per_hour / 60, config.mail_per_hour, clock)
         self.signed_out = SignOuts(store)
-        #: request signature -> Decision, for every token (see request_signature)
-        self.decisions: dict[tuple, Decision] = {}
-        #: what an error answer is made of -> its Prepared answer (see error_answer)
-        self.error_answers: dict[tuple, Prepared] = {}
-        #: (request signature, 404 or 429, seconds to wait) -> the answer to an unknown token or a limited client
-        self.refusals: dict[tuple, Prepared] = {}
-        #: request_key -> HotAnswer: what a hot token's request gets, found by one dictionary lookup (see serve_hot);
-        #: forgotten whenever the store replaces or drops an entry from its memory
-        self.hot_answers: dict[tuple, HotAnswer] = {}
-        store.watchers.append(self.hot_answers.clear)
-        #: (request_key, 404 or 429, seconds to wait) -> HotAnswer: refusals, found without a signature
-        self.hot_refusals: dict[tuple, HotAnswer] = {}
+        #: everything kept to answer requests again; a token's answers go when the store replaces or drops its entry
+        self.answers = AnswerCache(config.answer_cache_size)
+        store.watchers.append(self.answers.forget)
+        self.hot_get = self.answers.hot.get  # bound once: serve_hot calls it on every request
         #: the path of public_url, which every address certdrop writes starts with; None: from SCRIPT_NAME
         self.public_path = urllib.parse.urlsplit(config.public_url).path.rstrip("/") if config.public_url else None
         self.public_host = (urllib.parse.urlsplit(config.public_url).hostname or "").rstrip(".")
@@ -4347,15 +4731,16 @@ class App:
     def serve_hot(self, environ: dict, start_response: Callable) -> list[bytes] | None:
         """Serve a GET of a token in memory whose answer was decided and built before; else return None.
 
-        The hot path: one dictionary lookup by request_key, one clock reading, one start_response. What is not kept
+        The hot path: one dictionary lookup by RequestKey, one clock reading, one start_response. What is not kept
         there is looked for by find_hot; what find_hot does not find ready (a token not in memory or due for a look
         at its file, a client with a new signature, an answer not built yet) takes the full way, which leaves it
-        ready for the next time.
+        ready for the next time. A client being limited takes find_hot's way, which answers it 429; others do not.
         """
         started = time.perf_counter()
         key = request_key(environ)
-        hot = self.hot_answers.get(key)
-        if hot is None or self.lookups.blocked or not hot.since <= self.clock() < hot.until:
+        hot = self.hot_get(key)
+        if (hot is None or not hot.since <= self.clock() < hot.until
+                or self.lookups.blocked and self.lookups.retry_after(environ.get("REMOTE_ADDR", ""))):
             hot = self.find_hot(key, environ.get("REMOTE_ADDR", ""))
             if hot is None:
                 return None
@@ -4364,83 +4749,72 @@ class App:
             self.access_log.record((started, time.perf_counter(), environ.get("REMOTE_ADDR", ""), hot.tails[status]))
         return body
 
-    def find_hot(self, key: tuple, address: str) -> HotAnswer | None:
-        """Return the answer to the GET of request_key *key* if it needs no routing, deciding or building; else None.
+    def find_hot(self, key: RequestKey, address: str) -> HotAnswer | None:
+        """Return the answer to the GET of *key* if it needs no routing, deciding or building; else None.
 
-        That is: a live token's answer decided and built before, kept in hot_answers until its entry is due for a
-        look at its file or ends; the 404 of a token known to have no file (counted by the lookup limit, as the
+        That is: a live token's answer decided and built before, kept by its request key until its entry is due for
+        a look at its file or ends; the 404 of a token known to have no file (counted by the lookup limit, as the
         full way counts it); the 429 of a client being limited.
         """
-        parts = token_path(key[0]) if key[1] == "GET" and key[0] else None
+        if key.method != "GET" or not key.path or len(key.path) + len(key.query or "") > MAX_TARGET:
+            return None
+        parts = token_path(key.path)
         if parts is None:
             return None
         token, rest = parts
         wait = self.lookups.blocked and self.lookups.retry_after(address)
         if wait:
-            return self.hot_refusal(key, rest, 429, max(1, math.ceil(wait)))
+            return self.answers.refusal(key, lambda: self.signature(key, rest), 429, max(1, math.ceil(wait)))
+        generation = self.answers.generation
         entry = self.store.fresh(token)
         if entry is None:
-            unknown = self.hot_refusal(key, rest, 404, 0)
+            unknown = self.answers.refusal(key, lambda: self.signature(key, rest), 404, 0)
             if unknown is None or not self.store.is_absent(token) or self.lookups.spend(address):
                 return None
             return unknown
-        signature = signature_of(key, rest)
-        decision, now = self.decisions.get(signature), self.clock()
-        prepared = decision and entry.responses.get(decision.answer)
+        decision, now = self.answers.decisions.get(self.signature(key, rest)), self.clock()
+        prepared = decision and self.answers.built.get(BuiltKey(token, decision.answer))
         if not prepared or now >= entry.serves_until:
             return None
         tails = {prepared.code: hot_tail(key, prepared, decision.device), 304: hot_tail(key, None, decision.device)}
-        hot = HotAnswer(prepared, tails, now, min(entry.serves_until, now + self.store.fresh_for(entry)))
-        if len(self.hot_answers) >= MAX_HOT_ANSWERS:
-            self.hot_answers.clear()
-        self.hot_answers[key] = hot
+        hot = HotAnswer(prepared, tails, token, now, min(entry.serves_until, now + self.store.fresh_for(entry)))
+        self.answers.keep_hot(key, hot, generation)
         return hot
 
-    def hot_refusal(self, key: tuple, rest: str, code: int, seconds: int) -> HotAnswer | None:
-        """Return the 404 or the 429 (with *seconds* to wait) that the full way gave a request like this, if it
-        gave one; kept by request key, but never served from hot_answers: each one must be counted."""
-        hot = self.hot_refusals.get((key, code, seconds))
-        if hot is None:
-            prepared = self.refusals.get((signature_of(key, rest), code, seconds))
-            if prepared is None:
-                return None
-            hot = HotAnswer(prepared, {code: hot_tail(key, prepared, "-")})
-            if len(self.hot_refusals) >= MAX_HOT_ANSWERS:
-                self.hot_refusals.clear()
-            self.hot_refusals[(key, code, seconds)] = hot
-        return hot
+    def signature(self, key: RequestKey, rest: str) -> Signature:
+        """Return the Signature of a request under /c/ with *key*, whose path after /c/<token>/ is *rest*."""
+        return Signature.of(key, rest, self.is_our_name(key.host))
 
     def full_answer(self, environ: dict) -> Prepared:
         """Return the answer to any request: routed to its handler, every failure turned into a clear answer."""
         request = Request(environ)
         try:
+            if len(request.path) + len(environ.get("QUERY_STRING", "")) > MAX_TARGET:
+                raise URITooLong(f"The address asked for is longer than {MAX_TARGET // 1024} KiB: no address of "
+                                 "certdrop is that long. Check the link.")
             response = self.dispatch(request)
         except HTTPError as error:
             return self.error_answer(request, error)
         except Exception:
-            log.exception("error while answering %s %r", request.method, request.path)
+            log.exception("error while answering %s %r", request.method, request.path[:200])
             response = Response(b"500 Internal Server Error: the error has been logged.\n", 500, MIME_TEXT)
         return response if isinstance(response, Prepared) else prepare(response, referrer_policy(request.path))
 
     def error_answer(self, request: Request, error: HTTPError) -> Prepared:
-        """Return the page, text or JSON for *error*, rendered once for each client format and kept.
+        """Return the page, text or JSON for *error*, rendered once for each ErrorPage and kept.
 
-        An error with more of a page (a refused upload's form, which holds what was sent) is never kept.
+        An error with more of a page (a refused upload's form, which holds what was sent) is never kept. The 404 of
+        an unknown token and the 429 of a limited client are the same for every token: kept for the hot path too.
         """
-        home = self.home(request)
-        key = (error.status, error.code, error.message, error.headers, request.path.startswith("/c/"), home,
-               *map(request.header, CLIENT_HEADERS))
-        prepared = None if error.extra_html else self.error_answers.get(key)
-        if prepared is None:
-            prepared = prepare(render_error(request, error, home), referrer_policy(request.path))
-            if not error.extra_html:
-                if len(self.error_answers) >= MAX_ERROR_ANSWERS:
-                    self.error_answers.clear()
-                self.error_answers[key] = prepared
-        if request.refused_lookup and request.method == "GET":  # the same for every token: kept for the hot path
-            if len(self.refusals) >= MAX_ERROR_ANSWERS:
-                self.refusals.clear()
-            self.refusals[(request.signature, error.status, getattr(error, "seconds", 0))] = prepared
+        page = ErrorPage.of(request, error, self.home(request))
+        referrer = referrer_policy(request.path)
+        if error.extra_html:
+            return prepare(render_error(page, error.extra_html), referrer)
+        prepared = self.answers.error(page, referrer)
+        if request.refused_lookup and request.method == "GET":
+            key = request_key(request.environ)
+            self.answers.keep_refusal(self.signature(key, request.path[3:].partition("/")[2]), error.status,
+                                      getattr(error, "seconds", 0), prepared)
         return prepared
 
     def dispatch(self, request: Request) -> Response | Prepared:
@@ -4461,40 +4835,24 @@ class App:
 
         A page a browser fetched under another name (DNS rebinding: evil.example resolving to 127.0.0.1) would
         otherwise be this server's page to that site's scripts. Behind the trusted proxy with public_url set, only
-        public_url's host counts: Apache and nginx pass the client's own Host on. No Host at all (HTTP/1.0) is
-        no other name: links are then made from SERVER_NAME.
+        public_url's host counts: Apache and nginx pass the client's own Host on.
         """
-        host_header = request.header("Host")
+        if self.public_host and request.environ.get("certdrop.via_proxy"):
+            return host_of(request.header("Host")) == self.public_host
+        return self.is_our_name(request.header("Host"))
+
+    def is_our_name(self, host_header: str | None) -> bool:
+        """Return whether a Host header names this server (see is_our_host). No Host at all (HTTP/1.0) names no
+        other server: links are then made from SERVER_NAME."""
         if not host_header:
             return True
         host = host_of(host_header)
-        if host is None:
-            return False
-        if self.public_host and request.environ.get("certdrop.via_proxy"):
-            return host == self.public_host
-        return host == self.public_host or host in self.config.allowed_hosts or is_machine_host(host)
+        return host is not None and (host == self.public_host or host in self.config.allowed_hosts
+                                     or is_machine_host(host))
 
     def base_url(self, request: Request) -> str:
-        """Return the URL that links start with: ``public_url``, else built from the request's Host when it is one
-        of ours (is_our_host), else from the server's own name."""
-        if self.config.public_url:
-            return self.config.public_url
-        scheme = request.environ.get("wsgi.url_scheme", "http")
-        host, port = self.link_host(request)
-        if (scheme, port) in (("http", ":80"), ("https", ":443")):
-            port = ""
-        return f"{scheme}://{host.lower()}{port}{request.script_name}"
-
-    def link_host(self, request: Request) -> tuple[str, str]:
-        """Return (host, ":port" or "") for links: the Host header's when it names this server (is_our_host), else
-        the server's own name and port.
-
-        Outside /c/ dispatch has refused any other Host already (400). Under /c/ a link someone was handed must
-        open whatever a proxy, a CNAME or a phone's gateway made of the header, so there the server's name stands in.
-        """
-        given = request.header("Host")
-        host = split_host(given) if given and self.is_our_host(request) else None
-        return host or server_host(request.environ)
+        """Return the URL that links start with (see link_base)."""
+        return link_base(self.signature(request_key(request.environ), ""), self.config)
 
     def home(self, request: Request) -> str:
         return self.prefix(request) + "/"
@@ -4563,7 +4921,7 @@ class App:
             return Response(body, status, MIME_JSON, headers)
         if answer_format == "text":
             return Response(render_upload_text(links, diagnosis).encode("utf-8"), status, MIME_TEXT, headers)
-        mail_html = render_mail_offer(self.config, links, home, self.whc)
+        mail_html = render_mail_offer(self.config, links, home, whc_default(self.config))
         return Response(render_result(links, diagnosis, now, home=home, mail_html=mail_html), status, MIME_HTML,
                         HTML_HEADERS + headers)
 
@@ -4591,7 +4949,7 @@ class App:
             raise BadRequest("No link was named. Nothing was sent.")
         links = [(self.link_for(request, token), self.live_entry(request, token)) for token in tokens]
         try:
-            send_mail(self.config, recipients, mail_subject(self.config, links), mail_text(links, self.whc))
+            send_mail(self.config, recipients, mail_subject(self.config, links), mail_text(links, whc_default(self.config)))
         except MailError as error:
             failure = http_error_for(error)
             failure.extra_html = "<p>The links themselves work; hand them out another way:</p><ul>" + "".join(
@@ -4655,32 +5013,14 @@ class App:
                                          force_reason="This is the choice for the refusal above." if forceable else "")
         return refusal
 
-    def install(self, request: Request, token: str) -> Prepared:
-        return self.deliver(request, token, self.install_answer)
-
-    def qr(self, request: Request, token: str, kind: str) -> Prepared:
-        """Serve the link as a QR code file, the link the pages lead with."""
-        return self.deliver(request, token, lambda request: Decision(QrAnswer(kind, self.base_url(request)), "-"))
-
-    def card(self, request: Request, token: str) -> Prepared:
-        """Serve a printable hand-out: the link in large type, its QR code, the fingerprints, short steps."""
-        return self.deliver(request, token, lambda request: Decision(CardAnswer(self.base_url(request)), "-"))
-
-    def download(self, request: Request, token: str, name: str) -> Prepared:
-        return self.deliver(request, token, lambda request: self.download_answer(request, name))
-
-    def deliver(self, request: Request, token: str, decide: Callable[[Request], Decision]) -> Prepared:
-        """Return the answer that *decide* chooses for a live token; keep the decision for the hot path."""
+    def deliver(self, request: Request, token: str, **_: str) -> Prepared:
+        """Return what a request under /c/<token> gets for a live token: decided by its signature, built for the
+        entry, and kept for the hot path (the route's parts are in the signature's rest)."""
         entry = self.live_entry(request, token)
-        signature = request.signature
-        decision = self.decisions.get(signature)
-        if decision is None:
-            decision = decide(request)
-            if len(self.decisions) >= MAX_DECISIONS:
-                self.decisions.clear()
-            self.decisions[signature] = decision
+        signature = self.signature(request_key(request.environ), request.path[3:].partition("/")[2])
+        decision = self.answers.decision(signature, self.config)
         request.environ["certdrop.device"] = decision.device  # for the access log
-        return self.respond(entry, decision.answer)
+        return self.answers.answer(entry, decision.answer, self.config)
 
     def link_for(self, request: Request, token: str) -> str:
         """Return the link to hand out for *token*: on public_url, else on a name or address phones can reach."""
@@ -4797,125 +5137,6 @@ class App:
         return Response(b"", 303, MIME_TEXT, (("Location", self.base_url(request) + "/"), ("Set-Cookie", cookie),
                                               ("Cache-Control", "no-store")))
 
-    # -- what each device gets ---------------------------------------------------------------------------------
-
-    def install_answer(self, request: Request) -> Decision:
-        """Return what /c/<token> sends: what the client installs, or the format ``?format=`` names."""
-        client = client_of(request)
-        chosen = request.query.get("format")
-        if chosen is None:
-            return Decision(self.default_answer(request, client), client.device)
-        return Decision(self.explicit_answer(request, client, chosen), client.device)
-
-    def download_answer(self, request: Request, name: str) -> Decision:
-        """Return what /c/<token>/<name> sends: the file its extension names."""
-        lower = name.lower()
-        kind = next(kind for suffix, kind in FILE_SUFFIXES if lower.endswith(suffix))
-        client = client_of(request)
-        return Decision(self.file_answer(kind, name, client), client.device)
-
-    def default_answer(self, request: Request, client: Client) -> Answer:
-        """Return what /c/<token> sends *client* when it does not choose a format."""
-        if client.device == "s60" and not client.via_proxy and self.config.s60_delivery != "page":
-            if self.config.s60_delivery == "redirect":  # a saved file keeps an extension the installer knows
-                return RedirectAnswer(".cer", self.base_url(request))
-            return FileAnswer("der", ".cer", inline=not self.config.s60_attachment)
-        if client.device == "s40" and not client.via_proxy and self.config.s40_delivery != "page":
-            kind = self.config.s40_delivery
-            return FileAnswer(kind, ".cer" if kind == "der" else PUBLIC_FORMATS[kind], inline=True, der_instead=True)
-        if client.device in ("s60", "s40"):
-            return self.page_answer(request, client)
-        if accepts_only_certificates(request.header("Accept")) or TEXT_AGENT_RE.search(request.user_agent):
-            return FileAnswer("der", ".crt", inline=False)
-        return self.page_answer(request, client)
-
-    def explicit_answer(self, request: Request, client: Client, chosen: str) -> Answer:
-        """Return the answer for ``?format=...``, for people whose device was guessed wrong."""
-        if chosen == "page":
-            return self.page_answer(request, client)
-        if chosen not in PUBLIC_FORMATS:
-            raise BadRequest(f"Unknown format {chosen[:40]!r}: choose der, pem, mobileconfig, whc, whc-alt or page.")
-        return self.file_answer(chosen, PUBLIC_FORMATS[chosen], client)
-
-    def page_answer(self, request: Request, client: Client) -> PageAnswer:
-        """Return the page for *client*: a small one for Nokia phones; desktops also show the link as a QR code."""
-        if client.device in ("s60", "s40"):
-            return PageAnswer(client, nokia_page_type(request.header("Accept")), self.prefix(request))
-        base = self.base_url(request) if client.device in DESKTOP_DEVICES else ""
-        return PageAnswer(client, MIME_HTML, self.prefix(request), base)
-
-    def file_answer(self, kind: str, name: str, client: Client) -> FileAnswer:
-        """Return the answer for file *kind* ("der", "pem", "mobileconfig", "whc" or "whc-alt") named *name*."""
-        if kind == "der":
-            # Nokia installers and Firefox's trust dialog take the body only without an attachment header.
-            inline = client.device in ("s40", "firefox") or (client.device == "s60" and not self.config.s60_attachment)
-            return FileAnswer("der", name, inline)
-        if kind == "pem":  # update-ca-certificates reads only PEM files named .crt
-            return FileAnswer("pem", re.sub(r"(?i)\.pem$", ".crt", name), inline=False)
-        return FileAnswer(kind, name, inline=kind != "mobileconfig")
-
-    @functools.cached_property
-    def whc(self) -> tuple[str, int]:
-        """Return the default hashed-certificate layout and its charset, for the Series 40 code in e-mails."""
-        return self.whc_kinds[0], self.config.whc_charset
-
-    @functools.cached_property
-    def whc_kinds(self) -> tuple[str, str]:
-        """Return the hashed-certificate layouts as (default, other)."""
-        direct = self.config.whc_layout == "der-direct"
-        return ("whc-direct", "whc-length") if direct else ("whc-length", "whc-direct")
-
-    # -- answering, from the entry's cache ---------------------------------------------------------------------
-
-    def respond(self, entry: Entry, answer: Answer) -> Prepared:
-        """Return *answer* for *entry*: built once, then kept with the entry while memory allows."""
-        prepared = entry.responses.get(answer)
-        if prepared is None:
-            prepared = prepare_answer(self.build(entry, answer))
-            self.store.remember_answer(entry, answer, prepared, len(prepared.body[0]) + ANSWER_OVERHEAD)
-        return prepared
-
-    def build(self, entry: Entry, answer: Answer) -> Response:
-        certificate = entry.certificate
-        headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY))
-        if isinstance(answer, FileAnswer):
-            return self.build_file(certificate, answer, headers)
-        if isinstance(answer, PageAnswer) and answer.client.device in ("s60", "s40"):
-            body = render_nokia_page(certificate, answer.client, f"{answer.prefix}/c/{entry.token}",
-                                     answer.content_type, self.whc_kinds, self.config.whc_charset)
-            return Response(body, 200, answer.content_type, headers + page_headers(answer.content_type))
-        # the rest name the link itself, on the address the request came by
-        link = lead_url(install_url(answer.base, entry.token)) if answer.base else ""
-        if isinstance(answer, RedirectAnswer):
-            location = f"{answer.base}/c/{entry.token}/{file_name(certificate, answer.name)}"
-            return Response(b"", 302, MIME_TEXT, (("Location", location), *headers))
-        if isinstance(answer, PageAnswer):
-            return Response(render_landing(certificate, answer.client, f"{answer.prefix}/c/{entry.token}", link),
-                            200, MIME_HTML, headers + HTML_HEADERS)
-        if isinstance(answer, CardAnswer):
-            return Response(render_card(certificate, link), 200, MIME_HTML, headers + HTML_HEADERS)
-        content_type = "image/svg+xml" if answer.kind == "svg" else "image/png"
-        return Response(qr_file(link, answer.kind), 200, content_type,
-                        headers + (("Content-Security-Policy", "default-src 'none'"),))
-
-    def build_file(self, certificate: Certificate, answer: FileAnswer, headers: tuple) -> Response:
-        kind, name = answer.kind, answer.name
-        if kind in ("whc", "whc-alt") and not certificate.self_signed:
-            if not answer.der_instead:
-                raise NotFound("There is no hashed certificate for an intermediate CA: the WAP format needs a "
-                               "self-signed root. Use the .cer file instead.")
-            kind, name = "der", ".cer"
-        layout = self.whc_kinds[kind == "whc-alt"] if kind in ("whc", "whc-alt") else kind
-        body, content_type = file_body(certificate, layout, self.config.whc_charset)
-        if not answer.inline:
-            headers += (("Content-Disposition", f'attachment; filename="{file_name(certificate, name)}"'),)
-        return Response(body, 200, content_type, headers)
-
-
-def file_name(certificate: Certificate, name: str) -> str:
-    """Return the file name an answer names: *name*, or, for an extension alone, the certificate's own name with it."""
-    return f"{certificate.file_stem}{name}" if name.startswith(".") else name
-
 
 def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, now: float, base: str) -> list[Link]:
     """Store every installable certificate of *diagnosis*, roots first, and return their links."""
@@ -4988,12 +5209,12 @@ ROUTES = (
     (r"/healthz", {"GET": App.health}),
     (r"/favicon\.ico", {"GET": App.favicon}),
     (r"/mail", {"POST": App.mail}),
-    (r"/c/(?P<token>[^/]+)/?", {"GET": App.install}),
+    (r"/c/(?P<token>[^/]+)/?", {"GET": App.deliver}),
     (r"/c/(?P<token>[^/]+)/revoke", {"POST": App.revoke}),
-    (r"/c/(?P<token>[^/]+)/qr\.(?P<kind>svg|png)", {"GET": App.qr}),
-    (r"/c/(?P<token>[^/]+)/card", {"GET": App.card}),
+    (r"/c/(?P<token>[^/]+)/qr\.(?P<kind>svg|png)", {"GET": App.deliver}),
+    (r"/c/(?P<token>[^/]+)/card", {"GET": App.deliver}),
     (r"/c/(?P<token>[^/]+)/(?P<name>[A-Za-z0-9._-]{0,100}(?i:\.cer|\.crt|\.der|\.pem|\.mobileconfig|\.whc))",
-     {"GET": App.download}),
+     {"GET": App.deliver}),
 )
 COMPILED_ROUTES = tuple((re.compile(pattern), handlers) for pattern, handlers in ROUTES)
 #: The routes under /c/, tried alone for paths there: most requests are for links.

@@ -1705,14 +1705,24 @@ def test_a_desktop_page_decided_for_one_host_is_not_served_for_another(testapp, 
     assert f"http://certs.example.net/c/{root_token}" in second.text and "ca.example.org" not in second.text
 
 
-@pytest.mark.parametrize("key", ["QUERY_STRING", *("HTTP_" + name.upper().replace("-", "_")
-                                                    for name in certdrop.CLIENT_HEADERS),
-                                 "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "wsgi.url_scheme", "SCRIPT_NAME"])
-def test_every_value_an_answer_depends_on_is_in_the_request_signature(key):
-    environ = {"QUERY_STRING": "", "HTTP_USER_AGENT": "x", "HTTP_HOST": "h", "SERVER_NAME": "s", "SERVER_PORT": "80",
-               "wsgi.url_scheme": "http", "SCRIPT_NAME": ""}
-    assert certdrop.request_signature({**environ, key: "other"}, "") != certdrop.request_signature(environ, "")
-    assert certdrop.request_signature(environ, "ca.cer") != certdrop.request_signature(environ, "")
+@pytest.mark.parametrize("key", ["PATH_INFO", "REQUEST_METHOD", "QUERY_STRING",
+                                 *("HTTP_" + name.upper().replace("-", "_") for name in certdrop.CLIENT_HEADERS),
+                                 "HTTP_ACCEPT_LANGUAGE", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "wsgi.url_scheme",
+                                 "SCRIPT_NAME"])
+def test_every_value_an_answer_depends_on_is_in_the_request_key_and_all_but_the_path_in_the_signature(key):
+    environ = {"PATH_INFO": "/c/abcdefgh", "REQUEST_METHOD": "GET", "QUERY_STRING": "", "HTTP_USER_AGENT": "x",
+               "HTTP_HOST": "h", "SERVER_NAME": "s", "SERVER_PORT": "80", "wsgi.url_scheme": "http", "SCRIPT_NAME": ""}
+    key_of = certdrop.request_key
+    assert key_of({**environ, key: "other"}) != key_of(environ)
+    if key not in ("PATH_INFO", "REQUEST_METHOD", "HTTP_ACCEPT_LANGUAGE"):  # the language: as reader_language reads it
+        signature = certdrop.Signature.of
+        assert signature(key_of({**environ, key: "other"}), "", True) != signature(key_of(environ), "", True)
+    assert certdrop.Signature.of(key_of(environ), "ca.cer", True) != certdrop.Signature.of(key_of(environ), "", True)
+
+
+def test_request_keys_and_signatures_are_read_by_name_so_a_new_field_changes_nothing_else():
+    assert certdrop.RequestKey._fields[-1] == "script_name" and "accept_language" in certdrop.RequestKey._fields
+    assert {"host_accepted", "language"} <= set(certdrop.Signature._fields)
 
 
 def test_a_hot_token_answers_410_once_revoked_or_expired(testapp, app, store, clock, root_der, other_der):
@@ -1720,7 +1730,7 @@ def test_a_hot_token_answers_410_once_revoked_or_expired(testapp, app, store, cl
     for token in (revoked, expiring):
         for _ in range(3):  # decided, kept by signature, then kept by request key
             testapp.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
-    assert len(app.hot_answers) == 2
+    assert len(app.answers.hot) == 2
     store.revoke(revoked)
     testapp.get(f"/c/{revoked}", headers={"User-Agent": S60_AGENTS["e61i"]}, status=410)
     clock.advance(3601)
@@ -1768,14 +1778,14 @@ def test_a_repeated_refusal_is_found_by_request_key_without_a_signature(testapp,
     for _ in range(certdrop.LOOKUP_BURST + 1):
         testapp.get("/c/abcdefgh", expect_errors=True)
     first = testapp.get("/c/abcdefgh", status=429)
-    monkeypatch.setattr(certdrop, "signature_of", lambda *args: pytest.fail("made a signature again"))
+    monkeypatch.setattr(certdrop.Signature, "of", lambda *args: pytest.fail("made a signature again"))
     assert testapp.get("/c/abcdefgh", status=429).body == first.body
 
 
-def test_file_names_chosen_by_clients_cannot_grow_the_answer_cache(testapp, store, root_token, root_der):
+def test_file_names_chosen_by_clients_cannot_grow_the_answer_cache(testapp, app, root_token, root_der):
     for number in range(200):
         assert testapp.get(f"/c/{root_token}/name{number}.cer").body == root_der
-    assert len(store.get(root_token).responses) <= certdrop.MAX_CACHED_ANSWERS
+    assert sum(key.token == root_token for key in app.answers.built.items) <= certdrop.MAX_ANSWERS_PER_TOKEN
 
 
 def test_result_page_passes_on_the_steps_of_every_family(testapp, root_der):
@@ -2034,12 +2044,11 @@ def test_uploading_the_same_certificates_again_writes_nothing(store, clock, root
     assert moved.expires == clock() + DAY and synced
 
 
-def test_the_memory_cache_is_bounded_by_bytes_answers_included(config, clock, root_der, other_der):
-    store = certdrop.Store(config.data_dir, clock=clock, cache_bytes=2 * certdrop.ENTRY_OVERHEAD + 4000)
+def test_the_memory_cache_is_bounded_by_bytes(config, clock, root_der, other_der):
+    size = certdrop.ENTRY_OVERHEAD + len(root_der)
+    store = certdrop.Store(config.data_dir, clock=clock, cache_bytes=size + 100)
     first, second = add(store, root_der), add(store, other_der)
-    assert set(store._cache) == {first.token, second.token}
-    store.remember_answer(second, "page", object(), 20_000)  # a large page built for the newest entry
-    assert list(store._cache) == [second.token] and store._cached_bytes <= 2 * certdrop.ENTRY_OVERHEAD + 24_000
+    assert list(store._cache) == [second.token] and store._cached_bytes <= size + 100
     assert store.get(first.token).der == root_der  # evicted entries load again
     assert store._cached_bytes == sum(item.size for item in store._cache.values())
 
