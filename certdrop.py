@@ -623,6 +623,78 @@ def load_config(path: str | None = None) -> Config:
 
 
 ###############################################################################
+# Bounded memory ##############################################################
+###############################################################################
+# Whatever certdrop keeps across requests is bounded by bytes (README's "Memory" table adds them up), and what a
+# client chooses (a path, a header) is never kept when it is longer than MAX_KEPT_FIELD.
+
+#: The longest text a kept result may be keyed by: a User-Agent or Accept header, a path.
+MAX_KEPT_FIELD = 1024
+
+
+def kept_for_short_arguments(maxsize: int) -> Callable[[Callable], Callable]:
+    """Decorate a pure function of strings so that its results are kept (the *maxsize* most recent) for arguments
+    of at most MAX_KEPT_FIELD characters each; longer arguments are worked out every time and never kept."""
+    def decorate(function: Callable) -> Callable:
+        kept = functools.lru_cache(maxsize)(function)
+
+        @functools.wraps(function)
+        def keep_if_short(*arguments):
+            if any(isinstance(argument, str) and len(argument) > MAX_KEPT_FIELD for argument in arguments):
+                return function(*arguments)
+            return kept(*arguments)
+        keep_if_short.cache_clear = kept.cache_clear
+        return keep_if_short
+    return decorate
+
+
+class BoundedMap:
+    """A dict that holds at most *max_bytes*, as its callers count their items; the first put go first.
+
+    Lookups are plain dict lookups (the hot path's), so "first put" stands in for "least recently used": an item
+    forgotten while still asked for is made again and put back at the end. Keys over *max_bytes* are never kept.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: dict = {}
+        self._sizes: dict = {}
+        self._lock = threading.Lock()
+        self.get = self.items.get
+
+    def put(self, key: typing.Hashable, value: object, size: int) -> list:
+        """Keep *value* by *key*, counted as *size* bytes; return the (key, value) pairs forgotten to make room."""
+        if size > self.max_bytes:
+            return []
+        forgotten = []
+        with self._lock:
+            self.bytes += size - self._sizes.pop(key, 0)
+            self.items[key] = value
+            self._sizes[key] = size
+            while self.bytes > self.max_bytes:
+                oldest = next(iter(self._sizes))
+                self.bytes -= self._sizes.pop(oldest)
+                forgotten.append((oldest, self.items.pop(oldest)))
+        return forgotten
+
+    def pop(self, key: typing.Hashable) -> None:
+        with self._lock:
+            if key in self._sizes:
+                self.bytes -= self._sizes.pop(key)
+                del self.items[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.items.clear()
+            self._sizes.clear()
+            self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+###############################################################################
 # Certificate doctor ##########################################################
 ###############################################################################
 # Pure functions: bytes in, facts and findings out. Nothing here touches the disk, the clock or a request.
@@ -1481,7 +1553,7 @@ def nokia_class(user_agent: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=4096)
+@kept_for_short_arguments(1024)
 def classify(user_agent: str) -> str:
     """Return the device class of a User-Agent string; each distinct string is worked out once."""
     if WINDOWS_MOBILE_RE.search(user_agent):  # before Android and iOS: Windows Phone 8.1+ claims both
@@ -1510,7 +1582,7 @@ def classify(user_agent: str) -> str:
     return "other"
 
 
-@functools.lru_cache(maxsize=4096)
+@kept_for_short_arguments(1024)
 def identify(user_agent: str, handset_agent: str, proxied: bool) -> Client:
     """Return the client behind a request's User-Agent and the handset UA a browser passed on.
 
@@ -1520,7 +1592,7 @@ def identify(user_agent: str, handset_agent: str, proxied: bool) -> Client:
     return Client(classify(handset_agent or user_agent), proxied or bool(PROXY_BROWSER_RE.search(user_agent)))
 
 
-@functools.lru_cache(maxsize=1024)
+@kept_for_short_arguments(1024)
 def accept_qualities(accept: str) -> dict[str, float]:
     """Return the media ranges of an Accept header with their q-values ("*/*" and "type/*" included)."""
     qualities = {}
@@ -1685,7 +1757,7 @@ EXPIRY_STEP = 60
 
 #: Tokens remembered as having no entry file, so that a repeated unknown token costs no file system call. Like a
 #: cached entry, each is looked for again after REVALIDATE_SECONDS, so links made by other processes appear.
-MAX_ABSENT_TOKENS = 4096
+MAX_ABSENT_TOKENS, ABSENT_TOKEN_BYTES = 4096, 150
 
 #: Bytes a cached entry takes beyond its DER, and a built answer beyond its body: the byte limits of the store's
 #: cache and of the AnswerCache count these. Measured with tracemalloc over 1,000 entries and their S60 and Android
@@ -1943,7 +2015,8 @@ class Store:
         self._root = str(self.directory)
         self._cache: OrderedDict[str, CachedEntry] = OrderedDict()
         self._cached_bytes = 0
-        self._absent: dict[str, float] = {}  # token -> when it was last seen to have no file (monotonic)
+        #: token -> when it was last seen to have no file (monotonic)
+        self._absent = BoundedMap(MAX_ABSENT_TOKENS * ABSENT_TOKEN_BYTES)
         #: Called with the token (under the store's lock, so quick) whenever memory replaces or drops an entry:
         #: whoever keeps answers made from that entry (the AnswerCache) forgets them.
         self.watchers: list[Callable[[str], None]] = []
@@ -2031,9 +2104,7 @@ class Store:
         except DamagedEntry:
             raise
         except UnknownToken:
-            if len(self._absent) >= MAX_ABSENT_TOKENS:
-                self._absent.clear()
-            self._absent[token] = time.monotonic()
+            self._absent.put(token, time.monotonic(), ABSENT_TOKEN_BYTES)
             raise
         self._remember(entry, signature)
         return entry
@@ -2098,7 +2169,7 @@ class Store:
 
     def _remember(self, entry: Entry, signature: tuple) -> None:
         with self._lock:
-            self._absent.pop(entry.token, None)
+            self._absent.pop(entry.token)
             old = self._cache.pop(entry.token, None)
             if old is not None:
                 self._cached_bytes -= old.size
@@ -2832,7 +2903,7 @@ $body_html
 """)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=64)  # pages that show one are kept in the AnswerCache
 def qr_svg(url: str) -> str:
     """Return a QR code of *url* as inline SVG, for a phone's camera pointed at the screen (no script, no image)."""
     return segno.make(url, error="m").svg_inline(scale=4, border=2, title="QR code of the link")
@@ -3808,7 +3879,7 @@ def response_format(request: Request) -> str:
     return answer_format(request.header("Accept"), request.user_agent, client_of(request))
 
 
-@functools.lru_cache(maxsize=4096)
+@kept_for_short_arguments(1024)
 def answer_format(accept: str, user_agent: str, client: Client) -> str:
     """Return the format of answers for these headers (see response_format); each combination is worked out once."""
     html = accept_quality(accept, "text/html", wildcards=False)
@@ -3954,13 +4025,17 @@ def client_key(text: str) -> str:
 class RateLimiter:
     """Per-client token buckets: *per_minute* requests a minute, at most *burst* at once; 0 turns it off.
 
-    Checking a client that is not limited costs one dict truthiness test, so the check can sit on the hot path.
+    Checking a client that is not limited costs one dict truthiness test while nobody is, and one lookup of the
+    client while somebody is, so the check can sit on the hot path. The table holds at most MAX_CLIENTS clients
+    (about 200 bytes each): past it, full buckets are forgotten first, then those counted longest ago, but never a
+    client that is being limited; when every one is, newcomers share one bucket.
     """
 
-    #: Past this many clients, those whose buckets have refilled are forgotten.
-    MAX_CLIENTS = 65536
+    MAX_CLIENTS = 16384
+    #: Who newcomers are counted as while the table is full of limited clients.
+    OVERFLOW = "newcomers while the table is full"
 
-    def __init__(self, per_minute: int, burst: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic):
         self.rate = per_minute / 60
         self.burst = burst
         self.clock = clock
@@ -3989,25 +4064,34 @@ class RateLimiter:
             return 0.0
         key, now = client_key(address), self.clock()
         with self._lock:
+            if key not in self._buckets and len(self._buckets) >= self.MAX_CLIENTS:
+                self._make_room(now)
+                if len(self._buckets) >= self.MAX_CLIENTS:
+                    key = self.OVERFLOW
             tokens, then = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - then) * self.rate)
             if tokens < 1:
                 return (1 - tokens) / self.rate
             tokens -= 1
-            if len(self._buckets) >= self.MAX_CLIENTS:
-                self._forget_idle(now)
             self._buckets[key] = (tokens, now)
             if tokens < 1:
                 self.blocked[key] = now + (1 - tokens) / self.rate
         return 0.0
 
-    def _forget_idle(self, now: float) -> None:
+    def _make_room(self, now: float) -> None:
+        """Forget clients whose buckets are full again, then, if that is not a quarter of the table, those counted
+        longest ago; never one that is limited (in blocked)."""
+        for key, until in list(self.blocked.items()):
+            if until <= now:
+                self.blocked.pop(key, None)
         refilled = self.burst / self.rate
         for key, (_, then) in list(self._buckets.items()):
-            if now - then >= refilled:
+            if now - then >= refilled and key not in self.blocked:
                 del self._buckets[key]
-        if len(self._buckets) >= self.MAX_CLIENTS:  # a flood of fresh addresses: start counting afresh
-            self._buckets.clear()
+        if len(self._buckets) > self.MAX_CLIENTS * 3 // 4:
+            idle = sorted((then, key) for key, (_, then) in self._buckets.items() if key not in self.blocked)
+            for _, key in idle[:len(self._buckets) - self.MAX_CLIENTS * 3 // 4]:
+                del self._buckets[key]
 
 
 def address_in(text: str, networks: tuple) -> bool:
@@ -4098,12 +4182,13 @@ class AccessLog:
     device class, duration.
     """
 
-    #: Seconds between writes.
-    INTERVAL = 0.1
+    #: Seconds between writes, and the lines that may wait for one (about 200 bytes each).
+    INTERVAL, MAX_PENDING = 0.1, 32768
 
     def __init__(self, stream: typing.TextIO | None = None):
         self.stream = stream  # None: standard error as it is when the line is written
-        self._pending: deque = deque()
+        #: at most MAX_PENDING lines wait: past that (a standard error that blocks), the oldest are dropped
+        self._pending: deque = deque(maxlen=self.MAX_PENDING)
         #: Queue one request: (time.perf_counter() when it began, when it ended, client address, access_tail).
         self.record = self._pending.append
         self._writer: threading.Thread | None = None
@@ -4186,15 +4271,12 @@ def access_tail(method: str, script_name: str, path: str, query: str, status: in
                              else urllib.parse.quote(query, safe=URL_SAFE + "?"))
         tail = f"{term(method)[:16]} {target[:2048]} {status} {size} {device}"
         if len(target) <= 512:
-            if len(ACCESS_TAILS) >= MAX_ACCESS_TAILS:
-                ACCESS_TAILS.clear()
-            ACCESS_TAILS[key] = tail
+            ACCESS_TAILS.put(key, tail, len(target) + len(tail) + KEY_OVERHEAD)
     return tail
 
 
 #: Recent access_tail answers, by what they are made of, and how many are kept.
-ACCESS_TAILS: dict[tuple, str] = {}
-MAX_ACCESS_TAILS = 4096
+ACCESS_TAILS = BoundedMap(2 * 1024 * 1024)
 
 
 @functools.lru_cache(maxsize=4)
@@ -4421,46 +4503,6 @@ def file_name(certificate: Certificate, name: str) -> str:
 # access log's queue, the sign-outs.
 
 
-class BoundedMap:
-    """A dict that holds at most *max_bytes*, as its callers count their items; the first put go first.
-
-    Lookups are plain dict lookups (the hot path's), so "first put" stands in for "least recently used": an item
-    forgotten while still asked for is made again and put back at the end. Keys over *max_bytes* are never kept.
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.items: dict = {}
-        self._sizes: dict = {}
-        self._lock = threading.Lock()
-        self.get = self.items.get
-
-    def put(self, key: typing.Hashable, value: object, size: int) -> list:
-        """Keep *value* by *key*, counted as *size* bytes; return the (key, value) pairs forgotten to make room."""
-        if size > self.max_bytes:
-            return []
-        forgotten = []
-        with self._lock:
-            self.bytes += size - self._sizes.pop(key, 0)
-            self.items[key] = value
-            self._sizes[key] = size
-            while self.bytes > self.max_bytes:
-                oldest = next(iter(self._sizes))
-                self.bytes -= self._sizes.pop(oldest)
-                forgotten.append((oldest, self.items.pop(oldest)))
-        return forgotten
-
-    def pop(self, key: typing.Hashable) -> None:
-        with self._lock:
-            if key in self._sizes:
-                self.bytes -= self._sizes.pop(key)
-                del self.items[key]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
 class HotAnswer(typing.NamedTuple):
     """An answer the hot path serves as it is, kept by RequestKey while the app's clock reads in [since, until).
 
@@ -4539,7 +4581,8 @@ class AnswerCache:
         decision = self.decisions.get(signature)
         if decision is None:
             decision = decide(signature, config)
-            self.decisions.put(signature, decision, signature_length(signature) + DECISION_OVERHEAD)
+            if signature_length(signature) <= MAX_KEPT_KEY:
+                self.decisions.put(signature, decision, signature_length(signature) + DECISION_OVERHEAD)
         return decision
 
     def answer(self, entry: Entry, answer: Answer, config: Config) -> Prepared:
@@ -5297,6 +5340,8 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
                            connection_limit=config.connection_limit, channel_timeout=config.channel_timeout,
                            cleanup_interval=max(1, min(30, config.channel_timeout // 2)),
                            asyncore_use_poll=config.use_poll,
+                           # A request line and headers past this get waitress's own 431, never reaching the app
+                           max_request_header_size=MAX_REQUEST_HEADERS,
                            # The app reads proxy headers itself (make_app): waitress clearing them first would
                            # make a request passed on by an unconfigured proxy look like one made on this machine.
                            clear_untrusted_proxy_headers=False)

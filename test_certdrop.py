@@ -1788,6 +1788,83 @@ def test_file_names_chosen_by_clients_cannot_grow_the_answer_cache(testapp, app,
     assert sum(key.token == root_token for key in app.answers.built.items) <= certdrop.MAX_ANSWERS_PER_TOKEN
 
 
+def test_a_limited_client_does_not_take_other_clients_off_the_hot_path(testapp, root_token, monkeypatch):
+    agent = {"User-Agent": S60_AGENTS["e61i"]}
+    for _ in range(3):
+        testapp.get(f"/c/{root_token}", headers=agent)
+    for _ in range(certdrop.LOOKUP_BURST + 1):
+        testapp.get("/c/abcdefgh", headers=agent, expect_errors=True, extra_environ={"REMOTE_ADDR": "192.168.1.66"})
+    monkeypatch.setattr(certdrop.App, "find_hot", lambda *args: pytest.fail("left the hot path"))
+    testapp.get(f"/c/{root_token}", headers=agent, status=200)
+
+
+def test_evicting_one_entry_forgets_only_that_entrys_answers(testapp, app, store, root_der, other_der):
+    first, second = token_of(upload(testapp, root_der)), token_of(upload(testapp, other_der))
+    for token in (first, second):
+        for _ in range(3):
+            testapp.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
+    assert {hot.token for hot in app.answers.hot.items.values()} == {first, second}
+    store._forget(first)
+    assert {hot.token for hot in app.answers.hot.items.values()} == {second}
+    assert {key.token for key in app.answers.built.items} == {second}
+
+
+def test_an_address_over_8_kib_answers_414_and_is_kept_nowhere(testapp, app, root_token):
+    for path, query in ((f"/c/{'a' * 9000}", ""), (f"/c/{root_token}", "x=" + "y" * 9000), ("/" + "z" * 9000, "")):
+        for _ in range(2):
+            answer = testapp.get(path, params=query or None, status=414, headers={"User-Agent": "curl/8.5.0"})
+            assert "longer than 8 KiB" in answer.text
+    assert len(app.answers) == len(app.answers.errors) == 2  # under /c/ and elsewhere: no address in the key
+
+
+def test_a_request_with_a_huge_header_is_answered_but_never_kept(testapp, app, root_token):
+    agent = "Mozilla/5.0 (Linux; Android 14) " + "x" * 5000
+    for _ in range(3):
+        assert testapp.get(f"/c/{root_token}", headers={"User-Agent": agent}).status_int == 200
+    assert len(app.answers.hot) == 0 and len(app.answers.decisions) == 0
+
+
+def test_the_answer_cache_stays_within_its_byte_budget_whatever_clients_send(config, store, clock, root_der):
+    app = app_with(config, store, clock, answer_cache_size=200_000)
+    browser = client(app)
+    token = token_of(upload(browser, root_der))
+    for number in range(300):
+        browser.get(f"/c/{token}", headers={"User-Agent": f"Mozilla/5.0 (Android 14; Pixel {number}) Chrome/120"})
+        browser.get(f"/c/{'abcdefghjk'[number % 10]}{number:07d}"[:11], status="*")
+    assert app.answers.bytes <= 200_000
+    for part in (app.answers.hot, app.answers.decisions, app.answers.built, app.answers.refusals, app.answers.errors):
+        assert part.bytes <= part.max_bytes and part.bytes == sum(part._sizes.values())
+
+
+def test_a_bounded_map_forgets_the_first_put_first_and_never_keeps_what_is_over_its_bound():
+    kept = certdrop.BoundedMap(100)
+    kept.put("a", 1, 40)
+    kept.put("b", 2, 40)
+    assert kept.put("c", 3, 40) == [("a", 1)] and set(kept.items) == {"b", "c"} and kept.bytes == 80
+    assert kept.put("huge", 4, 101) == [] and "huge" not in kept.items
+
+
+def test_a_full_rate_limit_table_never_forgets_a_client_that_is_being_limited(monkeypatch):
+    monkeypatch.setattr(certdrop.RateLimiter, "MAX_CLIENTS", 8)
+    clock = FakeClock()
+    limiter = certdrop.RateLimiter(60, 2, clock)
+    limiter.spend("10.0.0.1"), limiter.spend("10.0.0.1")
+    assert limiter.retry_after("10.0.0.1") > 0
+    for number in range(2, 500):  # a flood of fresh addresses
+        limiter.spend(f"10.0.{number // 250}.{number % 250}")
+    assert limiter.retry_after("10.0.0.1") > 0 and limiter.spend("10.0.0.1") > 0
+    assert len(limiter._buckets) <= 8
+
+
+def test_when_every_client_in_the_table_is_limited_newcomers_share_one_bucket(monkeypatch):
+    monkeypatch.setattr(certdrop.RateLimiter, "MAX_CLIENTS", 4)
+    limiter = certdrop.RateLimiter(60, 1, FakeClock())
+    for number in range(4):
+        limiter.spend(f"10.0.0.{number}")
+    assert limiter.spend("10.0.1.1") == 0 and limiter.spend("10.0.1.2") > 0
+    assert len(limiter._buckets) <= 5
+
+
 def test_result_page_passes_on_the_steps_of_every_family(testapp, root_der):
     text = html_text(upload(testapp, root_der))
     for label in ("Nokia Symbian (S60)", "Nokia Series 40", "iPhone and iPad", "Android", "Windows", "macOS",
@@ -3235,15 +3312,24 @@ def test_each_request_gets_one_access_log_line(testapp, root_der, access_log):
     assert " GET /c/" in lines[2] and "/x%20y%1B.cer?format=der 404 " in lines[2]
 
 
-def test_the_access_log_keeps_a_bounded_number_of_short_lines_only(testapp, access_log):
-    certdrop.ACCESS_TAILS.clear()
-    for number in range(certdrop.MAX_ACCESS_TAILS + 10):
+def test_the_access_log_keeps_a_bounded_number_of_short_lines_only(testapp, access_log, monkeypatch):
+    monkeypatch.setattr(certdrop, "ACCESS_TAILS", certdrop.BoundedMap(100_000))
+    for number in range(200):
         testapp.get(f"/c/{number:08}", expect_errors=True)
     testapp.get("/c/" + "x" * 5000, expect_errors=True)
     access_log.flush()
-    assert len(certdrop.ACCESS_TAILS) <= certdrop.MAX_ACCESS_TAILS
-    assert not any(len(path) > 512 for _, _, path, *_ in certdrop.ACCESS_TAILS)
-    assert access_log.stream.getvalue().count("\n") == certdrop.MAX_ACCESS_TAILS + 11
+    assert certdrop.ACCESS_TAILS.bytes <= 100_000 and len(certdrop.ACCESS_TAILS) < 200
+    assert not any(len(path) > 512 for _, _, path, *_ in certdrop.ACCESS_TAILS.items)
+    assert access_log.stream.getvalue().count("\n") == 201
+
+
+def test_the_access_log_queue_drops_the_oldest_lines_past_its_bound_when_nothing_writes_them():
+    log = certdrop.AccessLog(io.StringIO())
+    for number in range(certdrop.AccessLog.MAX_PENDING + 5):
+        log.record((0.0, 0.0, "127.0.0.1", f"GET /{number} 404 0 -"))
+    log.flush()
+    lines = log.stream.getvalue().splitlines()
+    assert len(lines) == certdrop.AccessLog.MAX_PENDING and lines[0].split()[3] == "/5"
 
 
 def test_access_log_off_writes_nothing(config, store, clock, access_log):
