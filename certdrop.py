@@ -56,6 +56,7 @@ import urllib.parse
 import uuid
 import warnings
 from collections import OrderedDict, deque
+from itertools import islice
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from http import HTTPStatus
@@ -1982,13 +1983,15 @@ class WriteFailure(typing.NamedTuple):
 
 
 class CachedEntry:
-    """An entry in the store's memory, with its file's signature when read and when that was last checked."""
+    """An entry in the store's memory, with its file's signature when read and when that was last checked, and
+    whether it was asked for again since it was read or last passed over by eviction (Store._evict)."""
 
-    __slots__ = ("entry", "signature", "checked", "size")
+    __slots__ = ("entry", "signature", "checked", "size", "asked_again")
 
     def __init__(self, entry: Entry, signature: tuple, checked: float):
         self.entry, self.signature, self.checked = entry, signature, checked
         self.size = entry.memory_size()
+        self.asked_again = False
 
 
 class Store:
@@ -2050,11 +2053,13 @@ class Store:
         item = self._cache.get(token)
         if item is None or time.monotonic() - item.checked >= self.revalidate_after:
             return None
-        try:
-            self._cache.move_to_end(token)
-        except KeyError:  # evicted by another thread meanwhile; this request still has the entry
-            pass
+        item.asked_again = True
         return item.entry
+
+    def memory_of(self, entry: Entry) -> CachedEntry | None:
+        """Return where memory holds *entry*, if it still does: the hot path marks it asked for again there."""
+        item = self._cache.get(entry.token)
+        return item if item is not None and item.entry is entry else None
 
     def fresh_for(self, entry: Entry) -> float:
         """Return for how many more seconds fresh() returns *entry* (until a look at its file is due), 0 if it no
@@ -2089,6 +2094,7 @@ class Store:
             self._forget(token)
             return None
         item.checked = time.monotonic()
+        item.asked_again = True
         return item.entry
 
     def is_absent(self, token: str) -> bool:
@@ -2179,9 +2185,21 @@ class Store:
             self._evict()
 
     def _evict(self) -> None:
-        """Drop the least recently used entries while the cache is over a limit (the newest always stays)."""
+        """Drop entries while the cache is over a limit: the oldest first, but one asked for again since it was read
+        gets a second chance (it goes to the back, its mark cleared), so that tokens asked for once, by guessers or
+        people who open a link one time, go before the links in steady use. The newest always stays."""
+        newest = next(reversed(self._cache), None)
+        chances = 2 * len(self._cache)
         while len(self._cache) > 1 and (len(self._cache) > self.cache_entries or self._cached_bytes > self.cache_bytes):
-            token, item = self._cache.popitem(last=False)
+            token, item = next(iter(self._cache.items()))
+            if (item.asked_again or token == newest) and chances > 0:
+                chances -= 1
+                item.asked_again = False
+                self._cache.move_to_end(token)
+                continue
+            if token == newest:
+                token, item = next(islice(self._cache.items(), 1, None))
+            del self._cache[token]
             self._cached_bytes -= item.size
             self._dropped(token)
 
@@ -4515,6 +4533,8 @@ class HotAnswer(typing.NamedTuple):
     token: str = ""  # whose answer this is; "" for a refusal
     since: float = -math.inf
     until: float = math.inf
+    #: where the store holds the entry: each hit marks it asked for again, as Store.fresh would (see Store._evict)
+    memory: CachedEntry | None = None
 
 
 class BuiltKey(typing.NamedTuple):
@@ -4787,6 +4807,8 @@ class App:
             hot = self.find_hot(key, environ.get("REMOTE_ADDR", ""))
             if hot is None:
                 return None
+        else:
+            hot.memory.asked_again = True
         status, body = serve(hot.prepared, environ, start_response)
         if self.access_log:  # AccessLog.request, spelt out
             self.access_log.record((started, time.perf_counter(), environ.get("REMOTE_ADDR", ""), hot.tails[status]))
@@ -4817,10 +4839,11 @@ class App:
             return unknown
         decision, now = self.answers.decisions.get(self.signature(key, rest)), self.clock()
         prepared = decision and self.answers.built.get(BuiltKey(token, decision.answer))
-        if not prepared or now >= entry.serves_until:
+        memory = self.store.memory_of(entry)
+        if not prepared or now >= entry.serves_until or memory is None:
             return None
         tails = {prepared.code: hot_tail(key, prepared, decision.device), 304: hot_tail(key, None, decision.device)}
-        hot = HotAnswer(prepared, tails, token, now, min(entry.serves_until, now + self.store.fresh_for(entry)))
+        hot = HotAnswer(prepared, tails, token, now, min(entry.serves_until, now + self.store.fresh_for(entry)), memory)
         self.answers.keep_hot(key, hot, generation)
         return hot
 
