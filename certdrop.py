@@ -3962,6 +3962,20 @@ def render_error(page: ErrorPage, extra_html: str = "") -> Response:
     return Response(body, page.status, MIME_HTML, headers + HTML_HEADERS)
 
 
+def answer_for(request: Request, status: int, data: dict, text: str, page: Callable[[], bytes],
+               headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    """Return a handler's answer in the format the client wants (response_format): *data* as versioned JSON, *text*
+    (already safe for a terminal) for scripts, or the HTML *page*, made only when it is wanted. Never kept."""
+    headers = (("Cache-Control", "no-store"), *headers)
+    fmt = response_format(request)
+    if fmt == "json":
+        body = json.dumps({"version": JSON_VERSION, **data}, indent=1).encode("utf-8") + b"\n"
+        return Response(body, status, MIME_JSON, headers)
+    if fmt == "text":
+        return Response(text.encode("utf-8"), status, MIME_TEXT, headers)
+    return Response(page(), status, MIME_HTML, HTML_HEADERS + headers)
+
+
 def format_size(size: int) -> str:
     return f"{size // (1024 * 1024)} MiB" if size % (1024 * 1024) == 0 else f"{size // 1024} KiB"
 
@@ -4683,7 +4697,7 @@ def signature_length(signature: Signature) -> int:
 
 
 ###############################################################################
-# Application #################################################################
+# Who may change what is stored ###############################################
 ###############################################################################
 
 #: The browser's sign-in: an HttpOnly cookie holding an expiry and its HMAC under the upload key, so every server
@@ -4715,6 +4729,143 @@ CROSS_SITE_MESSAGE = ("This request came from another web site, so it was refuse
                       "upload or sign in. Open certdrop's address yourself and try again.")
 
 
+class UploadGate:
+    """Who may change what is stored: the Host rule, the network rule, the loopback exemption, the upload key
+    (HTTP Basic, or a browser's session signed with it) and the cross-site rule. Uploads, mail, sign-in and
+    sign-out ask it; so will the administrator's actions."""
+
+    def __init__(self, config: Config, store: Store, clock: Callable[[], float]):
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.public_host = (urllib.parse.urlsplit(config.public_url).hostname or "").rstrip(".")
+        self.sign_in_failures = RateLimiter(SIGN_IN_FAILURES_PER_MINUTE, SIGN_IN_FAILURE_BURST, clock)
+        self.signed_out = SignOuts(store)
+
+    def check_host(self, request: Request) -> None:
+        """Refuse (400) a request that names another server than this one (see is_our_host)."""
+        if self.is_our_host(request):
+            return
+        if host_of(request.header("Host")) is None:
+            raise BadRequest("The Host header is not a valid host name.", code="bad-host")
+        raise BadRequest(f"This server does not answer to the name \u201c{request.header('Host')[:100]}\u201d, so "
+                         "the request was refused. Open certdrop by its own address; its administrator can add other "
+                         "names to allowed_hosts in certdrop.ini.", code="foreign-host")
+
+    def is_our_host(self, request: Request) -> bool:
+        """Return whether the request names this server: public_url's host, a name in allowed_hosts, or this machine.
+
+        A page a browser fetched under another name (DNS rebinding: evil.example resolving to 127.0.0.1) would
+        otherwise be this server's page to that site's scripts. Behind the trusted proxy with public_url set, only
+        public_url's host counts: Apache and nginx pass the client's own Host on.
+        """
+        if self.public_host and request.environ.get("certdrop.via_proxy"):
+            return host_of(request.header("Host")) == self.public_host
+        return self.is_our_name(request.header("Host"))
+
+    def is_our_name(self, host_header: str | None) -> bool:
+        """Return whether a Host header names this server (see is_our_host). No Host at all (HTTP/1.0) names no
+        other server: links are then made from SERVER_NAME."""
+        if not host_header:
+            return True
+        host = host_of(host_header)
+        return host is not None and (host == self.public_host or host in self.config.allowed_hosts
+                                     or is_machine_host(host))
+
+    def is_trusted_peer(self, environ: dict) -> bool:
+        proxy = self.config.trusted_proxy
+        return proxy == "*" or bool(proxy) and parse_address(environ.get("REMOTE_ADDR", "")) == parse_address(proxy)
+
+    def authorize(self, request: Request) -> str:
+        """Return why *request* may upload: "open", "loopback", "session" or "key"; raise an HTTPError if it may not.
+
+        The loopback exemption holds only for a request made on this machine directly: behind IIS or Apache on
+        the same box every client would otherwise be 127.0.0.1.
+        """
+        self.check_network(request)
+        if self.config.upload_auth == "none":
+            return "open"
+        if self.config.upload_auth == "remote" and self.is_direct_loopback(request):
+            return "loopback"
+        if self.has_session(request):
+            return "session"
+        given = basic_password(request)
+        if given is None:
+            raise Unauthorized()
+        self.check_key(request, given)
+        return "key"
+
+    def check_network(self, request: Request) -> None:
+        if not address_in(request.remote_addr, self.config.upload_networks):
+            raise Forbidden(code="network", message=f"Uploads are not accepted from your address "
+                            f"({request.remote_addr[:64]}): this server "
+                            "takes them only from the networks named in its upload_networks setting. Installing "
+                            "from a link works from anywhere.")
+
+    def is_direct_loopback(self, request: Request) -> bool:
+        """Return whether the request comes from this machine itself, by one of its names (is_our_host).
+
+        A loopback address alone is not enough: a page from evil.example that resolves to 127.0.0.1 (DNS
+        rebinding) makes the browser on the server send requests from loopback, under the page's own name.
+        """
+        address = parse_address(request.remote_addr)
+        proxy = self.config.trusted_proxy
+        via_proxy = request.forwarded or proxy == "*" or (proxy and parse_address(proxy) == address)
+        return address is not None and address.is_loopback and not via_proxy and self.is_our_host(request)
+
+    def refuse_cross_site(self, request: Request) -> None:
+        """Refuse a state-changing request that another site's page made a browser send (CSRF).
+
+        Browsers name the page's origin in Origin and say cross-site in Sec-Fetch-Site; curl, wget and scripts
+        send neither and pass.
+        """
+        if request.header("Sec-Fetch-Site").lower() == "cross-site":
+            raise Forbidden(CROSS_SITE_MESSAGE, code=CROSS_SITE_CODE)
+        origin = request.header("Origin")
+        if origin and origin_of(origin) != origin_of(base_url_of(request, self.config, self.is_our_host(request))):
+            raise Forbidden(CROSS_SITE_MESSAGE, code=CROSS_SITE_CODE)
+
+    def check_key(self, request: Request, given: str) -> None:
+        """Raise Unauthorized unless *given* is the upload key; wrong keys are rate-limited per client."""
+        wait = self.sign_in_failures.retry_after(request.remote_addr)
+        if wait:
+            raise TooManyRequests(wait)
+        if not hmac.compare_digest(given.encode("utf-8"), self.upload_key().encode("utf-8")):
+            self.sign_in_failures.spend(request.remote_addr)
+            raise Unauthorized("That is not the upload key. Check it and try again.")
+
+    def upload_key(self) -> str:
+        return self.config.upload_password or self.store.upload_key()[0]
+
+    def session_value(self, expires: int, session_id: str) -> str:
+        """Return the cookie value of session *session_id* ending at *expires*: both, and their HMAC under the key."""
+        mac = hmac.new(self.upload_key().encode("utf-8"), f"certdrop session {expires} {session_id}".encode(),
+                       hashlib.sha256)
+        return f"{expires}.{session_id}.{mac.hexdigest()}"
+
+    def session_of(self, request: Request) -> tuple[int, str] | None:
+        """Return (end, id) of the request's session cookie if the key signed it and it is still on, else None."""
+        match = SESSION_RE.fullmatch(cookie_value(request, SESSION_COOKIE) or "")
+        if not match:
+            return None
+        expires, session_id = int(match[1]), match[2]
+        if expires <= self.clock() or not hmac.compare_digest(match[0], self.session_value(expires, session_id)):
+            return None
+        return None if self.signed_out.has(session_id, expires) else (expires, session_id)
+
+    def has_session(self, request: Request) -> bool:
+        return self.session_of(request) is not None
+
+
+def base_url_of(request: Request, config: Config, host_accepted: bool) -> str:
+    """Return the URL that links start with for *request* (see link_base)."""
+    return link_base(Signature.of(request_key(request.environ), "", host_accepted), config)
+
+
+###############################################################################
+# Application #################################################################
+###############################################################################
+
 class App:
     """The certdrop WSGI application: routes requests to handlers and turns every failure into a clear answer."""
 
@@ -4728,17 +4879,15 @@ class App:
             self.access_log.start()
         self.lookups = RateLimiter(config.lookup_limit, LOOKUP_BURST, clock)
         self.uploads = RateLimiter(config.upload_limit, UPLOAD_BURST, clock)
-        self.sign_in_failures = RateLimiter(SIGN_IN_FAILURES_PER_MINUTE, SIGN_IN_FAILURE_BURST, clock)
         #: one budget for the whole server: however many clients ask, it cannot be turned into a spam relay
         self.mail_budget = RateLimiter(config.mail_per_hour / 60, config.mail_per_hour, clock)
-        self.signed_out = SignOuts(store)
+        self.gate = UploadGate(config, store, clock)
         #: everything kept to answer requests again; a token's answers go when the store replaces or drops its entry
         self.answers = AnswerCache(config.answer_cache_size)
         store.watchers.append(self.answers.forget)
         self.hot_get = self.answers.hot.get  # bound once: serve_hot calls it on every request
         #: the path of public_url, which every address certdrop writes starts with; None: from SCRIPT_NAME
         self.public_path = urllib.parse.urlsplit(config.public_url).path.rstrip("/") if config.public_url else None
-        self.public_host = (urllib.parse.urlsplit(config.public_url).hostname or "").rstrip(".")
         self.answer_request = self.answer
         if config.trusted_proxy:
             # waitress's own reading of X-Forwarded-For/-Host/-Proto/-Port and Forwarded, from the trusted proxy
@@ -4754,15 +4903,11 @@ class App:
             if body is not None:
                 return body
         # Decided before waitress's proxy middleware replaces REMOTE_ADDR and clears headers (see Request.forwarded)
-        environ["certdrop.via_proxy"] = self.is_trusted_peer(environ)
+        environ["certdrop.via_proxy"] = self.gate.is_trusted_peer(environ)
         environ["certdrop.forwarded"] = environ["certdrop.via_proxy"] or was_forwarded(environ)
         if self.config.trusted_proxy:
             self.take_forwarded_prefix(environ)
         return self.answer_request(environ, start_response)
-
-    def is_trusted_peer(self, environ: dict) -> bool:
-        proxy = self.config.trusted_proxy
-        return proxy == "*" or bool(proxy) and parse_address(environ.get("REMOTE_ADDR", "")) == parse_address(proxy)
 
     def take_forwarded_prefix(self, environ: dict) -> None:
         """Prepend an X-Forwarded-Prefix from the trusted proxy to SCRIPT_NAME; drop one from anybody else.
@@ -4771,7 +4916,7 @@ class App:
         with the client's address.
         """
         prefix = environ.pop("HTTP_X_FORWARDED_PREFIX", "").strip().rstrip("/")
-        if prefix and self.is_trusted_peer(environ) and len(prefix) <= MAX_PREFIX and PREFIX_RE.fullmatch(prefix):
+        if prefix and self.gate.is_trusted_peer(environ) and len(prefix) <= MAX_PREFIX and PREFIX_RE.fullmatch(prefix):
             environ["SCRIPT_NAME"] = prefix + environ.get("SCRIPT_NAME", "")
 
     def prefix(self, request: Request) -> str:
@@ -4849,7 +4994,7 @@ class App:
 
     def signature(self, key: RequestKey, rest: str) -> Signature:
         """Return the Signature of a request under /c/ with *key*, whose path after /c/<token>/ is *rest*."""
-        return Signature.of(key, rest, self.is_our_name(key.host))
+        return Signature.of(key, rest, self.gate.is_our_name(key.host))
 
     def full_answer(self, environ: dict) -> Prepared:
         """Return the answer to any request: routed to its handler, every failure turned into a clear answer."""
@@ -4885,40 +5030,16 @@ class App:
 
     def dispatch(self, request: Request) -> Response | Prepared:
         handler, arguments = match_route(request.method, request.path)
-        if not request.path.startswith(LENIENT_PATHS) and not self.is_our_host(request):
-            if host_of(request.header("Host")) is None:
-                raise BadRequest("The Host header is not a valid host name.", code="bad-host")
-            raise BadRequest(f"This server does not answer to the name \u201c{request.header('Host')[:100]}\u201d, "
-                             "so the request was refused. Open certdrop by its own address; its administrator can "
-                             "add other names to allowed_hosts in certdrop.ini.", code="foreign-host")
+        if not request.path.startswith(LENIENT_PATHS):
+            self.gate.check_host(request)
         try:
             return handler(self, request, **arguments)
         except CertdropError as error:
             raise http_error_for(error) from None
 
-    def is_our_host(self, request: Request) -> bool:
-        """Return whether the request names this server: public_url's host, a name in allowed_hosts, or this machine.
-
-        A page a browser fetched under another name (DNS rebinding: evil.example resolving to 127.0.0.1) would
-        otherwise be this server's page to that site's scripts. Behind the trusted proxy with public_url set, only
-        public_url's host counts: Apache and nginx pass the client's own Host on.
-        """
-        if self.public_host and request.environ.get("certdrop.via_proxy"):
-            return host_of(request.header("Host")) == self.public_host
-        return self.is_our_name(request.header("Host"))
-
-    def is_our_name(self, host_header: str | None) -> bool:
-        """Return whether a Host header names this server (see is_our_host). No Host at all (HTTP/1.0) names no
-        other server: links are then made from SERVER_NAME."""
-        if not host_header:
-            return True
-        host = host_of(host_header)
-        return host is not None and (host == self.public_host or host in self.config.allowed_hosts
-                                     or is_machine_host(host))
-
     def base_url(self, request: Request) -> str:
         """Return the URL that links start with (see link_base)."""
-        return link_base(self.signature(request_key(request.environ), ""), self.config)
+        return base_url_of(request, self.config, self.gate.is_our_host(request))
 
     def home(self, request: Request) -> str:
         return self.prefix(request) + "/"
@@ -4928,7 +5049,7 @@ class App:
     def upload_form(self, request: Request) -> Response:
         home = self.home(request)
         try:
-            how = self.authorize(request)
+            how = self.gate.authorize(request)
         except Unauthorized:
             return Response(render_signin(home, ""), headers=FORM_PAGE_HEADERS)
         page = render_upload_form(self.config, action=home, signed_in=how == "session")
@@ -4949,24 +5070,24 @@ class App:
         return Response(render_signin(self.home(request), ""), headers=FORM_PAGE_HEADERS)
 
     def signin(self, request: Request) -> Response:
-        self.refuse_cross_site(request)
-        self.check_network(request)
-        self.check_key(request, form_text(parse_form(request, 4096, fields=("key",)), "key"))
+        self.gate.refuse_cross_site(request)
+        self.gate.check_network(request)
+        self.gate.check_key(request, form_text(parse_form(request, 4096, fields=("key",)), "key"))
         expires = int(self.clock()) + SESSION_SECONDS
-        value = self.session_value(expires, secrets.token_hex(16))
+        value = self.gate.session_value(expires, secrets.token_hex(16))
         return self.redirect_home(request, self.session_cookie(request, value, SESSION_SECONDS))
 
     def signout(self, request: Request) -> Response:
         """End the browser's session here and on every process sharing data_dir (within 2 s), for good."""
-        self.refuse_cross_site(request)
-        session = self.session_of(request)
+        self.gate.refuse_cross_site(request)
+        session = self.gate.session_of(request)
         if session:
-            self.signed_out.add(session[1], session[0])
+            self.gate.signed_out.add(session[1], session[0])
         return self.redirect_home(request, self.session_cookie(request, "", 0))
 
     def upload(self, request: Request) -> Response:
-        self.refuse_cross_site(request)
-        self.authorize(request)
+        self.gate.refuse_cross_site(request)
+        self.gate.authorize(request)
         wait = self.uploads.spend(request.remote_addr)
         if wait:
             raise TooManyRequests(wait)
@@ -4980,21 +5101,15 @@ class App:
         except (CertificateError, LifetimeError) as error:
             raise self.refusal_with_form(error, fields, home) from None
         status = 201 if any(link.created for link in links) else 200
-        headers = (("Cache-Control", "no-store"), ("Location", links[0].url), ("Vary", "Accept, User-Agent"))
-        answer_format = response_format(request)
-        if answer_format == "json":
-            body = json.dumps(upload_report(links, diagnosis), indent=1).encode("utf-8") + b"\n"
-            return Response(body, status, MIME_JSON, headers)
-        if answer_format == "text":
-            return Response(render_upload_text(links, diagnosis).encode("utf-8"), status, MIME_TEXT, headers)
-        mail_html = render_mail_offer(self.config, links, home, whc_default(self.config))
-        return Response(render_result(links, diagnosis, now, home=home, mail_html=mail_html), status, MIME_HTML,
-                        HTML_HEADERS + headers)
+        headers = (("Location", links[0].url), ("Vary", "Accept, User-Agent"))
+        return answer_for(request, status, upload_report(links, diagnosis), render_upload_text(links, diagnosis),
+                          lambda: render_result(links, diagnosis, now, home=home, mail_html=render_mail_offer(
+                              self.config, links, home, whc_default(self.config))), headers)
 
     def mail(self, request: Request) -> Response:
         """E-mail links made by an upload, as plain text; the same credential and cross-site check as uploading."""
-        self.refuse_cross_site(request)
-        self.authorize(request)
+        self.gate.refuse_cross_site(request)
+        self.gate.authorize(request)
         wait = self.uploads.spend(request.remote_addr)  # a mail relay is worth abusing: count it like an upload
         if wait:
             raise TooManyRequests(wait)
@@ -5022,21 +5137,15 @@ class App:
                 f'<li><a href="{esc(url)}">{esc(url)}</a></li>' for url, _ in links) + "</ul>"
             raise failure from None
         log.info("mailed %d links to %d addresses", len(links), len(recipients))
-        answer_format = response_format(request)
-        if answer_format == "json":
-            body = json.dumps({"version": JSON_VERSION, "sent_to": recipients}).encode() + b"\n"
-            return Response(body, 200, MIME_JSON, (("Cache-Control", "no-store"),))
-        if answer_format == "text":
-            return Response(term(f"sent to {', '.join(recipients)}").encode() + b"\n", 200, MIME_TEXT)
-        page = render_page("Sent", render(MAIL_SENT_PAGE, count=len(recipients), home=self.home(request),
-                                          recipients=", ".join(recipients)))
-        return Response(page, 200, MIME_HTML, HTML_HEADERS + (("Cache-Control", "no-store"),))
+        return answer_for(request, 200, {"sent_to": recipients}, term(f"sent to {', '.join(recipients)}") + "\n",
+                          lambda: render_page("Sent", render(MAIL_SENT_PAGE, count=len(recipients),
+                                                             home=self.home(request), recipients=", ".join(recipients))))
 
     def revoke(self, request: Request, token: str) -> Response:
         """Remove a link with the secret shown when it was made: at once here, within 2 s on every process."""
-        self.refuse_cross_site(request)
+        self.gate.refuse_cross_site(request)
         address = request.remote_addr
-        wait = max(self.sign_in_failures.retry_after(address), self.lookups.retry_after(address))
+        wait = max(self.gate.sign_in_failures.retry_after(address), self.lookups.retry_after(address))
         if wait:
             raise TooManyRequests(wait)
         # In the body only: a query string would put the secret into access logs, ours and a proxy's.
@@ -5048,21 +5157,15 @@ class App:
         if entry is None or not entry.may_be_revoked_with(secret):
             # One answer and one count for a wrong secret and a token with no live link: telling them apart
             # would let anybody test guessed tokens here, past the lookup limit.
-            self.sign_in_failures.spend(address)
+            self.gate.sign_in_failures.spend(address)
             self.lookups.spend(address)
             raise Forbidden("Nothing was removed: there is no live link with that secret. Only the page that made "
                             "a link shows its secret; on the server, 'certdrop.py revoke TOKEN' removes any link.",
                             code="wrong-secret")
         entry = self.store.revoke(token)
         log.info("link %s revoked from the web", entry.token)
-        answer_format = response_format(request)
-        if answer_format == "json":
-            body = json.dumps({"version": JSON_VERSION, "revoked": entry.token}).encode() + b"\n"
-            return Response(body, 200, MIME_JSON, (("Cache-Control", "no-store"),))
-        if answer_format == "text":
-            return Response(f"revoked {entry.token}: it answers 410 from now on\n".encode(), 200, MIME_TEXT)
-        page = render_page("Link removed", render(REVOKED_PAGE, home=self.home(request)))
-        return Response(page, 200, MIME_HTML, HTML_HEADERS + (("Cache-Control", "no-store"),))
+        return answer_for(request, 200, {"revoked": entry.token}, f"revoked {entry.token}: it answers 410 from now on\n",
+                          lambda: render_page("Link removed", render(REVOKED_PAGE, home=self.home(request))))
 
     def refusal_with_form(self, error: CertdropError, fields: dict[str, bytes], home: str) -> HTTPError:
         """Return the answer to a refused upload: the reason, then the form again, filled in as it was sent.
@@ -5111,88 +5214,6 @@ class App:
                 raise TooManyRequests(wait) from None
             raise
 
-    # -- who may change what is stored -------------------------------------------------------------------------
-
-    def authorize(self, request: Request) -> str:
-        """Return why *request* may upload: "open", "loopback", "session" or "key"; raise an HTTPError if it may not.
-
-        The loopback exemption holds only for a request made on this machine directly: behind IIS or Apache on
-        the same box every client would otherwise be 127.0.0.1.
-        """
-        self.check_network(request)
-        if self.config.upload_auth == "none":
-            return "open"
-        if self.config.upload_auth == "remote" and self.is_direct_loopback(request):
-            return "loopback"
-        if self.has_session(request):
-            return "session"
-        given = basic_password(request)
-        if given is None:
-            raise Unauthorized()
-        self.check_key(request, given)
-        return "key"
-
-    def check_network(self, request: Request) -> None:
-        if not address_in(request.remote_addr, self.config.upload_networks):
-            raise Forbidden(code="network", message=f"Uploads are not accepted from your address "
-                            f"({request.remote_addr[:64]}): this server "
-                            "takes them only from the networks named in its upload_networks setting. Installing "
-                            "from a link works from anywhere.")
-
-    def is_direct_loopback(self, request: Request) -> bool:
-        """Return whether the request comes from this machine itself, by one of its names (is_our_host).
-
-        A loopback address alone is not enough: a page from evil.example that resolves to 127.0.0.1 (DNS
-        rebinding) makes the browser on the server send requests from loopback, under the page's own name.
-        """
-        address = parse_address(request.remote_addr)
-        proxy = self.config.trusted_proxy
-        via_proxy = request.forwarded or proxy == "*" or (proxy and parse_address(proxy) == address)
-        return address is not None and address.is_loopback and not via_proxy and self.is_our_host(request)
-
-    def refuse_cross_site(self, request: Request) -> None:
-        """Refuse a state-changing request that another site's page made a browser send (CSRF).
-
-        Browsers name the page's origin in Origin and say cross-site in Sec-Fetch-Site; curl, wget and scripts
-        send neither and pass.
-        """
-        if request.header("Sec-Fetch-Site").lower() == "cross-site":
-            raise Forbidden(CROSS_SITE_MESSAGE, code=CROSS_SITE_CODE)
-        origin = request.header("Origin")
-        if origin and origin_of(origin) != origin_of(self.base_url(request)):
-            raise Forbidden(CROSS_SITE_MESSAGE, code=CROSS_SITE_CODE)
-
-    def check_key(self, request: Request, given: str) -> None:
-        """Raise Unauthorized unless *given* is the upload key; wrong keys are rate-limited per client."""
-        wait = self.sign_in_failures.retry_after(request.remote_addr)
-        if wait:
-            raise TooManyRequests(wait)
-        if not hmac.compare_digest(given.encode("utf-8"), self.upload_key().encode("utf-8")):
-            self.sign_in_failures.spend(request.remote_addr)
-            raise Unauthorized("That is not the upload key. Check it and try again.")
-
-    def upload_key(self) -> str:
-        return self.config.upload_password or self.store.upload_key()[0]
-
-    def session_value(self, expires: int, session_id: str) -> str:
-        """Return the cookie value of session *session_id* ending at *expires*: both, and their HMAC under the key."""
-        mac = hmac.new(self.upload_key().encode("utf-8"), f"certdrop session {expires} {session_id}".encode(),
-                       hashlib.sha256)
-        return f"{expires}.{session_id}.{mac.hexdigest()}"
-
-    def session_of(self, request: Request) -> tuple[int, str] | None:
-        """Return (end, id) of the request's session cookie if the key signed it and it is still on, else None."""
-        match = SESSION_RE.fullmatch(cookie_value(request, SESSION_COOKIE) or "")
-        if not match:
-            return None
-        expires, session_id = int(match[1]), match[2]
-        if expires <= self.clock() or not hmac.compare_digest(match[0], self.session_value(expires, session_id)):
-            return None
-        return None if self.signed_out.has(session_id, expires) else (expires, session_id)
-
-    def has_session(self, request: Request) -> bool:
-        return self.session_of(request) is not None
-
     def session_cookie(self, request: Request, value: str, max_age: int) -> str:
         base = self.base_url(request)
         path = urllib.parse.urlsplit(base).path.rstrip("/") + "/"
@@ -5219,12 +5240,11 @@ def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, no
 
 
 def upload_report(links: list[Link], diagnosis: Diagnosis) -> dict:
-    """Return the JSON answer to an upload (README documents this shape; JSON_VERSION says which it is)."""
+    """Return the JSON answer to an upload, less the version answer_for adds (README documents this shape)."""
     def when(timestamp: float) -> str:
         return datetime.fromtimestamp(timestamp, timezone.utc).isoformat().replace("+00:00", "Z")
 
     return {
-        "version": JSON_VERSION,
         "format": diagnosis.source,
         "links": [{
             "url": link.url, "token": link.entry.token, "new": link.created, "expires": when(link.entry.expires),

@@ -2608,7 +2608,7 @@ def test_an_oversized_sign_out_file_ends_every_older_session_but_not_newer_ones(
     config.data_dir.mkdir(exist_ok=True)
     (config.data_dir / certdrop.SignOuts.FILE).write_bytes(b"x" * (certdrop.MAX_SIGNED_OUT_BYTES + 1))
     clock.advance(2)
-    keyed.signed_out._checked = -math.inf  # as if a second had passed since the file was last looked at
+    keyed.gate.signed_out._checked = -math.inf  # as if a second had passed since the file was last looked at
     post_cert(before, root_der, 401)
     clock.advance(1)
     after = client(keyed, REMOTE_ADDR=REMOTE)
@@ -2767,7 +2767,7 @@ def fuzzed_app(proxy_headers=None):
                              allowed_hosts=TEST_HOSTS, trusted_proxy="*" if proxy_headers else "",
                              trusted_proxy_headers=proxy_headers or certdrop.Config.trusted_proxy_headers)
     app = certdrop.make_app(config, certdrop.make_store(config, FakeClock()), FakeClock())
-    app.sign_in_failures = app.mail_budget = certdrop.RateLimiter(0, 0)
+    app.gate.sign_in_failures = app.mail_budget = certdrop.RateLimiter(0, 0)
     token = app.store.add(certdrop.load_der(mutation_corpus()[0]), NOW + DAY)[0].token
     return app, token
 
