@@ -1,5 +1,6 @@
 """Tests for certdrop, in the module's order: pure functions, store, HTTP, command line, real processes."""
 
+import ast
 import base64
 import codecs
 import contextlib
@@ -124,6 +125,13 @@ def key_pem(root):
                                  serialization.NoEncryption())
 
 
+@pytest.fixture(scope="session")
+def many_roots():
+    """Return 120 distinct root CA certificates (DER), for tests that upload one after another."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return [der_of(make_certificate(f"Root {number}", key=key, serial=1000 + number)[0]) for number in range(120)]
+
+
 # -- the fixture chain: config -> clock -> store -> app -> testapp ---------------------------------------------
 
 
@@ -191,6 +199,59 @@ def token_of(response):
 
 def files_under(directory):
     return sorted(p for p in Path(directory).rglob("*") if p.is_file())
+
+
+# -- fixtures and helpers that many sections share, in the order the tests first use them ----------------------
+
+
+def html_text(response):
+    return " ".join(response.html.get_text().split())
+
+
+@pytest.fixture
+def ini(tmp_path):
+    path = tmp_path / "certdrop.ini"
+    path.write_text("[certdrop]\ndata_dir = data\npublic_url = http://ca.example.org:8080\n")
+    return path
+
+
+def cli(ini, *args):
+    return certdrop.main(["-c", str(ini), *args], clock=lambda: NOW)
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Give this machine an address on the company network and a full name that resolves."""
+    monkeypatch.setattr(certdrop, "machine_addresses", lambda: ("192.168.1.5",))
+    monkeypatch.setattr(certdrop, "machine_fqdn", lambda: "server.corp.example")
+    monkeypatch.setattr(certdrop, "machine_names", lambda: frozenset({"server", "server.corp.example", "192.168.1.5"}))
+
+
+def add(store, der, days=7):
+    return store.add(certdrop.load_der(der), store.clock() + days * DAY)[0]
+
+
+REMOTE = "192.168.1.20"  # a desktop on the company network: private, but not this machine
+KEY = "correct-horse-battery-staple"
+
+
+def app_with(config, store, clock, **settings):
+    return certdrop.make_app(dataclasses.replace(config, **settings), store, clock)
+
+
+def basic(key):
+    return {"Authorization": "Basic " + base64.b64encode(f"certdrop:{key}".encode()).decode()}
+
+
+def post_cert(app_client, data, status, headers=None):
+    return app_client.post("/", params={"ttl": "7d"}, upload_files=[("cert", "ca.cer", data)], headers=headers or {},
+                           status=status)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 # -- configuration -----------------------------------------------------------------------------------------------
@@ -654,10 +715,6 @@ def test_check_reports_each_refusal_with_its_code_and_status_2(tmp_path, capsys,
     assert status == 2 and report["refused"]["code"] == code
 
 
-def html_text(response):
-    return " ".join(response.html.get_text().split())
-
-
 def test_server_certificate_alone_names_its_issuers_published_address(pki):
     with pytest.raises(certdrop.CertificateError, match=r"published at http://pki.example.com/issuing.crt"):
         certdrop.diagnose(pem_of(pki.leaf), now=NOW)
@@ -925,6 +982,7 @@ def test_crafted_certificate_upload_answers_422_and_stores_nothing(testapp, conf
     assert files_under(config.data_dir) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CRAFTED, ids=CRAFTED)
 def test_check_of_a_crafted_certificate_exits_2_without_a_traceback(tmp_path, case):
     (tmp_path / "crafted.der").write_bytes(CRAFTED[case]())
@@ -1067,6 +1125,7 @@ def test_any_bytes_give_a_diagnosis_or_a_clean_refusal(data):
     diagnose_or_refuse(data)
 
 
+@pytest.mark.slow  # 250 examples, about 0.6 s
 @PROPERTY_SETTINGS
 @hypothesis.given(mutated_certificates())
 def test_mutated_certificates_give_a_diagnosis_that_renders_everywhere_or_a_clean_refusal(der):
@@ -1094,6 +1153,7 @@ def test_check_without_files_is_a_usage_error_with_status_3(capsys):
     assert exit_.value.code == 3
 
 
+@pytest.mark.slow
 def test_library_warnings_about_odd_certificates_do_not_reach_the_user(tmp_path):
     openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "k.pem",
             "-out", "negative.pem", "-subj", "/CN=Negative Serial Root", "-set_serial", "-5", "-days", "3650",
@@ -1282,6 +1342,7 @@ def test_each_real_user_agent_is_classified(name):
     assert certdrop.classify(agent) == device
 
 
+@pytest.mark.slow  # 71 uploads and answers, about 0.7 s together
 @pytest.mark.parametrize("name", USER_AGENTS, ids=USER_AGENTS)
 def test_each_real_user_agent_gets_its_answer(testapp, root_token, root_der, name):
     agent, _, expected = USER_AGENTS[name]
@@ -1826,11 +1887,11 @@ def test_a_request_with_a_huge_header_is_answered_but_never_kept(testapp, app, r
 
 def test_the_answer_cache_stays_within_its_byte_budget_whatever_clients_send(config, store, clock, root_der):
     app = app_with(config, store, clock, answer_cache_size=200_000)
-    browser = client(app)
-    token = token_of(upload(browser, root_der))
+    visitor = client(app)
+    token = token_of(upload(visitor, root_der))
     for number in range(300):
-        browser.get(f"/c/{token}", headers={"User-Agent": f"Mozilla/5.0 (Android 14; Pixel {number}) Chrome/120"})
-        browser.get(f"/c/{'abcdefghjk'[number % 10]}{number:07d}"[:11], status="*")
+        visitor.get(f"/c/{token}", headers={"User-Agent": f"Mozilla/5.0 (Android 14; Pixel {number}) Chrome/120"})
+        visitor.get(f"/c/{'abcdefghjk'[number % 10]}{number:07d}"[:11], status="*")
     assert app.answers.bytes <= 200_000
     for part in (app.answers.hot, app.answers.decisions, app.answers.built, app.answers.refusals, app.answers.errors):
         assert part.bytes <= part.max_bytes and part.bytes == sum(part._sizes.values())
@@ -1873,10 +1934,6 @@ def test_result_page_passes_on_the_steps_of_every_family(testapp, root_der):
 
 
 # -- store -----------------------------------------------------------------------------------------------------
-
-
-def add(store, der, days=7):
-    return store.add(certdrop.load_der(der), store.clock() + days * DAY)[0]
 
 
 def test_new_tokens_use_the_unambiguous_alphabet_and_configured_length(store, root_der):
@@ -2195,6 +2252,7 @@ def hold_store_lock(directory, held, release):
         release.wait(10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("branch", ["posix", "windows"])
 def test_the_write_lock_keeps_other_processes_out(tmp_path, request, branch):
     if branch == "windows":
@@ -2381,14 +2439,6 @@ def test_public_url_builds_the_link(config, store, clock, root_der):
     assert "https://intranet.example.com/ca/c/" in upload(app, root_der).text
 
 
-@pytest.fixture
-def machine(monkeypatch):
-    """Give this machine an address on the company network and a full name that resolves."""
-    monkeypatch.setattr(certdrop, "machine_addresses", lambda: ("192.168.1.5",))
-    monkeypatch.setattr(certdrop, "machine_fqdn", lambda: "server.corp.example")
-    monkeypatch.setattr(certdrop, "machine_names", lambda: frozenset({"server", "server.corp.example", "192.168.1.5"}))
-
-
 def test_a_loopback_link_leads_with_the_machines_address_then_its_full_name(app, root_der, machine):
     result = upload(client(app, HTTP_HOST="localhost:8080"), root_der)
     token = token_of(result)
@@ -2423,27 +2473,11 @@ def test_result_page_has_no_loopback_warning_for_a_real_host(testapp, root_der):
 
 # -- HTTP: who may upload --------------------------------------------------------------------------------------
 
-REMOTE = "192.168.1.20"  # a desktop on the company network: private, but not this machine
-KEY = "correct-horse-battery-staple"
-
-
-def app_with(config, store, clock, **settings):
-    return certdrop.make_app(dataclasses.replace(config, **settings), store, clock)
-
 
 @pytest.fixture
 def keyed(config, store, clock):
     """Return the app with a known upload key, as a client on the company network would reach it."""
     return app_with(config, store, clock, upload_password=KEY)
-
-
-def basic(key):
-    return {"Authorization": "Basic " + base64.b64encode(f"certdrop:{key}".encode()).decode()}
-
-
-def post_cert(app_client, data, status, headers=None):
-    return app_client.post("/", params={"ttl": "7d"}, upload_files=[("cert", "ca.cer", data)], headers=headers or {},
-                           status=status)
 
 
 def test_upload_from_another_machine_without_the_key_answers_401_and_stores_nothing(keyed, config, root_der):
@@ -2819,6 +2853,7 @@ def answer_of(app, environ):
     return int(status[:3]), headers, body
 
 
+@pytest.mark.slow  # 250 examples, about 0.8 s
 @PROPERTY_SETTINGS
 @hypothesis.given(requests())
 def test_any_request_gets_an_answer_below_500_with_clean_headers(environ):
@@ -2852,6 +2887,7 @@ def route_environ(token, method, path, headers, remote_addr="127.0.0.1"):
     return environ
 
 
+@pytest.mark.slow  # about 1.7 s of examples
 @hypothesis.settings(PROPERTY_SETTINGS, max_examples=200)
 @hypothesis.given(st.sampled_from(PROXY_HEADERS), st.sampled_from(["GET", "POST"]), st.sampled_from(ROUTE_PATHS),
                   st.dictionaries(st.sampled_from([*HEADER_NAMES, "Content-Length", "Content-Type"]), HEADER_VALUES,
@@ -2971,6 +3007,7 @@ def test_json_errors_carry_their_stable_refusal_code(testapp, root_pem, key_pem)
     assert (error["status"], error["code"]) == (422, "private-key") and "private key" in error["message"]
 
 
+@pytest.mark.slow
 def test_real_curl_and_wget_upload_and_read_the_text_answer(tmp_path, root_pem, other_der):
     ini = tmp_path / "certdrop.ini"
     ini.write_text(f"[certdrop]\ndata_dir = data\nupload_auth = always\nupload_password = {KEY}\n")
@@ -3126,6 +3163,7 @@ def test_links_made_before_secrets_existed_cannot_be_removed_from_the_web(testap
     testapp.post(f"/c/{entry.token}/revoke", {"secret": ""}, status=403)
 
 
+@pytest.mark.slow  # waits about 1 s of real time
 def test_a_link_removed_through_one_process_ends_on_another_within_2_seconds(config, root_der):
     first, second = (client(certdrop.make_app(config)) for _ in range(2))
     result = upload(first, root_der)
@@ -3150,6 +3188,7 @@ def decode_qr(png, tmp_path):
     return result.stdout.strip()
 
 
+@pytest.mark.slow
 def test_the_qr_code_png_decodes_to_the_link_phones_can_reach(app, root_der, machine, tmp_path):
     local = client(app, HTTP_HOST="localhost:8080")
     token = token_of(upload(local, root_der))
@@ -3205,6 +3244,7 @@ def run_in_terminal(*args):
     return output.decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 def test_add_prints_a_qr_code_on_a_terminal_only(tmp_path, root_pem, other_der, capsys):
     (tmp_path / "certdrop.ini").write_text("[certdrop]\ndata_dir = data\npublic_url = http://ca.example.org\n")
     (tmp_path / "ca.pem").write_bytes(root_pem)
@@ -3290,6 +3330,7 @@ def test_healthz_answers_200_while_the_data_directory_works(testapp, config):
     assert files_under(config.data_dir) == [], "the probe leaves nothing behind"
 
 
+@pytest.mark.slow
 def test_healthz_answers_503_naming_what_is_wrong(testapp, small_disk, clock):
     assert "missing" in testapp.get("/healthz", status=503).text
     app, config = disk_app(small_disk, clock)
@@ -3541,6 +3582,7 @@ def disk_app(small_disk, clock):
     return client(certdrop.make_app(config, certdrop.make_store(config, clock), clock)), config
 
 
+@pytest.mark.slow
 def test_a_full_data_directory_answers_503_keeps_links_working_and_recovers(small_disk, clock, root_der, other_der):
     app, config = disk_app(small_disk, clock)
     token = token_of(upload(app, root_der))
@@ -3555,6 +3597,7 @@ def test_a_full_data_directory_answers_503_keeps_links_working_and_recovers(smal
     upload(app, other_der, status=201)
 
 
+@pytest.mark.slow
 def test_a_read_only_data_directory_answers_503_and_recovers_when_writable(small_disk, clock, root_der, other_der):
     app, config = disk_app(small_disk, clock)
     token = token_of(upload(app, root_der))
@@ -3567,6 +3610,7 @@ def test_a_read_only_data_directory_answers_503_and_recovers_when_writable(small
     upload(app, other_der, status=201)
 
 
+@pytest.mark.slow
 def test_healthz_answers_503_when_there_is_room_for_a_byte_but_not_for_an_upload(small_disk, clock, root_der):
     app, config = disk_app(small_disk, clock)
     config.data_dir.mkdir()
@@ -3576,6 +3620,7 @@ def test_healthz_answers_503_when_there_is_room_for_a_byte_but_not_for_an_upload
     upload(app, root_der, status=503)
 
 
+@pytest.mark.slow
 def test_healthz_names_a_failed_upload_until_an_upload_works_again(small_disk, clock, root_der, other_der):
     app, config = disk_app(small_disk, clock)
     upload(app, root_der)
@@ -3588,6 +3633,7 @@ def test_healthz_names_a_failed_upload_until_an_upload_works_again(small_disk, c
     assert app.get("/healthz").text == "ok\n"
 
 
+@pytest.mark.slow
 def test_the_command_line_says_why_it_cannot_store(small_disk, capsys, root_pem):
     (small_disk / "certdrop.ini").write_text("[certdrop]\ndata_dir = data\n")
     (small_disk / "ca.pem").write_bytes(root_pem)
@@ -3663,6 +3709,7 @@ def hostile_token(testapp, hostile):
     return token_of(upload(testapp, hostile.der))
 
 
+@pytest.mark.slow  # one upload per hostile name: with the rest of the matrix about 3 s
 @HOSTILE
 def test_hostile_names_leave_html_pages_well_formed_and_inert(testapp, hostile, hostile_token):
     pages = [upload(testapp, hostile.der, status=200)]
@@ -3674,6 +3721,7 @@ def test_hostile_names_leave_html_pages_well_formed_and_inert(testapp, hostile, 
         assert b"<script>" not in page.body and b"<b>bold" not in page.body and b"<ia5>" not in page.body
 
 
+@pytest.mark.slow  # one upload per hostile name: with the rest of the matrix about 3 s
 @HOSTILE
 def test_hostile_names_leave_nokia_pages_well_formed_and_wml_variables_escaped(testapp, hostile_token):
     for accept in ("application/vnd.wap.xhtml+xml", "text/vnd.wap.wml"):
@@ -3684,6 +3732,7 @@ def test_hostile_names_leave_nokia_pages_well_formed_and_wml_variables_escaped(t
             assert not re.search(rb"(?<!\$)\$(?!\$)", page.body.replace(b"$$", b"")), "a lone $ starts a WML variable"
 
 
+@pytest.mark.slow  # one upload per hostile name: with the rest of the matrix about 3 s
 @HOSTILE
 def test_hostile_names_cannot_reorder_or_break_html_xhtml_mp_or_wml_pages(testapp, hostile, hostile_token):
     desktop = {"User-Agent": USER_AGENTS["windows-edge"][0]}
@@ -3700,6 +3749,7 @@ def test_hostile_names_cannot_reorder_or_break_html_xhtml_mp_or_wml_pages(testap
     assert all(escape in pages["landing"].text and escape in pages["wml"].text for escape in shown)
 
 
+@pytest.mark.slow  # one upload per hostile name: with the rest of the matrix about 3 s
 @HOSTILE
 def test_hostile_names_keep_profiles_parseable_and_on_one_line(testapp, hostile_token):
     profile = plistlib.loads(testapp.get(f"/c/{hostile_token}/ca.mobileconfig").body)
@@ -3707,6 +3757,7 @@ def test_hostile_names_keep_profiles_parseable_and_on_one_line(testapp, hostile_
         assert not re.search("[\r\n\u2028\u2029\u202a-\u202e\u2066-\u2069]", name)
 
 
+@pytest.mark.slow  # one upload per hostile name: with the rest of the matrix about 3 s
 @HOSTILE
 def test_hostile_names_never_reach_file_names(testapp, hostile_token):
     for query in ("der", "pem", "mobileconfig"):
@@ -3714,6 +3765,7 @@ def test_hostile_names_never_reach_file_names(testapp, hostile_token):
         assert re.fullmatch(r'attachment; filename="[A-Za-z0-9._-]+\.(crt|mobileconfig)"', disposition)
 
 
+@pytest.mark.slow  # one upload per hostile name: with the rest of the matrix about 3 s
 @HOSTILE
 def test_hostile_names_never_land_unquoted_in_a_command_shown_to_paste(testapp, hostile_token):
     page = testapp.get(f"/c/{hostile_token}", headers={"User-Agent": USER_AGENTS["linux-chrome"][0]})
@@ -3736,6 +3788,7 @@ def test_hostile_names_in_refusals_stay_one_line_for_curl_and_exact_in_json(test
     assert hostile.name in answer["error"]["message"]
 
 
+@pytest.mark.slow  # each hostile name through every command: with the rest of the matrix about 3 s
 @HOSTILE
 def test_hostile_names_stay_on_one_terminal_line_in_every_command(tmp_path, capsys, hostile):
     ini = tmp_path / "certdrop.ini"
@@ -3780,21 +3833,10 @@ def test_terminal_lines_show_controls_and_bidi_characters_escaped():
 
 
 @pytest.fixture
-def ini(tmp_path):
-    path = tmp_path / "certdrop.ini"
-    path.write_text("[certdrop]\ndata_dir = data\npublic_url = http://ca.example.org:8080\n")
-    return path
-
-
-@pytest.fixture
 def cert_file(tmp_path, root_pem):
     path = tmp_path / "ca.pem"
     path.write_bytes(root_pem)
     return path
-
-
-def cli(ini, *args):
-    return certdrop.main(["-c", str(ini), *args], clock=lambda: NOW)
 
 
 def cli_add(ini, cert_file, capsys, *options):
@@ -4052,6 +4094,7 @@ def node_state(path):
     return status.st_ino, status.st_mode, status.st_size, status.st_mtime_ns
 
 
+@pytest.mark.slow  # files of ten million characters, about 1.5 s together
 @pytest.mark.parametrize("write", HOSTILE_ENTRY_FILES.values(), ids=HOSTILE_ENTRY_FILES)
 def test_a_hostile_entry_file_is_damaged_everywhere_and_crashes_nothing(write, ini, config, clock, root_der,
                                                                         other_der, capsys):
@@ -4086,6 +4129,7 @@ def test_the_background_sweep_logs_an_unexpected_error_and_sweeps_again(store, m
     assert failure.levelno == logging.ERROR and failure.exc_info[0] is RecursionError
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package", ["cryptography", "multipart"])
 def test_a_missing_dependency_is_one_line_saying_how_to_install_it(tmp_path, package):
     (tmp_path / package).mkdir()
@@ -4098,6 +4142,7 @@ def test_a_missing_dependency_is_one_line_saying_how_to_install_it(tmp_path, pac
     assert ".venv/bin/pip install -r requirements.txt" in result.stderr
 
 
+@pytest.mark.slow
 def test_list_piped_into_head_stays_quiet(ini, tmp_path):
     store = certdrop.Store(tmp_path / "data")
     was = certdrop.Remembered("A CA with a name long enough to fill the pipe sooner", bytes(32), NOW, NOW)
@@ -4118,6 +4163,50 @@ def test_bad_config_fails_naming_the_key(tmp_path, capsys):
 
 
 # -- real processes --------------------------------------------------------------------------------------------
+
+
+#: What starts a real process or program. A test that names one of these, itself or through a fixture or helper of
+#: this file that does (followed to any depth), carries @pytest.mark.slow, so `pytest -m "not slow"` starts none
+#: but the one below.
+PROCESS_STARTERS = frozenset({
+    "subprocess", "multiprocessing", "pty", "os.fork", "os.system", "os.popen", "os.posix_spawn",  # any program
+    "Controller",  # aiosmtpd's SMTP server, on a thread and a port of its own
+    "webdriver",  # headless Chromium through chromedriver
+    "Server", "run_cli", "smtp_server", "small_disk", "browser",  # this file's own, found anyway: named for the reader
+})
+#: Left out on purpose: the session's PKI runs openssl a few times, once a run (about 0.6 s), for the doctor tests;
+#: they are the heart of the fast run, and marking every test that uses it would leave the doctor out.
+STARTS_ONCE_PER_SESSION = frozenset({"PKI"})
+
+
+def names_in(node):
+    """Return every name *node* mentions: variables, parameters (so fixtures) and ``module.attribute`` pairs."""
+    names = set()
+    for child in ast.walk(node):
+        if isinstance(child, ast.Name):
+            names.add(child.id)
+        elif isinstance(child, ast.arg):
+            names.add(child.arg)
+        elif isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name):
+            names.add(f"{child.value.id}.{child.attr}")
+    return names
+
+
+def test_every_test_that_starts_a_process_is_marked_slow():
+    definitions = {node.name: node for node in ast.parse(Path(__file__).read_text()).body
+                   if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    mentions = {name: names_in(node) for name, node in definitions.items()}
+    starters, grown = set(PROCESS_STARTERS), True
+    while grown:  # a fixture or helper that uses a starter is one, and so is whatever uses that
+        found = {name for name, names in mentions.items() if not name.startswith("test_")
+                 and name not in STARTS_ONCE_PER_SESSION and names & starters}
+        grown = not found <= starters
+        starters |= found
+    starting = [name for name, names in mentions.items() if name.startswith("test_") and names & starters]
+    unmarked = [name for name in starting
+                if "pytest.mark.slow" not in map(ast.unparse, definitions[name].decorator_list)]
+    assert "test_real_server_uploads_serves_s60_follows_the_cli_and_stops_cleanly" in starting  # the scan sees them
+    assert unmarked == [], "these start a process, so mark them @pytest.mark.slow: " + ", ".join(unmarked)
 
 
 class Server:
@@ -4170,6 +4259,7 @@ def run_cli(ini, *args):
                           capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.slow
 def test_real_server_uploads_serves_s60_follows_the_cli_and_stops_cleanly(tmp_path, root_pem, root_der, other_der):
     ini = tmp_path / "certdrop.ini"
     ini.write_text("[certdrop]\ndata_dir = data\nlog_level = info\n")
@@ -4214,6 +4304,7 @@ def wait_for_log(server, text, seconds=10):
     return next(line for line in server.log if text in line)
 
 
+@pytest.mark.slow
 def test_serve_prints_a_new_upload_key_once_and_scripts_upload_with_it(tmp_path, root_pem):
     ini = tmp_path / "certdrop.ini"
     ini.write_text("[certdrop]\ndata_dir = data\nupload_auth = always\n")
@@ -4237,6 +4328,7 @@ def test_serve_prints_a_new_upload_key_once_and_scripts_upload_with_it(tmp_path,
         again.stop()
 
 
+@pytest.mark.slow
 def test_serve_removes_temporary_files_left_by_a_killed_writer_at_start(tmp_path):
     ini = tmp_path / "certdrop.ini"
     ini.write_text("[certdrop]\ndata_dir = data\nupload_auth = none\n")
@@ -4269,6 +4361,7 @@ def hold_connections(url, count, stop):
     return sockets
 
 
+@pytest.mark.slow
 def test_a_client_holding_500_idle_or_slow_connections_does_not_starve_others(tmp_path, root_der):
     ini = tmp_path / "certdrop.ini"
     ini.write_text("[certdrop]\ndata_dir = data\n")
@@ -4288,6 +4381,7 @@ def test_a_client_holding_500_idle_or_slow_connections_does_not_starve_others(tm
         server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", ["info", "debug"])
 def test_a_busy_server_logs_no_queue_warning_per_request_except_at_debug_level(tmp_path, root_der, level):
     ini = tmp_path / "certdrop.ini"
@@ -4311,13 +4405,6 @@ def test_a_busy_server_logs_no_queue_warning_per_request_except_at_debug_level(t
     assert warned == (level == "debug")
 
 
-@pytest.fixture(scope="session")
-def many_roots():
-    """Return 120 distinct root CA certificates (DER), for tests that upload one after another."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    return [der_of(make_certificate(f"Root {number}", key=key, serial=1000 + number)[0]) for number in range(120)]
-
-
 def upload_der(url, der):
     """POST *der* to a real server as a script would; return the token, or None if it was not acknowledged."""
     body = urllib.parse.urlencode({"pem": base64.b64encode(der).decode()}).encode()
@@ -4329,6 +4416,7 @@ def upload_der(url, der):
         return None
 
 
+@pytest.mark.slow
 def test_a_server_killed_mid_upload_20_times_loses_no_acknowledged_upload(tmp_path, many_roots):
     import random
     ini = tmp_path / "certdrop.ini"
@@ -4361,6 +4449,7 @@ def test_a_server_killed_mid_upload_20_times_loses_no_acknowledged_upload(tmp_pa
         survivor.stop()
 
 
+@pytest.mark.slow
 def test_two_servers_sharing_a_data_directory_lose_nothing_and_see_revocations(tmp_path, many_roots):
     ini = tmp_path / "certdrop.ini"
     ini.write_text("[certdrop]\ndata_dir = data\nupload_limit = 0\n")
@@ -4390,6 +4479,7 @@ def test_two_servers_sharing_a_data_directory_lose_nothing_and_see_revocations(t
             server.stop()
 
 
+@pytest.mark.slow
 def test_a_sign_out_on_one_server_holds_on_another_within_2_seconds_and_after_its_restart(tmp_path, root_der):
     ini = tmp_path / "certdrop.ini"
     ini.write_text(f"[certdrop]\ndata_dir = data\nupload_password = {KEY}\nupload_auth = always\n")
@@ -4415,6 +4505,7 @@ def test_a_sign_out_on_one_server_holds_on_another_within_2_seconds_and_after_it
             server.stop()
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_an_upload_in_flight_and_loses_nothing(tmp_path, root_pem):
     ini = tmp_path / "certdrop.ini"
     ini.write_text("[certdrop]\ndata_dir = data\n")
@@ -4436,6 +4527,7 @@ def test_sigterm_finishes_an_upload_in_flight_and_loses_nothing(tmp_path, root_p
     assert run_cli(ini, "show", token).returncode == 0
 
 
+@pytest.mark.slow
 def test_what_root_writes_for_the_service_stays_the_services_own(root_pem):
     """sudo certdrop.py add/revoke/upload-key on the service's data leave files its own user can change."""
     service = 65534  # nobody: any user but root will do
@@ -4469,6 +4561,7 @@ def revoke_as(uid, directory, token):
     certdrop.Store(directory).sweep()
 
 
+@pytest.mark.slow
 def test_the_systemd_unit_rates_2_or_lower_and_verifies_cleanly(tmp_path):
     unit = HERE / "systemd" / "certdrop.service"
     security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True,
@@ -4503,12 +4596,6 @@ ProxyPass /certdrop/ http://{upstream}/
 RequestHeader set X-Forwarded-Prefix /certdrop
 RequestHeader set X-Forwarded-Proto http
 """
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def fetch_from(source, port, path, method="GET", body=None, headers=None):
@@ -4563,6 +4650,7 @@ PROXIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("proxy", PROXIES)
 def test_behind_a_reverse_proxy_under_a_prefix_every_link_works_and_the_log_names_the_client(tmp_path, root_pem,
                                                                                               root_der, proxy):
@@ -4682,6 +4770,7 @@ def mail_form(page):
     return next(form for form in page.forms.values() if form.action.endswith("/mail"))
 
 
+@pytest.mark.slow
 def test_the_result_page_mails_the_links_as_plain_text(config, store, clock, pki):
     mailbox = Mailbox()
     with smtp_server(mailbox) as port:
@@ -4709,6 +4798,7 @@ def test_every_loopback_address_is_one_client_to_every_limit():
     assert certdrop.client_key("192.168.1.20") != certdrop.client_key("192.168.1.21")
 
 
+@pytest.mark.slow
 def test_the_mail_budget_holds_for_the_whole_server_whoever_asks(config, store, clock, root_der):
     mailbox = Mailbox()
     with smtp_server(mailbox) as port:
@@ -4723,6 +4813,7 @@ def test_the_mail_budget_holds_for_the_whole_server_whoever_asks(config, store, 
     assert "per_hour" in statuses[2].json["error"]["message"]
 
 
+@pytest.mark.slow
 def test_control_bidi_and_separator_characters_never_reach_the_subject(config, store, clock):
     name = "Evil\x1cCA\x1d\x1e\x1b[31m\x07\x00\u202e\u2028\u2066Corp"
     der = make_certificate(name)[0].public_bytes(serialization.Encoding.DER)
@@ -4736,6 +4827,7 @@ def test_control_bidi_and_separator_characters_never_reach_the_subject(config, s
     assert subject == "Install the CA certificate EvilCA[31m Corp"
 
 
+@pytest.mark.slow
 def test_a_link_in_a_mail_comes_from_an_accepted_host(config, store, clock, root_der):
     mailbox = Mailbox()
     with smtp_server(mailbox) as port:
@@ -4747,6 +4839,7 @@ def test_a_link_in_a_mail_comes_from_an_accepted_host(config, store, clock, root
     assert f"http://certs.example.net/c/{token}" in content.decode() and b"evil" not in content
 
 
+@pytest.mark.slow
 def test_mail_goes_over_starttls_to_a_server_whose_ca_is_configured(config, store, clock, root_der, smtp_tls):
     cafile, context = smtp_tls
     mailbox = Mailbox()
@@ -4763,6 +4856,7 @@ def test_mail_goes_over_starttls_to_a_server_whose_ca_is_configured(config, stor
     assert "The TLS connection to 127.0.0.1" in html_text(refused)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("to", ["alice@example.com\r\nBcc: eve@example.net", "Alice <alice@example.com>",
                                 "alice@example.com\nSubject: hi", "not an address", "",
                                 ", ".join(f"user{number}@example.com" for number in range(11))],
@@ -4787,6 +4881,7 @@ def test_a_mail_server_that_is_down_gets_a_clear_message_and_the_links_stay(conf
     assert [a["href"] for a in failed.html.select("main li a")] == [a["href"] for a in result.html.select("p.link a")]
 
 
+@pytest.mark.slow  # waits 1 s for the time-out
 def test_a_mail_server_that_never_answers_times_out_with_a_clear_message(config, store, clock, root_der):
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -4799,6 +4894,7 @@ def test_a_mail_server_that_never_answers_times_out_with_a_clear_message(config,
     assert "did not answer in time" in html_text(failed) and time.monotonic() - started < 10
 
 
+@pytest.mark.slow
 def test_a_mail_server_that_refuses_the_recipients_says_so(config, store, clock, root_der):
     with smtp_server(Mailbox(refuse=True)) as port:
         app = mail_app(config, store, clock, port)
@@ -4807,6 +4903,7 @@ def test_a_mail_server_that_refuses_the_recipients_says_so(config, store, clock,
         assert "refused the addresses (550)" in html_text(form.submit(status=502))
 
 
+@pytest.mark.slow
 def test_sending_mail_needs_the_upload_key_and_refuses_cross_site_requests(config, store, clock, root_der):
     mailbox = Mailbox()
     with smtp_server(mailbox) as port:
@@ -4899,6 +4996,7 @@ def certificate_in(name, body, der):
     return name.endswith(".whc") and body[0] == 1 and der in body
 
 
+@pytest.mark.slow
 def test_in_a_real_browser_sign_in_upload_and_install_on_every_device(tmp_path, browser, root_pem, root_der, root):
     from selenium.webdriver.common.by import By
     ini = tmp_path / "certdrop.ini"
@@ -4958,6 +5056,7 @@ def printed_pages(driver, url):
     return pages
 
 
+@pytest.mark.slow
 def test_mail_goes_over_implicit_tls_with_a_login(config, store, clock, root_der, smtp_tls):
     from aiosmtpd.smtp import AuthResult, LoginPassword
     cafile, context = smtp_tls
