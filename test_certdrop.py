@@ -4480,6 +4480,19 @@ def test_two_servers_sharing_a_data_directory_lose_nothing_and_see_revocations(t
 
 
 @pytest.mark.slow
+def test_the_server_answers_431_itself_past_32_kib_of_headers_and_414_past_8_kib_of_address(tmp_path):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\n")
+    server = Server(ini)
+    try:
+        assert server.request("/c/abcdefgh", headers={"X-Padding": "x" * 20_000})[0] == 404
+        assert server.request("/c/abcdefgh", headers={"X-Padding": "x" * 40_000})[0] == 431
+        assert server.request("/c/abcdefgh?" + "q" * 9000)[0] == 414
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
 def test_a_sign_out_on_one_server_holds_on_another_within_2_seconds_and_after_its_restart(tmp_path, root_der):
     ini = tmp_path / "certdrop.ini"
     ini.write_text(f"[certdrop]\ndata_dir = data\nupload_password = {KEY}\nupload_auth = always\n")
