@@ -501,6 +501,8 @@ class Config:
     answer_cache_size: int = 16 * 1024 * 1024  # bytes the answers kept to answer requests again may take, about
     threads: int = 4  # waitress worker threads
     connection_limit: int = 1000  # open connections waitress holds at once; past it, new ones wait to be accepted
+    client_connections: int = 64  # open connections one client (IPv6: one /64) may hold; 0 = no cap
+    header_timeout: int = 10  # seconds a request's line and headers may take to arrive, however steadily
     channel_timeout: int = 30  # seconds a connection may stay silent (idle, or a request sent too slowly)
     use_poll: bool = True  # poll() instead of select(), which fails past 1,024 open sockets
     access_log: bool = True  # one line per request on standard error
@@ -576,6 +578,8 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "answer_cache_size": parse_size,
     "threads": _parse_int(1, 256),
     "connection_limit": _parse_int(10, 100_000),
+    "client_connections": _parse_int(0, 100_000),
+    "header_timeout": parse_duration,
     "channel_timeout": parse_duration,
     "use_poll": _parse_bool,
     "access_log": _parse_bool,
@@ -3688,8 +3692,7 @@ class Request:
         declared = self.environ.get("CONTENT_LENGTH") or ""
         if declared and not re.fullmatch(r"[0-9]{1,20}", declared):  # str.isdigit() takes "²" too
             raise BadRequest("The Content-Length header is not a number.")
-        too_large = PayloadTooLarge(f"The upload is larger than the limit of {format_size(limit)}. "
-                                    "A CA certificate is a few kilobytes: check that you chose the right file.")
+        too_large = payload_too_large(limit)
         length = int(declared or 0)
         if length > limit:
             raise too_large
@@ -3811,6 +3814,11 @@ MAX_PREFIX = 256
 @functools.cache
 def _environ_key(header_name: str) -> str:
     return "HTTP_" + header_name.upper().replace("-", "_")
+
+
+def payload_too_large(limit: int) -> "PayloadTooLarge":
+    return PayloadTooLarge(f"The upload is larger than the limit of {format_size(limit)}. "
+                           "A CA certificate is a few kilobytes: check that you chose the right file.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4047,8 +4055,6 @@ def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
 def client_key(text: str) -> str:
     """Return who a rate limit counts: the IPv4 address, or the /64 of an IPv6 one (one household or host)."""
     address = parse_address(text)
-    if address is not None and address.is_loopback:  # 127.0.0.1, 127.9.9.9 and ::1 are all this one machine
-        return "loopback"
     if isinstance(address, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address) if address else text
@@ -4124,6 +4130,13 @@ class RateLimiter:
             idle = sorted((then, key) for key, (_, then) in self._buckets.items() if key not in self.blocked)
             for _, key in idle[:len(self._buckets) - self.MAX_CLIENTS * 3 // 4]:
                 del self._buckets[key]
+
+
+def mail_client(address: str) -> str:
+    """Return who the mail limits count for a client address: every loopback address (127.0.0.1, 127.9.9.9, ::1)
+    is this one machine, not a crowd of clients each with a budget of its own."""
+    parsed = parse_address(address)
+    return "127.0.0.1" if parsed is not None and parsed.is_loopback else address
 
 
 def address_in(text: str, networks: tuple) -> bool:
@@ -4888,26 +4901,77 @@ class App:
         self.hot_get = self.answers.hot.get  # bound once: serve_hot calls it on every request
         #: the path of public_url, which every address certdrop writes starts with; None: from SCRIPT_NAME
         self.public_path = urllib.parse.urlsplit(config.public_url).path.rstrip("/") if config.public_url else None
-        self.answer_request = self.answer
+        self.answer_request, self.screen_request = self.answer, self.screen_direct
         if config.trusted_proxy:
             # waitress's own reading of X-Forwarded-For/-Host/-Proto/-Port and Forwarded, from the trusted proxy
             # only, with untrusted copies cleared; inside make_app's app, so any WSGI server gets it
             from waitress.proxy_headers import proxy_headers_middleware
-            self.answer_request = proxy_headers_middleware(
-                self.answer_proxied, trusted_proxy=config.trusted_proxy, trusted_proxy_count=config.trusted_proxy_count,
+            proxied = functools.partial(
+                proxy_headers_middleware, trusted_proxy=config.trusted_proxy,
+                trusted_proxy_count=config.trusted_proxy_count,
                 trusted_proxy_headers=set(config.trusted_proxy_headers), clear_untrusted=True)
+            self.answer_request, self.screen_request = proxied(self.answer_proxied), proxied(self.screen_direct)
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
         if not self.config.trusted_proxy:  # behind one, the hot path runs after waitress has read its headers
             body = self.serve_hot(environ, start_response)
             if body is not None:
                 return body
-        # Decided before waitress's proxy middleware replaces REMOTE_ADDR and clears headers (see Request.forwarded)
+        self.note_proxy(environ)
+        return self.answer_request(environ, start_response)
+
+    def note_proxy(self, environ: dict) -> None:
+        """Note who passed the request on, before waitress's proxy middleware replaces REMOTE_ADDR and clears
+        headers (see Request.forwarded), and take the trusted proxy's prefix."""
         environ["certdrop.via_proxy"] = self.gate.is_trusted_peer(environ)
         environ["certdrop.forwarded"] = environ["certdrop.via_proxy"] or was_forwarded(environ)
         if self.config.trusted_proxy:
             self.take_forwarded_prefix(environ)
-        return self.answer_request(environ, start_response)
+
+    def screen(self, environ: dict) -> tuple[Prepared | None, float]:
+        """Return the refusal a request with a body gets from its line and headers alone (None: read the body), and
+        the body it may carry: the first checks of its handler, so that nobody sends a body certdrop would refuse.
+
+        FairServer asks this when the headers are in, before a "100 Continue" or any body byte is taken.
+        """
+        self.note_proxy(environ)
+        self.screen_request(environ, None)
+        return environ.pop("certdrop.screened")
+
+    def screen_direct(self, environ: dict, start_response: Callable | None) -> list[bytes]:
+        request = Request(environ)
+        try:
+            handler, _ = match_route(request.method, request.path)
+        except HTTPError:  # the app answers 404 or 405 without reading the body
+            environ["certdrop.screened"] = None, SMALL_BODY
+            return []
+        try:
+            limit = self.check_before_body(request, handler)
+        except HTTPError as error:
+            environ["certdrop.screened"] = self.error_answer(request, error), 0
+            return []
+        environ["certdrop.screened"] = None, limit
+        return []
+
+    def check_before_body(self, request: Request, handler: Callable) -> int:
+        """Make the checks *handler* makes before it reads a body; return the largest body it reads."""
+        if not request.path.startswith(LENIENT_PATHS):
+            self.gate.check_host(request)
+        self.gate.refuse_cross_site(request)
+        address = request.remote_addr
+        if handler in (App.upload, App.mail):
+            self.gate.authorize(request)
+            wait, limit = self.uploads.retry_after(address), self.config.max_upload
+        else:
+            if handler is App.signin:
+                self.gate.check_network(request)
+            wait, limit = max(self.gate.sign_in_failures.retry_after(address), self.lookups.retry_after(address)), SMALL_BODY
+        if wait:
+            raise TooManyRequests(wait)
+        declared = request.environ.get("CONTENT_LENGTH", "")
+        if re.fullmatch(r"[0-9]{1,20}", declared) and int(declared) > limit:
+            raise payload_too_large(limit)
+        return limit
 
     def take_forwarded_prefix(self, environ: dict) -> None:
         """Prepend an X-Forwarded-Prefix from the trusted proxy to SCRIPT_NAME; drop one from anybody else.
@@ -5110,7 +5174,7 @@ class App:
         """E-mail links made by an upload, as plain text; the same credential and cross-site check as uploading."""
         self.gate.refuse_cross_site(request)
         self.gate.authorize(request)
-        wait = self.uploads.spend(request.remote_addr)  # a mail relay is worth abusing: count it like an upload
+        wait = self.uploads.spend(mail_client(request.remote_addr))  # a mail relay is worth abusing: as an upload
         if wait:
             raise TooManyRequests(wait)
         if not self.config.mail_host:
@@ -5337,6 +5401,185 @@ def make_app(config: Config, store: Store | None = None, clock: Callable[[], flo
 
 
 ###############################################################################
+# Fair shares of the server ###################################################
+###############################################################################
+# Waitress has no per-client limit, no deadline for a request's headers (its channel_timeout restarts with every
+# byte, so a trickle never ends) and no hook between a request's headers and its body (it reads the whole body,
+# after a "100 Continue", before the app sees who sends it). These subclasses of its server, channel and parser
+# add the three, relying on the waitress internals named in their comments; test_waitress_internals_that_the_fair_
+# server_relies_on_are_still_there fails loudly when an upgrade changes them, and requirements.txt pins the version
+# they were checked on. The app itself runs under any WSGI server, without these guards.
+
+#: Seconds a refused request's connection keeps reading (and dropping) what the client still sends, and how much,
+#: so that the client reads the refusal instead of a reset; then it is closed.
+LINGER_SECONDS, LINGER_BYTES = 2.0, 256 * 1024
+
+#: The body a request that does not upload may carry (a sign-in, a sign-out, a removal): checked before it is read.
+SMALL_BODY = 16 * 1024
+
+
+@functools.cache
+def fair_server_class() -> type:
+    """Return waitress's TCP server made fair (see the section): waitress is imported here, as only serve needs it."""
+    from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser
+    from waitress.server import TcpWSGIServer
+    from waitress.utilities import RequestEntityTooLarge
+
+    class EarlyAnswer:
+        """A refusal decided from a request's headers, written by waitress's ErrorTask (which calls to_response
+        for request.error and closes the connection after it)."""
+
+        def __init__(self, prepared: Prepared):
+            self.prepared = prepared
+
+        def to_response(self, ident: str) -> tuple[str, list, bytes]:
+            return self.prepared.status, [*self.prepared.headers, ("Connection", "close")], self.prepared.body[0]
+
+    class ScreenedParser(HTTPRequestParser):
+        """waitress's request parser that asks the server about a body once the headers are in (received() sets
+        headers_finished and body_rcv there), before a "100 Continue" is sent or a body byte kept."""
+
+        screened = False
+        body_limit = math.inf
+
+        def __init__(self, adj, channel):
+            super().__init__(adj)
+            self.channel = channel
+
+        def received(self, data: bytes) -> int:
+            consumed = super().received(data)
+            if self.headers_finished and not self.screened and not self.error:
+                self.screened = True
+                if self.body_rcv is not None or self.content_length:
+                    self.screen()
+            if self.body_bytes_received > self.body_limit and not self.completed:  # a chunked body past its limit
+                self.error, self.completed = RequestEntityTooLarge("exceeds the body this request may carry"), True
+            return consumed
+
+        def screen(self) -> None:
+            refusal, self.body_limit = self.channel.server.screen(self.environ_for_screening(self.channel.addr[0]))
+            if refusal is not None:
+                self.error, self.completed, self.expect_continue = EarlyAnswer(refusal), True, False
+                self.channel.refused_early = True
+
+        def environ_for_screening(self, address: str) -> dict:
+            """Return the part of the WSGI environ the app's checks read, as waitress's WSGITask will make it."""
+            environ = {"REMOTE_ADDR": address, "REQUEST_METHOD": self.command.upper(), "PATH_INFO": self.path,
+                       "QUERY_STRING": self.query, "SCRIPT_NAME": "", "wsgi.url_scheme": self.url_scheme,
+                       "SERVER_NAME": self.channel.server.server_name,
+                       "SERVER_PORT": str(self.channel.server.effective_port)}
+            for key, value in self.headers.items():
+                environ[key if key in ("CONTENT_LENGTH", "CONTENT_TYPE") else "HTTP_" + key] = value
+            return environ
+
+    class FairChannel(HTTPChannel):
+        """waitress's connection, counted per client, with a deadline for each request's line and headers and a
+        lingering close after an early refusal."""
+
+        refused_early = False
+        lingering_until = 0.0
+        dropped = 0
+
+        def __init__(self, server, sock, addr, adj, map=None):
+            self.client = client_key(addr[0])
+            self.request_began = time.monotonic()
+            self.parser_class = functools.partial(ScreenedParser, channel=self)  # waitress: parser_class(adj)
+            super().__init__(server, sock, addr, adj, map)
+            server.clients[self.client] = server.clients.get(self.client, 0) + 1
+
+        def received(self, data: bytes) -> bool:
+            if self.lingering_until:
+                self.dropped += len(data)
+                if self.dropped > LINGER_BYTES:
+                    self.close()
+                return True
+            if self.request is None:  # waitress starts a request (request = parser) with its first byte
+                self.request_began = time.monotonic()
+            return super().received(data)
+
+        def readable(self) -> bool:
+            return bool(self.lingering_until) or super().readable()
+
+        def handle_close(self) -> None:
+            """Close, or, once an early refusal is sent, stop sending and read on for a while (see received)."""
+            if self.refused_early and not self.lingering_until and self.connected and self.socket is not None:
+                with contextlib.suppress(OSError):
+                    self.socket.shutdown(socket.SHUT_WR)
+                    self.lingering_until = time.monotonic() + LINGER_SECONDS
+                    self.will_close = self.close_when_flushed = False
+                    return
+            super().handle_close()
+
+        def del_channel(self, map=None) -> None:
+            """Count the connection out: every way waitress closes one (close, handle_close) ends here."""
+            if self.client is not None:
+                count = self.server.clients.get(self.client, 1) - 1
+                if count > 0:
+                    self.server.clients[self.client] = count
+                else:
+                    self.server.clients.pop(self.client, None)
+                self.client = None
+            super().del_channel(map)
+
+    class FairServer(TcpWSGIServer):
+        """waitress's TCP server with a cap on each client's connections and the channels above."""
+
+        channel_class = FairChannel
+
+        def __init__(self, application, *, screen: Callable, per_client: int, header_seconds: float,
+                     exempt: str, **adjustments):
+            self.screen = screen  # environ -> (refusal or None, the body the request may carry)
+            self.per_client = per_client
+            self.header_seconds = header_seconds
+            self.exempt = client_key(exempt) if exempt and exempt != "*" else None
+            self.clients: dict[str, int] = {}  # client_key -> open connections (about 100 bytes each)
+            super().__init__(application, **adjustments)
+
+        def handle_accept(self) -> None:
+            """Accept a connection as waitress does, unless its client holds per_client already."""
+            try:
+                accepted = self.accept()
+            except OSError:
+                return
+            if accepted is None:
+                return
+            connection, address = accepted
+            client = client_key(address[0])
+            if self.per_client and client != self.exempt and self.clients.get(client, 0) >= self.per_client:
+                with contextlib.suppress(OSError):
+                    connection.setblocking(False)
+                    connection.send(TOO_MANY_CONNECTIONS)
+                connection.close()
+                return
+            with contextlib.suppress(OSError):
+                self.set_socket_options(connection)
+                self.channel_class(self, connection, self.fix_addr(address), self.adj, map=self._map)
+                return
+            connection.close()
+
+        def maintenance(self, now: float) -> None:
+            """Close what waitress's own idle check misses: requests whose headers take longer than header_seconds
+            however steadily their bytes trickle in, and refused connections done lingering."""
+            super().maintenance(now)
+            late, monotonic = time.monotonic() - self.header_seconds, time.monotonic()
+            for channel in list(self.active_channels.values()):
+                if channel.lingering_until and monotonic > channel.lingering_until:
+                    channel.close()
+                elif (channel.request is not None and not channel.request.headers_finished
+                      and channel.request_began < late):
+                    channel.will_close = True
+
+    return FairServer
+
+
+#: What a client past its share of connections gets before its connection is closed.
+TOO_MANY_CONNECTIONS = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                        b"Connection: close\r\nRetry-After: 10\r\nContent-Length: 71\r\n\r\n"
+                        b"Too many open connections from your address: close some and try again.\n")
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -5356,7 +5599,7 @@ def cli_base_url(config: Config) -> str:
 
 def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     try:
-        from waitress import create_server
+        fair_server_class()
     except ModuleNotFoundError as error:
         raise CertdropError(missing_dependency(error).removeprefix("certdrop: ")) from None
 
@@ -5378,16 +5621,19 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     raise_file_limit(config.connection_limit + 64)
     # Idle and byte-at-a-time clients cost a socket each, no thread: enough sockets, polled past select()'s 1,024,
     # and dropped after channel_timeout of silence, keep one client from starving the rest.
-    server = create_server(app, host=config.host, port=config.port, threads=config.threads, ident="certdrop",
-                           max_request_body_size=body_limit, inbuf_overflow=body_limit + 1,
-                           connection_limit=config.connection_limit, channel_timeout=config.channel_timeout,
-                           cleanup_interval=max(1, min(30, config.channel_timeout // 2)),
-                           asyncore_use_poll=config.use_poll,
-                           # A request line and headers past this get waitress's own 431, never reaching the app
-                           max_request_header_size=MAX_REQUEST_HEADERS,
-                           # The app reads proxy headers itself (make_app): waitress clearing them first would
-                           # make a request passed on by an unconfigured proxy look like one made on this machine.
-                           clear_untrusted_proxy_headers=False)
+    # Fair shares: a cap on each client's connections, a deadline for each request's headers, no body before the
+    # app's checks pass (FairServer); maintenance runs every second to keep the deadline.
+    server = fair_server_class()(app, screen=app.screen, per_client=config.client_connections,
+                                 header_seconds=config.header_timeout, exempt=config.trusted_proxy,
+                                 host=config.host, port=config.port, threads=config.threads, ident="certdrop",
+                                 max_request_body_size=body_limit, inbuf_overflow=body_limit + 1,
+                                 connection_limit=config.connection_limit, channel_timeout=config.channel_timeout,
+                                 cleanup_interval=1, asyncore_use_poll=config.use_poll,
+                                 # A request line and headers past this get waitress's own 431, never the app
+                                 max_request_header_size=MAX_REQUEST_HEADERS,
+                                 # The app reads proxy headers itself (make_app): waitress clearing them first would
+                                 # make a request passed on by an unconfigured proxy look like one made on this machine.
+                                 clear_untrusted_proxy_headers=False)
     stop = threading.Event()
     if config.sweep_interval:
         threading.Thread(target=sweep_forever, args=(app.store, config.sweep_interval, stop), daemon=True).start()
