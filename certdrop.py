@@ -1988,7 +1988,7 @@ class WriteFailure(typing.NamedTuple):
 
 class CachedEntry:
     """An entry in the store's memory, with its file's signature when read and when that was last checked, and
-    whether it was asked for again since it was read or last passed over by eviction (Store._evict)."""
+    whether it was asked for again since it was read or last passed over by eviction (EntryMemory._evict)."""
 
     __slots__ = ("entry", "signature", "checked", "size", "asked_again")
 
@@ -1998,15 +1998,123 @@ class CachedEntry:
         self.asked_again = False
 
 
+class EntryMemory:
+    """The store's memory of entries: at most *cache_entries* entries and about *cache_bytes* bytes (their answers
+    are the AnswerCache's), each with its file's signature, looked at again at most every *revalidate_after*
+    seconds; and the tokens lately seen to have no file.
+
+    Past a limit the oldest entry goes first, but one asked for again since it was read gets a second chance (it
+    goes to the back, its mark cleared), so that tokens asked for once, by guessers or people who open a link one
+    time, go before the links in steady use.
+    """
+
+    def __init__(self, cache_entries: int, cache_bytes: int, revalidate_after: float):
+        self.cache_entries = cache_entries
+        self.cache_bytes = cache_bytes
+        self.revalidate_after = revalidate_after
+        self._cache: OrderedDict[str, CachedEntry] = OrderedDict()
+        self._cached_bytes = 0
+        #: token -> when it was last seen to have no file (monotonic)
+        self._absent = BoundedMap(MAX_ABSENT_TOKENS * ABSENT_TOKEN_BYTES)
+        #: Called with the token (under the lock, so quick) whenever memory replaces or drops an entry: whoever
+        #: keeps answers made from that entry (the AnswerCache) forgets them.
+        self.watchers: list[Callable[[str], None]] = []
+        self._lock = threading.Lock()
+
+    def fresh(self, token: str) -> Entry | None:
+        """Return *token*'s entry if memory holds it and its file was checked within revalidate_after, else None.
+
+        The hot path's lookup: no lock, no file system call, no clock but the monotonic one.
+        """
+        item = self._cache.get(token)
+        if item is None or time.monotonic() - item.checked >= self.revalidate_after:
+            return None
+        item.asked_again = True
+        return item.entry
+
+    def checked(self, token: str, signature: Callable[[], tuple]) -> Entry | None:
+        """Return *token*'s entry: fresh, or looked at again now if *signature* (its file's, now) is the one it was
+        read with; None if memory has none, or the file changed (then memory forgets it)."""
+        entry = self.fresh(token)
+        if entry is not None:
+            return entry
+        item = self._cache.get(token)
+        if item is None:
+            return None
+        if signature() != item.signature:
+            self.forget(token)
+            return None
+        item.checked = time.monotonic()
+        item.asked_again = True
+        return item.entry
+
+    def memory_of(self, entry: Entry) -> CachedEntry | None:
+        """Return where memory holds *entry*, if it still does: the hot path marks it asked for again there."""
+        item = self._cache.get(entry.token)
+        return item if item is not None and item.entry is entry else None
+
+    def fresh_for(self, entry: Entry) -> float:
+        """Return for how many more seconds fresh() returns *entry* (until a look at its file is due), 0 if it no
+        longer does: memory has dropped or replaced it."""
+        item = self._cache.get(entry.token)
+        if item is None or item.entry is not entry:
+            return 0.0
+        return max(0.0, item.checked + self.revalidate_after - time.monotonic())
+
+    def is_absent(self, token: str) -> bool:
+        """Return whether *token* was seen to have no entry file within revalidate_after."""
+        seen = self._absent.get(token)
+        return seen is not None and time.monotonic() - seen < self.revalidate_after
+
+    def mark_absent(self, token: str) -> None:
+        self._absent.put(token, time.monotonic(), ABSENT_TOKEN_BYTES)
+
+    def remember(self, entry: Entry, signature: tuple) -> None:
+        with self._lock:
+            self._absent.pop(entry.token)
+            old = self._cache.pop(entry.token, None)
+            if old is not None:
+                self._cached_bytes -= old.size
+                self._dropped(entry.token)
+            item = self._cache[entry.token] = CachedEntry(entry, signature, time.monotonic())
+            self._cached_bytes += item.size
+            self._evict()
+
+    def forget(self, token: str) -> None:
+        with self._lock:
+            item = self._cache.pop(token, None)
+            if item is not None:
+                self._cached_bytes -= item.size
+                self._dropped(token)
+
+    def _evict(self) -> None:
+        """Drop entries while over a limit, giving those asked for again a second chance; the newest stays."""
+        newest = next(reversed(self._cache), None)
+        chances = 2 * len(self._cache)
+        while len(self._cache) > 1 and (len(self._cache) > self.cache_entries or self._cached_bytes > self.cache_bytes):
+            token, item = next(iter(self._cache.items()))
+            if (item.asked_again or token == newest) and chances > 0:
+                chances -= 1
+                item.asked_again = False
+                self._cache.move_to_end(token)
+                continue
+            if token == newest:
+                token, item = next(islice(self._cache.items(), 1, None))
+            del self._cache[token]
+            self._cached_bytes -= item.size
+            self._dropped(token)
+
+    def _dropped(self, token: str) -> None:
+        for forget in self.watchers:
+            forget(token)
+
+
 class Store:
-    """Entries on disk, one JSON file per token, with a bounded memory cache in front.
+    """Entries on disk, one JSON file per token, with its EntryMemory in front.
 
     Files are replaced atomically and made durable before an upload is acknowledged, so a crash never leaves
     a half-written entry to serve. Several processes may share the directory: writers take a file lock, and a
     cached entry (or a token known to be unknown) is checked against the disk at most every REVALIDATE_SECONDS.
-    The cache holds at most *cache_entries* entries and about *cache_bytes* bytes (their answers are the
-    AnswerCache's);
-    the least recently used go first.
     """
 
     def __init__(self, directory: Path, *, token_length: int = 8, cache_entries: int = 10000,
@@ -2014,20 +2122,13 @@ class Store:
                  clock: Callable[[], float] = time.time, revalidate_after: float = REVALIDATE_SECONDS):
         self.directory = Path(directory)
         self.token_length = token_length
-        self.cache_entries = cache_entries
-        self.cache_bytes = cache_bytes
         self.tombstone_ttl = tombstone_ttl
         self.clock = clock
-        self.revalidate_after = revalidate_after
         self._root = str(self.directory)
-        self._cache: OrderedDict[str, CachedEntry] = OrderedDict()
-        self._cached_bytes = 0
-        #: token -> when it was last seen to have no file (monotonic)
-        self._absent = BoundedMap(MAX_ABSENT_TOKENS * ABSENT_TOKEN_BYTES)
-        #: Called with the token (under the store's lock, so quick) whenever memory replaces or drops an entry:
-        #: whoever keeps answers made from that entry (the AnswerCache) forgets them.
-        self.watchers: list[Callable[[str], None]] = []
-        self._lock = threading.Lock()
+        self.memory = EntryMemory(cache_entries, cache_bytes, revalidate_after)
+        # the hot path's calls, bound once (see EntryMemory)
+        self.fresh, self.fresh_for, self.memory_of = self.memory.fresh, self.memory.fresh_for, self.memory.memory_of
+        self.is_absent, self.watchers = self.memory.is_absent, self.memory.watchers
         self._writing = threading.Lock()  # threads of this process; the lock file keeps other processes out
         self._owner: tuple[int, int] | None = None  # whom files made by root belong to: the directory's owner
         #: The last write that failed, until a write (or /healthz's probe) there works again: /healthz says so.
@@ -2049,30 +2150,6 @@ class Store:
 
     # -- reading ------------------------------------------------------------------------------------------
 
-    def fresh(self, token: str) -> Entry | None:
-        """Return *token*'s entry if memory holds it and its file was checked within revalidate_after, else None.
-
-        The hot path's lookup: no lock, no file system call, no clock but the monotonic one.
-        """
-        item = self._cache.get(token)
-        if item is None or time.monotonic() - item.checked >= self.revalidate_after:
-            return None
-        item.asked_again = True
-        return item.entry
-
-    def memory_of(self, entry: Entry) -> CachedEntry | None:
-        """Return where memory holds *entry*, if it still does: the hot path marks it asked for again there."""
-        item = self._cache.get(entry.token)
-        return item if item is not None and item.entry is entry else None
-
-    def fresh_for(self, entry: Entry) -> float:
-        """Return for how many more seconds fresh() returns *entry* (until a look at its file is due), 0 if it no
-        longer does: memory has dropped or replaced it."""
-        item = self._cache.get(entry.token)
-        if item is None or item.entry is not entry:
-            return 0.0
-        return max(0.0, item.checked + self.revalidate_after - time.monotonic())
-
     def get(self, token: str) -> Entry:
         """Return the live entry for *token*; raise UnknownToken or LinkGone."""
         token = token.lower()
@@ -2088,23 +2165,9 @@ class Store:
         return self._cached(token) or self._load(token)
 
     def _cached(self, token: str) -> Entry | None:
-        entry = self.fresh(token)
-        if entry is not None:
-            return entry
-        item = self._cache.get(token)
-        if item is None:
-            return None
-        if _file_signature(self._file(token)) != item.signature:
-            self._forget(token)
-            return None
-        item.checked = time.monotonic()
-        item.asked_again = True
-        return item.entry
-
-    def is_absent(self, token: str) -> bool:
-        """Return whether *token* was seen to have no entry file within revalidate_after (memory only)."""
-        seen = self._absent.get(token)
-        return seen is not None and time.monotonic() - seen < self.revalidate_after
+        """Return *token*'s entry from memory if its file has not changed since it was read (looked at again at
+        most every revalidate_after), else None."""
+        return self.memory.checked(token, lambda: _file_signature(self._file(token)))
 
     def _load(self, token: str) -> Entry:
         if self.is_absent(token):
@@ -2114,9 +2177,9 @@ class Store:
         except DamagedEntry:
             raise
         except UnknownToken:
-            self._absent.put(token, time.monotonic(), ABSENT_TOKEN_BYTES)
+            self.memory.mark_absent(token)
             raise
-        self._remember(entry, signature)
+        self.memory.remember(entry, signature)
         return entry
 
     def _read(self, token: str) -> tuple[Entry, tuple]:
@@ -2176,40 +2239,6 @@ class Store:
         reason = f"{type(error).__name__}: {error}"[:200]
         log.warning("entry %s is damaged and is not served: %s", path, reason)
         return DamagedEntry(f"the entry file {path} is damaged: {reason}")
-
-    def _remember(self, entry: Entry, signature: tuple) -> None:
-        with self._lock:
-            self._absent.pop(entry.token)
-            old = self._cache.pop(entry.token, None)
-            if old is not None:
-                self._cached_bytes -= old.size
-                self._dropped(entry.token)
-            item = self._cache[entry.token] = CachedEntry(entry, signature, time.monotonic())
-            self._cached_bytes += item.size
-            self._evict()
-
-    def _evict(self) -> None:
-        """Drop entries while the cache is over a limit: the oldest first, but one asked for again since it was read
-        gets a second chance (it goes to the back, its mark cleared), so that tokens asked for once, by guessers or
-        people who open a link one time, go before the links in steady use. The newest always stays."""
-        newest = next(reversed(self._cache), None)
-        chances = 2 * len(self._cache)
-        while len(self._cache) > 1 and (len(self._cache) > self.cache_entries or self._cached_bytes > self.cache_bytes):
-            token, item = next(iter(self._cache.items()))
-            if (item.asked_again or token == newest) and chances > 0:
-                chances -= 1
-                item.asked_again = False
-                self._cache.move_to_end(token)
-                continue
-            if token == newest:
-                token, item = next(islice(self._cache.items(), 1, None))
-            del self._cache[token]
-            self._cached_bytes -= item.size
-            self._dropped(token)
-
-    def _dropped(self, token: str) -> None:
-        for forget in self.watchers:
-            forget(token)
 
     def entries(self) -> Iterator[tuple[str, Entry | None]]:
         """Yield (token, entry) for every entry file on disk, live or gone; entry is None for a damaged file."""
@@ -2408,12 +2437,12 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._file(token))
             unsynced.add(self.path_for(token).parent)
-            self._forget(token)
+            self.memory.forget(token)
             return "deleted"
         if entry.der is not None:
             self._drop_index(entry)
             self._write(entry.tombstone(), remember=False, unsynced=unsynced)
-            self._forget(token)
+            self.memory.forget(token)
             return "expired"
         return None
 
@@ -2444,14 +2473,7 @@ class Store:
         _write_atomically(path, entry.to_json(), owner=self._owner, unsynced=unsynced)
         self._failure = None  # an entry file was written: whatever failed before works again
         if remember:
-            self._remember(entry, _file_signature(path))
-
-    def _forget(self, token: str) -> None:
-        with self._lock:
-            item = self._cache.pop(token, None)
-            if item is not None:
-                self._cached_bytes -= item.size
-                self._dropped(token)
+            self.memory.remember(entry, _file_signature(path))
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -4870,6 +4892,30 @@ class UploadGate:
         return self.session_of(request) is not None
 
 
+    def check_before_body(self, request: Request, uploads: bool, signs_in: bool, upload_limit: RateLimiter,
+                          lookup_limit: RateLimiter) -> int:
+        """Make the checks a handler makes before it reads a body (*uploads*: an upload or a mail, which need the
+        key; *signs_in*: a sign-in, which needs the network); return the largest body it reads."""
+        if not request.path.startswith(LENIENT_PATHS):
+            self.check_host(request)
+        self.refuse_cross_site(request)
+        address = request.remote_addr
+        if uploads:
+            self.authorize(request)
+            wait, limit = upload_limit.retry_after(address), self.config.max_upload
+        else:
+            if signs_in:
+                self.check_network(request)
+            wait = max(self.sign_in_failures.retry_after(address), lookup_limit.retry_after(address))
+            limit = SMALL_BODY
+        if wait:
+            raise TooManyRequests(wait)
+        declared = request.environ.get("CONTENT_LENGTH", "")
+        if re.fullmatch(r"[0-9]{1,20}", declared) and int(declared) > limit:
+            raise payload_too_large(limit)
+        return limit
+
+
 def base_url_of(request: Request, config: Config, host_accepted: bool) -> str:
     """Return the URL that links start with for *request* (see link_base)."""
     return link_base(Signature.of(request_key(request.environ), "", host_accepted), config)
@@ -4946,32 +4992,13 @@ class App:
             environ["certdrop.screened"] = None, SMALL_BODY
             return []
         try:
-            limit = self.check_before_body(request, handler)
+            limit = self.gate.check_before_body(request, handler in (App.upload, App.mail), handler is App.signin,
+                                                self.uploads, self.lookups)
         except HTTPError as error:
             environ["certdrop.screened"] = self.error_answer(request, error), 0
             return []
         environ["certdrop.screened"] = None, limit
         return []
-
-    def check_before_body(self, request: Request, handler: Callable) -> int:
-        """Make the checks *handler* makes before it reads a body; return the largest body it reads."""
-        if not request.path.startswith(LENIENT_PATHS):
-            self.gate.check_host(request)
-        self.gate.refuse_cross_site(request)
-        address = request.remote_addr
-        if handler in (App.upload, App.mail):
-            self.gate.authorize(request)
-            wait, limit = self.uploads.retry_after(address), self.config.max_upload
-        else:
-            if handler is App.signin:
-                self.gate.check_network(request)
-            wait, limit = max(self.gate.sign_in_failures.retry_after(address), self.lookups.retry_after(address)), SMALL_BODY
-        if wait:
-            raise TooManyRequests(wait)
-        declared = request.environ.get("CONTENT_LENGTH", "")
-        if re.fullmatch(r"[0-9]{1,20}", declared) and int(declared) > limit:
-            raise payload_too_large(limit)
-        return limit
 
     def take_forwarded_prefix(self, environ: dict) -> None:
         """Prepend an X-Forwarded-Prefix from the trusted proxy to SCRIPT_NAME; drop one from anybody else.

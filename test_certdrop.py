@@ -1804,7 +1804,8 @@ def test_a_hot_answer_is_one_dictionary_lookup_away(testapp, app, root_token, mo
     agent = {"User-Agent": USER_AGENTS["android-chrome"][0]}
     first, _ = testapp.get(f"/c/{root_token}", headers=agent), testapp.get(f"/c/{root_token}", headers=agent)
     monkeypatch.setattr(certdrop.App, "find_hot", lambda *args: pytest.fail("looked for the answer again"))
-    monkeypatch.setattr(certdrop.Store, "fresh", lambda *args: pytest.fail("looked in the store"))
+    monkeypatch.setattr(certdrop.EntryMemory, "fresh", lambda *args: pytest.fail("looked in the store"))
+    monkeypatch.setattr(app.store, "fresh", lambda *args: pytest.fail("looked in the store"))
     assert testapp.get(f"/c/{root_token}", headers=agent).body == first.body
 
 
@@ -1867,7 +1868,7 @@ def test_evicting_one_entry_forgets_only_that_entrys_answers(testapp, app, store
         for _ in range(3):
             testapp.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
     assert {hot.token for hot in app.answers.hot.items.values()} == {first, second}
-    store._forget(first)
+    store.memory.forget(first)
     assert {hot.token for hot in app.answers.hot.items.values()} == {second}
     assert {key.token for key in app.answers.built.items} == {second}
 
@@ -2074,7 +2075,7 @@ def test_cached_entry_is_served_without_reading_its_file(store, root_der, monkey
 def test_memory_cache_is_bounded_and_evicted_entries_still_load(config, clock, root_der, other_der):
     store = certdrop.Store(config.data_dir, clock=clock, cache_entries=1)
     first, second = add(store, root_der), add(store, other_der)
-    assert len(store._cache) == 1
+    assert len(store.memory._cache) == 1
     assert store.get(first.token).der == root_der and store.get(second.token).der == other_der
 
 
@@ -2184,9 +2185,9 @@ def test_the_memory_cache_is_bounded_by_bytes(config, clock, root_der, other_der
     size = certdrop.ENTRY_OVERHEAD + len(root_der)
     store = certdrop.Store(config.data_dir, clock=clock, cache_bytes=size + 100)
     first, second = add(store, root_der), add(store, other_der)
-    assert list(store._cache) == [second.token] and store._cached_bytes <= size + 100
+    assert list(store.memory._cache) == [second.token] and store.memory._cached_bytes <= size + 100
     assert store.get(first.token).der == root_der  # evicted entries load again
-    assert store._cached_bytes == sum(item.size for item in store._cache.values())
+    assert store.memory._cached_bytes == sum(item.size for item in store.memory._cache.values())
 
 
 def test_a_repeated_unknown_token_costs_no_file_system_call(store, monkeypatch):
@@ -3868,7 +3869,7 @@ def test_sweep_does_not_push_hot_entries_out_of_the_cache(config, clock, root_de
     hot = add(store, root_der, days=30)
     clock.advance(2 * DAY)
     assert store.sweep()["expired"] == 1
-    assert list(store._cache) == [hot.token]
+    assert list(store.memory._cache) == [hot.token]
 
 
 def test_add_of_a_missing_file_fails_with_a_one_line_reason(ini, tmp_path, capsys):

@@ -300,7 +300,7 @@ def measure_rotation(seconds: int) -> None:
                 counts[hot, hit] += 1
                 statuses[status] += 1
                 timings[hit].append(took)
-        cached, cached_bytes = len(app.store._cache), app.store._cached_bytes
+        cached, cached_bytes = len(app.store.memory._cache), app.store.memory._cached_bytes
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -127,7 +127,7 @@ for token in tokens[-touch:]:
     get(fresh, token, sys.argv[5])
     get(fresh, token, sys.argv[6])
 report["rss_touched_mib"] = resident_mib()
-report["cached_entries"] = len(fresh.store._cache)
+report["cached_entries"] = len(fresh.store.memory._cache)
 begun = time.perf_counter()
 counts = fresh.store.sweep()
 report["sweep_s"] = time.perf_counter() - begun
