@@ -1804,7 +1804,8 @@ def apple_profile(certificate: Certificate) -> bytes:
         "PayloadIdentifier": f"certdrop.{fingerprint}",
         "PayloadUUID": str(uuid.uuid5(PROFILE_NAMESPACE, fingerprint)).upper(),
         "PayloadDisplayName": name,
-        "PayloadDescription": f"Installs the CA certificate {name} (SHA-256 {colon_hex(certificate.sha256)}).",
+        "PayloadDescription": _("Installs the CA certificate {name} (SHA-256 {fingerprint}).").format(
+            name=name, fingerprint=colon_hex(certificate.sha256)),
         "PayloadRemovalDisallowed": False,
         "PayloadContent": [payload],
     }
@@ -4612,6 +4613,7 @@ class FileAnswer(typing.NamedTuple):
     name: str  # the file name; one that starts with "." follows the certificate's own name (its file stem)
     inline: bool  # False: sent with Content-Disposition: attachment
     der_instead: bool = False  # an intermediate CA, which has no hashed certificate, sends its DER instead
+    language: str = ""  # the language of a profile's description, which iOS shows; "" for the other files
 
 
 class PageAnswer(typing.NamedTuple):
@@ -4669,7 +4671,7 @@ def decide(signature: Signature, config: Config) -> Decision:
     client = client_of_signature(signature)
     if rest:
         kind = next(kind for suffix, kind in FILE_SUFFIXES if rest.lower().endswith(suffix))
-        return Decision(file_answer(kind, rest, client, config), client.device)
+        return Decision(file_answer(kind, rest, client, config, signature.language), client.device)
     chosen = dict(urllib.parse.parse_qsl(signature.query, keep_blank_values=True)).get("format")
     if chosen is None:
         return Decision(default_answer(signature, client, config), client.device)
@@ -4678,7 +4680,7 @@ def decide(signature: Signature, config: Config) -> Decision:
     if chosen not in PUBLIC_FORMATS:
         raise BadRequest(_("Unknown format {format}: choose der, pem, mobileconfig, whc, whc-alt or page.").format(
             format=repr(chosen[:40])))
-    return Decision(file_answer(chosen, PUBLIC_FORMATS[chosen], client, config), client.device)
+    return Decision(file_answer(chosen, PUBLIC_FORMATS[chosen], client, config, signature.language), client.device)
 
 
 def client_of_signature(signature: Signature) -> Client:
@@ -4713,15 +4715,18 @@ def page_answer(signature: Signature, client: Client, config: Config) -> PageAns
     return PageAnswer(client, MIME_HTML, prefix, base, signature.language)
 
 
-def file_answer(kind: str, name: str, client: Client, config: Config) -> FileAnswer:
-    """Return the answer for file *kind* ("der", "pem", "mobileconfig", "whc" or "whc-alt") named *name*."""
+def file_answer(kind: str, name: str, client: Client, config: Config, language: str) -> FileAnswer:
+    """Return the answer for file *kind* ("der", "pem", "mobileconfig", "whc" or "whc-alt") named *name*; a profile
+    says what it installs in the reader's *language*."""
     if kind == "der":
         # Nokia installers and Firefox's trust dialog take the body only without an attachment header.
         inline = client.device in ("s40", "firefox") or (client.device == "s60" and not config.s60_attachment)
         return FileAnswer("der", name, inline)
     if kind == "pem":  # update-ca-certificates reads only PEM files named .crt
         return FileAnswer("pem", re.sub(r"(?i)\.pem$", ".crt", name), inline=False)
-    return FileAnswer(kind, name, inline=kind != "mobileconfig")
+    if kind == "mobileconfig":
+        return FileAnswer(kind, name, inline=False, language=language)
+    return FileAnswer(kind, name, inline=True)
 
 
 def link_base(signature: Signature, config: Config) -> str:
@@ -5582,7 +5587,7 @@ def choose_upload(fields: dict[str, bytes]) -> bytes:
     """Return the certificate bytes from the form: the file, or else the pasted text."""
     file_data, pasted = fields.get("cert", b""), fields.get("pem", b"")
     if file_data.strip() and pasted.strip():
-        raise BadRequest("Choose a file or paste the certificate text, not both.")
+        raise BadRequest(_("Choose a file or paste the certificate text, not both."))
     return file_data if file_data.strip() else pasted
 
 
