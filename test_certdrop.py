@@ -1,5 +1,6 @@
 """Tests for certdrop, in the module's order: pure functions, store, HTTP, command line, real processes."""
 
+import ast
 import base64
 import codecs
 import contextlib
@@ -2543,6 +2544,66 @@ def test_translated_sentences_keep_their_placeholders_and_plurals():
             f"\u27e6This link was revoked on {certdrop.format_time(NOW)}.\u27e7")
     assert certdrop.format_duration(1) == "1 second" and certdrop.format_duration(2 * DAY) == "2 days"
     assert certdrop._("Sign in") == "Sign in"  # outside the block: English again
+
+
+#: The sections of certdrop.py whose every sentence is for the people who use its pages and answers (the rest
+#: speak to administrators: configuration errors, the store's damage reports, the command line, the log).
+SPOKEN_SECTIONS = ("Errors", "Certificate doctor", "Device formats", "Links and lifetimes", "Rendering",
+                   "HTTP plumbing", "Answers under /c/", "Who may change what is stored", "Application")
+
+#: Strings in those sections that look like sentences and are not: (function or class, string).
+NOT_SENTENCES = {
+    ("RateLimiter", "newcomers while the table is full"),  # a log line's wording, in its class
+    ("quiet_library_warnings", "Attribute's length must be"),  # the start of a library warning, to filter it
+    ("ber_element", "truncated or too deeply nested"),  # a ValueError that ends as a refusal with its own words
+    ("prepare", "control character in header "),  # a ValueError that would be certdrop's own bug
+}
+
+
+def test_no_sentence_is_built_outside_the_translation_function():
+    source = Path(certdrop.__file__).read_text(encoding="utf-8")
+    lines = source.splitlines()
+    banners = sorted((number, match[1]) for number, line in enumerate(lines, 1)
+                     if (match := re.fullmatch(r"# ([A-Z][A-Za-z /<>]+?) #{5,}", line)))
+    spoken = [(start, end) for (start, name), (end, _) in zip(banners, banners[1:] + [(len(lines) + 1, "")])
+              if name in SPOKEN_SECTIONS]
+    assert len(spoken) == len(SPOKEN_SECTIONS)
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def called(node):
+        """Return the name of the function *node* is an argument of, and the function or class it is in."""
+        call, where = None, "<module>"
+        while node in parents:
+            node = parents[node]
+            if call is None and isinstance(node, ast.Call):
+                call = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                return call, node.name
+        return call, where
+
+    built = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("_", "N_", "ngettext"):
+            # The message ids themselves are whole: literals, or constants marked with N_(), never built.
+            messages = node.args[:2 if node.func.id == "ngettext" else 1]
+            literal = all(isinstance(message, ast.Constant) for message in messages)
+            if (node.func.id != "_" and not literal
+                    or any(isinstance(message, (ast.JoinedStr, ast.BinOp)) for message in messages)):
+                built.append((node.lineno, ast.unparse(node)[:80]))
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                and re.search(r"[A-Za-z]+ [a-z]+ [a-z]+", node.value)):
+            continue
+        if isinstance(parents.get(node), ast.Expr) or not any(start <= node.lineno < end for start, end in spoken):
+            continue  # a docstring, or words for administrators
+        call, where = called(node)
+        if call in ("_", "N_", "ngettext", "debug", "info", "warning", "error", "exception"):
+            continue  # translated, or a log line for administrators
+        if call == "Guide" and isinstance(parents[node], ast.Dict):
+            continue  # a command to paste, the same in every language
+        if (where, node.value) not in NOT_SENTENCES:
+            built.append((node.lineno, node.value[:80]))
+    assert built == []
 
 
 # -- HTTP: who may upload --------------------------------------------------------------------------------------
