@@ -22,11 +22,13 @@ import binascii
 import codecs
 import configparser
 import contextlib
+import contextvars
 import dataclasses
 import email.message
 import email.utils
 import errno
 import functools
+import gettext
 import hashlib
 import hmac
 import html
@@ -134,16 +136,9 @@ MIME_JSON = "application/json"
 
 STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
-#: Lifetimes offered on the upload form, shortest first; "cert" means until the certificate expires.
-TTL_CHOICES = (
-    ("1h", "1 hour"),
-    ("1d", "1 day"),
-    ("7d", "7 days"),
-    ("30d", "30 days"),
-    ("90d", "90 days"),
-    ("365d", "1 year"),
-    ("cert", "until the certificate expires"),
-)
+#: Lifetimes offered on the upload form, shortest first; "cert" means until the certificate expires. The form
+#: names them in words (see allowed_ttl_choices).
+TTL_CHOICES = ("1h", "1d", "7d", "30d", "90d", "365d", "cert")
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -177,6 +172,44 @@ TEXT_AGENT_RE = re.compile(r"^(?:curl|wget|httpie|python-requests|python-urllib)
 
 #: The version of certdrop's JSON answers; it changes only when a field changes meaning or goes away.
 JSON_VERSION = 1
+
+
+###############################################################################
+# Words #######################################################################
+###############################################################################
+# Every sentence a person reads (pages, steps, errors, mails) goes through _() or ngettext(), whole, with named
+# placeholders, so that a language is a gettext catalog added beside this file and no code is rewritten: the
+# message ids are the English sentences. A constant made at import is marked with N_() and translated where it is
+# used, since a _() at import would freeze the English. The translations live in a context variable, so that each
+# request (and each of waitress's threads) may speak its reader's language; in_language() sets it for a block.
+
+TRANSLATIONS: contextvars.ContextVar = contextvars.ContextVar("certdrop_translations",
+                                                              default=gettext.NullTranslations())
+
+
+def _(message: str) -> str:
+    """Return *message*, an English sentence, in the language of the current translations."""
+    return TRANSLATIONS.get().gettext(message)
+
+
+def ngettext(singular: str, plural: str, count: int) -> str:
+    """Return the sentence for *count* things (*singular* or *plural* in English) in the current language."""
+    return TRANSLATIONS.get().ngettext(singular, plural, count)
+
+
+def N_(message: str) -> str:
+    """Return *message* as it is: marks a sentence kept in a constant, which _() translates where it is used."""
+    return message
+
+
+@contextlib.contextmanager
+def in_language(translations: gettext.NullTranslations) -> Iterator[None]:
+    """Speak with *translations* (a gettext.NullTranslations or one of its kind) inside the block."""
+    token = TRANSLATIONS.set(translations)
+    try:
+        yield
+    finally:
+        TRANSLATIONS.reset(token)
 
 
 
@@ -223,20 +256,49 @@ class StorageError(CertdropError):
 
     @classmethod
     def from_os_error(cls, error: OSError) -> "StorageError":
-        return cls(f"The server's data directory {storage_cause(error)}, so nothing was stored. Existing links keep "
-                   "working; uploads work again by themselves once that is fixed.")
+        return cls(storage_cause(error, REFUSED))
 
 
-def storage_cause(error: OSError) -> str:
-    """Return why a write to the data directory failed, to follow "the data directory"."""
-    causes = {
-        errno.ENOSPC: "is full",
-        errno.EDQUOT: "is over its disk quota",
-        errno.EROFS: "is on a read-only file system",
-        errno.EACCES: "may not be written by the user certdrop runs as",
-        errno.EPERM: "may not be written by the user certdrop runs as",
-    }
-    return causes.get(error.errno, f"cannot be written ({error.strerror or error})")
+#: Which sentence of STORAGE_CAUSES to say: an upload refused for the cause, /healthz after a write failed for it,
+#: /healthz's own probe meeting it.
+REFUSED, FAILED, PROBED = range(3)
+
+#: Why a write to the data directory failed, by errno, in whole sentences (see REFUSED); None: any other cause.
+STORAGE_CAUSES = {
+    errno.ENOSPC: (
+        N_("The server's data directory is full, so nothing was stored. Existing links keep working; uploads work "
+           "again by themselves once that is fixed."),
+        N_("The data directory is full: the last write failed, and none has worked since."),
+        N_("The data directory is full.")),
+    errno.EDQUOT: (
+        N_("The server's data directory is over its disk quota, so nothing was stored. Existing links keep working; "
+           "uploads work again by themselves once that is fixed."),
+        N_("The data directory is over its disk quota: the last write failed, and none has worked since."),
+        N_("The data directory is over its disk quota.")),
+    errno.EROFS: (
+        N_("The server's data directory is on a read-only file system, so nothing was stored. Existing links keep "
+           "working; uploads work again by themselves once that is fixed."),
+        N_("The data directory is on a read-only file system: the last write failed, and none has worked since."),
+        N_("The data directory is on a read-only file system.")),
+    errno.EACCES: (
+        N_("The server's data directory may not be written by the user certdrop runs as, so nothing was stored. "
+           "Existing links keep working; uploads work again by themselves once that is fixed."),
+        N_("The data directory may not be written by the user certdrop runs as: the last write failed, and none has "
+           "worked since."),
+        N_("The data directory may not be written by the user certdrop runs as.")),
+    None: (
+        N_("The server's data directory cannot be written ({reason}), so nothing was stored. Existing links keep "
+           "working; uploads work again by themselves once that is fixed."),
+        N_("The data directory cannot be written ({reason}): the last write failed, and none has worked since."),
+        N_("The data directory cannot be written ({reason}).")),
+}
+STORAGE_CAUSES[errno.EPERM] = STORAGE_CAUSES[errno.EACCES]
+
+
+def storage_cause(error: OSError, which: int) -> str:
+    """Return the sentence *which* (REFUSED, FAILED or PROBED) that says why a write to the data directory failed."""
+    sentences = STORAGE_CAUSES.get(error.errno) or STORAGE_CAUSES[None]
+    return _(sentences[which]).format(reason=error.strerror or error)
 
 
 class LinkGone(CertdropError):
@@ -247,7 +309,8 @@ class LinkGone(CertdropError):
         self.reason = reason
         #: Unix time of the revocation or expiry
         self.since = since
-        super().__init__(f"This link {'was revoked' if reason == 'revoked' else 'expired'} on {format_time(since)}.")
+        message = _("This link was revoked on {date}.") if reason == "revoked" else _("This link expired on {date}.")
+        super().__init__(message.format(date=format_time(since)))
 
 
 class HTTPError(Exception):
@@ -255,10 +318,10 @@ class HTTPError(Exception):
 
     status = 500
     code = "server-error"  # stable, for scripts: JSON errors carry it
-    message = "Something went wrong on the server. The error has been logged."
+    message = N_("Something went wrong on the server. The error has been logged.")  # translated when raised
 
     def __init__(self, message: str | None = None, headers: tuple = (), code: str | None = None):
-        self.message = message or self.message
+        self.message = message or _(self.message)
         self.headers = tuple(headers)
         self.code = code or self.code
         #: more of the HTML page, after the message: the upload form again, say
@@ -269,13 +332,13 @@ class HTTPError(Exception):
 class BadRequest(HTTPError):
     status = 400
     code = "bad-request"
-    message = "The request could not be understood."
+    message = N_("The request could not be understood.")
 
 
 class NotFound(HTTPError):
     status = 404
     code = "not-found"
-    message = "Nothing has this address. Check it for typing mistakes."
+    message = N_("Nothing has this address. Check it for typing mistakes.")
 
 
 class MethodNotAllowed(HTTPError):
@@ -283,7 +346,8 @@ class MethodNotAllowed(HTTPError):
     code = "method-not-allowed"
 
     def __init__(self, allowed: list[str]):
-        super().__init__(f"This address accepts only {', '.join(allowed)}.", headers=(("Allow", ", ".join(allowed)),))
+        super().__init__(_("This address accepts only {methods}.").format(methods=", ".join(allowed)),
+                         headers=(("Allow", ", ".join(allowed)),))
 
 
 class Gone(HTTPError):
@@ -314,7 +378,10 @@ class Unprocessable(HTTPError):
 class Unauthorized(HTTPError):
     status = 401
     code = "unauthorized"
-    message = "Uploading needs the upload key. Sign in, or send it with HTTP Basic (curl -u certdrop:KEY)."
+    message = N_("Uploading needs the upload key. Sign in, or send it with HTTP Basic ({command}).")
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message or _(self.message).format(command="curl -u certdrop:KEY"))
 
 
 class Forbidden(HTTPError):
@@ -329,7 +396,9 @@ class TooManyRequests(HTTPError):
     def __init__(self, retry_after: float, message: str = ""):
         #: the whole seconds to wait, as Retry-After says them
         self.seconds = max(1, math.ceil(retry_after))
-        super().__init__(message or f"Too many requests from your address. Try again in {self.seconds} seconds.",
+        super().__init__(message or ngettext("Too many requests from your address. Try again in {seconds} second.",
+                                             "Too many requests from your address. Try again in {seconds} seconds.",
+                                             self.seconds).format(seconds=self.seconds),
                          headers=(("Retry-After", str(self.seconds)),))
 
 
@@ -356,7 +425,7 @@ def http_error_for(error: CertdropError) -> HTTPError:
     if isinstance(error, LinkGone):
         return Gone(str(error))
     if isinstance(error, UnknownToken):
-        return NotFound(NotFound.message)
+        return NotFound()
     return HTTPError()
 
 
@@ -388,11 +457,16 @@ def parse_size(text: str) -> int:
 def format_duration(seconds: float) -> str:
     """Return a rough human duration: ``"3 days"``, ``"5 hours"``, ``"20 minutes"``."""
     seconds = max(0, int(seconds))
-    for unit, size in (("year", 365 * 86400), ("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= size:
-            count = seconds // size
-            return f"{count} {unit}{'s' if count != 1 else ''}"
-    return f"{seconds} seconds"
+    if seconds >= 365 * 86400:
+        years = seconds // (365 * 86400)
+        return ngettext("{count} year", "{count} years", years).format(count=years)
+    if seconds >= 86400:
+        return ngettext("{count} day", "{count} days", seconds // 86400).format(count=seconds // 86400)
+    if seconds >= 3600:
+        return ngettext("{count} hour", "{count} hours", seconds // 3600).format(count=seconds // 3600)
+    if seconds >= 60:
+        return ngettext("{count} minute", "{count} minutes", seconds // 60).format(count=seconds // 60)
+    return ngettext("{count} second", "{count} seconds", seconds).format(count=seconds)
 
 
 def format_time(timestamp: float) -> str:
@@ -481,6 +555,10 @@ DEFAULT_UPLOAD_NETWORKS = _parse_networks("127.0.0.0/8, ::1/128, 10.0.0.0/8, 172
                                           "169.254.0.0/16, fc00::/7, fe80::/10")
 
 
+#: The subject of mails when the [mail] section names none; translated where it is used (see mail_subject).
+DEFAULT_MAIL_SUBJECT = N_("Install the CA certificate {name}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every setting, with the built-in defaults; ``certdrop.ini`` documents each key."""
@@ -527,7 +605,7 @@ class Config:
     mail_user: str = ""  # SMTP login; empty = none
     mail_password: str = ""
     mail_sender: str = ""  # From: address; empty = certdrop@ this machine's name
-    mail_subject: str = "Install the CA certificate {name}"  # {name}: the first certificate's name
+    mail_subject: str = DEFAULT_MAIL_SUBJECT  # {name}: the first certificate's name
     mail_cafile: str = ""  # CA file to verify the SMTP server's certificate with; empty = the system's
     mail_recipients: int = 10  # addresses one message may go to
     mail_per_hour: int = 30  # messages the whole server sends in an hour, whoever asks; 0 = no limit
@@ -717,7 +795,7 @@ BUNDLE_SHAPE_ROOTS = 20
 OLD_NOKIA_CODES = ("s40-key-size", "wap-algorithm")
 
 #: The heading of that group.
-OLD_NOKIA_HEADING = "Only for old Nokia phones (Series 40 and older WAP browsers): skip this if nobody uses one"
+OLD_NOKIA_HEADING = N_("Only for old Nokia phones (Series 40 and older WAP browsers): skip this if nobody uses one")
 
 #: Refusals that the uploader may override: "force" on the form, --force on the command line.
 FORCEABLE = ("server-certificate", "public-bundle")
@@ -740,7 +818,7 @@ OID_SIGNED_DATA = bytes.fromhex("06092a864886f70d010702")  # 1.2.840.113549.1.7.
 FIELD_ERRORS = (ValueError, TypeError, OverflowError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType,
                 x509.InvalidVersion, UnsupportedAlgorithm)
 
-PRIVATE_KEY_MESSAGE = (
+PRIVATE_KEY_MESSAGE = N_(
     "This upload contains a private key. A CA's private key must never leave the CA: devices need only its "
     "certificate. Nothing was stored. Export the certificate alone (DER or Base-64 .cer) and upload that."
 )
@@ -981,7 +1059,7 @@ def load_der(der: bytes) -> Certificate:
     try:
         return inspect_certificate(parse_der(der))
     except FIELD_ERRORS:
-        raise refuse("not-a-certificate", "This is not a readable DER certificate.") from None
+        raise refuse("not-a-certificate", _("This is not a readable DER certificate.")) from None
 
 
 # -- reading whatever was uploaded ------------------------------------------------------------------------------
@@ -1089,10 +1167,10 @@ def read_certificates(data: bytes) -> tuple[str, list[x509.Certificate]]:
     saying what the upload looks like instead, for private keys and everything that is no certificate.
     """
     if not data.strip(b" \t\r\n\0\xef\xbb\xbf\xff\xfe"):
-        raise refuse("empty", "The upload is empty. Choose the CA certificate file or paste its text.")
+        raise refuse("empty", _("The upload is empty. Choose the CA certificate file or paste its text."))
     text, encoding = _as_text_bytes(data)
     if PEM_PRIVATE_KEY_RE.search(text):
-        raise refuse("private-key", PRIVATE_KEY_MESSAGE)
+        raise refuse("private-key", _(PRIVATE_KEY_MESSAGE))
     if b"-----BEGIN " in text:
         try:
             source, certs = _read_pem(text)
@@ -1136,31 +1214,39 @@ def _read_pem(text: bytes) -> tuple[str, list[x509.Certificate]]:
             else:
                 certs.append(parse_der(first_der_element(der)))
         except (ValueError, binascii.Error):
-            raise refuse("damaged-pem", f"A {kind.decode()} block in the text is damaged: its base64 does not "
-                                        "decode to a certificate. Copy it again from the original file.") from None
+            raise refuse("damaged-pem", _("A {kind} block in the text is damaged: its base64 does not decode to a "
+                                          "certificate. Copy it again from the original file.").format(
+                                              kind=kind.decode())) from None
     if certs:
         return ("PKCS#7 PEM" if set(kinds) & set(PEM_PKCS7_TYPES) else "PEM"), certs
     raise _refusal_for_pem_kinds(kinds)
 
 
 def _refusal_for_pem_kinds(kinds: list[bytes]) -> CertificateError:
+    csr = ("csr", N_("This is a certificate signing request (CSR), which asks a CA for a certificate. Upload the CA "
+                     "certificate itself (-----BEGIN CERTIFICATE-----, or a .cer/.crt/.der file)."))
+    public_key = ("public-key", N_("This is a bare public key, without the name and signature of a certificate. "
+                                   "Upload the CA certificate itself (-----BEGIN CERTIFICATE-----, or a .cer/.crt/.der "
+                                   "file)."))
     described = {
-        b"CERTIFICATE REQUEST": ("csr", "a certificate signing request (CSR), which asks a CA for a certificate"),
-        b"NEW CERTIFICATE REQUEST": ("csr", "a certificate signing request (CSR), which asks a CA for a certificate"),
-        b"X509 CRL": ("crl", "a certificate revocation list (CRL), which lists withdrawn certificates"),
-        b"PUBLIC KEY": ("public-key", "a bare public key, without the name and signature of a certificate"),
-        b"RSA PUBLIC KEY": ("public-key", "a bare public key, without the name and signature of a certificate"),
+        b"CERTIFICATE REQUEST": csr,
+        b"NEW CERTIFICATE REQUEST": csr,
+        b"X509 CRL": ("crl", N_("This is a certificate revocation list (CRL), which lists withdrawn certificates. "
+                                "Upload the CA certificate itself (-----BEGIN CERTIFICATE-----, or a .cer/.crt/.der "
+                                "file).")),
+        b"PUBLIC KEY": public_key,
+        b"RSA PUBLIC KEY": public_key,
     }
     for kind in kinds:
         if kind in described:
-            code, what = described[kind]
-            return refuse(code, f"This is {what}. Upload the CA certificate itself "
-                                "(-----BEGIN CERTIFICATE-----, or a .cer/.crt/.der file).")
+            code, message = described[kind]
+            return refuse(code, _(message))
     if kinds:
-        return refuse("no-certificate", f"The text holds a {kinds[0].decode(errors='replace')} block but no "
-                                        "certificate. Upload the CA certificate (-----BEGIN CERTIFICATE-----).")
-    return refuse("damaged-pem", "The PEM text is damaged: it has a -----BEGIN line but no complete block with its "
-                                 "matching END line. Copy it again from the original file.")
+        return refuse("no-certificate", _("The text holds a {kind} block but no certificate. Upload the CA certificate "
+                                          "(-----BEGIN CERTIFICATE-----).").format(
+                                              kind=kinds[0].decode(errors="replace")))
+    return refuse("damaged-pem", _("The PEM text is damaged: it has a -----BEGIN line but no complete block with its "
+                                   "matching END line. Copy it again from the original file."))
 
 
 def parse_der(der: bytes) -> x509.Certificate:
@@ -1185,13 +1271,13 @@ def _read_binary(data: bytes) -> tuple[str, list[x509.Certificate]]:
     with contextlib.suppress(ValueError, IndexError):
         certs = pkcs7_certificates(data)
         if not certs:
-            raise refuse("no-certificate", "This PKCS#7 file holds no certificate. Export it again with "
-                                           "\u201cInclude all certificates in the certification path\u201d.")
+            raise refuse("no-certificate", _("This PKCS#7 file holds no certificate. Export it again with "
+                                             "\u201cInclude all certificates in the certification path\u201d."))
         return "PKCS#7", _load_ders(certs)
     if looks_like_pkcs12(data):
         return "PKCS#12", _read_pkcs12(data)
     if _is_der_private_key(data):
-        raise refuse("private-key", PRIVATE_KEY_MESSAGE)
+        raise refuse("private-key", _(PRIVATE_KEY_MESSAGE))
     raise _refusal_for_der(data)
 
 
@@ -1199,14 +1285,15 @@ def _read_pkcs12(data: bytes) -> list[x509.Certificate]:
     try:
         bundle = pkcs12.load_pkcs12(data, None)
     except (ValueError, UnsupportedAlgorithm):
-        raise refuse("pkcs12-password", "This is a password-protected PKCS#12 (.pfx/.p12) file, which is what "
-                                        "Windows writes when it exports a private key. Export the certificate "
-                                        "alone instead: DER or Base-64 encoded .cer, without the private key.") from None
+        raise refuse("pkcs12-password", _("This is a password-protected PKCS#12 (.pfx/.p12) file, which is what "
+                                          "Windows writes when it exports a private key. Export the certificate "
+                                          "alone instead: DER or Base-64 encoded .cer, without the private "
+                                          "key.")) from None
     if bundle.key is not None:
-        raise refuse("private-key", PRIVATE_KEY_MESSAGE)
+        raise refuse("private-key", _(PRIVATE_KEY_MESSAGE))
     certs = ([bundle.cert] if bundle.cert else []) + list(bundle.additional_certs)
     if not certs:
-        raise refuse("no-certificate", "This PKCS#12 file holds no certificate.")
+        raise refuse("no-certificate", _("This PKCS#12 file holds no certificate."))
     return [item.certificate for item in certs]
 
 
@@ -1221,22 +1308,28 @@ def _is_der_private_key(data: bytes) -> bool:
 
 
 def _refusal_for_der(data: bytes) -> CertificateError:
-    for loader, code, what in (
-        (x509.load_der_x509_csr, "csr", "a certificate signing request (CSR), which asks a CA for a certificate"),
-        (x509.load_der_x509_crl, "crl", "a certificate revocation list (CRL), which lists withdrawn certificates"),
-        (serialization.load_der_public_key, "public-key", "a bare public key, without a certificate around it"),
+    for loader, code, message in (
+        (x509.load_der_x509_csr, "csr", N_("This is a certificate signing request (CSR), which asks a CA for a "
+                                           "certificate. Upload the CA certificate itself (a .cer, .crt or .der "
+                                           "file).")),
+        (x509.load_der_x509_crl, "crl", N_("This is a certificate revocation list (CRL), which lists withdrawn "
+                                           "certificates. Upload the CA certificate itself (a .cer, .crt or .der "
+                                           "file).")),
+        (serialization.load_der_public_key, "public-key", N_("This is a bare public key, without a certificate around "
+                                                             "it. Upload the CA certificate itself (a .cer, .crt or "
+                                                             ".der file).")),
     ):
         with contextlib.suppress(ValueError, UnsupportedAlgorithm):
             loader(data)
-            return refuse(code, f"This is {what}. Upload the CA certificate itself (a .cer, .crt or .der file).")
-    return refuse("not-a-certificate", "This binary file is not a certificate (nor PKCS#7 or PKCS#12). Upload the "
-                                       "CA certificate as a .cer, .crt, .der or .pem file.")
+            return refuse(code, _(message))
+    return refuse("not-a-certificate", _("This binary file is not a certificate (nor PKCS#7 or PKCS#12). Upload the "
+                                         "CA certificate as a .cer, .crt, .der or .pem file."))
 
 
 def html_refusal() -> CertificateError:
-    return refuse("html", "This is a web page, not a certificate: the download probably saved a login or error "
-                          "page. Download the CA certificate again, or open the file and copy the "
-                          "-----BEGIN CERTIFICATE----- block.")
+    return refuse("html", _("This is a web page, not a certificate: the download probably saved a login or error "
+                            "page. Download the CA certificate again, or open the file and copy the "
+                            "-----BEGIN CERTIFICATE----- block."))
 
 
 def _read_text(text: bytes) -> tuple[str, list[x509.Certificate]]:
@@ -1252,8 +1345,8 @@ def _read_text(text: bytes) -> tuple[str, list[x509.Certificate]]:
         except CertificateError as error:
             if error.code == "private-key":  # a key stays a key, however it is wrapped
                 raise
-    raise refuse("not-a-certificate", "This text holds no certificate. A PEM certificate starts with "
-                                      "-----BEGIN CERTIFICATE-----; upload that, or the .cer/.crt/.der file.")
+    raise refuse("not-a-certificate", _("This text holds no certificate. A PEM certificate starts with "
+                                        "-----BEGIN CERTIFICATE-----; upload that, or the .cer/.crt/.der file."))
 
 
 # -- putting a bundle in order ---------------------------------------------------------------------------------
@@ -1300,7 +1393,9 @@ def diagnose(data: bytes, *, now: float, host: str = "", force: bool = False,
     """
     source, parsed = read_certificates(data)
     if len(parsed) > MAX_CERTIFICATES:
-        raise refuse("too-many", f"This upload holds {len(parsed)} certificates; the limit is {MAX_CERTIFICATES}.")
+        raise refuse("too-many", ngettext("This upload holds {count} certificate; the limit is {limit}.",
+                                          "This upload holds {count} certificates; the limit is {limit}.",
+                                          len(parsed)).format(count=len(parsed), limit=MAX_CERTIFICATES))
     unique = list({certificate.sha256: certificate for certificate in map(_inspect_uploaded, parsed)}.values())
     issuers = issuers_within(unique)
     ordered = chain_order(unique, issuers)
@@ -1309,18 +1404,24 @@ def diagnose(data: bytes, *, now: float, host: str = "", force: bool = False,
     if not installable and not force:
         raise _refusal_for_leaf(leaves[0])
     left_out = () if not installable else tuple(
-        (leaf, f"The server certificate for {leaf.server_name} gets no link: devices need the CA that issued it, "
-               "not the server certificate.") for leaf in leaves)
+        (leaf, _("The server certificate for {host} gets no link: devices need the CA that issued it, not the server "
+                 "certificate.").format(host=leaf.server_name)) for leaf in leaves)
     installable = installable or leaves
     public = public_among(installable, public_roots)
     if public > PUBLIC_ROOTS_ALLOWED and not force:
-        raise refuse("public-bundle", f"This looks like a public trust store: {public} of its {len(installable)} CAs "
-                                      "are ones phones and computers already trust, so links for them would help "
-                                      "nobody. Upload your own CA alone.")
+        raise refuse("public-bundle", ngettext(
+            "This looks like a public trust store: {public} of its {total} CAs is one phones and computers already "
+            "trust, so a link for it would help nobody. Upload your own CA alone.",
+            "This looks like a public trust store: {public} of its {total} CAs are ones phones and computers already "
+            "trust, so links for them would help nobody. Upload your own CA alone.",
+            public).format(public=public, total=len(installable)))
     findings = [*check_certificates(ordered, installable, issuers, now), *check_host(host, ordered)]
     if public > PUBLIC_ROOTS_ALLOWED:
-        findings.append(Finding("public-bundle", f"{public} of these CAs are public ones that devices already trust; "
-                                                 "they got links because you chose to install them anyway."))
+        findings.append(Finding("public-bundle", ngettext(
+            "{count} of these CAs is a public one that devices already trust; it got a link because you chose to "
+            "install it anyway.",
+            "{count} of these CAs are public ones that devices already trust; they got links because you chose to "
+            "install them anyway.", public).format(count=public)))
     return Diagnosis(source, tuple(ordered), tuple(installable), left_out, tuple(findings))
 
 
@@ -1360,18 +1461,23 @@ def _inspect_uploaded(cert: x509.Certificate) -> Certificate:
     try:
         return inspect_certificate(cert)
     except FIELD_ERRORS as error:
-        raise refuse("damaged-certificate", "A certificate in the upload is damaged: its fields cannot be read "
-                                            f"({error}). Export it again from the original source.") from None
+        raise refuse("damaged-certificate", _("A certificate in the upload is damaged: its fields cannot be read "
+                                              "({error}). Export it again from the original source.").format(
+                                                  error=error)) from None
 
 
 def _refusal_for_leaf(leaf: Certificate) -> CertificateError:
     issuer = leaf.parsed.issuer
     issuer_name = (_name_values(issuer, NameOID.COMMON_NAME) or (leaf.issuer,))[0]
-    message = (f"This is the server certificate for {leaf.server_name}. Phones need the CA that issued it, "
-               f"\u201c{issuer_name}\u201d: upload that instead.")
     if leaf.ca_issuers:
-        message += f" The issuer's certificate is published at {leaf.ca_issuers[0]} (certdrop does not fetch it)."
-    return refuse("server-certificate", message)
+        message = _("This is the server certificate for {host}. Phones need the CA that issued it, "
+                    "\u201c{issuer}\u201d: upload that instead. The issuer's certificate is published at {url} "
+                    "(certdrop does not fetch it).")
+    else:
+        message = _("This is the server certificate for {host}. Phones need the CA that issued it, "
+                    "\u201c{issuer}\u201d: upload that instead.")
+    return refuse("server-certificate", message.format(host=leaf.server_name, issuer=issuer_name,
+                                                       url=leaf.ca_issuers[0] if leaf.ca_issuers else ""))
 
 
 def check_certificates(ordered: list[Certificate], installable: list[Certificate],
@@ -1385,54 +1491,66 @@ def check_certificates(ordered: list[Certificate], installable: list[Certificate
             yield from _check_installable(certificate, certificate.sha256 in issuers)
 
 
-def _finding(code: str, certificate: Certificate, message: str, note: bool = False) -> Finding:
-    return Finding(code, f"\u201c{certificate.name}\u201d {message}", certificate.name, note)
+def _finding(code: str, certificate: Certificate, message: str, note: bool = False, **values: object) -> Finding:
+    """Return a finding about *certificate*: *message*, translated, names it as {name} and *values* by theirs."""
+    return Finding(code, message.format(name=certificate.name, **values), certificate.name, note)
 
 
 def _check_validity(certificate: Certificate, now: float) -> Iterator[Finding]:
     not_before, not_after = certificate.not_before.timestamp(), certificate.not_after.timestamp()
     if now >= not_after:
-        yield _finding("expired", certificate, f"expired on {format_time(not_after)}; devices will reject it.")
+        yield _finding("expired", certificate, _("\u201c{name}\u201d expired on {date}; devices will reject it."),
+                       date=format_time(not_after))
     elif now < not_before:
-        yield _finding("not-yet-valid", certificate, f"is not valid before {format_time(not_before)}; devices with "
-                                                     "the right time reject it until then.")
+        yield _finding("not-yet-valid", certificate, _("\u201c{name}\u201d is not valid before {date}; devices with "
+                                                       "the right time reject it until then."),
+                       date=format_time(not_before))
     elif not_after - now < 30 * 86400:
-        yield _finding("expires-soon", certificate, f"expires on {format_time(not_after)}, in "
-                                                    f"{format_duration(not_after - now)}.")
+        yield _finding("expires-soon", certificate, _("\u201c{name}\u201d expires on {date}, in {duration}."),
+                       date=format_time(not_after), duration=format_duration(not_after - now))
 
 
 def _check_strength(certificate: Certificate) -> Iterator[Finding]:
     if certificate.signature_hash in ("md5", "sha1", "md2", "md4") and not certificate.self_signed:
-        yield _finding("weak-signature", certificate, f"is signed with {certificate.signature_hash.upper()}, which "
-                                                      "current devices reject (a root's own signature would not "
-                                                      "matter, this one's does).")
+        yield _finding("weak-signature", certificate, _("\u201c{name}\u201d is signed with {hash}, which current "
+                                                        "devices reject (a root's own signature would not matter, "
+                                                        "this one's does)."),
+                       hash=certificate.signature_hash.upper())
     if certificate.key_type == "RSA" and certificate.key_bits < 2048:
-        yield _finding("weak-key", certificate, f"has a {certificate.key_bits}-bit RSA key; current devices "
-                                                "require at least 2048 bits.")
+        yield _finding("weak-key", certificate, _("\u201c{name}\u201d has a {bits}-bit RSA key; current devices "
+                                                  "require at least 2048 bits."), bits=certificate.key_bits)
 
 
 def _check_installable(certificate: Certificate, issuer_uploaded: bool) -> Iterator[Finding]:
     if len(certificate.common_names) > 1:
-        yield _finding("several-cn", certificate, f"has {len(certificate.common_names)} CN entries; Nokia phones "
-                                                  "show only the first.")
+        yield _finding("several-cn", certificate, ngettext(
+            "\u201c{name}\u201d has {count} CN entry; Nokia phones show only the first.",
+            "\u201c{name}\u201d has {count} CN entries; Nokia phones show only the first.",
+            len(certificate.common_names)), count=len(certificate.common_names))
     if not certificate.common_names:
-        yield _finding("no-cn", certificate, "has no CN (common name); iPhones list it with a blank name.")
+        yield _finding("no-cn", certificate, _("\u201c{name}\u201d has no CN (common name); iPhones list it with a "
+                                               "blank name."))
     if certificate.version == 3 and not certificate.is_ca:
-        yield _finding("not-a-ca", certificate, "is not marked as a CA (no basicConstraints CA:TRUE): S60 phones "
-                                                "save it as a site certificate and Android refuses it as a CA.")
+        yield _finding("not-a-ca", certificate, _("\u201c{name}\u201d is not marked as a CA (no basicConstraints "
+                                                  "CA:TRUE): S60 phones save it as a site certificate and Android "
+                                                  "refuses it as a CA."))
     if certificate.is_ca and certificate.key_cert_sign is False:
-        yield _finding("no-keycertsign", certificate, "has a keyUsage without keyCertSign, so devices may not "
-                                                      "accept it as the issuer of other certificates.")
+        yield _finding("no-keycertsign", certificate, _("\u201c{name}\u201d has a keyUsage without keyCertSign, so "
+                                                        "devices may not accept it as the issuer of other "
+                                                        "certificates."))
     if certificate.role == "intermediate" and not issuer_uploaded:
-        yield _finding("intermediate", certificate, f"is an intermediate CA, issued by {certificate.issuer}. "
-                                                    "Devices also need that root (upload it too), and the Nokia "
-                                                    "S40 hashed format needs a self-signed root.")
+        yield _finding("intermediate", certificate, _("\u201c{name}\u201d is an intermediate CA, issued by {issuer}. "
+                                                      "Devices also need that root (upload it too), and the Nokia S40 "
+                                                      "hashed format needs a self-signed root."),
+                       issuer=certificate.issuer)
     if certificate.key_type == "RSA" and certificate.key_bits > 1024:
-        yield _finding("s40-key-size", certificate, f"has a {certificate.key_bits}-bit key; some Nokia Series 40 "
-                                                    "phones accept only 1024-bit CAs.", note=True)
+        yield _finding("s40-key-size", certificate, _("\u201c{name}\u201d has a {bits}-bit key; some Nokia Series 40 "
+                                                      "phones accept only 1024-bit CAs."),
+                       note=True, bits=certificate.key_bits)
     if certificate.key_type != "RSA" or certificate.signature_hash not in ("sha1", "md5"):
-        yield _finding("wap-algorithm", certificate, "is not an RSA CA signed with SHA-1 or MD5; old WAP browsers "
-                                                     "(Series 40 and older) may fail to install it.", note=True)
+        yield _finding("wap-algorithm", certificate, _("\u201c{name}\u201d is not an RSA CA signed with SHA-1 or MD5; "
+                                                       "old WAP browsers (Series 40 and older) may fail to install "
+                                                       "it."), note=True)
 
 
 def check_host(host: str, certificates: list[Certificate]) -> Iterator[Finding]:
@@ -1442,12 +1560,15 @@ def check_host(host: str, certificates: list[Certificate]) -> Iterator[Finding]:
         return
     servers = [certificate for certificate in certificates if certificate.role in ("leaf", "self-signed leaf")]
     if not servers:
-        yield Finding("host-unchecked", f"No server certificate was uploaded, so {host} could not be checked; "
-                                        "only a server certificate names the hosts it serves.", note=True)
+        yield Finding("host-unchecked", _("No server certificate was uploaded, so {host} could not be checked; only a "
+                                          "server certificate names the hosts it serves.").format(host=host), note=True)
     elif not any(matches_host(host, certificate) for certificate in servers):
-        names = ", ".join(servers[0].dns_names or servers[0].common_names or ("no names",))
-        yield Finding("host-mismatch", f"{host} matches no name of the server certificate ({names}); devices will "
-                                       "warn about the name even once the CA is trusted.", servers[0].name)
+        names = ", ".join(servers[0].dns_names or servers[0].common_names)
+        message = _("{host} matches no name of the server certificate ({names}); devices will warn about the name "
+                    "even once the CA is trusted.") if names else _(
+                    "{host} matches no name of the server certificate, which names none; devices will warn about the "
+                    "name even once the CA is trusted.")
+        yield Finding("host-mismatch", message.format(host=host, names=names), servers[0].name)
 
 
 def matches_host(host: str, certificate: Certificate) -> bool:
@@ -1687,7 +1808,8 @@ def apple_profile(certificate: Certificate) -> bytes:
         "PayloadIdentifier": f"certdrop.{fingerprint}",
         "PayloadUUID": str(uuid.uuid5(PROFILE_NAMESPACE, fingerprint)).upper(),
         "PayloadDisplayName": name,
-        "PayloadDescription": f"Installs the CA certificate {name} (SHA-256 {colon_hex(certificate.sha256)}).",
+        "PayloadDescription": _("Installs the CA certificate {name} (SHA-256 {fingerprint}).").format(
+            name=name, fingerprint=colon_hex(certificate.sha256)),
         "PayloadRemovalDisallowed": False,
         "PayloadContent": [payload],
     }
@@ -1980,10 +2102,10 @@ def _stored_time(value: object) -> float:
 
 
 class WriteFailure(typing.NamedTuple):
-    """A write to the data directory that failed: in which directory, and why (as storage_cause says it)."""
+    """A write to the data directory that failed: in which directory, and why (storage_cause says it)."""
 
     directory: Path
-    cause: str
+    cause: OSError
 
 
 class CachedEntry:
@@ -2378,11 +2500,11 @@ class Store:
         until it works there (or a real write does) the answer names that failure.
         """
         if not self.directory.is_dir():
-            return f"The data directory {self.directory} is missing."
+            return _("The data directory {directory} is missing.").format(directory=self.directory)
         failure = self._failure
         if failure is not None:
             if self._probe(failure.directory if failure.directory.is_dir() else self.directory):
-                return f"The data directory {failure.cause}: the last write failed, and none has worked since."
+                return storage_cause(failure.cause, FAILED)
             with self._lock:
                 if self._failure is failure:  # not one that failed meanwhile
                     self._failure = None
@@ -2395,14 +2517,14 @@ class Store:
             os.listdir(directory)
             free = shutil.disk_usage(directory).free  # statvfs's f_bavail on POSIX, GetDiskFreeSpaceEx on Windows
             if free < UPLOAD_FREE_BYTES:  # room for the probe may still be no room for an upload
-                return (f"The data directory is full: {free // 1024:,} KiB free, and an upload needs "
-                        f"{UPLOAD_FREE_BYTES // 1024:,} KiB.")
+                return _("The data directory is full: {free} KiB free, and an upload needs {needed} KiB.").format(
+                    free=f"{free // 1024:,}", needed=f"{UPLOAD_FREE_BYTES // 1024:,}")
             with open(probe, "xb") as file:
                 file.write(os.urandom(ENTRY_FILE_BYTES))  # random: a compressing file system stores it whole
                 file.flush()
                 os.fsync(file.fileno())
         except OSError as error:
-            return f"The data directory {storage_cause(error)}."
+            return storage_cause(error, PROBED)
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink()
@@ -2499,7 +2621,7 @@ class Store:
         """Remember the write that failed with *error*, for /healthz; return the StorageError to raise."""
         where = Path(error.filename).parent if isinstance(error.filename, (str, os.PathLike)) else self.directory
         self._failure = WriteFailure(where if where.is_relative_to(self.directory) else self.directory,
-                                     storage_cause(error))
+                                     error)
         return StorageError.from_os_error(error)
 
 
@@ -2741,7 +2863,7 @@ def unreachable_host(url: str) -> str | None:
 
 def reachable_links(url: str, addresses: tuple[str, ...] | None = None,
                     fqdn: str | None = "") -> list[tuple[str, str]]:
-    """Return (link, what its host is) for *url* on names phones can reach, best first; [] if *url* is fine.
+    """Return (link, its host) for *url* on names phones can reach, best first; [] if *url* is fine.
 
     When *url*'s host is loopback or a single-label name: the machine's IPv4 addresses first, then its fully
     qualified name if it resolves. *addresses* and *fqdn* default to this machine's (tests pass their own).
@@ -2753,10 +2875,9 @@ def reachable_links(url: str, addresses: tuple[str, ...] | None = None,
     addresses = machine_addresses() if addresses is None else addresses
     fqdn = machine_fqdn() if fqdn == "" else fqdn
     port = f":{parts.port}" if parts.port else ""
-    links = [(urllib.parse.urlunsplit(parts._replace(netloc=address + port)), f"this server's address {address}")
-             for address in addresses]
+    links = [(urllib.parse.urlunsplit(parts._replace(netloc=address + port)), address) for address in addresses]
     if fqdn and fqdn != host:
-        links.append((urllib.parse.urlunsplit(parts._replace(netloc=fqdn + port)), f"its full name {fqdn}"))
+        links.append((urllib.parse.urlunsplit(parts._replace(netloc=fqdn + port)), fqdn))
     return links
 
 
@@ -2816,22 +2937,29 @@ def parse_addresses(text: str, limit: int) -> list[str]:
     addresses = [part for part in re.split(r"[,;\s]+", text.strip()) if part]
     bad = [part for part in addresses if not ADDRESS_RE.fullmatch(part)]
     if bad or any(char in text for char in "\r\n\0"):
-        raise ValueError(f"\u201c{(bad or [text])[0][:60]}\u201d is not an e-mail address")
+        raise ValueError(_("\u201c{address}\u201d is not an e-mail address.").format(address=(bad or [text])[0][:60]))
     if not addresses:
-        raise ValueError("no e-mail address was given")
+        raise ValueError(_("No e-mail address was given."))
     if len(addresses) > limit:
-        raise ValueError(f"{len(addresses)} addresses were given; one message goes to {limit} at most")
+        raise ValueError(ngettext("{count} address was given; one message goes to {limit} at most.",
+                                  "{count} addresses were given; one message goes to {limit} at most.",
+                                  len(addresses)).format(count=len(addresses), limit=limit))
     return list(dict.fromkeys(address.lower() for address in addresses))
 
 
 def allowed_ttl_choices(config: Config) -> list[tuple[str, str]]:
     """Return the lifetime choices of the upload form that the configured maximum allows, the default included."""
-    choices = [(value, label) for value, label in TTL_CHOICES
+    choices = [(value, ttl_label(value)) for value in TTL_CHOICES
                if config.max_ttl is None or (value != "cert" and ttl_seconds_for(value) <= config.max_ttl)]
     if all(ttl_seconds_for(value) != config.default_ttl for value, _ in choices):
         choices.append((f"{config.default_ttl}s", format_duration(config.default_ttl)))
         choices.sort(key=lambda choice: ttl_seconds_for(choice[0]) or float("inf"))
     return choices
+
+
+def ttl_label(value: str) -> str:
+    """Return a lifetime choice in words: "7 days", "until the certificate expires"."""
+    return _("until the certificate expires") if value == "cert" else format_duration(ttl_seconds_for(value))
 
 
 def ttl_seconds_for(value: str) -> int | None:
@@ -2845,10 +2973,11 @@ def lifetime_seconds(config: Config, ttl: str) -> int | None:
     A lifetime is one of the form's choices or a duration from one minute up to ``max_ttl``.
     """
     longest = config.max_ttl or MAX_DURATION
-    refusal = LifetimeError(
-        f"\u201c{ttl.strip()[:40]}\u201d is not a lifetime this server allows. Choose "
-        f"{', '.join(value for value, _ in allowed_ttl_choices(config))}, or a duration such as 90m, 12h or 2w "
-        f"from 1 minute to {format_duration(longest)}.")
+    refusal = LifetimeError(_(
+        "\u201c{ttl}\u201d is not a lifetime this server allows. Choose {choices}, or a duration such as 90m, 12h or "
+        "2w from 1 minute to {longest}.").format(
+        ttl=ttl.strip()[:40], choices=", ".join(value for value, _ in allowed_ttl_choices(config)),
+        longest=format_duration(longest)))
     try:
         seconds = config.default_ttl if not ttl.strip() else ttl_seconds_for(ttl.strip().lower())
     except ValueError:
@@ -2868,8 +2997,9 @@ def link_expiry(config: Config, certificate: Certificate, ttl: str, now: float) 
     not_after = certificate.not_after.timestamp()
     if seconds is None:
         if not_after <= now:
-            raise LifetimeError(f"This certificate expired on {format_time(not_after)}, so a link \u201cuntil the "
-                                "certificate expires\u201d would never work. Choose a lifetime.")
+            raise LifetimeError(_("This certificate expired on {date}, so a link \u201cuntil the certificate "
+                                  "expires\u201d would never work. Choose a lifetime.").format(
+                                      date=format_time(not_after)))
         return not_after, False
     if now < not_after < now + seconds:
         return not_after, True
@@ -2947,10 +3077,14 @@ $body_html
 """)
 
 
-@functools.lru_cache(maxsize=64)  # pages that show one are kept in the AnswerCache
 def qr_svg(url: str) -> str:
     """Return a QR code of *url* as inline SVG, for a phone's camera pointed at the screen (no script, no image)."""
-    return segno.make(url, error="m").svg_inline(scale=4, border=2, title="QR code of the link")
+    return _qr_svg(url, _("QR code of the link"))
+
+
+@functools.lru_cache(maxsize=64)  # pages that show one are kept in the AnswerCache
+def _qr_svg(url: str, title: str) -> str:
+    return segno.make(url, error="m").svg_inline(scale=4, border=2, title=title)
 
 
 def qr_file(url: str, kind: str) -> bytes:
@@ -2984,6 +3118,17 @@ def term(value: object) -> str:
     return TERMINAL_UNSAFE_RE.sub(lambda match: ascii(match[0])[1:-1], text)
 
 
+def with_markup(text: str, **markup_html: str) -> str:
+    """Return *text*, a translated sentence, escaped for HTML, with the markup certdrop made (a link, code, emphasis)
+    put in its placeholders: a translation is data, escaped like any other."""
+    return esc(text).format(**markup_html)
+
+
+def code_html(text: str) -> str:
+    """Return *text* (a command, a file name, a setting) as a code element."""
+    return f"<code>{esc(text)}</code>"
+
+
 def render(template: string.Template, **values: object) -> str:
     """Fill *template*, escaping every value except those whose name ends in ``_html``."""
     return template.substitute({key: value if key.endswith("_html") else esc(value) for key, value in values.items()})
@@ -2993,68 +3138,85 @@ def render_page(title: str, body_html: str) -> bytes:
     return render(LAYOUT, title=title, css_html=CSS, body_html=body_html, version=__version__).encode("utf-8")
 
 
-UPLOAD_PAGE = string.Template("""<h1>Share a CA certificate</h1>
-<p>Upload your CA certificate once and get a short link. Open the link on each phone or laptop:
-it gets the certificate in the form that device installs.</p>
+# The templates hold markup only; their words are filled in with _() as each page is rendered.
+UPLOAD_PAGE = string.Template("""<h1>$heading</h1>
+<p>$intro</p>
 $form_html
 <section>
-<h2>Which file?</h2>
-<p>Phones need the certificate of the <strong>CA that issued</strong> your server's certificate, not the server
-certificate itself.</p>
+<h2>$which_file</h2>
+<p>$issuer_html</p>
 <ul>
-<li>Windows certificate services: open <code>http://your-ca-server/certsrv</code>, choose
-<em>Download a CA certificate, certificate chain, or CRL</em>, then <em>Download CA certificate</em>
-(DER or Base 64, either works).</li>
-<li>On Windows, from a server certificate: open it, go to <em>Certification Path</em>, select the
-<strong>top</strong> entry, <em>View Certificate</em>, then <em>Details</em> and <em>Copy to File</em>.</li>
-<li>OpenSSL or step-ca: upload the root certificate file (often <code>ca.crt</code> or
-<code>root_ca.crt</code>), never a file with a private key.</li>
+<li>$certsrv_html</li>
+<li>$windows_html</li>
+<li>$openssl_html</li>
 </ul>
 </section>
 $account_html""")
 
 UPLOAD_FORM = string.Template("""<form method="post" action="$action" enctype="multipart/form-data">
-<label for="cert">Certificate file (.cer, .crt, .der, .pem, .p7b, .p7c, .p12 or .pfx)</label>
+<label for="cert">$file_label</label>
 <input type="file" id="cert" name="cert" />
-<label for="pem">or paste the certificate text (PEM, or base64)</label>
+<label for="pem">$pem_label</label>
 <textarea id="pem" name="pem" rows="8" cols="64" placeholder="-----BEGIN CERTIFICATE-----">$pem</textarea>
-<label for="ttl">The link works for</label>
+<label for="ttl">$ttl_label</label>
 <select id="ttl" name="ttl">$options_html</select>
-<label for="host">Server name people connect to (optional)</label>
+<label for="host">$host_label</label>
 <input type="text" id="host" name="host" maxlength="253" placeholder="mail.example.com" value="$host" />
-<p class="muted">When the upload includes the server certificate (a full chain, a .p7b), certdrop checks
-that this name is in it.</p>
-<p$force_class_html><label class="plain"><input type="checkbox" name="force" value="1" /> Install it anyway.</label>
-$force_reason Only for a self-made server certificate that devices must trust directly, or a bundle of public CAs
-you really mean to hand out: certdrop refuses both otherwise.</p>
-<p><button type="submit">Get the link</button></p>
+<p class="muted">$host_note</p>
+<p$force_class_html><label class="plain"><input type="checkbox" name="force" value="1" /> $force_label</label>
+$force_reason $force_note</p>
+<p><button type="submit">$submit</button></p>
 </form>
 """)
 
-SIGN_OUT_FORM = string.Template("""<form method="post" action="$action"><p class="muted">You are signed in with the
-upload key. <button class="quiet" type="submit">Sign out</button></p></form>
+SIGN_OUT_FORM = string.Template("""<form method="post" action="$action"><p class="muted">$signed_in
+<button class="quiet" type="submit">$sign_out</button></p></form>
 """)
 
-SIGN_IN_PAGE = string.Template("""<h1>Sign in to share a CA certificate</h1>
+SIGN_IN_PAGE = string.Template("""<h1>$heading</h1>
 $message_html
 <form method="post" action="$action">
-<label for="key">Upload key</label>
+<label for="key">$key_label</label>
 <input type="password" id="key" name="key" autocomplete="current-password" required="required" />
-<p><button type="submit">Sign in</button></p>
+<p><button type="submit">$submit</button></p>
 </form>
 <section>
-<h2>Where is the key?</h2>
-<p>certdrop printed it when it first started. On the server, <code>certdrop.py upload-key</code> shows it, unless
-the administrator set <code>upload_password</code> in certdrop.ini. Scripts send it with HTTP Basic:
-<code>curl -u certdrop:KEY -F cert=@ca.pem</code> and the address of this server.</p>
-<p>Phones and laptops need no key: they only open the links you hand out.</p>
+<h2>$where</h2>
+<p>$where_html</p>
+<p>$no_key</p>
 </section>
 """)
 
+#: Markup that sentences put around words of their own: {em}...{em_end}, {strong}...{strong_end}.
+EMPHASIS_HTML = {"em": "<em>", "em_end": "</em>", "strong": "<strong>", "strong_end": "</strong>"}
+
 
 def render_upload_form(config: Config, action: str, signed_in: bool = False) -> bytes:
-    account = render(SIGN_OUT_FORM, action=f"{action}signout") if signed_in else ""
-    return render_page("certdrop", render(UPLOAD_PAGE, form_html=render_form(config, action), account_html=account))
+    account = render(SIGN_OUT_FORM, action=f"{action}signout", signed_in=_("You are signed in with the upload key."),
+                     sign_out=_("Sign out")) if signed_in else ""
+    body = render(
+        UPLOAD_PAGE,
+        heading=_("Share a CA certificate"),
+        intro=_("Upload your CA certificate once and get a short link. Open the link on each phone or laptop: it gets "
+                "the certificate in the form that device installs."),
+        form_html=render_form(config, action),
+        which_file=_("Which file?"),
+        issuer_html=with_markup(_("Phones need the certificate of the {strong}CA that issued{strong_end} your "
+                                  "server's certificate, not the server certificate itself."), **EMPHASIS_HTML),
+        certsrv_html=with_markup(_("Windows certificate services: open {address}, choose {em}Download a CA "
+                                   "certificate, certificate chain, or CRL{em_end}, then {em}Download CA "
+                                   "certificate{em_end} (DER or Base 64, either works)."),
+                                 address=code_html("http://your-ca-server/certsrv"), **EMPHASIS_HTML),
+        windows_html=with_markup(_("On Windows, from a server certificate: open it, go to {em}Certification "
+                                   "Path{em_end}, select the {strong}top{strong_end} entry, {em}View "
+                                   "Certificate{em_end}, then {em}Details{em_end} and {em}Copy to File{em_end}."),
+                                 **EMPHASIS_HTML),
+        openssl_html=with_markup(_("OpenSSL or step-ca: upload the root certificate file (often {ca} or {root_ca}), "
+                                   "never a file with a private key."),
+                                 ca=code_html("ca.crt"), root_ca=code_html("root_ca.crt")),
+        account_html=account,
+    )
+    return render_page("certdrop", body)
 
 
 def render_form(config: Config, action: str, *, pem: str = "", ttl: str = "", host: str = "",
@@ -3068,22 +3230,43 @@ def render_form(config: Config, action: str, *, pem: str = "", ttl: str = "", ho
         selected = value == chosen if known else ttl_seconds_for(value) == config.default_ttl
         marked = ' selected="selected"' if selected else ""
         options.append(f'<option value="{esc(value)}"{marked}>{esc(label)}</option>')
-    return render(UPLOAD_FORM, action=action, pem=pem, host=host, options_html="".join(options),
-                  force_class_html=' class="warn"' if force_reason else "", force_reason=force_reason)
+    return render(
+        UPLOAD_FORM, action=action, pem=pem, host=host, options_html="".join(options),
+        file_label=_("Certificate file (.cer, .crt, .der, .pem, .p7b, .p7c, .p12 or .pfx)"),
+        pem_label=_("or paste the certificate text (PEM, or base64)"),
+        ttl_label=_("The link works for"),
+        host_label=_("Server name people connect to (optional)"),
+        host_note=_("When the upload includes the server certificate (a full chain, a .p7b), certdrop checks that "
+                    "this name is in it."),
+        force_class_html=' class="warn"' if force_reason else "", force_label=_("Install it anyway."),
+        force_reason=force_reason,
+        force_note=_("Only for a self-made server certificate that devices must trust directly, or a bundle of public "
+                     "CAs you really mean to hand out: certdrop refuses both otherwise."),
+        submit=_("Get the link"))
 
 
 def render_signin(home: str, message: str) -> bytes:
     """Return the sign-in page; *home* is the upload page's address, *message* why the visitor is here."""
     message_html = f'<section class="error"><p>{esc(message)}</p></section>' if message else ""
-    return render_page("Sign in \u2014 certdrop", render(SIGN_IN_PAGE, action=f"{home}signin",
-                                                          message_html=message_html))
+    body = render(
+        SIGN_IN_PAGE, action=f"{home}signin", message_html=message_html,
+        heading=_("Sign in to share a CA certificate"), key_label=_("Upload key"), submit=_("Sign in"),
+        where=_("Where is the key?"),
+        where_html=with_markup(_("certdrop printed it when it first started. On the server, {command} shows it, "
+                                 "unless the administrator set {setting} in certdrop.ini. Scripts send it with HTTP "
+                                 "Basic: {curl} and the address of this server."),
+                               command=code_html("certdrop.py upload-key"), setting=code_html("upload_password"),
+                               curl=code_html("curl -u certdrop:KEY -F cert=@ca.pem")),
+        no_key=_("Phones and laptops need no key: they only open the links you hand out."))
+    return render_page(_("Sign in \u2014 certdrop"), body)
 
 
+#: What each role of Certificate.role is called on pages.
 ROLE_LABELS = {
-    "root": "Root CA",
-    "intermediate": "Intermediate CA",
-    "self-signed leaf": "Self-signed certificate",
-    "leaf": "Server certificate (installed anyway)",
+    "root": N_("Root CA"),
+    "intermediate": N_("Intermediate CA"),
+    "self-signed leaf": N_("Self-signed certificate"),
+    "leaf": N_("Server certificate (installed anyway)"),
 }
 
 
@@ -3099,46 +3282,42 @@ RESULT_PAGE = string.Template("""<h1>$heading</h1>
 $order_html
 $links_html
 $findings_html
-<p class="muted">Before trusting a certificate on a device, compare its SHA-256 or SHA-1 fingerprint with the
-one shown here: the link is plain HTTP, and the fingerprint is what proves the file was not swapped.</p>
+<p class="muted">$compare</p>
 <section>
-<h2>How to install it</h2>
+<h2>$how</h2>
 $steps_html
 </section>
 $mail_html
-<p><a href="$home">Share another certificate</a></p>
+<p><a href="$home">$another</a></p>
 """)
 
 LINK_SECTION = string.Template("""<section>
-<h2>$role: $name</h2>
+<h2>$heading</h2>
 <p class="link"><a href="$lead">$lead</a></p>
 $reachable_html
 <div class="qr">$qr_html</div>
-<p><a href="$url/card">A printable card</a> with this link, its QR code and short steps.</p>
-<p>$status until $expires (for $remaining).$cut</p>
+<p>$card_html</p>
+<p>$status$cut</p>
 $facts_html
 $revoke_html
 </section>
 """)
 
 REVOKE_FORM = string.Template("""<form method="post" action="$url/revoke"><input type="hidden" name="secret"
-value="$secret" /><p class="muted">This page alone can remove the link before it ends: this link's secret is
-<code>$secret</code> (from a script: <code>curl -d secret=$secret $url/revoke</code>).
-<button class="quiet" type="submit">Remove this link now</button></p></form>""")
+value="$secret" /><p class="muted">$text_html
+<button class="quiet" type="submit">$remove</button></p></form>""")
 
-MAIL_SENT_PAGE = string.Template("""<h1>The message was sent</h1>
-<p>The mail server took it for $recipients.</p>
-<p><a href="$home">Share another certificate</a></p>
+MAIL_SENT_PAGE = string.Template("""<h1>$heading</h1>
+<p>$text</p>
+<p><a href="$home">$another</a></p>
 """)
 
-REVOKED_PAGE = string.Template("""<h1>The link was removed</h1>
-<p>It answers \u201cThis link has ended\u201d from now on, on every certdrop process within 2 seconds. Devices
-that already installed the certificate keep it: remove it there by hand.</p>
-<p><a href="$home">Share a certificate</a></p>
+REVOKED_PAGE = string.Template("""<h1>$heading</h1>
+<p>$text</p>
+<p><a href="$home">$another</a></p>
 """)
 
-REACHABLE_NOTE = string.Template("""<p class="warn"><strong>Phones cannot open $host:</strong> it is
-$why. $advice_html</p>""")
+REACHABLE_NOTE = string.Template("""<p class="warn">$text_html</p>""")
 
 
 def render_order_note(links: list[Link]) -> str:
@@ -3149,17 +3328,26 @@ def render_order_note(links: list[Link]) -> str:
     if len(links) < 2:
         return ""
     if intermediates == 0:
-        text = (f"This upload gives {roots} links, one for each root CA in it. Each is a CA of its own: hand out "
-                "the ones your devices need.")
+        text = ngettext("This upload gives {count} link, one for each root CA in it. Each is a CA of its own: hand "
+                        "out the ones your devices need.",
+                        "This upload gives {count} links, one for each root CA in it. Each is a CA of its own: hand "
+                        "out the ones your devices need.", roots)
     elif roots <= 1:
-        text = ("This upload gives several links. <strong>Hand out the first one (the root CA) first</strong>: it is "
-                "what devices must trust. The others are intermediate CAs; install them too on devices that "
-                "complain about a missing intermediate (Nokia phones, some Android versions).")
+        text = _("This upload gives several links. {strong}Hand out the first one (the root CA) first{strong_end}: it "
+                 "is what devices must trust. The others are intermediate CAs; install them too on devices that "
+                 "complain about a missing intermediate (Nokia phones, some Android versions).")
     else:
-        text = (f"This upload gives {roots} root CAs and {intermediates} intermediate CAs. <strong>Hand out the "
-                "roots first</strong>: they are what devices must trust. Install the intermediates too on devices "
-                "that complain about a missing intermediate (Nokia phones, some Android versions).")
-    return f"<section><p>{text}</p></section>"
+        text = ngettext("This upload gives {count} link: {roots} for root CAs and {intermediates} for intermediate "
+                        "CAs. {strong}Hand out the roots first{strong_end}: they are what devices must trust. Install "
+                        "the intermediates too on devices that complain about a missing intermediate (Nokia phones, "
+                        "some Android versions).",
+                        "This upload gives {count} links: {roots} for root CAs and {intermediates} for intermediate "
+                        "CAs. {strong}Hand out the roots first{strong_end}: they are what devices must trust. Install "
+                        "the intermediates too on devices that complain about a missing intermediate (Nokia phones, "
+                        "some Android versions).", len(links))
+    count = roots if intermediates == 0 else len(links)
+    text_html = with_markup(text, count=count, roots=roots, intermediates=intermediates, **EMPHASIS_HTML)
+    return f"<section><p>{text_html}</p></section>"
 
 
 def hex_html(text: str) -> str:
@@ -3168,24 +3356,30 @@ def hex_html(text: str) -> str:
 
 
 def render_table(rows: Iterable[tuple[str, str]]) -> str:
-    """Return a facts table of (label, value) rows; colon-hex values get the fingerprint style."""
-    cells = "".join(f'<tr><th>{esc(label)}</th><td class="fp">{hex_html(value)}</td></tr>'
-                    if label in ("SHA-256", "SHA-1", "Serial") else f"<tr><th>{esc(label)}</th><td>{esc(value)}</td></tr>"
-                    for label, value in rows)
+    """Return a facts table of (label, value) rows, the labels N_() message ids; colon-hex values get the fingerprint
+    style."""
+    cells = "".join(f'<tr><th>{esc(_(label))}</th><td class="fp">{hex_html(value)}</td></tr>'
+                    if label in ("SHA-256", "SHA-1", "Serial")
+                    else f"<tr><th>{esc(_(label))}</th><td>{esc(value)}</td></tr>" for label, value in rows)
     return f"<table>{cells}</table>"
 
 
 def render_facts(certificate: Certificate) -> str:
     return render_table((
-        ("Name", certificate.name),
-        ("Subject", certificate.subject),
-        ("Issuer", certificate.issuer),
-        ("Valid from", format_time(certificate.not_before.timestamp())),
-        ("Valid until", format_time(certificate.not_after.timestamp())),
-        ("Serial", certificate.serial_hex),
-        ("SHA-256", colon_hex(certificate.sha256)),
-        ("SHA-1", colon_hex(certificate.sha1)),
+        (N_("Name"), certificate.name),
+        (N_("Subject"), certificate.subject),
+        (N_("Issuer"), certificate.issuer),
+        (N_("Valid from"), format_time(certificate.not_before.timestamp())),
+        (N_("Valid until"), format_time(certificate.not_after.timestamp())),
+        (N_("Serial"), certificate.serial_hex),
+        (N_("SHA-256"), colon_hex(certificate.sha256)),
+        (N_("SHA-1"), colon_hex(certificate.sha1)),
     ))
+
+
+def link_html(url: str) -> str:
+    """Return a link to *url* that shows *url* itself."""
+    return f'<a href="{esc(url)}">{esc(url)}</a>'
 
 
 def render_reachable_note(url: str) -> str:
@@ -3194,24 +3388,34 @@ def render_reachable_note(url: str) -> str:
     if host is None:
         return ""
     links = reachable_links(url)
-    why = "this server's own loopback name" if is_loopback_host(host) else "a short name that phones often cannot look up"
-    if links:
-        advice = (f"The link above uses {esc(links[0][1])}. "
-                  + "".join(f'Also: <a href="{esc(link)}">{esc(link)}</a> ({esc(what)}). ' for link, what in links[1:])
-                  + f'Opened on this machine it is <a href="{esc(url)}">{esc(url)}</a>.')
+    if is_loopback_host(host):
+        why = _("{strong}Phones cannot open {host}:{strong_end} it is this server's own loopback name.")
     else:
-        advice = "Open this page by the server's name or address, or set public_url in certdrop.ini."
-    return render(REACHABLE_NOTE, host=host, why=why, advice_html=advice)
+        why = _("{strong}Phones cannot open {host}:{strong_end} it is a short name that phones often cannot look up.")
+    sentences = [with_markup(why, host=esc(host), **EMPHASIS_HTML)]
+    if not links:
+        sentences.append(esc(_("Open this page by the server's name or address, or set public_url in certdrop.ini.")))
+    for index, (link, other) in enumerate(links):
+        if index == 0:
+            text = (_("The link above uses this server's address {host}.") if parse_address(other)
+                    else _("The link above uses its full name {host}."))
+        else:
+            text = (_("Also: {link} (this server's address {host}).") if parse_address(other)
+                    else _("Also: {link} (its full name {host})."))
+        sentences.append(with_markup(text, link=link_html(link), host=esc(other)))
+    if links:
+        sentences.append(with_markup(_("Opened on this machine it is {link}."), link=link_html(url)))
+    return render(REACHABLE_NOTE, text_html=" ".join(sentences))
 
 
 def render_findings(diagnosis: Diagnosis) -> str:
     """Return the doctor's warnings, left-out certificates and device notes as HTML sections (empty if none)."""
     parts = []
     for title, items, css in (
-        ("What needs attention", [f"{f.message} [{f.code}]" for f in diagnosis.warnings], "warn"),
-        ("Left out", [reason for _, reason in diagnosis.left_out], ""),
-        ("Device notes", [f"{f.message} [{f.code}]" for f in diagnosis.device_notes], ""),
-        (OLD_NOKIA_HEADING, [f"{f.message} [{f.code}]" for f in diagnosis.old_nokia_notes], "muted"),
+        (_("What needs attention"), [f"{f.message} [{f.code}]" for f in diagnosis.warnings], "warn"),
+        (_("Left out"), [reason for _, reason in diagnosis.left_out], ""),
+        (_("Device notes"), [f"{f.message} [{f.code}]" for f in diagnosis.device_notes], ""),
+        (_(OLD_NOKIA_HEADING), [f"{f.message} [{f.code}]" for f in diagnosis.old_nokia_notes], "muted"),
     ):
         if items:
             rows = "".join(f"<li>{esc(item)}</li>" for item in items)
@@ -3219,19 +3423,32 @@ def render_findings(diagnosis: Diagnosis) -> str:
     return "\n".join(parts)
 
 
-CUT_NOTE = "That is sooner than the lifetime you chose: a link never outlives its certificate, which expires then."
+CUT_NOTE = N_("That is sooner than the lifetime you chose: a link never outlives its certificate, which expires "
+              "then.")
 
 
 def render_link(link: Link, now: float) -> str:
     certificate = link.entry.certificate
     lead = lead_url(link.url)
-    return render(LINK_SECTION, role=ROLE_LABELS[certificate.role], name=certificate.name, url=link.url, lead=lead,
-                  qr_html=qr_svg(lead), reachable_html=render_reachable_note(link.url),
-                  status="New link, works" if link.created else "This certificate already had this link; it works",
-                  expires=format_time(link.entry.expires), remaining=format_duration(link.entry.expires - now),
-                  cut=f" {CUT_NOTE}" if link.cut else "", facts_html=render_facts(certificate),
-                  revoke_html=render(REVOKE_FORM, url=link.url, secret=link.revoke_secret) if link.revoke_secret
-                  else "")
+    if link.created:
+        status = _("New link, works until {date} (for {duration}).")
+    else:
+        status = _("This certificate already had this link; it works until {date} (for {duration}).")
+    revoke_html = ""
+    if link.revoke_secret:
+        text_html = with_markup(_("This page alone can remove the link before it ends: this link's secret is {secret} "
+                                  "(from a script: {command})."), secret=code_html(link.revoke_secret),
+                                command=code_html(f"curl -d secret={link.revoke_secret} {link.url}/revoke"))
+        revoke_html = render(REVOKE_FORM, url=link.url, secret=link.revoke_secret, text_html=text_html,
+                             remove=_("Remove this link now"))
+    return render(LINK_SECTION, lead=lead, qr_html=qr_svg(lead), reachable_html=render_reachable_note(link.url),
+                  heading=_("{role}: {name}").format(role=_(ROLE_LABELS[certificate.role]), name=certificate.name),
+                  card_html=with_markup(_("{link}A printable card{link_end} with this link, its QR code and short "
+                                          "steps."), link=f'<a href="{esc(link.url)}/card">', link_end="</a>"),
+                  status=status.format(date=format_time(link.entry.expires),
+                                       duration=format_duration(link.entry.expires - now)),
+                  cut=f" {_(CUT_NOTE)}" if link.cut else "", facts_html=render_facts(certificate),
+                  revoke_html=revoke_html)
 
 
 def render_result_steps(certificate: Certificate) -> str:
@@ -3241,38 +3458,51 @@ def render_result_steps(certificate: Certificate) -> str:
         guide = DEVICE_GUIDES[device]
         file_name = f"{certificate.file_stem}{FILE_KINDS[guide.first].extension}".replace(".pem", ".crt")
         steps = "".join(f"<li>{step_html(step)}</li>" for step in guide_steps(device, certificate, file_name))
-        parts.append(f"<h3>{esc(guide.label)}</h3><ol>{steps}</ol>")
+        parts.append(f"<h3>{esc(_(guide.label))}</h3><ol>{steps}</ol>")
     return "".join(parts)
 
 
 MAIL_FORM = string.Template("""<form method="post" action="$action">
-<h2>E-mail $these</h2>
+<h2>$heading</h2>
 <input type="hidden" name="tokens" value="$tokens" />
-<label for="to">To (up to $most addresses, separated by commas)</label>
+<label for="to">$to_label</label>
 <input type="text" id="to" name="to" placeholder="someone@example.com" />
-<p class="muted">A plain-text message with $these, the fingerprints and when $they end; no attachment, which
-mail systems mangle.</p>
-<p><button type="submit">Send</button></p>
+<p class="muted">$note</p>
+<p><button type="submit">$send</button></p>
 </form>""")
 
-MAILTO_NOTE = string.Template("""<section><h2>E-mail $these</h2><p><a href="$mailto">Write an e-mail with $these,
-the fingerprints and when $they end</a> (opens your mail program: this server sends no mail).</p></section>""")
+MAILTO_NOTE = string.Template("""<section><h2>$heading</h2><p>$text_html</p></section>""")
 
 
 def render_mail_offer(config: Config, links: list[Link], home: str, whc: tuple[str, int]) -> str:
     """Return the result page's "e-mail this link": a form when certdrop can send, else a mailto: link."""
-    these, they = ("these links", "they") if len(links) > 1 else ("this link", "it")
+    count = len(links)
+    heading = ngettext("E-mail this link", "E-mail these links", count)
     if config.mail_host:
         return render(MAIL_FORM, action=f"{home}mail", tokens=" ".join(link.entry.token for link in links),
-                      most=config.mail_recipients, these=these, they=they)
+                      heading=heading, send=_("Send"),
+                      to_label=ngettext("To (up to {count} address, separated by commas)",
+                                        "To (up to {count} addresses, separated by commas)",
+                                        config.mail_recipients).format(count=config.mail_recipients),
+                      note=ngettext("A plain-text message with this link, the fingerprints and when it ends; no "
+                                    "attachment, which mail systems mangle.",
+                                    "A plain-text message with these links, the fingerprints and when they end; no "
+                                    "attachment, which mail systems mangle.", count))
     pairs = [(lead_url(link.url), link.entry) for link in links]
     query = urllib.parse.urlencode({"subject": mail_subject(config, pairs), "body": mail_text(pairs, whc)},
                                    quote_via=urllib.parse.quote)
-    return render(MAILTO_NOTE, mailto=f"mailto:?{query}", these=these, they=they)
+    text = ngettext("{link}Write an e-mail with this link, the fingerprints and when it ends{link_end} (opens your "
+                    "mail program: this server sends no mail).",
+                    "{link}Write an e-mail with these links, the fingerprints and when they end{link_end} (opens your "
+                    "mail program: this server sends no mail).", count)
+    return render(MAILTO_NOTE, heading=heading,
+                  text_html=with_markup(text, link=f'<a href="{esc(f"mailto:?{query}")}">', link_end="</a>"))
 
 
 def mail_subject(config: Config, links: list[tuple[str, Entry]]) -> str:
-    return header_text(config.mail_subject.replace("{name}", header_text(links[0][1].certificate.name)[:100]))
+    """Return the subject of a message with *links*: the configured one, or the default in the reader's language."""
+    subject = _(DEFAULT_MAIL_SUBJECT) if config.mail_subject == DEFAULT_MAIL_SUBJECT else config.mail_subject
+    return header_text(subject.replace("{name}", header_text(links[0][1].certificate.name)[:100]))
 
 
 def header_text(value: str) -> str:
@@ -3287,46 +3517,52 @@ def mail_text(links: list[tuple[str, Entry]], whc: tuple[str, int]) -> str:
     lines = []
     for url, entry in links:
         certificate = entry.certificate
-        lines += [f"Install the CA certificate \u201c{certificate.name}\u201d from:", f"  {url}",
+        lines += [_("Install the CA certificate \u201c{name}\u201d from:").format(name=certificate.name), f"  {url}",
                   f"  SHA-256 {colon_hex(certificate.sha256)}", f"  SHA-1   {colon_hex(certificate.sha1)}"]
         if certificate.self_signed:
             body = hashed_certificate(certificate, charset=whc[1], length_prefixed=whc[0] == "whc-length")
-            lines.append(f"  Nokia Series 40 code: {hashed_certificate_code(body)}")
-        lines += [f"  The link works until {format_time(entry.expires)}.", ""]
-    lines.append("To install: open the link on the phone or computer itself; the page there shows the steps for that "
-                 "device. Before you trust the certificate, compare its fingerprint with the one above.")
+            lines.append("  " + _("Nokia Series 40 code: {code}").format(code=hashed_certificate_code(body)))
+        lines += ["  " + _("The link works until {date}.").format(date=format_time(entry.expires)), ""]
+    lines.append(_("To install: open the link on the phone or computer itself; the page there shows the steps for "
+                   "that device. Before you trust the certificate, compare its fingerprint with the one above."))
     return "\n".join(term(line) for line in lines) + "\n"
 
 
 def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str, mail_html: str = "") -> bytes:
     steps = render_result_steps(links[0].entry.certificate)
-    heading = "Your install links" if len(links) > 1 else "Your install link"
+    heading = ngettext("Your install link", "Your install links", len(links))
     if not any(link.created for link in links):
-        heading = "This certificate already has a link" if len(links) == 1 else "These certificates already have links"
+        heading = ngettext("This certificate already has a link", "These certificates already have links", len(links))
     body = render(
         RESULT_PAGE,
         heading=heading,
         order_html=render_order_note(links),
         links_html="".join(render_link(link, now) for link in links),
         findings_html=render_findings(diagnosis),
+        compare=_("Before trusting a certificate on a device, compare its SHA-256 or SHA-1 fingerprint with the one "
+                  "shown here: the link is plain HTTP, and the fingerprint is what proves the file was not swapped."),
+        how=_("How to install it"),
         steps_html=steps,
         home=home,
+        another=_("Share another certificate"),
         mail_html=mail_html,
     )
-    return render_page(f"Link for {links[0].entry.certificate.name}", body)
+    return render_page(_("Link for {name}").format(name=links[0].entry.certificate.name), body)
 
 
 class Guide(typing.NamedTuple):
     """How one device family installs a CA: its name, the file to offer first, and the steps.
 
-    A step may name {file}, {cer}, {name}, {nickname}, {key}, {store} and {certutil_store}; text between
-    backticks is a command, shown as code to copy. A step given as (condition, text) applies only to the
-    certificates *condition* accepts.
+    Names and steps are N_() message ids. A step may name {file}, {cer}, {name}, {store} and {bits}/{key_type},
+    and the commands of *commands* by their names: a command is shown as code to copy, the same in every language,
+    and the values it names ({file}, {nickname}, {certutil_store}) are made of safe characters. A step given as
+    (condition, text) applies only to the certificates *condition* accepts.
     """
 
     label: str
     first: str  # a key of FILE_KINDS
     steps: tuple
+    commands: dict[str, str] | None = None  # placeholder name -> command
 
 
 class FileKind(typing.NamedTuple):
@@ -3335,20 +3571,20 @@ class FileKind(typing.NamedTuple):
     button: str  # the words on a page's main button when it is the device's first file
 
 
-#: The explicit files every page offers.
+#: The explicit files every page offers; descriptions and buttons are N_() message ids.
 FILE_KINDS = {
-    "crt": FileKind("Certificate, DER (.crt): Android, Windows, most devices", ".crt",
-                    "Download the certificate (DER, .crt)"),
-    "cer": FileKind("Certificate, DER (.cer): Windows, Nokia, BlackBerry", ".cer",
-                    "Download the certificate (DER, .cer)"),
-    "pem": FileKind("Certificate, PEM text (saved as .crt): Linux", ".pem",
-                    "Download the certificate (PEM, saved as .crt)"),
-    "mobileconfig": FileKind("Configuration profile (.mobileconfig): iPhone, iPad, Mac", ".mobileconfig",
-                             "Download the configuration profile"),
-    "whc": FileKind("WAP hashed certificate (.whc): old Nokia Series 40", ".whc",
-                    "Download the WAP hashed certificate"),
-    "whc-alt": FileKind("WAP hashed certificate, other layout (.alt.whc)", ".alt.whc",
-                        "Download the WAP hashed certificate (other layout)"),
+    "crt": FileKind(N_("Certificate, DER (.crt): Android, Windows, most devices"), ".crt",
+                    N_("Download the certificate (DER, .crt)")),
+    "cer": FileKind(N_("Certificate, DER (.cer): Windows, Nokia, BlackBerry"), ".cer",
+                    N_("Download the certificate (DER, .cer)")),
+    "pem": FileKind(N_("Certificate, PEM text (saved as .crt): Linux"), ".pem",
+                    N_("Download the certificate (PEM, saved as .crt)")),
+    "mobileconfig": FileKind(N_("Configuration profile (.mobileconfig): iPhone, iPad, Mac"), ".mobileconfig",
+                             N_("Download the configuration profile")),
+    "whc": FileKind(N_("WAP hashed certificate (.whc): old Nokia Series 40"), ".whc",
+                    N_("Download the WAP hashed certificate")),
+    "whc-alt": FileKind(N_("WAP hashed certificate, other layout (.alt.whc)"), ".alt.whc",
+                        N_("Download the WAP hashed certificate (other layout)")),
 }
 
 
@@ -3359,70 +3595,85 @@ def is_root(certificate: Certificate) -> bool:
 def is_not_small_rsa(certificate: Certificate) -> bool:
     return not (certificate.key_type == "RSA" and certificate.key_bits <= 1024)
 
+
+def has_key_size(certificate: Certificate) -> bool:
+    return is_not_small_rsa(certificate) and certificate.key_bits > 0
+
+
+def has_no_key_size(certificate: Certificate) -> bool:
+    return is_not_small_rsa(certificate) and certificate.key_bits == 0
+
 DEVICE_GUIDES = {
-    "s60": Guide("Nokia Symbian (S60)", "cer", (
-        "Open the link in the phone's own browser (not Opera Mini or UC Browser) and choose Save.",
-        "Give the certificate a name and tick the trust entry for Internet connections (\u201cInternet\u201d on "
-        "3rd edition; the name varies by release).",
-        "If the phone still warns about the server, restart it.")),
-    "s40": Guide("Nokia Series 40", "cer", (
-        "Open the link in the phone's own browser and choose the certificate file first.",
-        (is_root, "If the phone says the format is not supported, go back and choose the hashed certificate: the "
-                  "phone asks for the code printed above it. Type it exactly."),
-        (is_not_small_rsa, "Some Series 40 phones accept only CAs with a 1024-bit RSA key; this one has {key}."))),
-    "ios": Guide("iPhone and iPad", "mobileconfig", (
-        "Open this page in Safari: other browsers cannot install profiles. Tap the button and allow the download.",
-        "Open Settings, tap \u201cProfile Downloaded\u201d and then Install, within 8 minutes: iOS discards a "
-        "profile that waits longer.",
-        "Turn on full trust: Settings \u203a General \u203a About \u203a Certificate Trust Settings, switch on "
-        "\u201c{name}\u201d. Without this step iOS does not trust it for websites.")),
-    "android": Guide("Android", "crt", (
-        "Tap the button: {file} is saved to Downloads.",
-        "Open Settings \u203a Security \u203a Encryption & credentials \u203a Install a certificate \u203a CA "
-        "certificate (on some phones under \u201cMore security settings\u201d), tap Install anyway and pick {file}. "
-        "Android 11 and later cannot install a CA from the browser itself, only from Settings.",
-        "A screen lock (PIN, pattern or password) is required.",
-        "Browsers such as Chrome then trust the CA. Apps made for Android 7 or later ignore user-installed CAs "
-        "unless their makers opted in, so some apps may still refuse the server.")),
-    "windows": Guide("Windows", "cer", (
-        "Download {file} and open it, then choose Install Certificate and Local Machine (all users).",
-        "Choose \u201cPlace all certificates in the following store\u201d and pick \u201c{store}\u201d: letting "
-        "Windows choose the store automatically puts a root in the wrong one.",
-        "Or, in an administrator command prompt: `certutil -addstore {certutil_store} {file}`",
-        "Chrome and Edge use this store; Firefox on Windows does too.")),
-    "macos": Guide("macOS", "mobileconfig", (
-        "Download the profile, then open System Settings \u203a Privacy & Security \u203a Profiles (on older macOS "
-        "System Preferences \u203a Profiles) and install it.",
-        "Or download {cer}, open it in Keychain Access (System keychain), open the certificate and set Trust "
-        "\u203a \u201cWhen using this certificate\u201d to Always Trust.",
-        "On an iPad, which shows this Mac page, use the profile too, then Settings \u203a General \u203a About "
-        "\u203a Certificate Trust Settings.")),
-    "linux": Guide("Linux", "pem", (
-        "Debian and Ubuntu (update-ca-certificates reads only PEM files named .crt, which this one is): "
-        "`sudo cp {file} /usr/local/share/ca-certificates/ && sudo update-ca-certificates`",
-        "Fedora, RHEL and Arch: `sudo trust anchor {file}`",
-        "Firefox keeps its own store: Settings \u203a Privacy & Security \u203a View Certificates \u203a Authorities "
-        "\u203a Import. Chrome on Linux reads ~/.pki/nssdb: "
-        "`certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n {nickname} -i {file}`")),
-    "firefox": Guide("Firefox", "crt", (
-        "Click the button: Firefox opens its own \u201cDownloading Certificate\u201d dialog.",
-        "Tick \u201cTrust this CA to identify websites\u201d and choose OK.",
-        "Firefox keeps its own store: the rest of the system needs the certificate separately (see the PEM file).")),
-    "chromeos": Guide("ChromeOS", "crt", (
-        "Tap the button: {file} is saved to Downloads.",
-        "Open Settings \u203a Privacy and security \u203a Security \u203a Manage certificates \u203a Authorities "
-        "\u203a Import, and pick {file}.",
-        "Tick \u201cTrust this certificate for identifying websites\u201d and choose OK.")),
-    "windows-mobile": Guide("Windows Phone and Windows Mobile", "cer", (
-        "Tap the button and open {file}: the certificate installer asks whether to install it.",
-        "Company-managed phones may refuse certificates their company did not provision.")),
-    "blackberry": Guide("BlackBerry", "cer", (
-        "Open the link in the BlackBerry browser and choose Import Certificate (BlackBerry 10 opens it directly).",
-        "Confirm that you trust it; it appears under Security \u203a Certificates.")),
-    "other": Guide("Other devices", "crt", (
-        "Download {file} and import it as a trusted CA (root) certificate in the device's or browser's "
-        "certificate settings.",
-        "If your device is one of those named under Other formats, pick the file named for it.")),
+    "s60": Guide(N_("Nokia Symbian (S60)"), "cer", (
+        N_("Open the link in the phone's own browser (not Opera Mini or UC Browser) and choose Save."),
+        N_("Give the certificate a name and tick the trust entry for Internet connections (\u201cInternet\u201d on "
+           "3rd edition; the name varies by release)."),
+        N_("If the phone still warns about the server, restart it."))),
+    "s40": Guide(N_("Nokia Series 40"), "cer", (
+        N_("Open the link in the phone's own browser and choose the certificate file first."),
+        (is_root, N_("If the phone says the format is not supported, go back and choose the hashed certificate: the "
+                     "phone asks for the code printed above it. Type it exactly.")),
+        (has_key_size, N_("Some Series 40 phones accept only CAs with a 1024-bit RSA key; this one has a {bits}-bit "
+                          "{key_type} key.")),
+        (has_no_key_size, N_("Some Series 40 phones accept only CAs with a 1024-bit RSA key; this one has an "
+                             "{key_type} key.")))),
+    "ios": Guide(N_("iPhone and iPad"), "mobileconfig", (
+        N_("Open this page in Safari: other browsers cannot install profiles. Tap the button and allow the download."),
+        N_("Open Settings, tap \u201cProfile Downloaded\u201d and then Install, within 8 minutes: iOS discards a "
+           "profile that waits longer."),
+        N_("Turn on full trust: Settings \u203a General \u203a About \u203a Certificate Trust Settings, switch on "
+           "\u201c{name}\u201d. Without this step iOS does not trust it for websites."))),
+    "android": Guide(N_("Android"), "crt", (
+        N_("Tap the button: {file} is saved to Downloads."),
+        N_("Open Settings \u203a Security \u203a Encryption & credentials \u203a Install a certificate \u203a CA "
+           "certificate (on some phones under \u201cMore security settings\u201d), tap Install anyway and pick {file}. "
+           "Android 11 and later cannot install a CA from the browser itself, only from Settings."),
+        N_("A screen lock (PIN, pattern or password) is required."),
+        N_("Browsers such as Chrome then trust the CA. Apps made for Android 7 or later ignore user-installed CAs "
+           "unless their makers opted in, so some apps may still refuse the server."))),
+    "windows": Guide(N_("Windows"), "cer", (
+        N_("Download {file} and open it, then choose Install Certificate and Local Machine (all users)."),
+        N_("Choose \u201cPlace all certificates in the following store\u201d and pick \u201c{store}\u201d: letting "
+           "Windows choose the store automatically puts a root in the wrong one."),
+        N_("Or, in an administrator command prompt: {certutil}"),
+        N_("Chrome and Edge use this store; Firefox on Windows does too.")),
+        {"certutil": "certutil -addstore {certutil_store} {file}"}),
+    "macos": Guide(N_("macOS"), "mobileconfig", (
+        N_("Download the profile, then open System Settings \u203a Privacy & Security \u203a Profiles (on older macOS "
+           "System Preferences \u203a Profiles) and install it."),
+        N_("Or download {cer}, open it in Keychain Access (System keychain), open the certificate and set Trust "
+           "\u203a \u201cWhen using this certificate\u201d to Always Trust."),
+        N_("On an iPad, which shows this Mac page, use the profile too, then Settings \u203a General \u203a About "
+           "\u203a Certificate Trust Settings."))),
+    "linux": Guide(N_("Linux"), "pem", (
+        N_("Debian and Ubuntu (update-ca-certificates reads only PEM files named .crt, which this one is): "
+           "{debian}"),
+        N_("Fedora, RHEL and Arch: {fedora}"),
+        N_("Firefox keeps its own store: Settings \u203a Privacy & Security \u203a View Certificates \u203a "
+           "Authorities \u203a Import. Chrome on Linux reads ~/.pki/nssdb: {nssdb}")),
+        {"debian": "sudo cp {file} /usr/local/share/ca-certificates/ && sudo update-ca-certificates",
+         "fedora": "sudo trust anchor {file}",
+         "nssdb": "certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n {nickname} -i {file}"}),
+    "firefox": Guide(N_("Firefox"), "crt", (
+        N_("Click the button: Firefox opens its own \u201cDownloading Certificate\u201d dialog."),
+        N_("Tick \u201cTrust this CA to identify websites\u201d and choose OK."),
+        N_("Firefox keeps its own store: the rest of the system needs the certificate separately (see the PEM "
+           "file)."))),
+    "chromeos": Guide(N_("ChromeOS"), "crt", (
+        N_("Tap the button: {file} is saved to Downloads."),
+        N_("Open Settings \u203a Privacy and security \u203a Security \u203a Manage certificates \u203a Authorities "
+           "\u203a Import, and pick {file}."),
+        N_("Tick \u201cTrust this certificate for identifying websites\u201d and choose OK."))),
+    "windows-mobile": Guide(N_("Windows Phone and Windows Mobile"), "cer", (
+        N_("Tap the button and open {file}: the certificate installer asks whether to install it."),
+        N_("Company-managed phones may refuse certificates their company did not provision."))),
+    "blackberry": Guide(N_("BlackBerry"), "cer", (
+        N_("Open the link in the BlackBerry browser and choose Import Certificate (BlackBerry 10 opens it directly)."),
+        N_("Confirm that you trust it; it appears under Security \u203a Certificates."))),
+    "other": Guide(N_("Other devices"), "crt", (
+        N_("Download {file} and import it as a trusted CA (root) certificate in the device's or browser's "
+           "certificate settings."),
+        N_("If your device is one of those named under Other formats, pick the file named for it."))),
 }
 
 #: The device families the result page explains, in this order.
@@ -3433,7 +3684,7 @@ Step = tuple[tuple[str, bool], ...]
 
 
 def guide_steps(device: str, certificate: Certificate, file_name: str) -> list[Step]:
-    """Return the install steps for *device* that apply to *certificate*, with names and stores filled in.
+    """Return the install steps for *device* that apply to *certificate*, translated, names and stores filled in.
 
     The certificate's name fills only prose; commands get the fixed, shell-quoted nickname and file names made of
     safe characters, so nothing from a certificate lands unquoted in a command a reader pastes.
@@ -3441,20 +3692,23 @@ def guide_steps(device: str, certificate: Certificate, file_name: str) -> list[S
     root = certificate.self_signed
     values = {
         "file": file_name, "cer": f"{certificate.file_stem}.cer", "name": certificate.name,
-        "nickname": shlex.quote(certificate.file_stem),
-        "key": f"a {certificate.key_bits}-bit {certificate.key_type} key" if certificate.key_bits else
-               f"an {certificate.key_type} key",
-        "store": "Trusted Root Certification Authorities" if root else "Intermediate Certification Authorities",
+        "nickname": shlex.quote(certificate.file_stem), "bits": certificate.key_bits,
+        "key_type": certificate.key_type,
+        "store": _("Trusted Root Certification Authorities") if root else _("Intermediate Certification Authorities"),
         "certutil_store": "root" if root else "CA",
     }
+    guide = DEVICE_GUIDES[device]
+    commands = guide.commands or {}
     steps = []
-    for step in DEVICE_GUIDES[device].steps:
+    for step in guide.steps:
         if isinstance(step, tuple):
             applies, step = step
             if not applies(certificate):
                 continue
-        pieces = step.split("`")  # odd pieces are commands
-        steps.append(tuple((piece.format(**values), index % 2 == 1) for index, piece in enumerate(pieces) if piece))
+        # Split at the commands' placeholders: odd pieces are their names.
+        pieces = re.split(r"\{(%s)\}" % "|".join(commands), _(step)) if commands else [_(step)]
+        steps.append(tuple((commands[piece].format(**values), True) if index % 2 else (piece.format(**values), False)
+                           for index, piece in enumerate(pieces) if piece))
     return steps
 
 
@@ -3472,71 +3726,74 @@ def file_kinds_for(certificate: Certificate) -> list[str]:
     return [kind for kind in FILE_KINDS if certificate.self_signed or not kind.startswith("whc")]
 
 
-LANDING_PAGE = string.Template("""<h1>Install \u201c$name\u201d</h1>
-<p class="muted">$role for $device. $proxy_note Not your device? Every format is listed below.</p>
+LANDING_PAGE = string.Template("""<h1>$heading</h1>
+<p class="muted">$role_for_device $proxy_note $not_yours</p>
 <p><a class="button" href="$first_url">$first_label</a></p>
 <ol>$steps_html</ol>
 <section>
-<h2>Check before you trust</h2>
+<h2>$check</h2>
 $facts_html
-<p class="muted">Compare these fingerprints with the ones your administrator gave you. This page comes over plain
-HTTP; the fingerprint is what proves the certificate was not swapped on the way.</p>
+<p class="muted">$compare</p>
 </section>
 $qr_html
 <section>
-<h2>Other formats</h2>
+<h2>$other</h2>
 <ul>$formats_html</ul>
 </section>
 """)
 
 PHONE_QR = string.Template("""<section>
-<h2>For a phone</h2>
-<p>Point the phone's camera at this code: it opens <a href="$link">$link</a> there.</p>
+<h2>$heading</h2>
+<p>$point_html</p>
 <div class="qr">$qr_html</div>
-<p><a href="$card">A printable card</a> with the link, this code and short steps, for a notice board.</p>
+<p>$card_html</p>
 </section>""")
 
-CARD_PAGE = string.Template("""<h1>Install the certificate \u201c$name\u201d</h1>
+CARD_PAGE = string.Template("""<h1>$heading</h1>
 <p class="link card-link">$link</p>
 <div class="qr">$qr_html</div>
-<p>Open the link on each phone or computer (or point its camera at the code) and follow the steps there.
-Before trusting the certificate, compare its fingerprint with this one:</p>
+<p>$open_text</p>
 $facts_html
 <table class="card-steps">$steps_html</table>
 """)
 
-#: Two short lines a device family, for the printable card.
+#: Two short lines a device family, for the printable card (N_() message ids).
 CARD_STEPS = (
-    ("iPhone, iPad", "Open the link in Safari, allow the profile, install it in Settings within 8 minutes.",
-     "Then Settings \u203a General \u203a About \u203a Certificate Trust Settings: switch it on."),
-    ("Android", "Open the link, tap the button: the certificate is saved to Downloads.",
-     "Settings \u203a Security \u203a Encryption & credentials \u203a Install a certificate \u203a CA certificate."),
-    ("Windows", "Open the link, download the .cer, open it: Install Certificate, Local Machine.",
-     "Place it in \u201cTrusted Root Certification Authorities\u201d (not automatically)."),
-    ("macOS", "Open the link, download the profile, install it in System Settings \u203a Profiles.",
-     "Or open the .cer in Keychain Access and set it to Always Trust."),
-    ("Linux, ChromeOS", "Open the link and follow the page: it names the commands or settings for you.",
-     "Firefox keeps its own store: it asks to trust the CA when you click the button."),
-    ("Nokia", "Open the link in the phone's own browser (not Opera Mini) and choose Save or Install.",
-     "Series 40 phones may ask for the code shown on their page: type it exactly."),
+    (N_("iPhone, iPad"), N_("Open the link in Safari, allow the profile, install it in Settings within 8 minutes."),
+     N_("Then Settings \u203a General \u203a About \u203a Certificate Trust Settings: switch it on.")),
+    (N_("Android"), N_("Open the link, tap the button: the certificate is saved to Downloads."),
+     N_("Settings \u203a Security \u203a Encryption & credentials \u203a Install a certificate \u203a CA "
+        "certificate.")),
+    (N_("Windows"), N_("Open the link, download the .cer, open it: Install Certificate, Local Machine."),
+     N_("Place it in \u201cTrusted Root Certification Authorities\u201d (not automatically).")),
+    (N_("macOS"), N_("Open the link, download the profile, install it in System Settings \u203a Profiles."),
+     N_("Or open the .cer in Keychain Access and set it to Always Trust.")),
+    (N_("Linux, ChromeOS"), N_("Open the link and follow the page: it names the commands or settings for you."),
+     N_("Firefox keeps its own store: it asks to trust the CA when you click the button.")),
+    (N_("Nokia"), N_("Open the link in the phone's own browser (not Opera Mini) and choose Save or Install."),
+     N_("Series 40 phones may ask for the code shown on their page: type it exactly.")),
 )
 
 
 def render_card(certificate: Certificate, link: str) -> bytes:
     """Return the printable hand-out of a link; it fits one A4 or Letter page."""
-    steps = "".join(f"<tr><th>{esc(family)}</th><td>{esc(first)}<br />{esc(second)}</td></tr>"
+    steps = "".join(f"<tr><th>{esc(_(family))}</th><td>{esc(_(first))}<br />{esc(_(second))}</td></tr>"
                     for family, first, second in CARD_STEPS)
-    body = render(CARD_PAGE, name=certificate.name, link=link, qr_html=qr_svg(link),
-                  facts_html=render_fingerprints(certificate), steps_html=steps)
-    return render_page(f"Install {certificate.name}", body)
+    body = render(CARD_PAGE, heading=_("Install the certificate \u201c{name}\u201d").format(name=certificate.name),
+                  link=link, qr_html=qr_svg(link), facts_html=render_fingerprints(certificate), steps_html=steps,
+                  open_text=_("Open the link on each phone or computer (or point its camera at the code) and follow "
+                              "the steps there. Before trusting the certificate, compare its fingerprint with this "
+                              "one:"))
+    return render_page(_("Install {name}").format(name=certificate.name), body)
 
 
-PROXY_NOTE = "Opera Mini and UC Browser cannot hand a certificate to the phone: open this link in its own browser."
+PROXY_NOTE = N_("Opera Mini and UC Browser cannot hand a certificate to the phone: open this link in its own "
+                "browser.")
 
 
 def render_fingerprints(certificate: Certificate) -> str:
-    return render_table((("Name", certificate.name), ("SHA-256", colon_hex(certificate.sha256)),
-                         ("SHA-1", colon_hex(certificate.sha1))))
+    return render_table(((N_("Name"), certificate.name), (N_("SHA-256"), colon_hex(certificate.sha256)),
+                         (N_("SHA-1"), colon_hex(certificate.sha1))))
 
 
 def render_landing(certificate: Certificate, client: Client, base_path: str, link: str = "") -> bytes:
@@ -3549,46 +3806,57 @@ def render_landing(certificate: Certificate, client: Client, base_path: str, lin
     stem = certificate.file_stem
     first_name = f"{stem}{FILE_KINDS[guide.first].extension}".replace(".pem", ".crt")
     formats = "".join(f'<li><a href="{esc(base_path)}/{esc(stem + FILE_KINDS[kind].extension)}">'
-                      f"{esc(FILE_KINDS[kind].description)}</a></li>" for kind in file_kinds_for(certificate))
+                      f"{esc(_(FILE_KINDS[kind].description))}</a></li>" for kind in file_kinds_for(certificate))
+    qr_html = render(
+        PHONE_QR, heading=_("For a phone"), qr_html=qr_svg(link),
+        point_html=with_markup(_("Point the phone's camera at this code: it opens {link} there."),
+                               link=link_html(link)),
+        card_html=with_markup(_("{link}A printable card{link_end} with the link, this code and short steps, for a "
+                                "notice board."), link=f'<a href="{esc(base_path)}/card">', link_end="</a>"),
+    ) if link else ""
     body = render(
         LANDING_PAGE,
-        name=certificate.name,
-        role=ROLE_LABELS[certificate.role],
-        device=guide.label,
-        proxy_note=PROXY_NOTE if client.via_proxy else "",
+        heading=_("Install \u201c{name}\u201d").format(name=certificate.name),
+        role_for_device=_("{role} for {device}.").format(role=_(ROLE_LABELS[certificate.role]), device=_(guide.label)),
+        proxy_note=_(PROXY_NOTE) if client.via_proxy else "",
+        not_yours=_("Not your device? Every format is listed below."),
         first_url=f"{base_path}/{stem}{FILE_KINDS[guide.first].extension}",
-        first_label=FILE_KINDS[guide.first].button,
+        first_label=_(FILE_KINDS[guide.first].button),
         steps_html="".join(f"<li>{step_html(step)}</li>"
                            for step in guide_steps(client.device, certificate, first_name)),
+        check=_("Check before you trust"),
         facts_html=render_fingerprints(certificate),
+        compare=_("Compare these fingerprints with the ones your administrator gave you. This page comes over plain "
+                  "HTTP; the fingerprint is what proves the certificate was not swapped on the way."),
+        other=_("Other formats"),
         formats_html=formats,
-        qr_html=render(PHONE_QR, qr_html=qr_svg(link), link=link, card=f"{base_path}/card") if link else "",
+        qr_html=qr_html,
     )
-    return render_page(f"Install {certificate.name}", body)
+    return render_page(_("Install {name}").format(name=certificate.name), body)
 
 
 # Nokia pages: XHTML Mobile Profile, or the same content as a WML 1.1 deck for WAP 1.x browsers. No script, no
 # style sheet, no image, short lines: they must stay small (S40 gateways) and readable 176 pixels wide.
 XHTML_MP_PAGE = string.Template("""<?xml version="1.0" encoding="utf-8"?>
 <!DOCTYPE html PUBLIC "-//WAPFORUM//DTD XHTML Mobile 1.0//EN" "http://www.wapforum.org/DTD/xhtml-mobile10.dtd">
-<html xmlns="http://www.w3.org/1999/xhtml"><head><title>CA certificate</title></head><body>
+<html xmlns="http://www.w3.org/1999/xhtml"><head><title>$title_html</title></head><body>
 $content_html
 </body></html>
 """)
 
 WML_DECK = string.Template("""<?xml version="1.0" encoding="utf-8"?>
 <!DOCTYPE wml PUBLIC "-//WAPFORUM//DTD WML 1.1//EN" "http://www.wapforum.org/DTD/wml_1.1.xml">
-<wml><card id="ca" title="CA certificate">
+<wml><card id="ca" title="$title_html">
 $content_html
 </card></wml>
 """)
 
 
-NO_HASHED_NOTE = ("No hashed certificate: this is an intermediate CA, and that format needs a self-signed root. "
-                  "Use the file above.")
-OLD_WAP_NOTE = ("Old WAP phones may take only RSA CAs signed with SHA-1 or MD5: a SHA-256 or ECDSA CA may fail there "
-                "even with the right code.")
-COMPARE_NOTE = "Compare a fingerprint with the one your administrator gave you before you trust it."
+NO_HASHED_NOTE = N_("No hashed certificate: this is an intermediate CA, and that format needs a self-signed root. "
+                     "Use the file above.")
+OLD_WAP_NOTE = N_("Old WAP phones may take only RSA CAs signed with SHA-1 or MD5: a SHA-256 or ECDSA CA may fail "
+                  "there even with the right code.")
+COMPARE_NOTE = N_("Compare a fingerprint with the one your administrator gave you before you trust it.")
 
 
 def wml_esc(value: object) -> str:
@@ -3602,24 +3870,26 @@ def render_nokia_page(certificate: Certificate, client: Client, base_path: str, 
     escape = wml_esc if content_type == MIME_WML else esc
     stem = certificate.file_stem
     # The first action comes first: at 176x220 the name and two fingerprints alone fill the first screen.
-    parts = [f"<p>{escape(PROXY_NOTE)}</p>"] if client.via_proxy else []
-    parts.append(f'<p>1. <a href="{escape(base_path)}/{escape(stem)}.cer">Install the certificate (.cer)</a></p>')
+    parts = [f"<p>{escape(_(PROXY_NOTE))}</p>"] if client.via_proxy else []
+    parts.append(f'<p>1. <a href="{escape(base_path)}/{escape(stem)}.cer">{escape(_("Install the certificate (.cer)"))}'
+                 "</a></p>")
     if client.device == "s40":
         parts.append(_render_hashed_links(certificate, base_path, whc_kinds, charset, escape))
     steps = "<br/>".join(escape(step_text(step)) for step in guide_steps(client.device, certificate, f"{stem}.cer"))
     parts.append(f"<p>{steps}</p>")
     parts.append(f"<p><b>{escape(certificate.name)}</b><br/>SHA-1:<br/>{_short_lines(certificate.sha1)}<br/>"
                  f"SHA-256:<br/>{_short_lines(certificate.sha256)}</p>")
-    parts.append(f"<p>{escape(COMPARE_NOTE)}</p>")
+    parts.append(f"<p>{escape(_(COMPARE_NOTE))}</p>")
     template = WML_DECK if content_type == MIME_WML else XHTML_MP_PAGE
-    return render(template, content_html="\n".join(parts)).encode("utf-8")
+    return render(template, title_html=escape(_("CA certificate")), content_html="\n".join(parts)).encode("utf-8")
 
 
 def render_nokia_message(title: str, message: str, content_type: str) -> bytes:
     """Return a one-paragraph Nokia page (XHTML-MP or WML, as *content_type* says) with *title* and *message*."""
     escape = wml_esc if content_type == MIME_WML else esc
     template = WML_DECK if content_type == MIME_WML else XHTML_MP_PAGE
-    return render(template, content_html=f"<p><b>{escape(title)}</b><br/>{escape(message)}</p>").encode("utf-8")
+    return render(template, title_html=escape(_("CA certificate")),
+                  content_html=f"<p><b>{escape(title)}</b><br/>{escape(message)}</p>").encode("utf-8")
 
 
 def _short_lines(fingerprint: bytes) -> str:
@@ -3630,16 +3900,17 @@ def _short_lines(fingerprint: bytes) -> str:
 def _render_hashed_links(certificate: Certificate, base_path: str, whc_kinds: tuple[str, str], charset: int,
                          escape: Callable[[object], str]) -> str:
     if not certificate.self_signed:
-        return f"<p>{escape(NO_HASHED_NOTE)}</p>"
+        return f"<p>{escape(_(NO_HASHED_NOTE))}</p>"
     parts = []
     for number, kind in enumerate(whc_kinds, start=2):
         body = hashed_certificate(certificate, charset=charset, length_prefixed=kind == "whc-length")
         groups = hashed_certificate_code(body).split()
-        label = "Hashed certificate" if number == 2 else "Hashed certificate, other layout"
+        label = _("Hashed certificate. Code:") if number == 2 else _("Hashed certificate, other layout. Code:")
         extension = ".whc" if number == 2 else ".alt.whc"
-        parts.append(f"<p>{number}. {escape(label)}. Code:<br/>{' '.join(groups[:3])}<br/>{' '.join(groups[3:])}"
-                     f'<br/><a href="{escape(base_path)}/{escape(certificate.file_stem)}{extension}">Install</a></p>')
-    parts.append(f"<p>{escape(OLD_WAP_NOTE)}</p>")
+        parts.append(f"<p>{number}. {escape(label)}<br/>{' '.join(groups[:3])}<br/>{' '.join(groups[3:])}"
+                     f'<br/><a href="{escape(base_path)}/{escape(certificate.file_stem)}{extension}">'
+                     f"{escape(_('Install'))}</a></p>")
+    parts.append(f"<p>{escape(_(OLD_WAP_NOTE))}</p>")
     return "\n".join(parts)
 
 
@@ -3650,23 +3921,24 @@ $extra_html
 
 #: What happened, in plain words, for each status: pages lead with this rather than the HTTP phrase.
 ERROR_TITLES = {
-    400: "That did not work",
-    401: "Sign in first",
-    403: "Not allowed from here",
-    404: "No such page or link",
-    405: "Not at this address",
-    410: "This link has ended",
-    413: "That upload is too large",
-    414: "That address is too long",
-    415: "That was not an upload",
-    422: "certdrop cannot use this upload",
-    429: "Too many tries",
-    502: "The message was not sent",
-    503: "Nothing can be stored right now",
+    400: N_("That did not work"),
+    401: N_("Sign in first"),
+    403: N_("Not allowed from here"),
+    404: N_("No such page or link"),
+    405: N_("Not at this address"),
+    410: N_("This link has ended"),
+    413: N_("That upload is too large"),
+    414: N_("That address is too long"),
+    415: N_("That was not an upload"),
+    422: N_("certdrop cannot use this upload"),
+    429: N_("Too many tries"),
+    500: N_("Something went wrong"),
+    502: N_("The message was not sent"),
+    503: N_("Nothing can be stored right now"),
 }
 
 #: For people who were sent a link: the upload page is not theirs to use.
-ENDED_LINK_ADVICE = "Ask whoever sent you this link for a new one."
+ENDED_LINK_ADVICE = N_("Ask whoever sent you this link for a new one.")
 
 
 ###############################################################################
@@ -3713,7 +3985,7 @@ class Request:
         """Return the request body; raise PayloadTooLarge past *limit* bytes without reading it."""
         declared = self.environ.get("CONTENT_LENGTH") or ""
         if declared and not re.fullmatch(r"[0-9]{1,20}", declared):  # str.isdigit() takes "²" too
-            raise BadRequest("The Content-Length header is not a number.")
+            raise BadRequest(_("The Content-Length header is not a number."))
         too_large = payload_too_large(limit)
         length = int(declared or 0)
         if length > limit:
@@ -3726,7 +3998,7 @@ class Request:
             return body
         body = stream.read(length)
         if len(body) < length:
-            raise BadRequest("The request body ended before its declared length.")
+            raise BadRequest(_("The request body ended before its declared length."))
         return body
 
 
@@ -3839,8 +4111,8 @@ def _environ_key(header_name: str) -> str:
 
 
 def payload_too_large(limit: int) -> "PayloadTooLarge":
-    return PayloadTooLarge(f"The upload is larger than the limit of {format_size(limit)}. "
-                           "A CA certificate is a few kilobytes: check that you chose the right file.")
+    return PayloadTooLarge(_("The upload is larger than the limit of {size}. A CA certificate is a few kilobytes: "
+                             "check that you chose the right file.").format(size=format_size(limit)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3966,13 +4238,13 @@ def render_error(page: ErrorPage, extra_html: str = "") -> Response:
 
     *extra_html* (a refused upload's form) goes on HTML pages outside /c/; answers with it are never kept.
     """
-    title = ERROR_TITLES.get(page.status, HTTPStatus(page.status).phrase)
+    title = _(ERROR_TITLES[page.status]) if page.status in ERROR_TITLES else HTTPStatus(page.status).phrase
     headers = (("Vary", VARY), ("Cache-Control", "no-store"), *page.headers)
     if page.status == 401:  # scripts answer a Basic challenge; browsers get the sign-in form instead of a dialog
         headers += (("WWW-Authenticate", 'Basic realm="certdrop uploads", charset="UTF-8"' if page.format != "html"
                      else 'Form realm="certdrop uploads"'),)
     if page.format == "nokia":  # a mistyped token on a WAP phone must still get a page that phone can show
-        message = f"{page.message} {ENDED_LINK_ADVICE}" if page.under_c else page.message
+        message = f"{page.message} {_(ENDED_LINK_ADVICE)}" if page.under_c else page.message
         return Response(render_nokia_message(title, message, page.content_type), page.status, page.content_type,
                         headers + page_headers(page.content_type))
     if page.format == "json":
@@ -3985,9 +4257,9 @@ def render_error(page: ErrorPage, extra_html: str = "") -> Response:
     if page.status == 401:
         return Response(render_signin(page.home, page.message), 401, MIME_HTML, headers + HTML_HEADERS)
     if page.under_c:
-        extra_html = f"<p>{esc(ENDED_LINK_ADVICE)}</p>"
+        extra_html = f"<p>{esc(_(ENDED_LINK_ADVICE))}</p>"
     else:
-        extra_html = extra_html or f'<p><a href="{esc(page.home)}">Back to the upload page</a></p>'
+        extra_html = extra_html or f'<p><a href="{esc(page.home)}">{esc(_("Back to the upload page"))}</a></p>'
     body = render_page(title, render(ERROR_PAGE, title=title, message=page.message, extra_html=extra_html))
     return Response(body, page.status, MIME_HTML, headers + HTML_HEADERS)
 
@@ -4028,7 +4300,7 @@ def parse_form(request: Request, limit: int, fields: tuple[str, ...] = FORM_FIEL
     """
     content_type = request.environ.get("CONTENT_TYPE", "")
     body = request.read_body(limit)
-    mime, _, params = content_type.partition(";")
+    mime, _semicolon, params = content_type.partition(";")
     mime = mime.strip().lower()
     if mime == "multipart/form-data":
         return _parse_multipart(body, params, limit)
@@ -4040,9 +4312,9 @@ def parse_form(request: Request, limit: int, fields: tuple[str, ...] = FORM_FIEL
         if not takes_a_file or any(name in fields for name, _ in pairs):
             return {name: value.encode("latin-1") for name, value in pairs}
     elif mime not in RAW_UPLOAD_TYPES or not takes_a_file:
-        raise UnsupportedMediaType(f"certdrop cannot read a {mime[:60]} body. Send the certificate file itself "
-                                   "(application/pkix-cert, application/octet-stream, text/plain, ...) or the "
-                                   "upload form (multipart/form-data).")
+        raise UnsupportedMediaType(_("certdrop cannot read a {type} body. Send the certificate file itself "
+                                     "(application/pkix-cert, application/octet-stream, text/plain, ...) or the "
+                                     "upload form (multipart/form-data).").format(type=mime[:60]))
     options = {name: value.encode("utf-8") for name, value in request.query.items() if name in ("ttl", "host", "force")}
     return {**options, "cert": body}
 
@@ -4050,7 +4322,7 @@ def parse_form(request: Request, limit: int, fields: tuple[str, ...] = FORM_FIEL
 def _parse_multipart(body: bytes, params: str, limit: int) -> dict[str, bytes]:
     boundary = multipart.parse_options_header("multipart/form-data;" + params)[1].get("boundary")
     if not boundary:
-        raise BadRequest("The form data has no boundary.")
+        raise BadRequest(_("The form data has no boundary."))
     # Limits as large as the body itself keep every part in memory: uploads never touch the disk.
     parser = multipart.MultipartParser(io.BytesIO(body), boundary, len(body), part_limit=16,
                                        spool_limit=limit + 1, memory_limit=limit + 1, disk_limit=0)
@@ -4059,7 +4331,7 @@ def _parse_multipart(body: bytes, params: str, limit: int) -> dict[str, bytes]:
         for part in parser:
             fields.setdefault(part.name, part.raw)
     except multipart.MultipartError as error:
-        raise BadRequest(f"The form data could not be read: {error}.") from None
+        raise BadRequest(_("The form data could not be read: {error}.").format(error=error)) from None
     return fields
 
 
@@ -4226,17 +4498,21 @@ def mail_failure(error: Exception, host: str, port: int) -> str:
     """Return in plain words why the SMTP exchange with *host*:*port* failed."""
     if isinstance(error, smtplib.SMTPRecipientsRefused):
         codes = {code for code, _ in error.recipients.values()}
-        return f"The mail server at {host} refused the addresses ({', '.join(map(str, sorted(codes)))})."
+        return _("The mail server at {host} refused the addresses ({codes}).").format(
+            host=host, codes=", ".join(map(str, sorted(codes))))
     if isinstance(error, smtplib.SMTPResponseException):
         reply = error.smtp_error.decode("utf-8", "replace") if isinstance(error.smtp_error, bytes) else error.smtp_error
-        return f"The mail server at {host} answered {error.smtp_code} {reply[:200]}."
+        return _("The mail server at {host} answered {code} {reply}.").format(host=host, code=error.smtp_code,
+                                                                             reply=reply[:200])
     if isinstance(error, TimeoutError) or "timed out" in str(error):  # smtplib may wrap the timeout
-        return f"The mail server at {host}:{port} did not answer in time."
+        return _("The mail server at {host}:{port} did not answer in time.").format(host=host, port=port)
     if isinstance(error, ConnectionRefusedError):
-        return f"Nothing answers at {host}:{port}: is the mail server running, and is the port right?"
+        return _("Nothing answers at {host}:{port}: is the mail server running, and is the port right?").format(
+            host=host, port=port)
     if isinstance(error, ssl.SSLError):
-        return f"The TLS connection to {host}:{port} failed ({error.reason or error})."
-    return f"The mail server at {host}:{port} could not be used ({error})."
+        return _("The TLS connection to {host}:{port} failed ({reason}).").format(host=host, port=port,
+                                                                                 reason=error.reason or error)
+    return _("The mail server at {host}:{port} could not be used ({error}).").format(host=host, port=port, error=error)
 
 
 class AccessLog:
@@ -4371,6 +4647,7 @@ class FileAnswer(typing.NamedTuple):
     name: str  # the file name; one that starts with "." follows the certificate's own name (its file stem)
     inline: bool  # False: sent with Content-Disposition: attachment
     der_instead: bool = False  # an intermediate CA, which has no hashed certificate, sends its DER instead
+    language: str = ""  # the language of a profile's description, which iOS shows; "" for the other files
 
 
 class PageAnswer(typing.NamedTuple):
@@ -4428,15 +4705,16 @@ def decide(signature: Signature, config: Config) -> Decision:
     client = client_of_signature(signature)
     if rest:
         kind = next(kind for suffix, kind in FILE_SUFFIXES if rest.lower().endswith(suffix))
-        return Decision(file_answer(kind, rest, client, config), client.device)
+        return Decision(file_answer(kind, rest, client, config, signature.language), client.device)
     chosen = dict(urllib.parse.parse_qsl(signature.query, keep_blank_values=True)).get("format")
     if chosen is None:
         return Decision(default_answer(signature, client, config), client.device)
     if chosen == "page":
         return Decision(page_answer(signature, client, config), client.device)
     if chosen not in PUBLIC_FORMATS:
-        raise BadRequest(f"Unknown format {chosen[:40]!r}: choose der, pem, mobileconfig, whc, whc-alt or page.")
-    return Decision(file_answer(chosen, PUBLIC_FORMATS[chosen], client, config), client.device)
+        raise BadRequest(_("Unknown format {format}: choose der, pem, mobileconfig, whc, whc-alt or page.").format(
+            format=repr(chosen[:40])))
+    return Decision(file_answer(chosen, PUBLIC_FORMATS[chosen], client, config, signature.language), client.device)
 
 
 def client_of_signature(signature: Signature) -> Client:
@@ -4471,15 +4749,18 @@ def page_answer(signature: Signature, client: Client, config: Config) -> PageAns
     return PageAnswer(client, MIME_HTML, prefix, base, signature.language)
 
 
-def file_answer(kind: str, name: str, client: Client, config: Config) -> FileAnswer:
-    """Return the answer for file *kind* ("der", "pem", "mobileconfig", "whc" or "whc-alt") named *name*."""
+def file_answer(kind: str, name: str, client: Client, config: Config, language: str) -> FileAnswer:
+    """Return the answer for file *kind* ("der", "pem", "mobileconfig", "whc" or "whc-alt") named *name*; a profile
+    says what it installs in the reader's *language*."""
     if kind == "der":
         # Nokia installers and Firefox's trust dialog take the body only without an attachment header.
         inline = client.device in ("s40", "firefox") or (client.device == "s60" and not config.s60_attachment)
         return FileAnswer("der", name, inline)
     if kind == "pem":  # update-ca-certificates reads only PEM files named .crt
         return FileAnswer("pem", re.sub(r"(?i)\.pem$", ".crt", name), inline=False)
-    return FileAnswer(kind, name, inline=kind != "mobileconfig")
+    if kind == "mobileconfig":
+        return FileAnswer(kind, name, inline=False, language=language)
+    return FileAnswer(kind, name, inline=True)
 
 
 def link_base(signature: Signature, config: Config) -> str:
@@ -4545,8 +4826,8 @@ def build_file(certificate: Certificate, answer: FileAnswer, headers: tuple, con
     kind, name = answer.kind, answer.name
     if kind in ("whc", "whc-alt") and not certificate.self_signed:
         if not answer.der_instead:
-            raise NotFound("There is no hashed certificate for an intermediate CA: the WAP format needs a "
-                           "self-signed root. Use the .cer file instead.")
+            raise NotFound(_("There is no hashed certificate for an intermediate CA: the WAP format needs a "
+                             "self-signed root. Use the .cer file instead."))
         kind, name = "der", ".cer"
     layout = whc_kinds(config)[kind == "whc-alt"] if kind in ("whc", "whc-alt") else kind
     body, content_type = file_body(certificate, layout, config.whc_charset)
@@ -4760,8 +5041,8 @@ LENIENT_PATHS = ("/c/", "/healthz")
 FORM_PAGE_HEADERS = HTML_HEADERS + (("Cache-Control", "no-store"),)
 
 CROSS_SITE_CODE = "cross-site"
-CROSS_SITE_MESSAGE = ("This request came from another web site, so it was refused: only certdrop's own pages may "
-                      "upload or sign in. Open certdrop's address yourself and try again.")
+CROSS_SITE_MESSAGE = N_("This request came from another web site, so it was refused: only certdrop's own pages may "
+                        "upload or sign in. Open certdrop's address yourself and try again.")
 
 
 class UploadGate:
@@ -4782,10 +5063,10 @@ class UploadGate:
         if self.is_our_host(request):
             return
         if host_of(request.header("Host")) is None:
-            raise BadRequest("The Host header is not a valid host name.", code="bad-host")
-        raise BadRequest(f"This server does not answer to the name \u201c{request.header('Host')[:100]}\u201d, so "
-                         "the request was refused. Open certdrop by its own address; its administrator can add other "
-                         "names to allowed_hosts in certdrop.ini.", code="foreign-host")
+            raise BadRequest(_("The Host header is not a valid host name."), code="bad-host")
+        raise BadRequest(_("This server does not answer to the name \u201c{host}\u201d, so the request was refused. "
+                           "Open certdrop by its own address; its administrator can add other names to allowed_hosts "
+                           "in certdrop.ini.").format(host=request.header("Host")[:100]), code="foreign-host")
 
     def is_our_host(self, request: Request) -> bool:
         """Return whether the request names this server: public_url's host, a name in allowed_hosts, or this machine.
@@ -4832,10 +5113,10 @@ class UploadGate:
 
     def check_network(self, request: Request) -> None:
         if not address_in(request.remote_addr, self.config.upload_networks):
-            raise Forbidden(code="network", message=f"Uploads are not accepted from your address "
-                            f"({request.remote_addr[:64]}): this server "
-                            "takes them only from the networks named in its upload_networks setting. Installing "
-                            "from a link works from anywhere.")
+            raise Forbidden(code="network", message=_(
+                "Uploads are not accepted from your address ({address}): this server takes them only from the "
+                "networks named in its upload_networks setting. Installing from a link works from anywhere.").format(
+                address=request.remote_addr[:64]))
 
     def is_direct_loopback(self, request: Request) -> bool:
         """Return whether the request comes from this machine itself, by one of its names (is_our_host).
@@ -4855,10 +5136,10 @@ class UploadGate:
         send neither and pass.
         """
         if request.header("Sec-Fetch-Site").lower() == "cross-site":
-            raise Forbidden(CROSS_SITE_MESSAGE, code=CROSS_SITE_CODE)
+            raise Forbidden(_(CROSS_SITE_MESSAGE), code=CROSS_SITE_CODE)
         origin = request.header("Origin")
         if origin and origin_of(origin) != origin_of(base_url_of(request, self.config, self.is_our_host(request))):
-            raise Forbidden(CROSS_SITE_MESSAGE, code=CROSS_SITE_CODE)
+            raise Forbidden(_(CROSS_SITE_MESSAGE), code=CROSS_SITE_CODE)
 
     def check_key(self, request: Request, given: str) -> None:
         """Raise Unauthorized unless *given* is the upload key; wrong keys are rate-limited per client."""
@@ -4867,7 +5148,7 @@ class UploadGate:
             raise TooManyRequests(wait)
         if not hmac.compare_digest(given.encode("utf-8"), self.upload_key().encode("utf-8")):
             self.sign_in_failures.spend(request.remote_addr)
-            raise Unauthorized("That is not the upload key. Check it and try again.")
+            raise Unauthorized(_("That is not the upload key. Check it and try again."))
 
     def upload_key(self) -> str:
         return self.config.upload_password or self.store.upload_key()[0]
@@ -5092,14 +5373,14 @@ class App:
         request = Request(environ)
         try:
             if len(request.path) + len(environ.get("QUERY_STRING", "")) > MAX_TARGET:
-                raise URITooLong(f"The address asked for is longer than {MAX_TARGET // 1024} KiB: no address of "
-                                 "certdrop is that long. Check the link.")
+                raise URITooLong(_("The address asked for is longer than {size} KiB: no address of certdrop is that "
+                                   "long. Check the link.").format(size=MAX_TARGET // 1024))
             response = self.dispatch(request)
         except HTTPError as error:
             return self.error_answer(request, error)
         except Exception:
             log.exception("error while answering %s %r", request.method, request.path[:200])
-            response = Response(b"500 Internal Server Error: the error has been logged.\n", 500, MIME_TEXT)
+            response = Response(f"{_(HTTPError.message)}\n".encode(), 500, MIME_TEXT)
         return response if isinstance(response, Prepared) else prepare(response, referrer_policy(request.path))
 
     def error_answer(self, request: Request, error: HTTPError) -> Prepared:
@@ -5205,32 +5486,40 @@ class App:
         if wait:
             raise TooManyRequests(wait)
         if not self.config.mail_host:
-            raise NotFound("This server sends no mail: no [mail] host is set in certdrop.ini.")
+            raise NotFound(_("This server sends no mail: no [mail] host is set in certdrop.ini."))
         wait = self.mail_budget.spend(MAIL_BUDGET_KEY)
         if wait:
-            raise TooManyRequests(wait, f"This server has sent the {self.config.mail_per_hour} messages an hour its "
-                                        "per_hour setting allows. Nothing was sent; hand the link out another way.")
+            raise TooManyRequests(wait, ngettext(
+                "This server has sent the {count} message an hour its per_hour setting allows. Nothing was sent; "
+                "hand the link out another way.",
+                "This server has sent the {count} messages an hour its per_hour setting allows. Nothing was sent; "
+                "hand the link out another way.", self.config.mail_per_hour).format(count=self.config.mail_per_hour))
         fields = parse_form(request, 16384, fields=("to", "tokens"))
         try:
             recipients = parse_addresses(fields.get("to", b"").decode("utf-8", "replace")[:4000],
                                          self.config.mail_recipients)
         except ValueError as error:
-            raise BadRequest(f"{str(error)[:1].upper()}{str(error)[1:]}. Nothing was sent.", code="bad-address") from None
+            raise BadRequest(f"{error} {_('Nothing was sent.')}", code="bad-address") from None
         tokens = fields.get("tokens", b"").decode("ascii", "replace").split()[:MAX_CERTIFICATES]
         if not tokens:
-            raise BadRequest("No link was named. Nothing was sent.")
+            raise BadRequest(_("No link was named. Nothing was sent."))
         links = [(self.link_for(request, token), self.live_entry(request, token)) for token in tokens]
         try:
             send_mail(self.config, recipients, mail_subject(self.config, links), mail_text(links, whc_default(self.config)))
         except MailError as error:
             failure = http_error_for(error)
-            failure.extra_html = "<p>The links themselves work; hand them out another way:</p><ul>" + "".join(
-                f'<li><a href="{esc(url)}">{esc(url)}</a></li>' for url, _ in links) + "</ul>"
+            work = esc(_("The links themselves work; hand them out another way:"))
+            items = "".join(f"<li>{link_html(url)}</li>" for url, _ in links)
+            failure.extra_html = f"<p>{work}</p><ul>{items}</ul>"
             raise failure from None
         log.info("mailed %d links to %d addresses", len(links), len(recipients))
-        return answer_for(request, 200, {"sent_to": recipients}, term(f"sent to {', '.join(recipients)}") + "\n",
-                          lambda: render_page("Sent", render(MAIL_SENT_PAGE, count=len(recipients),
-                                                             home=self.home(request), recipients=", ".join(recipients))))
+        addresses = ", ".join(recipients)
+        return answer_for(request, 200, {"sent_to": recipients},
+                          term(_("sent to {addresses}").format(addresses=addresses)) + "\n",
+                          lambda: render_page(_("Sent"), render(
+                              MAIL_SENT_PAGE, heading=_("The message was sent"), home=self.home(request),
+                              text=_("The mail server took it for {addresses}.").format(addresses=addresses),
+                              another=_("Share another certificate"))))
 
     def revoke(self, request: Request, token: str) -> Response:
         """Remove a link with the secret shown when it was made: at once here, within 2 s on every process."""
@@ -5250,13 +5539,18 @@ class App:
             # would let anybody test guessed tokens here, past the lookup limit.
             self.gate.sign_in_failures.spend(address)
             self.lookups.spend(address)
-            raise Forbidden("Nothing was removed: there is no live link with that secret. Only the page that made "
-                            "a link shows its secret; on the server, 'certdrop.py revoke TOKEN' removes any link.",
-                            code="wrong-secret")
+            raise Forbidden(_("Nothing was removed: there is no live link with that secret. Only the page that "
+                              "made a link shows its secret; on the server, {command} removes any link.").format(
+                                  command="'certdrop.py revoke TOKEN'"), code="wrong-secret")
         entry = self.store.revoke(token)
         log.info("link %s revoked from the web", entry.token)
-        return answer_for(request, 200, {"revoked": entry.token}, f"revoked {entry.token}: it answers 410 from now on\n",
-                          lambda: render_page("Link removed", render(REVOKED_PAGE, home=self.home(request))))
+        text = _("revoked {token}: it answers 410 from now on").format(token=entry.token)
+        page = _("It answers \u201c{title}\u201d from now on, on every certdrop process within 2 seconds. Devices "
+                 "that already installed the certificate keep it: remove it there by hand.").format(
+                     title=_(ERROR_TITLES[410]))
+        return answer_for(request, 200, {"revoked": entry.token}, f"{text}\n", lambda: render_page(
+            _("Link removed"), render(REVOKED_PAGE, heading=_("The link was removed"), text=page,
+                                      home=self.home(request), another=_("Share a certificate"))))
 
     def refusal_with_form(self, error: CertdropError, fields: dict[str, bytes], home: str) -> HTTPError:
         """Return the answer to a refused upload: the reason, then the form again, filled in as it was sent.
@@ -5265,12 +5559,13 @@ class App:
         """
         forceable = getattr(error, "code", "") in FORCEABLE
         refusal = http_error_for(error)
-        if forceable:
-            refusal.message += " To go ahead all the same, tick \u201cInstall it anyway\u201d below."
+        if forceable:  # a sentence of its own after the refusal's, which says everything without it
+            refusal.message += " " + _("To go ahead all the same, tick \u201cInstall it anyway\u201d below.")
         pem = "" if getattr(error, "code", "") == "private-key" else fields.get("pem", b"").decode("utf-8", "replace")
         refusal.extra_html = render_form(self.config, home, pem=pem, ttl=form_text(fields, "ttl"),
                                          host=form_text(fields, "host"),
-                                         force_reason="This is the choice for the refusal above." if forceable else "")
+                                         force_reason=_("This is the choice for the refusal above.") if forceable
+                                         else "")
         return refusal
 
     def deliver(self, request: Request, token: str, **_: str) -> Prepared:
@@ -5355,14 +5650,22 @@ def render_upload_text(links: list[Link], diagnosis: Diagnosis) -> str:
     lines = [link.url for link in links] + [""]
     for link in links:
         certificate = link.entry.certificate
-        lines += [f"{link.url}  {ROLE_LABELS[certificate.role]} \u201c{certificate.name}\u201d, "
-                  f"{'new link' if link.created else 'link it already had'}, works until "
-                  f"{format_time(link.entry.expires)}{' (cut to the certificate)' if link.cut else ''}",
-                  f"  SHA-256 {colon_hex(certificate.sha256)}", f"  SHA-1   {colon_hex(certificate.sha1)}"]
+        if link.created:
+            text = (_("{role} \u201c{name}\u201d, new link, works until {date} (cut to the certificate)") if link.cut
+                    else _("{role} \u201c{name}\u201d, new link, works until {date}"))
+        else:
+            text = (_("{role} \u201c{name}\u201d, link it already had, works until {date} (cut to the certificate)")
+                    if link.cut else _("{role} \u201c{name}\u201d, link it already had, works until {date}"))
+        text = text.format(role=_(ROLE_LABELS[certificate.role]), name=certificate.name,
+                           date=format_time(link.entry.expires))
+        lines += [f"{link.url}  {text}", f"  SHA-256 {colon_hex(certificate.sha256)}",
+                  f"  SHA-1   {colon_hex(certificate.sha1)}"]
         if link.revoke_secret:
-            lines.append(f"  to remove it: curl -d secret={link.revoke_secret} {link.url}/revoke")
-    lines += [f"left out: {reason}" for _, reason in diagnosis.left_out]
-    lines += [f"{'note' if f.note else 'warning'} [{f.code}]: {f.message}" for f in diagnosis.findings]
+            lines.append("  " + _("to remove it: {command}").format(
+                command=f"curl -d secret={link.revoke_secret} {link.url}/revoke"))
+    lines += [_("left out: {reason}").format(reason=reason) for _certificate, reason in diagnosis.left_out]
+    lines += [(_("note [{code}]: {message}") if f.note else _("warning [{code}]: {message}")).format(
+        code=f.code, message=f.message) for f in diagnosis.findings]
     return "".join(term(line) + "\n" for line in lines)
 
 
@@ -5374,7 +5677,7 @@ def choose_upload(fields: dict[str, bytes]) -> bytes:
     """Return the certificate bytes from the form: the file, or else the pasted text."""
     file_data, pasted = fields.get("cert", b""), fields.get("pem", b"")
     if file_data.strip() and pasted.strip():
-        raise BadRequest("Choose a file or paste the certificate text, not both.")
+        raise BadRequest(_("Choose a file or paste the certificate text, not both."))
     return file_data if file_data.strip() else pasted
 
 
@@ -5784,13 +6087,13 @@ def cmd_add(args, config: Config, clock: Callable[[], float]) -> int:
         print_reachable_note(link.url)
         if show_qr and link.url.startswith("http"):
             segno.make(lead_url(link.url), error="m").terminal(out=sys.stdout, compact=True)
-        say(f"  {'new' if link.created else 'existing'} link for {ROLE_LABELS[certificate.role].lower()} "
+        say(f"  {'new' if link.created else 'existing'} link for {_(ROLE_LABELS[certificate.role]).lower()} "
             f"\u201c{certificate.name}\u201d, works until {format_time(link.entry.expires)}")
         if link.cut:
-            say(f"  {CUT_NOTE}")
+            say(f"  {_(CUT_NOTE)}")
         say(f"  SHA-256 {colon_hex(certificate.sha256)}")
         say(f"  SHA-1   {colon_hex(certificate.sha1)}")
-    for _, reason in diagnosis.left_out:
+    for _certificate, reason in diagnosis.left_out:
         say(f"left out: {reason}")
     print_findings(diagnosis.findings, indent="")
     return 0
@@ -5804,7 +6107,7 @@ def print_findings(findings: Iterable[Finding], indent: str) -> None:
         if finding not in old_nokia:
             say(f"{indent}{'note' if finding.note else 'warning'} [{finding.code}]: {finding.message}")
     if old_nokia:
-        say(f"{indent}{OLD_NOKIA_HEADING}:")
+        say(f"{indent}{_(OLD_NOKIA_HEADING)}:")
         for finding in old_nokia:
             say(f"{indent}  note [{finding.code}]: {finding.message}")
 
@@ -5823,9 +6126,14 @@ def print_reachable_note(url: str) -> None:
     if not links:
         say(f"  Phones cannot open {host}: set public_url in certdrop.ini to this server's name")
         return
-    say(f"  Phones cannot open {host}; the link above uses {links[0][1]}")
-    for link, what in links[1:]:
-        say(f"  also {link} ({what})")
+    say(f"  Phones cannot open {host}; the link above uses {cli_host_words(links[0][1])}")
+    for link, other in links[1:]:
+        say(f"  also {link} ({cli_host_words(other)})")
+
+
+def cli_host_words(host: str) -> str:
+    """Return what a host of reachable_links is, in the command line's English."""
+    return f"this server's address {host}" if parse_address(host) else f"its full name {host}"
 
 
 #: Exit statuses of ``check``.

@@ -10,7 +10,9 @@ import email
 import email.policy
 import fcntl
 import functools
+import gettext
 import hashlib
+import html
 import http.client
 import importlib
 import importlib.metadata
@@ -2472,6 +2474,189 @@ def test_reachable_links_put_ipv4_addresses_first_then_the_full_name(url, addres
 
 def test_result_page_has_no_loopback_warning_for_a_real_host(testapp, root_der):
     assert "Phones cannot open" not in upload(testapp, root_der).text
+
+
+# -- HTTP: every word through the translation function ------------------------------------------------------------
+
+
+class Bracketed(gettext.NullTranslations):
+    """A pseudo-language: every message, once English has chosen it, wrapped in ⟦ ⟧. Words a page shows outside
+    the brackets did not go through _() or ngettext()."""
+
+    def gettext(self, message):
+        return f"\u27e6{message}\u27e7"
+
+    def ngettext(self, singular, plural, n):
+        return f"\u27e6{singular if n == 1 else plural}\u27e7"
+
+
+def visible_text(body):
+    """Return what a page shows: its text without markup, style sheet or doctype, entities decoded."""
+    text = re.sub(r"(?s)<style>.*?</style>", " ", body).replace("<wbr />", "")  # wbr splits no word
+    return html.unescape(re.sub(r"<[^>]*>", " ", text))
+
+
+#: What pages show that is data or notation, not words of certdrop's to translate.
+NOT_WORDS_RE = re.compile(
+    r"(https?|mailto):\S+"  # addresses
+    r"|\[[a-z0-9-]+\] \(\d{3} [A-Za-z -]+\)"  # what ends a plain-text error for scripts: [not-found] (404 Not Found)
+    r"|\[[a-z0-9-]+\]"  # the code for scripts that follows a finding: [expires-soon]
+    r"|\b[0-9A-F]{2}(:[0-9A-F]{2})+\b"  # fingerprints and serial numbers, whole or in a Nokia page's short lines
+    r"|\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC"  # times, as format_time writes them
+    r"|SHA-256|SHA-1")  # the names of the fingerprints
+
+
+def english_outside_brackets(text, allowed):
+    """Return the English words (two letters or more) in *text* outside ⟦ ⟧, once the *allowed* strings (names
+    of the certificates, say) and whatever NOT_WORDS_RE matches are taken out."""
+    for phrase in sorted(allowed, key=len, reverse=True):
+        text = text.replace(phrase, " ")
+    text = NOT_WORDS_RE.sub(" ", text)
+    while True:  # innermost brackets first: a translated label inside a translated sentence nests them
+        inner = re.sub("\u27e6[^\u27e6\u27e7]*\u27e7", " ", text)
+        if inner == text:
+            break
+        text = inner
+    assert "\u27e6" not in text and "\u27e7" not in text, text
+    return re.findall(r"[A-Za-z]{2,}", text)
+
+
+@pytest.mark.slow
+def test_every_page_speaks_through_the_translation_function(config, store, clock, pki, key_pem):
+    agents = {family: USER_AGENTS[name][0] for family, name in (
+        ("ios", "iphone-safari"), ("android", "android-chrome"), ("windows", "windows-edge"),
+        ("macos", "macos-chrome"), ("linux", "linux-chrome"), ("firefox", "linux-firefox"), ("chromeos", "chromeos"))}
+    s40 = USER_AGENTS["s40-6500s"][0]
+
+    def fresh(environ=None, **settings):
+        # A new app for every page: kept answers are keyed by language, which is "en" for every request yet, so an
+        # app that had answered in English could answer from what it kept.
+        return client(certdrop.make_app(dataclasses.replace(config, **settings), store, clock), **(environ or {}))
+
+    texts = {}
+    with certdrop.in_language(Bracketed()):
+        texts["upload page"] = fresh().get("/").text
+        texts["sign-in page"] = fresh(upload_auth="always").get("/signin").text
+        browser = fresh(upload_auth="always", upload_password="the key")
+        browser.post("/signin", {"key": "the key"}, status=303)
+        texts["upload page, signed in"] = browser.get("/").text
+        result = upload(fresh(), pem_of(pki.leaf, pki.root, pki.intermediate), "bundle.pem", host="www.example.com")
+        texts["result page"] = result.text
+        texts["result page with mail"] = upload(fresh(mail_host="mail.example.com"), pem_of(pki.expiring), status=201,
+                                                ttl="1d").text
+        token = token_of(result)
+        texts["result page on localhost"] = upload(fresh({"HTTP_HOST": "localhost:8080"}), pem_of(pki.root),
+                                                   status=200).text
+        texts["upload as text"] = fresh().post("/", pem_of(pki.root), headers={
+            "Content-Type": "application/x-pem-file", "User-Agent": "curl/8.5.0"}, status=200).text
+        for family, agent in agents.items():
+            texts[f"{family} page"] = fresh().get(f"/c/{token}", headers={"User-Agent": agent}).text
+        texts["s60 page"] = fresh().get(f"/c/{token}?format=page", headers={"User-Agent": S60_AGENTS["e61i"]}).text
+        for accept in ("application/vnd.wap.xhtml+xml", "text/vnd.wap.wml"):
+            texts[f"s40 page {accept}"] = fresh().get(f"/c/{token}", headers={"User-Agent": s40,
+                                                                               "Accept": accept}).text
+        texts["card"] = fresh().get(f"/c/{token}/card").text
+        texts["profile"] = plistlib.loads(fresh().get(f"/c/{token}?format=mobileconfig").body)["PayloadDescription"]
+        texts["404"] = fresh().get("/nothing-here", status=404).text
+        texts["405"] = fresh().get("/signout", status=405).text
+        texts["400"] = fresh().get(f"/c/{token}?format=bogus", status=400).text
+        texts["413"] = fresh(max_upload=1024).post("/", b"x" * 2048, headers={"Content-Type": "text/plain"},
+                                                   status=413).text
+        texts["json error"] = fresh().get("/nothing-here", headers={"Accept": "application/json"},
+                                          status=404).json["error"]["message"]
+        texts["text error"] = fresh().get("/nothing-here", headers={"User-Agent": "curl/8.5.0"}, status=404).text
+        texts["s40 error"] = fresh().get("/c/zzzzzzzz", headers={"User-Agent": s40, "Accept": "text/vnd.wap.wml"},
+                                         status=404).text
+        texts["private key refused"] = upload(fresh(), key_pem, "key.pem", status=422).text
+        texts["server certificate refused"] = upload(fresh(), pem_of(pki.leaf), "leaf.pem", status=422).text
+        entry = store.get(token)
+        texts["mail"] = certdrop.mail_text([(f"http://ca.example.org/c/{token}", entry)], ("whc-direct", 106))
+        texts["mail subject"] = certdrop.mail_subject(config, [(f"http://ca.example.org/c/{token}", entry)])
+        revoke = next(form for form in result.forms.values() if form.action.endswith(f"/c/{token}/revoke"))
+        texts["revoked page"] = revoke.submit().text
+        texts["410"] = fresh().get(f"/c/{token}", status=410).text
+    certificates = [certdrop.inspect_certificate(cert) for cert in (pki.root, pki.intermediate, pki.leaf, pki.expiring)]
+    allowed = {
+        *(text for c in certificates for text in (c.name, c.subject, c.issuer)),  # shown as they are
+        "certdrop",  # the program's name: the upload page's title and every page's footer
+    }
+    for page, text in texts.items():
+        assert "\u27e6" in text, page
+        shown = visible_text(text) if "<" in text else text
+        assert english_outside_brackets(shown, allowed) == [], page
+
+
+def test_translated_sentences_keep_their_placeholders_and_plurals():
+    assert certdrop.TooManyRequests(1).message == "Too many requests from your address. Try again in 1 second."
+    assert certdrop.TooManyRequests(1.5).message == "Too many requests from your address. Try again in 2 seconds."
+    with certdrop.in_language(Bracketed()):
+        assert certdrop.TooManyRequests(2).message == ("\u27e6Too many requests from your address. Try again in 2 "
+                                                       "seconds.\u27e7")
+        assert certdrop.format_duration(3600) == "\u27e61 hour\u27e7"
+        assert certdrop.LinkGone("revoked", NOW).args[0] == (  # translated first, then the date filled in
+            f"\u27e6This link was revoked on {certdrop.format_time(NOW)}.\u27e7")
+    assert certdrop.format_duration(1) == "1 second" and certdrop.format_duration(2 * DAY) == "2 days"
+    assert certdrop._("Sign in") == "Sign in"  # outside the block: English again
+
+
+#: The sections of certdrop.py whose every sentence is for the people who use its pages and answers (the rest
+#: speak to administrators: configuration errors, the store's damage reports, the command line, the log).
+SPOKEN_SECTIONS = ("Errors", "Certificate doctor", "Device formats", "Links and lifetimes", "Rendering",
+                   "HTTP plumbing", "Answers under /c/", "Who may change what is stored", "Application")
+
+#: Strings in those sections that look like sentences and are not: (function or class, string).
+NOT_SENTENCES = {
+    ("RateLimiter", "newcomers while the table is full"),  # a log line's wording, in its class
+    ("quiet_library_warnings", "Attribute's length must be"),  # the start of a library warning, to filter it
+    ("ber_element", "truncated or too deeply nested"),  # a ValueError that ends as a refusal with its own words
+    ("prepare", "control character in header "),  # a ValueError that would be certdrop's own bug
+}
+
+
+def test_no_sentence_is_built_outside_the_translation_function():
+    source = Path(certdrop.__file__).read_text(encoding="utf-8")
+    lines = source.splitlines()
+    banners = sorted((number, match[1]) for number, line in enumerate(lines, 1)
+                     if (match := re.fullmatch(r"# ([A-Z][A-Za-z /<>]+?) #{5,}", line)))
+    spoken = [(start, end) for (start, name), (end, _) in zip(banners, banners[1:] + [(len(lines) + 1, "")])
+              if name in SPOKEN_SECTIONS]
+    assert len(spoken) == len(SPOKEN_SECTIONS)
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def called(node):
+        """Return the name of the function *node* is an argument of, and the function or class it is in."""
+        call, where = None, "<module>"
+        while node in parents:
+            node = parents[node]
+            if call is None and isinstance(node, ast.Call):
+                call = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                return call, node.name
+        return call, where
+
+    built = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("_", "N_", "ngettext"):
+            # The message ids themselves are whole: literals, or constants marked with N_(), never built.
+            messages = node.args[:2 if node.func.id == "ngettext" else 1]
+            literal = all(isinstance(message, ast.Constant) for message in messages)
+            if (node.func.id != "_" and not literal
+                    or any(isinstance(message, (ast.JoinedStr, ast.BinOp)) for message in messages)):
+                built.append((node.lineno, ast.unparse(node)[:80]))
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                and re.search(r"[A-Za-z]+ [a-z]+ [a-z]+", node.value)):
+            continue
+        if isinstance(parents.get(node), ast.Expr) or not any(start <= node.lineno < end for start, end in spoken):
+            continue  # a docstring, or words for administrators
+        call, where = called(node)
+        if call in ("_", "N_", "ngettext", "debug", "info", "warning", "error", "exception"):
+            continue  # translated, or a log line for administrators
+        if call == "Guide" and isinstance(parents[node], ast.Dict):
+            continue  # a command to paste, the same in every language
+        if (where, node.value) not in NOT_SENTENCES:
+            built.append((node.lineno, node.value[:80]))
+    assert built == []
 
 
 # -- HTTP: who may upload --------------------------------------------------------------------------------------
