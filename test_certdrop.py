@@ -46,6 +46,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import hypothesis
+import hypothesis.stateful
 import hypothesis.strategies as st
 import pytest
 import webtest
@@ -1936,6 +1937,237 @@ def test_result_page_passes_on_the_steps_of_every_family(testapp, root_der):
     for label in ("Nokia Symbian (S60)", "Nokia Series 40", "iPhone and iPad", "Android", "Windows", "macOS",
                   "Linux", "Firefox"):
         assert label in text
+
+
+# -- property test: a warm server answers exactly as a fresh one (issue 18) -------------------------------------
+
+#: What the warm server is asked with: the tests' own names and broken ones, real clients from the tables above,
+#: and formats a phone or a script asks for. None leaves the header out.
+WARM_HOSTS = [*TEST_HOSTS, "ca.example.org:8080", "localhost:8080", "evil.example", "x:99999", None]
+WARM_AGENTS = [*(agent for agent, _, _ in USER_AGENTS.values()), *S60_AGENTS.values(), *OTHER_AGENTS.values(),
+               "curl/8.5.0", None]
+WARM_ACCEPTS = ["text/html", "application/json", "*/*", "application/x-x509-ca-cert", "text/plain",
+                "application/vnd.wap.xhtml+xml", "text/vnd.wap.wml", "application/json;q=0.5, text/html",
+                "application/x-x509-ca-cert, */*;q=0.1", None]
+WARM_LANGUAGES = ["en", "de-DE", "nl;q=0.5", "\xe9;;q=x", None]
+WARM_QUERIES = ["", "format=der", "format=pem", "format=page", "format=mobileconfig", "format=whc", "format=whc-alt",
+                "format=bogus", "format=", "x=1&format=pem", "format=%70em"]
+WARM_SUFFIXES = ["", "/", "/card", "/qr.svg", "/qr.png", "/ca.crt", "/ca.cer", "/ca.pem", "/ca.mobileconfig",
+                 "/ca.whc", "/ca.alt.whc", "/Example_Root_CA.CER", "/revoke", "/nope"]
+WARM_OTHER_PATHS = ["/", "/healthz", "/nope", "/favicon.ico", "/c/", "/c"]
+#: Durations the clock jumps by: within a link's life, past the ends of links (1h, 1d, 7d) and of tombstones
+#: (30 days), and back (a clock set back by NTP).
+WARM_CLOCK_MOVES = st.one_of(st.integers(1, 600), st.integers(1, 3 * DAY),
+                             st.sampled_from([3599, 3600, 3601, DAY, 7 * DAY, 31 * DAY]), st.integers(-3600, -1))
+LATIN_1_WORD = st.text(st.characters(max_codepoint=255), max_size=12)  # as WSGI carries paths and headers
+TOKEN_LIKE = st.one_of(st.text(certdrop.TOKEN_ALPHABET, min_size=6, max_size=10),  # well-formed, mostly unknown
+                       st.text("abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=9))
+
+
+@functools.cache
+def warm_certificates():
+    """Return the DER of the CAs the warm server shares: two roots, an intermediate, and a root whose end cuts
+    its links short (five days after NOW)."""
+    root, root_key = make_certificate("Warm Root CA", serial=181)
+    intermediate = make_certificate("Warm Issuing CA", issuer=root.subject, issuer_key=root_key, ca=True, serial=182)
+    short = make_certificate("Short-lived CA", serial=183,
+                             not_after=datetime.datetime.fromtimestamp(NOW + 5 * DAY, datetime.timezone.utc))
+    second = make_certificate("Zweite Stelle \xfc", serial=184)
+    return [cert.public_bytes(serialization.Encoding.DER) for cert in (root, intermediate[0], short[0], second[0])]
+
+
+def warm_environ(method, path, query="", headers=(), script_name="", remote_addr="127.0.0.1", body=b"",
+                 content_type=""):
+    """Return the environ a WSGI server makes of a request; *headers* are (name, value) pairs, None left out."""
+    environ = {"REQUEST_METHOD": method, "SCRIPT_NAME": script_name, "PATH_INFO": path, "QUERY_STRING": query,
+               "SERVER_NAME": "ca.example.net", "SERVER_PORT": "8080", "SERVER_PROTOCOL": "HTTP/1.1",
+               "REMOTE_ADDR": remote_addr, "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+               "wsgi.errors": io.StringIO(), "wsgi.multithread": True, "wsgi.multiprocess": False,
+               "wsgi.run_once": False, "wsgi.version": (1, 0)}
+    if body or content_type:
+        environ.update(CONTENT_LENGTH=str(len(body)), CONTENT_TYPE=content_type)
+    for name, value in headers:
+        if value is not None:
+            environ["HTTP_" + name.upper().replace("-", "_")] = value
+    return environ
+
+
+def wsgi_answer(app, environ):
+    """Return (status line, headers, body) of *app* for *environ*; Date left out (a server adds it, not the app)."""
+    started = []
+    body = b"".join(app(environ, lambda status, headers, exc_info=None: started.append((status, headers))))
+    (status, headers), = started
+    return status, [(name, value) for name, value in headers if name.lower() != "date"], body
+
+
+def answer_difference(warm, fresh):
+    """Return how two answers (status line, headers, body) differ: the status or headers, else where bodies part."""
+    if warm[:2] != fresh[:2]:
+        return f"warm {warm[:2]!r}, fresh {fresh[:2]!r}"
+    warm, fresh = warm[2], fresh[2]
+    at = next((index for index, (a, b) in enumerate(zip(warm, fresh)) if a != b), min(len(warm), len(fresh)))
+    return f"bodies differ at byte {at}: warm {warm[at - 60:at + 100]!r}, fresh {fresh[at - 60:at + 100]!r}"
+
+
+def logged_target(script_name, path, query):
+    """Return how the access log must name a request's target: percent-encoded where a terminal could be fooled."""
+    safe = "/:@!$&'()*+,;=-._~"
+    target = urllib.parse.quote(script_name.rstrip("/") + path, safe=safe)
+    return target + ("?" + urllib.parse.quote(query, safe=safe + "?") if query else "")
+
+
+class NewLines:
+    """An AccessLog writing to memory; called, it returns the lines written since the last call."""
+
+    def __init__(self):
+        self.stream = io.StringIO()
+        self.access_log, self.seen = certdrop.AccessLog(self.stream), 0
+
+    def __call__(self):
+        self.access_log.flush()  # the log's own thread may have written some already: all are in the stream
+        text = self.stream.getvalue()
+        text, self.seen = text[self.seen:], len(text)
+        return text.splitlines()
+
+
+@functools.cache
+def warm_access_logs():
+    """Return the access logs of the warm apps and of the fresh ones: an app starts a writer thread for its log
+    that never ends, so every run of the machine shares these two."""
+    return NewLines(), NewLines()
+
+
+@hypothesis.settings(max_examples=50, stateful_step_count=40, deadline=None, database=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large])
+class AWarmServerAnswersExactlyAsAFreshOne(hypothesis.stateful.RuleBasedStateMachine):
+    """One server kept warm through uploads, revokes, sweeps, clock moves and requests; each request it answers is
+    asked again of an app built afresh on a store read afresh from the same directory, and both answers must be
+    the same bytes, and both access log lines name the request as it was made. Rate limits are off: 429s have
+    tests of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.directory = Path(tempfile.mkdtemp(prefix="certdrop-warm-"))
+        self.clock = FakeClock()
+        self.config = certdrop.Config(data_dir=self.directory, allowed_hosts=TEST_HOSTS, upload_password=KEY,
+                                      lookup_limit=0, upload_limit=0)
+        # Changes go through the warm app's own store, which must show them at once: another process's changes
+        # would be seen only when the store looks at the disk again, a second of real time later.
+        self.store = certdrop.make_store(self.config, self.clock)
+        self.warm_lines, self.fresh_lines = warm_access_logs()
+        self.warm_lines(), self.fresh_lines()  # lines of an earlier run that ended midway are not this run's
+        self.warm = certdrop.make_app(self.config, self.store, self.clock, access_log=self.warm_lines.access_log)
+        self.tokens = []
+        self.etags = ['"nope"', "*"]
+        self.asked = None  # the last request under /c/
+
+    def teardown(self):
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def fresh_answer(self, environ):
+        fresh = certdrop.make_app(self.config, certdrop.make_store(self.config, self.clock), self.clock,
+                                  access_log=self.fresh_lines.access_log)
+        return wsgi_answer(fresh, environ)
+
+    @hypothesis.stateful.rule(der=st.sampled_from(range(4)), ttl=st.sampled_from(["1h", "1d", "7d", ""]),
+                              accept=st.sampled_from(["application/json", "text/html"]))
+    def upload_through_the_warm_server(self, der, ttl, accept):
+        environ = warm_environ("POST", "/", f"ttl={ttl}" if ttl else "", [("Host", "ca.example.org"),
+                               ("Accept", accept), ("User-Agent", "curl/8.5.0")],
+                               body=warm_certificates()[der], content_type="application/pkix-cert")
+        status, headers, body = wsgi_answer(self.warm, environ)
+        assert status[:3] in ("200", "201"), (status, body[:500])
+        self.tokens.append(re.search(r"/c/([a-z0-9]+)", dict(headers)["Location"])[1])
+        line, = self.warm_lines()
+        assert line.split(" ")[2:6] == ["POST", logged_target("", "/", environ["QUERY_STRING"]), status[:3],
+                                        str(len(body))], line
+
+    @hypothesis.stateful.initialize(der=st.sampled_from(range(4)), seconds=st.sampled_from([3600, DAY, 7 * DAY]))
+    def a_link_to_begin_with(self, der, seconds):
+        self.add_to_the_warm_store(der, seconds)
+
+    @hypothesis.stateful.rule(der=st.sampled_from(range(4)), seconds=st.sampled_from([3600, DAY, 7 * DAY]))
+    def add_to_the_warm_store(self, der, seconds):
+        entry, _ = self.store.add(certdrop.load_der(warm_certificates()[der]), self.clock() + seconds)
+        self.tokens.append(entry.token)
+
+    @hypothesis.stateful.precondition(lambda self: self.tokens)
+    @hypothesis.stateful.rule(data=st.data())
+    def revoke_in_the_warm_store(self, data):
+        with contextlib.suppress(certdrop.UnknownToken, certdrop.LinkGone):  # gone already, or swept away
+            self.store.revoke(data.draw(st.sampled_from(self.tokens), label="token"))
+
+    @hypothesis.stateful.rule()
+    def sweep_the_warm_store(self):
+        self.store.sweep()
+
+    @hypothesis.stateful.rule(seconds=WARM_CLOCK_MOVES)
+    def move_the_clock(self, seconds):
+        self.clock.advance(seconds)
+
+    def draw_request(self, draw, token):
+        """Return (method, path, query, headers, SCRIPT_NAME, REMOTE_ADDR) of a request about *token*."""
+        token = draw(st.sampled_from([token, token, token, token.upper(), token[:1].upper() + token[1:]]))
+        path = draw(st.one_of(st.sampled_from(["", "", "", "/", "/ca.cer", "/ca.crt"]), st.sampled_from(WARM_SUFFIXES),
+                              LATIN_1_WORD.map(lambda name: f"/{name}.cer")).map(lambda suffix: f"/c/{token}{suffix}"))
+        # A wrong secret posted to /revoke counts towards a limit that no setting turns off (the revoke tests have it)
+        method = draw(st.sampled_from(["GET"] * 6 + ["HEAD", "PUT"] + ([] if path.endswith("/revoke") else ["POST"])))
+        query = draw(st.one_of(st.just(""), st.sampled_from(WARM_QUERIES), LATIN_1_WORD))
+        headers = (("Host", draw(st.sampled_from([*TEST_HOSTS, "ca.example.org:8080", *WARM_HOSTS]))),
+                   ("User-Agent", draw(st.one_of(st.sampled_from(WARM_AGENTS), LATIN_1_WORD))),
+                   ("Accept", draw(st.one_of(st.sampled_from(WARM_ACCEPTS), LATIN_1_WORD))),
+                   ("Accept-Language", draw(st.sampled_from(WARM_LANGUAGES))),
+                   ("If-None-Match", draw(st.one_of(st.none(), st.none(), st.sampled_from(self.etags)))))
+        script_name = draw(st.sampled_from(["", "", "/certdrop"]))
+        remote_addr = draw(st.sampled_from(["127.0.0.1", "127.0.0.1", "192.168.1.9", "203.0.113.7"]))
+        return method, path, query, headers, script_name, remote_addr
+
+    @hypothesis.stateful.precondition(lambda self: self.tokens)
+    @hypothesis.stateful.rule(data=st.data(), times=st.integers(1, 3))
+    def ask_about_a_link(self, data, times):
+        token = data.draw(st.sampled_from(self.tokens), label="token")
+        self.ask(data.draw(st.composite(lambda draw: self.draw_request(draw, token))(), label="request"), times)
+
+    @hypothesis.stateful.precondition(lambda self: self.asked)
+    @hypothesis.stateful.rule(data=st.data(), times=st.integers(1, 3))
+    def ask_the_same_about_another_link(self, data, times):
+        """What was decided for one token's request (device, format, file name) is kept for any token's."""
+        token = data.draw(st.one_of(st.sampled_from(self.tokens), TOKEN_LIKE), label="token")
+        method, path, *rest = self.asked
+        parts = path.split("/", 3)
+        self.ask((method, "/".join([*parts[:2], token, *parts[3:]]), *rest), times)
+
+    @hypothesis.stateful.rule(data=st.data(), times=st.integers(1, 3))
+    def ask_anything(self, data, times):
+        token = data.draw(TOKEN_LIKE, label="token")
+        request = data.draw(st.composite(lambda draw: self.draw_request(draw, token))(), label="request")
+        path = data.draw(st.one_of(st.just(request[1]), st.sampled_from(WARM_OTHER_PATHS)), label="path")
+        self.ask((request[0], path, *request[2:]), times)
+
+    def ask(self, request, times):
+        """Ask the warm app *times* times, and a fresh app each time; the hot path keeps answers for next time."""
+        method, path, query, headers, script_name, remote_addr = request
+        if path.startswith("/c/"):
+            self.asked = request
+        for _ in range(times):
+            warm = wsgi_answer(self.warm, warm_environ(method, path, query, headers, script_name, remote_addr))
+            fresh = self.fresh_answer(warm_environ(method, path, query, headers, script_name, remote_addr))
+            assert warm == fresh, answer_difference(warm, fresh)
+            self.etags.extend(value for name, value in warm[1] if name == "ETag" and value not in self.etags)
+            self.check_access_log(method, script_name, path, query, warm)
+
+    def check_access_log(self, method, script_name, path, query, answer):
+        """Check that the warm app's line names the request as it was made, and says what the fresh app's says."""
+        (warm_line,), (fresh_line,) = self.warm_lines(), self.fresh_lines()
+        warm, fresh = warm_line.split(" "), fresh_line.split(" ")
+        status, _, body = answer
+        # time, client address, method, target, status, bytes, device, duration
+        assert warm[2:6] == [method, logged_target(script_name, path, query), status[:3], str(len(body))], warm_line
+        assert warm[1:-1] == fresh[1:-1], (warm_line, fresh_line)
+
+
+# A RuleBasedStateMachine runs as the unittest TestCase it makes; pytest collects a class only by a Test* name.
+TestAWarmServerAnswersExactlyAsAFreshOne = AWarmServerAnswersExactlyAsAFreshOne.TestCase
 
 
 # -- store -----------------------------------------------------------------------------------------------------
