@@ -4043,12 +4043,17 @@ class RequestKey(typing.NamedTuple):
 
 
 def request_key(environ: dict) -> RequestKey:
-    """Return the RequestKey of a request: spelt out, field by field, since it runs on every request."""
+    """Return the RequestKey of a request: spelt out, field by field, in RequestKey's order, since it runs on every
+    request (made with tuple.__new__, which skips the Python frame of RequestKey(...): a third of the cost)."""
     get = environ.get
-    return RequestKey(get("PATH_INFO"), get("REQUEST_METHOD"), get("QUERY_STRING"), get("HTTP_USER_AGENT"),
-                      get("HTTP_ACCEPT"), get("HTTP_X_OPERAMINI_PHONE_UA"), get("HTTP_X_UCBROWSER_DEVICE_UA"),
-                      get("HTTP_DEVICE_STOCK_UA"), get("HTTP_ACCEPT_LANGUAGE"), get("HTTP_HOST"), get("SERVER_NAME"),
-                      get("SERVER_PORT"), get("wsgi.url_scheme"), get("SCRIPT_NAME"))
+    return _new_tuple(RequestKey, (
+        get("PATH_INFO"), get("REQUEST_METHOD"), get("QUERY_STRING"), get("HTTP_USER_AGENT"), get("HTTP_ACCEPT"),
+        get("HTTP_X_OPERAMINI_PHONE_UA"), get("HTTP_X_UCBROWSER_DEVICE_UA"), get("HTTP_DEVICE_STOCK_UA"),
+        get("HTTP_ACCEPT_LANGUAGE"), get("HTTP_HOST"), get("SERVER_NAME"), get("SERVER_PORT"), get("wsgi.url_scheme"),
+        get("SCRIPT_NAME")))
+
+
+_new_tuple = tuple.__new__
 
 
 #: Keys longer than this (all their fields, in characters) are never kept: a client chooses them.
@@ -5226,6 +5231,7 @@ class App:
         self.answers = AnswerCache(config.answer_cache_size)
         store.watchers.append(self.answers.forget)
         self.hot_get = self.answers.hot.get  # bound once: serve_hot calls it on every request
+        self.limited = self.lookups.blocked  # the clients the lookup limit holds back; empty almost always
         #: the path of public_url, which every address certdrop writes starts with; None: from SCRIPT_NAME
         self.public_path = urllib.parse.urlsplit(config.public_url).path.rstrip("/") if config.public_url else None
         self.answer_request, self.screen_request = self.answer, self.screen_direct
@@ -5320,7 +5326,7 @@ class App:
         key = request_key(environ)
         hot = self.hot_get(key)
         if (hot is None or not hot.since <= self.clock() < hot.until
-                or self.lookups.blocked and self.lookups.retry_after(environ.get("REMOTE_ADDR", ""))):
+                or self.limited and self.lookups.retry_after(environ.get("REMOTE_ADDR", ""))):
             hot = self.find_hot(key, environ.get("REMOTE_ADDR", ""))
             if hot is None:
                 return None

@@ -1786,8 +1786,16 @@ def test_every_value_an_answer_depends_on_is_in_the_request_key_and_all_but_the_
     assert certdrop.Signature.of(key_of(environ), "ca.cer", True) != certdrop.Signature.of(key_of(environ), "", True)
 
 
-def test_request_keys_and_signatures_are_read_by_name_so_a_new_field_changes_nothing_else():
-    assert certdrop.RequestKey._fields[-1] == "script_name" and "accept_language" in certdrop.RequestKey._fields
+def test_request_key_fills_each_named_field_from_its_own_environ_value():
+    sources = {"path": "PATH_INFO", "method": "REQUEST_METHOD", "query": "QUERY_STRING", "user_agent": "HTTP_USER_AGENT",
+               "accept": "HTTP_ACCEPT", "opera_mini_phone_ua": "HTTP_X_OPERAMINI_PHONE_UA",
+               "uc_browser_device_ua": "HTTP_X_UCBROWSER_DEVICE_UA", "device_stock_ua": "HTTP_DEVICE_STOCK_UA",
+               "accept_language": "HTTP_ACCEPT_LANGUAGE", "host": "HTTP_HOST", "server_name": "SERVER_NAME",
+               "server_port": "SERVER_PORT", "scheme": "wsgi.url_scheme", "script_name": "SCRIPT_NAME"}
+    assert set(sources) == set(certdrop.RequestKey._fields)
+    key = certdrop.request_key({source: f"value of {source}" for source in sources.values()})
+    assert {field: getattr(key, field) for field in sources} == {field: f"value of {source}"
+                                                                  for field, source in sources.items()}
     assert {"host_accepted", "language"} <= set(certdrop.Signature._fields)
 
 
