@@ -4235,7 +4235,7 @@ class ErrorPage(typing.NamedTuple):
         fmt = response_format(request)
         content_type = nokia_page_type(request.header("Accept")) if fmt == "nokia" else ""
         return cls(error.status, error.code, error.message, error.headers, fmt, content_type,
-                   request.path.startswith("/c/"), home)
+                   request.path.startswith("/c/"), home, reader_language(request.header("Accept-Language")))
 
 
 def render_error(page: ErrorPage, extra_html: str = "") -> Response:
@@ -4379,6 +4379,7 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when counted)
         #: client -> when its next token is there; empty while nobody is limited, which the hot path checks alone
         self.blocked: dict[str, float] = {}
+        self._room_at = -math.inf  # a full table of limited clients has no room before this
         self._lock = threading.Lock()
 
     def retry_after(self, address: str) -> float:
@@ -4402,9 +4403,11 @@ class RateLimiter:
         key, now = client_key(address), self.clock()
         with self._lock:
             if key not in self._buckets and len(self._buckets) >= self.MAX_CLIENTS:
-                self._make_room(now)
-                if len(self._buckets) >= self.MAX_CLIENTS:
+                if now >= self._room_at:
+                    self._make_room(now)
+                if len(self._buckets) >= self.MAX_CLIENTS:  # every one limited: look again when the first is free
                     key = self.OVERFLOW
+                    self._room_at = min(self.blocked.values(), default=now)
             tokens, then = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - then) * self.rate)
             if tokens < 1:
@@ -4951,15 +4954,17 @@ class AnswerCache:
 
     def keep_hot(self, key: RequestKey, hot: HotAnswer, generation: int) -> None:
         """Keep *hot* by *key*, unless a token was forgotten since *generation* was read (its entry may be gone)."""
-        if key_length(key) <= MAX_KEPT_KEY and generation == self.generation:
-            self._keep(hot.token, self.hot, key, hot, key_length(key) + HOT_OVERHEAD)
+        if key_length(key) <= MAX_KEPT_KEY:
+            self._keep(hot.token, self.hot, key, hot, key_length(key) + HOT_OVERHEAD, generation)
 
-    def _keep(self, token: str, part: BoundedMap, key: typing.Hashable, value: object, size: int) -> None:
+    def _keep(self, token: str, part: BoundedMap, key: typing.Hashable, value: object, size: int,
+              generation: int | None = None) -> None:
         with self._lock:
-            keys = self._keys_of.setdefault(token, set())
+            keys = self._keys_of.get(token, set())
             built = sum(isinstance(kept, BuiltKey) for kept in keys) if part is self.built else 0
-            if size > part.max_bytes or built >= MAX_ANSWERS_PER_TOKEN:
+            if size > part.max_bytes or built >= MAX_ANSWERS_PER_TOKEN or generation not in (None, self.generation):
                 return
+            self._keys_of[token] = keys
             keys.add(key)
             for old_key, old_value in part.put(key, value, size):
                 old_token = old_key.token if isinstance(old_key, BuiltKey) else old_value.token
@@ -5028,6 +5033,9 @@ SESSION_SECONDS = 12 * 3600
 
 #: A session cookie's value: when it ends, its random id, and their HMAC under the upload key (session_value).
 SESSION_RE = re.compile(r"([0-9]{1,12})\.([0-9a-f]{32})\.[0-9a-f]{64}")
+
+#: The largest "e-mail this link" form: addresses and tokens.
+MAIL_FORM_BYTES = 16384
 
 #: Who the mail budget counts: the whole server.
 MAIL_BUDGET_KEY = "every client"
@@ -5178,30 +5186,6 @@ class UploadGate:
         return self.session_of(request) is not None
 
 
-    def check_before_body(self, request: Request, uploads: bool, signs_in: bool, upload_limit: RateLimiter,
-                          lookup_limit: RateLimiter) -> int:
-        """Make the checks a handler makes before it reads a body (*uploads*: an upload or a mail, which need the
-        key; *signs_in*: a sign-in, which needs the network); return the largest body it reads."""
-        if not request.path.startswith(LENIENT_PATHS):
-            self.check_host(request)
-        self.refuse_cross_site(request)
-        address = request.remote_addr
-        if uploads:
-            self.authorize(request)
-            wait, limit = upload_limit.retry_after(address), self.config.max_upload
-        else:
-            if signs_in:
-                self.check_network(request)
-            wait = max(self.sign_in_failures.retry_after(address), lookup_limit.retry_after(address))
-            limit = SMALL_BODY
-        if wait:
-            raise TooManyRequests(wait)
-        declared = request.environ.get("CONTENT_LENGTH", "")
-        if re.fullmatch(r"[0-9]{1,20}", declared) and int(declared) > limit:
-            raise payload_too_large(limit)
-        return limit
-
-
 def base_url_of(request: Request, config: Config, host_accepted: bool) -> str:
     """Return the URL that links start with for *request* (see link_base)."""
     return link_base(Signature.of(request_key(request.environ), "", host_accepted), config)
@@ -5267,11 +5251,14 @@ class App:
 
         FairServer asks this when the headers are in, before a "100 Continue" or any body byte is taken.
         """
-        self.note_proxy(environ)
-        self.screen_request(environ, None)
-        return environ.pop("certdrop.screened")
+        try:  # in waitress's loop thread: nothing may escape, or the connection just ends
+            self.note_proxy(environ)
+            self.screen_request(environ, lambda *arguments: None)
+        except Exception:
+            log.exception("could not check a request before its body; the app will, once the body is in")
+        return environ.pop("certdrop.screened", (None, SMALL_BODY))  # none when waitress's proxy reading refused
 
-    def screen_direct(self, environ: dict, start_response: Callable | None) -> list[bytes]:
+    def screen_direct(self, environ: dict, start_response: Callable) -> list[bytes]:
         request = Request(environ)
         try:
             handler, _ = match_route(request.method, request.path)
@@ -5279,13 +5266,39 @@ class App:
             environ["certdrop.screened"] = None, SMALL_BODY
             return []
         try:
-            limit = self.gate.check_before_body(request, handler in (App.upload, App.mail), handler is App.signin,
-                                                self.uploads, self.lookups)
+            limit = self.check_before_body(request, handler)
+        except CertdropError as error:
+            environ["certdrop.screened"] = self.error_answer(request, http_error_for(error)), 0
         except HTTPError as error:
             environ["certdrop.screened"] = self.error_answer(request, error), 0
-            return []
-        environ["certdrop.screened"] = None, limit
+        else:
+            environ["certdrop.screened"] = None, limit
         return []
+
+    def check_before_body(self, request: Request, handler: Callable) -> int:
+        """Make the checks *handler* makes before it reads a body, no more; return the largest body it reads."""
+        gate, address = self.gate, request.remote_addr
+        if handler not in (App.upload, App.mail, App.signin, App.signout, App.revoke):
+            return SMALL_BODY  # pages that read no body: whatever is sent is dropped
+        if not request.path.startswith(LENIENT_PATHS):
+            gate.check_host(request)
+        gate.refuse_cross_site(request)
+        wait, limit = 0.0, SMALL_BODY
+        if handler in (App.upload, App.mail):
+            gate.authorize(request)
+            limit = self.config.max_upload if handler is App.upload else MAIL_FORM_BYTES
+            wait = self.uploads.retry_after(address if handler is App.upload else mail_client(address))
+        elif handler is App.signin:
+            gate.check_network(request)
+            wait = gate.sign_in_failures.retry_after(address)
+        elif handler is App.revoke:
+            wait = max(gate.sign_in_failures.retry_after(address), self.lookups.retry_after(address))
+        if wait:
+            raise TooManyRequests(wait)
+        declared = request.environ.get("CONTENT_LENGTH", "")
+        if re.fullmatch(r"[0-9]{1,20}", declared) and int(declared) > limit:
+            raise payload_too_large(limit)
+        return limit
 
     def take_forwarded_prefix(self, environ: dict) -> None:
         """Prepend an X-Forwarded-Prefix from the trusted proxy to SCRIPT_NAME; drop one from anybody else.
@@ -5500,7 +5513,7 @@ class App:
                 "hand the link out another way.",
                 "This server has sent the {count} messages an hour its per_hour setting allows. Nothing was sent; "
                 "hand the link out another way.", self.config.mail_per_hour).format(count=self.config.mail_per_hour))
-        fields = parse_form(request, 16384, fields=("to", "tokens"))
+        fields = parse_form(request, MAIL_FORM_BYTES, fields=("to", "tokens"))
         try:
             recipients = parse_addresses(fields.get("to", b"").decode("utf-8", "replace")[:4000],
                                          self.config.mail_recipients)
@@ -5782,6 +5795,7 @@ def fair_server_class() -> type:
         def __init__(self, adj, channel):
             super().__init__(adj)
             self.channel = channel
+            self.began = time.monotonic()  # waitress makes a parser with a request's first byte: header_seconds run
 
         def received(self, data: bytes) -> int:
             consumed = super().received(data)
@@ -5789,7 +5803,9 @@ def fair_server_class() -> type:
                 self.screened = True
                 if self.body_rcv is not None or self.content_length:
                     self.screen()
-            if self.body_bytes_received > self.body_limit and not self.completed:  # a chunked body past its limit
+            # A body without a length (chunked) may not run on past its limit: twice it, as waitress counts the
+            # chunks' framing too (a declared length was checked against the limit itself, by the screen)
+            if self.body_bytes_received > 2 * self.body_limit and not self.completed:
                 self.error, self.completed = RequestEntityTooLarge("exceeds the body this request may carry"), True
             return consumed
 
@@ -5811,52 +5827,63 @@ def fair_server_class() -> type:
 
     class FairChannel(HTTPChannel):
         """waitress's connection, counted per client, with a deadline for each request's line and headers and a
-        lingering close after an early refusal."""
+        lingering close after an early refusal.
+
+        waitress's loop asks each channel readable() on every turn and hands what it reads to received(): neither
+        is overridden, as that would cost every request a frame or two; a lingering channel replaces both on
+        itself (see linger).
+        """
 
         refused_early = False
         lingering_until = 0.0
         dropped = 0
 
-        def __init__(self, server, sock, addr, adj, map=None):
-            self.client = client_key(addr[0])
-            self.request_began = time.monotonic()
+        def __init__(self, server, sock, addr, adj, map=None, client: str = ""):
             self.parser_class = functools.partial(ScreenedParser, channel=self)  # waitress: parser_class(adj)
-            super().__init__(server, sock, addr, adj, map)
-            server.clients[self.client] = server.clients.get(self.client, 0) + 1
-
-        def received(self, data: bytes) -> bool:
-            if self.lingering_until:
-                self.dropped += len(data)
-                if self.dropped > LINGER_BYTES:
-                    self.close()
-                return True
-            if self.request is None:  # waitress starts a request (request = parser) with its first byte
-                self.request_began = time.monotonic()
-            return super().received(data)
-
-        def readable(self) -> bool:
-            return bool(self.lingering_until) or super().readable()
+            self.client = client or client_key(addr[0])
+            server.clients[self.client] = server.clients.get(self.client, 0) + 1  # counted out in del_channel
+            try:
+                super().__init__(server, sock, addr, adj, map)
+            except BaseException:
+                self.count_out(server)
+                raise
 
         def handle_close(self) -> None:
-            """Close, or, once an early refusal is sent, stop sending and read on for a while (see received)."""
+            """Close, or, once an early refusal is sent, stop sending and read on for a while (see linger)."""
             if self.refused_early and not self.lingering_until and self.connected and self.socket is not None:
                 with contextlib.suppress(OSError):
                     self.socket.shutdown(socket.SHUT_WR)
-                    self.lingering_until = time.monotonic() + LINGER_SECONDS
-                    self.will_close = self.close_when_flushed = False
+                    self.linger()
                     return
             super().handle_close()
 
+        def linger(self) -> None:
+            """Read and drop what the client still sends, up to LINGER_BYTES and LINGER_SECONDS (maintenance closes
+            it then), so that it reads the refusal before the connection ends."""
+            self.lingering_until = time.monotonic() + LINGER_SECONDS
+            self.will_close = self.close_when_flushed = False
+            self.readable = lambda: True
+            self.received = self.drop
+
+        def drop(self, data: bytes) -> bool:
+            self.dropped += len(data)
+            if self.dropped > LINGER_BYTES:
+                self.close()
+            return True
+
         def del_channel(self, map=None) -> None:
             """Count the connection out: every way waitress closes one (close, handle_close) ends here."""
-            if self.client is not None:
-                count = self.server.clients.get(self.client, 1) - 1
-                if count > 0:
-                    self.server.clients[self.client] = count
-                else:
-                    self.server.clients.pop(self.client, None)
-                self.client = None
+            self.count_out(self.server)
             super().del_channel(map)
+
+        def count_out(self, server) -> None:
+            if self.client is not None:
+                count = server.clients.get(self.client, 1) - 1
+                if count > 0:
+                    server.clients[self.client] = count
+                else:
+                    server.clients.pop(self.client, None)
+                self.client = None
 
     class FairServer(TcpWSGIServer):
         """waitress's TCP server with a cap on each client's connections and the channels above."""
@@ -5886,11 +5913,12 @@ def fair_server_class() -> type:
                 with contextlib.suppress(OSError):
                     connection.setblocking(False)
                     connection.send(TOO_MANY_CONNECTIONS)
+                    connection.recv(65536)  # a request already sent, read: closing over unread bytes is a reset
                 connection.close()
                 return
             with contextlib.suppress(OSError):
                 self.set_socket_options(connection)
-                self.channel_class(self, connection, self.fix_addr(address), self.adj, map=self._map)
+                self.channel_class(self, connection, self.fix_addr(address), self.adj, map=self._map, client=client)
                 return
             connection.close()
 
@@ -5903,7 +5931,7 @@ def fair_server_class() -> type:
                 if channel.lingering_until and monotonic > channel.lingering_until:
                     channel.close()
                 elif (channel.request is not None and not channel.request.headers_finished
-                      and channel.request_began < late):
+                      and channel.request.began < late):
                     channel.will_close = True
 
     return FairServer

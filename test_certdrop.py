@@ -4891,6 +4891,55 @@ def test_request_headers_that_trickle_in_are_cut_off_after_header_timeout(tmp_pa
         server.stop()
 
 
+def screening_environ(path="/", **headers):
+    """Return what the fair server hands App.screen once a POST's headers are in."""
+    return {"REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": "", "SCRIPT_NAME": "", "REMOTE_ADDR": REMOTE,
+            "wsgi.url_scheme": "http", "SERVER_NAME": "ca.example.org", "SERVER_PORT": "8080",
+            "HTTP_HOST": "ca.example.org:8080", "CONTENT_LENGTH": "100", **headers}
+
+
+def test_the_screen_refuses_a_keyless_upload_from_its_headers_and_lets_a_keyed_one_through(keyed):
+    refusal, _ = keyed.screen(screening_environ())
+    assert refusal.code == 401 and b"upload key" in refusal.body[0]
+    assert keyed.screen(screening_environ(HTTP_AUTHORIZATION=basic(KEY)["Authorization"])) == (None, 1024 * 1024)
+    refusal, _ = keyed.screen(screening_environ(HTTP_AUTHORIZATION=basic(KEY)["Authorization"], CONTENT_LENGTH="9" * 9))
+    assert refusal.code == 413
+
+
+def test_the_screen_makes_no_check_its_handler_does_not_make(keyed):
+    for _ in range(certdrop.LOOKUP_BURST + 1):  # a classroom behind one address that mistyped links
+        client(keyed, REMOTE_ADDR=REMOTE).get("/c/abcdefgh", status="*")
+    assert keyed.screen(screening_environ("/signin")) == (None, certdrop.SMALL_BODY)
+    assert keyed.screen(screening_environ("/signout")) == (None, certdrop.SMALL_BODY)
+    assert keyed.screen(screening_environ("/c/abcdefgh/revoke"))[0].code == 429  # removing does count lookups
+
+
+def test_nothing_the_screen_meets_escapes_into_waitress(config, store, clock, keyed):
+    config.data_dir.mkdir(exist_ok=True)
+    (config.data_dir / certdrop.SignOuts.FILE).mkdir()  # the sign-outs cannot be read: the app answers 503
+    cookie = f"{certdrop.SESSION_COOKIE}={keyed.gate.session_value(int(NOW) + 60, 'a' * 32)}"
+    refusal, _ = keyed.screen(screening_environ(HTTP_COOKIE=cookie))
+    assert refusal.code == 503
+    proxied_app = app_with(config, store, clock, trusted_proxy="192.168.1.20", upload_password=KEY)
+    assert proxied_app.screen(screening_environ(HTTP_X_FORWARDED_PROTO="gopher")) == (None, certdrop.SMALL_BODY)
+
+
+def test_a_rate_limit_table_full_of_limited_clients_makes_room_once_until_one_is_free(monkeypatch):
+    monkeypatch.setattr(certdrop.RateLimiter, "MAX_CLIENTS", 4)
+    clock = FakeClock()
+    limiter, calls = certdrop.RateLimiter(60, 1, clock), []
+    for number in range(4):
+        limiter.spend(f"10.0.0.{number}")
+    make_room = limiter._make_room
+    monkeypatch.setattr(limiter, "_make_room", lambda now: calls.append(now) or make_room(now))
+    for number in range(50):
+        limiter.spend(f"10.0.1.{number}")
+    assert len(calls) == 1
+    clock.advance(2)
+    limiter.spend("10.0.2.1")
+    assert len(calls) == 2 and "10.0.2.1" in limiter._buckets
+
+
 def test_waitress_internals_that_the_fair_server_relies_on_are_still_there():
     """The fair server subclasses waitress's server, channel and parser (see certdrop's "Fair shares" section):
     an upgrade of waitress that renames what it relies on must fail here, not in production."""
