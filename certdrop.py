@@ -1380,6 +1380,25 @@ def chain_order(certificates: list[Certificate], issuers: dict[bytes, Certificat
     return sorted(certificates, key=depth)
 
 
+def chains_within(certificates: list[Certificate]) -> dict[bytes, tuple[Certificate, ...]]:
+    """Return, by SHA-256, the chain each of *certificates* (roots first) belongs to: every one of them below the
+    same topmost issuer found among them, in their order, so a root and its intermediates share one chain."""
+    issuers = issuers_within(certificates)
+
+    def top(certificate: Certificate) -> bytes:
+        seen = set()
+        while certificate.sha256 in issuers and certificate.sha256 not in seen:
+            seen.add(certificate.sha256)
+            certificate = issuers[certificate.sha256]
+        return certificate.sha256
+
+    tops = {certificate.sha256: top(certificate) for certificate in certificates}
+    members: dict[bytes, list[Certificate]] = {}
+    for certificate in certificates:
+        members.setdefault(tops[certificate.sha256], []).append(certificate)
+    return {sha256: tuple(members[tops[sha256]]) for sha256 in tops}
+
+
 # -- the diagnosis ---------------------------------------------------------------------------------------------
 
 
@@ -1785,34 +1804,51 @@ def _plist_text(text: str) -> str:
     return XML_INVALID_RE.sub("\ufffd", BIDI_CONTROLS_RE.sub("", LINE_BREAKS_RE.sub(" ", text)))
 
 
-def apple_profile(certificate: Certificate) -> bytes:
-    """Return an unsigned configuration profile (``.mobileconfig``) that installs *certificate*.
+def apple_profile(*chain: Certificate, language: str = "", signed: bool = False) -> bytes:
+    """Return an unsigned configuration profile (``.mobileconfig``) that installs *chain*: its root (or topmost CA)
+    first, then the intermediates below it, one payload each.
 
-    UUIDs and identifiers follow from the SHA-256, so downloading it again replaces the earlier install, and a
-    renewed CA with the same name installs beside the old one instead of replacing it.
+    The PayloadIdentifier follows from the chain's first certificate, so installing the profile again (a longer
+    chain, another language, signed or not) replaces the earlier install instead of adding one, and a renewed CA
+    with the same name installs beside the old one. The PayloadUUID follows from the profile's content (its
+    payloads, the *language* of its words, and whether it is *signed*), so each distinct profile has its own.
     """
-    fingerprint = certificate.sha256.hex()
-    name = _plist_text(certificate.name)
-    payload = {
+    top = chain[0]
+    fingerprint = top.sha256.hex()
+    name = _plist_text(top.name)
+    payloads = [{
         "PayloadType": "com.apple.security.root" if certificate.self_signed else "com.apple.security.pkcs1",
         "PayloadVersion": 1,
-        "PayloadIdentifier": f"certdrop.{fingerprint}.certificate",
-        "PayloadUUID": str(uuid.uuid5(PROFILE_NAMESPACE, f"{fingerprint}/certificate")).upper(),
-        "PayloadDisplayName": name,
+        "PayloadIdentifier": f"certdrop.{certificate.sha256.hex()}.certificate",
+        "PayloadUUID": str(uuid.uuid5(PROFILE_NAMESPACE, f"{certificate.sha256.hex()}/certificate")).upper(),
+        "PayloadDisplayName": _plist_text(certificate.name),
         "PayloadCertificateFileName": f"{certificate.file_stem}.cer",
         "PayloadContent": certificate.der,
-    }
+    } for certificate in chain]
+    content = hashlib.sha256(plistlib.dumps(payloads, fmt=plistlib.FMT_BINARY, sort_keys=True)).hexdigest()
+    values = {"name": name, "fingerprint": colon_hex(top.sha256)}
+    description = ngettext(
+        "Installs the CA certificate {name} (SHA-256 {fingerprint}) and {count} intermediate CA below it.",
+        "Installs the CA certificate {name} (SHA-256 {fingerprint}) and {count} intermediate CAs below it.",
+        len(chain) - 1).format(count=len(chain) - 1, **values) if len(chain) > 1 else _(
+        "Installs the CA certificate {name} (SHA-256 {fingerprint}).").format(**values)
+    # iOS and macOS show ConsentText before they install: where people can compare the fingerprint with the one
+    # they were given. Apple's Configuration Profile Reference: a dictionary by language code, "default" for any.
+    consent = _("This profile installs the CA certificate {name}. Install it only if its SHA-256 fingerprint is "
+                "{fingerprint}, as the person who sent you this link gave it to you.").format(**values)
     profile = {
         "PayloadType": "Configuration",
         "PayloadVersion": 1,
         "PayloadIdentifier": f"certdrop.{fingerprint}",
-        "PayloadUUID": str(uuid.uuid5(PROFILE_NAMESPACE, fingerprint)).upper(),
+        "PayloadUUID": str(uuid.uuid5(PROFILE_NAMESPACE, f"{content}/{language}/{signed}")).upper(),
         "PayloadDisplayName": name,
-        "PayloadDescription": _("Installs the CA certificate {name} (SHA-256 {fingerprint}).").format(
-            name=name, fingerprint=colon_hex(certificate.sha256)),
+        "PayloadDescription": description,
+        "ConsentText": {"default": consent},
         "PayloadRemovalDisallowed": False,
-        "PayloadContent": [payload],
+        "PayloadContent": payloads,
     }
+    if top.organization:
+        profile["PayloadOrganization"] = _plist_text(top.organization)
     return plistlib.dumps(profile, fmt=plistlib.FMT_XML, sort_keys=False)
 
 
@@ -1983,6 +2019,12 @@ class Entry:
     revoke_hash: str | None = None  # SHA-256 (hex) of the secret that removes this link from the web; never the secret
     #: the certificate's facts as its entry file keeps them (certificate_facts); None in entries of format 1
     facts: dict | None = dataclasses.field(default=None, compare=False, repr=False)
+    #: the DER of every certificate of the chain its upload made (root first, this one among them), when the upload
+    #: held more than this certificate of the chain; None in older entries and for a lone certificate. The DER
+    #: itself, not the other links' tokens: a profile is built from this entry alone (build_answer), so an answer
+    #: kept by its key cannot depend on other entries, which expire, are revoked or change on their own. They are
+    #: public certificates, a few KB.
+    chain: tuple[bytes, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
     #: until when the link answers with its certificate: its expiry, or 0 once revoked or a tombstone
     serves_until: float = dataclasses.field(init=False, compare=False, repr=False)
 
@@ -2006,10 +2048,17 @@ class Entry:
         return certificate_from_facts(self.der, self.facts)
 
     def with_certificate(self) -> "Entry":
-        """Return this entry with its certificate built, so that damage to it shows when read, not when served."""
+        """Return this entry with its certificate (and chain) built, so that damage shows when read, not served."""
         if self.der is not None:
-            _ = self.certificate
+            _ = self.certificate, self.chain_certificates
         return self
+
+    @functools.cached_property
+    def chain_certificates(self) -> tuple[Certificate, ...]:
+        """Return the chain this link's profile installs: the recorded one, else this certificate alone."""
+        if not self.chain:
+            return (self.certificate,)
+        return tuple(self.certificate if der == self.der else load_der(der) for der in self.chain)
 
     @property
     def remembered(self) -> Remembered | None:
@@ -2018,7 +2067,7 @@ class Entry:
 
     def tombstone(self, revoked: float | None = None) -> "Entry":
         """Return this entry without its certificate (revoked at *revoked*, if given), remembering which it was."""
-        return dataclasses.replace(self, der=None, facts=None, revoked=self.revoked if revoked is None else revoked,
+        return dataclasses.replace(self, der=None, facts=None, chain=None, revoked=self.revoked if revoked is None else revoked,
                                    was=self.remembered)
 
     def to_json(self) -> bytes:
@@ -2028,6 +2077,8 @@ class Entry:
             record["sha256"] = hashlib.sha256(self.der).hexdigest()
             record["der"] = base64.b64encode(self.der).decode("ascii")
             record["certificate"] = self.facts or certificate_facts(self.certificate)
+            if self.chain:
+                record["chain"] = [base64.b64encode(der).decode("ascii") for der in self.chain]
         elif self.was is not None:
             record["was"] = self.was.to_record()
         if self.revoke_hash:
@@ -2057,7 +2108,8 @@ class Entry:
         return cls(token, _stored_time(record["created"]), _stored_time(record["expires"]), der,
                    None if revoked is None else _stored_time(revoked),
                    None if was is None else Remembered.from_record(was), revoke_hash,
-                   record.get("certificate") if der is not None else None)
+                   record.get("certificate") if der is not None else None,
+                   stored_chain(record.get("chain"), der) if der is not None else None)
 
     @staticmethod
     def record_of(token: str, data: bytes) -> dict:
@@ -2087,7 +2139,21 @@ class Entry:
 
     def memory_size(self) -> int:
         """Return about how many bytes this entry holds in memory (its answers are the AnswerCache's)."""
-        return ENTRY_OVERHEAD + len(self.der or b"")
+        return ENTRY_OVERHEAD + len(self.der or b"") + sum(map(len, self.chain or ()))
+
+
+def stored_chain(value: object, der: bytes) -> tuple[bytes, ...] | None:
+    """Return the chain an entry file records for the certificate *der* (None when it records none, as entries
+    written before chains were recorded do); raise ValueError if it is damaged or leaves out *der*."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 1 < len(value) <= MAX_CERTIFICATES or not all(
+            isinstance(item, str) for item in value):
+        raise ValueError("damaged chain")
+    chain = tuple(base64.b64decode(item, validate=True) for item in value)
+    if der not in chain:
+        raise ValueError("a chain without its own certificate")
+    return chain
 
 
 def revoke_hash(secret: str) -> str:
@@ -2388,34 +2454,43 @@ class Store:
         """Store *certificate* until *expires*; return its entry and whether the link is new (see add_all)."""
         return self.add_all([(certificate, expires, revoke_secret)])[0]
 
-    def add_all(self, wanted: list[tuple[Certificate, float, str | None]]) -> list[tuple[Entry, bool]]:
+    def add_all(self, wanted: list[tuple[Certificate, float, str | None]],
+                chains: dict[bytes, tuple[Certificate, ...]] | None = None) -> list[tuple[Entry, bool]]:
         """Store each (certificate, expiry, revoke secret); return (entry, whether the link is new) for each.
 
         A certificate that already has a live link keeps it, and the link's expiry moves to the later of the two
         once that is at least EXPIRY_STEP later. A new link keeps the hash of its secret, which removes it from
-        the web. Every file is synced before its rename, and each directory once after all of them: every link
+        the web. Each entry records the chain *chains* gives for its certificate (by SHA-256) when it holds more
+        than that certificate; a live link records a new one too, and keeps the one it has when the upload brings
+        none. Every file is synced before its rename, and each directory once after all of them: every link
         returned survives a power loss.
         """
         results = []
         with self._exclusive():
             unsynced: set[Path] = set()
             for certificate, expires, secret in wanted:
-                results.append(self._add(certificate, expires, secret, unsynced))
+                chain = (chains or {}).get(certificate.sha256, ())
+                ders = tuple(member.der for member in chain) if len(chain) > 1 else None
+                results.append(self._add(certificate, expires, secret, unsynced, ders))
             for directory in sorted(unsynced, key=lambda path: len(path.parts), reverse=True):
                 _fsync_directory(directory)  # a new shard first, then the data directory that names it
         return results
 
-    def _add(self, certificate: Certificate, expires: float, secret: str | None,
-             unsynced: set[Path]) -> tuple[Entry, bool]:
+    def _add(self, certificate: Certificate, expires: float, secret: str | None, unsynced: set[Path],
+             chain: tuple[bytes, ...] | None = None) -> tuple[Entry, bool]:
         existing = self._live_entry_for(certificate.sha256)
         if existing is not None:
-            if expires < existing.expires + EXPIRY_STEP:
+            new_chain = chain is not None and chain != existing.chain
+            if expires < existing.expires + EXPIRY_STEP and not new_chain:
                 return existing, False
-            entry = dataclasses.replace(existing, expires=expires)
+            later = expires >= existing.expires + EXPIRY_STEP
+            entry = dataclasses.replace(existing, expires=expires if later else existing.expires,
+                                        chain=chain if new_chain else existing.chain)
             self._write(entry, unsynced=unsynced)
             return entry, False
         entry = Entry(self._new_token(), self.clock(), expires, certificate.der,
-                      revoke_hash=revoke_hash(secret) if secret else None, facts=certificate_facts(certificate))
+                      revoke_hash=revoke_hash(secret) if secret else None, facts=certificate_facts(certificate),
+                      chain=chain)
         index = self._index_path(certificate.sha256)
         # The index first: if the entry then cannot be written, the index names no file and is simply stale.
         _write_atomically(index, entry.token.encode("ascii"), owner=self._owner, unsynced=unsynced)
@@ -4807,7 +4882,8 @@ def build_answer(entry: Entry, answer: Answer, config: Config) -> Response:
     certificate = entry.certificate
     headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY))
     if isinstance(answer, FileAnswer):
-        return build_file(certificate, answer, headers, config)
+        chain = entry.chain_certificates if answer.kind == "mobileconfig" else (certificate,)
+        return build_file(certificate, chain, answer, headers, config)
     if isinstance(answer, PageAnswer) and answer.client.device in ("s60", "s40"):
         body = render_nokia_page(certificate, answer.client, f"{answer.prefix}/c/{entry.token}",
                                  answer.content_type, whc_kinds(config), config.whc_charset)
@@ -4827,7 +4903,9 @@ def build_answer(entry: Entry, answer: Answer, config: Config) -> Response:
                     headers + (("Content-Security-Policy", "default-src 'none'"),))
 
 
-def build_file(certificate: Certificate, answer: FileAnswer, headers: tuple, config: Config) -> Response:
+def build_file(certificate: Certificate, chain: tuple[Certificate, ...], answer: FileAnswer, headers: tuple,
+               config: Config) -> Response:
+    """Return file *answer* for *certificate*; a profile installs the whole *chain* it belongs to."""
     kind, name = answer.kind, answer.name
     if kind in ("whc", "whc-alt") and not certificate.self_signed:
         if not answer.der_instead:
@@ -4835,7 +4913,10 @@ def build_file(certificate: Certificate, answer: FileAnswer, headers: tuple, con
                              "self-signed root. Use the .cer file instead."))
         kind, name = "der", ".cer"
     layout = whc_kinds(config)[kind == "whc-alt"] if kind in ("whc", "whc-alt") else kind
-    body, content_type = file_body(certificate, layout, config.whc_charset)
+    if kind == "mobileconfig":
+        body, content_type = apple_profile(*chain, language=answer.language), MIME_PROFILE
+    else:
+        body, content_type = file_body(certificate, layout, config.whc_charset)
     if not answer.inline:
         headers += (("Content-Disposition", f'attachment; filename="{file_name(certificate, name)}"'),)
     return Response(body, 200, content_type, headers)
@@ -5622,8 +5703,10 @@ def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, no
     expiries = [link_expiry(config, certificate, ttl, now) for certificate in diagnosis.installable]
     wanted = [(certificate, expires, secrets.token_urlsafe(16))
               for certificate, (expires, _) in zip(diagnosis.installable, expiries, strict=True)]  # all checked first
+    chains = chains_within(list(diagnosis.installable))
     links = []
-    for (certificate, expires, secret), (_, cut), (entry, created) in zip(wanted, expiries, store.add_all(wanted)):
+    for (certificate, expires, secret), (_, cut), (entry, created) in zip(wanted, expiries,
+                                                                          store.add_all(wanted, chains)):
         log.info("%s link %s for %r until %s", "new" if created else "existing", entry.token, certificate.name,
                  format_time(entry.expires))
         links.append(Link(entry, install_url(base, entry.token), created, cut and entry.expires == expires,

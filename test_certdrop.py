@@ -1517,7 +1517,7 @@ def test_profile_carries_the_root_as_a_root_payload(testapp, root_token, root_de
 
 
 def test_profile_uuids_follow_from_the_certificate(testapp, root_token, root):
-    first = certdrop.apple_profile(certdrop.inspect_certificate(root[0]))
+    first = certdrop.apple_profile(certdrop.inspect_certificate(root[0]), language="en")
     assert testapp.get(f"/c/{root_token}/ca.mobileconfig").body == first
     renewed = certdrop.apple_profile(certdrop.inspect_certificate(make_certificate()[0]))
     assert plistlib.loads(renewed)["PayloadUUID"] != plistlib.loads(first)["PayloadUUID"]
@@ -1534,6 +1534,90 @@ def test_profile_survives_control_characters_in_the_name():
     cert, _ = make_certificate("Evil\x01\x1b CA")
     profile = plistlib.loads(certdrop.apple_profile(certdrop.inspect_certificate(cert)))
     assert profile["PayloadDisplayName"] == "Evil\ufffd\ufffd CA"
+
+
+def chain_tokens(testapp, *certs):
+    """Upload *certs* in one body; return the tokens of their links, root first."""
+    answer = testapp.post("/", pem_of(*certs), content_type="text/plain", headers={"Accept": "application/json"})
+    return [link["token"] for link in answer.json["links"]]
+
+
+def test_every_link_of_a_chain_offers_one_profile_with_the_root_and_its_intermediate(testapp, pki):
+    root_token, intermediate_token = chain_tokens(testapp, pki.leaf, pki.intermediate, pki.root)
+    profile = testapp.get(f"/c/{root_token}/ca.mobileconfig").body
+    assert testapp.get(f"/c/{intermediate_token}/ca.mobileconfig").body == profile
+    payloads = plistlib.loads(profile)["PayloadContent"]
+    assert [payload["PayloadType"] for payload in payloads] == ["com.apple.security.root", "com.apple.security.pkcs1"]
+    assert [payload["PayloadContent"] for payload in payloads] == [der_of(pki.root), der_of(pki.intermediate)]
+    assert len({payload["PayloadUUID"] for payload in payloads}) == 2
+
+
+def test_a_chain_profile_keeps_its_identifier_and_uuid_across_downloads_and_re_uploads(testapp, pki):
+    root_token, intermediate_token = chain_tokens(testapp, pki.root, pki.intermediate)
+    first = profile_of(testapp, intermediate_token)
+    assert chain_tokens(testapp, pki.intermediate, pki.root) == [root_token, intermediate_token]
+    again = profile_of(testapp, root_token)
+    assert again == first == profile_of(testapp, intermediate_token)
+    assert first["PayloadIdentifier"] == f"certdrop.{pki.root.fingerprint(hashes.SHA256()).hex()}"
+
+
+def test_a_lone_root_and_its_chain_share_the_identifier_but_not_the_uuid(testapp, pki):
+    (root_token,) = chain_tokens(testapp, pki.root)
+    alone = profile_of(testapp, root_token)
+    assert chain_tokens(testapp, pki.root, pki.intermediate)[0] == root_token
+    chained = profile_of(testapp, root_token)
+    assert len(alone["PayloadContent"]) == 1 and len(chained["PayloadContent"]) == 2
+    assert alone["PayloadIdentifier"] == chained["PayloadIdentifier"]  # installing the chain replaces the root
+    assert alone["PayloadUUID"] != chained["PayloadUUID"]
+
+
+def test_a_re_upload_of_the_root_alone_keeps_the_chain_its_link_recorded(testapp, pki):
+    root_token, _ = chain_tokens(testapp, pki.root, pki.intermediate)
+    assert chain_tokens(testapp, pki.root) == [root_token]
+    assert len(profile_of(testapp, root_token)["PayloadContent"]) == 2
+
+
+def test_entry_files_record_the_chain_root_first_and_files_without_it_still_serve(testapp, pki, config):
+    root_token, intermediate_token = chain_tokens(testapp, pki.root, pki.intermediate)
+    store = certdrop.make_store(config, FakeClock())
+    for token in (root_token, intermediate_token):
+        record = json.loads(store.path_for(token).read_bytes())
+        assert [base64.b64decode(der) for der in record["chain"]] == [der_of(pki.root), der_of(pki.intermediate)]
+        del record["chain"]  # as entries written before chains were recorded are
+        store.path_for(token).write_text(json.dumps(record))
+    fresh = client(certdrop.make_app(config, clock=FakeClock()))
+    (payload,) = profile_of(fresh, intermediate_token)["PayloadContent"]
+    assert payload["PayloadContent"] == der_of(pki.intermediate)
+    assert fresh.get(f"/c/{root_token}/ca.crt").body == der_of(pki.root)
+
+
+def test_an_entry_whose_chain_leaves_out_its_own_certificate_is_damaged(pki, root_der):
+    record = {"format": 2, "token": "abcdefgh", "created": NOW, "expires": NOW + DAY, "revoked": None,
+              "sha256": hashlib.sha256(root_der).hexdigest(), "der": base64.b64encode(root_der).decode(),
+              "chain": [base64.b64encode(der_of(pki.root)).decode(), base64.b64encode(der_of(pki.intermediate)).decode()]}
+    with pytest.raises(ValueError, match="chain"):
+        certdrop.Entry.from_json("abcdefgh", json.dumps(record).encode())
+
+
+def test_profile_uuids_differ_by_language_and_by_signing(pki):
+    root = certdrop.inspect_certificate(pki.root)
+    uuids = {plistlib.loads(certdrop.apple_profile(root, language=language, signed=signed))["PayloadUUID"]
+             for language in ("en", "de") for signed in (False, True)}
+    assert len(uuids) == 4
+
+
+def test_profile_names_the_organisation_and_asks_to_compare_the_fingerprint(testapp, pki):
+    root_token, _ = chain_tokens(testapp, pki.root, pki.intermediate)
+    profile = profile_of(testapp, root_token)
+    fingerprint = pki.root.fingerprint(hashes.SHA256()).hex(":").upper()
+    assert profile["PayloadOrganization"] == "Example Org"
+    assert fingerprint in profile["ConsentText"]["default"] and fingerprint in profile["PayloadDescription"]
+    assert "Example Root CA" in profile["ConsentText"]["default"]
+
+
+def test_a_profile_has_no_organisation_when_the_ca_names_none(testapp, pki):
+    profile = plistlib.loads(certdrop.apple_profile(certdrop.inspect_certificate(pki.several_cn)))
+    assert "PayloadOrganization" not in profile
 
 
 def parse_hashed(body):
