@@ -79,9 +79,9 @@ try:
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
     from cryptography.utils import CryptographyDeprecationWarning
-    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
-    from cryptography.hazmat.primitives.serialization import pkcs12
+    from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
     from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 except ModuleNotFoundError as missing:
     if __name__ != "__main__":  # imported by a WSGI server or a test: its own traceback says enough
@@ -568,6 +568,8 @@ class Config:
     public_url: str = ""  # e.g. https://intranet.example.com/certdrop; empty = from the request's Host
     allowed_hosts: tuple = ()  # names pages may be asked by besides public_url's host and this machine's own
     data_dir: Path = MODULE_DIR / "data"  # where entries live; relative paths are relative to the ini file
+    profile_signer_certificate: Path | None = None  # PEM: the certificate profiles are signed with, its intermediates
+    profile_signer_key: Path | None = None  # PEM: its private key (RSA or EC, no password); None = unsigned profiles
     token_length: int = 8  # characters in a new token (31 symbols each, about 5 bits)
     default_ttl: int = 7 * 86400  # seconds a link lives when the uploader does not choose
     max_ttl: int | None = None  # longest lifetime allowed, seconds; None = up to the certificate's expiry
@@ -632,8 +634,11 @@ class Config:
                     values[prefix + key] = parsers[key](text)
                 except ValueError as error:
                     raise ConfigError(f"bad value for {key!r} in [{section}] of {path}: {error}") from None
-        if "data_dir" in values:
-            values["data_dir"] = (path.parent / values["data_dir"]).resolve()
+        for key in ("data_dir", "profile_signer_certificate", "profile_signer_key"):
+            if values.get(key) is not None:
+                values[key] = (path.parent / values[key]).resolve()
+        if (values.get("profile_signer_certificate") is None) != (values.get("profile_signer_key") is None):
+            raise ConfigError(f"profile_signer_certificate and profile_signer_key go together: {path} sets one only")
         if values.get("max_ttl") and values["max_ttl"] < values.get("default_ttl", cls.default_ttl):
             raise ConfigError(f"bad value for 'max_ttl' in {path}: it is shorter than default_ttl")
         return cls(**values)
@@ -645,6 +650,8 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "public_url": _parse_public_url,
     "allowed_hosts": _parse_hosts,
     "data_dir": lambda text: Path(text.strip()).expanduser(),
+    "profile_signer_certificate": lambda text: Path(text.strip()).expanduser() if text.strip() else None,
+    "profile_signer_key": lambda text: Path(text.strip()).expanduser() if text.strip() else None,
     "token_length": _parse_int(6, 32),
     "default_ttl": parse_duration,
     "max_ttl": _parse_max_ttl,
@@ -703,6 +710,49 @@ def load_config(path: str | None = None) -> Config:
         return Config.from_ini(Path(path).resolve())
     default = MODULE_DIR / "certdrop.ini"
     return Config.from_ini(default) if default.exists() else Config()
+
+
+#: How a public key is compared with another: its DER SubjectPublicKeyInfo.
+PUBLIC_KEY_DER = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_profile_signer(config: Config) -> "ProfileSigner | None":
+    """Return the signer the settings name, or None; raise ConfigError if it cannot be used."""
+    certificate_path, key_path = config.profile_signer_certificate, config.profile_signer_key
+    if certificate_path is None or key_path is None:
+        return None
+    certificates = read_signer_certificates(certificate_path)
+    key = read_signer_key(key_path)
+    if key.public_key().public_bytes(*PUBLIC_KEY_DER) != certificates[0].public_key().public_bytes(*PUBLIC_KEY_DER):
+        raise ConfigError(f"the key in {key_path} (profile_signer_key) does not match the certificate in "
+                          f"{certificate_path} (profile_signer_certificate, its first certificate)")
+    return ProfileSigner(certificates[0], certificates[1:], key)
+
+
+def read_signer_certificates(path: Path) -> list[x509.Certificate]:
+    """Return the certificates in the PEM file *path*: the signer's, then its intermediates."""
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as error:
+        raise ConfigError(f"cannot read {path} (profile_signer_certificate): {error.strerror or error}") from None
+    except ValueError:
+        raise ConfigError(f"{path} (profile_signer_certificate) holds no PEM certificate") from None
+
+
+def read_signer_key(path: Path):
+    """Return the private key in the PEM file *path*; its text is not kept."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as error:
+        raise ConfigError(f"cannot read {path} (profile_signer_key): {error.strerror or error}") from None
+    except TypeError:  # the library's way of saying the key is encrypted
+        raise ConfigError(f"the key in {path} (profile_signer_key) has a password: certdrop reads keys without one "
+                          "(keep the file readable by certdrop alone, see README)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"{path} (profile_signer_key) holds no PEM private key") from None
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise ConfigError(f"the key in {path} (profile_signer_key) is neither RSA nor EC")
+    return key
 
 
 ###############################################################################
@@ -1850,6 +1900,50 @@ def apple_profile(*chain: Certificate, language: str = "", signed: bool = False)
     if top.organization:
         profile["PayloadOrganization"] = _plist_text(top.organization)
     return plistlib.dumps(profile, fmt=plistlib.FMT_XML, sort_keys=False)
+
+
+#: Bytes of signed profiles a ProfileSigner keeps: a root and an intermediate make a profile of about 5 KB, signed
+#: with a signer's chain of two about 8 KB, so some 500 profiles (links times languages).
+SIGNED_PROFILES_BYTES = 4 * 1024 * 1024
+
+
+class ProfileSigner:
+    """The administrator's signing certificate, its intermediates and its private key, read from their files at start.
+
+    Only the key object is kept, never its PEM text; it is never served, logged or copied. Signatures differ on
+    every run (a signing time, and ECDSA's random numbers), so each profile is signed once and its signed bytes kept
+    by the unsigned profile's SHA-256: within a process the same profile always gets the same bytes.
+    """
+
+    def __init__(self, certificate: x509.Certificate, intermediates: list[x509.Certificate], key):
+        self.certificate, self.intermediates, self._key = certificate, intermediates, key
+        self.name = inspect_certificate(certificate).name
+        self.not_before = certificate.not_valid_before_utc.timestamp()
+        self.not_after = certificate.not_valid_after_utc.timestamp()
+        self._signed = BoundedMap(SIGNED_PROFILES_BYTES)
+        self._lock = threading.Lock()
+
+    def is_valid_at(self, now: float) -> bool:
+        return self.not_before <= now < self.not_after
+
+    def sign(self, profile: bytes) -> bytes:
+        """Return *profile* as PKCS#7 SignedData (DER) holding it byte for byte: signed once, then kept."""
+        digest = hashlib.sha256(profile).digest()
+        signed = self._signed.get(digest)
+        if signed is not None:
+            return signed
+        builder = pkcs7.PKCS7SignatureBuilder().set_data(profile).add_signer(self.certificate, self._key,
+                                                                             hashes.SHA256())
+        for intermediate in self.intermediates:
+            builder = builder.add_certificate(intermediate)
+        # Binary: the content is signed as it is; without it, the library rewrites line ends to CRLF first
+        signed = builder.sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+        with self._lock:  # two threads that signed the same profile at once: both send the first one kept
+            kept = self._signed.get(digest)
+            if kept is not None:
+                return kept
+            self._signed.put(digest, signed, len(signed) + len(digest) + ANSWER_OVERHEAD)
+        return signed
 
 
 def wap_display_name(name: str, charset: int) -> bytes:
@@ -3871,6 +3965,19 @@ def render_fingerprints(certificate: Certificate) -> str:
                          (N_("SHA-1"), colon_hex(certificate.sha1))))
 
 
+def render_profile_signature_note(signed: bool) -> str:
+    """Return what iOS and macOS say of the profile's signature (*signed*: by the administrator's signer) and what
+    it means, for the Apple pages: "Verified" names who signed the file, which is no reason to trust the CA in it."""
+    if signed:
+        text = _("Your device calls this profile “Verified” because it knows who signed the file; that does not "
+                 "make the certificate inside one to trust, so compare its SHA-256 fingerprint with the one you were "
+                 "given.")
+    else:
+        text = _("Your device calls this profile “Not Verified” in red because nobody it knows signed the file, "
+                 "as is usual for a company's own CA; compare its SHA-256 fingerprint with the one you were given.")
+    return f'<p class="muted">{esc(text)}</p>'
+
+
 def render_landing(certificate: Certificate, client: Client, base_path: str, link: str = "") -> bytes:
     """Return the HTML page for *client* at /c/<token>: the right file first, its steps, then every format.
 
@@ -4098,6 +4205,9 @@ class RequestKey(typing.NamedTuple):
     The rule for this key and every key made from it (Signature, BuiltKey, RefusalKey, ErrorPage): it holds all that
     what it keeps was made from. Whatever decides or renders a kept answer reads only its key's fields (decide,
     build_answer and render_error take nothing else), so an answer cannot depend on something its key leaves out.
+    Besides their keys, decide and build_answer read the settings, fixed for the app's life, and the profile signer
+    read from them: whether it is valid now (decide's *signing*) is the one thing that changes, and when it does
+    App.check_signer forgets everything kept (AnswerCache.clear).
     A request whose key is longer than MAX_KEPT_KEY characters is answered, never kept.
     """
 
@@ -4728,6 +4838,7 @@ class FileAnswer(typing.NamedTuple):
     inline: bool  # False: sent with Content-Disposition: attachment
     der_instead: bool = False  # an intermediate CA, which has no hashed certificate, sends its DER instead
     language: str = ""  # the language of a profile's description, which iOS shows; "" for the other files
+    signed: bool = False  # a profile signed by the administrator's signer (ProfileSigner), while it is valid
 
 
 class PageAnswer(typing.NamedTuple):
@@ -4767,16 +4878,20 @@ class Decision(typing.NamedTuple):
 DESKTOP_DEVICES = ("windows", "macos", "linux", "firefox", "chromeos", "other")
 
 #: ``?format=`` values that name a file, and the extension of its file name.
-PUBLIC_FORMATS = {"der": ".crt", "pem": ".pem", "mobileconfig": ".mobileconfig", "whc": ".whc", "whc-alt": ".alt.whc"}
+PUBLIC_FORMATS = {"der": ".crt", "pem": ".pem", "mobileconfig": ".mobileconfig",
+                  "mobileconfig-unsigned": ".unsigned.mobileconfig", "whc": ".whc", "whc-alt": ".alt.whc"}
 
 #: File name endings under /c/<token>/, longest first.
-FILE_SUFFIXES = ((".alt.whc", "whc-alt"), (".whc", "whc"), (".mobileconfig", "mobileconfig"), (".pem", "pem"),
+FILE_SUFFIXES = ((".alt.whc", "whc-alt"), (".whc", "whc"), (".unsigned.mobileconfig", "mobileconfig-unsigned"),
+                 (".mobileconfig", "mobileconfig"), (".pem", "pem"),
                  (".cer", "der"), (".crt", "der"), (".der", "der"))
 
 
-def decide(signature: Signature, config: Config) -> Decision:
+def decide(signature: Signature, config: Config, signing: bool = False) -> Decision:
     """Return what a request with *signature* gets for any live token: the page or file its device installs (or
-    the format ``?format=`` names), the file its name asks for, the card, or the QR code."""
+    the format ``?format=`` names), the file its name asks for, the card, or the QR code. Profiles are signed when
+    *signing*: the settings name a signer and it is valid now (App.check_signer keeps what this decided only while
+    that holds)."""
     rest = signature.rest
     if rest in ("qr.svg", "qr.png"):
         return Decision(QrAnswer(rest[3:], link_base(signature, config)), "-")
@@ -4785,16 +4900,17 @@ def decide(signature: Signature, config: Config) -> Decision:
     client = client_of_signature(signature)
     if rest:
         kind = next(kind for suffix, kind in FILE_SUFFIXES if rest.lower().endswith(suffix))
-        return Decision(file_answer(kind, rest, client, config, signature.language), client.device)
+        return Decision(file_answer(kind, rest, client, config, signature.language, signing), client.device)
     chosen = dict(urllib.parse.parse_qsl(signature.query, keep_blank_values=True)).get("format")
     if chosen is None:
         return Decision(default_answer(signature, client, config), client.device)
     if chosen == "page":
         return Decision(page_answer(signature, client, config), client.device)
     if chosen not in PUBLIC_FORMATS:
-        raise BadRequest(_("Unknown format {format}: choose der, pem, mobileconfig, whc, whc-alt or page.").format(
-            format=repr(chosen[:40])))
-    return Decision(file_answer(chosen, PUBLIC_FORMATS[chosen], client, config, signature.language), client.device)
+        raise BadRequest(_("Unknown format {format}: choose der, pem, mobileconfig, mobileconfig-unsigned, whc, "
+                           "whc-alt or page.").format(format=repr(chosen[:40])))
+    return Decision(file_answer(chosen, PUBLIC_FORMATS[chosen], client, config, signature.language, signing),
+                    client.device)
 
 
 def client_of_signature(signature: Signature) -> Client:
@@ -4829,17 +4945,19 @@ def page_answer(signature: Signature, client: Client, config: Config) -> PageAns
     return PageAnswer(client, MIME_HTML, prefix, base, signature.language)
 
 
-def file_answer(kind: str, name: str, client: Client, config: Config, language: str) -> FileAnswer:
-    """Return the answer for file *kind* ("der", "pem", "mobileconfig", "whc" or "whc-alt") named *name*; a profile
-    says what it installs in the reader's *language*."""
+def file_answer(kind: str, name: str, client: Client, config: Config, language: str,
+                signing: bool = False) -> FileAnswer:
+    """Return the answer for file *kind* ("der", "pem", "mobileconfig", "mobileconfig-unsigned", "whc" or "whc-alt")
+    named *name*; a profile says what it installs in the reader's *language*, and is signed when *signing*."""
     if kind == "der":
         # Nokia installers and Firefox's trust dialog take the body only without an attachment header.
         inline = client.device in ("s40", "firefox") or (client.device == "s60" and not config.s60_attachment)
         return FileAnswer("der", name, inline)
     if kind == "pem":  # update-ca-certificates reads only PEM files named .crt
         return FileAnswer("pem", re.sub(r"(?i)\.pem$", ".crt", name), inline=False)
-    if kind == "mobileconfig":
-        return FileAnswer(kind, name, inline=False, language=language)
+    if kind in ("mobileconfig", "mobileconfig-unsigned"):
+        return FileAnswer("mobileconfig", name, inline=False, language=language,
+                          signed=signing and kind == "mobileconfig")
     return FileAnswer(kind, name, inline=True)
 
 
@@ -4877,13 +4995,13 @@ def whc_kinds(config: Config) -> tuple[str, str]:
     return ("whc-direct", "whc-length") if direct else ("whc-length", "whc-direct")
 
 
-def build_answer(entry: Entry, answer: Answer, config: Config) -> Response:
-    """Return *answer* for *entry*, made from the two alone (and the settings)."""
+def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None" = None) -> Response:
+    """Return *answer* for *entry*, made from the two alone (and the settings, and the signer read from them)."""
     certificate = entry.certificate
     headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY))
     if isinstance(answer, FileAnswer):
         chain = entry.chain_certificates if answer.kind == "mobileconfig" else (certificate,)
-        return build_file(certificate, chain, answer, headers, config)
+        return build_file(certificate, chain, answer, headers, config, signer)
     if isinstance(answer, PageAnswer) and answer.client.device in ("s60", "s40"):
         body = render_nokia_page(certificate, answer.client, f"{answer.prefix}/c/{entry.token}",
                                  answer.content_type, whc_kinds(config), config.whc_charset)
@@ -4904,7 +5022,7 @@ def build_answer(entry: Entry, answer: Answer, config: Config) -> Response:
 
 
 def build_file(certificate: Certificate, chain: tuple[Certificate, ...], answer: FileAnswer, headers: tuple,
-               config: Config) -> Response:
+               config: Config, signer: "ProfileSigner | None" = None) -> Response:
     """Return file *answer* for *certificate*; a profile installs the whole *chain* it belongs to."""
     kind, name = answer.kind, answer.name
     if kind in ("whc", "whc-alt") and not certificate.self_signed:
@@ -4914,7 +5032,9 @@ def build_file(certificate: Certificate, chain: tuple[Certificate, ...], answer:
         kind, name = "der", ".cer"
     layout = whc_kinds(config)[kind == "whc-alt"] if kind in ("whc", "whc-alt") else kind
     if kind == "mobileconfig":
-        body, content_type = apple_profile(*chain, language=answer.language), MIME_PROFILE
+        body, content_type = apple_profile(*chain, language=answer.language, signed=answer.signed), MIME_PROFILE
+        if answer.signed and signer is not None:
+            body = signer.sign(body)
     else:
         body, content_type = file_body(certificate, layout, config.whc_charset)
     if not answer.inline:
@@ -5012,21 +5132,21 @@ class AnswerCache:
         #: counts forget() calls: an answer found before one is not kept after it (see keep_hot)
         self.generation = 0
 
-    def decision(self, signature: Signature, config: Config) -> Decision:
-        """Return what requests with *signature* get: decided once, then kept."""
+    def decision(self, signature: Signature, config: Config, signing: bool = False) -> Decision:
+        """Return what requests with *signature* get: decided once, then kept (until clear(): *signing* changed)."""
         decision = self.decisions.get(signature)
         if decision is None:
-            decision = decide(signature, config)
+            decision = decide(signature, config, signing)
             if signature_length(signature) <= MAX_KEPT_KEY:
                 self.decisions.put(signature, decision, signature_length(signature) + DECISION_OVERHEAD)
         return decision
 
-    def answer(self, entry: Entry, answer: Answer, config: Config) -> Prepared:
+    def answer(self, entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None" = None) -> Prepared:
         """Return *answer* for *entry*: built once, then kept while the entry is."""
         key = BuiltKey(entry.token, answer)
         prepared = self.built.get(key)
         if prepared is None:
-            prepared = prepare_answer(build_answer(entry, answer, config))
+            prepared = prepare_answer(build_answer(entry, answer, config, signer))
             self._keep(entry.token, self.built, key, prepared, len(prepared.body[0]) + ANSWER_OVERHEAD)
         return prepared
 
@@ -5056,6 +5176,15 @@ class AnswerCache:
             for key in self._keys_of.pop(token, ()):
                 self.hot.pop(key)
                 self.built.pop(key)
+
+    def clear(self) -> None:
+        """Forget every decision and every answer: what they were made from changed for all (the signer's
+        validity began or ended)."""
+        with self._lock:
+            self.generation += 1
+            for part in (self.hot, self.decisions, self.built, self.refusals, self.errors):
+                part.clear()
+            self._keys_of.clear()
 
     def refusal(self, key: RequestKey, signature: Callable[[], Signature], status: int,
                 seconds: int) -> HotAnswer | None:
@@ -5296,10 +5425,16 @@ class App:
     """The certdrop WSGI application: routes requests to handlers and turns every failure into a clear answer."""
 
     def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time,
-                 access_log: AccessLog | None = None):
+                 access_log: AccessLog | None = None, signer: ProfileSigner | None = None):
         self.config = config
         self.store = store
         self.clock = clock
+        #: the profile signer read from the settings at start, and whether profiles are signed now: while the
+        #: signer is valid. Decisions and answers are kept only until that changes (check_signer)
+        self.signer, self.signing = signer, False
+        #: when whether profiles are signed next changes: -inf until check_signer first looks, inf never again
+        self.signing_changes = -math.inf if signer else math.inf
+        self._signer_lock = threading.Lock()
         self.access_log = access_log if config.access_log else None
         if self.access_log:
             self.access_log.start()
@@ -5444,10 +5579,11 @@ class App:
         decision, now = self.answers.decisions.get(self.signature(key, rest)), self.clock()
         prepared = decision and self.answers.built.get(BuiltKey(token, decision.answer))
         memory = self.store.memory_of(entry)
-        if not prepared or now >= entry.serves_until or memory is None:
+        if not prepared or now >= entry.serves_until or memory is None or now >= self.signing_changes:
             return None
         tails = {prepared.code: hot_tail(key, prepared, decision.device), 304: hot_tail(key, None, decision.device)}
-        hot = HotAnswer(prepared, tails, token, now, min(entry.serves_until, now + self.store.fresh_for(entry)), memory)
+        until = min(entry.serves_until, now + self.store.fresh_for(entry), self.signing_changes)
+        hot = HotAnswer(prepared, tails, token, now, until, memory)
         self.answers.keep_hot(key, hot, generation)
         return hot
 
@@ -5660,9 +5796,33 @@ class App:
         entry, and kept for the hot path (the route's parts are in the signature's rest)."""
         entry = self.live_entry(request, token)
         signature = self.signature(request_key(request.environ), request.path[3:].partition("/")[2])
-        decision = self.answers.decision(signature, self.config)
+        self.check_signer(self.clock())
+        decision = self.answers.decision(signature, self.config, self.signing)
         request.environ["certdrop.device"] = decision.device  # for the access log
-        return self.answers.answer(entry, decision.answer, self.config)
+        return self.answers.answer(entry, decision.answer, self.config, self.signer)
+
+    def check_signer(self, now: float) -> None:
+        """Sign profiles from now on if the signer is valid at *now*, else send them unsigned (with one warning).
+
+        Whether a profile is signed is decided (decide) and kept like the rest of its answer, so when the signer's
+        validity begins or ends every kept decision and answer is forgotten; the hot path serves nothing kept past
+        the moment it changes (signing_changes).
+        """
+        if now < self.signing_changes:
+            return
+        with self._signer_lock:
+            if now < self.signing_changes:
+                return
+            signing = self.signer.is_valid_at(now)
+            changes = (self.signer.not_before if now < self.signer.not_before else
+                       self.signer.not_after if signing else math.inf)
+            if signing != self.signing or self.signing_changes == -math.inf:
+                self.answers.clear()
+                if not signing:
+                    log.warning("profiles are sent unsigned: the signing certificate %r is valid from %s until %s "
+                                "(profile_signer_certificate)", self.signer.name, format_time(self.signer.not_before),
+                                format_time(self.signer.not_after))
+            self.signing, self.signing_changes = signing, changes
 
     def link_for(self, request: Request, token: str) -> str:
         """Return the link to hand out for *token*: on public_url, else on a name or address phones can reach."""
@@ -5816,7 +5976,8 @@ def make_app(config: Config, store: Store | None = None, clock: Callable[[], flo
              access_log: AccessLog | None = None) -> App:
     """Return the WSGI application for *config*; tests pass their own store, clock and access log."""
     quiet_library_warnings()
-    return App(config, store or make_store(config, clock), clock, access_log or ACCESS_LOG)
+    signer = load_profile_signer(config)
+    return App(config, store or make_store(config, clock), clock, access_log or ACCESS_LOG, signer)
 
 
 ###############################################################################
@@ -6415,6 +6576,9 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
     except LifetimeError as error:
         say(f"certdrop: {error}", file=sys.stderr)
         return CHECK_ERROR  # a usage error, like any other bad option
+    except ConfigError as error:  # a setting that names a file it cannot use (the profile signer)
+        say(f"certdrop: {error}", file=sys.stderr)
+        return CHECK_ERROR  # as a setting the ini file gets wrong
     except CertificateError as error:
         say(f"certdrop: {cli_message(error, args.command)}", file=sys.stderr)
     except DamagedEntry as error:
