@@ -2027,8 +2027,9 @@ ENTRY_OVERHEAD, ANSWER_OVERHEAD = 3700, 1100
 ENTRY_FILE_BYTES = 4096
 
 #: Free bytes /healthz asks of the data directory's file system: what an upload of a root and its intermediate
-#: writes, an entry file and an index file for each, a block apiece.
-UPLOAD_FREE_BYTES = 4 * ENTRY_FILE_BYTES
+#: writes, an entry file and an index file for each: two blocks for each entry, which also records the other's DER
+#: (its chain), one for each index.
+UPLOAD_FREE_BYTES = 6 * ENTRY_FILE_BYTES
 
 #: The facts of a certificate that an entry file keeps beside its DER, with their JSON types. A cold lookup builds
 #: the Certificate from them instead of parsing the DER and verifying its signature again.
@@ -2171,8 +2172,9 @@ class Entry:
             record["sha256"] = hashlib.sha256(self.der).hexdigest()
             record["der"] = base64.b64encode(self.der).decode("ascii")
             record["certificate"] = self.facts or certificate_facts(self.certificate)
-            if self.chain:
-                record["chain"] = [base64.b64encode(der).decode("ascii") for der in self.chain]
+            if self.chain:  # this entry's own certificate is null there: it is "der" already
+                record["chain"] = [None if der == self.der else base64.b64encode(der).decode("ascii")
+                                   for der in self.chain]
         elif self.was is not None:
             record["was"] = self.was.to_record()
         if self.revoke_hash:
@@ -2233,21 +2235,22 @@ class Entry:
 
     def memory_size(self) -> int:
         """Return about how many bytes this entry holds in memory (its answers are the AnswerCache's)."""
-        return ENTRY_OVERHEAD + len(self.der or b"") + sum(map(len, self.chain or ()))
+        return ENTRY_OVERHEAD + len(self.der or b"") + sum(len(der) for der in self.chain or () if der != self.der)
 
 
 def stored_chain(value: object, der: bytes) -> tuple[bytes, ...] | None:
     """Return the chain an entry file records for the certificate *der* (None when it records none, as entries
-    written before chains were recorded do); raise ValueError if it is damaged or leaves out *der*."""
+    written before chains were recorded do); raise ValueError if it is damaged or leaves out *der*.
+
+    The file lists the chain's certificates in base64, root first, with null where *der* itself stands."""
     if value is None:
         return None
     if not isinstance(value, list) or not 1 < len(value) <= MAX_CERTIFICATES or not all(
-            isinstance(item, str) for item in value):
+            item is None or isinstance(item, str) for item in value):
         raise ValueError("damaged chain")
-    chain = tuple(base64.b64decode(item, validate=True) for item in value)
-    if der not in chain:
+    if value.count(None) != 1:
         raise ValueError("a chain without its own certificate")
-    return chain
+    return tuple(der if item is None else base64.b64decode(item, validate=True) for item in value)
 
 
 def revoke_hash(secret: str) -> str:
