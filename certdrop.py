@@ -1861,7 +1861,8 @@ def apple_profile(*chain: Certificate, language: str = "", signed: bool = False)
     The PayloadIdentifier follows from the chain's first certificate, so installing the profile again (a longer
     chain, another language, signed or not) replaces the earlier install instead of adding one, and a renewed CA
     with the same name installs beside the old one. The PayloadUUID follows from the profile's content (its
-    payloads, the *language* of its words, and whether it is *signed*), so each distinct profile has its own.
+    payloads, the *language* of its words, and whether it is *signed*), so each distinct profile has its own; the
+    bytes are the unsigned profile either way, which ProfileSigner.sign then wraps.
     """
     top = chain[0]
     fingerprint = top.sha256.hex()
@@ -2162,8 +2163,8 @@ class Entry:
 
     def tombstone(self, revoked: float | None = None) -> "Entry":
         """Return this entry without its certificate (revoked at *revoked*, if given), remembering which it was."""
-        return dataclasses.replace(self, der=None, facts=None, chain=None, revoked=self.revoked if revoked is None else revoked,
-                                   was=self.remembered)
+        return dataclasses.replace(self, der=None, facts=None, chain=None,
+                                   revoked=self.revoked if revoked is None else revoked, was=self.remembered)
 
     def to_json(self) -> bytes:
         record = {"format": ENTRY_FORMAT, "token": self.token, "created": self.created, "expires": self.expires,
@@ -5135,13 +5136,17 @@ class AnswerCache:
         #: counts forget() calls: an answer found before one is not kept after it (see keep_hot)
         self.generation = 0
 
-    def decision(self, signature: Signature, config: Config, signing: bool = False) -> Decision:
-        """Return what requests with *signature* get: decided once, then kept (until clear(): *signing* changed)."""
+    def decision(self, signature: Signature, config: Config, signing: bool = False,
+                 generation: int | None = None) -> Decision:
+        """Return what requests with *signature* get: decided once, then kept until clear() (*signing* changed);
+        not kept if the cache was cleared since *generation* was read, before *signing* was."""
         decision = self.decisions.get(signature)
         if decision is None:
             decision = decide(signature, config, signing)
             if signature_length(signature) <= MAX_KEPT_KEY:
-                self.decisions.put(signature, decision, signature_length(signature) + DECISION_OVERHEAD)
+                with self._lock:
+                    if generation is None or generation == self.generation:
+                        self.decisions.put(signature, decision, signature_length(signature) + DECISION_OVERHEAD)
         return decision
 
     def answer(self, entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None" = None) -> Prepared:
@@ -5800,7 +5805,8 @@ class App:
         entry = self.live_entry(request, token)
         signature = self.signature(request_key(request.environ), request.path[3:].partition("/")[2])
         self.check_signer(self.clock())
-        decision = self.answers.decision(signature, self.config, self.signing)
+        generation = self.answers.generation  # before self.signing, which check_signer sets before it clears
+        decision = self.answers.decision(signature, self.config, self.signing, generation)
         request.environ["certdrop.device"] = decision.device  # for the access log
         return self.answers.answer(entry, decision.answer, self.config, self.signer)
 
@@ -5820,12 +5826,13 @@ class App:
             changes = (self.signer.not_before if now < self.signer.not_before else
                        self.signer.not_after if signing else math.inf)
             if signing != self.signing or self.signing_changes == -math.inf:
+                self.signing = signing  # first: a decision made with the old value after the clear is not kept
                 self.answers.clear()
                 if not signing:
                     log.warning("profiles are sent unsigned: the signing certificate %r is valid from %s until %s "
                                 "(profile_signer_certificate)", self.signer.name, format_time(self.signer.not_before),
                                 format_time(self.signer.not_after))
-            self.signing, self.signing_changes = signing, changes
+            self.signing_changes = changes
 
     def link_for(self, request: Request, token: str) -> str:
         """Return the link to hand out for *token*: on public_url, else on a name or address phones can reach."""

@@ -1596,7 +1596,7 @@ def test_entry_files_record_the_chain_root_first_and_files_without_it_still_serv
 def test_an_entry_whose_chain_leaves_out_its_own_certificate_is_damaged(pki, root_der):
     record = {"format": 2, "token": "abcdefgh", "created": NOW, "expires": NOW + DAY, "revoked": None,
               "sha256": hashlib.sha256(root_der).hexdigest(), "der": base64.b64encode(root_der).decode(),
-              "chain": [base64.b64encode(der_of(pki.root)).decode(), base64.b64encode(der_of(pki.intermediate)).decode()]}
+              "chain": [base64.b64encode(der).decode() for der in (der_of(pki.root), der_of(pki.intermediate))]}
     # its own place in the chain is null; a chain without a null leaves it out
     with pytest.raises(ValueError, match="chain"):
         certdrop.Entry.from_json("abcdefgh", json.dumps(record).encode())
@@ -1628,7 +1628,8 @@ def test_a_profile_has_no_organisation_when_the_ca_names_none(testapp, pki):
 
 class Signer:
     """A signer's CA, an intermediate below it and a signing certificate below that (valid NOW - 1 day to NOW +
-    3 days, within a link's default 7 days), with their PEM files in *directory*: chain.pem (signing certificate, then intermediate), key.pem."""
+    3 days, within a link's default 7 days), with their PEM files in *directory*: chain.pem (signing certificate,
+    then intermediate), key.pem."""
 
     def __init__(self, directory):
         utc = datetime.timezone.utc
