@@ -79,9 +79,9 @@ try:
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
     from cryptography.utils import CryptographyDeprecationWarning
-    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
-    from cryptography.hazmat.primitives.serialization import pkcs12
+    from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
     from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 except ModuleNotFoundError as missing:
     if __name__ != "__main__":  # imported by a WSGI server or a test: its own traceback says enough
@@ -568,6 +568,8 @@ class Config:
     public_url: str = ""  # e.g. https://intranet.example.com/certdrop; empty = from the request's Host
     allowed_hosts: tuple = ()  # names pages may be asked by besides public_url's host and this machine's own
     data_dir: Path = MODULE_DIR / "data"  # where entries live; relative paths are relative to the ini file
+    profile_signer_certificate: Path | None = None  # PEM: the certificate profiles are signed with, its intermediates
+    profile_signer_key: Path | None = None  # PEM: its private key (RSA or EC, no password); None = unsigned profiles
     token_length: int = 8  # characters in a new token (31 symbols each, about 5 bits)
     default_ttl: int = 7 * 86400  # seconds a link lives when the uploader does not choose
     max_ttl: int | None = None  # longest lifetime allowed, seconds; None = up to the certificate's expiry
@@ -632,8 +634,11 @@ class Config:
                     values[prefix + key] = parsers[key](text)
                 except ValueError as error:
                     raise ConfigError(f"bad value for {key!r} in [{section}] of {path}: {error}") from None
-        if "data_dir" in values:
-            values["data_dir"] = (path.parent / values["data_dir"]).resolve()
+        for key in ("data_dir", "profile_signer_certificate", "profile_signer_key"):
+            if values.get(key) is not None:
+                values[key] = (path.parent / values[key]).resolve()
+        if (values.get("profile_signer_certificate") is None) != (values.get("profile_signer_key") is None):
+            raise ConfigError(f"profile_signer_certificate and profile_signer_key go together: {path} sets one only")
         if values.get("max_ttl") and values["max_ttl"] < values.get("default_ttl", cls.default_ttl):
             raise ConfigError(f"bad value for 'max_ttl' in {path}: it is shorter than default_ttl")
         return cls(**values)
@@ -645,6 +650,8 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "public_url": _parse_public_url,
     "allowed_hosts": _parse_hosts,
     "data_dir": lambda text: Path(text.strip()).expanduser(),
+    "profile_signer_certificate": lambda text: Path(text.strip()).expanduser() if text.strip() else None,
+    "profile_signer_key": lambda text: Path(text.strip()).expanduser() if text.strip() else None,
     "token_length": _parse_int(6, 32),
     "default_ttl": parse_duration,
     "max_ttl": _parse_max_ttl,
@@ -703,6 +710,49 @@ def load_config(path: str | None = None) -> Config:
         return Config.from_ini(Path(path).resolve())
     default = MODULE_DIR / "certdrop.ini"
     return Config.from_ini(default) if default.exists() else Config()
+
+
+#: How a public key is compared with another: its DER SubjectPublicKeyInfo.
+PUBLIC_KEY_DER = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_profile_signer(config: Config) -> "ProfileSigner | None":
+    """Return the signer the settings name, or None; raise ConfigError if it cannot be used."""
+    certificate_path, key_path = config.profile_signer_certificate, config.profile_signer_key
+    if certificate_path is None or key_path is None:
+        return None
+    certificates = read_signer_certificates(certificate_path)
+    key = read_signer_key(key_path)
+    if key.public_key().public_bytes(*PUBLIC_KEY_DER) != certificates[0].public_key().public_bytes(*PUBLIC_KEY_DER):
+        raise ConfigError(f"the key in {key_path} (profile_signer_key) does not match the certificate in "
+                          f"{certificate_path} (profile_signer_certificate, its first certificate)")
+    return ProfileSigner(certificates[0], certificates[1:], key)
+
+
+def read_signer_certificates(path: Path) -> list[x509.Certificate]:
+    """Return the certificates in the PEM file *path*: the signer's, then its intermediates."""
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as error:
+        raise ConfigError(f"cannot read {path} (profile_signer_certificate): {error.strerror or error}") from None
+    except ValueError:
+        raise ConfigError(f"{path} (profile_signer_certificate) holds no PEM certificate") from None
+
+
+def read_signer_key(path: Path):
+    """Return the private key in the PEM file *path*; its text is not kept."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as error:
+        raise ConfigError(f"cannot read {path} (profile_signer_key): {error.strerror or error}") from None
+    except TypeError:  # the library's way of saying the key is encrypted
+        raise ConfigError(f"the key in {path} (profile_signer_key) has a password: certdrop reads keys without one "
+                          "(keep the file readable by certdrop alone, see README)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"{path} (profile_signer_key) holds no PEM private key") from None
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise ConfigError(f"the key in {path} (profile_signer_key) is neither RSA nor EC")
+    return key
 
 
 ###############################################################################
@@ -1380,6 +1430,25 @@ def chain_order(certificates: list[Certificate], issuers: dict[bytes, Certificat
     return sorted(certificates, key=depth)
 
 
+def chains_within(certificates: list[Certificate]) -> dict[bytes, tuple[Certificate, ...]]:
+    """Return, by SHA-256, the chain each of *certificates* (roots first) belongs to: every one of them below the
+    same topmost issuer found among them, in their order, so a root and its intermediates share one chain."""
+    issuers = issuers_within(certificates)
+
+    def top(certificate: Certificate) -> bytes:
+        seen = set()
+        while certificate.sha256 in issuers and certificate.sha256 not in seen:
+            seen.add(certificate.sha256)
+            certificate = issuers[certificate.sha256]
+        return certificate.sha256
+
+    tops = {certificate.sha256: top(certificate) for certificate in certificates}
+    members: dict[bytes, list[Certificate]] = {}
+    for certificate in certificates:
+        members.setdefault(tops[certificate.sha256], []).append(certificate)
+    return {sha256: tuple(members[tops[sha256]]) for sha256 in tops}
+
+
 # -- the diagnosis ---------------------------------------------------------------------------------------------
 
 
@@ -1785,35 +1854,97 @@ def _plist_text(text: str) -> str:
     return XML_INVALID_RE.sub("\ufffd", BIDI_CONTROLS_RE.sub("", LINE_BREAKS_RE.sub(" ", text)))
 
 
-def apple_profile(certificate: Certificate) -> bytes:
-    """Return an unsigned configuration profile (``.mobileconfig``) that installs *certificate*.
+def apple_profile(*chain: Certificate, language: str = "", signed: bool = False) -> bytes:
+    """Return an unsigned configuration profile (``.mobileconfig``) that installs *chain*: its root (or topmost CA)
+    first, then the intermediates below it, one payload each.
 
-    UUIDs and identifiers follow from the SHA-256, so downloading it again replaces the earlier install, and a
-    renewed CA with the same name installs beside the old one instead of replacing it.
+    The PayloadIdentifier follows from the chain's first certificate, so installing the profile again (a longer
+    chain, another language, signed or not) replaces the earlier install instead of adding one, and a renewed CA
+    with the same name installs beside the old one. The PayloadUUID follows from the profile's content (its
+    payloads, the *language* of its words, and whether it is *signed*), so each distinct profile has its own; the
+    bytes are the unsigned profile either way, which ProfileSigner.sign then wraps.
     """
-    fingerprint = certificate.sha256.hex()
-    name = _plist_text(certificate.name)
-    payload = {
+    top = chain[0]
+    fingerprint = top.sha256.hex()
+    name = _plist_text(top.name)
+    payloads = [{
         "PayloadType": "com.apple.security.root" if certificate.self_signed else "com.apple.security.pkcs1",
         "PayloadVersion": 1,
-        "PayloadIdentifier": f"certdrop.{fingerprint}.certificate",
-        "PayloadUUID": str(uuid.uuid5(PROFILE_NAMESPACE, f"{fingerprint}/certificate")).upper(),
-        "PayloadDisplayName": name,
+        "PayloadIdentifier": f"certdrop.{certificate.sha256.hex()}.certificate",
+        "PayloadUUID": str(uuid.uuid5(PROFILE_NAMESPACE, f"{certificate.sha256.hex()}/certificate")).upper(),
+        "PayloadDisplayName": _plist_text(certificate.name),
         "PayloadCertificateFileName": f"{certificate.file_stem}.cer",
         "PayloadContent": certificate.der,
-    }
+    } for certificate in chain]
+    content = hashlib.sha256(plistlib.dumps(payloads, fmt=plistlib.FMT_BINARY, sort_keys=True)).hexdigest()
+    values = {"name": name, "fingerprint": colon_hex(top.sha256)}
+    description = ngettext(
+        "Installs the CA certificate {name} (SHA-256 {fingerprint}) and {count} intermediate CA below it.",
+        "Installs the CA certificate {name} (SHA-256 {fingerprint}) and {count} intermediate CAs below it.",
+        len(chain) - 1).format(count=len(chain) - 1, **values) if len(chain) > 1 else _(
+        "Installs the CA certificate {name} (SHA-256 {fingerprint}).").format(**values)
+    # iOS and macOS show ConsentText before they install: where people can compare the fingerprint with the one
+    # they were given. Apple's Configuration Profile Reference: a dictionary by language code, "default" for any.
+    consent = _("This profile installs the CA certificate {name}. Install it only if its SHA-256 fingerprint is "
+                "{fingerprint}, as the person who sent you this link gave it to you.").format(**values)
     profile = {
         "PayloadType": "Configuration",
         "PayloadVersion": 1,
         "PayloadIdentifier": f"certdrop.{fingerprint}",
-        "PayloadUUID": str(uuid.uuid5(PROFILE_NAMESPACE, fingerprint)).upper(),
+        "PayloadUUID": str(uuid.uuid5(PROFILE_NAMESPACE, f"{content}/{language}/{signed}")).upper(),
         "PayloadDisplayName": name,
-        "PayloadDescription": _("Installs the CA certificate {name} (SHA-256 {fingerprint}).").format(
-            name=name, fingerprint=colon_hex(certificate.sha256)),
+        "PayloadDescription": description,
+        "ConsentText": {"default": consent},
         "PayloadRemovalDisallowed": False,
-        "PayloadContent": [payload],
+        "PayloadContent": payloads,
     }
+    if top.organization:
+        profile["PayloadOrganization"] = _plist_text(top.organization)
     return plistlib.dumps(profile, fmt=plistlib.FMT_XML, sort_keys=False)
+
+
+#: Bytes of signed profiles a ProfileSigner keeps: a root and an intermediate make a profile of about 5 KB, signed
+#: with a signer's chain of two about 8 KB, so some 500 profiles (links times languages).
+SIGNED_PROFILES_BYTES = 4 * 1024 * 1024
+
+
+class ProfileSigner:
+    """The administrator's signing certificate, its intermediates and its private key, read from their files at start.
+
+    Only the key object is kept, never its PEM text; it is never served, logged or copied. Signatures differ on
+    every run (a signing time, and ECDSA's random numbers), so each profile is signed once and its signed bytes kept
+    by the unsigned profile's SHA-256: within a process the same profile always gets the same bytes.
+    """
+
+    def __init__(self, certificate: x509.Certificate, intermediates: list[x509.Certificate], key):
+        self.certificate, self.intermediates, self._key = certificate, intermediates, key
+        self.name = inspect_certificate(certificate).name
+        self.not_before = certificate.not_valid_before_utc.timestamp()
+        self.not_after = certificate.not_valid_after_utc.timestamp()
+        self._signed = BoundedMap(SIGNED_PROFILES_BYTES)
+        self._lock = threading.Lock()
+
+    def is_valid_at(self, now: float) -> bool:
+        return self.not_before <= now < self.not_after
+
+    def sign(self, profile: bytes) -> bytes:
+        """Return *profile* as PKCS#7 SignedData (DER) holding it byte for byte: signed once, then kept."""
+        digest = hashlib.sha256(profile).digest()
+        signed = self._signed.get(digest)
+        if signed is not None:
+            return signed
+        builder = pkcs7.PKCS7SignatureBuilder().set_data(profile).add_signer(self.certificate, self._key,
+                                                                             hashes.SHA256())
+        for intermediate in self.intermediates:
+            builder = builder.add_certificate(intermediate)
+        # Binary: the content is signed as it is; without it, the library rewrites line ends to CRLF first
+        signed = builder.sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+        with self._lock:  # two threads that signed the same profile at once: both send the first one kept
+            kept = self._signed.get(digest)
+            if kept is not None:
+                return kept
+            self._signed.put(digest, signed, len(signed) + len(digest) + ANSWER_OVERHEAD)
+        return signed
 
 
 def wap_display_name(name: str, charset: int) -> bytes:
@@ -1897,8 +2028,9 @@ ENTRY_OVERHEAD, ANSWER_OVERHEAD = 3700, 1100
 ENTRY_FILE_BYTES = 4096
 
 #: Free bytes /healthz asks of the data directory's file system: what an upload of a root and its intermediate
-#: writes, an entry file and an index file for each, a block apiece.
-UPLOAD_FREE_BYTES = 4 * ENTRY_FILE_BYTES
+#: writes, an entry file and an index file for each: two blocks for each entry, which also records the other's DER
+#: (its chain), one for each index.
+UPLOAD_FREE_BYTES = 6 * ENTRY_FILE_BYTES
 
 #: The facts of a certificate that an entry file keeps beside its DER, with their JSON types. A cold lookup builds
 #: the Certificate from them instead of parsing the DER and verifying its signature again.
@@ -1983,6 +2115,12 @@ class Entry:
     revoke_hash: str | None = None  # SHA-256 (hex) of the secret that removes this link from the web; never the secret
     #: the certificate's facts as its entry file keeps them (certificate_facts); None in entries of format 1
     facts: dict | None = dataclasses.field(default=None, compare=False, repr=False)
+    #: the DER of every certificate of the chain its upload made (root first, this one among them), when the upload
+    #: held more than this certificate of the chain; None in older entries and for a lone certificate. The DER
+    #: itself, not the other links' tokens: a profile is built from this entry alone (build_answer), so an answer
+    #: kept by its key cannot depend on other entries, which expire, are revoked or change on their own. They are
+    #: public certificates, a few KB.
+    chain: tuple[bytes, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
     #: until when the link answers with its certificate: its expiry, or 0 once revoked or a tombstone
     serves_until: float = dataclasses.field(init=False, compare=False, repr=False)
 
@@ -2006,10 +2144,17 @@ class Entry:
         return certificate_from_facts(self.der, self.facts)
 
     def with_certificate(self) -> "Entry":
-        """Return this entry with its certificate built, so that damage to it shows when read, not when served."""
+        """Return this entry with its certificate (and chain) built, so that damage shows when read, not served."""
         if self.der is not None:
-            _ = self.certificate
+            _ = self.certificate, self.chain_certificates
         return self
+
+    @functools.cached_property
+    def chain_certificates(self) -> tuple[Certificate, ...]:
+        """Return the chain this link's profile installs: the recorded one, else this certificate alone."""
+        if not self.chain:
+            return (self.certificate,)
+        return tuple(self.certificate if der == self.der else load_der(der) for der in self.chain)
 
     @property
     def remembered(self) -> Remembered | None:
@@ -2018,8 +2163,8 @@ class Entry:
 
     def tombstone(self, revoked: float | None = None) -> "Entry":
         """Return this entry without its certificate (revoked at *revoked*, if given), remembering which it was."""
-        return dataclasses.replace(self, der=None, facts=None, revoked=self.revoked if revoked is None else revoked,
-                                   was=self.remembered)
+        return dataclasses.replace(self, der=None, facts=None, chain=None,
+                                   revoked=self.revoked if revoked is None else revoked, was=self.remembered)
 
     def to_json(self) -> bytes:
         record = {"format": ENTRY_FORMAT, "token": self.token, "created": self.created, "expires": self.expires,
@@ -2028,6 +2173,9 @@ class Entry:
             record["sha256"] = hashlib.sha256(self.der).hexdigest()
             record["der"] = base64.b64encode(self.der).decode("ascii")
             record["certificate"] = self.facts or certificate_facts(self.certificate)
+            if self.chain:  # this entry's own certificate is null there: it is "der" already
+                record["chain"] = [None if der == self.der else base64.b64encode(der).decode("ascii")
+                                   for der in self.chain]
         elif self.was is not None:
             record["was"] = self.was.to_record()
         if self.revoke_hash:
@@ -2057,7 +2205,8 @@ class Entry:
         return cls(token, _stored_time(record["created"]), _stored_time(record["expires"]), der,
                    None if revoked is None else _stored_time(revoked),
                    None if was is None else Remembered.from_record(was), revoke_hash,
-                   record.get("certificate") if der is not None else None)
+                   record.get("certificate") if der is not None else None,
+                   stored_chain(record.get("chain"), der) if der is not None else None)
 
     @staticmethod
     def record_of(token: str, data: bytes) -> dict:
@@ -2087,7 +2236,22 @@ class Entry:
 
     def memory_size(self) -> int:
         """Return about how many bytes this entry holds in memory (its answers are the AnswerCache's)."""
-        return ENTRY_OVERHEAD + len(self.der or b"")
+        return ENTRY_OVERHEAD + len(self.der or b"") + sum(len(der) for der in self.chain or () if der != self.der)
+
+
+def stored_chain(value: object, der: bytes) -> tuple[bytes, ...] | None:
+    """Return the chain an entry file records for the certificate *der* (None when it records none, as entries
+    written before chains were recorded do); raise ValueError if it is damaged or leaves out *der*.
+
+    The file lists the chain's certificates in base64, root first, with null where *der* itself stands."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 1 < len(value) <= MAX_CERTIFICATES or not all(
+            item is None or isinstance(item, str) for item in value):
+        raise ValueError("damaged chain")
+    if value.count(None) != 1:
+        raise ValueError("a chain without its own certificate")
+    return tuple(der if item is None else base64.b64decode(item, validate=True) for item in value)
 
 
 def revoke_hash(secret: str) -> str:
@@ -2388,34 +2552,43 @@ class Store:
         """Store *certificate* until *expires*; return its entry and whether the link is new (see add_all)."""
         return self.add_all([(certificate, expires, revoke_secret)])[0]
 
-    def add_all(self, wanted: list[tuple[Certificate, float, str | None]]) -> list[tuple[Entry, bool]]:
+    def add_all(self, wanted: list[tuple[Certificate, float, str | None]],
+                chains: dict[bytes, tuple[Certificate, ...]] | None = None) -> list[tuple[Entry, bool]]:
         """Store each (certificate, expiry, revoke secret); return (entry, whether the link is new) for each.
 
         A certificate that already has a live link keeps it, and the link's expiry moves to the later of the two
         once that is at least EXPIRY_STEP later. A new link keeps the hash of its secret, which removes it from
-        the web. Every file is synced before its rename, and each directory once after all of them: every link
+        the web. Each entry records the chain *chains* gives for its certificate (by SHA-256) when it holds more
+        than that certificate; a live link records a new one too, and keeps the one it has when the upload brings
+        none. Every file is synced before its rename, and each directory once after all of them: every link
         returned survives a power loss.
         """
         results = []
         with self._exclusive():
             unsynced: set[Path] = set()
             for certificate, expires, secret in wanted:
-                results.append(self._add(certificate, expires, secret, unsynced))
+                chain = (chains or {}).get(certificate.sha256, ())
+                ders = tuple(member.der for member in chain) if len(chain) > 1 else None
+                results.append(self._add(certificate, expires, secret, unsynced, ders))
             for directory in sorted(unsynced, key=lambda path: len(path.parts), reverse=True):
                 _fsync_directory(directory)  # a new shard first, then the data directory that names it
         return results
 
-    def _add(self, certificate: Certificate, expires: float, secret: str | None,
-             unsynced: set[Path]) -> tuple[Entry, bool]:
+    def _add(self, certificate: Certificate, expires: float, secret: str | None, unsynced: set[Path],
+             chain: tuple[bytes, ...] | None = None) -> tuple[Entry, bool]:
         existing = self._live_entry_for(certificate.sha256)
         if existing is not None:
-            if expires < existing.expires + EXPIRY_STEP:
+            new_chain = chain is not None and chain != existing.chain
+            if expires < existing.expires + EXPIRY_STEP and not new_chain:
                 return existing, False
-            entry = dataclasses.replace(existing, expires=expires)
+            later = expires >= existing.expires + EXPIRY_STEP
+            entry = dataclasses.replace(existing, expires=expires if later else existing.expires,
+                                        chain=chain if new_chain else existing.chain)
             self._write(entry, unsynced=unsynced)
             return entry, False
         entry = Entry(self._new_token(), self.clock(), expires, certificate.der,
-                      revoke_hash=revoke_hash(secret) if secret else None, facts=certificate_facts(certificate))
+                      revoke_hash=revoke_hash(secret) if secret else None, facts=certificate_facts(certificate),
+                      chain=chain)
         index = self._index_path(certificate.sha256)
         # The index first: if the entry then cannot be written, the index names no file and is simply stale.
         _write_atomically(index, entry.token.encode("ascii"), owner=self._owner, unsynced=unsynced)
@@ -3796,6 +3969,19 @@ def render_fingerprints(certificate: Certificate) -> str:
                          (N_("SHA-1"), colon_hex(certificate.sha1))))
 
 
+def render_profile_signature_note(signed: bool) -> str:
+    """Return what iOS and macOS say of the profile's signature (*signed*: by the administrator's signer) and what
+    it means, for the Apple pages: "Verified" names who signed the file, which is no reason to trust the CA in it."""
+    if signed:
+        text = _("Your device calls this profile “Verified” because it knows who signed the file; that does not "
+                 "make the certificate inside one to trust, so compare its SHA-256 fingerprint with the one you were "
+                 "given.")
+    else:
+        text = _("Your device calls this profile “Not Verified” in red because nobody it knows signed the file, "
+                 "as is usual for a company's own CA; compare its SHA-256 fingerprint with the one you were given.")
+    return f'<p class="muted">{esc(text)}</p>'
+
+
 def render_landing(certificate: Certificate, client: Client, base_path: str, link: str = "") -> bytes:
     """Return the HTML page for *client* at /c/<token>: the right file first, its steps, then every format.
 
@@ -4023,6 +4209,9 @@ class RequestKey(typing.NamedTuple):
     The rule for this key and every key made from it (Signature, BuiltKey, RefusalKey, ErrorPage): it holds all that
     what it keeps was made from. Whatever decides or renders a kept answer reads only its key's fields (decide,
     build_answer and render_error take nothing else), so an answer cannot depend on something its key leaves out.
+    Besides their keys, decide and build_answer read the settings, fixed for the app's life, and the profile signer
+    read from them: whether it is valid now (decide's *signing*) is the one thing that changes, and when it does
+    App.check_signer forgets everything kept (AnswerCache.clear).
     A request whose key is longer than MAX_KEPT_KEY characters is answered, never kept.
     """
 
@@ -4656,6 +4845,7 @@ class FileAnswer(typing.NamedTuple):
     inline: bool  # False: sent with Content-Disposition: attachment
     der_instead: bool = False  # an intermediate CA, which has no hashed certificate, sends its DER instead
     language: str = ""  # the language of a profile's description, which iOS shows; "" for the other files
+    signed: bool = False  # a profile signed by the administrator's signer (ProfileSigner), while it is valid
 
 
 class PageAnswer(typing.NamedTuple):
@@ -4695,16 +4885,20 @@ class Decision(typing.NamedTuple):
 DESKTOP_DEVICES = ("windows", "macos", "linux", "firefox", "chromeos", "other")
 
 #: ``?format=`` values that name a file, and the extension of its file name.
-PUBLIC_FORMATS = {"der": ".crt", "pem": ".pem", "mobileconfig": ".mobileconfig", "whc": ".whc", "whc-alt": ".alt.whc"}
+PUBLIC_FORMATS = {"der": ".crt", "pem": ".pem", "mobileconfig": ".mobileconfig",
+                  "mobileconfig-unsigned": ".unsigned.mobileconfig", "whc": ".whc", "whc-alt": ".alt.whc"}
 
 #: File name endings under /c/<token>/, longest first.
-FILE_SUFFIXES = ((".alt.whc", "whc-alt"), (".whc", "whc"), (".mobileconfig", "mobileconfig"), (".pem", "pem"),
+FILE_SUFFIXES = ((".alt.whc", "whc-alt"), (".whc", "whc"), (".unsigned.mobileconfig", "mobileconfig-unsigned"),
+                 (".mobileconfig", "mobileconfig"), (".pem", "pem"),
                  (".cer", "der"), (".crt", "der"), (".der", "der"))
 
 
-def decide(signature: Signature, config: Config) -> Decision:
+def decide(signature: Signature, config: Config, signing: bool = False) -> Decision:
     """Return what a request with *signature* gets for any live token: the page or file its device installs (or
-    the format ``?format=`` names), the file its name asks for, the card, or the QR code."""
+    the format ``?format=`` names), the file its name asks for, the card, or the QR code. Profiles are signed when
+    *signing*: the settings name a signer and it is valid now (App.check_signer keeps what this decided only while
+    that holds)."""
     rest = signature.rest
     if rest in ("qr.svg", "qr.png"):
         return Decision(QrAnswer(rest[3:], link_base(signature, config)), "-")
@@ -4713,16 +4907,17 @@ def decide(signature: Signature, config: Config) -> Decision:
     client = client_of_signature(signature)
     if rest:
         kind = next(kind for suffix, kind in FILE_SUFFIXES if rest.lower().endswith(suffix))
-        return Decision(file_answer(kind, rest, client, config, signature.language), client.device)
+        return Decision(file_answer(kind, rest, client, config, signature.language, signing), client.device)
     chosen = dict(urllib.parse.parse_qsl(signature.query, keep_blank_values=True)).get("format")
     if chosen is None:
         return Decision(default_answer(signature, client, config), client.device)
     if chosen == "page":
         return Decision(page_answer(signature, client, config), client.device)
     if chosen not in PUBLIC_FORMATS:
-        raise BadRequest(_("Unknown format {format}: choose der, pem, mobileconfig, whc, whc-alt or page.").format(
-            format=repr(chosen[:40])))
-    return Decision(file_answer(chosen, PUBLIC_FORMATS[chosen], client, config, signature.language), client.device)
+        raise BadRequest(_("Unknown format {format}: choose der, pem, mobileconfig, mobileconfig-unsigned, whc, "
+                           "whc-alt or page.").format(format=repr(chosen[:40])))
+    return Decision(file_answer(chosen, PUBLIC_FORMATS[chosen], client, config, signature.language, signing),
+                    client.device)
 
 
 def client_of_signature(signature: Signature) -> Client:
@@ -4757,17 +4952,19 @@ def page_answer(signature: Signature, client: Client, config: Config) -> PageAns
     return PageAnswer(client, MIME_HTML, prefix, base, signature.language)
 
 
-def file_answer(kind: str, name: str, client: Client, config: Config, language: str) -> FileAnswer:
-    """Return the answer for file *kind* ("der", "pem", "mobileconfig", "whc" or "whc-alt") named *name*; a profile
-    says what it installs in the reader's *language*."""
+def file_answer(kind: str, name: str, client: Client, config: Config, language: str,
+                signing: bool = False) -> FileAnswer:
+    """Return the answer for file *kind* ("der", "pem", "mobileconfig", "mobileconfig-unsigned", "whc" or "whc-alt")
+    named *name*; a profile says what it installs in the reader's *language*, and is signed when *signing*."""
     if kind == "der":
         # Nokia installers and Firefox's trust dialog take the body only without an attachment header.
         inline = client.device in ("s40", "firefox") or (client.device == "s60" and not config.s60_attachment)
         return FileAnswer("der", name, inline)
     if kind == "pem":  # update-ca-certificates reads only PEM files named .crt
         return FileAnswer("pem", re.sub(r"(?i)\.pem$", ".crt", name), inline=False)
-    if kind == "mobileconfig":
-        return FileAnswer(kind, name, inline=False, language=language)
+    if kind in ("mobileconfig", "mobileconfig-unsigned"):
+        return FileAnswer("mobileconfig", name, inline=False, language=language,
+                          signed=signing and kind == "mobileconfig")
     return FileAnswer(kind, name, inline=True)
 
 
@@ -4805,12 +5002,13 @@ def whc_kinds(config: Config) -> tuple[str, str]:
     return ("whc-direct", "whc-length") if direct else ("whc-length", "whc-direct")
 
 
-def build_answer(entry: Entry, answer: Answer, config: Config) -> Response:
-    """Return *answer* for *entry*, made from the two alone (and the settings)."""
+def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None" = None) -> Response:
+    """Return *answer* for *entry*, made from the two alone (and the settings, and the signer read from them)."""
     certificate = entry.certificate
     headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY))
     if isinstance(answer, FileAnswer):
-        return build_file(certificate, answer, headers, config)
+        chain = entry.chain_certificates if answer.kind == "mobileconfig" else (certificate,)
+        return build_file(certificate, chain, answer, headers, config, signer)
     if isinstance(answer, PageAnswer) and answer.client.device in ("s60", "s40"):
         body = render_nokia_page(certificate, answer.client, f"{answer.prefix}/c/{entry.token}",
                                  answer.content_type, whc_kinds(config), config.whc_charset)
@@ -4830,7 +5028,9 @@ def build_answer(entry: Entry, answer: Answer, config: Config) -> Response:
                     headers + (("Content-Security-Policy", "default-src 'none'"),))
 
 
-def build_file(certificate: Certificate, answer: FileAnswer, headers: tuple, config: Config) -> Response:
+def build_file(certificate: Certificate, chain: tuple[Certificate, ...], answer: FileAnswer, headers: tuple,
+               config: Config, signer: "ProfileSigner | None" = None) -> Response:
+    """Return file *answer* for *certificate*; a profile installs the whole *chain* it belongs to."""
     kind, name = answer.kind, answer.name
     if kind in ("whc", "whc-alt") and not certificate.self_signed:
         if not answer.der_instead:
@@ -4838,7 +5038,12 @@ def build_file(certificate: Certificate, answer: FileAnswer, headers: tuple, con
                              "self-signed root. Use the .cer file instead."))
         kind, name = "der", ".cer"
     layout = whc_kinds(config)[kind == "whc-alt"] if kind in ("whc", "whc-alt") else kind
-    body, content_type = file_body(certificate, layout, config.whc_charset)
+    if kind == "mobileconfig":
+        body, content_type = apple_profile(*chain, language=answer.language, signed=answer.signed), MIME_PROFILE
+        if answer.signed and signer is not None:
+            body = signer.sign(body)
+    else:
+        body, content_type = file_body(certificate, layout, config.whc_charset)
     if not answer.inline:
         headers += (("Content-Disposition", f'attachment; filename="{file_name(certificate, name)}"'),)
     return Response(body, 200, content_type, headers)
@@ -4934,21 +5139,25 @@ class AnswerCache:
         #: counts forget() calls: an answer found before one is not kept after it (see keep_hot)
         self.generation = 0
 
-    def decision(self, signature: Signature, config: Config) -> Decision:
-        """Return what requests with *signature* get: decided once, then kept."""
+    def decision(self, signature: Signature, config: Config, signing: bool = False,
+                 generation: int | None = None) -> Decision:
+        """Return what requests with *signature* get: decided once, then kept until clear() (*signing* changed);
+        not kept if the cache was cleared since *generation* was read, before *signing* was."""
         decision = self.decisions.get(signature)
         if decision is None:
-            decision = decide(signature, config)
+            decision = decide(signature, config, signing)
             if signature_length(signature) <= MAX_KEPT_KEY:
-                self.decisions.put(signature, decision, signature_length(signature) + DECISION_OVERHEAD)
+                with self._lock:
+                    if generation is None or generation == self.generation:
+                        self.decisions.put(signature, decision, signature_length(signature) + DECISION_OVERHEAD)
         return decision
 
-    def answer(self, entry: Entry, answer: Answer, config: Config) -> Prepared:
+    def answer(self, entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None" = None) -> Prepared:
         """Return *answer* for *entry*: built once, then kept while the entry is."""
         key = BuiltKey(entry.token, answer)
         prepared = self.built.get(key)
         if prepared is None:
-            prepared = prepare_answer(build_answer(entry, answer, config))
+            prepared = prepare_answer(build_answer(entry, answer, config, signer))
             self._keep(entry.token, self.built, key, prepared, len(prepared.body[0]) + ANSWER_OVERHEAD)
         return prepared
 
@@ -4980,6 +5189,15 @@ class AnswerCache:
             for key in self._keys_of.pop(token, ()):
                 self.hot.pop(key)
                 self.built.pop(key)
+
+    def clear(self) -> None:
+        """Forget every decision and every answer: what they were made from changed for all (the signer's
+        validity began or ended)."""
+        with self._lock:
+            self.generation += 1
+            for part in (self.hot, self.decisions, self.built, self.refusals, self.errors):
+                part.clear()
+            self._keys_of.clear()
 
     def refusal(self, key: RequestKey, signature: Callable[[], Signature], status: int,
                 seconds: int) -> HotAnswer | None:
@@ -5199,10 +5417,16 @@ class App:
     """The certdrop WSGI application: routes requests to handlers and turns every failure into a clear answer."""
 
     def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time,
-                 access_log: AccessLog | None = None):
+                 access_log: AccessLog | None = None, signer: ProfileSigner | None = None):
         self.config = config
         self.store = store
         self.clock = clock
+        #: the profile signer read from the settings at start, and whether profiles are signed now: while the
+        #: signer is valid. Decisions and answers are kept only until that changes (check_signer)
+        self.signer, self.signing = signer, False
+        #: when whether profiles are signed next changes: -inf until check_signer first looks, inf never again
+        self.signing_changes = -math.inf if signer else math.inf
+        self._signer_lock = threading.Lock()
         self.access_log = access_log if config.access_log else None
         if self.access_log:
             self.access_log.start()
@@ -5376,10 +5600,11 @@ class App:
         decision, now = self.answers.decisions.get(self.signature(key, rest)), self.clock()
         prepared = decision and self.answers.built.get(BuiltKey(token, decision.answer))
         memory = self.store.memory_of(entry)
-        if not prepared or now >= entry.serves_until or memory is None:
+        if not prepared or now >= entry.serves_until or memory is None or now >= self.signing_changes:
             return None
         tails = {prepared.code: hot_tail(key, prepared, decision.device), 304: hot_tail(key, None, decision.device)}
-        hot = HotAnswer(prepared, tails, token, now, min(entry.serves_until, now + self.store.fresh_for(entry)), memory)
+        until = min(entry.serves_until, now + self.store.fresh_for(entry), self.signing_changes)
+        hot = HotAnswer(prepared, tails, token, now, until, memory)
         self.answers.keep_hot(key, hot, generation)
         return hot
 
@@ -5592,9 +5817,35 @@ class App:
         entry, and kept for the hot path (the route's parts are in the signature's rest)."""
         entry = self.live_entry(request, token)
         signature = self.signature(request_key(request.environ), request.path[3:].partition("/")[2])
-        decision = self.answers.decision(signature, self.config)
+        self.check_signer(self.clock())
+        generation = self.answers.generation  # before self.signing, which check_signer sets before it clears
+        decision = self.answers.decision(signature, self.config, self.signing, generation)
         request.environ["certdrop.device"] = decision.device  # for the access log
-        return self.answers.answer(entry, decision.answer, self.config)
+        return self.answers.answer(entry, decision.answer, self.config, self.signer)
+
+    def check_signer(self, now: float) -> None:
+        """Sign profiles from now on if the signer is valid at *now*, else send them unsigned (with one warning).
+
+        Whether a profile is signed is decided (decide) and kept like the rest of its answer, so when the signer's
+        validity begins or ends every kept decision and answer is forgotten; the hot path serves nothing kept past
+        the moment it changes (signing_changes).
+        """
+        if now < self.signing_changes:
+            return
+        with self._signer_lock:
+            if now < self.signing_changes:
+                return
+            signing = self.signer.is_valid_at(now)
+            changes = (self.signer.not_before if now < self.signer.not_before else
+                       self.signer.not_after if signing else math.inf)
+            if signing != self.signing or self.signing_changes == -math.inf:
+                self.signing = signing  # first: a decision made with the old value after the clear is not kept
+                self.answers.clear()
+                if not signing:
+                    log.warning("profiles are sent unsigned: the signing certificate %r is valid from %s until %s "
+                                "(profile_signer_certificate)", self.signer.name, format_time(self.signer.not_before),
+                                format_time(self.signer.not_after))
+            self.signing_changes = changes
 
     def link_for(self, request: Request, token: str) -> str:
         """Return the link to hand out for *token*: on public_url, else on a name or address phones can reach."""
@@ -5635,8 +5886,10 @@ def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, no
     expiries = [link_expiry(config, certificate, ttl, now) for certificate in diagnosis.installable]
     wanted = [(certificate, expires, secrets.token_urlsafe(16))
               for certificate, (expires, _) in zip(diagnosis.installable, expiries, strict=True)]  # all checked first
+    chains = chains_within(list(diagnosis.installable))
     links = []
-    for (certificate, expires, secret), (_, cut), (entry, created) in zip(wanted, expiries, store.add_all(wanted)):
+    for (certificate, expires, secret), (_, cut), (entry, created) in zip(wanted, expiries,
+                                                                          store.add_all(wanted, chains)):
         log.info("%s link %s for %r until %s", "new" if created else "existing", entry.token, certificate.name,
                  format_time(entry.expires))
         links.append(Link(entry, install_url(base, entry.token), created, cut and entry.expires == expires,
@@ -5746,7 +5999,8 @@ def make_app(config: Config, store: Store | None = None, clock: Callable[[], flo
              access_log: AccessLog | None = None) -> App:
     """Return the WSGI application for *config*; tests pass their own store, clock and access log."""
     quiet_library_warnings()
-    return App(config, store or make_store(config, clock), clock, access_log or ACCESS_LOG)
+    signer = load_profile_signer(config)
+    return App(config, store or make_store(config, clock), clock, access_log or ACCESS_LOG, signer)
 
 
 ###############################################################################
@@ -6360,6 +6614,9 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
     except LifetimeError as error:
         say(f"certdrop: {error}", file=sys.stderr)
         return CHECK_ERROR  # a usage error, like any other bad option
+    except ConfigError as error:  # a setting that names a file it cannot use (the profile signer)
+        say(f"certdrop: {error}", file=sys.stderr)
+        return CHECK_ERROR  # as a setting the ini file gets wrong
     except CertificateError as error:
         say(f"certdrop: {cli_message(error, args.command)}", file=sys.stderr)
     except DamagedEntry as error:

@@ -1517,7 +1517,7 @@ def test_profile_carries_the_root_as_a_root_payload(testapp, root_token, root_de
 
 
 def test_profile_uuids_follow_from_the_certificate(testapp, root_token, root):
-    first = certdrop.apple_profile(certdrop.inspect_certificate(root[0]))
+    first = certdrop.apple_profile(certdrop.inspect_certificate(root[0]), language="en")
     assert testapp.get(f"/c/{root_token}/ca.mobileconfig").body == first
     renewed = certdrop.apple_profile(certdrop.inspect_certificate(make_certificate()[0]))
     assert plistlib.loads(renewed)["PayloadUUID"] != plistlib.loads(first)["PayloadUUID"]
@@ -1534,6 +1534,254 @@ def test_profile_survives_control_characters_in_the_name():
     cert, _ = make_certificate("Evil\x01\x1b CA")
     profile = plistlib.loads(certdrop.apple_profile(certdrop.inspect_certificate(cert)))
     assert profile["PayloadDisplayName"] == "Evil\ufffd\ufffd CA"
+
+
+def chain_tokens(testapp, *certs):
+    """Upload *certs* in one body; return the tokens of their links, root first."""
+    answer = testapp.post("/", pem_of(*certs), content_type="text/plain", headers={"Accept": "application/json"})
+    return [link["token"] for link in answer.json["links"]]
+
+
+def test_every_link_of_a_chain_offers_one_profile_with_the_root_and_its_intermediate(testapp, pki):
+    root_token, intermediate_token = chain_tokens(testapp, pki.leaf, pki.intermediate, pki.root)
+    profile = testapp.get(f"/c/{root_token}/ca.mobileconfig").body
+    assert testapp.get(f"/c/{intermediate_token}/ca.mobileconfig").body == profile
+    payloads = plistlib.loads(profile)["PayloadContent"]
+    assert [payload["PayloadType"] for payload in payloads] == ["com.apple.security.root", "com.apple.security.pkcs1"]
+    assert [payload["PayloadContent"] for payload in payloads] == [der_of(pki.root), der_of(pki.intermediate)]
+    assert len({payload["PayloadUUID"] for payload in payloads}) == 2
+
+
+def test_a_chain_profile_keeps_its_identifier_and_uuid_across_downloads_and_re_uploads(testapp, pki):
+    root_token, intermediate_token = chain_tokens(testapp, pki.root, pki.intermediate)
+    first = profile_of(testapp, intermediate_token)
+    assert chain_tokens(testapp, pki.intermediate, pki.root) == [root_token, intermediate_token]
+    again = profile_of(testapp, root_token)
+    assert again == first == profile_of(testapp, intermediate_token)
+    assert first["PayloadIdentifier"] == f"certdrop.{pki.root.fingerprint(hashes.SHA256()).hex()}"
+
+
+def test_a_lone_root_and_its_chain_share_the_identifier_but_not_the_uuid(testapp, pki):
+    (root_token,) = chain_tokens(testapp, pki.root)
+    alone = profile_of(testapp, root_token)
+    assert chain_tokens(testapp, pki.root, pki.intermediate)[0] == root_token
+    chained = profile_of(testapp, root_token)
+    assert len(alone["PayloadContent"]) == 1 and len(chained["PayloadContent"]) == 2
+    assert alone["PayloadIdentifier"] == chained["PayloadIdentifier"]  # installing the chain replaces the root
+    assert alone["PayloadUUID"] != chained["PayloadUUID"]
+
+
+def test_a_re_upload_of_the_root_alone_keeps_the_chain_its_link_recorded(testapp, pki):
+    root_token, _ = chain_tokens(testapp, pki.root, pki.intermediate)
+    assert chain_tokens(testapp, pki.root) == [root_token]
+    assert len(profile_of(testapp, root_token)["PayloadContent"]) == 2
+
+
+def test_entry_files_record_the_chain_root_first_and_files_without_it_still_serve(testapp, pki, config):
+    root_token, intermediate_token = chain_tokens(testapp, pki.root, pki.intermediate)
+    store = certdrop.make_store(config, FakeClock())
+    for token in (root_token, intermediate_token):
+        record = json.loads(store.path_for(token).read_bytes())
+        others = [base64.b64decode(der) if der else der_of(pki.root if token == root_token else pki.intermediate)
+                  for der in record["chain"]]
+        assert others == [der_of(pki.root), der_of(pki.intermediate)] and record["chain"].count(None) == 1
+        del record["chain"]  # as entries written before chains were recorded are
+        store.path_for(token).write_text(json.dumps(record))
+    fresh = client(certdrop.make_app(config, clock=FakeClock()))
+    (payload,) = profile_of(fresh, intermediate_token)["PayloadContent"]
+    assert payload["PayloadContent"] == der_of(pki.intermediate)
+    assert fresh.get(f"/c/{root_token}/ca.crt").body == der_of(pki.root)
+
+
+def test_an_entry_whose_chain_leaves_out_its_own_certificate_is_damaged(pki, root_der):
+    record = {"format": 2, "token": "abcdefgh", "created": NOW, "expires": NOW + DAY, "revoked": None,
+              "sha256": hashlib.sha256(root_der).hexdigest(), "der": base64.b64encode(root_der).decode(),
+              "chain": [base64.b64encode(der).decode() for der in (der_of(pki.root), der_of(pki.intermediate))]}
+    # its own place in the chain is null; a chain without a null leaves it out
+    with pytest.raises(ValueError, match="chain"):
+        certdrop.Entry.from_json("abcdefgh", json.dumps(record).encode())
+
+
+def test_profile_uuids_differ_by_language_and_by_signing(pki):
+    root = certdrop.inspect_certificate(pki.root)
+    uuids = {plistlib.loads(certdrop.apple_profile(root, language=language, signed=signed))["PayloadUUID"]
+             for language in ("en", "de") for signed in (False, True)}
+    assert len(uuids) == 4
+
+
+def test_profile_names_the_organisation_and_asks_to_compare_the_fingerprint(testapp, pki):
+    root_token, _ = chain_tokens(testapp, pki.root, pki.intermediate)
+    profile = profile_of(testapp, root_token)
+    fingerprint = pki.root.fingerprint(hashes.SHA256()).hex(":").upper()
+    assert profile["PayloadOrganization"] == "Example Org"
+    assert fingerprint in profile["ConsentText"]["default"] and fingerprint in profile["PayloadDescription"]
+    assert "Example Root CA" in profile["ConsentText"]["default"]
+
+
+def test_a_profile_has_no_organisation_when_the_ca_names_none(testapp, pki):
+    profile = plistlib.loads(certdrop.apple_profile(certdrop.inspect_certificate(pki.several_cn)))
+    assert "PayloadOrganization" not in profile
+
+
+# -- signed profiles ------------------------------------------------------------------------------------------
+
+
+class Signer:
+    """A signer's CA, an intermediate below it and a signing certificate below that (valid NOW - 1 day to NOW +
+    3 days, within a link's default 7 days), with their PEM files in *directory*: chain.pem (signing certificate,
+    then intermediate), key.pem."""
+
+    def __init__(self, directory):
+        utc = datetime.timezone.utc
+        self.ca, ca_key = make_certificate("Signer Root CA", serial=11)
+        self.intermediate, intermediate_key = make_certificate(
+            "Signer Issuing CA", issuer=self.ca.subject, issuer_key=ca_key, serial=12)
+        self.key = rsa.generate_private_key(65537, 2048)
+        self.not_after = NOW + 3 * DAY
+        self.certificate, _ = make_certificate(
+            "ca.example.org", issuer=self.intermediate.subject, issuer_key=intermediate_key, ca=False, key=self.key,
+            serial=13, not_before=datetime.datetime.fromtimestamp(NOW - DAY, utc),
+            not_after=datetime.datetime.fromtimestamp(self.not_after, utc))
+        self.directory = Path(directory)
+        self.ca_pem = self.directory / "signer_ca.pem"
+        self.ca_pem.write_bytes(pem_of(self.ca))
+        self.chain_pem = self.directory / "chain.pem"
+        self.chain_pem.write_bytes(pem_of(self.certificate, self.intermediate))
+        self.key_pem = self.directory / "key.pem"
+        self.key_pem.write_bytes(self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+
+
+@pytest.fixture(scope="session")
+def signer(tmp_path_factory):
+    return Signer(tmp_path_factory.mktemp("signer"))
+
+
+@pytest.fixture
+def signing_app(config, clock, signer):
+    config = dataclasses.replace(config, profile_signer_certificate=signer.chain_pem, profile_signer_key=signer.key_pem)
+    return client(certdrop.make_app(config, clock=clock))
+
+
+def signed_content(signed):
+    """Return the content a PKCS#7 SignedData (DER) holds, read independently of certdrop's own signing."""
+    assert pkcs7.load_der_pkcs7_certificates(signed)  # it is SignedData and carries certificates
+    start = signed.index(b"<?xml")
+    end = signed.index(b"</plist>\n", start) + len(b"</plist>\n")
+    return signed[start:end]
+
+
+def test_a_signed_profile_holds_the_unsigned_profile_and_keeps_its_bytes(signing_app, pki):
+    root_token, intermediate_token = chain_tokens(signing_app, pki.root, pki.intermediate)
+    signed = signing_app.get(f"/c/{root_token}/ca.mobileconfig")
+    assert signed.content_type == "application/x-apple-aspen-config" and not signed.body.startswith(b"<?xml")
+    assert signing_app.get(f"/c/{root_token}/ca.mobileconfig").body == signed.body  # signed once, kept
+    assert signing_app.get(f"/c/{intermediate_token}?format=mobileconfig").body == signed.body
+    unsigned = signing_app.get(f"/c/{root_token}/ca.unsigned.mobileconfig")
+    assert unsigned.headers["Content-Disposition"] == 'attachment; filename="ca.unsigned.mobileconfig"'
+    content = signed_content(signed.body)
+    assert plistlib.loads(content)["PayloadUUID"] != plistlib.loads(unsigned.body)["PayloadUUID"]
+    assert signing_app.get(f"/c/{root_token}?format=mobileconfig-unsigned").body == unsigned.body
+    assert len(plistlib.loads(content)["PayloadContent"]) == 2
+
+
+@pytest.mark.slow
+def test_a_signed_profile_verifies_against_the_signers_ca_with_the_unsigned_profile_inside(signing_app, signer,
+                                                                                            pki, tmp_path):
+    (token,) = chain_tokens(signing_app, pki.root)
+    (tmp_path / "profile.mobileconfig").write_bytes(signing_app.get(f"/c/{token}/ca.mobileconfig").body)
+    verified = subprocess.run(["openssl", "cms", "-verify", "-purpose", "any", "-inform", "DER", "-CAfile",
+                               str(signer.ca_pem), "-attime", str(int(NOW)), "-in", "profile.mobileconfig",
+                               "-out", "content"], cwd=tmp_path, capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stderr
+    content = (tmp_path / "content").read_bytes()
+    assert content == signed_content((tmp_path / "profile.mobileconfig").read_bytes())
+    assert plistlib.loads(content)["PayloadContent"][0]["PayloadContent"] == der_of(pki.root)
+    # the same profile, built unsigned but for its signed flag, is what was signed
+    built = certdrop.apple_profile(certdrop.inspect_certificate(pki.root), language="en", signed=True)
+    assert content == built
+
+
+def test_an_expired_signer_gives_unsigned_profiles_and_one_warning(signing_app, signer, clock, pki, caplog):
+    (token,) = chain_tokens(signing_app, pki.root)
+    assert not signing_app.get(f"/c/{token}/ca.mobileconfig").body.startswith(b"<?xml")
+    clock.now = signer.not_after
+    with caplog.at_level(logging.WARNING, logger="certdrop"):
+        for _ in range(3):
+            profile = signing_app.get(f"/c/{token}/ca.mobileconfig").body
+            assert profile == signing_app.get(f"/c/{token}/ca.unsigned.mobileconfig").body
+    assert [record.getMessage() for record in caplog.records if "unsigned" in record.getMessage()] == [
+        f"profiles are sent unsigned: the signing certificate 'ca.example.org' is valid from "
+        f"{certdrop.format_time(NOW - DAY)} until {certdrop.format_time(signer.not_after)} "
+        f"(profile_signer_certificate)"]
+
+
+def test_a_signer_not_yet_valid_signs_from_the_moment_it_is(signing_app, clock, pki):
+    (token,) = chain_tokens(signing_app, pki.root)
+    clock.now = NOW - 2 * DAY
+    assert signing_app.get(f"/c/{token}/ca.mobileconfig").body.startswith(b"<?xml")
+    clock.now = NOW
+    assert not signing_app.get(f"/c/{token}/ca.mobileconfig").body.startswith(b"<?xml")
+
+
+def test_a_key_that_does_not_match_its_certificate_stops_serve_at_start(tmp_path, signer, pki, capsys):
+    other = tmp_path / "other.pem"
+    other.write_bytes(pki.rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text(f"[certdrop]\ndata_dir = data\nprofile_signer_certificate = {signer.chain_pem}\n"
+                   "profile_signer_key = other.pem\n")
+    assert cli(ini, "serve", "--port", "0") == certdrop.CHECK_ERROR
+    error = capsys.readouterr().err
+    assert f"the key in {other} (profile_signer_key) does not match the certificate in {signer.chain_pem}" in error
+    assert "PRIVATE KEY" not in error
+
+
+@pytest.mark.parametrize("problem", ["missing", "password", "not-a-key", "ed25519"])
+def test_a_signer_key_that_cannot_be_used_stops_the_app_with_a_clear_message(tmp_path, signer, problem):
+    key = tmp_path / "key.pem"
+    if problem == "password":
+        key.write_bytes(signer.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.BestAvailableEncryption(b"secret")))
+    elif problem == "not-a-key":
+        key.write_bytes(signer.chain_pem.read_bytes())
+    elif problem == "ed25519":
+        key.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    config = certdrop.Config(data_dir=tmp_path / "data", profile_signer_certificate=signer.chain_pem,
+                             profile_signer_key=key)
+    message = {"missing": "cannot read", "password": "has a password", "not-a-key": "holds no PEM private key",
+               "ed25519": "neither RSA nor EC"}[problem]
+    with pytest.raises(certdrop.ConfigError, match=message):
+        certdrop.make_app(config, clock=FakeClock())
+
+
+def test_the_signer_keeps_no_key_text_and_no_answer_carries_the_key(signing_app, signer, pki):
+    (token,) = chain_tokens(signing_app, pki.root)
+    kept = vars(signing_app.app.signer)
+    assert not any(isinstance(value, (bytes, str)) and b"PRIVATE" in (value if isinstance(value, bytes) else
+                                                                      value.encode()) for value in kept.values())
+    secret = signer.key.private_numbers().d.to_bytes(256, "big").lstrip(b"\0")
+    for path in ("", "/ca.mobileconfig", "/ca.unsigned.mobileconfig", "/ca.crt", "/ca.pem", "/card"):
+        body = signing_app.get(f"/c/{token}{path}").body
+        assert secret not in body and b"PRIVATE KEY" not in body
+
+
+def test_the_signature_note_says_verified_is_not_trusted_and_not_verified_is_usual():
+    verified, not_verified = (certdrop.render_profile_signature_note(signed) for signed in (True, False))
+    assert "\u201cVerified\u201d" in verified and "does not make the certificate inside one to trust" in verified
+    assert "\u201cNot Verified\u201d" in not_verified and "fingerprint" in not_verified
+
+
+def test_signer_files_are_relative_to_the_ini_file_and_go_together(tmp_path):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\nprofile_signer_certificate = tls/chain.pem\nprofile_signer_key = tls/key.pem\n")
+    config = certdrop.Config.from_ini(ini)
+    assert config.profile_signer_certificate == tmp_path / "tls" / "chain.pem"
+    assert config.profile_signer_key == tmp_path / "tls" / "key.pem"
+    ini.write_text("[certdrop]\nprofile_signer_key = tls/key.pem\n")
+    with pytest.raises(certdrop.ConfigError, match="go together"):
+        certdrop.Config.from_ini(ini)
 
 
 def parse_hashed(body):
