@@ -598,6 +598,7 @@ class Config:
     trusted_proxy_headers: tuple = ("x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port")
     lookup_limit: int = 30  # unknown-token lookups a minute per client (IPv6: per /64); 0 = no limit
     upload_limit: int = 20  # uploads a minute per client; 0 = no limit
+    contact: str = ""  # whom to ask, as the printed card says it ("IT help desk, room 12, ext. 4711"); empty = none
     # [mail]: how "e-mail this link" sends; without a host the page offers a mailto: link instead
     mail_host: str = ""  # SMTP server; empty = no sending from certdrop
     mail_port: int = 0  # 0 = the usual port for mail_security: 25, 587 (starttls) or 465 (tls)
@@ -675,6 +676,7 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "trusted_proxy_headers": _parse_proxy_headers,
     "lookup_limit": _parse_int(0, 100_000),
     "upload_limit": _parse_int(0, 100_000),
+    "contact": lambda text: LINE_BREAKS_RE.sub(" ", text.strip())[:200],
 }
 
 
@@ -3847,7 +3849,7 @@ def file_kinds_for(certificate: Certificate) -> list[str]:
 
 
 LANDING_PAGE = string.Template("""<h1>$heading</h1>
-<p class="muted">$role_for_device $proxy_note $not_yours</p>
+<p class="muted">$role_for_device $proxy_note $not_yours $ends</p>
 $way_out_html
 <p><a class="button" href="$first_url">$first_label</a></p>
 $nothing_html
@@ -3927,6 +3929,7 @@ CARD_PAGE = string.Template("""<h1>$heading</h1>
 <p class="link card-link">$link</p>
 <div class="qr">$qr_html</div>
 <p>$open_text</p>
+<p><strong>$ends</strong> $contact</p>
 $facts_html
 <table class="card-steps">$steps_html</table>
 """)
@@ -3949,17 +3952,22 @@ CARD_STEPS = (
 )
 
 
-def render_card(certificate: Certificate, link: str) -> bytes:
-    """Return the printable hand-out of a link; it fits one A4 or Letter page."""
+def render_card(certificate: Certificate, link: str, ends: float | None = None, contact: str = "") -> bytes:
+    """Return the printable hand-out of a link; it fits one A4 or Letter page. It says when the link ends, and
+    whom to ask (the contact setting)."""
     steps = "".join(f"<tr><th>{esc(_(family))}</th><td>{esc(_(first))}<br />{esc(_(second))}</td></tr>"
                     for family, first, second in CARD_STEPS)
     body = render(CARD_PAGE, heading=_("Install the certificate \u201c{name}\u201d").format(name=certificate.name),
                   link=link, qr_html=qr_svg(link), facts_html=render_fingerprints(certificate), steps_html=steps,
+                  ends=_(ENDS_NOTE).format(date=format_time(ends)) if ends else "",
+                  contact=_("Questions, or a new link: ask {contact}.").format(contact=contact) if contact else "",
                   open_text=_("Open the link on each phone or computer (or point its camera at the code) and follow "
                               "the steps there. Before trusting the certificate, compare its fingerprint with this "
                               "one:"))
     return render_page(_("Install {name}").format(name=certificate.name), body)
 
+
+ENDS_NOTE = N_("The link works until {date}.")
 
 PROXY_NOTE = N_("Opera Mini and UC Browser cannot hand a certificate to the phone: open this link in its own "
                 "browser.")
@@ -3970,12 +3978,13 @@ def render_fingerprints(certificate: Certificate) -> str:
                          (N_("SHA-1"), colon_hex(certificate.sha1))))
 
 
-def render_landing(certificate: Certificate, client: Client, base_path: str, link: str = "") -> bytes:
+def render_landing(certificate: Certificate, client: Client, base_path: str, link: str = "",
+                   ends: float | None = None) -> bytes:
     """Return the HTML page for *client* at /c/<token>: the right file first, its steps, then every format.
 
     *base_path* is the link's path (``/prefix/c/<token>``); file links hang below it. *link* is the link itself:
     a phone's page shows it as text to copy into Safari or Chrome, a desktop's page as a QR code too, so a person
-    at a laptop can point a phone at the screen.
+    at a laptop can point a phone at the screen. *ends* is when the link ends (the entry's expiry).
     """
     guide = DEVICE_GUIDES[client.device]
     page = DEVICE_PAGES.get(client.device) or DevicePage(N_("Install \u201c{name}\u201d"), guide.label,
@@ -3999,6 +4008,7 @@ def render_landing(certificate: Certificate, client: Client, base_path: str, lin
         role_for_device=_("{role} for {device}.").format(role=_(ROLE_LABELS[certificate.role]), device=_(page.label)),
         proxy_note=_(PROXY_NOTE) if client.via_proxy else "",
         not_yours=_("Not your device? Every format is listed below."),
+        ends=_(ENDS_NOTE).format(date=format_time(ends)) if ends else "",
         way_out_html=render_way_out(client, link),
         first_url=f"{base_path}/{stem}{FILE_KINDS[guide.first].extension}",
         first_label=_(FILE_KINDS[guide.first].button),
@@ -4069,7 +4079,7 @@ def wml_esc(value: object) -> str:
 
 
 def render_nokia_page(certificate: Certificate, client: Client, base_path: str, content_type: str,
-                      whc_kinds: tuple[str, str], charset: int) -> bytes:
+                      whc_kinds: tuple[str, str], charset: int, ends: float | None = None) -> bytes:
     """Return the small page for Nokia phones: the DER link, then (on S40) both hashed certificates with codes."""
     escape = wml_esc if content_type == MIME_WML else esc
     stem = certificate.file_stem
@@ -4084,6 +4094,8 @@ def render_nokia_page(certificate: Certificate, client: Client, base_path: str, 
     parts.append(f"<p><b>{escape(certificate.name)}</b><br/>SHA-1:<br/>{_short_lines(certificate.sha1)}<br/>"
                  f"SHA-256:<br/>{_short_lines(certificate.sha256)}</p>")
     parts.append(f"<p>{escape(_(COMPARE_NOTE))}</p>")
+    if ends:
+        parts.append(f"<p>{escape(_(ENDS_NOTE).format(date=format_time(ends)))}</p>")
     template = WML_DECK if content_type == MIME_WML else XHTML_MP_PAGE
     return render(template, title_html=escape(_("CA certificate")), content_html="\n".join(parts)).encode("utf-8")
 
@@ -5013,7 +5025,7 @@ def build_answer(entry: Entry, answer: Answer, config: Config) -> Response:
         return build_file(certificate, answer, headers, config)
     if isinstance(answer, PageAnswer) and answer.client.device in ("s60", "s40"):
         body = render_nokia_page(certificate, answer.client, f"{answer.prefix}/c/{entry.token}",
-                                 answer.content_type, whc_kinds(config), config.whc_charset)
+                                 answer.content_type, whc_kinds(config), config.whc_charset, entry.expires)
         return Response(body, 200, answer.content_type, headers + page_headers(answer.content_type))
     # the rest name the link itself, on the address the request came by
     link = lead_url(install_url(answer.base, entry.token)) if answer.base else ""
@@ -5021,10 +5033,11 @@ def build_answer(entry: Entry, answer: Answer, config: Config) -> Response:
         location = f"{answer.base}/c/{entry.token}/{file_name(certificate, answer.name)}"
         return Response(b"", 302, MIME_TEXT, (("Location", location), *headers))
     if isinstance(answer, PageAnswer):
-        return Response(render_landing(certificate, answer.client, f"{answer.prefix}/c/{entry.token}", link),
-                        200, MIME_HTML, headers + HTML_HEADERS)
+        return Response(render_landing(certificate, answer.client, f"{answer.prefix}/c/{entry.token}", link,
+                                       entry.expires), 200, MIME_HTML, headers + HTML_HEADERS)
     if isinstance(answer, CardAnswer):
-        return Response(render_card(certificate, link), 200, MIME_HTML, headers + HTML_HEADERS)
+        return Response(render_card(certificate, link, entry.expires, config.contact), 200, MIME_HTML,
+                        headers + HTML_HEADERS)
     content_type = "image/svg+xml" if answer.kind == "svg" else "image/png"
     return Response(qr_file(link, answer.kind), 200, content_type,
                     headers + (("Content-Security-Policy", "default-src 'none'"),))

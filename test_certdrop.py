@@ -1593,6 +1593,39 @@ def test_an_intermediate_android_page_points_to_installing_the_root(testapp, int
     assert "This is an intermediate CA: Android trusts it only once the root CA that issued it is installed" in text
 
 
+@pytest.mark.parametrize("name", ["iphone-safari", "ipados-as-mac", "android-chrome", "windows-edge", "linux-chrome",
+                                  "chromeos", "blackberry-10", "s40-6500s"])
+def test_every_device_page_says_when_the_link_ends(testapp, store, root_token, name):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS[name][0]})
+    date = certdrop.format_time(store.get(root_token).expires)
+    assert f"The link works until {date}." in page.text
+
+
+def test_an_in_app_page_says_when_the_link_ends(testapp, store, root_token):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": IN_APP_AGENTS["instagram-ios"][0]})
+    assert f"The link works until {certdrop.format_time(store.get(root_token).expires)}." in html_text(page)
+
+
+def test_the_card_says_when_the_link_ends_and_whom_to_ask(config, store, clock, root_token):
+    contact = "IT help desk, room 12, ext. 4711 <b>&"
+    card = client(certdrop.make_app(dataclasses.replace(config, contact=contact), store, clock)).get(
+        f"/c/{root_token}/card")
+    text = html_text(card)
+    assert f"The link works until {certdrop.format_time(store.get(root_token).expires)}." in text
+    assert f"Questions, or a new link: ask {contact}." in text
+    assert "<b>&" not in card.text and "&lt;b&gt;&amp;" in card.text  # escaped like any other text
+
+
+def test_a_card_without_a_contact_names_nobody(testapp, root_token):
+    assert "Questions, or a new link" not in testapp.get(f"/c/{root_token}/card").text
+
+
+def test_contact_setting_is_read_from_the_ini_as_one_line(tmp_path):
+    path = tmp_path / "certdrop.ini"
+    path.write_text("[certdrop]\ncontact = IT help desk,\n  room 12, ext. 4711\n")
+    assert certdrop.Config.from_ini(path).contact == "IT help desk, room 12, ext. 4711"
+
+
 @pytest.mark.parametrize(("device", "command"), [
     ("windows-edge", "certutil -addstore root Example_Root_CA.cer"),
     ("linux-chrome", "sudo trust anchor Example_Root_CA.crt"),
