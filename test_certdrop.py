@@ -5818,6 +5818,40 @@ def test_in_a_real_browser_sign_in_upload_and_install_on_every_device(tmp_path, 
         server.stop()
 
 
+@pytest.mark.slow
+def test_in_a_real_browser_the_in_app_ipad_and_intermediate_pages_fit_a_phone(tmp_path, browser, pki):
+    from selenium.webdriver.common.by import By
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\n")
+    server = Server(ini)
+    try:
+        tokens = {}
+        for kind, cert in (("root", pki.root), ("intermediate", pki.intermediate)):
+            status, headers, _ = server.request("/", pem_of(cert), {"Content-Type": "application/x-pem-file"})
+            assert status == 201, kind
+            tokens[kind] = headers["Location"].rsplit("/", 1)[1]
+        pages = (  # name, User-Agent, token, what the first screen must show first
+            ("in-app", IN_APP_AGENTS["instagram-ios"][0], tokens["root"], ".way-out .copy"),
+            ("web-view-android", IN_APP_AGENTS["web-view-android"][0], tokens["root"], ".way-out .copy"),
+            ("ipad", USER_AGENTS["ipados-as-mac"][0], tokens["root"], "a.button"),
+            ("intermediate", USER_AGENTS["iphone-safari"][0], tokens["intermediate"], "a.button"),
+        )
+        for name, agent, token, first_action in pages:
+            as_device(browser, agent, 360, 740)
+            browser.get(f"{server.url}/c/{token}")
+            screenshot(browser, tmp_path, name)
+            for selector in (first_action, "a.button"):
+                element = browser.find_element(By.CSS_SELECTOR, selector)
+                top, bottom = browser.execute_script(
+                    "const r = arguments[0].getBoundingClientRect(); return [r.top, r.bottom];", element)
+                assert 0 <= top and bottom <= 740, f"{name}: {selector} is not on the first screen"
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= 360, (
+                f"{name}: the page scrolls sideways")
+            assert console_problems(browser) == [], name
+    finally:
+        server.stop()
+
+
 def printed_pages(driver, url):
     """Return how many pages *url* prints on, on A4 and on US Letter (Chromium's own print to PDF)."""
     from selenium.webdriver.common.print_page_options import PrintOptions
