@@ -3928,8 +3928,7 @@ PHONE_QR = string.Template("""<section>
 CARD_PAGE = string.Template("""<h1>$heading</h1>
 <p class="link card-link">$link</p>
 <div class="qr">$qr_html</div>
-<p>$open_text</p>
-<p><strong>$ends</strong> $contact</p>
+<p><strong>$ends</strong> $contact $open_text</p>
 $facts_html
 <table class="card-steps">$steps_html</table>
 """)
@@ -3943,7 +3942,8 @@ CARD_STEPS = (
         "certificate.")),
     (N_("Windows"), N_("Open the link, download the .cer, open it: Install Certificate, Local Machine."),
      N_("Place it in \u201cTrusted Root Certification Authorities\u201d (not automatically).")),
-    (N_("macOS"), N_("Open the link, download the profile, install it in System Settings \u203a Profiles."),
+    (N_("macOS"), N_("Open the link, install the profile in System Settings \u203a General \u203a Device "
+                     "Management (macOS 13, 14: Privacy & Security \u203a Profiles)."),
      N_("Or open the .cer in Keychain Access and set it to Always Trust.")),
     (N_("Linux, ChromeOS"), N_("Open the link and follow the page: it names the commands or settings for you."),
      N_("Firefox keeps its own store: it asks to trust the CA when you click the button.")),
@@ -3952,11 +3952,18 @@ CARD_STEPS = (
 )
 
 
+#: The card's second line for a family whose trust step is for roots only, when the link is an intermediate's.
+CARD_INTERMEDIATE_LINES = {
+    N_("iPhone, iPad"): N_("It is an intermediate CA: no trust switch for it; install its root CA too."),
+}
+
+
 def render_card(certificate: Certificate, link: str, ends: float | None = None, contact: str = "") -> bytes:
     """Return the printable hand-out of a link; it fits one A4 or Letter page. It says when the link ends, and
     whom to ask (the contact setting)."""
-    steps = "".join(f"<tr><th>{esc(_(family))}</th><td>{esc(_(first))}<br />{esc(_(second))}</td></tr>"
-                    for family, first, second in CARD_STEPS)
+    intermediate = {} if certificate.self_signed else CARD_INTERMEDIATE_LINES
+    steps = "".join(f"<tr><th>{esc(_(family))}</th><td>{esc(_(first))}<br />"
+                    f"{esc(_(intermediate.get(family, second)))}</td></tr>" for family, first, second in CARD_STEPS)
     body = render(CARD_PAGE, heading=_("Install the certificate \u201c{name}\u201d").format(name=certificate.name),
                   link=link, qr_html=qr_svg(link), facts_html=render_fingerprints(certificate), steps_html=steps,
                   ends=_(ENDS_NOTE).format(date=format_time(ends)) if ends else "",

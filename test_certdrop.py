@@ -1616,6 +1616,12 @@ def test_the_card_says_when_the_link_ends_and_whom_to_ask(config, store, clock, 
     assert "<b>&" not in card.text and "&lt;b&gt;&amp;" in card.text  # escaped like any other text
 
 
+def test_the_card_of_an_intermediate_never_asks_to_switch_on_full_trust(testapp, root_token, intermediate_token):
+    assert "Certificate Trust Settings: switch it on" in html_text(testapp.get(f"/c/{root_token}/card"))
+    card = html_text(testapp.get(f"/c/{intermediate_token}/card"))
+    assert "switch it on" not in card and "It is an intermediate CA: no trust switch for it" in card
+
+
 def test_a_card_without_a_contact_names_nobody(testapp, root_token):
     assert "Questions, or a new link" not in testapp.get(f"/c/{root_token}/card").text
 
@@ -5776,7 +5782,7 @@ def test_in_a_real_browser_sign_in_upload_and_install_on_every_device(tmp_path, 
     from selenium.webdriver.common.by import By
     ini = tmp_path / "certdrop.ini"
     ini.write_text(f"[certdrop]\ndata_dir = data\nupload_auth = always\nupload_password = {KEY}\n"
-                   "[mail]\nhost = 127.0.0.1\n")
+                   "contact = IT help desk, room 12, ext. 4711\n[mail]\nhost = 127.0.0.1\n")
     (tmp_path / "ca.pem").write_bytes(root_pem)
     server = Server(ini)
     try:
