@@ -600,6 +600,7 @@ class Config:
     trusted_proxy_headers: tuple = ("x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port")
     lookup_limit: int = 30  # unknown-token lookups a minute per client (IPv6: per /64); 0 = no limit
     upload_limit: int = 20  # uploads a minute per client; 0 = no limit
+    contact: str = ""  # whom to ask, as the printed card says it ("IT help desk, room 12, ext. 4711"); empty = none
     # [mail]: how "e-mail this link" sends; without a host the page offers a mailto: link instead
     mail_host: str = ""  # SMTP server; empty = no sending from certdrop
     mail_port: int = 0  # 0 = the usual port for mail_security: 25, 587 (starttls) or 465 (tls)
@@ -682,6 +683,7 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "trusted_proxy_headers": _parse_proxy_headers,
     "lookup_limit": _parse_int(0, 100_000),
     "upload_limit": _parse_int(0, 100_000),
+    "contact": lambda text: LINE_BREAKS_RE.sub(" ", text.strip())[:200],
 }
 
 
@@ -1707,6 +1709,71 @@ CERTIFICATE_TYPES = ("application/x-x509-ca-cert", "application/pkix-cert", "app
 #: IANA MIBenum -> Python codec, for the display name of a WAP hashed certificate.
 WAP_CHARSETS = {3: "ascii", 4: "latin-1", 106: "utf-8"}
 
+class Browser(typing.NamedTuple):
+    """A row of BROWSERS: an app or browser its User-Agent names, and whether it can install what the page offers."""
+
+    name: str  # shown on the page as it is: a product's name, the same in every language
+    marker: re.Pattern  # searched for in the User-Agent
+    installs: bool  # False: a configuration profile (iOS) or a certificate (Android) cannot be installed from it
+    below: int = 0  # when the marker captures a major version: versions below this cannot install
+
+
+#: Apps whose built-in web view opens links, and browsers that cannot install a configuration profile on iOS,
+#: one row each, first match wins. Rows name the source of their marker, a real User-Agent quoted there. Their
+#: pages lead with the way out (Safari on iOS, Chrome on Android) and the link as text to copy. Not recognisable
+#: (they send Safari's own User-Agent, so every iOS page says "Nothing happened? Open this link in Safari"):
+#: Twitter/X, Slack and Discord on iOS (zenn.dev/kecy/articles/f51851e42c4243, iOS 14.5), Telegram on iOS
+#: (TelegramMessenger/Telegram-iOS#736), Brave on iOS (brave/brave-ios#5351), Firefox for iOS 116 and later,
+#: which dropped FxiOS (mozilla-mobile/firefox-ios#15938), and Gmail, Outlook and Teams, whose link views show
+#: Safari's User-Agent too (issue 20; no User-Agent of theirs found that names them).
+BROWSERS = (
+    # "[FBAN/FBIOS;FBAV/96.0.0.45.70;...]" on iOS 10.3, "[FB_IAB/FB4A;FBAV/127.0.0.22.69;]" on Android 7:
+    # github.com/allinurl/goaccess/issues/804; "[FB_IAB/Orca-Android;...]" is Messenger: matomo-org/device-detector#6867
+    Browser("Messenger", re.compile(r"\[FB_IAB/Orca|FBAN/Messenger"), False),
+    Browser("Facebook", re.compile(r"FBAN/|FBAV/|FB_IAB/"), False),
+    # "Mobile/15D60 Instagram 31.0.0.14.97 (iPhone9,1; iOS 11_2_5; ...)" and "... Instagram 30.0.0.12.95 Android
+    # (24/7.0; ...)": github.com/DamonOehlman/detect-browser/issues/56
+    Browser("Instagram", re.compile(r"\bInstagram \d"), False),
+    # "Mobile/15E148 MicroMessenger/8.0.22(0x18001626) NetType/WIFI" on iOS 15.5: foroco/php-browser-detection#16;
+    # "...; wv) ... MicroMessenger/6.2.0.16_r1138404.543" on Android 5.1: faisalman/ua-parser-js#115
+    Browser("WeChat", re.compile(r"MicroMessenger/"), False),
+    # "Mobile/13D15 Safari Line/5.10.0" on iOS 9.2: matomo-org/device-detector#5457; "Line/6.5.0/IAB" on Android:
+    # matomo-org/device-detector#5530
+    Browser("LINE", re.compile(r"\bLine/\d"), False),
+    # "... Mobile Safari/537.36 Telegram-Android/11.2.1 (...)": intoli/user-agents#78
+    Browser("Telegram", re.compile(r"Telegram-Android/"), False),
+    # "Mobile/15E5189f Snapchat/10.26.1.0 (iPhone10,6; iOS 11.3; gzip)": browscap/browscap#1843; since 11.0 it adds
+    # "(like Safari/604.1)": donatj/PhpUserAgent#67
+    Browser("Snapchat", re.compile(r"Snapchat/"), False),
+    # "Mobile/15E148 Safari/604.1 musical_ly_41.9.0" on iOS 18.6.2: shalanah/inapp-spy#55; "BytedanceWebview" on
+    # Android: shalanah/inapp-spy#56
+    Browser("TikTok", re.compile(r"musical_ly|BytedanceWebview|\bTikTok\b"), False),
+    # "(KHTML, like Gecko) LinkedIn/9.11.908.1 Version/10.0 Mobile/15C153 Safari/602.1" on iOS 11.2:
+    # browscap/browscap#1707; "Mobile/15E148 [LinkedInApp]": serbanghita/Mobile-Detect#832
+    Browser("LinkedIn", re.compile(r"LinkedInApp|\bLinkedIn/\d"), False),
+    # "(KHTML, like Gecko) FxiOS/18.2b15817 Mobile/15E148 Safari/605.1.15" on iOS 12.4: WoltLab/WCF#3051
+    Browser("Firefox", re.compile(r"FxiOS/"), False),
+    # "(KHTML, like Gecko) Focus/3.2 Mobile/14D27" on iOS 10.2: browscap/browscap#1533 (later Focus sends FxiOS:
+    # mozilla-mobile/focus-ios#1753)
+    Browser("Firefox Focus", re.compile(r"\bFocus/\d[^ ]* Mobile/"), False),
+    # "Mobile/15E148 DuckDuckGo/7 Safari/605.1.15": duckduckgo/iOS#656; "Mobile/15E148 Safari/604.1 Ddg/19.0":
+    # duckduckgo/apple-browsers#2009
+    Browser("DuckDuckGo", re.compile(r"DuckDuckGo/|\bDdg/"), False),
+    # "Mobile/15E148 Safari/604.1 OPT/4.6.1" on iOS 17.4: pixu1980/detector-js#25; "OPiOS/8.0.0.78129" (Opera
+    # Mini for iOS): arouel/uadetector#87
+    Browser("Opera", re.compile(r"\bOPT/|OPiOS/"), False),
+    # "EdgiOS/125.0.2535.87 Version/17.0 Mobile/15E148 Safari/604.1" on iOS 17.5: medama-io/go-useragent#23. Not
+    # known to install profiles, so its page leads with Safari and keeps the download below.
+    Browser("Microsoft Edge", re.compile(r"EdgiOS/"), False),
+    # "CriOS/120.0.6099.119 Mobile/15E148 Safari/604.1": Chrome for iOS installs profiles from version 95 (issue
+    # 20); older ones are sent to Safari.
+    Browser("Chrome", re.compile(r"CriOS/(\d+)"), True, below=95),
+)
+
+#: An iOS User-Agent without "Safari/" is a web view inside an app (WKWebView leaves it out):
+#: github.com/atomantic/is-ua-webview data/rules.js; so is an Android one with "; wv)" (Android 5 and later).
+ANDROID_WEB_VIEW_RE = re.compile(r";\s*wv\)")
+
 #: A fixed namespace, so a profile's UUIDs follow from the certificate alone.
 PROFILE_NAMESPACE = uuid.UUID("6f0b9c1e-7a43-5d2e-9c55-2f1b0d8e4a17")
 
@@ -1717,6 +1784,8 @@ class Client(typing.NamedTuple):
     device: str  # "s60", "s40", "ios", "android", "windows-mobile", "blackberry", "firefox", "macos", "windows",
     #              "linux" or "other"
     via_proxy: bool  # Opera Mini or UC Browser: the file reaches their server, not the phone's installer
+    app: str = ""  # the app or browser (BROWSERS) that cannot install, when its User-Agent names it
+    installs: bool = True  # False in a web view or a browser that cannot install: the page leads with the way out
 
 
 def nokia_model(user_agent: str) -> str | None:
@@ -1784,7 +1853,27 @@ def identify(user_agent: str, handset_agent: str, proxied: bool) -> Client:
     *proxied* says the handset UA came from Opera Mini's or UC Browser's own header. Device-Stock-UA alone is no
     sign of a proxy: ordinary browsers (Opera for Android) send it too.
     """
-    return Client(classify(handset_agent or user_agent), proxied or bool(PROXY_BROWSER_RE.search(user_agent)))
+    agent = handset_agent or user_agent
+    device, via_proxy = classify(agent), proxied or bool(PROXY_BROWSER_RE.search(user_agent))
+    if via_proxy:  # the proxy's own note says where to go instead
+        return Client(device, via_proxy)
+    return Client(device, via_proxy, *browser_of(agent, device))
+
+
+def browser_of(user_agent: str, device: str) -> tuple[str, bool]:
+    """Return the app or browser on an iPhone, iPad or Android phone that cannot install (its name, or "" when the
+    User-Agent does not say), and whether this browser can install: ("", True) for Safari and the like."""
+    if device not in ("ios", "android"):
+        return "", True
+    for row in BROWSERS:
+        match = row.marker.search(user_agent)
+        if match:
+            if row.installs and not (row.below and int(match[1]) < row.below):
+                return "", True
+            return row.name, False
+    if device == "ios":
+        return "", "Safari/" in user_agent
+    return "", not ANDROID_WEB_VIEW_RE.search(user_agent)
 
 
 @kept_for_short_arguments(1024)
@@ -3195,6 +3284,9 @@ textarea{width:100%;box-sizing:border-box;min-height:8rem;font:13px/1.3 ui-monos
 button{font:inherit;font-weight:600;padding:.55rem 1.4rem;border:0;border-radius:6px;background:#1f5fbf;color:#fff}
 .link{font-size:1.7rem;font-weight:700;word-break:break-all;margin:.25rem 0}
 .link a{color:#1f5fbf}
+.copy{font:15px/1.4 ui-monospace,monospace;word-break:break-all;-webkit-user-select:all;user-select:all}
+p.copy{background:#f4f6f9;border:1px solid #dde3ea;border-radius:4px;padding:.4rem .6rem}
+.way-out{background:#eef4ff;border-color:#9bb8e8}
 .qr svg{display:block;margin:.5rem 0;max-width:100%;height:auto}
 .card-link{font-size:2rem}table.card-steps th{padding-right:1rem}
 @media print{body{background:#fff;font-size:11pt}main{max-width:none;padding:0}footer{display:none}
@@ -3765,6 +3857,10 @@ def is_root(certificate: Certificate) -> bool:
     return certificate.self_signed
 
 
+def is_intermediate(certificate: Certificate) -> bool:
+    return not certificate.self_signed
+
+
 def is_not_small_rsa(certificate: Certificate) -> bool:
     return not (certificate.key_type == "RSA" and certificate.key_bits <= 1024)
 
@@ -3790,18 +3886,27 @@ DEVICE_GUIDES = {
                           "{key_type} key.")),
         (has_no_key_size, N_("Some Series 40 phones accept only CAs with a 1024-bit RSA key; this one has an "
                              "{key_type} key.")))),
+    # iOS 17 and later: "Profile Downloaded" at the top of Settings, else General > VPN & Device Management (issue
+    # 20); full trust for roots: https://support.apple.com/102390 ("Trust manually installed certificate profiles
+    # in iOS and iPadOS"), a list that shows roots only.
     "ios": Guide(N_("iPhone and iPad"), "mobileconfig", (
-        N_("Open this page in Safari: other browsers cannot install profiles. Tap the button and allow the download."),
-        N_("Open Settings, tap \u201cProfile Downloaded\u201d and then Install, within 8 minutes: iOS discards a "
-           "profile that waits longer."),
-        N_("Turn on full trust: Settings \u203a General \u203a About \u203a Certificate Trust Settings, switch on "
-           "\u201c{name}\u201d. Without this step iOS does not trust it for websites."))),
+        N_("Tap the button and choose Allow."),
+        N_("Open Settings and tap \u201cProfile Downloaded\u201d at the top, then Install, within 8 minutes: iOS "
+           "discards a profile that waits longer. Not there? Look in Settings \u203a General \u203a VPN & Device "
+           "Management."),
+        (is_root, N_("Turn on full trust: Settings \u203a General \u203a About \u203a Certificate Trust Settings, "
+                     "switch on \u201c{name}\u201d. Without this step iOS does not trust it for websites.")),
+        (is_intermediate, N_("This is an intermediate CA: it needs no trust switch, and Certificate Trust Settings "
+                             "lists roots only. Install the root CA that issued it too, and turn on full trust for "
+                             "that root.")))),
     "android": Guide(N_("Android"), "crt", (
         N_("Tap the button: {file} is saved to Downloads."),
         N_("Open Settings \u203a Security \u203a Encryption & credentials \u203a Install a certificate \u203a CA "
            "certificate (on some phones under \u201cMore security settings\u201d), tap Install anyway and pick {file}. "
            "Android 11 and later cannot install a CA from the browser itself, only from Settings."),
         N_("A screen lock (PIN, pattern or password) is required."),
+        (is_intermediate, N_("This is an intermediate CA: Android trusts it only once the root CA that issued it is "
+                             "installed too. Install that root first; ask whoever sent you this link for it.")),
         N_("Browsers such as Chrome then trust the CA. Apps made for Android 7 or later ignore user-installed CAs "
            "unless their makers opted in, so some apps may still refuse the server."))),
     "windows": Guide(N_("Windows"), "cer", (
@@ -3811,13 +3916,29 @@ DEVICE_GUIDES = {
         N_("Or, in an administrator command prompt: {certutil}"),
         N_("Chrome and Edge use this store; Firefox on Windows does too.")),
         {"certutil": "certutil -addstore {certutil_store} {file}"}),
-    "macos": Guide(N_("macOS"), "mobileconfig", (
-        N_("Download the profile, then open System Settings \u203a Privacy & Security \u203a Profiles (on older macOS "
-           "System Preferences \u203a Profiles) and install it."),
-        N_("Or download {cer}, open it in Keychain Access (System keychain), open the certificate and set Trust "
-           "\u203a \u201cWhen using this certificate\u201d to Always Trust."),
-        N_("On an iPad, which shows this Mac page, use the profile too, then Settings \u203a General \u203a About "
-           "\u203a Certificate Trust Settings."))),
+    # Mac User-Agents are frozen at 10_15_7, so both places of Profiles are shown, each with its versions (macOS 13
+    # and 14: Privacy & Security > Profiles; 15 and later: General > Device Management; issue 20). Apple asks for a
+    # trust step after a manual
+    # profile install only on iPhone and iPad (https://support.apple.com/102390); on a Mac the profile's root is
+    # installed into the System keychain trusted, so no "Always Trust" is needed (README, "iPhone, iPad and Mac").
+    "macos": Guide(N_("Mac"), "mobileconfig", (
+        N_("Download the profile, then install it in System Settings (an administrator's password is needed):"),
+        N_("macOS 15 and later: System Settings \u203a General \u203a Device Management, double-click the profile, "
+           "Install."),
+        N_("macOS 13 and 14: System Settings \u203a Privacy & Security \u203a Profiles, double-click the profile, "
+           "Install. Older macOS: System Preferences \u203a Profiles."),
+        (is_root, N_("Nothing more to do: a root installed by a profile is trusted on a Mac, with no \u201cAlways "
+                     "Trust\u201d in Keychain Access (Apple asks for a trust step only on iPhone and iPad: "
+                     "support.apple.com/102390).")),
+        (is_root, N_("Or download {cer}, open it in Keychain Access (System keychain), open the certificate and set "
+                     "Trust \u203a \u201cWhen using this certificate\u201d to Always Trust: a certificate opened "
+                     "this way, unlike a profile, is not trusted until then.")),
+        (is_root, N_("Administrators can install {cer} from Terminal instead: {security}")),
+        (is_intermediate, N_("This is an intermediate CA: install the root CA that issued it too. A Mac trusts the "
+                             "intermediate once that root is trusted.")),
+        (is_intermediate, N_("Administrators can add {cer} from Terminal instead: {security_ca}"))),
+        {"security": "sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {cer_arg}",
+         "security_ca": "sudo security add-certificates -k /Library/Keychains/System.keychain {cer_arg}"}),
     "linux": Guide(N_("Linux"), "pem", (
         N_("Debian and Ubuntu (update-ca-certificates reads only PEM files named .crt, which this one is): "
            "{debian}"),
@@ -3865,7 +3986,8 @@ def guide_steps(device: str, certificate: Certificate, file_name: str) -> list[S
     root = certificate.self_signed
     values = {
         "file": file_name, "cer": f"{certificate.file_stem}.cer", "name": certificate.name,
-        "nickname": shlex.quote(certificate.file_stem), "bits": certificate.key_bits,
+        "nickname": shlex.quote(certificate.file_stem), "cer_arg": shlex.quote(f"{certificate.file_stem}.cer"),
+        "bits": certificate.key_bits,
         "key_type": certificate.key_type,
         "store": _("Trusted Root Certification Authorities") if root else _("Intermediate Certification Authorities"),
         "certutil_store": "root" if root else "CA",
@@ -3900,9 +4022,11 @@ def file_kinds_for(certificate: Certificate) -> list[str]:
 
 
 LANDING_PAGE = string.Template("""<h1>$heading</h1>
-<p class="muted">$role_for_device $proxy_note $not_yours</p>
+<p class="muted">$role_for_device $proxy_note $not_yours $ends</p>
+$way_out_html
 <p><a class="button" href="$first_url">$first_label</a></p>
-<ol>$steps_html</ol>
+$nothing_html
+$steps_html
 <section>
 <h2>$check</h2>
 $facts_html
@@ -3915,6 +4039,58 @@ $qr_html
 </section>
 """)
 
+WAY_OUT = string.Template("""<section class="way-out">
+<h2>$heading</h2>
+<p>$which $how</p>
+<p class="copy">$link_html</p>
+</section>""")
+
+
+class DevicePage(typing.NamedTuple):
+    """How a device's page is titled and which guides it shows, each under its own heading when there are two."""
+
+    title: str  # N_() message id naming {name}
+    label: str  # N_() message id: the device, in "{role} for {device}."
+    parts: tuple[str, ...]  # keys of DEVICE_GUIDES
+
+
+#: Pages that differ from the default (their guide's label, one guide). iPadOS Safari sends a Mac's User-Agent by
+#: default ("desktop mode"), so the Mac page is as much an iPad's: the profile first, both guides equally visible.
+DEVICE_PAGES = {
+    "macos": DevicePage(N_("Install \u201c{name}\u201d on a Mac or an iPad"), N_("a Mac or an iPad"),
+                        ("macos", "ios")),
+}
+
+
+class WayOut(typing.NamedTuple):
+    """What a page opened where nothing can be installed leads with (N_() message ids)."""
+
+    heading: str
+    named: str  # when the User-Agent names the app or browser: {app}
+    unnamed: str  # a web view that does not say whose
+    how: str
+
+
+#: The way out of an app's web view, or of a browser that cannot install, to the browser that can.
+WAYS_OUT = {
+    "ios": WayOut(
+        N_("Open this page in Safari"),
+        N_("This page is open in {app}, which cannot install configuration profiles."),
+        N_("This page is open inside an app, which cannot install configuration profiles."),
+        N_("Look in its menu (\u2026 or the share button) for \u201cOpen in Safari\u201d or \u201cOpen in "
+           "browser\u201d, or copy this link, open Safari and paste it into the address bar:")),
+    "android": WayOut(
+        N_("Open this page in Chrome"),
+        N_("This page is open in {app}, which cannot save a certificate for Android to install."),
+        N_("This page is open inside an app, which cannot save a certificate for Android to install."),
+        N_("Look in its menu (\u22ee) for \u201cOpen in Chrome\u201d or \u201cOpen in browser\u201d, or copy "
+           "this link, open Chrome (or the phone's own browser) and paste it into the address bar:")),
+}
+
+#: Devices whose pages say, under the button, where to go when nothing happened: Gmail, Outlook, Slack and Teams
+#: open links in views that send Safari's own User-Agent (see BROWSERS), so no page can tell.
+NOTHING_HAPPENED_DEVICES = ("ios", "macos")
+
 PHONE_QR = string.Template("""<section>
 <h2>$heading</h2>
 <p>$point_html</p>
@@ -3925,7 +4101,7 @@ PHONE_QR = string.Template("""<section>
 CARD_PAGE = string.Template("""<h1>$heading</h1>
 <p class="link card-link">$link</p>
 <div class="qr">$qr_html</div>
-<p>$open_text</p>
+<p><strong>$ends</strong> $contact $open_text</p>
 $facts_html
 <table class="card-steps">$steps_html</table>
 """)
@@ -3939,7 +4115,8 @@ CARD_STEPS = (
         "certificate.")),
     (N_("Windows"), N_("Open the link, download the .cer, open it: Install Certificate, Local Machine."),
      N_("Place it in \u201cTrusted Root Certification Authorities\u201d (not automatically).")),
-    (N_("macOS"), N_("Open the link, download the profile, install it in System Settings \u203a Profiles."),
+    (N_("macOS"), N_("Open the link, install the profile in System Settings \u203a General \u203a Device "
+                     "Management (macOS 13, 14: Privacy & Security \u203a Profiles)."),
      N_("Or open the .cer in Keychain Access and set it to Always Trust.")),
     (N_("Linux, ChromeOS"), N_("Open the link and follow the page: it names the commands or settings for you."),
      N_("Firefox keeps its own store: it asks to trust the CA when you click the button.")),
@@ -3948,17 +4125,29 @@ CARD_STEPS = (
 )
 
 
-def render_card(certificate: Certificate, link: str) -> bytes:
-    """Return the printable hand-out of a link; it fits one A4 or Letter page."""
-    steps = "".join(f"<tr><th>{esc(_(family))}</th><td>{esc(_(first))}<br />{esc(_(second))}</td></tr>"
-                    for family, first, second in CARD_STEPS)
+#: The card's second line for a family whose trust step is for roots only, when the link is an intermediate's.
+CARD_INTERMEDIATE_LINES = {
+    N_("iPhone, iPad"): N_("It is an intermediate CA: no trust switch for it; install its root CA too."),
+}
+
+
+def render_card(certificate: Certificate, link: str, ends: float | None = None, contact: str = "") -> bytes:
+    """Return the printable hand-out of a link; it fits one A4 or Letter page. It says when the link ends, and
+    whom to ask (the contact setting)."""
+    intermediate = {} if certificate.self_signed else CARD_INTERMEDIATE_LINES
+    steps = "".join(f"<tr><th>{esc(_(family))}</th><td>{esc(_(first))}<br />"
+                    f"{esc(_(intermediate.get(family, second)))}</td></tr>" for family, first, second in CARD_STEPS)
     body = render(CARD_PAGE, heading=_("Install the certificate \u201c{name}\u201d").format(name=certificate.name),
                   link=link, qr_html=qr_svg(link), facts_html=render_fingerprints(certificate), steps_html=steps,
+                  ends=_(ENDS_NOTE).format(date=format_time(ends)) if ends else "",
+                  contact=_("Questions, or a new link: ask {contact}.").format(contact=contact) if contact else "",
                   open_text=_("Open the link on each phone or computer (or point its camera at the code) and follow "
                               "the steps there. Before trusting the certificate, compare its fingerprint with this "
                               "one:"))
     return render_page(_("Install {name}").format(name=certificate.name), body)
 
+
+ENDS_NOTE = N_("The link works until {date}.")
 
 PROXY_NOTE = N_("Opera Mini and UC Browser cannot hand a certificate to the phone: open this link in its own "
                 "browser.")
@@ -3982,13 +4171,17 @@ def render_profile_signature_note(signed: bool) -> str:
     return f'<p class="muted">{esc(text)}</p>'
 
 
-def render_landing(certificate: Certificate, client: Client, base_path: str, link: str = "") -> bytes:
+def render_landing(certificate: Certificate, client: Client, base_path: str, link: str = "",
+                   ends: float | None = None) -> bytes:
     """Return the HTML page for *client* at /c/<token>: the right file first, its steps, then every format.
 
-    *base_path* is the link's path (``/prefix/c/<token>``); file links hang below it. With *link*, the page also
-    shows it as a QR code, so a person at a laptop can point a phone at the screen.
+    *base_path* is the link's path (``/prefix/c/<token>``); file links hang below it. *link* is the link itself:
+    a phone's page shows it as text to copy into Safari or Chrome, a desktop's page as a QR code too, so a person
+    at a laptop can point a phone at the screen. *ends* is when the link ends (the entry's expiry).
     """
     guide = DEVICE_GUIDES[client.device]
+    page = DEVICE_PAGES.get(client.device) or DevicePage(N_("Install \u201c{name}\u201d"), guide.label,
+                                                         (client.device,))
     stem = certificate.file_stem
     first_name = f"{stem}{FILE_KINDS[guide.first].extension}".replace(".pem", ".crt")
     formats = "".join(f'<li><a href="{esc(base_path)}/{esc(stem + FILE_KINDS[kind].extension)}">'
@@ -3999,17 +4192,21 @@ def render_landing(certificate: Certificate, client: Client, base_path: str, lin
                                link=link_html(link)),
         card_html=with_markup(_("{link}A printable card{link_end} with the link, this code and short steps, for a "
                                 "notice board."), link=f'<a href="{esc(base_path)}/card">', link_end="</a>"),
-    ) if link else ""
+    ) if link and client.device in DESKTOP_DEVICES else ""
+    nothing = with_markup(_("Nothing happened? Open this link in Safari: {link}"), link=copy_html(link)) if (
+        link and client.device in NOTHING_HAPPENED_DEVICES and client.installs) else ""
     body = render(
         LANDING_PAGE,
-        heading=_("Install \u201c{name}\u201d").format(name=certificate.name),
-        role_for_device=_("{role} for {device}.").format(role=_(ROLE_LABELS[certificate.role]), device=_(guide.label)),
+        heading=_(page.title).format(name=certificate.name),
+        role_for_device=_("{role} for {device}.").format(role=_(ROLE_LABELS[certificate.role]), device=_(page.label)),
         proxy_note=_(PROXY_NOTE) if client.via_proxy else "",
         not_yours=_("Not your device? Every format is listed below."),
+        ends=_(ENDS_NOTE).format(date=format_time(ends)) if ends else "",
+        way_out_html=render_way_out(client, link),
         first_url=f"{base_path}/{stem}{FILE_KINDS[guide.first].extension}",
         first_label=_(FILE_KINDS[guide.first].button),
-        steps_html="".join(f"<li>{step_html(step)}</li>"
-                           for step in guide_steps(client.device, certificate, first_name)),
+        nothing_html=f'<p class="muted">{nothing}</p>' if nothing else "",
+        steps_html=render_guides(page.parts, certificate, first_name),
         check=_("Check before you trust"),
         facts_html=render_fingerprints(certificate),
         compare=_("Compare these fingerprints with the ones your administrator gave you. This page comes over plain "
@@ -4018,7 +4215,31 @@ def render_landing(certificate: Certificate, client: Client, base_path: str, lin
         formats_html=formats,
         qr_html=qr_html,
     )
-    return render_page(_("Install {name}").format(name=certificate.name), body)
+    return render_page(_(page.title).format(name=certificate.name), body)
+
+
+def copy_html(link: str) -> str:
+    """Return *link* as plain text to select and copy: not a link, which would open in the same app again."""
+    return f'<span class="copy">{esc(link)}</span>'
+
+
+def render_way_out(client: Client, link: str) -> str:
+    """Return what a page opened where nothing can be installed leads with: which app, how out, the link."""
+    way_out = WAYS_OUT.get(client.device)
+    if client.installs or way_out is None or not link:
+        return ""
+    which = _(way_out.named).format(app=client.app) if client.app else _(way_out.unnamed)
+    return render(WAY_OUT, heading=_(way_out.heading), which=which, how=_(way_out.how), link_html=copy_html(link))
+
+
+def render_guides(devices: tuple[str, ...], certificate: Certificate, first_name: str) -> str:
+    """Return the steps of each guide in *devices*, each under its label when there are more than one."""
+    parts = []
+    for device in devices:
+        steps = "".join(f"<li>{step_html(step)}</li>" for step in guide_steps(device, certificate, first_name))
+        heading = f"<h2>{esc(_(DEVICE_GUIDES[device].label))}</h2>" if len(devices) > 1 else ""
+        parts.append(f"{heading}<ol>{steps}</ol>")
+    return "".join(parts)
 
 
 # Nokia pages: XHTML Mobile Profile, or the same content as a WML 1.1 deck for WAP 1.x browsers. No script, no
@@ -4051,7 +4272,7 @@ def wml_esc(value: object) -> str:
 
 
 def render_nokia_page(certificate: Certificate, client: Client, base_path: str, content_type: str,
-                      whc_kinds: tuple[str, str], charset: int) -> bytes:
+                      whc_kinds: tuple[str, str], charset: int, ends: float | None = None) -> bytes:
     """Return the small page for Nokia phones: the DER link, then (on S40) both hashed certificates with codes."""
     escape = wml_esc if content_type == MIME_WML else esc
     stem = certificate.file_stem
@@ -4066,6 +4287,8 @@ def render_nokia_page(certificate: Certificate, client: Client, base_path: str, 
     parts.append(f"<p><b>{escape(certificate.name)}</b><br/>SHA-1:<br/>{_short_lines(certificate.sha1)}<br/>"
                  f"SHA-256:<br/>{_short_lines(certificate.sha256)}</p>")
     parts.append(f"<p>{escape(_(COMPARE_NOTE))}</p>")
+    if ends:
+        parts.append(f"<p>{escape(_(ENDS_NOTE).format(date=format_time(ends)))}</p>")
     template = WML_DECK if content_type == MIME_WML else XHTML_MP_PAGE
     return render(template, title_html=escape(_("CA certificate")), content_html="\n".join(parts)).encode("utf-8")
 
@@ -4852,7 +5075,7 @@ class PageAnswer(typing.NamedTuple):
     client: Client
     content_type: str  # HTML for browsers; XHTML-MP, WML or text/html for Nokia pages
     prefix: str  # the path every address on the page starts with
-    base: str = ""  # on desktop pages: the address the link shown as a QR code is made from
+    base: str = ""  # the address the link the page shows (as text, and on desktops as a QR code) is made from
     language: str = "en"  # the language of the page's words
 
 
@@ -4948,8 +5171,7 @@ def page_answer(signature: Signature, client: Client, config: Config) -> PageAns
     prefix = link_prefix(signature, config)
     if client.device in ("s60", "s40"):
         return PageAnswer(client, nokia_page_type(signature.accept), prefix, language=signature.language)
-    base = link_base(signature, config) if client.device in DESKTOP_DEVICES else ""
-    return PageAnswer(client, MIME_HTML, prefix, base, signature.language)
+    return PageAnswer(client, MIME_HTML, prefix, link_base(signature, config), signature.language)
 
 
 def file_answer(kind: str, name: str, client: Client, config: Config, language: str,
@@ -5011,7 +5233,7 @@ def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileS
         return build_file(certificate, chain, answer, headers, config, signer)
     if isinstance(answer, PageAnswer) and answer.client.device in ("s60", "s40"):
         body = render_nokia_page(certificate, answer.client, f"{answer.prefix}/c/{entry.token}",
-                                 answer.content_type, whc_kinds(config), config.whc_charset)
+                                 answer.content_type, whc_kinds(config), config.whc_charset, entry.expires)
         return Response(body, 200, answer.content_type, headers + page_headers(answer.content_type))
     # the rest name the link itself, on the address the request came by
     link = lead_url(install_url(answer.base, entry.token)) if answer.base else ""
@@ -5019,10 +5241,11 @@ def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileS
         location = f"{answer.base}/c/{entry.token}/{file_name(certificate, answer.name)}"
         return Response(b"", 302, MIME_TEXT, (("Location", location), *headers))
     if isinstance(answer, PageAnswer):
-        return Response(render_landing(certificate, answer.client, f"{answer.prefix}/c/{entry.token}", link),
-                        200, MIME_HTML, headers + HTML_HEADERS)
+        return Response(render_landing(certificate, answer.client, f"{answer.prefix}/c/{entry.token}", link,
+                                       entry.expires), 200, MIME_HTML, headers + HTML_HEADERS)
     if isinstance(answer, CardAnswer):
-        return Response(render_card(certificate, link), 200, MIME_HTML, headers + HTML_HEADERS)
+        return Response(render_card(certificate, link, entry.expires, config.contact), 200, MIME_HTML,
+                        headers + HTML_HEADERS)
     content_type = "image/svg+xml" if answer.kind == "svg" else "image/png"
     return Response(qr_file(link, answer.kind), 200, content_type,
                     headers + (("Content-Security-Policy", "default-src 'none'"),))

@@ -1416,6 +1416,222 @@ def test_macos_steps_open_the_cer_in_keychain_access_not_the_profile(testapp, ro
     assert "download Example_Root_CA.cer, open it in Keychain Access" in page
 
 
+#: Real User-Agents of apps' web views and of iOS browsers that cannot install a profile: id -> (User-Agent, the
+#: app's name as the page shows it, device). Each is quoted from the source named beside it.
+IN_APP_AGENTS = {
+    # github.com/allinurl/goaccess/issues/804
+    "facebook-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 10_3_2 like Mac OS X) AppleWebKit/603.2.4 (KHTML, like "
+                     "Gecko) Mobile/14F89 [FBAN/FBIOS;FBAV/96.0.0.45.70;FBBV/60548545;FBDV/iPhone7,2;FBMD/iPhone;"
+                     "FBSN/iOS;FBSV/10.3.2;FBSS/2;FBCR/E-Plus;FBID/phone;FBLC/de_DE;FBOP/5;FBRV/0]", "Facebook", "ios"),
+    "facebook-android": ("Mozilla/5.0 (Linux; Android 7.0; SM-G930F Build/NRD90M; wv) AppleWebKit/537.36 (KHTML, "
+                         "like Gecko) Version/4.0 Chrome/58.0.3029.83 Mobile Safari/537.36 "
+                         "[FB_IAB/FB4A;FBAV/127.0.0.22.69;]", "Facebook", "android"),
+    # matomo-org/device-detector#6867
+    "messenger-android": ("Mozilla/5.0 (Linux; Android 11; RMX1931 Build/RKQ1.200928.002; wv) AppleWebKit/537.36 "
+                          "(KHTML, like Gecko) Version/4.0 Chrome/93.0.4577.82 Mobile Safari/537.36 "
+                          "[FB_IAB/Orca-Android;FBAV/331.0.0.15.119;]", "Messenger", "android"),
+    # github.com/DamonOehlman/detect-browser/issues/56
+    "instagram-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 11_2_5 like Mac OS X) AppleWebKit/604.5.6 (KHTML, like "
+                      "Gecko) Mobile/15D60 Instagram 31.0.0.14.97 (iPhone9,1; iOS 11_2_5; en_US; en-US; scale=2.00; "
+                      "gamut=wide; 750x1334)", "Instagram", "ios"),
+    "instagram-android": ("Mozilla/5.0 (Linux; Android 7.0; SM-G930P Build/NRD90M; wv) AppleWebKit/537.36 (KHTML, "
+                          "like Gecko) Version/4.0 Chrome/64.0.3282.137 Mobile Safari/537.36 Instagram 30.0.0.12.95 "
+                          "Android (24/7.0; 480dpi; 1080x1920; samsung; SM-G930P; heroqltespr; com; en_US; 89867442)",
+                          "Instagram", "android"),
+    # foroco/php-browser-detection#16
+    "wechat-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 15_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+                   "Mobile/15E148 MicroMessenger/8.0.22(0x18001626) NetType/WIFI Language/zh_CN", "WeChat", "ios"),
+    # faisalman/ua-parser-js#115
+    "wechat-android": ("Mozilla/5.0 (Linux; Android 5.1; Nexus 5 Build/LMY47D; wv) AppleWebKit/537.36 (KHTML, like "
+                       "Gecko) Version/4.0 Chrome/42.0.2311.137 Mobile Safari/537.36 MicroMessenger/6.2.0.16_r1138404"
+                       ".543 NetType/WIFI Language/zh_CN", "WeChat", "android"),
+    # nielsbasjes/yauaa#565
+    "line-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 15_4_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+                 "Mobile/15E148 Safari Line/12.4.0", "LINE", "ios"),
+    # matomo-org/device-detector#5530
+    "line-android": ("Mozilla/5.0 (Linux; Android 6.0.1; HTC_B810x Build/MMB29M; wv) AppleWebKit/537.36 (KHTML, like "
+                     "Gecko) Version/4.0 Chrome/46.0.2490.76 Mobile Safari/537.36 Line/6.5.0/IAB", "LINE", "android"),
+    # intoli/user-agents#78
+    "telegram-android": ("Mozilla/5.0 (Linux; Android 11; K) AppleWebKit/537.36 (KHTML, like Gecko) "
+                         "Chrome/129.0.6668.70 Mobile Safari/537.36 Telegram-Android/11.2.1 (Tecno mobile limited "
+                         "TECNO CH7n; Android 11; SDK 30; AVERAGE)", "Telegram", "android"),
+    # donatj/PhpUserAgent#67: Snapchat says "(like Safari/604.1)", yet is a web view
+    "snapchat-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 13_6_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+                     "Gecko) Version/13.1.2 Mobile/15E148 Snapchat/11.0.6.81 (like Safari/604.1)", "Snapchat", "ios"),
+    # shalanah/inapp-spy#55
+    "tiktok-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_6_2 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+                   "Gecko) Mobile/15E148 Safari/604.1 musical_ly_41.9.0", "TikTok", "ios"),
+    # browscap/browscap#1707
+    "linkedin-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 11_2_1 like Mac OS X) AppleWebKit/602.1.50 (KHTML, like "
+                     "Gecko) LinkedIn/9.11.908.1 Version/10.0 Mobile/15C153 Safari/602.1", "LinkedIn", "ios"),
+    # WoltLab/WCF#3051
+    "firefox-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 12_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+                    "FxiOS/18.2b15817 Mobile/15E148 Safari/605.1.15", "Firefox", "ios"),
+    # browscap/browscap#1533
+    "focus-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 10_2_1 like Mac OS X) AppleWebKit/602.4.6 (KHTML, like Gecko) "
+                  "Focus/3.2 Mobile/14D27", "Firefox Focus", "ios"),
+    # duckduckgo/apple-browsers#2009
+    "duckduckgo-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+                       "Gecko) Version/26.0 Mobile/15E148 Safari/604.1 Ddg/18.6", "DuckDuckGo", "ios"),
+    # pixu1980/detector-js#25
+    "opera-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+                  "Version/17.4 Mobile/15E148 Safari/604.1 OPT/4.6.1", "Opera", "ios"),
+    # medama-io/go-useragent#23
+    "edge-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+                 "EdgiOS/125.0.2535.87 Version/17.0 Mobile/15E148 Safari/604.1", "Microsoft Edge", "ios"),
+    # zenn.dev/kecy/articles/f51851e42c4243 (Chrome for iOS 91, before profiles could be installed from it)
+    "chrome-ios-91": ("Mozilla/5.0 (iPhone; CPU iPhone OS 14_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+                      "Gecko) CriOS/91.0.4472.80 Mobile/15E148 Safari/604.1", "Chrome", "ios"),
+    # medama-io/go-useragent#42: an iOS web view that names no app
+    "web-view-ios": ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_6_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+                     "Gecko) Mobile/15E148", "", "ios"),
+    # serbanghita/Mobile-Detect#423 (LinkedIn on Android: browscap/browscap#1707): an Android web view, no app named
+    "web-view-android": ("Mozilla/5.0 (Linux; Android 7.1.2; VirtualBox Build/NZH54D; wv) AppleWebKit/537.36 (KHTML, "
+                         "like Gecko) Version/4.0 Chrome/52.0.2743.100 Safari/537.36", "", "android"),
+}
+
+
+@pytest.mark.parametrize(("agent", "app_name", "device"), IN_APP_AGENTS.values(), ids=IN_APP_AGENTS)
+def test_in_app_browsers_and_browsers_that_cannot_install_are_recognised(agent, app_name, device):
+    assert certdrop.identify(agent, "", False) == certdrop.Client(device, False, app_name, installs=False)
+
+
+@pytest.mark.parametrize("name", ["iphone-safari", "iphone-chrome", "ipad-ios12", "android-chrome",
+                                  "android-firefox", "ipados-as-mac", "windows-edge"])
+def test_browsers_that_can_install_are_not_sent_away(name):
+    agent, device, _ = USER_AGENTS[name]
+    assert certdrop.identify(agent, "", False) == certdrop.Client(device, False)
+
+
+@pytest.mark.parametrize(("agent", "app_name", "device"), IN_APP_AGENTS.values(), ids=IN_APP_AGENTS)
+def test_in_app_pages_lead_with_the_way_out_naming_the_app_and_showing_the_link_as_text(testapp, root_token, agent,
+                                                                                       app_name, device):
+    response = testapp.get(f"/c/{root_token}", headers={"User-Agent": agent})
+    way_out = response.html.find("section", class_="way-out")
+    way = "Safari" if device == "ios" else "Chrome"
+    assert way_out.h2.get_text() == f"Open this page in {way}"
+    text = " ".join(way_out.get_text().split())
+    assert (f"This page is open in {app_name}, which cannot" if app_name else "This page is open inside an app") in text
+    assert way_out.find(class_="copy").get_text() == f"http://ca.example.org:8080/c/{root_token}"
+    assert way_out.find("a") is None  # text to copy: a link would open in the same app again
+    body = response.text
+    assert body.index('class="way-out"') < body.index('class="button"')  # the way out first, the download below
+    assert response.html.find("a", class_="button")["href"].endswith(FIRST_FILES[device])
+
+
+def test_chrome_for_ios_120_gets_the_page_safari_gets(testapp, root_token):
+    def page(name):
+        return testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS[name][0]})
+    chrome = page("iphone-chrome")
+    assert chrome.html.find("section", class_="way-out") is None
+    assert chrome.body == page("iphone-safari").body
+
+
+def test_every_ios_page_says_to_open_the_link_in_safari_when_nothing_happened(testapp, root_token):
+    for name in ("iphone-safari", "iphone-chrome", "ipad-ios12", "ipados-as-mac"):
+        text = html_text(testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS[name][0]}))
+        assert f"Nothing happened? Open this link in Safari: http://ca.example.org:8080/c/{root_token}" in text, name
+
+
+def test_an_android_web_view_is_sent_to_chrome_and_chrome_is_not(testapp, root_token):
+    web_view = testapp.get(f"/c/{root_token}", headers={"User-Agent": IN_APP_AGENTS["web-view-android"][0]})
+    assert "Open in Chrome" in html_text(web_view) and web_view.html.find(class_="way-out")
+    chrome = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["android-chrome"][0]})
+    assert chrome.html.find(class_="way-out") is None and "Nothing happened?" not in chrome.text
+
+
+def test_the_link_a_phone_page_shows_is_made_from_the_address_the_request_came_by(app, root_token):
+    page = client(app, HTTP_HOST="ca.example.org:8443").get(
+        f"/c/{root_token}", headers={"User-Agent": IN_APP_AGENTS["instagram-ios"][0]})
+    assert page.html.find(class_="copy").get_text() == f"http://ca.example.org:8443/c/{root_token}"
+    assert page.html.find(class_="qr") is None  # a phone is not pointed at its own screen
+
+
+def test_a_mac_user_agent_gets_a_page_for_a_mac_or_an_ipad_with_both_guides(testapp, root_token):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["ipados-as-mac"][0]})
+    assert page.html.title.get_text() == "Install \u201cExample Root CA\u201d on a Mac or an iPad"
+    assert page.html.h1.get_text() == "Install \u201cExample Root CA\u201d on a Mac or an iPad"
+    assert page.html.find("a", class_="button")["href"].endswith(".mobileconfig")  # the profile first
+    assert [h2.get_text() for h2 in page.html.find_all("h2")][:2] == ["Mac", "iPhone and iPad"]
+    mac, ipad = (" ".join(ol.get_text().split()) for ol in page.html.find_all("ol")[:2])
+    assert "macOS 15 and later: System Settings › General › Device Management" in mac
+    assert "macOS 13 and 14: System Settings › Privacy & Security › Profiles" in mac
+    assert "no “Always Trust” in Keychain Access" in mac and "support.apple.com/102390" in mac
+    assert "“Profile Downloaded”" in ipad and "VPN & Device Management" in ipad
+    assert "Certificate Trust Settings" in ipad
+
+
+def test_the_mac_page_gives_administrators_the_security_command_with_the_file_name_quoted(testapp, root_token):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["macos-chrome"][0]})
+    commands = [code.get_text() for code in page.html.find_all("code", class_="cmd")]
+    assert commands == ["sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain "
+                        "Example_Root_CA.cer"]
+
+
+@pytest.fixture
+def intermediate_token(testapp, pki):
+    return token_of(upload(testapp, pem_of(pki.intermediate)))
+
+
+def test_a_root_ios_page_asks_for_full_trust(testapp, root_token):
+    text = html_text(testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["iphone-safari"][0]}))
+    assert "Turn on full trust" in text and "intermediate CA" not in text
+
+
+@pytest.mark.parametrize("name", ["iphone-safari", "ipados-as-mac", "macos-chrome"])
+def test_an_intermediate_apple_page_never_shows_the_full_trust_step_and_asks_for_the_root(testapp,
+                                                                                         intermediate_token, name):
+    text = html_text(testapp.get(f"/c/{intermediate_token}", headers={"User-Agent": USER_AGENTS[name][0]}))
+    assert "Turn on full trust" not in text and "switch on" not in text and "trustRoot" not in text
+    assert "This is an intermediate CA" in text and "install the root ca that issued it too" in text.lower()
+    assert ("add-certificates -k /Library/Keychains/System.keychain" in text) == (name != "iphone-safari")
+
+
+def test_an_intermediate_android_page_points_to_installing_the_root(testapp, intermediate_token):
+    text = html_text(testapp.get(f"/c/{intermediate_token}",
+                                 headers={"User-Agent": USER_AGENTS["android-chrome"][0]}))
+    assert "This is an intermediate CA: Android trusts it only once the root CA that issued it is installed" in text
+
+
+@pytest.mark.parametrize("name", ["iphone-safari", "ipados-as-mac", "android-chrome", "windows-edge", "linux-chrome",
+                                  "chromeos", "blackberry-10", "s40-6500s"])
+def test_every_device_page_says_when_the_link_ends(testapp, store, root_token, name):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS[name][0]})
+    date = certdrop.format_time(store.get(root_token).expires)
+    assert f"The link works until {date}." in page.text
+
+
+def test_an_in_app_page_says_when_the_link_ends(testapp, store, root_token):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": IN_APP_AGENTS["instagram-ios"][0]})
+    assert f"The link works until {certdrop.format_time(store.get(root_token).expires)}." in html_text(page)
+
+
+def test_the_card_says_when_the_link_ends_and_whom_to_ask(config, store, clock, root_token):
+    contact = "IT help desk, room 12, ext. 4711 <b>&"
+    card = client(certdrop.make_app(dataclasses.replace(config, contact=contact), store, clock)).get(
+        f"/c/{root_token}/card")
+    text = html_text(card)
+    assert f"The link works until {certdrop.format_time(store.get(root_token).expires)}." in text
+    assert f"Questions, or a new link: ask {contact}." in text
+    assert "<b>&" not in card.text and "&lt;b&gt;&amp;" in card.text  # escaped like any other text
+
+
+def test_the_card_of_an_intermediate_never_asks_to_switch_on_full_trust(testapp, root_token, intermediate_token):
+    assert "Certificate Trust Settings: switch it on" in html_text(testapp.get(f"/c/{root_token}/card"))
+    card = html_text(testapp.get(f"/c/{intermediate_token}/card"))
+    assert "switch it on" not in card and "It is an intermediate CA: no trust switch for it" in card
+
+
+def test_a_card_without_a_contact_names_nobody(testapp, root_token):
+    assert "Questions, or a new link" not in testapp.get(f"/c/{root_token}/card").text
+
+
+def test_contact_setting_is_read_from_the_ini_as_one_line(tmp_path):
+    path = tmp_path / "certdrop.ini"
+    path.write_text("[certdrop]\ncontact = IT help desk,\n  room 12, ext. 4711\n")
+    assert certdrop.Config.from_ini(path).contact == "IT help desk, room 12, ext. 4711"
+
+
 @pytest.mark.parametrize(("device", "command"), [
     ("windows-edge", "certutil -addstore root Example_Root_CA.cer"),
     ("linux-chrome", "sudo trust anchor Example_Root_CA.crt"),
@@ -3040,6 +3256,12 @@ def test_every_page_speaks_through_the_translation_function(config, store, clock
         for family, agent in agents.items():
             texts[f"{family} page"] = fresh().get(f"/c/{token}", headers={"User-Agent": agent}).text
         texts["s60 page"] = fresh().get(f"/c/{token}?format=page", headers={"User-Agent": S60_AGENTS["e61i"]}).text
+        for name in ("instagram-ios", "web-view-ios", "web-view-android"):
+            texts[f"{name} page"] = fresh().get(f"/c/{token}", headers={"User-Agent": IN_APP_AGENTS[name][0]}).text
+        intermediate = re.search(r"/c/([a-z0-9]+)", upload(fresh(), pem_of(pki.intermediate), status=200).text)[1]
+        for family in ("ios", "macos", "android"):
+            texts[f"{family} page of an intermediate"] = fresh().get(f"/c/{intermediate}",
+                                                                     headers={"User-Agent": agents[family]}).text
         for accept in ("application/vnd.wap.xhtml+xml", "text/vnd.wap.wml"):
             texts[f"s40 page {accept}"] = fresh().get(f"/c/{token}", headers={"User-Agent": s40,
                                                                                "Accept": accept}).text
@@ -3067,6 +3289,7 @@ def test_every_page_speaks_through_the_translation_function(config, store, clock
     allowed = {
         *(text for c in certificates for text in (c.name, c.subject, c.issuer)),  # shown as they are
         "certdrop",  # the program's name: the upload page's title and every page's footer
+        "Instagram",  # an app's name, as BROWSERS names it
     }
     for page, text in texts.items():
         assert "\u27e6" in text, page
@@ -5856,7 +6079,7 @@ def test_in_a_real_browser_sign_in_upload_and_install_on_every_device(tmp_path, 
     from selenium.webdriver.common.by import By
     ini = tmp_path / "certdrop.ini"
     ini.write_text(f"[certdrop]\ndata_dir = data\nupload_auth = always\nupload_password = {KEY}\n"
-                   "[mail]\nhost = 127.0.0.1\n")
+                   "contact = IT help desk, room 12, ext. 4711\n[mail]\nhost = 127.0.0.1\n")
     (tmp_path / "ca.pem").write_bytes(root_pem)
     server = Server(ini)
     try:
@@ -5894,6 +6117,40 @@ def test_in_a_real_browser_sign_in_upload_and_install_on_every_device(tmp_path, 
             assert console_problems(browser) == [], name
         as_device(browser, *BROWSER_DEVICES[2][1:])
         assert printed_pages(browser, f"{server.url}/c/{token}/card") == {"A4": 1, "Letter": 1}
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_in_a_real_browser_the_in_app_ipad_and_intermediate_pages_fit_a_phone(tmp_path, browser, pki):
+    from selenium.webdriver.common.by import By
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\n")
+    server = Server(ini)
+    try:
+        tokens = {}
+        for kind, cert in (("root", pki.root), ("intermediate", pki.intermediate)):
+            status, headers, _ = server.request("/", pem_of(cert), {"Content-Type": "application/x-pem-file"})
+            assert status == 201, kind
+            tokens[kind] = headers["Location"].rsplit("/", 1)[1]
+        pages = (  # name, User-Agent, token, what the first screen must show first
+            ("in-app", IN_APP_AGENTS["instagram-ios"][0], tokens["root"], ".way-out .copy"),
+            ("web-view-android", IN_APP_AGENTS["web-view-android"][0], tokens["root"], ".way-out .copy"),
+            ("ipad", USER_AGENTS["ipados-as-mac"][0], tokens["root"], "a.button"),
+            ("intermediate", USER_AGENTS["iphone-safari"][0], tokens["intermediate"], "a.button"),
+        )
+        for name, agent, token, first_action in pages:
+            as_device(browser, agent, 360, 740)
+            browser.get(f"{server.url}/c/{token}")
+            screenshot(browser, tmp_path, name)
+            for selector in (first_action, "a.button"):
+                element = browser.find_element(By.CSS_SELECTOR, selector)
+                top, bottom = browser.execute_script(
+                    "const r = arguments[0].getBoundingClientRect(); return [r.top, r.bottom];", element)
+                assert 0 <= top and bottom <= 740, f"{name}: {selector} is not on the first screen"
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= 360, (
+                f"{name}: the page scrolls sideways")
+            assert console_problems(browser) == [], name
     finally:
         server.stop()
 
