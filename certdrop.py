@@ -4172,12 +4172,13 @@ def render_profile_signature_note(signed: bool) -> str:
 
 
 def render_landing(certificate: Certificate, client: Client, base_path: str, link: str = "",
-                   ends: float | None = None) -> bytes:
+                   ends: float | None = None, signed: bool = False) -> bytes:
     """Return the HTML page for *client* at /c/<token>: the right file first, its steps, then every format.
 
     *base_path* is the link's path (``/prefix/c/<token>``); file links hang below it. *link* is the link itself:
     a phone's page shows it as text to copy into Safari or Chrome, a desktop's page as a QR code too, so a person
-    at a laptop can point a phone at the screen. *ends* is when the link ends (the entry's expiry).
+    at a laptop can point a phone at the screen. *ends* is when the link ends (the entry's expiry). Pages that
+    lead with the configuration profile say what the device will call its signature (*signed*: by the signer).
     """
     guide = DEVICE_GUIDES[client.device]
     page = DEVICE_PAGES.get(client.device) or DevicePage(N_("Install \u201c{name}\u201d"), guide.label,
@@ -4205,7 +4206,8 @@ def render_landing(certificate: Certificate, client: Client, base_path: str, lin
         way_out_html=render_way_out(client, link),
         first_url=f"{base_path}/{stem}{FILE_KINDS[guide.first].extension}",
         first_label=_(FILE_KINDS[guide.first].button),
-        nothing_html=f'<p class="muted">{nothing}</p>' if nothing else "",
+        nothing_html=(f'<p class="muted">{nothing}</p>' if nothing else "") + (
+            render_profile_signature_note(signed) if guide.first == "mobileconfig" else ""),
         steps_html=render_guides(page.parts, certificate, first_name),
         check=_("Check before you trust"),
         facts_html=render_fingerprints(certificate),
@@ -5077,6 +5079,7 @@ class PageAnswer(typing.NamedTuple):
     prefix: str  # the path every address on the page starts with
     base: str = ""  # the address the link the page shows (as text, and on desktops as a QR code) is made from
     language: str = "en"  # the language of the page's words
+    signed: bool = False  # the page's profile is signed: Apple pages say what "Verified" means
 
 
 class QrAnswer(typing.NamedTuple):
@@ -5133,9 +5136,9 @@ def decide(signature: Signature, config: Config, signing: bool = False) -> Decis
         return Decision(file_answer(kind, rest, client, config, signature.language, signing), client.device)
     chosen = dict(urllib.parse.parse_qsl(signature.query, keep_blank_values=True)).get("format")
     if chosen is None:
-        return Decision(default_answer(signature, client, config), client.device)
+        return Decision(default_answer(signature, client, config, signing), client.device)
     if chosen == "page":
-        return Decision(page_answer(signature, client, config), client.device)
+        return Decision(page_answer(signature, client, config, signing), client.device)
     if chosen not in PUBLIC_FORMATS:
         raise BadRequest(_("Unknown format {format}: choose der, pem, mobileconfig, mobileconfig-unsigned, whc, "
                            "whc-alt or page.").format(format=repr(chosen[:40])))
@@ -5150,7 +5153,7 @@ def client_of_signature(signature: Signature) -> Client:
     return identify(signature.user_agent, handset, proxied)
 
 
-def default_answer(signature: Signature, client: Client, config: Config) -> Answer:
+def default_answer(signature: Signature, client: Client, config: Config, signing: bool = False) -> Answer:
     """Return what /c/<token> sends *client* when it does not choose a format."""
     if client.device == "s60" and not client.via_proxy and config.s60_delivery != "page":
         if config.s60_delivery == "redirect":  # a saved file keeps an extension the installer knows
@@ -5163,15 +5166,15 @@ def default_answer(signature: Signature, client: Client, config: Config) -> Answ
         return page_answer(signature, client, config)
     if accepts_only_certificates(signature.accept) or TEXT_AGENT_RE.search(signature.user_agent):
         return FileAnswer("der", ".crt", inline=False)
-    return page_answer(signature, client, config)
+    return page_answer(signature, client, config, signing)
 
 
-def page_answer(signature: Signature, client: Client, config: Config) -> PageAnswer:
+def page_answer(signature: Signature, client: Client, config: Config, signing: bool = False) -> PageAnswer:
     """Return the page for *client*: a small one for Nokia phones; desktops also show the link as a QR code."""
     prefix = link_prefix(signature, config)
     if client.device in ("s60", "s40"):
         return PageAnswer(client, nokia_page_type(signature.accept), prefix, language=signature.language)
-    return PageAnswer(client, MIME_HTML, prefix, link_base(signature, config), signature.language)
+    return PageAnswer(client, MIME_HTML, prefix, link_base(signature, config), signature.language, signing)
 
 
 def file_answer(kind: str, name: str, client: Client, config: Config, language: str,
@@ -5242,7 +5245,7 @@ def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileS
         return Response(b"", 302, MIME_TEXT, (("Location", location), *headers))
     if isinstance(answer, PageAnswer):
         return Response(render_landing(certificate, answer.client, f"{answer.prefix}/c/{entry.token}", link,
-                                       entry.expires), 200, MIME_HTML, headers + HTML_HEADERS)
+                                       entry.expires, answer.signed), 200, MIME_HTML, headers + HTML_HEADERS)
     if isinstance(answer, CardAnswer):
         return Response(render_card(certificate, link, entry.expires, config.contact), 200, MIME_HTML,
                         headers + HTML_HEADERS)

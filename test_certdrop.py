@@ -1887,6 +1887,15 @@ def signed_content(signed):
     return signed[start:end]
 
 
+@pytest.mark.parametrize("agent", ["iphone-safari", "macos-chrome"])
+def test_apple_pages_say_what_verified_and_not_verified_mean(signing_app, testapp, root_der, other_der, agent):
+    headers = {"User-Agent": USER_AGENTS[agent][0]}
+    unsigned_page = html_text(testapp.get(f"/c/{token_of(upload(testapp, root_der))}", headers=headers))
+    signed_page = html_text(signing_app.get(f"/c/{token_of(upload(signing_app, other_der))}", headers=headers))
+    assert "“Not Verified” in red" in unsigned_page and "“Verified”" not in unsigned_page.replace("“Not Verified”", "")
+    assert "calls this profile “Verified”" in signed_page and "does not make the certificate inside" in signed_page
+
+
 def test_a_signed_profile_holds_the_unsigned_profile_and_keeps_its_bytes(signing_app, pki):
     root_token, intermediate_token = chain_tokens(signing_app, pki.root, pki.intermediate)
     signed = signing_app.get(f"/c/{root_token}/ca.mobileconfig")
