@@ -2665,7 +2665,7 @@ class Store:
 
     def _add(self, certificate: Certificate, expires: float, secret: str | None, unsynced: set[Path],
              chain: tuple[bytes, ...] | None = None) -> tuple[Entry, bool]:
-        existing = self._live_entry_for(certificate.sha256)
+        existing = self.live_entry_for(certificate.sha256)
         if existing is not None:
             new_chain = chain is not None and chain != existing.chain
             if expires < existing.expires + EXPIRY_STEP and not new_chain:
@@ -2830,7 +2830,8 @@ class Store:
             return "expired"
         return None
 
-    def _live_entry_for(self, sha256: bytes) -> Entry | None:
+    def live_entry_for(self, sha256: bytes) -> Entry | None:
+        """Return the live entry of the certificate with SHA-256 *sha256*, if it has one."""
         try:
             token = self._index_path(sha256).read_text("ascii").strip()
             entry = self._load(token)
@@ -4172,13 +4173,14 @@ def render_profile_signature_note(signed: bool) -> str:
 
 
 def render_landing(certificate: Certificate, client: Client, base_path: str, link: str = "",
-                   ends: float | None = None, signed: bool = False) -> bytes:
+                   ends: float | None = None, signed: bool = False, root_name: str | None = None) -> bytes:
     """Return the HTML page for *client* at /c/<token>: the right file first, its steps, then every format.
 
     *base_path* is the link's path (``/prefix/c/<token>``); file links hang below it. *link* is the link itself:
     a phone's page shows it as text to copy into Safari or Chrome, a desktop's page as a QR code too, so a person
     at a laptop can point a phone at the screen. *ends* is when the link ends (the entry's expiry). Pages that
     lead with the configuration profile say what the device will call its signature (*signed*: by the signer).
+    An intermediate's page whose upload held its root (*root_name*) sends the reader to the root's link first.
     """
     guide = DEVICE_GUIDES[client.device]
     page = DEVICE_PAGES.get(client.device) or DevicePage(N_("Install \u201c{name}\u201d"), guide.label,
@@ -4203,7 +4205,7 @@ def render_landing(certificate: Certificate, client: Client, base_path: str, lin
         proxy_note=_(PROXY_NOTE) if client.via_proxy else "",
         not_yours=_("Not your device? Every format is listed below."),
         ends=_(ENDS_NOTE).format(date=format_time(ends)) if ends else "",
-        way_out_html=render_way_out(client, link),
+        way_out_html=render_way_out(client, link) + render_root_first(root_name, base_path),
         first_url=f"{base_path}/{stem}{FILE_KINDS[guide.first].extension}",
         first_label=_(FILE_KINDS[guide.first].button),
         nothing_html=(f'<p class="muted">{nothing}</p>' if nothing else "") + (
@@ -4218,6 +4220,16 @@ def render_landing(certificate: Certificate, client: Client, base_path: str, lin
         qr_html=qr_html,
     )
     return render_page(_(page.title).format(name=certificate.name), body)
+
+
+def render_root_first(root_name: str | None, base_path: str) -> str:
+    """Return, for an intermediate CA whose root is known, the note that sends the reader to the root's link."""
+    if root_name is None:
+        return ""
+    note = with_markup(_("This is an intermediate CA. Install the root CA that issued it first: {link}open the link "
+                         "of \u201c{root}\u201d{link_end}, then come back to this page."),
+                       link=f'<a href="{esc(base_path)}/root">', link_end="</a>", root=esc(root_name))
+    return f'<p class="warn">{note}</p>'
 
 
 def copy_html(link: str) -> str:
@@ -5244,8 +5256,10 @@ def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileS
         location = f"{answer.base}/c/{entry.token}/{file_name(certificate, answer.name)}"
         return Response(b"", 302, MIME_TEXT, (("Location", location), *headers))
     if isinstance(answer, PageAnswer):
+        root = recorded_root(entry)
         return Response(render_landing(certificate, answer.client, f"{answer.prefix}/c/{entry.token}", link,
-                                       entry.expires, answer.signed), 200, MIME_HTML, headers + HTML_HEADERS)
+                                       entry.expires, answer.signed, root.name if root else None),
+                        200, MIME_HTML, headers + HTML_HEADERS)
     if isinstance(answer, CardAnswer):
         return Response(render_card(certificate, link, entry.expires, config.contact), 200, MIME_HTML,
                         headers + HTML_HEADERS)
@@ -5273,6 +5287,14 @@ def build_file(certificate: Certificate, chain: tuple[Certificate, ...], answer:
     if not answer.inline:
         headers += (("Content-Disposition", f'attachment; filename="{file_name(certificate, name)}"'),)
     return Response(body, 200, content_type, headers)
+
+
+def recorded_root(entry: Entry) -> Certificate | None:
+    """Return the root CA of an intermediate's recorded chain (Entry.chain), if the upload held one."""
+    if entry.der is None or entry.certificate.self_signed or not entry.chain:
+        return None
+    top = entry.chain_certificates[0]
+    return top if top.self_signed else None
 
 
 def file_name(certificate: Certificate, name: str) -> str:
@@ -6073,6 +6095,20 @@ class App:
                                 format_time(self.signer.not_after))
             self.signing_changes = changes
 
+    def root_link(self, request: Request, token: str) -> Response:
+        """Send the reader of an intermediate CA's link on to its root CA's link (the upload recorded the chain),
+        as it is now: never kept, since that link may end or change on its own."""
+        root = recorded_root(self.live_entry(request, token))
+        if root is None:
+            raise NotFound(_("The upload that made this link did not hold the root CA that issued it. Ask whoever "
+                             "sent you this link for the root CA's link."))
+        entry = self.store.live_entry_for(root.sha256)
+        if entry is None:
+            raise NotFound(_("The root CA that issued this certificate, \u201c{name}\u201d, has no live link here "
+                             "any more. Ask whoever sent you this link for a new one.").format(name=root.name))
+        return Response(b"", 303, MIME_TEXT, (("Location", f"{self.prefix(request)}/c/{entry.token}"),
+                                              ("Cache-Control", "no-store")))
+
     def link_for(self, request: Request, token: str) -> str:
         """Return the link to hand out for *token*: on public_url, else on a name or address phones can reach."""
         return lead_url(install_url(self.base_url(request), token))
@@ -6191,6 +6227,7 @@ ROUTES = (
     (r"/c/(?P<token>[^/]+)/revoke", {"POST": App.revoke}),
     (r"/c/(?P<token>[^/]+)/qr\.(?P<kind>svg|png)", {"GET": App.deliver}),
     (r"/c/(?P<token>[^/]+)/card", {"GET": App.deliver}),
+    (r"/c/(?P<token>[^/]+)/root", {"GET": App.root_link}),
     (r"/c/(?P<token>[^/]+)/(?P<name>[A-Za-z0-9._-]{0,100}(?i:\.cer|\.crt|\.der|\.pem|\.mobileconfig|\.whc))",
      {"GET": App.deliver}),
 )

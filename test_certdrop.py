@@ -1758,6 +1758,29 @@ def chain_tokens(testapp, *certs):
     return [link["token"] for link in answer.json["links"]]
 
 
+@pytest.mark.parametrize("agent", ["android-chrome", "iphone-safari", "windows-edge"])
+def test_an_intermediates_page_sends_its_reader_to_the_roots_link_first(testapp, pki, agent):
+    root_token, intermediate_token = chain_tokens(testapp, pki.intermediate, pki.root)
+    page = testapp.get(f"/c/{intermediate_token}", headers={"User-Agent": USER_AGENTS[agent][0]})
+    note = page.html.find("a", href=f"/c/{intermediate_token}/root")
+    assert note is not None and "Install the root CA that issued it first" in html_text(page)
+    assert testapp.get(f"/c/{intermediate_token}/root", status=303).headers["Location"] == f"/c/{root_token}"
+    assert testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS[agent][0]}).html.find(
+        "a", href=f"/c/{root_token}/root") is None
+
+
+def test_the_roots_link_of_an_intermediate_says_plainly_when_there_is_none(testapp, store, pki):
+    root_token, intermediate_token = chain_tokens(testapp, pki.intermediate, pki.root)
+    store.revoke(root_token)
+    assert "has no live link here any more" in testapp.get(f"/c/{intermediate_token}/root", status=404).text
+    other_root, other_key = make_certificate("Root Left At Home")
+    alone = make_certificate("Lone Intermediate CA", issuer=other_root.subject, issuer_key=other_key)[0]
+    lone = chain_tokens(testapp, alone)[0]
+    page = testapp.get(f"/c/{lone}", headers={"User-Agent": USER_AGENTS["android-chrome"][0]})
+    assert page.html.find("a", href=f"/c/{lone}/root") is None
+    assert "did not hold the root CA" in testapp.get(f"/c/{lone}/root", status=404).text
+
+
 def test_every_link_of_a_chain_offers_one_profile_with_the_root_and_its_intermediate(testapp, pki):
     root_token, intermediate_token = chain_tokens(testapp, pki.leaf, pki.intermediate, pki.root)
     profile = testapp.get(f"/c/{root_token}/ca.mobileconfig").body
