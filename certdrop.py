@@ -1786,6 +1786,7 @@ class Client(typing.NamedTuple):
     via_proxy: bool  # Opera Mini or UC Browser: the file reaches their server, not the phone's installer
     app: str = ""  # the app or browser (BROWSERS) that cannot install, when its User-Agent names it
     installs: bool = True  # False in a web view or a browser that cannot install: the page leads with the way out
+    system: str = ""  # Linux and Firefox pages: the distribution the User-Agent names (LINUX_SYSTEMS), else ""
 
 
 def nokia_model(user_agent: str) -> str | None:
@@ -1857,7 +1858,27 @@ def identify(user_agent: str, handset_agent: str, proxied: bool) -> Client:
     device, via_proxy = classify(agent), proxied or bool(PROXY_BROWSER_RE.search(user_agent))
     if via_proxy:  # the proxy's own note says where to go instead
         return Client(device, via_proxy)
-    return Client(device, via_proxy, *browser_of(agent, device))
+    system = linux_system(agent) if device in ("linux", "firefox") else ""
+    return Client(device, via_proxy, *browser_of(agent, device), system=system)
+
+
+#: Linux distributions whose browsers say so in their User-Agent, and the LINUX_SYSTEMS row each picks. Firefox as
+#: Ubuntu and Fedora build it sends "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:131.0) ..." and "(X11; Fedora; Linux
+#: x86_64; rv:126.0) ..." (User-Agent tables in public test suites, Firefox 126-131 on Ubuntu and Fedora 40); Chrome
+#: everywhere and most other builds send "X11; Linux x86_64" alone, so their pages list every distribution. The other
+#: markers are the distributions' own names, for the browsers that add them.
+LINUX_MARKERS = (
+    (re.compile(r"\b(?:Ubuntu|Debian|Kubuntu|Xubuntu|Raspbian|Linux Mint)\b"), "debian"),
+    (re.compile(r"\b(?:Fedora|Red Hat|CentOS|Rocky|AlmaLinux)\b"), "fedora"),
+    (re.compile(r"\b(?:Arch Linux|Manjaro)\b"), "arch"),
+    (re.compile(r"\b(?:openSUSE|SUSE)\b"), "suse"),
+    (re.compile(r"\bAlpine\b"), "alpine"),
+)
+
+
+def linux_system(user_agent: str) -> str:
+    """Return the LINUX_SYSTEMS key of the distribution *user_agent* names, or "" when it names none."""
+    return next((system for marker, system in LINUX_MARKERS if marker.search(user_agent)), "")
 
 
 def browser_of(user_agent: str, device: str) -> tuple[str, bool]:
@@ -3717,14 +3738,17 @@ def render_link(link: Link, now: float) -> str:
                   revoke_html=revoke_html)
 
 
-def render_result_steps(certificate: Certificate) -> str:
-    """Return the install steps of every device family, to pass on with the link."""
+def render_result_steps(certificate: Certificate, url: str = "") -> str:
+    """Return the install steps of every device family, to pass on with the link *url* (commands download from it)."""
     parts = []
+    der_url = f"{url}/{certificate.file_stem}.crt" if url else ""
     for device in RESULT_PAGE_FAMILIES:
         guide = DEVICE_GUIDES[device]
         file_name = f"{certificate.file_stem}{FILE_KINDS[guide.first].extension}".replace(".pem", ".crt")
-        steps = "".join(f"<li>{step_html(step)}</li>" for step in guide_steps(device, certificate, file_name))
+        steps = "".join(f"<li>{step_html(step)}</li>" for step in guide_steps(device, certificate, file_name, der_url))
         parts.append(f"<h3>{esc(_(guide.label))}</h3><ol>{steps}</ol>")
+    if der_url:
+        parts.append(render_commands_note(certificate))
     return "".join(parts)
 
 
@@ -3795,7 +3819,7 @@ def mail_text(links: list[tuple[str, Entry]], whc: tuple[str, int]) -> str:
 
 
 def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str, mail_html: str = "") -> bytes:
-    steps = render_result_steps(links[0].entry.certificate)
+    steps = render_result_steps(links[0].entry.certificate, links[0].url)
     heading = ngettext("Your install link", "Your install links", len(links))
     if not any(link.created for link in links):
         heading = ngettext("This certificate already has a link", "These certificates already have links", len(links))
@@ -3808,12 +3832,129 @@ def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str
         compare=_("Before trusting a certificate on a device, compare its SHA-256 or SHA-1 fingerprint with the one "
                   "shown here: the link is plain HTTP, and the fingerprint is what proves the file was not swapped."),
         how=_("How to install it"),
-        steps_html=steps,
+        steps_html=steps + f"<p>{render_developer_note(links[0].url)}</p>",
         home=home,
         another=_("Share another certificate"),
         mail_html=mail_html,
     )
     return render_page(_("Link for {name}").format(name=links[0].entry.certificate.name), body)
+
+
+# Install commands. Each downloads the DER certificate from the link itself, installs it only if its SHA-256
+# fingerprint is the one the command names, and says so (on standard error, with a non-zero status) when it is not.
+# The page asks the reader to compare that fingerprint with the card or the mail: over plain HTTP the page could be
+# swapped as well as the file, so the out-of-band fingerprint is the check, as with step-ca's `bootstrap
+# --fingerprint`. URLs and names go through shlex.quote (POSIX shells) or ps_quote (PowerShell) as they enter.
+
+#: Where the developer page's commands keep the checked CA and the bundle of the system's CAs with it.
+DEV_DIR = "$HOME/.local/share/certdrop"
+
+#: System CA bundles, the first that exists starts a bundle: Debian, Ubuntu, Arch and Alpine; Fedora and RHEL;
+#: openSUSE (paths from Go's crypto/x509 root_linux.go); macOS's /etc/ssl/cert.pem last.
+SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/ca-bundle.pem",
+                  "/etc/ssl/cert.pem")
+
+
+def refusal_text(sha256: bytes) -> str:
+    """Return what a command says when the file it downloaded is not the certificate it names (kept in English, like
+    the command itself)."""
+    return f"certdrop: nothing installed: the download failed or its SHA-256 fingerprint is not {sha256.hex()}"
+
+
+def posix_fetch(url: str, sha256: bytes, digest: str = "sha256sum", download: str = "curl -fsSL -o") -> str:
+    """Return POSIX shell that downloads the DER certificate at *url* to "$d/ca.der" and fails, saying so, unless its
+    SHA-256 is *sha256*; what follows it with ``&&`` runs only after the check passed."""
+    return (f'd="$(mktemp -d)" && {download} "$d/ca.der" {shlex.quote(url)} && '
+            f'[ "$({digest} <"$d/ca.der" | cut -c1-64)" = {sha256.hex()} ] '
+            f"|| {{ echo {shlex.quote(refusal_text(sha256))} >&2; false; }}")
+
+
+def pem_after(fetch: str) -> str:
+    """Return *fetch* followed by the checked file's PEM copy, "$d/ca.pem", for the tools that want PEM."""
+    return f'{fetch} && openssl x509 -inform der -in "$d/ca.der" -out "$d/ca.pem"'
+
+
+def ps_quote(text: str) -> str:
+    """Return *text* as a PowerShell single-quoted string: PowerShell takes the typographic single quotes for quotes
+    too, so each of them is doubled like "'"."""
+    return "'" + re.sub("['\u2018\u2019\u201a\u201b]", lambda match: match[0] * 2, text) + "'"
+
+
+def ps_install(url: str, sha256: bytes, store: str) -> str:
+    """Return a PowerShell line that downloads *url*, checks its SHA-256 and only then imports it into *store*.
+
+    Invoke-WebRequest -UseBasicParsing works without Internet Explorer's engine (Windows PowerShell 5.1 on Server
+    Core); certutil -urlcache, the other built-in downloader, is what antivirus flags.
+    """
+    return (f"$f = Join-Path $env:TEMP 'certdrop-ca.cer'; Invoke-WebRequest -UseBasicParsing -ErrorAction Stop "
+            f"-Uri {ps_quote(url)} -OutFile $f; if ((Get-FileHash -Algorithm SHA256 $f).Hash -eq "
+            f"'{sha256.hex().upper()}') {{ Import-Certificate -FilePath $f -CertStoreLocation {store} }} "
+            f"else {{ Write-Error {ps_quote(refusal_text(sha256))} }}")
+
+
+def command_values(certificate: Certificate, der_url: str) -> dict[str, str]:
+    """Return the values install commands are made from: the checked downloads of *der_url* and the quoted names."""
+    sha256, root = certificate.sha256, certificate.self_signed
+    get = posix_fetch(der_url, sha256)
+    dev_get = posix_fetch(der_url, sha256, digest="{ sha256sum || shasum -a 256; } 2>/dev/null")
+    stem = certificate.file_stem
+    # NSS nicknames and keytool aliases show the certificate's own name: quoted, with no control characters left.
+    nickname = shlex.quote(re.sub(r"[\x00-\x1f\x7f-\x9f]+", " ", certificate.name).strip() or stem)
+    pem, bundle = f'"{DEV_DIR}/"{shlex.quote(stem + ".pem")}', f'"{DEV_DIR}/"{shlex.quote(stem + "-bundle.pem")}'
+    system_bundle = f'"$(ls {" ".join(SYSTEM_BUNDLES)} 2>/dev/null | head -n 1)"'
+    return {
+        "get": get, "get_pem": pem_after(get),
+        "get_wget_pem": pem_after(posix_fetch(der_url, sha256, download="wget -qO")),
+        "get_mac": posix_fetch(der_url, sha256, digest="shasum -a 256"),
+        "crt": shlex.quote(f"certdrop-{stem}.crt"), "nickname": nickname,
+        "ps_machine": ps_install(der_url, sha256, "Cert:\\LocalMachine\\" + ("Root" if root else "CA")),
+        "ps_user": ps_install(der_url, sha256, "Cert:\\CurrentUser\\" + ("Root" if root else "CA")),
+        "certutil_store": "Root" if root else "CA",
+        # The developer page: the checked CA as PEM in DEV_DIR, and a bundle of the system's CAs with it for the
+        # variables and options that replace a tool's whole store.
+        "save": (f'{pem_after(dev_get)} && mkdir -p "{DEV_DIR}" && cp "$d/ca.pem" {pem} && '
+                 f"cat {system_bundle} {pem} > {bundle}"),
+        "pem": pem, "bundle": bundle,
+    }
+
+
+class LinuxSystem(typing.NamedTuple):
+    label: str  # N_() message id naming {command}
+    command: str  # made from command_values
+
+
+#: The system store of each Linux distribution family, in the order pages list them when the User-Agent names none
+#: (LINUX_MARKERS). "$d/ca.pem" is the checked certificate as PEM; {crt} its file name there.
+LINUX_SYSTEMS = {
+    # update-ca-certificates(8), ca-certificates 20230311 (Debian 12; Ubuntu 24.04 has the same): reads PEM files
+    # named .crt under /usr/local/share/ca-certificates and writes /etc/ssl/certs/ca-certificates.crt.
+    "debian": LinuxSystem(N_("Debian, Ubuntu, Linux Mint: {command}"),
+                          '{get_pem} && sudo cp "$d/ca.pem" /usr/local/share/ca-certificates/{crt} && '
+                          "sudo update-ca-certificates"),
+    # update-ca-trust(8), Fedora 40 and RHEL 9: PEM or DER files under /etc/pki/ca-trust/source/anchors.
+    "fedora": LinuxSystem(N_("Fedora, RHEL, CentOS Stream, Rocky, AlmaLinux: {command}"),
+                          '{get_pem} && sudo cp "$d/ca.pem" /etc/pki/ca-trust/source/anchors/{crt} && '
+                          "sudo update-ca-trust"),
+    # ArchWiki, "Transport Layer Security", Add a certificate to a trust store: trust(1) of p11-kit takes DER or PEM.
+    "arch": LinuxSystem(N_("Arch Linux, Manjaro: {command}"), '{get} && sudo trust anchor --store "$d/ca.der"'),
+    # SUSE's documentation (SLES 15, openSUSE Leap 15.6 and Tumbleweed): PEM files in /etc/pki/trust/anchors, then
+    # update-ca-certificates (p11-kit's, not Debian's).
+    "suse": LinuxSystem(N_("openSUSE, SUSE Linux Enterprise: {command}"),
+                        '{get_pem} && sudo cp "$d/ca.pem" /etc/pki/trust/anchors/{crt} && sudo update-ca-certificates'),
+    # Alpine wiki and ca-certificates' update-ca-certificates (Alpine 3.20): PEM files in
+    # /usr/local/share/ca-certificates; busybox has wget and sha256sum but no curl, and containers run as root.
+    "alpine": LinuxSystem(N_("Alpine Linux, as root, after apk add ca-certificates openssl: {command}"),
+                          '{get_wget_pem} && cp "$d/ca.pem" /usr/local/share/ca-certificates/{crt} && '
+                          "update-ca-certificates"),
+}
+
+#: A guide step that stands for the LINUX_SYSTEMS rows a page shows: the one its User-Agent names, else all.
+LINUX_SYSTEMS_STEP = "{linux_systems}"
+
+COMMANDS_NOTE = N_("Each command downloads the certificate from this link and installs it only if its SHA-256 "
+                   "fingerprint is {fingerprint}; otherwise it stops and installs nothing. Compare that fingerprint "
+                   "with the one on the card or in the mail you were given before you run it: this page comes over "
+                   "plain HTTP, so it could have been changed too.")
 
 
 class Guide(typing.NamedTuple):
@@ -3900,28 +4041,60 @@ DEVICE_GUIDES = {
         (is_intermediate, N_("This is an intermediate CA: it needs no trust switch, and Certificate Trust Settings "
                              "lists roots only. Install the root CA that issued it too, and turn on full trust for "
                              "that root.")))),
+    # Android 13-16 on Pixel: Settings > Security & privacy > More security & privacy > Encryption & credentials >
+    # Install a certificate > CA certificate (support.google.com/pixelphone/answer/2844832, "Add & remove
+    # certificates"); Samsung One UI 5-7: Security and privacy > More security settings > Install from device
+    # storage > CA certificate (Samsung support, "How to install a certificate"); Android 11 and 12 and other makers:
+    # Security > (Advanced >) Encryption & credentials. Android 11 took away installing a CA from the browser or a
+    # file manager (KeyChain.createInstallIntent no longer installs CAs, developer.android.com Android 11 changes).
     "android": Guide(N_("Android"), "crt", (
         N_("Tap the button: {file} is saved to Downloads."),
-        N_("Open Settings \u203a Security \u203a Encryption & credentials \u203a Install a certificate \u203a CA "
-           "certificate (on some phones under \u201cMore security settings\u201d), tap Install anyway and pick {file}. "
-           "Android 11 and later cannot install a CA from the browser itself, only from Settings."),
-        N_("A screen lock (PIN, pattern or password) is required."),
+        N_("Pixel and most phones with Android 13 or later: Settings \u203a Security & privacy \u203a More security & "
+           "privacy \u203a Encryption & credentials \u203a Install a certificate \u203a CA certificate, tap Install "
+           "anyway and pick {file}."),
+        N_("Samsung (One UI): Settings \u203a Security and privacy \u203a More security settings \u203a Install from "
+           "device storage \u203a CA certificate."),
+        N_("Android 11 and 12, and other makers: Settings \u203a Security (\u203a Advanced) \u203a Encryption & "
+           "credentials \u203a Install a certificate \u203a CA certificate. Not there? Search Settings for "
+           "\u201cCA certificate\u201d."),
+        N_("Android 11 and later install a CA only from Settings, never from the browser, and need a screen lock "
+           "(PIN, pattern or password)."),
         (is_intermediate, N_("This is an intermediate CA: Android trusts it only once the root CA that issued it is "
                              "installed too. Install that root first; ask whoever sent you this link for it.")),
-        N_("Browsers such as Chrome then trust the CA. Apps made for Android 7 or later ignore user-installed CAs "
-           "unless their makers opted in, so some apps may still refuse the server."))),
+        # developer.android.com/privacy-and-security/security-config: apps targeting API 24 (Android 7) or later
+        # trust user-added CAs only if their network security configuration says so.
+        N_("Chrome and most browsers then trust the CA. Apps ignore CAs you install unless their makers opted in "
+           "(Android's network security configuration), so some apps may still refuse the server."),
+        # Firefox for Android keeps Mozilla's store and reads the user's CAs only with this switch:
+        # mozilla-mobile/fenix#22906 (steps), fork-maintainers/iceraven-browser#610 (tap the logo 5 times).
+        N_("Firefox for Android needs its own switch: Settings \u203a About Firefox, tap the Firefox logo five times, "
+           "then Settings \u203a Secret Settings \u203a turn on \u201cUse third party CA certificates\u201d."))),
+    # Windows 10 and 11: the Local Machine stores need an administrator; Current User's Root store asks the user to
+    # confirm and trusts for that account only. Import-Certificate (PKI module, Windows 8 / Server 2012 and later,
+    # learn.microsoft.com/powershell/module/pki/import-certificate); certutil -addstore [-user] -f (learn.microsoft
+    # .com/windows-server/administration/windows-commands/certutil). Firefox 120 and later imports the roots of the
+    # Windows and macOS stores (security.enterprise_roots.enabled true by default; Firefox 120 release notes).
     "windows": Guide(N_("Windows"), "cer", (
-        N_("Download {file} and open it, then choose Install Certificate and Local Machine (all users)."),
+        N_("Download {file} and open it, then choose Install Certificate and Local Machine (all users; Windows asks "
+           "for an administrator). Without an administrator choose Current User: it then works for your account "
+           "only."),
         N_("Choose \u201cPlace all certificates in the following store\u201d and pick \u201c{store}\u201d: letting "
            "Windows choose the store automatically puts a root in the wrong one."),
-        N_("Or, in an administrator command prompt: {certutil}"),
-        N_("Chrome and Edge use this store; Firefox on Windows does too.")),
-        {"certutil": "certutil -addstore {certutil_store} {file}"}),
+        N_("Or in PowerShell run as administrator: {ps_machine}"),
+        N_("Without an administrator, for your account only (Windows asks you to confirm): {ps_user}"),
+        N_("In either line, {certutil} (or {certutil_user}) can stand in for Import-Certificate."),
+        N_("Chrome and Edge use this store. Firefox 120 and later trusts it too; in an older Firefox set "
+           "security.enterprise_roots.enabled to true in about:config.")),
+        {"ps_machine": "{ps_machine}", "ps_user": "{ps_user}",
+         "certutil": "certutil -addstore -f {certutil_store} $f",
+         "certutil_user": "certutil -user -addstore -f {certutil_store} $f"}),
     # Mac User-Agents are frozen at 10_15_7, so both places of Profiles are shown, each with its versions (macOS 13
     # and 14: Privacy & Security > Profiles; 15 and later: General > Device Management; issue 20). Apple asks for a
     # trust step after a manual
     # profile install only on iPhone and iPad (https://support.apple.com/102390); on a Mac the profile's root is
     # installed into the System keychain trusted, so no "Always Trust" is needed (README, "iPhone, iPad and Mac").
+    # security(1), macOS 14: add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain; shasum ships
+    # with every macOS, sha256sum only with recent ones.
     "macos": Guide(N_("Mac"), "mobileconfig", (
         N_("Download the profile, then install it in System Settings (an administrator's password is needed):"),
         N_("macOS 15 and later: System Settings \u203a General \u203a Device Management, double-click the profile, "
@@ -3934,31 +4107,51 @@ DEVICE_GUIDES = {
         (is_root, N_("Or download {cer}, open it in Keychain Access (System keychain), open the certificate and set "
                      "Trust \u203a \u201cWhen using this certificate\u201d to Always Trust: a certificate opened "
                      "this way, unlike a profile, is not trusted until then.")),
-        (is_root, N_("Administrators can install {cer} from Terminal instead: {security}")),
+        (is_root, N_("Administrators can install it from Terminal instead: {security}")),
         (is_intermediate, N_("This is an intermediate CA: install the root CA that issued it too. A Mac trusts the "
                              "intermediate once that root is trusted.")),
-        (is_intermediate, N_("Administrators can add {cer} from Terminal instead: {security_ca}"))),
-        {"security": "sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {cer_arg}",
-         "security_ca": "sudo security add-certificates -k /Library/Keychains/System.keychain {cer_arg}"}),
+        (is_intermediate, N_("Administrators can add it from Terminal instead: {security_ca}")),
+        N_("Safari and Chrome use the system's keychains. Firefox 120 and later trusts them too; in an older Firefox "
+           "set security.enterprise_roots.enabled to true in about:config.")),
+        {"security": '{get_mac} && sudo security add-trusted-cert -d -r trustRoot -k '
+                     '/Library/Keychains/System.keychain "$d/ca.der"',
+         "security_ca": '{get_mac} && sudo security add-certificates -k /Library/Keychains/System.keychain "$d/ca.der"'}),
+    # Chromium's docs/linux/cert_management.md: Chrome on Linux reads the NSS shared database, $HOME/.pki/nssdb, or
+    # $HOME/.local/share/pki/nssdb from Chrome 146 when the old one does not exist; certutil comes in libnss3-tools
+    # (Debian, Ubuntu), nss-tools (Fedora), mozilla-nss-tools (openSUSE).
     "linux": Guide(N_("Linux"), "pem", (
-        N_("Debian and Ubuntu (update-ca-certificates reads only PEM files named .crt, which this one is): "
-           "{debian}"),
-        N_("Fedora, RHEL and Arch: {fedora}"),
-        N_("Firefox keeps its own store: Settings \u203a Privacy & Security \u203a View Certificates \u203a "
-           "Authorities \u203a Import. Chrome on Linux reads ~/.pki/nssdb: {nssdb}")),
-        {"debian": "sudo cp {file} /usr/local/share/ca-certificates/ && sudo update-ca-certificates",
-         "fedora": "sudo trust anchor {file}",
-         "nssdb": "certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n {nickname} -i {file}"}),
+        N_("For the system's store, which curl, Python, git and most programs use, run the line for your "
+           "distribution:"),
+        LINUX_SYSTEMS_STEP,
+        N_("Chrome and Chromium read their own database in your home folder: {nssdb} (certutil comes in "
+           "libnss3-tools on Debian and Ubuntu, nss-tools on Fedora, mozilla-nss-tools on openSUSE)."),
+        N_("Firefox on Linux keeps its own store: Settings \u203a Privacy & Security \u203a Certificates \u203a View "
+           "Certificates \u203a Authorities \u203a Import, tick \u201cTrust this CA to identify websites\u201d.")),
+        {"nssdb": '{get} && db="$HOME/.pki/nssdb" && {{ [ -d "$db" ] || db="$HOME/.local/share/pki/nssdb"; }} && '
+                  'mkdir -p "$db" && certutil -d "sql:$db" -A -t C,, -n {nickname} -i "$d/ca.der"'}),
+    # Firefox's "Downloading Certificate" dialog opens for a DER CA sent as application/x-x509-ca-cert (file_answer).
+    # On Linux Firefox reads no system store; its profiles are ~/.mozilla/firefox/* (the Snap's under
+    # ~/snap/firefox/common), and certutil must not touch a database Firefox has open.
     "firefox": Guide(N_("Firefox"), "crt", (
         N_("Click the button: Firefox opens its own \u201cDownloading Certificate\u201d dialog."),
         N_("Tick \u201cTrust this CA to identify websites\u201d and choose OK."),
-        N_("Firefox keeps its own store: the rest of the system needs the certificate separately (see the PEM "
-           "file)."))),
+        N_("Or close Firefox and add it to every Firefox profile from a terminal (certutil, from libnss3-tools): "
+           "{profiles}"),
+        N_("Firefox keeps its own store on Linux: the rest of the system needs the certificate too, as below.")),
+        {"profiles": '{get} && for p in "$HOME"/.mozilla/firefox/*/cert9.db "$HOME"/snap/firefox/common/.mozilla/'
+                     'firefox/*/cert9.db; do [ -f "$p" ] && certutil -d "sql:${{p%/cert9.db}}" -A -t C,, '
+                     '-n {nickname} -i "$d/ca.der"; done'}),
+    # Chrome's certificate manager from Chrome 131 (ChromeOS too): Manage certificates > Local certificates > Custom >
+    # Installed by you > Trusted certificates > Import (chromium's certificate_manager/local_certs_section.ts; the
+    # path as written in wardenenv/docs#41, October 2025). Older ChromeOS: Manage certificates > Authorities.
     "chromeos": Guide(N_("ChromeOS"), "crt", (
         N_("Tap the button: {file} is saved to Downloads."),
-        N_("Open Settings \u203a Privacy and security \u203a Security \u203a Manage certificates \u203a Authorities "
-           "\u203a Import, and pick {file}."),
-        N_("Tick \u201cTrust this certificate for identifying websites\u201d and choose OK."))),
+        N_("Open Settings \u203a Privacy and security \u203a Security \u203a Manage certificates \u203a Local "
+           "certificates \u203a Custom \u203a Installed by you \u203a Trusted certificates \u203a Import, and pick "
+           "{file}."),
+        N_("Older ChromeOS: Settings \u203a Privacy and security \u203a Security \u203a Manage certificates \u203a "
+           "Authorities \u203a Import, pick {file} and tick \u201cTrust this certificate for identifying "
+           "websites\u201d."))),
     "windows-mobile": Guide(N_("Windows Phone and Windows Mobile"), "cer", (
         N_("Tap the button and open {file}: the certificate installer asks whether to install it."),
         N_("Company-managed phones may refuse certificates their company did not provision."))),
@@ -3978,34 +4171,51 @@ RESULT_PAGE_FAMILIES = ("s60", "s40", "ios", "android", "windows", "macos", "lin
 Step = tuple[tuple[str, bool], ...]
 
 
-def guide_steps(device: str, certificate: Certificate, file_name: str) -> list[Step]:
+def guide_steps(device: str, certificate: Certificate, file_name: str, der_url: str = "",
+                system: str = "") -> list[Step]:
     """Return the install steps for *device* that apply to *certificate*, translated, names and stores filled in.
 
-    The certificate's name fills only prose; commands get the fixed, shell-quoted nickname and file names made of
-    safe characters, so nothing from a certificate lands unquoted in a command a reader pastes.
+    The certificate's name fills only prose; commands get it shell-quoted, with the checked download of *der_url*
+    (the link's DER file, absolute), so nothing from a certificate lands unquoted in a command a reader pastes. With
+    no *der_url* the steps that hold commands are left out. *system* picks the one LINUX_SYSTEMS row to show.
     """
     root = certificate.self_signed
     values = {
         "file": file_name, "cer": f"{certificate.file_stem}.cer", "name": certificate.name,
-        "nickname": shlex.quote(certificate.file_stem), "cer_arg": shlex.quote(f"{certificate.file_stem}.cer"),
         "bits": certificate.key_bits,
         "key_type": certificate.key_type,
         "store": _("Trusted Root Certification Authorities") if root else _("Intermediate Certification Authorities"),
-        "certutil_store": "root" if root else "CA",
     }
-    guide = DEVICE_GUIDES[device]
-    commands = guide.commands or {}
+    commands = {name: template.format(**command_values(certificate, der_url))
+                for name, template in (DEVICE_GUIDES[device].commands or {}).items()} if der_url else {}
     steps = []
-    for step in guide.steps:
+    for step in DEVICE_GUIDES[device].steps:
         if isinstance(step, tuple):
             applies, step = step
             if not applies(certificate):
                 continue
-        # Split at the commands' placeholders: odd pieces are their names.
-        pieces = re.split(r"\{(%s)\}" % "|".join(commands), _(step)) if commands else [_(step)]
-        steps.append(tuple((commands[piece].format(**values), True) if index % 2 else (piece.format(**values), False)
-                           for index, piece in enumerate(pieces) if piece))
+        if step == LINUX_SYSTEMS_STEP:
+            steps += linux_system_steps(certificate, der_url, system) if der_url else []
+            continue
+        named = re.findall(r"\{(\w+)\}", step)
+        if any(name in (DEVICE_GUIDES[device].commands or {}) and name not in commands for name in named):
+            continue  # a step built around a command, on a page that has no link to download from
+        steps.append(split_step(_(step), commands, values))
     return steps
+
+
+def split_step(text: str, commands: dict[str, str], values: dict[str, object]) -> Step:
+    """Return translated step *text* as pieces: its {command} placeholders as commands, the rest as prose."""
+    pieces = re.split(r"\{(%s)\}" % "|".join(commands), text) if commands else [text]
+    return tuple((commands[piece], True) if index % 2 else (piece.format(**values), False)
+                 for index, piece in enumerate(pieces) if piece)
+
+
+def linux_system_steps(certificate: Certificate, der_url: str, system: str) -> list[Step]:
+    """Return the system-store line of the distribution *system*, or of every one when the User-Agent named none."""
+    values = command_values(certificate, der_url)
+    rows = [LINUX_SYSTEMS[system]] if system in LINUX_SYSTEMS else list(LINUX_SYSTEMS.values())
+    return [split_step(_(row.label), {"command": row.command.format(**values)}, {}) for row in rows]
 
 
 def step_text(step: Step) -> str:
@@ -4060,6 +4270,8 @@ class DevicePage(typing.NamedTuple):
 DEVICE_PAGES = {
     "macos": DevicePage(N_("Install \u201c{name}\u201d on a Mac or an iPad"), N_("a Mac or an iPad"),
                         ("macos", "ios")),
+    # Only Firefox on Linux gets the Firefox page (classify): Firefox's own store first, then the system's.
+    "firefox": DevicePage(N_("Install \u201c{name}\u201d"), N_("Firefox on Linux"), ("firefox", "linux")),
 }
 
 
@@ -4210,7 +4422,8 @@ def render_landing(certificate: Certificate, client: Client, base_path: str, lin
         first_label=_(FILE_KINDS[guide.first].button),
         nothing_html=(f'<p class="muted">{nothing}</p>' if nothing else "") + (
             render_profile_signature_note(signed) if guide.first == "mobileconfig" else ""),
-        steps_html=render_guides(page.parts, certificate, first_name),
+        steps_html=render_guides(page.parts, certificate, first_name, f"{link}/{stem}.crt" if link else "",
+                                 client.system) + render_developer_link(client, base_path),
         check=_("Check before you trust"),
         facts_html=render_fingerprints(certificate),
         compare=_("Compare these fingerprints with the ones your administrator gave you. This page comes over plain "
@@ -4220,6 +4433,18 @@ def render_landing(certificate: Certificate, client: Client, base_path: str, lin
         qr_html=qr_html,
     )
     return render_page(_(page.title).format(name=certificate.name), body)
+
+
+def render_developer_link(client: Client, base_path: str) -> str:
+    """Return, on a desktop's page, the way to the developer page (DeveloperAnswer)."""
+    if client.device not in DESKTOP_DEVICES:
+        return ""
+    return f'<p>{render_developer_note(base_path)}</p>'
+
+
+def render_developer_note(base_path: str) -> str:
+    return with_markup(_("For Python, Node, Java, git, Docker, curl and wget, and scripts: {link}the developer "
+                         "page{link_end}."), link=f'<a href="{esc(base_path)}/dev">', link_end="</a>")
 
 
 def render_root_first(root_name: str | None, base_path: str) -> str:
@@ -4246,14 +4471,24 @@ def render_way_out(client: Client, link: str) -> str:
     return render(WAY_OUT, heading=_(way_out.heading), which=which, how=_(way_out.how), link_html=copy_html(link))
 
 
-def render_guides(devices: tuple[str, ...], certificate: Certificate, first_name: str) -> str:
-    """Return the steps of each guide in *devices*, each under its label when there are more than one."""
-    parts = []
+def render_guides(devices: tuple[str, ...], certificate: Certificate, first_name: str, der_url: str = "",
+                  system: str = "") -> str:
+    """Return the steps of each guide in *devices*, each under its label when there are more than one; where they
+    hold commands, what those commands check (COMMANDS_NOTE)."""
+    parts, commands = [], False
     for device in devices:
-        steps = "".join(f"<li>{step_html(step)}</li>" for step in guide_steps(device, certificate, first_name))
+        steps = guide_steps(device, certificate, first_name, der_url, system)
+        commands = commands or any(command for step in steps for _text, command in step)
         heading = f"<h2>{esc(_(DEVICE_GUIDES[device].label))}</h2>" if len(devices) > 1 else ""
-        parts.append(f"{heading}<ol>{steps}</ol>")
+        parts.append(heading + "<ol>" + "".join(f"<li>{step_html(step)}</li>" for step in steps) + "</ol>")
+    if commands:
+        parts.append(render_commands_note(certificate))
     return "".join(parts)
+
+
+def render_commands_note(certificate: Certificate) -> str:
+    note = _(COMMANDS_NOTE).format(fingerprint=colon_hex(certificate.sha256))
+    return f'<p class="muted commands-note">{esc(note)}</p>'
 
 
 # Nokia pages: XHTML Mobile Profile, or the same content as a WML 1.1 deck for WAP 1.x browsers. No script, no
