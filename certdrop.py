@@ -4491,6 +4491,89 @@ def render_commands_note(certificate: Certificate) -> str:
     return f'<p class="muted commands-note">{esc(note)}</p>'
 
 
+class DeveloperTool(typing.NamedTuple):
+    """One tool of the developer page: its name and what to run (N_() message ids; the text names {command})."""
+
+    label: str
+    text: str
+    command: str  # made from command_values: starts with {save}, the checked download kept in DEV_DIR
+
+
+#: The developer page's tools. Variables and options that replace a tool's whole store (SSL_CERT_FILE,
+#: REQUESTS_CA_BUNDLE, http.sslCAInfo, curl's cacert, wget's ca_certificate) get the bundle of the system's CAs with
+#: this one ({bundle}), so other sites keep working; those that add to it (NODE_EXTRA_CA_CERTS) get the CA alone.
+DEVELOPER_TOOLS = (
+    # curl(1) --cacert and ~/.curlrc (curl 8); wget(1) ca_certificate in ~/.wgetrc (wget 1.21)
+    DeveloperTool(N_("curl and wget"),
+                  N_("Both read a file in your home folder, so this works for every later call: {command}"),
+                  '{save} && printf \'cacert = "%s"\\n\' {bundle} >> "$HOME/.curlrc" && '
+                  'printf \'ca_certificate = %s\\n\' {bundle} >> "$HOME/.wgetrc"'),
+    # docs.python.org/3/library/ssl.html (load_default_certs reads OpenSSL's SSL_CERT_FILE); requests' docs, "CA
+    # Certificates": REQUESTS_CA_BUNDLE, else certifi's list (requests 2.32)
+    DeveloperTool(N_("Python"),
+                  N_("Python's ssl module and urllib read SSL_CERT_FILE; requests reads REQUESTS_CA_BUNDLE and "
+                     "otherwise trusts certifi's list only. For this shell (add the export to ~/.profile to keep "
+                     "it): {command}"),
+                  "{save} && export SSL_CERT_FILE={bundle} REQUESTS_CA_BUNDLE={bundle}"),
+    # nodejs.org/api/cli.html#node_extra_ca_certsfile: added to the bundled CAs, read once at start (Node 18-22)
+    DeveloperTool(N_("Node.js"),
+                  N_("NODE_EXTRA_CA_CERTS adds to Node's own list, so it names the CA alone. For this shell (add the "
+                     "export to ~/.profile to keep it): {command}"),
+                  "{save} && export NODE_EXTRA_CA_CERTS={pem}"),
+    # docs.oracle.com/en/java/javase/21/docs/specs/man/keytool.html: -cacerts (JDK 9 and later), password changeit
+    DeveloperTool(N_("Java"),
+                  N_("Into the JDK's own cacerts store (JDK 9 and later; an administrator owns it): {command}"),
+                  "{save} && sudo keytool -importcert -noprompt -cacerts -storepass changeit -alias {nickname} "
+                  "-file {pem}"),
+    # git-config(1) http.sslCAInfo (git 2.39-2.47): replaces the list curl would use
+    DeveloperTool(N_("git"),
+                  N_("For every repository of your user: {command} Git for Windows can use the Windows store "
+                     "instead, once the certificate is installed there: git config --global http.sslBackend "
+                     "schannel."),
+                  "{save} && git config --global http.sslCAInfo {bundle}"),
+    # docs.docker.com/engine/security/certificates/: /etc/docker/certs.d/<host>:<port>/ca.crt, read per pull; the
+    # daemon's other connections use the system store
+    DeveloperTool(N_("Docker"),
+                  N_("For one registry (put its name and port first): {command} Docker's other connections use the "
+                     "system's store: install the certificate there with your system's steps on the link's own "
+                     "page, then restart Docker (sudo systemctl restart docker)."),
+                  "reg=registry.example.com:5000 && {save} && sudo mkdir -p \"/etc/docker/certs.d/$reg\" && "
+                  "sudo cp {pem} \"/etc/docker/certs.d/$reg/ca.crt\""),
+)
+
+DEVELOPER_PAGE = string.Template("""<h1>$heading</h1>
+<p>$intro_html</p>
+$facts_html
+<p class="muted commands-note">$note</p>
+$tools_html
+<p class="muted">$back_html</p>
+""")
+
+
+def render_developer_page(certificate: Certificate, link: str) -> bytes:
+    """Return the page at /c/<token>/dev: the line that makes each developer tool trust the CA, each downloading it
+    from *link* and checking its fingerprint first."""
+    der_url = f"{link}/{certificate.file_stem}.crt"
+    values = command_values(certificate, der_url)
+    tools = "".join(
+        f"<section><h2>{esc(_(tool.label))}</h2><p>"
+        f"{step_html(split_step(_(tool.text), {'command': tool.command.format(**values)}, {}))}</p></section>"
+        for tool in DEVELOPER_TOOLS)
+    heading = _("\u201c{name}\u201d for developers and scripts").format(name=certificate.name)
+    body = render(
+        DEVELOPER_PAGE, heading=heading, facts_html=render_fingerprints(certificate), tools_html=tools,
+        intro_html=with_markup(_("Each line saves the certificate, checked, as {pem} and a bundle of the system's "
+                                 "CAs with it as {bundle}, then points one tool at them. Tools whose setting "
+                                 "replaces their whole list get the bundle, so other sites keep working."),
+                               pem=code_html(f"~/.local/share/certdrop/{certificate.file_stem}.pem"),
+                               bundle=code_html(f"~/.local/share/certdrop/{certificate.file_stem}-bundle.pem")),
+        note=_(COMMANDS_NOTE).format(fingerprint=colon_hex(certificate.sha256)),
+        back_html=with_markup(_("To install the certificate for the whole system or a browser, follow the steps on "
+                                "{link}."), link=link_html(link)),
+    )
+    return render_page(heading, body)
+
+
 # Nokia pages: XHTML Mobile Profile, or the same content as a WML 1.1 deck for WAP 1.x browsers. No script, no
 # style sheet, no image, short lines: they must stay small (S40 gateways) and readable 176 pixels wide.
 XHTML_MP_PAGE = string.Template("""<?xml version="1.0" encoding="utf-8"?>
@@ -4733,7 +4816,7 @@ class Signature(typing.NamedTuple):
     Two requests with one signature get the same answer for any token (see decide).
     """
 
-    rest: str  # the path after /c/<token>/: "", "card", "qr.svg", a file name
+    rest: str  # the path after /c/<token>/: "", "card", "dev", "qr.svg", a file name
     query: str
     user_agent: str
     accept: str
@@ -5339,12 +5422,21 @@ class CardAnswer(typing.NamedTuple):
     language: str = "en"
 
 
+class DeveloperAnswer(typing.NamedTuple):
+    """The developer page (render_developer_page). Its third field keeps it from equalling a CardAnswer of the same
+    base and language: answers are kept by value (BuiltKey)."""
+
+    base: str
+    language: str = "en"
+    page: str = "dev"
+
+
 class RedirectAnswer(typing.NamedTuple):
     name: str  # as FileAnswer.name
     base: str
 
 
-Answer = FileAnswer | PageAnswer | RedirectAnswer | QrAnswer | CardAnswer
+Answer = FileAnswer | PageAnswer | RedirectAnswer | QrAnswer | CardAnswer | DeveloperAnswer
 
 
 class Decision(typing.NamedTuple):
@@ -5377,6 +5469,8 @@ def decide(signature: Signature, config: Config, signing: bool = False) -> Decis
         return Decision(QrAnswer(rest[3:], link_base(signature, config)), "-")
     if rest == "card":
         return Decision(CardAnswer(link_base(signature, config), signature.language), "-")
+    if rest == "dev":
+        return Decision(DeveloperAnswer(link_base(signature, config), signature.language), "-")
     client = client_of_signature(signature)
     if rest:
         kind = next(kind for suffix, kind in FILE_SUFFIXES if rest.lower().endswith(suffix))
@@ -5495,6 +5589,8 @@ def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileS
         return Response(render_landing(certificate, answer.client, f"{answer.prefix}/c/{entry.token}", link,
                                        entry.expires, answer.signed, root.name if root else None),
                         200, MIME_HTML, headers + HTML_HEADERS)
+    if isinstance(answer, DeveloperAnswer):
+        return Response(render_developer_page(certificate, link), 200, MIME_HTML, headers + HTML_HEADERS)
     if isinstance(answer, CardAnswer):
         return Response(render_card(certificate, link, entry.expires, config.contact), 200, MIME_HTML,
                         headers + HTML_HEADERS)
@@ -6462,6 +6558,7 @@ ROUTES = (
     (r"/c/(?P<token>[^/]+)/revoke", {"POST": App.revoke}),
     (r"/c/(?P<token>[^/]+)/qr\.(?P<kind>svg|png)", {"GET": App.deliver}),
     (r"/c/(?P<token>[^/]+)/card", {"GET": App.deliver}),
+    (r"/c/(?P<token>[^/]+)/dev", {"GET": App.deliver}),
     (r"/c/(?P<token>[^/]+)/root", {"GET": App.root_link}),
     (r"/c/(?P<token>[^/]+)/(?P<name>[A-Za-z0-9._-]{0,100}(?i:\.cer|\.crt|\.der|\.pem|\.mobileconfig|\.whc))",
      {"GET": App.deliver}),

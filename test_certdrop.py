@@ -5157,10 +5157,10 @@ def test_every_test_that_starts_a_process_is_marked_slow():
 class Server:
     """A real ``certdrop.py serve`` on a free loopback port."""
 
-    def __init__(self, ini):
+    def __init__(self, ini, port=0, host="127.0.0.1"):
         self.ini = ini
         self.process = subprocess.Popen([sys.executable, str(HERE / "certdrop.py"), "-c", str(ini), "serve",
-                                         "--host", "127.0.0.1", "--port", "0"],
+                                         "--host", host, "--port", str(port)],
                                         stderr=subprocess.PIPE, text=True)
         self.log = []
         for line in self.process.stderr:
@@ -6238,3 +6238,188 @@ def test_mail_goes_over_implicit_tls_with_a_login(config, store, clock, root_der
         form["to"] = "alice@example.com"
         assert "The message was not sent" in html_text(form.submit(status=502))
     assert logins[0] is True and False in logins and len(mailbox.messages) == 1
+
+
+def test_the_developer_page_gives_each_tool_a_checked_line(testapp, root_token, root_der):
+    page = testapp.get(f"/c/{root_token}/dev", headers={"User-Agent": USER_AGENTS["linux-chrome"][0]})
+    commands = [code.get_text() for code in page.html.find_all("code", class_="cmd")]
+    sha256 = hashlib.sha256(root_der).hexdigest()
+    assert len(commands) == len(certdrop.DEVELOPER_TOOLS)
+    assert all(f'curl -fsSL -o "$d/ca.der" http://ca.example.org:8080/c/{root_token}/Example_Root_CA.crt' in command
+               and f"= {sha256} ]" in command for command in commands)
+    text = html_text(page)
+    for needle in ("SSL_CERT_FILE=", "REQUESTS_CA_BUNDLE=", "NODE_EXTRA_CA_CERTS=", "keytool -importcert",
+                   "-cacerts", "http.sslCAInfo", "/etc/docker/certs.d/$reg/ca.crt", ".curlrc", ".wgetrc"):
+        assert needle in text
+    assert "NODE_EXTRA_CA_CERTS=\"$HOME/.local/share/certdrop/\"Example_Root_CA.pem" in text
+    assert "SSL_CERT_FILE=\"$HOME/.local/share/certdrop/\"Example_Root_CA-bundle.pem" in text
+
+
+# -- install commands, run for real --------------------------------------------------------------------------------
+
+def tls_site(name, serial):
+    """Return (CA PEM, server SSL context) of a fresh CA named *name* and the certificate it issued for 127.0.0.1:
+    with the key identifiers and key usages OpenSSL's strict checks (Python 3.13's default) ask for."""
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    start, end = datetime.datetime(2025, 1, 1), datetime.datetime(2035, 1, 1)
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (x509.CertificateBuilder().subject_name(make_name(name)).issuer_name(make_name(name))
+          .public_key(ca_key.public_key()).serial_number(serial).not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), True)
+          .add_extension(ca_ski, False).sign(ca_key, hashes.SHA256()))
+    server = (x509.CertificateBuilder().subject_name(make_name("127.0.0.1")).issuer_name(ca.subject)
+              .public_key(key.public_key()).serial_number(serial + 1).not_valid_before(start).not_valid_after(end)
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+              .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), True)
+              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), False)
+              .sign(ca_key, hashes.SHA256()))
+    directory = Path(tempfile.mkdtemp())
+    (directory / "server.pem").write_bytes(pem_of(server) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "server.pem")
+    shutil.rmtree(directory)
+    return pem_of(ca), context
+
+
+@contextlib.contextmanager
+def https_site(context):
+    """Serve 404 for every path over TLS on 127.0.0.1 with *context*; yield its https:// base."""
+    import http.server
+
+    class NotHere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotHere)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def page_commands(url, user_agent):
+    """Return the commands a real page shows, as a reader copies them: the text of each code block, unescaped."""
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": user_agent}), timeout=10) as page:
+        body = page.read().decode()
+    return [html.unescape(code) for code in re.findall(r'<code class="cmd">(.*?)</code>', body, re.S)]
+
+
+def bash(script, home, **env):
+    """Run *script* with bash as a user whose home is *home*, nothing else of the machine's user set."""
+    environ = {"PATH": os.environ["PATH"], "HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0",
+               "LANG": "C.UTF-8", **env}
+    return subprocess.run(["bash", "-c", script], env=environ, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def served_cas(tmp_path):
+    """Yield (certdrop's URL, {name: token}, the https:// site the first CA's certificate serves, that CA's PEM): a
+    real certdrop holding two CAs, the first of which issued the site's certificate."""
+    ca_pem, context = tls_site("Site CA", 1001)
+    other_pem, _context = tls_site("Other CA", 2001)
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\n")
+    # On every address: the pages' links lead with one of the machine's addresses rather than loopback (lead_url).
+    server = Server(ini, host="0.0.0.0")
+    server.url = server.url.replace("0.0.0.0", "127.0.0.1")
+    try:
+        tokens = {}
+        for name, pem in (("site", ca_pem), ("other", other_pem)):
+            form = urllib.parse.urlencode({"pem": pem.decode(), "ttl": "1d"}).encode()
+            status, _headers, body = server.request("/", form, {"Content-Type": "application/x-www-form-urlencoded"})
+            assert status == 201
+            tokens[name] = re.search(rb"/c/([a-z0-9]+)", body)[1].decode()
+        with https_site(context) as site:
+            yield server.url, tokens, site, ca_pem
+    finally:
+        server.stop()
+
+
+DEV_CHECKS = {
+    # tool -> (its line on the developer page starts with, the check that reaches the site, what fails says)
+    "curl": ("curl and wget", 'curl -sS -o /dev/null "$SITE/"'),
+    "python": ("Python", f'{shlex.quote(sys.executable)} -c "import sys, urllib.request, urllib.error\n'
+                         'try: urllib.request.urlopen(sys.argv[1])\nexcept urllib.error.HTTPError: pass" "$SITE/"'),
+    # past the handshake, the site's 404 reads "not found"; before it, git names the certificate
+    "git": ("git", 'out="$(git ls-remote "$SITE/repo.git" 2>&1)"; echo "$out"; '
+                   '! echo "$out" | grep -qi certificate && echo "$out" | grep -qiE "not found|404"'),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", sorted(DEV_CHECKS))
+def test_the_developer_pages_lines_make_curl_python_and_git_trust_the_ca_and_refuse_another(served_cas, tmp_path,
+                                                                                            tool):
+    url, tokens, site, _ca_pem = served_cas
+    label, check = DEV_CHECKS[tool]
+    with urllib.request.urlopen(f"{url}/c/{tokens['site']}/dev", timeout=10) as page:
+        sections = re.findall(r"<h2>(.*?)</h2><p>.*?<code class=\"cmd\">(.*?)</code>", page.read().decode(), re.S)
+    line = html.unescape(dict(sections)[label])
+    home = tmp_path / "home"
+    home.mkdir()
+    before = bash(check, home, SITE=site)
+    assert before.returncode != 0, before
+    swapped = line.replace(f"/c/{tokens['site']}/", f"/c/{tokens['other']}/")
+    assert swapped != line
+    refused = bash(swapped, home)
+    assert refused.returncode != 0 and refused.stderr.startswith("certdrop: nothing installed"), refused.stderr
+    assert sorted(path.name for path in home.rglob("*")) == [] and bash(check, home, SITE=site).returncode != 0
+    installed = bash(f"{line} && {check}", home, SITE=site)  # exports last for the rest of the line, as in a shell
+    assert installed.returncode == 0, installed.stderr
+    bundle = next(home.rglob("*-bundle.pem")).read_text()
+    assert bundle.count("BEGIN CERTIFICATE") > 1  # the system's CAs are still there
+
+
+@pytest.mark.slow
+def test_the_debian_line_installs_the_ca_into_a_temporary_root_and_refuses_another(served_cas, tmp_path):
+    url, tokens, site, ca_pem = served_cas
+    ubuntu_firefox = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:131.0) Gecko/20100101 Firefox/131.0"
+    commands = page_commands(f"{url}/c/{tokens['site']}", ubuntu_firefox)
+    debian = [command for command in commands if "update-ca-certificates" in command]
+    assert len(debian) == 1 and not any("update-ca-trust" in command for command in commands)  # Ubuntu's line alone
+    root = tmp_path / "root"
+    for directory in ("etc/ssl/certs", "usr/share/ca-certificates", "usr/local/share/ca-certificates"):
+        (root / directory).mkdir(parents=True)
+    (root / "etc/ca-certificates.conf").write_text("")
+    # The page's line, run against the temporary root: update-ca-certificates takes it as --sysroot; no sudo.
+    line = (debian[0].replace("sudo ", "").replace(" /usr/local/share/", f" {root}/usr/local/share/")
+            .replace("&& update-ca-certificates", f"&& update-ca-certificates --sysroot {root}"))
+    swapped = bash(line.replace(f"/c/{tokens['site']}/", f"/c/{tokens['other']}/"), tmp_path)
+    assert swapped.returncode != 0 and swapped.stderr.startswith("certdrop: nothing installed"), swapped.stderr
+    assert list((root / "usr/local/share/ca-certificates").iterdir()) == []
+    installed = bash(line, tmp_path)
+    assert installed.returncode == 0, installed.stderr
+    bundle = root / "etc/ssl/certs/ca-certificates.crt"
+    assert ca_pem.decode().strip() in bundle.read_text()
+    reached = bash(f'curl -sS -o /dev/null --cacert {bundle} "$SITE/"', tmp_path, SITE=site)
+    assert reached.returncode == 0, reached.stderr
+
+
+@pytest.mark.parametrize("name", ["$(touch /tmp/certdrop-pwned)", "O'Brien \"Quote\" CA `id`", "Back\\slash; rm -rf ~"])
+def test_hostile_names_stay_one_quoted_word_in_every_command(name, tmp_path):
+    der = make_certificate(name)[0].public_bytes(serialization.Encoding.DER)
+    certificate = certdrop.load_der(der)
+    link = "http://ca.example.org/c/abcd2345?x='1'&y=$(id)"
+    values = certdrop.command_values(certificate, f"{link}/{certificate.file_stem}.crt")
+    for key in ("nickname", "crt", "pem", "bundle"):
+        words = shlex.split(values[key])
+        assert len(words) == 1 and ("$(" not in words[0] or key != "nickname" or words[0] == name)
+    assert shlex.split(values["nickname"]) == [name]
+    # the whole checked download parses to the URL as one word, and bash runs none of the name or URL
+    assert f"{link}/{certificate.file_stem}.crt" in shlex.split(values["get"].split(" && ")[1])
+    marker = Path("/tmp/certdrop-pwned")
+    marker.unlink(missing_ok=True)
+    bash(f"echo {values['nickname']} {values['crt']} >/dev/null", tmp_path)
+    assert not marker.exists()
+    assert "'$(id)'" not in values["ps_machine"] and certdrop.ps_quote("it's ‘x’") == "'it''s ‘‘x’’'"
