@@ -3898,8 +3898,9 @@ def command_values(certificate: Certificate, der_url: str) -> dict[str, str]:
     get = posix_fetch(der_url, sha256)
     dev_get = posix_fetch(der_url, sha256, digest="{ sha256sum || shasum -a 256; } 2>/dev/null")
     stem = certificate.file_stem
-    # NSS nicknames and keytool aliases show the certificate's own name: quoted, with no control characters left.
-    nickname = shlex.quote(re.sub(r"[\x00-\x1f\x7f-\x9f]+", " ", certificate.name).strip() or stem)
+    # NSS nicknames and keytool aliases are the file stem, safe characters only: a name's bidi controls could make a
+    # command read otherwise than it runs, however it is quoted.
+    nickname = shlex.quote(stem)
     pem, bundle = f'"{DEV_DIR}/"{shlex.quote(stem + ".pem")}', f'"{DEV_DIR}/"{shlex.quote(stem + "-bundle.pem")}'
     system_bundle = f'"$(ls {" ".join(SYSTEM_BUNDLES)} 2>/dev/null | head -n 1)"'
     return {

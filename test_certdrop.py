@@ -1646,7 +1646,7 @@ def test_contact_setting_is_read_from_the_ini_as_one_line(tmp_path):
     ("windows-edge", "certutil -addstore -f Root $f"),
     ("windows-edge", "Import-Certificate -FilePath $f -CertStoreLocation Cert:\\LocalMachine\\Root }"),
     ("linux-chrome", ' && sudo trust anchor --store "$d/ca.der"'),
-    ("linux-chrome", " && certutil -d \"sql:$db\" -A -t C,, -n 'Example Root CA' -i \"$d/ca.der\""),
+    ("linux-chrome", " && certutil -d \"sql:$db\" -A -t C,, -n Example_Root_CA -i \"$d/ca.der\""),
 ])
 def test_commands_are_shown_as_code_to_copy_whole(testapp, root_token, device, command):
     page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS[device][0]})
@@ -4716,10 +4716,9 @@ def test_hostile_names_never_land_unquoted_in_a_command_shown_to_paste(testapp, 
     page = testapp.get(f"/c/{hostile_token}", headers={"User-Agent": USER_AGENTS["linux-chrome"][0]})
     steps = [li.get_text() for li in page.html.find_all("li")]
     nss = next(step for step in steps if "certutil -d" in step)
-    command = shlex.split(nss[nss.index("certutil -d"):])
-    assert command[:8] == ["certutil", "-d", "sql:$HOME/.pki/nssdb", "-A", "-t", "C,,", "-n", command[7]]
-    assert re.fullmatch(r"[A-Za-z0-9._-]+", command[7]) and command[8:] == ["-i", command[9]]
-    assert re.fullmatch(r"[A-Za-z0-9._-]+\.crt", command[9])
+    command = shlex.split(nss[nss.index("certutil -d"):nss.index(" (certutil comes")])
+    assert command[:8] == ["certutil", "-d", "sql:$db", "-A", "-t", "C,,", "-n", command[7]]
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", command[7]) and command[8:] == ["-i", "$d/ca.der"]
 
 
 @HOSTILE
@@ -6412,14 +6411,23 @@ def test_hostile_names_stay_one_quoted_word_in_every_command(name, tmp_path):
     certificate = certdrop.load_der(der)
     link = "http://ca.example.org/c/abcd2345?x='1'&y=$(id)"
     values = certdrop.command_values(certificate, f"{link}/{certificate.file_stem}.crt")
-    for key in ("nickname", "crt", "pem", "bundle"):
-        words = shlex.split(values[key])
-        assert len(words) == 1 and ("$(" not in words[0] or key != "nickname" or words[0] == name)
-    assert shlex.split(values["nickname"]) == [name]
-    # the whole checked download parses to the URL as one word, and bash runs none of the name or URL
-    assert f"{link}/{certificate.file_stem}.crt" in shlex.split(values["get"].split(" && ")[1])
+    assert shlex.split(values["nickname"]) == [certificate.file_stem]  # safe characters only
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", certificate.file_stem)
+    assert all(len(shlex.split(values[key])) == 1 for key in ("crt", "pem", "bundle"))
+    assert f"{link}/{certificate.file_stem}.crt" in shlex.split(values["get"].split(" && ")[1])  # the URL: one word
+    assert f"-Uri {certdrop.ps_quote(link + '/' + certificate.file_stem + '.crt')} -OutFile" in values["ps_machine"]
+    assert certdrop.ps_quote("it's \u2018x\u2019") == "'it''s \u2018\u2018x\u2019\u2019'"
+
+
+@pytest.mark.slow
+def test_bash_runs_nothing_of_a_hostile_name_in_a_command(tmp_path):
+    name = "$(touch /tmp/certdrop-pwned)`id`'\";x"
+    certificate = certdrop.load_der(make_certificate(name)[0].public_bytes(serialization.Encoding.DER))
+    values = certdrop.command_values(certificate, "http://ca.example.org/c/abcd2345/$(touch /tmp/certdrop-pwned)")
     marker = Path("/tmp/certdrop-pwned")
     marker.unlink(missing_ok=True)
-    bash(f"echo {values['nickname']} {values['crt']} >/dev/null", tmp_path)
+    shown = bash(f"printf '%s\\n' {values['nickname']} {values['crt']} {values['get'].split(' && ')[1][26:]}",
+                 tmp_path)
+    assert shown.stdout.splitlines() == [certificate.file_stem, f"certdrop-{certificate.file_stem}.crt",
+                                         "http://ca.example.org/c/abcd2345/$(touch /tmp/certdrop-pwned)"]
     assert not marker.exists()
-    assert "'$(id)'" not in values["ps_machine"] and certdrop.ps_quote("it's ‘x’") == "'it''s ‘‘x’’'"
