@@ -6431,3 +6431,57 @@ def test_bash_runs_nothing_of_a_hostile_name_in_a_command(tmp_path):
     assert shown.stdout.splitlines() == [certificate.file_stem, f"certdrop-{certificate.file_stem}.crt",
                                          "http://ca.example.org/c/abcd2345/$(touch /tmp/certdrop-pwned)"]
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(("user_agent", "system"), [
+    ("Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:131.0) Gecko/20100101 Firefox/131.0", "debian"),
+    ("Mozilla/5.0 (X11; Fedora; Linux x86_64; rv:126.0) Gecko/20100101 Firefox/126.0", "fedora"),
+    ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36", ""),
+    ("Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0", ""),
+    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:131.0) Gecko/20100101 Firefox/131.0", ""),  # not Linux at all
+    ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Mobile "
+     "Safari/537.36 Ubuntu", ""),  # an Android phone is never given a Linux distribution
+], ids=["ubuntu-firefox", "fedora-firefox", "linux-chrome", "linux-firefox", "windows-firefox", "android"])
+def test_the_linux_distribution_is_picked_from_the_user_agent_only_where_it_says(user_agent, system):
+    assert certdrop.identify(user_agent, "", False).system == system
+
+
+def test_a_page_for_ubuntu_shows_the_debian_line_alone_and_a_plain_linux_page_every_distribution(testapp, root_token):
+    ubuntu = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:131.0) Gecko/20100101 Firefox/131.0"
+    text = html_text(testapp.get(f"/c/{root_token}", headers={"User-Agent": ubuntu}))
+    assert "Debian, Ubuntu, Linux Mint:" in text and "Fedora, RHEL" not in text and "trust anchor" not in text
+    text = html_text(testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["linux-chrome"][0]}))
+    for label in ("Debian, Ubuntu, Linux Mint:", "Fedora, RHEL", "Arch Linux, Manjaro:", "openSUSE, SUSE",
+                  "Alpine Linux"):
+        assert label in text
+    assert "/etc/pki/ca-trust/source/anchors/" in text and "/etc/pki/trust/anchors/" in text
+    assert "wget -qO" in text and "libnss3-tools" in text
+
+
+@pytest.mark.parametrize("device", ["windows-edge", "macos-chrome", "linux-chrome", "android-chrome"])
+def test_desktop_pages_link_the_developer_page_and_say_what_their_commands_check(testapp, root_token, root_der,
+                                                                                device):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS[device][0]})
+    desktop = device != "android-chrome"
+    assert bool(page.html.find("a", href=f"/c/{root_token}/dev")) == desktop
+    note = page.html.find("p", class_="commands-note")
+    assert bool(note) == desktop  # the Android page has no command to check
+    if desktop:
+        assert hashlib.sha256(root_der).digest().hex(":").upper() in note.get_text() and "card" in note.get_text()
+
+
+def test_the_result_page_links_the_developer_page_and_its_commands_download_from_the_link(testapp, root_pem):
+    result = upload(testapp, root_pem)
+    token = token_of(result)
+    assert result.html.find("a", href=re.compile(rf"/c/{token}/dev$"))
+    commands = [code.get_text() for code in result.html.find_all("code", class_="cmd")]
+    assert any(f"/c/{token}/Example_Root_CA.crt" in command and "update-ca-certificates" in command
+               for command in commands)
+
+
+def test_the_developer_page_is_kept_apart_from_the_card(testapp, root_token):
+    card = testapp.get(f"/c/{root_token}/card")
+    dev = testapp.get(f"/c/{root_token}/dev")
+    again = testapp.get(f"/c/{root_token}/card")
+    assert "for developers and scripts" in dev.text and "for developers" not in card.text
+    assert again.body == card.body and testapp.get(f"/c/{root_token}/dev").body == dev.body
