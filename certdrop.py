@@ -3886,10 +3886,16 @@ def ps_install(url: str, sha256: bytes, store: str) -> str:
     Invoke-WebRequest -UseBasicParsing works without Internet Explorer's engine (Windows PowerShell 5.1 on Server
     Core); certutil -urlcache, the other built-in downloader, is what antivirus flags.
     """
-    return (f"$f = Join-Path $env:TEMP 'certdrop-ca.cer'; Invoke-WebRequest -UseBasicParsing -ErrorAction Stop "
-            f"-Uri {ps_quote(url)} -OutFile $f; if ((Get-FileHash -Algorithm SHA256 $f).Hash -eq "
+    return (f"$f = Join-Path $env:TEMP 'certdrop-ca.cer'\nInvoke-WebRequest -UseBasicParsing -ErrorAction Stop "
+            f"-Uri {ps_quote(url)} -OutFile $f\nif ((Get-FileHash -Algorithm SHA256 $f).Hash -eq "
             f"'{sha256.hex().upper()}') {{ Import-Certificate -FilePath $f -CertStoreLocation {store} }} "
             f"else {{ Write-Error {ps_quote(refusal_text(sha256))} }}")
+
+
+def command_lines(command: str) -> str:
+    """Return *command* as shown: a line a step after each " && ", so the part that differs is in view without
+    scrolling. No quoted word holds " && ": URLs are made of a checked Host, prefix and file stem (link_base)."""
+    return command.replace(" && ", " &&\n")
 
 
 def command_values(certificate: Certificate, der_url: str) -> dict[str, str]:
@@ -4187,7 +4193,7 @@ def guide_steps(device: str, certificate: Certificate, file_name: str, der_url: 
         "key_type": certificate.key_type,
         "store": _("Trusted Root Certification Authorities") if root else _("Intermediate Certification Authorities"),
     }
-    commands = {name: template.format(**command_values(certificate, der_url))
+    commands = {name: command_lines(template.format(**command_values(certificate, der_url)))
                 for name, template in (DEVICE_GUIDES[device].commands or {}).items()} if der_url else {}
     steps = []
     for step in DEVICE_GUIDES[device].steps:
@@ -4216,7 +4222,7 @@ def linux_system_steps(certificate: Certificate, der_url: str, system: str) -> l
     """Return the system-store line of the distribution *system*, or of every one when the User-Agent named none."""
     values = command_values(certificate, der_url)
     rows = [LINUX_SYSTEMS[system]] if system in LINUX_SYSTEMS else list(LINUX_SYSTEMS.values())
-    return [split_step(_(row.label), {"command": row.command.format(**values)}, {}) for row in rows]
+    return [split_step(_(row.label), {"command": command_lines(row.command.format(**values))}, {}) for row in rows]
 
 
 def step_text(step: Step) -> str:
@@ -4558,7 +4564,8 @@ def render_developer_page(certificate: Certificate, link: str) -> bytes:
     values = command_values(certificate, der_url)
     tools = "".join(
         f"<section><h2>{esc(_(tool.label))}</h2><p>"
-        f"{step_html(split_step(_(tool.text), {'command': tool.command.format(**values)}, {}))}</p></section>"
+        f"{step_html(split_step(_(tool.text), {'command': command_lines(tool.command.format(**values))}, {}))}"
+        "</p></section>"
         for tool in DEVELOPER_TOOLS)
     heading = _("\u201c{name}\u201d for developers and scripts").format(name=certificate.name)
     body = render(

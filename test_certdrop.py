@@ -1569,11 +1569,11 @@ def test_a_mac_user_agent_gets_a_page_for_a_mac_or_an_ipad_with_both_guides(test
     assert "Certificate Trust Settings" in ipad
 
 
-def test_the_mac_page_gives_administrators_the_security_command_with_the_file_name_quoted(testapp, root_token):
+def test_the_mac_page_gives_administrators_a_security_command_that_checks_the_fingerprint(testapp, root_token):
     page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["macos-chrome"][0]})
     commands = [code.get_text() for code in page.html.find_all("code", class_="cmd")]
-    assert len(commands) == 1 and commands[0].startswith('d="$(mktemp -d)" && curl -fsSL -o "$d/ca.der" ')
-    assert commands[0].endswith(" && sudo security add-trusted-cert -d -r trustRoot -k "
+    assert len(commands) == 1 and commands[0].startswith('d="$(mktemp -d)" &&\ncurl -fsSL -o "$d/ca.der" ')
+    assert commands[0].endswith(" &&\nsudo security add-trusted-cert -d -r trustRoot -k "
                                 '/Library/Keychains/System.keychain "$d/ca.der"')
     assert '"$(shasum -a 256 <"$d/ca.der" | cut -c1-64)"' in commands[0]
 
@@ -1645,8 +1645,8 @@ def test_contact_setting_is_read_from_the_ini_as_one_line(tmp_path):
 @pytest.mark.parametrize(("device", "command"), [
     ("windows-edge", "certutil -addstore -f Root $f"),
     ("windows-edge", "Import-Certificate -FilePath $f -CertStoreLocation Cert:\\LocalMachine\\Root }"),
-    ("linux-chrome", ' && sudo trust anchor --store "$d/ca.der"'),
-    ("linux-chrome", " && certutil -d \"sql:$db\" -A -t C,, -n Example_Root_CA -i \"$d/ca.der\""),
+    ("linux-chrome", ' &&\nsudo trust anchor --store "$d/ca.der"'),
+    ("linux-chrome", " &&\ncertutil -d \"sql:$db\" -A -t C,, -n Example_Root_CA -i \"$d/ca.der\""),
 ])
 def test_commands_are_shown_as_code_to_copy_whole(testapp, root_token, device, command):
     page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS[device][0]})
@@ -6196,6 +6196,26 @@ def test_in_a_real_browser_the_in_app_ipad_and_intermediate_pages_fit_a_phone(tm
             assert browser.execute_script("return document.documentElement.scrollWidth") <= 360, (
                 f"{name}: the page scrolls sideways")
             assert console_problems(browser) == [], name
+        command_pages = (  # the pages with the longest commands, on a phone and on a desktop
+            ("dev-phone", USER_AGENTS["android-chrome"][0], "/dev", 360, 740),
+            ("dev-desktop", USER_AGENTS["windows-edge"][0], "/dev", 1280, 800),
+            ("linux-phone-width", USER_AGENTS["linux-chrome"][0], "", 360, 740),
+            ("linux-desktop", USER_AGENTS["linux-chrome"][0], "", 1280, 800),
+        )
+        for name, agent, rest, width, height in command_pages:
+            as_device(browser, agent, width, height)
+            browser.get(f"{server.url}/c/{tokens['root']}{rest}")
+            screenshot(browser, tmp_path, name)
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= width, (
+                f"{name}: the page scrolls sideways")
+            blocks = browser.find_elements(By.CSS_SELECTOR, "code.cmd")
+            assert len(blocks) >= 5, name
+            for block in blocks:  # each command stays inside the page and scrolls inside its own box
+                right, inner, outer, overflow = browser.execute_script(
+                    "const b = arguments[0]; return [b.getBoundingClientRect().right, b.scrollWidth, b.clientWidth, "
+                    "getComputedStyle(b).overflowX];", block)
+                assert right <= width and (inner <= outer or overflow in ("auto", "scroll")), (name, block.text[:60])
+            assert console_problems(browser) == [], name
     finally:
         server.stop()
 
@@ -6393,7 +6413,8 @@ def test_the_debian_line_installs_the_ca_into_a_temporary_root_and_refuses_anoth
     (root / "etc/ca-certificates.conf").write_text("")
     # The page's line, run against the temporary root: update-ca-certificates takes it as --sysroot; no sudo.
     line = (debian[0].replace("sudo ", "").replace(" /usr/local/share/", f" {root}/usr/local/share/")
-            .replace("&& update-ca-certificates", f"&& update-ca-certificates --sysroot {root}"))
+            .replace("&&\nupdate-ca-certificates", f"&&\nupdate-ca-certificates --sysroot {root}"))
+    assert line.endswith(f"update-ca-certificates --sysroot {root}") and "sudo" not in line
     swapped = bash(line.replace(f"/c/{tokens['site']}/", f"/c/{tokens['other']}/"), tmp_path)
     assert swapped.returncode != 0 and swapped.stderr.startswith("certdrop: nothing installed"), swapped.stderr
     assert list((root / "usr/local/share/ca-certificates").iterdir()) == []
