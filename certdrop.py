@@ -3969,7 +3969,7 @@ class Guide(typing.NamedTuple):
 
     Names and steps are N_() message ids. A step may name {file}, {cer}, {name}, {store} and {bits}/{key_type},
     and the commands of *commands* by their names: a command is shown as code to copy, the same in every language,
-    and the values it names ({file}, {nickname}, {certutil_store}) are made of safe characters. A step given as
+    made from command_values (checked downloads, quoted names and URLs). A step given as
     (condition, text) applies only to the certificates *condition* accepts.
     """
 
@@ -4331,8 +4331,9 @@ CARD_STEPS = (
     (N_("iPhone, iPad"), N_("Open the link in Safari, allow the profile, install it in Settings within 8 minutes."),
      N_("Then Settings \u203a General \u203a About \u203a Certificate Trust Settings: switch it on.")),
     (N_("Android"), N_("Open the link, tap the button: the certificate is saved to Downloads."),
-     N_("Settings \u203a Security \u203a Encryption & credentials \u203a Install a certificate \u203a CA "
-        "certificate.")),
+     # the paths of DEVICE_GUIDES["android"], shortened to what a card holds
+     N_("Settings \u203a Security (& privacy) \u203a \u2026 \u203a Install a certificate \u203a CA certificate, or "
+        "search Settings for \u201cCA certificate\u201d.")),
     (N_("Windows"), N_("Open the link, download the .cer, open it: Install Certificate, Local Machine."),
      N_("Place it in \u201cTrusted Root Certification Authorities\u201d (not automatically).")),
     (N_("macOS"), N_("Open the link, install the profile in System Settings \u203a General \u203a Device "
