@@ -4050,8 +4050,9 @@ DEVICE_GUIDES = {
                              "that root.")))),
     # Android 13-16 on Pixel: Settings > Security & privacy > More security & privacy > Encryption & credentials >
     # Install a certificate > CA certificate (support.google.com/pixelphone/answer/2844832, "Add & remove
-    # certificates"); Samsung One UI 5-7: Security and privacy > More security settings > Install from device
-    # storage > CA certificate (Samsung support, "How to install a certificate"); Android 11 and 12 and other makers:
+    # certificates"); Samsung: "Install from device storage" (its manuals' words since the Galaxy S4), under Security
+    # and privacy > More security settings on One UI 5 and later, Biometrics and security > Other security settings
+    # on One UI 1-4 (from memory of those releases: not checked against a Samsung page); Android 11 and 12 and other makers:
     # Security > (Advanced >) Encryption & credentials. Android 11 took away installing a CA from the browser or a
     # file manager (KeyChain.createInstallIntent no longer installs CAs, developer.android.com Android 11 changes).
     "android": Guide(N_("Android"), "crt", (
@@ -4060,7 +4061,8 @@ DEVICE_GUIDES = {
            "privacy \u203a Encryption & credentials \u203a Install a certificate \u203a CA certificate, tap Install "
            "anyway and pick {file}."),
         N_("Samsung (One UI): Settings \u203a Security and privacy \u203a More security settings \u203a Install from "
-           "device storage \u203a CA certificate."),
+           "device storage \u203a CA certificate (older One UI: Biometrics and security \u203a Other security "
+           "settings)."),
         N_("Android 11 and 12, and other makers: Settings \u203a Security (\u203a Advanced) \u203a Encryption & "
            "credentials \u203a Install a certificate \u203a CA certificate. Not there? Search Settings for "
            "\u201cCA certificate\u201d."),
@@ -4072,15 +4074,19 @@ DEVICE_GUIDES = {
         # trust user-added CAs only if their network security configuration says so.
         N_("Chrome and most browsers then trust the CA. Apps ignore CAs you install unless their makers opted in "
            "(Android's network security configuration), so some apps may still refuse the server."),
-        # Firefox for Android keeps Mozilla's store and reads the user's CAs only with this switch:
-        # mozilla-mobile/fenix#22906 (steps), fork-maintainers/iceraven-browser#610 (tap the logo 5 times).
-        N_("Firefox for Android needs its own switch: Settings \u203a About Firefox, tap the Firefox logo five times, "
-           "then Settings \u203a Secret Settings \u203a turn on \u201cUse third party CA certificates\u201d."))),
+        # Firefox for Android keeps Mozilla's store; the switch that makes it read the user's CAs:
+        # mozilla-mobile/fenix#22906 (steps), fork-maintainers/iceraven-browser#610 (tap the logo 5 times). Firefox
+        # 120's release notes (bug 1848815) say user-added roots are imported by default on Android too, so the step
+        # is for when Firefox still refuses.
+        N_("Firefox for Android still refusing the server? Turn on its own switch: Settings \u203a About Firefox, tap "
+           "the Firefox logo five times, then Settings \u203a Secret Settings \u203a \u201cUse third party CA "
+           "certificates\u201d."))),
     # Windows 10 and 11: the Local Machine stores need an administrator; Current User's Root store asks the user to
     # confirm and trusts for that account only. Import-Certificate (PKI module, Windows 8 / Server 2012 and later,
     # learn.microsoft.com/powershell/module/pki/import-certificate); certutil -addstore [-user] -f (learn.microsoft
-    # .com/windows-server/administration/windows-commands/certutil). Firefox 120 and later imports the roots of the
-    # Windows and macOS stores (security.enterprise_roots.enabled true by default; Firefox 120 release notes).
+    # .com/windows-server/administration/windows-commands/certutil). Firefox 120 and later imports user-added roots
+    # of the Windows and macOS stores by default (security.enterprise_roots.enabled; mozilla/release-notes
+    # firefox-120.0-release.json, bug 1848815).
     "windows": Guide(N_("Windows"), "cer", (
         N_("Download {file} and open it, then choose Install Certificate and Local Machine (all users; Windows asks "
            "for an administrator). Without an administrator choose Current User: it then works for your account "
