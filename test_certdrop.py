@@ -2213,7 +2213,8 @@ def test_s60_attachment_setting_adds_the_header(config, store, clock, root_token
 @pytest.mark.parametrize("path", ["", "/ca.cer", "/ca.mobileconfig", "/ca.whc", "?format=page"])
 def test_answers_carry_vary_cache_control_and_nosniff(testapp, root_token, path):
     headers = testapp.get(f"/c/{root_token}{path}").headers
-    assert headers["Vary"] == "User-Agent, Accept, X-OperaMini-Phone-UA, X-UCBrowser-Device-UA, Device-Stock-UA"
+    assert headers["Vary"] == ("User-Agent, Accept, X-OperaMini-Phone-UA, X-UCBrowser-Device-UA, Device-Stock-UA, "
+                               "Accept-Language, Cookie")
     assert headers["Cache-Control"] == "private, no-transform" and headers["X-Content-Type-Options"] == "nosniff"
 
 
@@ -2269,14 +2270,15 @@ def test_a_desktop_page_decided_for_one_host_is_not_served_for_another(testapp, 
 
 @pytest.mark.parametrize("key", ["PATH_INFO", "REQUEST_METHOD", "QUERY_STRING",
                                  *("HTTP_" + name.upper().replace("-", "_") for name in certdrop.CLIENT_HEADERS),
-                                 "HTTP_ACCEPT_LANGUAGE", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "wsgi.url_scheme",
+                                 "HTTP_ACCEPT_LANGUAGE", "HTTP_COOKIE", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT",
+                                 "wsgi.url_scheme",
                                  "SCRIPT_NAME"])
 def test_every_value_an_answer_depends_on_is_in_the_request_key_and_all_but_the_path_in_the_signature(key):
     environ = {"PATH_INFO": "/c/abcdefgh", "REQUEST_METHOD": "GET", "QUERY_STRING": "", "HTTP_USER_AGENT": "x",
                "HTTP_HOST": "h", "SERVER_NAME": "s", "SERVER_PORT": "80", "wsgi.url_scheme": "http", "SCRIPT_NAME": ""}
     key_of = certdrop.request_key
     assert key_of({**environ, key: "other"}) != key_of(environ)
-    if key not in ("PATH_INFO", "REQUEST_METHOD", "HTTP_ACCEPT_LANGUAGE"):  # the language: as reader_language reads it
+    if key not in ("PATH_INFO", "REQUEST_METHOD", "HTTP_ACCEPT_LANGUAGE", "HTTP_COOKIE"):  # as reader_language reads them
         signature = certdrop.Signature.of
         assert signature(key_of({**environ, key: "other"}), "", True) != signature(key_of(environ), "", True)
     assert certdrop.Signature.of(key_of(environ), "ca.cer", True) != certdrop.Signature.of(key_of(environ), "", True)
@@ -2286,7 +2288,7 @@ def test_request_key_fills_each_named_field_from_its_own_environ_value():
     sources = {"path": "PATH_INFO", "method": "REQUEST_METHOD", "query": "QUERY_STRING", "user_agent": "HTTP_USER_AGENT",
                "accept": "HTTP_ACCEPT", "opera_mini_phone_ua": "HTTP_X_OPERAMINI_PHONE_UA",
                "uc_browser_device_ua": "HTTP_X_UCBROWSER_DEVICE_UA", "device_stock_ua": "HTTP_DEVICE_STOCK_UA",
-               "accept_language": "HTTP_ACCEPT_LANGUAGE", "host": "HTTP_HOST", "server_name": "SERVER_NAME",
+               "accept_language": "HTTP_ACCEPT_LANGUAGE", "cookie": "HTTP_COOKIE", "host": "HTTP_HOST", "server_name": "SERVER_NAME",
                "server_port": "SERVER_PORT", "scheme": "wsgi.url_scheme", "script_name": "SCRIPT_NAME"}
     assert set(sources) == set(certdrop.RequestKey._fields)
     key = certdrop.request_key({source: f"value of {source}" for source in sources.values()})
