@@ -235,7 +235,7 @@ def load_catalogs(locale_dir: Path) -> dict[str, gettext.NullTranslations]:
         try:
             with path.open("rb") as file:
                 translations = gettext.GNUTranslations(file)
-            translations.ngettext("{count} thing", "{count} things", 2)  # a bad Plural-Forms fails here, not later
+            translations.plural(2)  # a Plural-Forms that cannot be worked out fails here, not on a page
         except Exception as error:  # OSError, a corrupt file, a bad header: whatever it is, English serves
             log.warning("the %s catalog %s cannot be used (%s): pages in %s are sent in English", LANGUAGES[code],
                         path, error, code)
@@ -3960,6 +3960,8 @@ DEVICE_GUIDES = {
     # 20); full trust for roots: https://support.apple.com/102390 ("Trust manually installed certificate profiles
     # in iOS and iPadOS"), a list that shows roots only.
     "ios": Guide(N_("iPhone and iPad"), "mobileconfig", (
+        # Translators: name buttons and menus as iOS itself labels them in your language (German: Einstellungen >
+        # Allgemein > VPN und Geräteverwaltung); where you could not check a label, say so in the catalog.
         N_("Tap the button and choose Allow."),
         N_("Open Settings and tap \u201cProfile Downloaded\u201d at the top, then Install, within 8 minutes: iOS "
            "discards a profile that waits longer. Not there? Look in Settings \u203a General \u203a VPN & Device "
@@ -6299,13 +6301,15 @@ class App:
 LANGUAGE_COOKIE_SECONDS = 365 * 86400
 
 #: A path the picker may go back to: printable ASCII without a backslash (browsers read it as a slash).
+#: The longest path the picker goes back to: a page of certdrop has a short address.
+MAX_NEXT = 1024
 NEXT_PATH_RE = re.compile(r"/[!-\[\]-~]*")
 
 
 def safe_next(path: str, home: str) -> str:
     """Return *path* if it is an address on this server under *home* (the prefix and a slash), else *home*: no
     scheme, no "//host" (a path that names another server), no backslash, no control character."""
-    if (len(path) <= MAX_TARGET and NEXT_PATH_RE.fullmatch(path) and path.startswith(home)
+    if (len(path) <= MAX_NEXT and NEXT_PATH_RE.fullmatch(path) and path.startswith(home)
             and not path.startswith("//")):
         return path
     return home
