@@ -4529,6 +4529,9 @@ class RequestKey(typing.NamedTuple):
     Besides their keys, decide and build_answer read the settings, fixed for the app's life, and the profile signer
     read from them: whether it is valid now (decide's *signing*) is the one thing that changes, and when it does
     App.check_signer forgets everything kept (AnswerCache.clear).
+    The reader's language is one of the things an answer is made from: this key holds the Accept-Language and Cookie
+    headers as sent (a hot hit parses nothing), Signature and ErrorPage the language worked out from them
+    (reader_language), and an Answer with words its language, in which build_answer speaks.
     A request whose key is longer than MAX_KEPT_KEY characters is answered, never kept.
     """
 

@@ -3574,6 +3574,15 @@ def test_hot_answers_are_kept_apart_by_language(app, testapp, root_token):
     assert len(app.answers.hot) == 3
 
 
+def test_the_profile_describes_itself_in_the_language_of_the_reader(testapp, root_token):
+    german = testapp.get(f"/c/{root_token}/ca.mobileconfig", headers={**IPHONE, "Accept-Language": "de"})
+    english = testapp.get(f"/c/{root_token}/ca.mobileconfig", headers=IPHONE)
+    assert plistlib.loads(german.body)["PayloadDescription"].startswith("Installiert das CA-Zertifikat ")
+    assert plistlib.loads(english.body)["PayloadDescription"].startswith("Installs the CA certificate ")
+    assert german.headers["Content-Language"] == "de" and "Content-Language" not in testapp.get(
+        f"/c/{root_token}/ca.cer", headers={**IPHONE, "Accept-Language": "de"}).headers
+
+
 def corrupt_catalog(directory, how):
     mo = directory / "de" / "LC_MESSAGES" / "certdrop.mo"
     if how == "missing":
