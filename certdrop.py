@@ -3466,9 +3466,9 @@ def render_page(title: str, body_html: str, home: str = "/", here: str = "") -> 
 def render_picker(home: str, here: str, escape: Callable[[object], str] = esc) -> str:
     """Return the language picker: a line of links, each language by its own name, to /lang/<code>?next=*here*
     (App.choose_language); the language spoken now is named without a link."""
-    spoken, next_query = current_language(), urllib.parse.urlencode({"next": here})
+    spoken, next_query = current_language(), escape(urllib.parse.urlencode({"next": here}))
     links = [f'<b lang="{code}">{escape(name)}</b>' if code == spoken else
-             f'<a href="{escape(home)}lang/{code}?{escape(next_query)}" hreflang="{code}" lang="{code}">{escape(name)}</a>'
+             f'<a href="{escape(home)}lang/{code}?{next_query}" hreflang="{code}" lang="{code}">{escape(name)}</a>'
              for code, name in LANGUAGES.items()]
     return f'<nav><p>{" | ".join(links)}</p></nav>'
 
@@ -4559,8 +4559,8 @@ def request_key(environ: dict) -> RequestKey:
     return _new_tuple(RequestKey, (
         get("PATH_INFO"), get("REQUEST_METHOD"), get("QUERY_STRING"), get("HTTP_USER_AGENT"), get("HTTP_ACCEPT"),
         get("HTTP_X_OPERAMINI_PHONE_UA"), get("HTTP_X_UCBROWSER_DEVICE_UA"), get("HTTP_DEVICE_STOCK_UA"),
-        get("HTTP_ACCEPT_LANGUAGE"), get("HTTP_COOKIE"), get("HTTP_HOST"), get("SERVER_NAME"), get("SERVER_PORT"), get("wsgi.url_scheme"),
-        get("SCRIPT_NAME")))
+        get("HTTP_ACCEPT_LANGUAGE"), get("HTTP_COOKIE"), get("HTTP_HOST"), get("SERVER_NAME"), get("SERVER_PORT"),
+        get("wsgi.url_scheme"), get("SCRIPT_NAME")))
 
 
 _new_tuple = tuple.__new__

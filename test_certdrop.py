@@ -2282,7 +2282,7 @@ def test_every_value_an_answer_depends_on_is_in_the_request_key_and_all_but_the_
                "HTTP_HOST": "h", "SERVER_NAME": "s", "SERVER_PORT": "80", "wsgi.url_scheme": "http", "SCRIPT_NAME": ""}
     key_of = certdrop.request_key
     assert key_of({**environ, key: "other"}) != key_of(environ)
-    if key not in ("PATH_INFO", "REQUEST_METHOD", "HTTP_ACCEPT_LANGUAGE", "HTTP_COOKIE"):  # as reader_language reads them
+    if key not in ("PATH_INFO", "REQUEST_METHOD", "HTTP_ACCEPT_LANGUAGE", "HTTP_COOKIE"):  # read by reader_language
         signature = certdrop.Signature.of
         assert signature(key_of({**environ, key: "other"}), "", True) != signature(key_of(environ), "", True)
     assert certdrop.Signature.of(key_of(environ), "ca.cer", True) != certdrop.Signature.of(key_of(environ), "", True)
@@ -2292,7 +2292,8 @@ def test_request_key_fills_each_named_field_from_its_own_environ_value():
     sources = {"path": "PATH_INFO", "method": "REQUEST_METHOD", "query": "QUERY_STRING", "user_agent": "HTTP_USER_AGENT",
                "accept": "HTTP_ACCEPT", "opera_mini_phone_ua": "HTTP_X_OPERAMINI_PHONE_UA",
                "uc_browser_device_ua": "HTTP_X_UCBROWSER_DEVICE_UA", "device_stock_ua": "HTTP_DEVICE_STOCK_UA",
-               "accept_language": "HTTP_ACCEPT_LANGUAGE", "cookie": "HTTP_COOKIE", "host": "HTTP_HOST", "server_name": "SERVER_NAME",
+               "accept_language": "HTTP_ACCEPT_LANGUAGE", "cookie": "HTTP_COOKIE", "host": "HTTP_HOST",
+               "server_name": "SERVER_NAME",
                "server_port": "SERVER_PORT", "scheme": "wsgi.url_scheme", "script_name": "SCRIPT_NAME"}
     assert set(sources) == set(certdrop.RequestKey._fields)
     key = certdrop.request_key({source: f"value of {source}" for source in sources.values()})
@@ -3421,7 +3422,7 @@ IPHONE = {"User-Agent": USER_AGENTS["iphone-safari"][0]}
 
 def load_update_script():
     """Return locale/update as a module: the tests check the catalogs with what made them."""
-    loader = importlib.machinery.SourceFileLoader("locale_update", str(Path(certdrop.__file__).parent / "locale/update"))
+    loader = importlib.machinery.SourceFileLoader("locale_update", str(certdrop.LOCALE_DIR / "update"))
     module = types.ModuleType(loader.name)
     module.__file__ = loader.path
     loader.exec_module(module)
