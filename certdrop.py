@@ -6291,7 +6291,7 @@ class App:
             raise NotFound(_("certdrop does not speak that language."))
         home = self.home(request)
         secure = "; Secure" if self.base_url(request).startswith("https:") else ""
-        cookie = (f"{LANGUAGE_COOKIE}={code}; Path={home}; Max-Age={LANGUAGE_COOKIE_SECONDS}; SameSite=Lax{secure}")
+        cookie = f"{LANGUAGE_COOKIE}={code}; Path={home}; Max-Age={LANGUAGE_COOKIE_SECONDS}; HttpOnly; SameSite=Lax{secure}"
         return Response(b"", 303, MIME_TEXT, (("Location", safe_next(request.query.get("next", ""), home)),
                                               ("Set-Cookie", cookie), ("Cache-Control", "no-store")))
 

@@ -3484,7 +3484,7 @@ def test_a_language_chosen_on_the_picker_sticks_and_wins_over_accept_language(te
     chosen = testapp.get(f"/lang/de?next=/c/{root_token}", status=303)
     assert chosen.headers["Location"] == f"/c/{root_token}"
     cookie = chosen.headers["Set-Cookie"]
-    assert cookie.startswith("certdrop_lang=de; Path=/;") and "SameSite=Lax" in cookie
+    assert cookie.startswith("certdrop_lang=de; Path=/;") and "SameSite=Lax" in cookie and "HttpOnly" in cookie
     assert int(re.search(r"Max-Age=(\d+)", cookie)[1]) >= 180 * 86400
     for headers in (IPHONE, {**IPHONE, "Accept-Language": "ru, en;q=0.5"}):
         page = testapp.get(f"/c/{root_token}", headers=headers)
