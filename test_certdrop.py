@@ -2478,7 +2478,7 @@ WARM_COOKIES = [None, None, "certdrop_lang=de", "certdrop_lang=pl", "other=1; ce
                 "other=1"]
 WARM_QUERIES = ["", "format=der", "format=pem", "format=page", "format=mobileconfig", "format=whc", "format=whc-alt",
                 "format=bogus", "format=", "x=1&format=pem", "format=%70em"]
-WARM_SUFFIXES = ["", "/", "/card", "/qr.svg", "/qr.png", "/ca.crt", "/ca.cer", "/ca.pem", "/ca.mobileconfig",
+WARM_SUFFIXES = ["", "/", "/card", "/dev", "/qr.svg", "/qr.png", "/ca.crt", "/ca.cer", "/ca.pem", "/ca.mobileconfig",
                  "/ca.whc", "/ca.alt.whc", "/Example_Root_CA.CER", "/revoke", "/nope"]
 WARM_OTHER_PATHS = ["/", "/healthz", "/nope", "/favicon.ico", "/c/", "/c", "/lang/de", "/lang/xx"]
 #: Durations the clock jumps by: within a link's life, past the ends of links (1h, 1d, 7d) and of tombstones
@@ -4094,7 +4094,7 @@ def test_any_request_gets_an_answer_below_500_with_clean_headers(environ):
 
 #: Every route, each asked with GET and POST (one of them answers 405), by a token that exists and one that does not.
 ROUTE_PATHS = ["/", "/signin", "/signout", "/mail", "/healthz", "/c/{token}", "/c/{token}/card", "/c/{token}/qr.svg",
-               "/c/{token}/qr.png", "/c/{token}/x.crt", "/c/{token}/revoke", "/c/zzzzzzzz"]
+               "/c/{token}/qr.png", "/c/{token}/x.crt", "/c/{token}/revoke", "/c/{token}/dev", "/c/zzzzzzzz"]
 
 #: How each app of fuzzed_app is reached: directly, or behind a proxy trusted with X-Forwarded-* or Forwarded.
 PROXY_HEADERS = [None, certdrop.Config.trusted_proxy_headers, ("forwarded",)]
@@ -4130,7 +4130,8 @@ def test_any_header_value_on_any_route_gets_an_answer_below_500_and_logs_no_erro
 
 #: Requests that answered 500 before every header parse was made total: (header, value, routes it broke).
 HEADERS_THAT_BROKE = {
-    "host-port-past-65535": ("Host", "x:99999", ["/c/{token}", "/c/{token}/card", "/c/{token}/qr.svg"]),
+    "host-port-past-65535": ("Host", "x:99999", ["/c/{token}", "/c/{token}/card", "/c/{token}/dev",
+                                                 "/c/{token}/qr.svg"]),
     "host-brackets-around-no-ipv6": ("Host", "[1.2.3.4]", ["/c/{token}", "/c/{token}/card", "/signout"]),
     "host-too-long-for-a-qr-code": ("Host", "a.b" + "x" * 3000, ["/c/{token}", "/c/{token}/card", "/c/{token}/qr.png"]),
     "origin-bracket": ("Origin", "http://[", ["/", "/signin", "/signout", "/mail", "/c/{token}/revoke"]),
@@ -4969,6 +4970,7 @@ def test_hostile_names_cannot_reorder_or_break_html_xhtml_mp_or_wml_pages(testap
              "refusal": testapp.post("/", upload_files=[("cert", "leaf.cer", leaf)], status=422),
              "landing": testapp.get(f"/c/{hostile_token}", headers=desktop),
              "card": testapp.get(f"/c/{hostile_token}/card", headers=desktop),
+             "developer": testapp.get(f"/c/{hostile_token}/dev", headers=desktop),
              "xhtml-mp": s40_page(testapp, hostile_token, "application/vnd.wap.xhtml+xml"),
              "wml": s40_page(testapp, hostile_token, "text/vnd.wap.wml")}
     for where, page in pages.items():
