@@ -4120,12 +4120,13 @@ DEVICE_GUIDES = {
                              "lists roots only. Install the root CA that issued it too, and turn on full trust for "
                              "that root.")))),
     # Android 13-16 on Pixel: Settings > Security & privacy > More security & privacy > Encryption & credentials >
-    # Install a certificate > CA certificate (support.google.com/pixelphone/answer/2844832, "Add & remove
-    # certificates"); Samsung: "Install from device storage" (its manuals' words since the Galaxy S4), under Security
-    # and privacy > More security settings on One UI 5 and later, Biometrics and security > Other security settings
-    # on One UI 1-4 (from memory of those releases: not checked against a Samsung page); Android 11 and 12 and other makers:
-    # Security > (Advanced >) Encryption & credentials. Android 11 took away installing a CA from the browser or a
-    # file manager (KeyChain.createInstallIntent no longer installs CAs, developer.android.com Android 11 changes).
+    # Install a certificate > CA certificate (the path of issue 21 and of Google's Pixel help "Add & remove
+    # certificates"; that page could not be opened from here to re-check it). Samsung: "Install from device storage"
+    # (its manuals' words since the Galaxy S4), under Security and privacy > More security settings on One UI 5 and
+    # later, Biometrics and security > Other security settings on One UI 1-4 (from memory of those releases: not
+    # checked against a Samsung page). Android 11 and 12 and other makers: Security > (Advanced >) Encryption &
+    # credentials. Android 11 took away installing a CA from the browser or a file manager (developer.android.com,
+    # Android 11 behaviour changes: KeyChain.createInstallIntent no longer installs CA certificates).
     "android": Guide(N_("Android"), "crt", (
         N_("Tap the button: {file} is saved to Downloads."),
         N_("Pixel and most phones with Android 13 or later: Settings \u203a Security & privacy \u203a More security & "
@@ -4199,7 +4200,8 @@ DEVICE_GUIDES = {
            "set security.enterprise_roots.enabled to true in about:config.")),
         {"security": '{get_mac} && sudo security add-trusted-cert -d -r trustRoot -k '
                      '/Library/Keychains/System.keychain "$d/ca.der"',
-         "security_ca": '{get_mac} && sudo security add-certificates -k /Library/Keychains/System.keychain "$d/ca.der"'}),
+         "security_ca": '{get_mac} && sudo security add-certificates -k /Library/Keychains/System.keychain '
+                        '"$d/ca.der"'}),
     # Chromium's docs/linux/cert_management.md: Chrome on Linux reads the NSS shared database, $HOME/.pki/nssdb, or
     # $HOME/.local/share/pki/nssdb from Chrome 146 when the old one does not exist; certutil comes in libnss3-tools
     # (Debian, Ubuntu), nss-tools (Fedora), mozilla-nss-tools (openSUSE).

@@ -1407,7 +1407,8 @@ def test_landing_pages_name_their_platforms_steps(testapp, root_token):
     assert "within 8 minutes" in text("ios") and "Certificate Trust Settings" in text("ios")
     assert "Install a certificate" in text("android") and "screen lock" in text("android")
     android = text("android")
-    assert "More security & privacy › Encryption & credentials" in android and "Install from device storage" in android
+    assert "More security & privacy › Encryption & credentials" in android
+    assert "Install from device storage" in android
     assert "Search Settings for “CA certificate”" in android and "network security configuration" in android
     assert "Use third party CA certificates" in android
     windows = text("windows")
