@@ -6792,3 +6792,22 @@ def test_the_developer_page_is_kept_apart_from_the_card(testapp, root_token):
     again = testapp.get(f"/c/{root_token}/card")
     assert "for developers and scripts" in dev.text and "for developers" not in card.text
     assert again.body == card.body and testapp.get(f"/c/{root_token}/dev").body == dev.body
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("certutil"), reason="NSS's certutil (libnss3-tools) is not installed")
+def test_the_chrome_line_on_the_linux_page_adds_the_ca_to_the_nss_database_and_refuses_another(served_cas, tmp_path):
+    url, tokens, _site, ca_pem = served_cas
+    nss = [command for command in page_commands(f"{url}/c/{tokens['site']}", USER_AGENTS["linux-chrome"][0])
+           if "certutil -d" in command]
+    assert len(nss) == 1
+    home = tmp_path / "home"
+    home.mkdir()
+    swapped = bash(nss[0].replace(f"/c/{tokens['site']}/", f"/c/{tokens['other']}/"), home)
+    assert swapped.returncode != 0 and swapped.stderr.startswith("certdrop: nothing installed")
+    assert list(home.iterdir()) == []
+    installed = bash(nss[0], home)
+    assert installed.returncode == 0, installed.stderr
+    # No database yet: the line made Chrome 146's, and the CA is in it, trusted to issue server certificates.
+    listed = bash('certutil -d "sql:$HOME/.local/share/pki/nssdb" -L -n Site_CA', home)
+    assert listed.returncode == 0 and "Valid CA" in listed.stdout and "Trusted CA" in listed.stdout, listed.stdout
