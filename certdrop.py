@@ -4225,7 +4225,7 @@ DEVICE_GUIDES = {
            "{profiles}"),
         N_("Firefox keeps its own store on Linux: the rest of the system needs the certificate too, as below.")),
         {"profiles": '{get} && for p in "$HOME"/.mozilla/firefox/*/cert9.db "$HOME"/snap/firefox/common/.mozilla/'
-                     'firefox/*/cert9.db; do [ -f "$p" ] && certutil -d "sql:${{p%/cert9.db}}" -A -t C,, '
+                     'firefox/*/cert9.db; do [ ! -f "$p" ] || certutil -d "sql:${{p%/cert9.db}}" -A -t C,, '
                      '-n {nickname} -i "$d/ca.der"; done'}),
     # Chrome's certificate manager from Chrome 131 (ChromeOS too): Manage certificates > Local certificates > Custom >
     # Installed by you > Trusted certificates > Import (chromium's certificate_manager/local_certs_section.ts; the

@@ -6811,3 +6811,22 @@ def test_the_chrome_line_on_the_linux_page_adds_the_ca_to_the_nss_database_and_r
     # No database yet: the line made Chrome 146's, and the CA is in it, trusted to issue server certificates.
     listed = bash('certutil -d "sql:$HOME/.local/share/pki/nssdb" -L -n Site_CA', home)
     assert listed.returncode == 0 and "Valid CA" in listed.stdout and "Trusted CA" in listed.stdout, listed.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("certutil"), reason="NSS's certutil (libnss3-tools) is not installed")
+def test_the_firefox_line_adds_the_ca_to_every_firefox_profile(served_cas, tmp_path):
+    url, tokens, _site, _ca_pem = served_cas
+    ubuntu_firefox = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:131.0) Gecko/20100101 Firefox/131.0"
+    line, = [command for command in page_commands(f"{url}/c/{tokens['site']}", ubuntu_firefox)
+             if ".mozilla/firefox" in command]
+    home = tmp_path / "home"
+    profiles = [home / ".mozilla/firefox/abcd.default-release", home / "snap/firefox/common/.mozilla/firefox/x.default"]
+    for profile in profiles:
+        profile.mkdir(parents=True)
+        assert bash(f'certutil -N -d "sql:{profile}" --empty-password', home).returncode == 0
+    installed = bash(line, home)
+    assert installed.returncode == 0, installed.stderr
+    for profile in profiles:
+        listed = bash(f'certutil -d "sql:{profile}" -L -n Site_CA', home)
+        assert listed.returncode == 0 and "Trusted CA" in listed.stdout, (profile, listed.stdout)
