@@ -3144,10 +3144,56 @@ def reachable_links(url: str, addresses: tuple[str, ...] | None = None,
     return links
 
 
-def lead_url(url: str) -> str:
-    """Return the link to hand out for *url*: *url* itself, or the best one phones can reach (reachable_links)."""
-    links = reachable_links(url)
-    return links[0][0] if links else url
+def lead_url(url: str, bound: str = "") -> str:
+    """Return the link to hand out for *url* (see offer_link)."""
+    return offer_link(url, bound).url
+
+
+class LinkOffer(typing.NamedTuple):
+    """A link as certdrop hands it out: the same on the result page, the card, the QR code, the text and JSON
+    answers, the mail and the command line, because all of them get it from offer_link."""
+
+    url: str  # the link to hand out
+    note: str  # whole sentences when *asked* cannot reach phones: why, and what leads instead; "" when it can
+    alternatives: tuple[tuple[str, str], ...]  # (link, its host): more links that reach this server, best first
+    asked: str  # the link on the name it was asked by (a loopback one opens on this machine only)
+
+
+def offer_link(url: str, bound: str = "") -> LinkOffer:
+    """Return the link to hand out for *url* (the link on the name certdrop was asked by), with its note.
+
+    The one rule for every link certdrop writes: a link on a name phones can open leads as it is. One on a loopback
+    or single-label name leads with this machine's first address on the same port (reachable_links), and the rest
+    follow as alternatives. *bound* is the address the server listens on (``host``): a loopback one means no other
+    device reaches it at all, so no machine address is offered, and the note says why.
+    """
+    host = unreachable_host(url)
+    if host is None:
+        return LinkOffer(url, "", (), url)
+    if is_loopback_host(host):
+        why = _("Phones cannot open {host}: it is this server's own loopback name.")
+    else:
+        why = _("Phones cannot open {host}: it is a short name that phones often cannot look up.")
+    if bound and is_loopback_host(bound):
+        what = _("This server listens only on {address}, which no other device can reach: set host = 0.0.0.0 in "
+                 "certdrop.ini (or public_url, behind a proxy).").format(address=bound)
+        return LinkOffer(url, f"{why.format(host=host)} {what}", (), url)
+    addresses = None
+    if bound and not is_wildcard_address(bound) and parse_address(bound.strip("[]")) is not None:
+        addresses = (bound,) if ":" not in bound else (f"[{bound.strip('[]')}]",)  # only it reaches the server
+    links = reachable_links(url, addresses, None if addresses is not None else "")
+    if not links:
+        what = _("Open certdrop by this server's name or address, or set public_url in certdrop.ini.")
+        return LinkOffer(url, f"{why.format(host=host)} {what}", (), url)
+    first = links[0][1]
+    what = (_("This link uses this server's address {host} instead.") if parse_address(first.strip("[]"))
+            else _("This link uses its full name {host} instead."))
+    return LinkOffer(links[0][0], f"{why.format(host=host)} {what.format(host=first)}", tuple(links[1:]), url)
+
+
+def is_wildcard_address(host: str) -> bool:
+    """Return whether *host* is an address that listens on every interface (0.0.0.0, ::), or names none."""
+    return host.strip("[]") in ("", "0.0.0.0", "::")
 
 
 #: A Host header: a name of at most 253 characters (DNS's limit, which also keeps a link short enough for a QR
@@ -3542,26 +3588,35 @@ class Link(typing.NamedTuple):
     created: bool  # False when the certificate already had this link
     cut: bool = False  # the chosen lifetime would have outlived the certificate, so the link ends with it
     revoke_secret: str | None = None  # only for a new link, only on the answer that made it
+    offer: "LinkOffer | None" = None  # the link to hand out, with its note (offer_link); None: *url* as it is
+
+    @property
+    def lead(self) -> str:
+        """Return the link to hand out (offer_link): what every page, answer, mail and command shows."""
+        return self.offer.url if self.offer else self.url
 
 
+#: The administrator's page, in the order people hand things out: the link and its QR code, the mail, then the
+#: steps for devices, with everything only old Nokia phones need last.
 RESULT_PAGE = string.Template("""<h1>$heading</h1>
 $order_html
 $links_html
+$mail_html
 $findings_html
 <p class="muted">$compare</p>
 <section>
 <h2>$how</h2>
 $steps_html
 </section>
-$mail_html
+$nokia_html
 <p><a href="$home">$another</a></p>
 """)
 
 LINK_SECTION = string.Template("""<section>
 <h2>$heading</h2>
 <p class="link"><a href="$lead">$lead</a></p>
-$reachable_html
 <div class="qr">$qr_html</div>
+$reachable_html
 <p>$card_html</p>
 <p>$status$cut</p>
 $facts_html
@@ -3648,45 +3703,42 @@ def link_html(url: str) -> str:
     return f'<a href="{esc(url)}">{esc(url)}</a>'
 
 
-def render_reachable_note(url: str) -> str:
-    """Return the note shown when *url*'s host is loopback or a bare name: which link leads instead, and why."""
-    host = unreachable_host(url)
-    if host is None:
+def render_reachable_note(offer: LinkOffer) -> str:
+    """Return the note shown when the link was asked for on a loopback or bare name (offer_link): its sentences,
+    then the other links that reach this server."""
+    if not offer.note:
         return ""
-    links = reachable_links(url)
-    if is_loopback_host(host):
-        why = _("{strong}Phones cannot open {host}:{strong_end} it is this server's own loopback name.")
-    else:
-        why = _("{strong}Phones cannot open {host}:{strong_end} it is a short name that phones often cannot look up.")
-    sentences = [with_markup(why, host=esc(host), **EMPHASIS_HTML)]
-    if not links:
-        sentences.append(esc(_("Open this page by the server's name or address, or set public_url in certdrop.ini.")))
-    for index, (link, other) in enumerate(links):
-        if index == 0:
-            text = (_("The link above uses this server's address {host}.") if parse_address(other)
-                    else _("The link above uses its full name {host}."))
-        else:
-            text = (_("Also: {link} (this server's address {host}).") if parse_address(other)
-                    else _("Also: {link} (its full name {host})."))
-        sentences.append(with_markup(text, link=link_html(link), host=esc(other)))
-    if links:
-        sentences.append(with_markup(_("Opened on this machine it is {link}."), link=link_html(url)))
+    sentences = [esc(offer.note)]
+    for link, host in offer.alternatives:
+        text = (_("Also: {link} (this server's address {host}).") if parse_address(host.strip("[]"))
+                else _("Also: {link} (its full name {host})."))
+        sentences.append(with_markup(text, link=link_html(link), host=esc(host)))
+    if offer.url != offer.asked:
+        sentences.append(with_markup(_("Opened on this machine it is {link}."), link=link_html(offer.asked)))
     return render(REACHABLE_NOTE, text_html=" ".join(sentences))
 
 
 def render_findings(diagnosis: Diagnosis) -> str:
-    """Return the doctor's warnings, left-out certificates and device notes as HTML sections (empty if none)."""
+    """Return the doctor's warnings, left-out certificates and device notes as HTML sections (empty if none); the
+    notes only old Nokia phones need are render_old_nokia's."""
     parts = []
     for title, items, css in (
         (_("What needs attention"), [f"{f.message} [{f.code}]" for f in diagnosis.warnings], "warn"),
         (_("Left out"), [reason for _, reason in diagnosis.left_out], ""),
         (_("Device notes"), [f"{f.message} [{f.code}]" for f in diagnosis.device_notes], ""),
-        (_(OLD_NOKIA_HEADING), [f"{f.message} [{f.code}]" for f in diagnosis.old_nokia_notes], "muted"),
     ):
         if items:
             rows = "".join(f"<li>{esc(item)}</li>" for item in items)
             parts.append(f'<section class="{css}"><h2>{esc(title)}</h2><ul>{rows}</ul></section>')
     return "\n".join(parts)
+
+
+def render_old_nokia(certificate: Certificate, diagnosis: Diagnosis) -> str:
+    """Return what only old Nokia phones need, grouped under one heading to skip: the doctor's notes for them and
+    their install steps."""
+    notes = "".join(f"<li>{esc(f'{f.message} [{f.code}]')}</li>" for f in diagnosis.old_nokia_notes)
+    return (f'<section class="muted"><h2>{esc(_(OLD_NOKIA_HEADING))}</h2>{f"<ul>{notes}</ul>" if notes else ""}'
+            f"{render_result_steps(certificate, RESULT_PAGE_NOKIA_FAMILIES)}</section>")
 
 
 CUT_NOTE = N_("That is sooner than the lifetime you chose: a link never outlives its certificate, which expires "
@@ -3695,7 +3747,8 @@ CUT_NOTE = N_("That is sooner than the lifetime you chose: a link never outlives
 
 def render_link(link: Link, now: float) -> str:
     certificate = link.entry.certificate
-    lead = lead_url(link.url)
+    offer = link.offer or LinkOffer(link.url, "", (), link.url)
+    lead = offer.url
     if link.created:
         status = _("New link, works until {date} (for {duration}).")
     else:
@@ -3704,10 +3757,10 @@ def render_link(link: Link, now: float) -> str:
     if link.revoke_secret:
         text_html = with_markup(_("This page alone can remove the link before it ends: this link's secret is {secret} "
                                   "(from a script: {command})."), secret=code_html(link.revoke_secret),
-                                command=code_html(f"curl -d secret={link.revoke_secret} {link.url}/revoke"))
+                                command=code_html(f"curl -d secret={link.revoke_secret} {lead}/revoke"))
         revoke_html = render(REVOKE_FORM, url=link.url, secret=link.revoke_secret, text_html=text_html,
                              remove=_("Remove this link now"))
-    return render(LINK_SECTION, lead=lead, qr_html=qr_svg(lead), reachable_html=render_reachable_note(link.url),
+    return render(LINK_SECTION, lead=lead, qr_html=qr_svg(lead), reachable_html=render_reachable_note(offer),
                   heading=_("{role}: {name}").format(role=_(ROLE_LABELS[certificate.role]), name=certificate.name),
                   card_html=with_markup(_("{link}A printable card{link_end} with this link, its QR code and short "
                                           "steps."), link=f'<a href="{esc(link.url)}/card">', link_end="</a>"),
@@ -3717,10 +3770,10 @@ def render_link(link: Link, now: float) -> str:
                   revoke_html=revoke_html)
 
 
-def render_result_steps(certificate: Certificate) -> str:
-    """Return the install steps of every device family, to pass on with the link."""
+def render_result_steps(certificate: Certificate, families: tuple[str, ...] = ()) -> str:
+    """Return the install steps of the device *families* (default RESULT_PAGE_FAMILIES), to pass on with the link."""
     parts = []
-    for device in RESULT_PAGE_FAMILIES:
+    for device in families or RESULT_PAGE_FAMILIES:
         guide = DEVICE_GUIDES[device]
         file_name = f"{certificate.file_stem}{FILE_KINDS[guide.first].extension}".replace(".pem", ".crt")
         steps = "".join(f"<li>{step_html(step)}</li>" for step in guide_steps(device, certificate, file_name))
@@ -3754,7 +3807,7 @@ def render_mail_offer(config: Config, links: list[Link], home: str, whc: tuple[s
                                     "attachment, which mail systems mangle.",
                                     "A plain-text message with these links, the fingerprints and when they end; no "
                                     "attachment, which mail systems mangle.", count))
-    pairs = [(lead_url(link.url), link.entry) for link in links]
+    pairs = [(link.lead, link.entry) for link in links]
     query = urllib.parse.urlencode({"subject": mail_subject(config, pairs), "body": mail_text(pairs, whc)},
                                    quote_via=urllib.parse.quote)
     text = ngettext("{link}Write an e-mail with this link, the fingerprints and when it ends{link_end} (opens your "
@@ -3809,6 +3862,7 @@ def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str
                   "shown here: the link is plain HTTP, and the fingerprint is what proves the file was not swapped."),
         how=_("How to install it"),
         steps_html=steps,
+        nokia_html=render_old_nokia(links[0].entry.certificate, diagnosis),
         home=home,
         another=_("Share another certificate"),
         mail_html=mail_html,
@@ -3972,7 +4026,10 @@ DEVICE_GUIDES = {
 }
 
 #: The device families the result page explains, in this order.
-RESULT_PAGE_FAMILIES = ("s60", "s40", "ios", "android", "windows", "macos", "linux", "firefox", "chromeos")
+RESULT_PAGE_FAMILIES = ("ios", "android", "windows", "macos", "linux", "firefox", "chromeos")
+
+#: ... and the old Nokia phones', which go last, together with the notes only they need.
+RESULT_PAGE_NOKIA_FAMILIES = ("s60", "s40")
 
 #: One install step: (text, is a command) pieces.
 Step = tuple[tuple[str, bool], ...]
@@ -5251,7 +5308,7 @@ def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileS
                                  answer.content_type, whc_kinds(config), config.whc_charset, entry.expires)
         return Response(body, 200, answer.content_type, headers + page_headers(answer.content_type))
     # the rest name the link itself, on the address the request came by
-    link = lead_url(install_url(answer.base, entry.token)) if answer.base else ""
+    link = offer_link(install_url(answer.base, entry.token), config.host).url if answer.base else ""
     if isinstance(answer, RedirectAnswer):
         location = f"{answer.base}/c/{entry.token}/{file_name(certificate, answer.name)}"
         return Response(b"", 302, MIME_TEXT, (("Location", location), *headers))
@@ -5961,11 +6018,12 @@ class App:
         try:
             diagnosis = diagnose(choose_upload(fields), now=now, host=form_text(fields, "host"),
                                  force=bool(form_text(fields, "force")), public_roots=system_trust_store())
-            links = store_links(self.store, self.config, diagnosis, form_text(fields, "ttl"), now, base)
+            links = store_links(self.store, self.config, diagnosis, form_text(fields, "ttl"), now, base,
+                                self.config.host)
         except (CertificateError, LifetimeError) as error:
             raise self.refusal_with_form(error, fields, home) from None
         status = 201 if any(link.created for link in links) else 200
-        headers = (("Location", links[0].url), ("Vary", "Accept, User-Agent"))
+        headers = (("Location", links[0].lead), ("Vary", "Accept, User-Agent"))
         return answer_for(request, status, upload_report(links, diagnosis), render_upload_text(links, diagnosis),
                           lambda: render_result(links, diagnosis, now, home=home, mail_html=render_mail_offer(
                               self.config, links, home, whc_default(self.config))), headers)
@@ -6111,7 +6169,7 @@ class App:
 
     def link_for(self, request: Request, token: str) -> str:
         """Return the link to hand out for *token*: on public_url, else on a name or address phones can reach."""
-        return lead_url(install_url(self.base_url(request), token))
+        return offer_link(install_url(self.base_url(request), token), self.config.host).url
 
     def live_entry(self, request: Request, token: str) -> Entry:
         """Return the live entry of *token*; count unknown tokens per client, so that guessing them runs into 429.
@@ -6143,8 +6201,10 @@ class App:
                                               ("Cache-Control", "no-store")))
 
 
-def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, now: float, base: str) -> list[Link]:
-    """Store every installable certificate of *diagnosis*, roots first, and return their links."""
+def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, now: float, base: str,
+                bound: str = "") -> list[Link]:
+    """Store every installable certificate of *diagnosis*, roots first, and return their links: on *base*, and as
+    handed out (offer_link, for a server listening on *bound*)."""
     expiries = [link_expiry(config, certificate, ttl, now) for certificate in diagnosis.installable]
     wanted = [(certificate, expires, secrets.token_urlsafe(16))
               for certificate, (expires, _) in zip(diagnosis.installable, expiries, strict=True)]  # all checked first
@@ -6154,8 +6214,9 @@ def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, no
                                                                           store.add_all(wanted, chains)):
         log.info("%s link %s for %r until %s", "new" if created else "existing", entry.token, certificate.name,
                  format_time(entry.expires))
-        links.append(Link(entry, install_url(base, entry.token), created, cut and entry.expires == expires,
-                          secret if created else None))
+        url = install_url(base, entry.token)
+        offer = offer_link(url, bound) if url.startswith("http") else None
+        links.append(Link(entry, url, created, cut and entry.expires == expires, secret if created else None, offer))
     return links
 
 
@@ -6167,11 +6228,11 @@ def upload_report(links: list[Link], diagnosis: Diagnosis) -> dict:
     return {
         "format": diagnosis.source,
         "links": [{
-            "url": link.url, "token": link.entry.token, "new": link.created, "expires": when(link.entry.expires),
+            **link_fields(link), "token": link.entry.token, "new": link.created, "expires": when(link.entry.expires),
             "cut_to_certificate": link.cut, "name": c.name, "role": c.role, "subject": c.subject,
             "issuer": c.issuer, "not_before": when(c.not_before.timestamp()),
             "not_after": when(c.not_after.timestamp()), "sha256": colon_hex(c.sha256), "sha1": colon_hex(c.sha1),
-            "revoke_url": f"{link.url}/revoke", "revoke_secret": link.revoke_secret,
+            "revoke_url": f"{link.lead}/revoke", "revoke_secret": link.revoke_secret,
         } for link in links for c in (link.entry.certificate,)],
         "left_out": [{"name": c.name, "sha256": colon_hex(c.sha256), "reason": reason}
                      for c, reason in diagnosis.left_out],
@@ -6179,9 +6240,25 @@ def upload_report(links: list[Link], diagnosis: Diagnosis) -> dict:
     }
 
 
+def link_fields(link: Link) -> dict:
+    """Return a link as JSON answers and ``show --json`` carry it: the link to hand out, its note (null when the
+    link as asked for reaches phones) and the other links that reach this server."""
+    offer = link.offer or LinkOffer(link.url, "", (), link.url)
+    return {"url": offer.url, "url_note": offer.note or None, "alternatives": [url for url, _ in offer.alternatives]}
+
+
+def link_note_lines(offer: LinkOffer | None, indent: str = "  ") -> list[str]:
+    """Return a link's note and alternatives (offer_link) as plain-text lines, for scripts and the command line."""
+    if offer is None or not offer.note:
+        return []
+    lines = [indent + offer.note]
+    lines += [indent + _("also {link}").format(link=url) for url, _host in offer.alternatives]
+    return lines
+
+
 def render_upload_text(links: list[Link], diagnosis: Diagnosis) -> str:
     """Return the plain-text answer to an upload, for curl, wget and PowerShell: the links first, one a line."""
-    lines = [link.url for link in links] + [""]
+    lines = [link.lead for link in links] + [""]
     for link in links:
         certificate = link.entry.certificate
         if link.created:
@@ -6192,11 +6269,11 @@ def render_upload_text(links: list[Link], diagnosis: Diagnosis) -> str:
                     if link.cut else _("{role} \u201c{name}\u201d, link it already had, works until {date}"))
         text = text.format(role=_(ROLE_LABELS[certificate.role]), name=certificate.name,
                            date=format_time(link.entry.expires))
-        lines += [f"{link.url}  {text}", f"  SHA-256 {colon_hex(certificate.sha256)}",
+        lines += [f"{link.lead}  {text}", *link_note_lines(link.offer), f"  SHA-256 {colon_hex(certificate.sha256)}",
                   f"  SHA-1   {colon_hex(certificate.sha1)}"]
         if link.revoke_secret:
             lines.append("  " + _("to remove it: {command}").format(
-                command=f"curl -d secret={link.revoke_secret} {link.url}/revoke"))
+                command=f"curl -d secret={link.revoke_secret} {link.lead}/revoke"))
     lines += [_("left out: {reason}").format(reason=reason) for _certificate, reason in diagnosis.left_out]
     lines += [(_("note [{code}]: {message}") if f.note else _("warning [{code}]: {message}")).format(
         code=f.code, message=f.message) for f in diagnosis.findings]
@@ -6465,17 +6542,63 @@ TOO_MANY_CONNECTIONS = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/p
 ###############################################################################
 
 
-def cli_base_url(config: Config) -> str:
-    """Return the start of links printed by the command line, which has no request to take a Host from.
+#: The file in data_dir where ``serve`` records the address it listens on, for the command line's links.
+LISTENING_FILE = "listening"
 
-    Empty when no address is known: with ``port = 0`` the server picks its port only when it starts.
+
+def record_listening(config: Config, host: str, port: int) -> None:
+    """Record in data_dir the address this server listens on (``serve --port 9000``, ``port = 0``), so that the
+    command line's links name it. Written atomically: a command reading it sees the old server's or this one's."""
+    data = json.dumps({"host": host, "port": port, "pid": os.getpid()}).encode() + b"\n"
+    try:
+        _write_atomically(Path(config.data_dir) / LISTENING_FILE, data, mode=0o644)
+    except OSError as error:
+        log.warning("could not record the listening address in %s: %s", config.data_dir, error)
+
+
+def forget_listening(config: Config) -> None:
+    """Remove the record of record_listening when it is still this process's (another server may have started)."""
+    path = Path(config.data_dir) / LISTENING_FILE
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        if json.loads(path.read_bytes()[:4096]).get("pid") == os.getpid():
+            path.unlink()
+
+
+def listening_address(config: Config) -> tuple[str, int]:
+    """Return (host, port) of the running server as it recorded them, else the configuration's."""
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        record = json.loads((Path(config.data_dir) / LISTENING_FILE).read_bytes()[:4096])
+        host, port = record["host"], record["port"]
+        if isinstance(host, str) and isinstance(port, int) and 0 < port <= 65535 and len(host) <= 253:
+            return host, port
+    return config.host, config.port
+
+
+def cli_base_url(config: Config) -> str:
+    """Return the start of links printed by the command line, which has no request to take a Host from: public_url,
+    else this machine on the port the server listens on, as a browser on the server itself would name it.
+
+    offer_link then makes of it what a page asked on the server itself shows. Empty when no address is known: with
+    ``port = 0`` and no server running, the port is picked only when the server starts.
     """
     if config.public_url:
         return config.public_url
-    if config.port == 0:
+    host, port = listening_address(config)
+    if port == 0:
         return ""
-    port = "" if config.port == 80 else f":{config.port}"
-    return f"http://{machine_fqdn() or socket.gethostname() or 'localhost'}{port}"
+    if is_wildcard_address(host) or is_loopback_host(host):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host.strip('[]')}]"
+    return f"http://{host.lower()}{'' if port == 80 else f':{port}'}"
+
+
+def cli_offer(config: Config, token: str) -> LinkOffer | None:
+    """Return the link the command line prints for *token*: the one pages and answers hand out (offer_link)."""
+    base = cli_base_url(config)
+    if not base:
+        return None
+    return offer_link(install_url(base, token), "" if config.public_url else listening_address(config)[0])
 
 
 def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
@@ -6524,8 +6647,12 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
             signal.signal(getattr(signal, name), lambda signum, frame: stop.set())
     log.info("certdrop %s serving on http://%s:%s/ with data in %s", __version__, server.effective_host,
              server.effective_port, config.data_dir)
+    record_listening(config, config.host, server.effective_port)
     announce_upload_key(app.store, config, server.effective_port)
-    serve_until(server, stop)
+    try:
+        serve_until(server, stop)
+    finally:
+        forget_listening(config)
     if app.access_log:
         app.access_log.flush()
     log.info("certdrop stopped")
@@ -6588,7 +6715,8 @@ def announce_upload_key(store: Store, config: Config, port: int) -> None:
     if config.upload_password:
         return
     key, created = store.upload_key()
-    address = cli_base_url(dataclasses.replace(config, port=port)) + "/"
+    base = cli_base_url(dataclasses.replace(config, port=port))
+    address = offer_link(base + "/", "" if config.public_url else config.host).url if base else "/"
     if created or sys.stderr.isatty():
         say(f"certdrop: upload key {key} ({'new, ' if created else ''}sign in at {address}signin, or "
             f"curl -u certdrop:{key} -F cert=@ca.pem {address})", file=sys.stderr)
@@ -6627,17 +6755,18 @@ def cmd_add(args, config: Config, clock: Callable[[], float]) -> int:
     now = clock()
     diagnosis = diagnose(read_input(args.file, config.max_upload), now=now, host=args.host or "", force=args.force,
                          public_roots=system_trust_store())
-    links = store_links(make_store(config, clock), config, diagnosis, args.ttl or "", now, cli_base_url(config))
+    bound = "" if config.public_url else listening_address(config)[0]
+    links = store_links(make_store(config, clock), config, diagnosis, args.ttl or "", now, cli_base_url(config), bound)
     if not links[0].url.startswith("http"):
-        say("No address is known for these links (port = 0 picks one when the server starts): set public_url in "
-            "certdrop.ini to print whole links.")
+        say(NO_ADDRESS_KNOWN)
     show_qr = not args.no_qr and sys.stdout.isatty()
     for link in links:
         certificate = link.entry.certificate
-        say(lead_url(link.url))
-        print_reachable_note(link.url)
+        say(link.lead)
+        for line in link_note_lines(link.offer):
+            say(line)
         if show_qr and link.url.startswith("http"):
-            segno.make(lead_url(link.url), error="m").terminal(out=sys.stdout, compact=True)
+            segno.make(link.lead, error="m").terminal(out=sys.stdout, compact=True)
         say(f"  {'new' if link.created else 'existing'} link for {_(ROLE_LABELS[certificate.role]).lower()} "
             f"\u201c{certificate.name}\u201d, works until {format_time(link.entry.expires)}")
         if link.cut:
@@ -6668,23 +6797,9 @@ def say(text: str = "", file: typing.TextIO | None = None) -> None:
     print(term(text), file=file or sys.stdout)
 
 
-def print_reachable_note(url: str) -> None:
-    """Tell the administrator when *url*'s host is loopback or a bare name, and which link leads instead."""
-    host = unreachable_host(url)
-    if host is None:
-        return
-    links = reachable_links(url)
-    if not links:
-        say(f"  Phones cannot open {host}: set public_url in certdrop.ini to this server's name")
-        return
-    say(f"  Phones cannot open {host}; the link above uses {cli_host_words(links[0][1])}")
-    for link, other in links[1:]:
-        say(f"  also {link} ({cli_host_words(other)})")
-
-
-def cli_host_words(host: str) -> str:
-    """Return what a host of reachable_links is, in the command line's English."""
-    return f"this server's address {host}" if parse_address(host) else f"its full name {host}"
+#: What the command line says when it cannot print whole links.
+NO_ADDRESS_KNOWN = ("No address is known for these links (port = 0 picks one when the server starts): start the "
+                    "server, or set public_url in certdrop.ini, to print whole links.")
 
 
 #: Exit statuses of ``check``.
@@ -6750,20 +6865,31 @@ def cmd_check(args, config: Config, clock: Callable[[], float]) -> int:
 
 def cmd_list(args, config: Config, clock: Callable[[], float]) -> int:
     now = clock()
+    notes = set()
     for token, entry in make_store(config, clock).entries():
         if entry is None:
             say(f"{token}  damaged  (not served; the log says why)")
             continue
         gone, was = entry.gone(now), entry.remembered
         state = gone.reason if gone else "live"
-        say(f"{entry.token}  {state:<7}  {format_time(gone.since if gone else entry.expires)}  {was.name if was else '-'}")
+        offer = cli_offer(config, entry.token)
+        link = offer.url if offer else f"/c/{entry.token}"
+        if offer and offer.note:
+            notes.add(offer.note)
+        say(f"{entry.token}  {state:<7}  {format_time(gone.since if gone else entry.expires)}  "
+            f"{was.name if was else '-'}  {link}")
+    for note in sorted(notes):  # one for all: the links differ only in their token
+        say(f"note: {note}")
     return 0
 
 
 def cmd_show(args, config: Config, clock: Callable[[], float]) -> int:
     entry = make_store(config, clock).lookup(args.token)
     gone = entry.gone(clock())
-    say(f"link      {install_url(cli_base_url(config), entry.token)}")
+    offer = cli_offer(config, entry.token)
+    say(f"link      {offer.url if offer else f'/c/{entry.token}'}")
+    for line in link_note_lines(offer, indent=" " * 10) if offer else [NO_ADDRESS_KNOWN]:
+        say(line)
     say(f"state     {gone if gone else 'live until ' + format_time(entry.expires)}")
     say(f"created   {format_time(entry.created)}")
     if entry.der is None:

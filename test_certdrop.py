@@ -3924,7 +3924,8 @@ def test_json_clients_get_the_documented_upload_shape(testapp, pki, root):
                           headers={"Accept": "application/json"}, status=201).json
     assert answer["version"] == 1 and answer["format"] == "PEM"
     link = answer["links"][0]
-    assert set(link) == {"url", "token", "new", "expires", "cut_to_certificate", "name", "role", "subject", "issuer",
+    assert set(link) == {"url", "url_note", "alternatives", "token", "new", "expires", "cut_to_certificate", "name",
+                         "role", "subject", "issuer",
                          "not_before", "not_after", "sha256", "sha1", "revoke_url", "revoke_secret"}
     assert link["url"].endswith("/c/" + link["token"]) and link["role"] == "root" and link["new"] is True
     assert link["expires"] == "2027-01-22T08:00:00Z" and link["not_after"] == "2035-01-01T00:00:00Z"
@@ -4770,6 +4771,11 @@ def cert_file(tmp_path, root_pem):
     return path
 
 
+def list_lines_without_links(out):
+    """Return the lines of ``list`` without their last column (the link) and the note that follows them."""
+    return [line.rsplit("  ", 1)[0] for line in out.splitlines() if not line.startswith("note: ")]
+
+
 def cli_add(ini, cert_file, capsys, *options):
     assert cli(ini, "add", str(cert_file), *options) == 0
     out = capsys.readouterr().out
@@ -4787,8 +4793,9 @@ def test_add_with_a_loopback_link_leads_with_the_machines_address(tmp_path, cert
     ini.write_text("[certdrop]\ndata_dir = data\npublic_url = http://localhost:8080\n")
     token, out = cli_add(ini, cert_file, capsys)
     assert out.startswith(f"http://192.168.1.5:8080/c/{token}\n")
-    assert "  Phones cannot open localhost; the link above uses this server's address 192.168.1.5\n" in out
-    assert f"  also http://server.corp.example:8080/c/{token} (its full name server.corp.example)\n" in out
+    assert ("  Phones cannot open localhost: it is this server's own loopback name. This link uses this server's "
+            "address 192.168.1.5 instead.\n") in out
+    assert f"  also http://server.corp.example:8080/c/{token}\n" in out
 
 
 def test_sweep_does_not_push_hot_entries_out_of_the_cache(config, clock, root_der, other_der):
@@ -4817,7 +4824,8 @@ def test_add_refuses_a_private_key(ini, tmp_path, key_pem, capsys):
 def test_list_shows_links_and_their_state(ini, cert_file, capsys):
     token, _ = cli_add(ini, cert_file, capsys)
     assert cli(ini, "list") == 0
-    assert re.search(rf"^{token}  live .* Example Root CA$", capsys.readouterr().out, re.M)
+    assert re.search(rf"^{token}  live .* Example Root CA  http://ca.example.org:8080/c/{token}$",
+                     capsys.readouterr().out, re.M)
 
 
 def test_show_prints_the_certificate_facts(ini, cert_file, capsys):
@@ -4838,7 +4846,7 @@ def test_revoke_stops_a_link(ini, cert_file, capsys):
 def test_an_ended_link_still_says_which_certificate_it_was(ini, cert_file, capsys, root):
     token, _ = cli_add(ini, cert_file, capsys)
     assert cli(ini, "revoke", token) == 0 and cli(ini, "list") == 0
-    assert capsys.readouterr().out.splitlines()[-1].endswith("  Example Root CA")
+    assert list_lines_without_links(capsys.readouterr().out)[-1].endswith("  Example Root CA")
     assert cli(ini, "show", token) == 0
     shown = capsys.readouterr().out
     assert "name      Example Root CA" in shown and root[0].fingerprint(hashes.SHA256()).hex(":").upper() in shown
@@ -4857,7 +4865,7 @@ def test_a_store_written_by_the_previous_release_keeps_working(tmp_path, capsys,
     ini = tmp_path / "certdrop.ini"
     ini.write_text("[certdrop]\ndata_dir = data\n")
     assert cli(ini, "list") == 0
-    assert capsys.readouterr().out.splitlines() == [
+    assert list_lines_without_links(capsys.readouterr().out) == [
         f"abcdefgh  live     {certdrop.format_time(NOW + DAY)}  Example Root CA",
         f"bcdefghj  revoked  {certdrop.format_time(NOW - 60)}  -"]
     assert cli(ini, "show", "bcdefghj") == 0 and "revoked on" in capsys.readouterr().out
@@ -4888,7 +4896,7 @@ def test_a_store_written_by_certdrop_0_2_keeps_working_and_is_rewritten_as_it_ch
     ini = tmp_path / "certdrop.ini"
     ini.write_text("[certdrop]\ndata_dir = data\nallowed_hosts = ca.example.org\n")
     assert cli(ini, "list") == 0
-    assert capsys.readouterr().out.splitlines() == [
+    assert list_lines_without_links(capsys.readouterr().out) == [
         f"abcdefgh  live     {certdrop.format_time(NOW + DAY)}  Example Root CA",
         f"bcdefghj  live     {certdrop.format_time(NOW + 60)}  Second CA",
         f"cdefghjk  revoked  {certdrop.format_time(NOW - 60)}  Old CA"]
