@@ -97,7 +97,7 @@ try:
 except ImportError:  # POSIX: fcntl.flock instead
     msvcrt = None
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 log = logging.getLogger("certdrop")
 
@@ -1487,6 +1487,11 @@ def diagnose(data: bytes, *, now: float, host: str = "", force: bool = False,
             "trust, so links for them would help nobody. Upload your own CA alone.",
             public).format(public=public, total=len(installable)))
     findings = [*check_certificates(ordered, installable, issuers, now), *check_host(host, ordered)]
+    if public == 1 and len(installable) == 1:  # ISRG Root X1, say: often taken for "the CA" of a Let's Encrypt site
+        findings.append(Finding("public-root", _(
+            "Devices already trust this CA: {name} is a public one, in the trust stores of phones and computers. You "
+            "probably meant your own CA, the one that issued your server's certificate.").format(
+                name=installable[0].name), installable[0].name))
     if public > PUBLIC_ROOTS_ALLOWED:
         findings.append(Finding("public-bundle", ngettext(
             "{count} of these CAs is a public one that devices already trust; it got a link because you chose to "
@@ -3475,7 +3480,7 @@ UPLOAD_FORM = string.Template("""<form method="post" action="$action" enctype="m
 <label for="host">$host_label</label>
 <input type="text" id="host" name="host" maxlength="253" placeholder="mail.example.com" value="$host" />
 <p class="muted">$host_note</p>
-<p$force_class_html><label class="plain"><input type="checkbox" name="force" value="1" /> $force_label</label>
+$refused_html<p$force_class_html><label class="plain"><input type="checkbox" name="force" value="1"$forced_html /> $force_label</label>
 $force_reason $force_note</p>
 <p><button type="submit">$submit</button></p>
 </form>
@@ -3532,9 +3537,12 @@ def render_upload_form(config: Config, action: str, signed_in: bool = False) -> 
 
 
 def render_form(config: Config, action: str, *, pem: str = "", ttl: str = "", host: str = "",
-                force_reason: str = "") -> str:
+                force_reason: str = "", refused: str = "", forced: bool = False) -> str:
     """Return the upload form, filled in again after a refusal; *force_reason* says why "install it anyway" is the
-    way on."""
+    way on, and *refused* (PEM) carries the refused certificates back for it."""
+    again = _("The certificates you sent come with this form: you need not choose the file again.")
+    refused_html = (f'<input type="hidden" name="refused" value="{esc(refused)}" />\n<p class="muted">{esc(again)}</p>\n'
+                    if refused else "")
     chosen = ttl.strip().lower()
     known = any(value == chosen for value, _ in allowed_ttl_choices(config))
     options = []
@@ -3543,7 +3551,8 @@ def render_form(config: Config, action: str, *, pem: str = "", ttl: str = "", ho
         marked = ' selected="selected"' if selected else ""
         options.append(f'<option value="{esc(value)}"{marked}>{esc(label)}</option>')
     return render(
-        UPLOAD_FORM, action=action, pem=pem, host=host, options_html="".join(options),
+        UPLOAD_FORM, action=action, pem=pem, host=host, options_html="".join(options), refused_html=refused_html,
+        forced_html=' checked="checked"' if forced else "",
         file_label=_("Certificate file (.cer, .crt, .der, .pem, .p7b, .p7c, .p12 or .pfx)"),
         pem_label=_("or paste the certificate text (PEM, or base64)"),
         ttl_label=_("The link works for"),
@@ -4771,7 +4780,10 @@ def format_size(size: int) -> str:
 
 
 #: The upload's fields: a file or pasted text, and the options.
-FORM_FIELDS = ("cert", "pem", "ttl", "host", "force")
+FORM_FIELDS = ("cert", "pem", "ttl", "host", "force", "refused")
+
+#: The options of an upload, which may come in its address too (with_query_options).
+UPLOAD_OPTIONS = ("ttl", "host", "force")
 
 #: Types of a request body that is the certificate file itself (curl --data-binary, PowerShell -InFile); the
 #: options then come in the query string.
@@ -4803,8 +4815,7 @@ def parse_form(request: Request, limit: int, fields: tuple[str, ...] = FORM_FIEL
         raise UnsupportedMediaType(_("certdrop cannot read a {type} body. Send the certificate file itself "
                                      "(application/pkix-cert, application/octet-stream, text/plain, ...) or the "
                                      "upload form (multipart/form-data).").format(type=mime[:60]))
-    options = {name: value.encode("utf-8") for name, value in request.query.items() if name in ("ttl", "host", "force")}
-    return {**options, "cert": body}
+    return {"cert": body}  # the options are in the query string: with_query_options
 
 
 def _parse_multipart(body: bytes, params: str, limit: int) -> dict[str, bytes]:
@@ -6012,16 +6023,17 @@ class App:
         wait = self.uploads.spend(request.remote_addr)
         if wait:
             raise TooManyRequests(wait)
-        fields = parse_form(request, self.config.max_upload)
+        fields = with_query_options(request, parse_form(request, self.config.max_upload))
         now, home = self.clock(), self.home(request)
         base = self.base_url(request)  # a bad Host is refused before anything is stored
+        force = form_flag(fields, "force")
         try:
             diagnosis = diagnose(choose_upload(fields), now=now, host=form_text(fields, "host"),
-                                 force=bool(form_text(fields, "force")), public_roots=system_trust_store())
+                                 force=force, public_roots=system_trust_store())
             links = store_links(self.store, self.config, diagnosis, form_text(fields, "ttl"), now, base,
                                 self.config.host)
         except (CertificateError, LifetimeError) as error:
-            raise self.refusal_with_form(error, fields, home) from None
+            raise self.refusal_with_form(error, fields, home, response_format(request)) from None
         status = 201 if any(link.created for link in links) else 200
         headers = (("Location", links[0].lead), ("Vary", "Accept, User-Agent"))
         return answer_for(request, status, upload_report(links, diagnosis), render_upload_text(links, diagnosis),
@@ -6102,18 +6114,27 @@ class App:
             _("Link removed"), render(REVOKED_PAGE, heading=_("The link was removed"), text=page,
                                       home=self.home(request), another=_("Share a certificate"))))
 
-    def refusal_with_form(self, error: CertdropError, fields: dict[str, bytes], home: str) -> HTTPError:
+    def refusal_with_form(self, error: CertdropError, fields: dict[str, bytes], home: str, fmt: str) -> HTTPError:
         """Return the answer to a refused upload: the reason, then the form again, filled in as it was sent.
 
-        Pasted text comes back unless it held a private key, which is never sent anywhere again.
+        Pasted text comes back unless it held a private key, which is never sent anywhere again. A refusal that
+        "install it anyway" overrides brings the refused certificates back too, as PEM in the form, so that ticking
+        the box and sending is all it takes: nothing is kept on the server, so any process behind the same name
+        takes the confirmation. Only certificates come back (read_certificates refuses anything with a key).
         """
         forceable = getattr(error, "code", "") in FORCEABLE
         refusal = http_error_for(error)
-        if forceable:  # a sentence of its own after the refusal's, which says everything without it
-            refusal.message += " " + _("To go ahead all the same, tick \u201cInstall it anyway\u201d below.")
+        if forceable and fmt == "html":  # a sentence of its own after the refusal's, which says everything without it
+            refusal.message += " " + _("To go ahead all the same, tick \u201cInstall it anyway\u201d below and "
+                                       "send the form again: the certificates come back with it.")
+        elif forceable:
+            refusal.message += " " + _("To go ahead all the same, send it again with force=1 (a form field, or "
+                                       "?force=1 in the address).")
         pem = "" if getattr(error, "code", "") == "private-key" else fields.get("pem", b"").decode("utf-8", "replace")
+        refused = "" if not forceable or pem.strip() else refused_pem(fields)
         refusal.extra_html = render_form(self.config, home, pem=pem, ttl=form_text(fields, "ttl"),
-                                         host=form_text(fields, "host"),
+                                         host=form_text(fields, "host"), refused=refused,
+                                         forced=FLAG_VALUES.get(form_text(fields, "force").lower(), False),
                                          force_reason=_("This is the choice for the refusal above.") if forceable
                                          else "")
         return refusal
@@ -6284,12 +6305,54 @@ def form_text(fields: dict[str, bytes], name: str) -> str:
     return fields.get(name, b"").decode("utf-8", "replace").strip()[:256]
 
 
+#: How a yes-or-no option (force) may be written, in a form or a query string.
+FLAG_VALUES = {"": False, "0": False, "no": False, "false": False, "off": False,
+               "1": True, "yes": True, "true": True, "on": True}
+
+
+def form_flag(fields: dict[str, bytes], name: str) -> bool:
+    """Return a yes-or-no option of the upload; raise BadRequest for a value that is neither."""
+    value = form_text(fields, name).lower()
+    if value not in FLAG_VALUES:
+        raise BadRequest(_("{name}={value} is neither yes nor no: send {name}=1 or leave it out.").format(
+            name=name, value=value[:40]), code="bad-option")
+    return FLAG_VALUES[value]
+
+
+def with_query_options(request: Request, fields: dict[str, bytes]) -> dict[str, bytes]:
+    """Return the upload's *fields* with the options its address carries (``POST /?ttl=30d&force=1``), taken as
+    form fields are, whatever the body is. Anything else in the query string, or an option whose value there
+    differs from the form's, is refused (400): an option certdrop ignored would make, say, a 7-day link unasked."""
+    merged = dict(fields)
+    for name, value in urllib.parse.parse_qsl(request.environ.get("QUERY_STRING", ""), keep_blank_values=True):
+        if name not in UPLOAD_OPTIONS:
+            raise BadRequest(_("An upload takes no \u201c{name}\u201d in its address: the options there are {options}."
+                               ).format(name=name[:40], options=", ".join(UPLOAD_OPTIONS)), code="bad-option")
+        given = value.encode("utf-8")
+        if merged.get(name, b"").strip() and merged[name].strip() != given.strip():
+            raise BadRequest(_("{name} is given twice, differently, in the form and in the address: give it "
+                               "once.").format(name=name), code="bad-option")
+        merged[name] = given
+    return merged
+
+
+def refused_pem(fields: dict[str, bytes]) -> str:
+    """Return the certificates of an upload as PEM text, to send back with the form for a confirmation."""
+    try:
+        _source, certificates = read_certificates(choose_upload(fields))
+    except (CertdropError, ValueError):
+        return ""
+    return "".join(certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+                   for certificate in certificates[:MAX_CERTIFICATES])
+
+
 def choose_upload(fields: dict[str, bytes]) -> bytes:
-    """Return the certificate bytes from the form: the file, or else the pasted text."""
+    """Return the certificate bytes from the form: the file, or else the pasted text, or else the certificates
+    a refusal sent back for confirming (refused_pem)."""
     file_data, pasted = fields.get("cert", b""), fields.get("pem", b"")
     if file_data.strip() and pasted.strip():
         raise BadRequest(_("Choose a file or paste the certificate text, not both."))
-    return file_data if file_data.strip() else pasted
+    return file_data if file_data.strip() else pasted if pasted.strip() else fields.get("refused", b"")
 
 
 #: (path pattern, {method: handler}); HEAD is answered by the GET handler.
