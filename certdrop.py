@@ -1693,11 +1693,29 @@ S60_MODELS = frozenset("""
     N71 N72 N73 N75 N76 N77 N78 N79 N8 N80 N81 N82 N85 N86 N90 N91 N92 N93 N93i N95 N96 N97 T7 X6 X7
 """.split())
 
+#: The S60 handsets that Nokia sold under a number and a name ("5800 XpressMusic", "6210 Navigator"), as
+#: nokia_model spells them. The name is part of the model: the same number with another name, or none, can be
+#: another phone on another platform (the 3600 of 2003 is S60 1st edition, the 3600 slide of 2008 Series 40; the
+#: 6700 slide is S60, the 6700 classic Series 40). Platforms from Wikipedia's "S60 (software platform)" list of
+#: devices and each phone's own article (checked 2026-12); a named Nokia not listed here is Series 40.
+S60_NAMED_MODELS = frozenset({
+    "3250 xpressmusic", "5320 xpressmusic", "5630 xpressmusic", "5700 xpressmusic", "5730 xpressmusic",
+    "5800 xpressmusic", "6110 navigator", "6120 classic", "6121 classic", "6124 classic", "6210 navigator",
+    "6220 classic", "6650 fold", "6700 slide", "6710 navigator", "6760 slide", "6790 slide", "6790 surge",
+    "808 pureview"})
+
+#: The names Nokia put after a model number with a space ("Nokia7610 Supernova/2.0", "Nokia 5800 XpressMusic/RM-356"
+#: in WURFL's UA lists); written straight after the number ("Nokia5310XpressMusic/2.0", "Nokia3600slide/2.0") any
+#: word of letters is taken for one.
+NOKIA_MODEL_NAMES = ("XpressMusic", "classic", "slide", "fold", "Supernova", "Navigator", "PureView", "Surge",
+                     "Prism", "Scrolling", "twist", "Sirocco", "Arte", "Luna", "Mural", "Intrigue")
+
 #: A Nokia model token as UAs write it, in any case ("Nokia6230", "NOKIA-6236i", "nokia6680", "Nokia 6230" inside
-#: Opera Mini's UA, i-mode's bare "N73"). It ends at a delimiter, not where another word of the name follows:
-#: "Nokia7610 Supernova" (2008, Series 40) is not the 7610 (2004, S60).
+#: Opera Mini's UA, i-mode's bare "N73"): a number, a suffix of up to two letters ("6600s", "E61i", "6120ci"), or a
+#: name (NOKIA_MODEL_NAMES). It ends at a delimiter, so that no model is read out of the start of a longer word.
 NOKIA_MODEL_RE = re.compile(r"(?:^Nokia[ -]?|^portalmmm/[\d.]+ |Opera Mini/Nokia|[\s(;]Nokia[ -]?)"
-                            r"(N-Gage|[A-Z]?\d{1,4})([a-z]{0,2})(?=[-/();,_\[]|\s+[^A-Za-z]|\s*$)", re.IGNORECASE)
+                            r"(N-Gage|[A-Z]?\d{1,4})(?:([a-z]{0,2})|[ _]?(%s)|([a-z]{3,}))"
+                            r"(?=[-/();,_\[]|\s+[^A-Za-z]|\s*$)" % "|".join(NOKIA_MODEL_NAMES), re.IGNORECASE)
 S60_RE = re.compile(r"Symbian|Series ?60|\bS60(?:V\d)?\b|SymbOS|Series80", re.IGNORECASE)
 S40_RE = re.compile(r"Series40\b|S40OviBrowser|Opera Mini/Nokia", re.IGNORECASE)
 ANDROID_RE = re.compile(r"\bAndroid\b")
@@ -1794,12 +1812,14 @@ class Client(typing.NamedTuple):
 
 
 def nokia_model(user_agent: str) -> str | None:
-    """Return the Nokia model *user_agent* names, spelt as in S60_MODELS ("6600", "N95", "E61i"), or None."""
+    """Return the Nokia model *user_agent* names, spelt as in S60_MODELS ("6600", "N95", "E61i") or, for a model
+    with a name, S60_NAMED_MODELS ("5800 xpressmusic", "3600 slide"); else None."""
     match = NOKIA_MODEL_RE.search(user_agent)
     if not match:
         return None
     number = "N-Gage" if match[1].lower() == "n-gage" else match[1].upper()
-    return number + match[2].lower()
+    name = match[3] or match[4]
+    return f"{number} {name.lower()}" if name else number + (match[2] or "").lower()
 
 
 def nokia_class(user_agent: str) -> str | None:
@@ -1809,7 +1829,7 @@ def nokia_class(user_agent: str) -> str | None:
     first, because S60 WAP browsers also send "Nokia.../x (fw) ... Profile/MIDP".
     """
     model, lowered = nokia_model(user_agent), user_agent.lower()
-    if S60_RE.search(user_agent) or model in S60_MODELS:
+    if S60_RE.search(user_agent) or model in S60_MODELS or model in S60_NAMED_MODELS:
         return "s60"
     if S40_RE.search(user_agent) or lowered.startswith("nokia"):
         # Native S40 browsers carry no Series40 token, and older Nokia WAP phones (3330, 6210) are best served by
@@ -6898,7 +6918,8 @@ def print_check_report(report: dict) -> None:
         say(f"{report['file']}: refused [{report['refused']['code']}]: {report['refused']['message']}")
         return
     count = len(report["certificates"])
-    say(f"{report['file']}: {report['format']}, {count} certificate{'s' if count != 1 else ''}")
+    say(ngettext("{file}: {format}, {count} certificate", "{file}: {format}, {count} certificates", count).format(
+        file=report["file"], format=report["format"], count=count))
     for c in report["certificates"]:
         say(f"  {c['role']:<17} {c['name']}  {'gets a link' if c['link'] else 'no link'}")
         say(f"  {'':<17} SHA-256 {c['sha256']}")
@@ -6979,10 +7000,13 @@ def cmd_revoke(args, config: Config, clock: Callable[[], float]) -> int:
 
 def cmd_gc(args, config: Config, clock: Callable[[], float]) -> int:
     counts = make_store(config, clock).sweep()
-    say(f"{counts['expired']} expired, {counts['deleted']} deleted, {counts['temporary']} temporary files removed")
+    say(ngettext("{expired} expired, {deleted} deleted, {temporary} temporary file removed",
+                 "{expired} expired, {deleted} deleted, {temporary} temporary files removed",
+                 counts["temporary"]).format(**counts))
     if counts["damaged"]:
-        say(f"{counts['damaged']} damaged entries left as they are for you to look at ('list' names them, the log "
-            "says why)")
+        say(ngettext("{count} damaged entry left as it is for you to look at ('list' names it, the log says why)",
+                     "{count} damaged entries left as they are for you to look at ('list' names them, the log says "
+                     "why)", counts["damaged"]).format(count=counts["damaged"]))
     return 0
 
 

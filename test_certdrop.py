@@ -4951,7 +4951,7 @@ def test_list_show_and_gc_report_a_damaged_entry_and_carry_on(ini, cert_file, tm
     assert cli(ini, "show", token) == 1
     assert "is damaged" in capsys.readouterr().err
     assert cli(ini, "gc") == 0
-    assert "1 damaged entries left as they are" in capsys.readouterr().out
+    assert "1 damaged entry left as it is" in capsys.readouterr().out
 
 
 DEEP = 100_000
