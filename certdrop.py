@@ -3169,9 +3169,9 @@ def reachable_links(url: str, addresses: tuple[str, ...] | None = None,
     return links
 
 
-def lead_url(url: str, bound: str = "") -> str:
+def lead_url(url: str, bound: str = "", public: bool = False) -> str:
     """Return the link to hand out for *url* (see offer_link)."""
-    return offer_link(url, bound).url
+    return offer_link(url, bound, public).url
 
 
 class LinkOffer(typing.NamedTuple):
@@ -3184,13 +3184,14 @@ class LinkOffer(typing.NamedTuple):
     asked: str  # the link on the name it was asked by (a loopback one opens on this machine only)
 
 
-def offer_link(url: str, bound: str = "") -> LinkOffer:
-    """Return the link to hand out for *url* (the link on the name certdrop was asked by), with its note.
+def offer_link(url: str, bound: str = "", public: bool = False) -> LinkOffer:
+    """Return the link to hand out for *url* (the link on the name it was asked by), with its note.
 
     The one rule for every link certdrop writes: a link on a name phones can open leads as it is. One on a loopback
     or single-label name leads with this machine's first address on the same port (reachable_links), and the rest
     follow as alternatives. *bound* is the address the server listens on (``host``): a loopback one means no other
-    device reaches it at all, so no machine address is offered, and the note says why.
+    device reaches it at all, so no machine address is offered, and the note says why. A link on public_url
+    (*public*) always leads: the administrator chose that name; the note says when phones cannot open it.
     """
     host = unreachable_host(url)
     if host is None:
@@ -3210,6 +3211,10 @@ def offer_link(url: str, bound: str = "") -> LinkOffer:
     if not links:
         what = _("Open certdrop by this server's name or address, or set public_url in certdrop.ini.")
         return LinkOffer(url, f"{why.format(host=host)} {what}", (), url)
+    if public:
+        what = _("It is public_url in certdrop.ini, so it leads all the same: set public_url to a name phones can "
+                 "open, such as {link}.").format(link=links[0][0].removesuffix(urllib.parse.urlsplit(url).path))
+        return LinkOffer(url, f"{why.format(host=host)} {what}", tuple(links), url)
     first = links[0][1]
     what = (_("This link uses this server's address {host} instead.") if parse_address(first.strip("[]"))
             else _("This link uses its full name {host} instead."))
@@ -5339,7 +5344,8 @@ def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileS
                                  answer.content_type, whc_kinds(config), config.whc_charset, entry.expires)
         return Response(body, 200, answer.content_type, headers + page_headers(answer.content_type))
     # the rest name the link itself, on the address the request came by
-    link = offer_link(install_url(answer.base, entry.token), config.host).url if answer.base else ""
+    link = offer_link(install_url(answer.base, entry.token), config.host, bool(config.public_url)).url \
+        if answer.base else ""
     if isinstance(answer, RedirectAnswer):
         location = f"{answer.base}/c/{entry.token}/{file_name(certificate, answer.name)}"
         return Response(b"", 302, MIME_TEXT, (("Location", location), *headers))
@@ -6210,7 +6216,8 @@ class App:
 
     def link_for(self, request: Request, token: str) -> str:
         """Return the link to hand out for *token*: on public_url, else on a name or address phones can reach."""
-        return offer_link(install_url(self.base_url(request), token), self.config.host).url
+        return offer_link(install_url(self.base_url(request), token), self.config.host,
+                          bool(self.config.public_url)).url
 
     def live_entry(self, request: Request, token: str) -> Entry:
         """Return the live entry of *token*; count unknown tokens per client, so that guessing them runs into 429.
@@ -6256,7 +6263,7 @@ def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, no
         log.info("%s link %s for %r until %s", "new" if created else "existing", entry.token, certificate.name,
                  format_time(entry.expires))
         url = install_url(base, entry.token)
-        offer = offer_link(url, bound) if url.startswith("http") else None
+        offer = offer_link(url, bound, bool(config.public_url)) if url.startswith("http") else None
         links.append(Link(entry, url, created, cut and entry.expires == expires, secret if created else None, offer))
     return links
 
@@ -6681,7 +6688,7 @@ def cli_offer(config: Config, token: str) -> LinkOffer | None:
     base = cli_base_url(config)
     if not base:
         return None
-    return offer_link(install_url(base, token), "" if config.public_url else listening_address(config)[0])
+    return offer_link(install_url(base, token), listening_address(config)[0], bool(config.public_url))
 
 
 def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
@@ -6799,7 +6806,7 @@ def announce_upload_key(store: Store, config: Config, port: int) -> None:
         return
     key, created = store.upload_key()
     base = cli_base_url(dataclasses.replace(config, port=port))
-    address = offer_link(base + "/", "" if config.public_url else config.host).url if base else "/"
+    address = offer_link(base + "/", config.host, bool(config.public_url)).url if base else "/"
     if created or sys.stderr.isatty():
         say(f"certdrop: upload key {key} ({'new, ' if created else ''}sign in at {address}signin, or "
             f"curl -u certdrop:{key} -F cert=@ca.pem {address})", file=sys.stderr)
@@ -6838,8 +6845,8 @@ def cmd_add(args, config: Config, clock: Callable[[], float]) -> int:
     now = clock()
     diagnosis = diagnose(read_input(args.file, config.max_upload), now=now, host=args.host or "", force=args.force,
                          public_roots=system_trust_store())
-    bound = "" if config.public_url else listening_address(config)[0]
-    links = store_links(make_store(config, clock), config, diagnosis, args.ttl or "", now, cli_base_url(config), bound)
+    links = store_links(make_store(config, clock), config, diagnosis, args.ttl or "", now, cli_base_url(config),
+                        listening_address(config)[0])
     if not links[0].url.startswith("http"):
         say(NO_ADDRESS_KNOWN)
     show_qr = not args.no_qr and sys.stdout.isatty()

@@ -1249,6 +1249,24 @@ USER_AGENTS = {
                          "Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40", "nokia-page"),
     "s40-7610-supernova": ("Nokia7610 Supernova/2.0 (05.20) Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40",
                            "nokia-page"),
+    # Model names with a long suffix (issue 21): the name is part of the model. UA shapes from WURFL's lists
+    # ("Nokia5310XpressMusic/2.0 (07.01) Profile/MIDP-2.1 ..."), the WebKit one as the issue's user reported it.
+    "s40-5310-xpressmusic-webkit": ("Mozilla/5.0 (Nokia5310XpressMusic/2.0 (09.42); Profile/MIDP-2.1 "
+                                    "Configuration/CLDC-1.1) AppleWebKit/420+ (KHTML, like Gecko) Safari/420+", "s40",
+                                    "nokia-page"),
+    "s40-5310-xpressmusic": ("Nokia5310XpressMusic/2.0 (07.01) Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40",
+                             "nokia-page"),
+    "s40-3600-slide-webkit": ("Mozilla/5.0 (Nokia3600slide/2.0 (04.20); Profile/MIDP-2.1 Configuration/CLDC-1.1) "
+                              "AppleWebKit/420+ (KHTML, like Gecko) Safari/420+", "s40", "nokia-page"),
+    "s40-3600-slide-opera-mini": ("Opera/9.80 (J2ME/MIDP; Opera Mini/4.2.14912/870; U; Nokia3600slide; en) "
+                                  "Presto/2.4.15", "s40", "nokia-page"),
+    "s60-3600-opera-mini": ("Opera/9.80 (J2ME/MIDP; Opera Mini/4.2.14912/870; U; Nokia3600; en) Presto/2.4.15", "s60",
+                            "nokia-page"),
+    "s40-7610-supernova-webkit": ("Mozilla/5.0 (Nokia7610 Supernova/2.0 (05.20); Profile/MIDP-2.1 "
+                                  "Configuration/CLDC-1.1) AppleWebKit/420+ (KHTML, like Gecko) Safari/420+", "s40",
+                                  "nokia-page"),
+    "s60-6700-slide-opera-mini": ("Opera/9.80 (J2ME/MIDP; Opera Mini/4.2.14912/870; U; Nokia6700slide; en) "
+                                  "Presto/2.4.15", "s60", "nokia-page"),
     "s40-opera-mini-naming-the-phone": ("Opera/9.80 (J2ME/MIDP; Opera Mini/5.1.21214/28.2725; U; Nokia 6230; en) "
                                         "Presto/2.5.25 Version/10.54", "s40", "nokia-page"),
     "s60-opera-mini-lower-case": ("Opera/9.80 (J2ME/MIDP; Opera mini/4.2.14912/870; U; NokiaN95; en) "
@@ -4788,14 +4806,16 @@ def test_add_prints_the_link_and_fingerprints(ini, cert_file, capsys, root):
     assert root[0].fingerprint(hashes.SHA256()).hex(":").upper() in out
 
 
-def test_add_with_a_loopback_link_leads_with_the_machines_address(tmp_path, cert_file, capsys, machine):
+def test_a_loopback_public_url_still_leads_and_add_names_the_machines_address_beside_it(tmp_path, cert_file, capsys,
+                                                                                         machine):
     ini = tmp_path / "local.ini"
     ini.write_text("[certdrop]\ndata_dir = data\npublic_url = http://localhost:8080\n")
     token, out = cli_add(ini, cert_file, capsys)
-    assert out.startswith(f"http://192.168.1.5:8080/c/{token}\n")
-    assert ("  Phones cannot open localhost: it is this server's own loopback name. This link uses this server's "
-            "address 192.168.1.5 instead.\n") in out
-    assert f"  also http://server.corp.example:8080/c/{token}\n" in out
+    assert out.startswith(f"http://localhost:8080/c/{token}\n")
+    assert ("  Phones cannot open localhost: it is this server's own loopback name. It is public_url in certdrop.ini, "
+            "so it leads all the same: set public_url to a name phones can open, such as http://192.168.1.5:8080.\n"
+            ) in out
+    assert f"  also http://192.168.1.5:8080/c/{token}\n  also http://server.corp.example:8080/c/{token}\n" in out
 
 
 def test_sweep_does_not_push_hot_entries_out_of_the_cache(config, clock, root_der, other_der):
