@@ -761,9 +761,86 @@ def test_a_refused_upload_shows_the_form_again_with_install_it_anyway_explained(
     assert form.submit(status=201).headers["Location"].startswith("http://ca.example.org:8080/c/")
 
 
+def test_a_refused_file_is_confirmed_by_ticking_the_box_without_choosing_it_again(testapp, pki):
+    refusal = upload(testapp, pki.leaf.public_bytes(serialization.Encoding.DER), "server.cer", status=422, ttl="30d")
+    form = refusal.forms[0]
+    assert form["refused"].value == pem_of(pki.leaf).decode() and "PRIVATE" not in form["refused"].value
+    assert "you need not choose the file again" in html_text(refusal)
+    assert form.submit(status=422).forms[0]["refused"].value == form["refused"].value  # unticked: asked again
+    form["force"] = True
+    result = form.submit(headers={"Accept": "application/json"}, status=201).json
+    assert result["links"][0]["sha256"] == pki.leaf.fingerprint(hashes.SHA256()).hex(":").upper()
+    assert result["links"][0]["expires"] == "2027-02-14T08:00:00Z"  # the 30 days of the refused upload, NOW + 30 d
+
+
+def test_a_confirmation_needs_no_state_so_another_server_behind_the_same_name_takes_it(tmp_path, pki, clock):
+    def server(name):
+        config = certdrop.Config(data_dir=tmp_path / name, allowed_hosts=TEST_HOSTS)
+        return client(certdrop.make_app(config, certdrop.make_store(config, clock), clock))
+
+    form = upload(server("one"), pem_of(pki.leaf), status=422).forms[0]
+    form["force"] = True
+    fields = {name: value for name, value in form.submit_fields() if name != "cert"}  # no file is chosen again
+    server("two").post("/", fields, status=201)
+    assert files_under(tmp_path / "one") == [] and files_under(tmp_path / "two")
+
+
+def test_a_refusal_with_a_key_beside_a_server_certificate_sends_nothing_back(testapp, pki, key_pem):
+    refusal = upload(testapp, pem_of(pki.leaf) + key_pem, "server.pem", status=422)
+    assert "refused" not in refusal.forms[0].fields and b"PRIVATE KEY" not in refusal.body
+    assert pem_of(pki.leaf).splitlines()[1] not in refusal.body
+
+
+@pytest.mark.parametrize("accept", ["text/plain", "application/json"])
+def test_text_and_json_refusals_say_force_1_not_the_web_forms_tick(testapp, pki, accept):
+    refusal = testapp.post("/", pem_of(pki.leaf), content_type="application/x-pem-file", headers={"Accept": accept},
+                           status=422)
+    message = refusal.json["error"]["message"] if accept == "application/json" else refusal.text
+    assert "send it again with force=1" in message and "tick" not in message.lower()
+
+
+def test_query_options_on_a_multipart_upload_are_honoured_like_form_fields(testapp, pki):
+    answer = testapp.post("/?ttl=1h&force=1", upload_files=[("cert", "server.pem", pem_of(pki.leaf))],
+                          headers={"Accept": "application/json"}, status=201).json
+    assert answer["links"][0]["expires"] == "2027-01-15T09:00:00Z"  # NOW + 1 h, not the default 7 days
+
+
+@pytest.mark.parametrize("content_type", ["application/x-pem-file", "application/x-www-form-urlencoded"])
+def test_query_options_on_a_raw_upload_are_honoured(testapp, root_pem, content_type):
+    answer = testapp.post("/?ttl=1h", root_pem, content_type=content_type, headers={"Accept": "application/json"},
+                          status=201).json
+    assert answer["links"][0]["expires"] == "2027-01-15T09:00:00Z"
+
+
+@pytest.mark.parametrize(("query", "fields", "words"), [
+    ("?tll=1h", {}, "takes no \u201ctll\u201d"),
+    ("?ttl=1h", {"ttl": "7d"}, "ttl is given twice"),
+    ("?force=maybe", {}, "force=maybe is neither yes nor no"),
+    ("?ttl=1h&ttl=2h", {}, "ttl is given twice"),
+], ids=["unknown", "conflicting", "not-a-flag", "twice-in-the-query"])
+def test_query_parameters_an_upload_cannot_honour_are_refused_with_400(testapp, root_pem, query, fields, words):
+    refusal = testapp.post("/" + query, fields, upload_files=[("cert", "ca.pem", root_pem)],
+                           headers={"Accept": "application/json"}, status=400).json
+    assert words in refusal["error"]["message"]
+    raw = testapp.post("/" + query, root_pem, content_type="application/x-pem-file", status="*")
+    assert raw.status_int == (201 if fields else 400)  # a raw body has no form fields for the query to differ from
+
+
 def test_a_refused_private_key_is_not_sent_back_in_the_form(testapp, root_pem, key_pem):
     refusal = testapp.post("/", {"pem": (root_pem + key_pem).decode()}, status=422)
     assert refusal.forms[0]["pem"].value == "" and b"PRIVATE KEY" not in refusal.body
+
+
+def test_a_lone_public_root_gets_a_note_that_devices_already_trust_it(testapp):
+    store_file = next(Path(path) for path in certdrop.SYSTEM_TRUST_STORES if Path(path).exists())
+    first = re.search(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", store_file.read_bytes(), re.S)[0]
+    result = upload(testapp, first, "public.pem")
+    assert "Devices already trust this CA" in html_text(result) and "[public-root]" in html_text(result)
+    assert "You probably meant your own CA" in html_text(result)
+
+
+def test_your_own_root_gets_no_public_root_note(testapp, root_der):
+    assert "public-root" not in upload(testapp, root_der).text
 
 
 def test_public_trust_stores_ask_for_confirmation(testapp, store, many_roots):
@@ -814,6 +891,15 @@ def test_every_loopback_link_gets_the_reachable_note(app, pki, machine):
     result = upload(client(app, HTTP_HOST="localhost:8080"), pem_of(pki.root, pki.rsa_root))
     notes = [p.get_text() for p in result.html.find_all("p", class_="warn")]
     assert len(notes) == 2 and all("Phones cannot open localhost" in note for note in notes)
+
+
+def test_the_result_page_leads_with_the_link_qr_and_mail_and_puts_old_nokia_phones_last(testapp, pki):
+    page = upload(testapp, pem_of(pki.rsa_root)).text
+    order = [page.index(marker) for marker in ('class="link"', 'class="qr"', "mailto:", "How to install it",
+                                               "iPhone and iPad", "Only for old Nokia phones", "Nokia Series 40",
+                                               "Share another certificate")]
+    assert order == sorted(order)
+    assert page.count("Only for old Nokia phones") == 1 and page.count("Nokia Symbian (S60)") == 1
 
 
 def test_old_nokia_notes_are_grouped_under_one_heading_to_skip(testapp, pki):
@@ -3224,6 +3310,55 @@ def test_a_single_label_host_leads_with_an_address_too(app, root_der, machine):
 ], ids=["loopback", "loopback-without-addresses", "single-label", "nothing-known", "full-name", "address"])
 def test_reachable_links_put_ipv4_addresses_first_then_the_full_name(url, addresses, fqdn, expected):
     assert [link for link, _ in certdrop.reachable_links(url, addresses, fqdn)] == expected
+
+
+def test_a_loopback_upload_gives_the_same_link_note_and_alternatives_on_the_page_in_text_json_mail_and_card(
+        app, root_der, machine):
+    local = client(app, HTTP_HOST="127.0.0.1:8080")
+    page = upload(local, root_der)
+    token = token_of(page)
+    lead, other = f"http://192.168.1.5:8080/c/{token}", f"http://server.corp.example:8080/c/{token}"
+    note = ("Phones cannot open 127.0.0.1: it is this server's own loopback name. This link uses this server's "
+            "address 192.168.1.5 instead.")
+    text = local.post("/", root_der, content_type="application/pkix-cert", headers={"User-Agent": "curl/8.5.0"},
+                      status=200)
+    data = local.post("/", root_der, content_type="application/pkix-cert", headers={"Accept": "application/json"},
+                      status=200).json["links"][0]
+    assert page.headers["Location"] == text.headers["Location"] == lead
+    assert page.html.find("p", class_="link").get_text() == text.text.splitlines()[0] == data["url"] == lead
+    assert data["url_note"] == note and data["alternatives"] == [other] and data["revoke_url"] == f"{lead}/revoke"
+    assert f"  {note}\n  also {other}\n" in text.text
+    warning = " ".join(page.html.find("p", class_="warn").get_text(" ").split())
+    assert warning.startswith(note) and f"Also: {other}" in warning
+    assert lead in urllib.parse.unquote(next(a["href"] for a in page.html.find_all("a")
+                                             if a["href"].startswith("mailto:")))
+    assert lead in html_text(local.get(f"/c/{token}/card"))
+    assert lead in html_text(local.get(f"/c/{token}", headers={"User-Agent": USER_AGENTS["windows-edge"][0]}))
+
+
+def test_a_server_listening_on_loopback_only_offers_no_machine_address_and_says_why(config, store, clock, root_der,
+                                                                                     machine):
+    local = client(certdrop.make_app(dataclasses.replace(config, host="127.0.0.1"), store, clock),
+                   HTTP_HOST="127.0.0.1:8080")
+    data = local.post("/", root_der, content_type="application/pkix-cert", headers={"Accept": "application/json"},
+                      status=201).json["links"][0]
+    assert data["url"] == f"http://127.0.0.1:8080/c/{data['token']}" and data["alternatives"] == []
+    assert "This server listens only on 127.0.0.1, which no other device can reach: set host = 0.0.0.0" in (
+        data["url_note"])
+
+
+def test_a_link_on_a_real_name_has_no_note_and_no_alternatives(testapp, root_der, machine):
+    data = testapp.post("/", root_der, content_type="application/pkix-cert", headers={"Accept": "application/json"},
+                        status=201).json["links"][0]
+    assert data["url"].startswith("http://ca.example.org:8080/c/")
+    assert data["url_note"] is None and data["alternatives"] == []
+
+
+def test_public_url_leads_over_the_host_a_page_was_asked_by(config, store, clock, root_der, machine):
+    app = certdrop.make_app(dataclasses.replace(config, public_url="https://certs.example.com"), store, clock)
+    result = upload(client(app, HTTP_HOST="127.0.0.1:8080"), root_der)
+    assert result.html.find("p", class_="link").get_text() == f"https://certs.example.com/c/{token_of(result)}"
+    assert "Phones cannot open" not in result.text
 
 
 def test_result_page_has_no_loopback_warning_for_a_real_host(testapp, root_der):
@@ -6252,3 +6387,21 @@ def test_mail_goes_over_implicit_tls_with_a_login(config, store, clock, root_der
         form["to"] = "alice@example.com"
         assert "The message was not sent" in html_text(form.submit(status=502))
     assert logins[0] is True and False in logins and len(mailbox.messages) == 1
+
+
+# -- the version, and words counted right ------------------------------------------------------------------------
+
+
+def test_the_version_is_0_3_0_everywhere_it_is_shown(testapp, capsys):
+    assert certdrop.__version__ == "0.3.0"
+    with pytest.raises(SystemExit):
+        certdrop.main(["--version"])
+    assert capsys.readouterr().out == "certdrop 0.3.0\n"
+    assert "certdrop 0.3.0" in testapp.get("/").html.find("footer").get_text()
+    assert "0.3.0" in (HERE / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("wait", "words"), [(0.2, "Try again in 1 second."), (1, "Try again in 1 second."),
+                                            (1.5, "Try again in 2 seconds.")], ids=["part", "one", "two"])
+def test_the_wait_is_counted_in_singular_and_plural(wait, words):
+    assert certdrop.TooManyRequests(wait).message.endswith(words)
