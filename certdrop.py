@@ -6735,9 +6735,9 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), lambda signum, frame: stop.set())
+    record_listening(config, config.host, int(server.effective_port))  # before the line saying the server is up
     log.info("certdrop %s serving on http://%s:%s/ with data in %s", __version__, server.effective_host,
              server.effective_port, config.data_dir)
-    record_listening(config, config.host, server.effective_port)
     announce_upload_key(app.store, config, server.effective_port)
     try:
         serve_until(server, stop)

@@ -45,6 +45,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import bs4
 import hypothesis
 import hypothesis.stateful
 import hypothesis.strategies as st
@@ -5306,17 +5307,17 @@ def test_every_test_that_starts_a_process_is_marked_slow():
 class Server:
     """A real ``certdrop.py serve`` on a free loopback port."""
 
-    def __init__(self, ini):
+    def __init__(self, ini, host="127.0.0.1"):
         self.ini = ini
         self.process = subprocess.Popen([sys.executable, str(HERE / "certdrop.py"), "-c", str(ini), "serve",
-                                         "--host", "127.0.0.1", "--port", "0"],
+                                         "--host", host, "--port", "0"],
                                         stderr=subprocess.PIPE, text=True)
         self.log = []
         for line in self.process.stderr:
             self.log.append(line)
             match = re.search(r"serving on (http://\S+?)/ ", line)
             if match:
-                self.url = match[1]
+                self.url = match[1].replace("//0.0.0.0:", "//127.0.0.1:")  # on every interface: ask by loopback
                 break
         else:
             raise RuntimeError("server did not start:\n" + "".join(self.log))
@@ -5351,6 +5352,71 @@ def oversize_status(url, length):
 def run_cli(ini, *args):
     return subprocess.run([sys.executable, str(HERE / "certdrop.py"), "-c", str(ini), *args],
                           capture_output=True, text=True, timeout=30)
+
+
+def links_a_server_gives(server, pem):
+    """Return (token, {where: (link, note, alternatives)}) of an upload to *server* as text, as JSON and as a page."""
+    _, headers, body = server.request("/", pem, {"Content-Type": "application/x-pem-file", "User-Agent": "curl/8.5"})
+    text = body.decode()
+    token = re.search(r"/c/([a-z0-9]+)", text)[1]
+    _, _, body = server.request("/", pem, {"Content-Type": "application/x-pem-file", "Accept": "application/json"})
+    data = json.loads(body)["links"][0]
+    _, _, body = server.request("/", pem, {"Content-Type": "application/x-pem-file", "User-Agent": "Mozilla/5.0"})
+    page = bs4.BeautifulSoup(body, "html.parser")
+    note = page.find("p", class_="warn")
+    return token, {
+        "location": (headers["Location"], None, None),
+        "text": (text.splitlines()[0], (text.splitlines()[3].strip() if text.splitlines()[3].startswith("  Phones")
+                                        else None), [line.strip()[5:] for line in text.splitlines()
+                                                     if line.startswith("  also ")]),
+        "json": (data["url"], data["url_note"], data["alternatives"]),
+        "page": (page.find("p", class_="link").get_text(), note.get_text(" ") if note else None, None)}
+
+
+@pytest.mark.slow
+def test_add_show_list_and_every_answer_give_one_link_on_the_port_serve_recorded(tmp_path, root_pem, other_der):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\nport = 8080\n")  # the port the ini names, not the one in use
+    server = Server(ini, host="0.0.0.0")
+    try:
+        port = int(server.url.rsplit(":", 1)[1])
+        assert json.loads((tmp_path / "data" / "listening").read_text())["port"] == port != 8080
+        token, links = links_a_server_gives(server, root_pem)
+        offer = certdrop.offer_link(f"http://127.0.0.1:{port}/c/{token}", "0.0.0.0")
+        alternatives = [url for url, _ in offer.alternatives]
+        assert links["location"][0] == links["text"][0] == links["json"][0] == links["page"][0] == offer.url
+        assert links["json"][1:] == (offer.note, alternatives) and links["text"][1:] == (offer.note, alternatives)
+        assert " ".join(links["page"][1].split()).startswith(offer.note)
+        shown = run_cli(ini, "show", token).stdout.splitlines()
+        assert shown[0] == f"link      {offer.url}" and shown[1] == f"          {offer.note}"
+        listed = next(line for line in run_cli(ini, "list").stdout.splitlines() if line.startswith(token))
+        assert listed.endswith(f"  {offer.url}")
+        (tmp_path / "other.cer").write_bytes(other_der)
+        added = run_cli(ini, "add", "--no-qr", str(tmp_path / "other.cer")).stdout.splitlines()
+        new_token = re.search(r"/c/([a-z0-9]+)", added[0])[1]
+        new_offer = certdrop.offer_link(f"http://127.0.0.1:{port}/c/{new_token}", "0.0.0.0")
+        assert added[0] == new_offer.url and (not offer.note or added[1] == f"  {new_offer.note}")
+        assert f":{port}/c/" in added[0]
+    finally:
+        assert server.stop() == 0
+    assert not (tmp_path / "data" / "listening").exists()
+
+
+@pytest.mark.slow
+def test_a_server_on_loopback_only_offers_no_machine_address_in_any_answer_or_command(tmp_path, root_pem):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\n")
+    server = Server(ini)  # --host 127.0.0.1
+    try:
+        token, links = links_a_server_gives(server, root_pem)
+        url = f"{server.url}/c/{token}"
+        assert {link for link, _, _ in links.values()} == {url}
+        assert links["json"][2] == [] and links["text"][2] == []
+        assert "This server listens only on 127.0.0.1, which no other device can reach" in links["json"][1]
+        shown = run_cli(ini, "show", token).stdout.splitlines()
+        assert shown[0] == f"link      {url}" and shown[1].strip() == links["json"][1] == links["text"][1]
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow
