@@ -6353,7 +6353,18 @@ def test_in_a_real_browser_sign_in_upload_and_install_on_every_device(tmp_path, 
         screenshot(browser, tmp_path, "result")
         link = browser.find_element(By.CSS_SELECTOR, "p.link a").text
         token = link.rsplit("/", 1)[1]
-        assert link == certdrop.lead_url(f"{server.url}/c/{token}")
+        assert link == certdrop.lead_url(f"{server.url}/c/{token}", "127.0.0.1")  # listening on loopback only
+        for width, height in ((1280, 800), (360, 740)):  # the desktop it was made on, then a phone's width
+            as_device(browser, BROWSER_DEVICES[2][1], width, height)
+            browser.execute_script("window.scrollTo(0, 0)")
+            screenshot(browser, tmp_path, f"result-{width}")
+            places = result_page_places(browser)
+            assert list(places) == sorted(places, key=lambda name: places[name][0]), f"{width}: {places}"
+            for name in ("link", "qr"):
+                assert 0 <= places[name][0] and places[name][1] <= height, f"{width}: the {name} is not on the first screen"
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= width, (
+                f"{width}: the result page scrolls sideways")
+        as_device(browser, *BROWSER_DEVICES[2][1:])
         page = browser.find_element(By.TAG_NAME, "main").text
         assert root[0].fingerprint(hashes.SHA256()).hex(":").upper() in page.replace("\n", "")
         assert root[0].fingerprint(hashes.SHA1()).hex(":").upper() in page.replace("\n", "")
@@ -6414,6 +6425,22 @@ def test_in_a_real_browser_the_in_app_ipad_and_intermediate_pages_fit_a_phone(tm
             assert console_problems(browser) == [], name
     finally:
         server.stop()
+
+
+#: What the result page shows, in the order people hand it out (JavaScript that finds each one's box).
+RESULT_PAGE_PLACES = {
+    "link": "document.querySelector('p.link')",
+    "qr": "document.querySelector('.qr svg')",
+    "mail": "document.querySelector(\"form[action$='/mail']\")",
+    "steps": "[...document.querySelectorAll('h2')].find(h => h.textContent === 'How to install it')",
+    "old nokia": "[...document.querySelectorAll('h2')].find(h => h.textContent.startsWith('Only for old Nokia'))",
+}
+
+
+def result_page_places(driver):
+    """Return {name: (top, bottom)} of RESULT_PAGE_PLACES, in CSS pixels from the top of the screen."""
+    return {name: tuple(driver.execute_script(f"const r = ({find}).getBoundingClientRect(); return [r.top, r.bottom];"))
+            for name, find in RESULT_PAGE_PLACES.items()}
 
 
 def printed_pages(driver, url):
