@@ -3842,7 +3842,8 @@ def render_mail_offer(config: Config, links: list[Link], home: str, whc: tuple[s
                                     "A plain-text message with these links, the fingerprints and when they end; no "
                                     "attachment, which mail systems mangle.", count))
     pairs = [(link.lead, link.entry) for link in links]
-    query = urllib.parse.urlencode({"subject": mail_subject(config, pairs), "body": mail_text(pairs, whc)},
+    query = urllib.parse.urlencode({"subject": mail_subject(config, pairs),
+                                    "body": mail_text(pairs, whc, [link.offer for link in links])},
                                    quote_via=urllib.parse.quote)
     text = ngettext("{link}Write an e-mail with this link, the fingerprints and when it ends{link_end} (opens your "
                     "mail program: this server sends no mail).",
@@ -3865,13 +3866,15 @@ def header_text(value: str) -> str:
                    if unicodedata.category(char) not in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"))
 
 
-def mail_text(links: list[tuple[str, Entry]], whc: tuple[str, int]) -> str:
-    """Return the plain-text message that carries *links*: (url, entry) pairs. *whc*: (default layout, charset)."""
+def mail_text(links: list[tuple[str, Entry]], whc: tuple[str, int], offers: Iterable[LinkOffer | None] = ()) -> str:
+    """Return the plain-text message that carries *links*: (url, entry) pairs. *whc*: (default layout, charset).
+    *offers*, one for each link, add its note and alternatives (offer_link) under it."""
     lines = []
-    for url, entry in links:
+    for (url, entry), offer in zip(links, [*offers, *[None] * len(links)]):
         certificate = entry.certificate
         lines += [_("Install the CA certificate \u201c{name}\u201d from:").format(name=certificate.name), f"  {url}",
-                  f"  SHA-256 {colon_hex(certificate.sha256)}", f"  SHA-1   {colon_hex(certificate.sha1)}"]
+                  *link_note_lines(offer), f"  SHA-256 {colon_hex(certificate.sha256)}",
+                  f"  SHA-1   {colon_hex(certificate.sha1)}"]
         if certificate.self_signed:
             body = hashed_certificate(certificate, charset=whc[1], length_prefixed=whc[0] == "whc-length")
             lines.append("  " + _("Nokia Series 40 code: {code}").format(code=hashed_certificate_code(body)))
@@ -6091,9 +6094,11 @@ class App:
         tokens = fields.get("tokens", b"").decode("ascii", "replace").split()[:MAX_CERTIFICATES]
         if not tokens:
             raise BadRequest(_("No link was named. Nothing was sent."))
-        links = [(self.link_for(request, token), self.live_entry(request, token)) for token in tokens]
+        offers = [self.offer_for(request, token) for token in tokens]
+        links = [(offer.url, self.live_entry(request, token)) for offer, token in zip(offers, tokens)]
         try:
-            send_mail(self.config, recipients, mail_subject(self.config, links), mail_text(links, whc_default(self.config)))
+            send_mail(self.config, recipients, mail_subject(self.config, links),
+                      mail_text(links, whc_default(self.config), offers))
         except MailError as error:
             failure = http_error_for(error)
             work = esc(_("The links themselves work; hand them out another way:"))
@@ -6216,8 +6221,11 @@ class App:
 
     def link_for(self, request: Request, token: str) -> str:
         """Return the link to hand out for *token*: on public_url, else on a name or address phones can reach."""
-        return offer_link(install_url(self.base_url(request), token), self.config.host,
-                          bool(self.config.public_url)).url
+        return self.offer_for(request, token).url
+
+    def offer_for(self, request: Request, token: str) -> LinkOffer:
+        """Return the link to hand out for *token* with its note and alternatives (offer_link)."""
+        return offer_link(install_url(self.base_url(request), token), self.config.host, bool(self.config.public_url))
 
     def live_entry(self, request: Request, token: str) -> Entry:
         """Return the live entry of *token*; count unknown tokens per client, so that guessing them runs into 429.

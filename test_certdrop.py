@@ -3333,6 +3333,9 @@ def test_a_loopback_upload_gives_the_same_link_note_and_alternatives_on_the_page
     assert warning.startswith(note) and f"Also: {other}" in warning
     assert lead in urllib.parse.unquote(next(a["href"] for a in page.html.find_all("a")
                                              if a["href"].startswith("mailto:")))
+    body = urllib.parse.parse_qs(urllib.parse.urlsplit(next(a["href"] for a in page.html.find_all("a")
+                                                            if a["href"].startswith("mailto:"))).query)["body"][0]
+    assert f"  {lead}\n  {note}\n  also {other}\n" in body
     assert lead in html_text(local.get(f"/c/{token}/card"))
     assert lead in html_text(local.get(f"/c/{token}", headers={"User-Agent": USER_AGENTS["windows-edge"][0]}))
 
