@@ -1696,8 +1696,10 @@ S60_MODELS = frozenset("""
 #: The S60 handsets that Nokia sold under a number and a name ("5800 XpressMusic", "6210 Navigator"), as
 #: nokia_model spells them. The name is part of the model: the same number with another name, or none, can be
 #: another phone on another platform (the 3600 of 2003 is S60 1st edition, the 3600 slide of 2008 Series 40; the
-#: 6700 slide is S60, the 6700 classic Series 40). Platforms from Wikipedia's "S60 (software platform)" list of
-#: devices and each phone's own article (checked 2026-12); a named Nokia not listed here is Series 40.
+#: 6700 slide is S60, the 6700 classic Series 40); a named Nokia not listed here is Series 40. Sources: Wikipedia,
+#: "Nokia 3650" (the 3600 is its North American name, Series 60 1.2); the device list of "S60 (software
+#: platform)" for the named S60 phones; WURFL's UA lists for the spellings ("Nokia 5800 XpressMusic/RM-356",
+#: Series60/5.0; "Nokia5310XpressMusic/2.0 (07.01) Profile/MIDP-2.1", Series 40).
 S60_NAMED_MODELS = frozenset({
     "3250 xpressmusic", "5320 xpressmusic", "5630 xpressmusic", "5700 xpressmusic", "5730 xpressmusic",
     "5800 xpressmusic", "6110 navigator", "6120 classic", "6121 classic", "6124 classic", "6210 navigator",
@@ -3505,7 +3507,8 @@ UPLOAD_FORM = string.Template("""<form method="post" action="$action" enctype="m
 <label for="host">$host_label</label>
 <input type="text" id="host" name="host" maxlength="253" placeholder="mail.example.com" value="$host" />
 <p class="muted">$host_note</p>
-$refused_html<p$force_class_html><label class="plain"><input type="checkbox" name="force" value="1"$forced_html /> $force_label</label>
+$refused_html<p$force_class_html><label class="plain"><input type="checkbox" name="force" value="1"$forced_html />
+$force_label</label>
 $force_reason $force_note</p>
 <p><button type="submit">$submit</button></p>
 </form>
@@ -3566,8 +3569,8 @@ def render_form(config: Config, action: str, *, pem: str = "", ttl: str = "", ho
     """Return the upload form, filled in again after a refusal; *force_reason* says why "install it anyway" is the
     way on, and *refused* (PEM) carries the refused certificates back for it."""
     again = _("The certificates you sent come with this form: you need not choose the file again.")
-    refused_html = (f'<input type="hidden" name="refused" value="{esc(refused)}" />\n<p class="muted">{esc(again)}</p>\n'
-                    if refused else "")
+    refused_html = (f'<input type="hidden" name="refused" value="{esc(refused)}" />\n'
+                    f'<p class="muted">{esc(again)}</p>\n' if refused else "")
     chosen = ttl.strip().lower()
     known = any(value == chosen for value, _ in allowed_ttl_choices(config))
     options = []

@@ -6364,7 +6364,7 @@ def test_in_a_real_browser_sign_in_upload_and_install_on_every_device(tmp_path, 
             places = result_page_places(browser)
             assert list(places) == sorted(places, key=lambda name: places[name][0]), f"{width}: {places}"
             for name in ("link", "qr"):
-                assert 0 <= places[name][0] and places[name][1] <= height, f"{width}: the {name} is not on the first screen"
+                assert 0 <= places[name][0] and places[name][1] <= height, f"{width}: {name} not on the first screen"
             assert browser.execute_script("return document.documentElement.scrollWidth") <= width, (
                 f"{width}: the result page scrolls sideways")
         as_device(browser, *BROWSER_DEVICES[2][1:])
