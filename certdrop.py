@@ -212,6 +212,59 @@ def in_language(translations: gettext.NullTranslations) -> Iterator[None]:
         TRANSLATIONS.reset(token)
 
 
+#: The languages certdrop speaks, each by its own name (the picker shows them so): English is the code's own,
+#: the rest are gettext catalogs in locale/<code>/LC_MESSAGES/certdrop.mo beside this file (locale/update makes them).
+LANGUAGES = {"en": "English", "de": "Deutsch", "nl": "Nederlands", "fr": "Fran\u00e7ais", "es": "Espa\u00f1ol",
+             "pl": "Polski", "ru": "\u0420\u0443\u0441\u0441\u043a\u0438\u0439"}
+
+#: Where the catalogs are read from, once, when this module is imported; without it certdrop speaks English only.
+LOCALE_DIR = MODULE_DIR / "locale"
+GETTEXT_DOMAIN = "certdrop"
+
+
+def load_catalogs(locale_dir: Path) -> dict[str, gettext.NullTranslations]:
+    """Return the translations of every language whose catalog in *locale_dir* reads, English included; a missing
+    or broken catalog leaves its language out (English is spoken instead) with one log line."""
+    catalogs: dict[str, gettext.NullTranslations] = {"en": gettext.NullTranslations()}
+    if not locale_dir.is_dir():
+        return catalogs  # certdrop.py copied alone: English
+    for code in LANGUAGES:
+        if code == "en":
+            continue
+        path = locale_dir / code / "LC_MESSAGES" / f"{GETTEXT_DOMAIN}.mo"
+        try:
+            with path.open("rb") as file:
+                translations = gettext.GNUTranslations(file)
+            translations.plural(2)  # a Plural-Forms that cannot be worked out fails here, not on a page
+        except Exception as error:  # OSError, a corrupt file, a bad header: whatever it is, English serves
+            log.warning("the %s catalog %s cannot be used (%s): pages in %s are sent in English", LANGUAGES[code],
+                        path, error, code)
+            continue
+        translations.language = code
+        catalogs[code] = translations
+    return catalogs
+
+
+#: The translations of every language spoken, read once at start (see load_catalogs).
+CATALOGS = load_catalogs(LOCALE_DIR)
+
+
+def translations_for(language: str) -> gettext.NullTranslations:
+    """Return the translations of *language*; English for one certdrop does not speak."""
+    return CATALOGS.get(language) or CATALOGS["en"]
+
+
+def speaking(language: str) -> contextlib.AbstractContextManager:
+    """Speak *language* inside the block; English leaves the current translations as they are (English unless a
+    test set a pseudo-language)."""
+    return contextlib.nullcontext() if language == "en" else in_language(translations_for(language))
+
+
+def current_language() -> str:
+    """Return the code of the language spoken now: the lang of a page."""
+    return getattr(TRANSLATIONS.get(), "language", "en")
+
+
 
 ###############################################################################
 # Errors ######################################################################
@@ -1678,8 +1731,11 @@ HANDSET_HEADERS = ("X-OperaMini-Phone-UA", "X-UCBrowser-Device-UA", "Device-Stoc
 #: The request headers that say who is asking: what /c/<token> sends, and in which format errors go.
 CLIENT_HEADERS = ("User-Agent", "Accept", *HANDSET_HEADERS)
 
+#: The request headers the language of an answer comes from (reader_language).
+LANGUAGE_HEADERS = ("Accept-Language", "Cookie")
+
 #: Every request header the answer at /c/<token> depends on.
-VARY = ", ".join(CLIENT_HEADERS)
+VARY = ", ".join((*CLIENT_HEADERS, *LANGUAGE_HEADERS))
 
 #: Nokia's S60 handsets, from 1st edition to Belle, for browsers that name only the handset (i-mode
 #: "portalmmm/2.0 N73(...)", Opera Mini "Opera Mini/NokiaN95", truncated WAP headers). Keys are the model tokens
@@ -3404,7 +3460,7 @@ def page_headers(content_type: str) -> tuple[tuple[str, str], ...]:
 
 # Pages are polyglot HTML5: they are also well-formed XML, so tests can parse them and old XHTML browsers cope.
 LAYOUT = string.Template("""<!DOCTYPE html>
-<html xmlns="http://www.w3.org/1999/xhtml" lang="en">
+<html xmlns="http://www.w3.org/1999/xhtml" lang="$lang" xml:lang="$lang">
 <head>
 <meta charset="utf-8" />
 <meta name="viewport" content="width=device-width, initial-scale=1" />
@@ -3415,7 +3471,7 @@ LAYOUT = string.Template("""<!DOCTYPE html>
 <main>
 $body_html
 </main>
-<footer>certdrop $version</footer>
+<footer>$picker_html<p>certdrop $version</p></footer>
 </body>
 </html>
 """)
@@ -3478,8 +3534,21 @@ def render(template: string.Template, **values: object) -> str:
     return template.substitute({key: value if key.endswith("_html") else esc(value) for key, value in values.items()})
 
 
-def render_page(title: str, body_html: str) -> bytes:
-    return render(LAYOUT, title=title, css_html=CSS, body_html=body_html, version=__version__).encode("utf-8")
+def render_page(title: str, body_html: str, home: str = "/", here: str = "") -> bytes:
+    """Return a page in the language spoken now, with the language picker; *home* is the upload page's address
+    (the prefix and a slash), *here* the page's own path, where the picker comes back to (*home* if not given)."""
+    return render(LAYOUT, lang=current_language(), title=title, css_html=CSS, body_html=body_html,
+                  picker_html=render_picker(home, here or home), version=__version__).encode("utf-8")
+
+
+def render_picker(home: str, here: str, escape: Callable[[object], str] = esc) -> str:
+    """Return the language picker: a line of links, each language by its own name, to /lang/<code>?next=*here*
+    (App.choose_language); the language spoken now is named without a link."""
+    spoken, next_query = current_language(), escape(urllib.parse.urlencode({"next": here}))
+    links = [f'<b lang="{code}">{escape(name)}</b>' if code == spoken else
+             f'<a href="{escape(home)}lang/{code}?{next_query}" hreflang="{code}" lang="{code}">{escape(name)}</a>'
+             for code, name in LANGUAGES.items()]
+    return f'<nav><p>{" | ".join(links)}</p></nav>'
 
 
 # The templates hold markup only; their words are filled in with _() as each page is rendered.
@@ -3561,7 +3630,7 @@ def render_upload_form(config: Config, action: str, signed_in: bool = False) -> 
                                  ca=code_html("ca.crt"), root_ca=code_html("root_ca.crt")),
         account_html=account,
     )
-    return render_page("certdrop", body)
+    return render_page("certdrop", body, home=action)
 
 
 def render_form(config: Config, action: str, *, pem: str = "", ttl: str = "", host: str = "",
@@ -3607,7 +3676,7 @@ def render_signin(home: str, message: str) -> bytes:
                                command=code_html("certdrop.py upload-key"), setting=code_html("upload_password"),
                                curl=code_html("curl -u certdrop:KEY -F cert=@ca.pem")),
         no_key=_("Phones and laptops need no key: they only open the links you hand out."))
-    return render_page(_("Sign in \u2014 certdrop"), body)
+    return render_page(_("Sign in \u2014 certdrop"), body, home=home)
 
 
 #: What each role of Certificate.role is called on pages.
@@ -3907,7 +3976,7 @@ def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str
         another=_("Share another certificate"),
         mail_html=mail_html,
     )
-    return render_page(_("Link for {name}").format(name=links[0].entry.certificate.name), body)
+    return render_page(_("Link for {name}").format(name=links[0].entry.certificate.name), body, home=home)
 
 
 class Guide(typing.NamedTuple):
@@ -3985,6 +4054,8 @@ DEVICE_GUIDES = {
     # 20); full trust for roots: https://support.apple.com/102390 ("Trust manually installed certificate profiles
     # in iOS and iPadOS"), a list that shows roots only.
     "ios": Guide(N_("iPhone and iPad"), "mobileconfig", (
+        # Translators: name buttons and menus as iOS itself labels them in your language (German: Einstellungen >
+        # Allgemein > VPN und Geräteverwaltung); where you could not check a label, say so in the catalog.
         N_("Tap the button and choose Allow."),
         N_("Open Settings and tap \u201cProfile Downloaded\u201d at the top, then Install, within 8 minutes: iOS "
            "discards a profile that waits longer. Not there? Look in Settings \u203a General \u203a VPN & Device "
@@ -4229,7 +4300,8 @@ CARD_INTERMEDIATE_LINES = {
 }
 
 
-def render_card(certificate: Certificate, link: str, ends: float | None = None, contact: str = "") -> bytes:
+def render_card(certificate: Certificate, link: str, ends: float | None = None, contact: str = "",
+                home: str = "/") -> bytes:
     """Return the printable hand-out of a link; it fits one A4 or Letter page. It says when the link ends, and
     whom to ask (the contact setting)."""
     intermediate = {} if certificate.self_signed else CARD_INTERMEDIATE_LINES
@@ -4242,7 +4314,8 @@ def render_card(certificate: Certificate, link: str, ends: float | None = None, 
                   open_text=_("Open the link on each phone or computer (or point its camera at the code) and follow "
                               "the steps there. Before trusting the certificate, compare its fingerprint with this "
                               "one:"))
-    return render_page(_("Install {name}").format(name=certificate.name), body)
+    return render_page(_("Install {name}").format(name=certificate.name), body, home=home,
+                       here=urllib.parse.urlsplit(link).path + "/card" if link else "")
 
 
 ENDS_NOTE = N_("The link works until {date}.")
@@ -4316,7 +4389,8 @@ def render_landing(certificate: Certificate, client: Client, base_path: str, lin
         formats_html=formats,
         qr_html=qr_html,
     )
-    return render_page(_(page.title).format(name=certificate.name), body)
+    return render_page(_(page.title).format(name=certificate.name), body,
+                       home=base_path.rpartition("/c/")[0] + "/", here=base_path)
 
 
 def render_root_first(root_name: str | None, base_path: str) -> str:
@@ -4357,14 +4431,14 @@ def render_guides(devices: tuple[str, ...], certificate: Certificate, first_name
 # style sheet, no image, short lines: they must stay small (S40 gateways) and readable 176 pixels wide.
 XHTML_MP_PAGE = string.Template("""<?xml version="1.0" encoding="utf-8"?>
 <!DOCTYPE html PUBLIC "-//WAPFORUM//DTD XHTML Mobile 1.0//EN" "http://www.wapforum.org/DTD/xhtml-mobile10.dtd">
-<html xmlns="http://www.w3.org/1999/xhtml"><head><title>$title_html</title></head><body>
+<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="$lang"><head><title>$title_html</title></head><body>
 $content_html
 </body></html>
 """)
 
 WML_DECK = string.Template("""<?xml version="1.0" encoding="utf-8"?>
 <!DOCTYPE wml PUBLIC "-//WAPFORUM//DTD WML 1.1//EN" "http://www.wapforum.org/DTD/wml_1.1.xml">
-<wml><card id="ca" title="$title_html">
+<wml xml:lang="$lang"><card id="ca" title="$title_html">
 $content_html
 </card></wml>
 """)
@@ -4401,14 +4475,15 @@ def render_nokia_page(certificate: Certificate, client: Client, base_path: str, 
     if ends:
         parts.append(f"<p>{escape(_(ENDS_NOTE).format(date=format_time(ends)))}</p>")
     template = WML_DECK if content_type == MIME_WML else XHTML_MP_PAGE
-    return render(template, title_html=escape(_("CA certificate")), content_html="\n".join(parts)).encode("utf-8")
+    return render(template, lang=current_language(), title_html=escape(_("CA certificate")),
+                  content_html="\n".join(parts)).encode("utf-8")
 
 
 def render_nokia_message(title: str, message: str, content_type: str) -> bytes:
     """Return a one-paragraph Nokia page (XHTML-MP or WML, as *content_type* says) with *title* and *message*."""
     escape = wml_esc if content_type == MIME_WML else esc
     template = WML_DECK if content_type == MIME_WML else XHTML_MP_PAGE
-    return render(template, title_html=escape(_("CA certificate")),
+    return render(template, lang=current_language(), title_html=escape(_("CA certificate")),
                   content_html=f"<p><b>{escape(title)}</b><br/>{escape(message)}</p>").encode("utf-8")
 
 
@@ -4483,6 +4558,11 @@ class Request:
     def header(self, name: str) -> str:
         return self.environ.get(_environ_key(name), "")
 
+    @functools.cached_property
+    def language(self) -> str:
+        """Return the language to answer in (reader_language)."""
+        return reader_language(self.header("Accept-Language"), self.header("Cookie"))
+
     @property
     def user_agent(self) -> str:
         return self.header("User-Agent")
@@ -4546,6 +4626,9 @@ class RequestKey(typing.NamedTuple):
     Besides their keys, decide and build_answer read the settings, fixed for the app's life, and the profile signer
     read from them: whether it is valid now (decide's *signing*) is the one thing that changes, and when it does
     App.check_signer forgets everything kept (AnswerCache.clear).
+    The reader's language is one of the things an answer is made from: this key holds the Accept-Language and Cookie
+    headers as sent (a hot hit parses nothing), Signature and ErrorPage the language worked out from them
+    (reader_language), and an Answer with words its language, in which build_answer speaks.
     A request whose key is longer than MAX_KEPT_KEY characters is answered, never kept.
     """
 
@@ -4558,6 +4641,7 @@ class RequestKey(typing.NamedTuple):
     uc_browser_device_ua: str | None  # the handset behind UC Browser's proxy
     device_stock_ua: str | None  # the handset's own browser, as some proxies and browsers pass it on
     accept_language: str | None  # what Signature.language, the reader's language, is made from
+    cookie: str | None  # the whole Cookie header, as sent: its certdrop_lang (the picker's choice) wins over that
     host: str | None
     server_name: str | None
     server_port: str | None
@@ -4572,8 +4656,8 @@ def request_key(environ: dict) -> RequestKey:
     return _new_tuple(RequestKey, (
         get("PATH_INFO"), get("REQUEST_METHOD"), get("QUERY_STRING"), get("HTTP_USER_AGENT"), get("HTTP_ACCEPT"),
         get("HTTP_X_OPERAMINI_PHONE_UA"), get("HTTP_X_UCBROWSER_DEVICE_UA"), get("HTTP_DEVICE_STOCK_UA"),
-        get("HTTP_ACCEPT_LANGUAGE"), get("HTTP_HOST"), get("SERVER_NAME"), get("SERVER_PORT"), get("wsgi.url_scheme"),
-        get("SCRIPT_NAME")))
+        get("HTTP_ACCEPT_LANGUAGE"), get("HTTP_COOKIE"), get("HTTP_HOST"), get("SERVER_NAME"), get("SERVER_PORT"),
+        get("wsgi.url_scheme"), get("SCRIPT_NAME")))
 
 
 _new_tuple = tuple.__new__
@@ -4608,19 +4692,51 @@ class Signature(typing.NamedTuple):
     scheme: str
     script_name: str
     host_accepted: bool  # whether host names this server (App.is_our_name)
-    language: str  # the reader's language, from accept_language: "en", the one language certdrop speaks yet
+    language: str  # the reader's language, from the key's accept_language and cookie (reader_language)
 
     @classmethod
     def of(cls, key: RequestKey, rest: str, host_accepted: bool) -> "Signature":
         return cls(rest, key.query or "", key.user_agent or "", key.accept or "", key.opera_mini_phone_ua or "",
                    key.uc_browser_device_ua or "", key.device_stock_ua or "", key.host or "", key.server_name or "",
                    key.server_port or "", key.scheme or "http", key.script_name or "", host_accepted,
-                   reader_language(key.accept_language or ""))
+                   reader_language(key.accept_language or "", key.cookie or ""))
 
 
-def reader_language(accept_language: str) -> str:
-    """Return the language of answers for an Accept-Language header: English, the only one certdrop has yet."""
-    return "en"
+#: The cookie that holds the language chosen on a page's picker (App.choose_language): it wins over Accept-Language.
+LANGUAGE_COOKIE = "certdrop_lang"
+LANGUAGE_COOKIE_RE = re.compile(rf"(?:^|[;,])\s*{LANGUAGE_COOKIE}=\"?([A-Za-z]{{2}})\"?\s*(?:[;,]|$)")
+
+#: The part of an Accept-Language header read (a real one is some 50 characters), and of its ranges.
+MAX_ACCEPT_LANGUAGE, MAX_LANGUAGE_RANGES = 512, 32
+LANGUAGE_RANGE_RE = re.compile(r"\s*([A-Za-z]{1,8})(?:-[A-Za-z0-9]{1,8})*\s*|\s*\*\s*")
+QUALITY_RE = re.compile(r"\s*q\s*=\s*(0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)\s*", re.IGNORECASE)
+
+
+def reader_language(accept_language: str, cookie: str = "") -> str:
+    """Return the language to answer in: the one the picker's cookie names, else the best the Accept-Language
+    header accepts (RFC 9110 12.5.4: the highest q, the first of equals; "de-AT" finds "de"; q=0 rules one out),
+    else English. Only languages whose catalogs read count; any header at all gives an answer."""
+    return negotiate_language(accept_language, cookie, frozenset(CATALOGS))
+
+
+@kept_for_short_arguments(1024)
+def negotiate_language(accept_language: str, cookie: str, spoken: frozenset[str]) -> str:
+    """Return reader_language's answer with the languages *spoken*."""
+    chosen = LANGUAGE_COOKIE_RE.search(cookie[:MAX_TARGET]) if LANGUAGE_COOKIE in cookie else None
+    if chosen and chosen[1].lower() in spoken:
+        return chosen[1].lower()
+    best, best_quality = "en", 0.0
+    for item in accept_language[:MAX_ACCEPT_LANGUAGE].split(",")[:MAX_LANGUAGE_RANGES]:
+        language_range, _, parameter = item.partition(";")
+        matched = LANGUAGE_RANGE_RE.fullmatch(language_range)
+        quality = QUALITY_RE.fullmatch(parameter) if parameter else None
+        if not matched or (parameter and not quality):
+            continue  # garbage: skipped, the rest still counts
+        weight = float(quality[1]) if quality else 1.0
+        language = (matched[1] or "en").lower()  # "*": any language, so the code's own
+        if language in spoken and weight > best_quality:
+            best, best_quality = language, weight
+    return best
 
 
 def was_forwarded(environ: dict) -> bool:
@@ -4758,16 +4874,21 @@ class ErrorPage(typing.NamedTuple):
         fmt = response_format(request)
         content_type = nokia_page_type(request.header("Accept")) if fmt == "nokia" else ""
         return cls(error.status, error.code, error.message, error.headers, fmt, content_type,
-                   request.path.startswith("/c/"), home, reader_language(request.header("Accept-Language")))
+                   request.path.startswith("/c/"), home, request.language)
 
 
 def render_error(page: ErrorPage, extra_html: str = "") -> Response:
-    """Return the answer for an error: a page, a Nokia page, a line of text or JSON, as *page* says.
+    """Return the answer for an error: a page, a Nokia page, a line of text or JSON, as *page* says, in its language.
 
     *extra_html* (a refused upload's form) goes on HTML pages outside /c/; answers with it are never kept.
     """
+    with speaking(page.language):
+        return render_error_words(page, extra_html)
+
+
+def render_error_words(page: ErrorPage, extra_html: str) -> Response:
     title = _(ERROR_TITLES[page.status]) if page.status in ERROR_TITLES else HTTPStatus(page.status).phrase
-    headers = (("Vary", VARY), ("Cache-Control", "no-store"), *page.headers)
+    headers = (("Vary", VARY), ("Cache-Control", "no-store"), ("Content-Language", page.language), *page.headers)
     if page.status == 401:  # scripts answer a Basic challenge; browsers get the sign-in form instead of a dialog
         headers += (("WWW-Authenticate", 'Basic realm="certdrop uploads", charset="UTF-8"' if page.format != "html"
                      else 'Form realm="certdrop uploads"'),)
@@ -4788,7 +4909,8 @@ def render_error(page: ErrorPage, extra_html: str = "") -> Response:
         extra_html = f"<p>{esc(_(ENDED_LINK_ADVICE))}</p>"
     else:
         extra_html = extra_html or f'<p><a href="{esc(page.home)}">{esc(_("Back to the upload page"))}</a></p>'
-    body = render_page(title, render(ERROR_PAGE, title=title, message=page.message, extra_html=extra_html))
+    body = render_page(title, render(ERROR_PAGE, title=title, message=page.message, extra_html=extra_html),
+                       home=page.home)
     return Response(body, page.status, MIME_HTML, headers + HTML_HEADERS)
 
 
@@ -5107,22 +5229,29 @@ class AccessLog:
 
 
 def access_lines(batch: list[tuple]) -> str:
-    """Return the log lines of the requests that AccessLog.record queued."""
+    """Return the log lines of the requests that AccessLog.record queued.
+
+    Runs once for every request the server answers, so it does per line only what differs from the line before:
+    the time stamp and the address are formatted again only when they change, and durations come ready-made.
+    """
     wall = time.time() - time.perf_counter()  # read now: the wall clock may have been set since the last batch
     lines = []
-    second, stamp = -1, ""
-    for started, ended, address, tail in batch:
-        if int(started + wall) != second:
+    start = end = -math.inf  # the second of the stamp, on perf_counter's clock: [start, end)
+    address = head = None
+    for started, ended, client, tail in batch:
+        if not start <= started < end:
             second = int(started + wall)
-            stamp = log_time(second)
-        tenths = round((ended - started) * 10000)
-        lines.append(f"{stamp} {log_address(address[:64])} {tail} "
-                     f"{DURATIONS[tenths] if tenths < len(DURATIONS) else tenths / 10}ms\n")
+            start, end, stamp, address = second - wall, second + 1 - wall, log_time(second), None
+        if client != address:
+            address, head = client, f"{stamp} {log_address(client[:64])} "
+        tenths = int((ended - started) * 10000 + 0.5)
+        ending = DURATIONS[tenths] if tenths < len(DURATIONS) else f" {tenths / 10}ms\n"
+        lines.append(f"{head}{tail}{ending}")
     return "".join(lines)
 
 
-#: "0.0" to "99.9": the durations of almost every request, written without formatting a float.
-DURATIONS = tuple(f"{tenths // 10}.{tenths % 10}" for tenths in range(1000))
+#: " 0.0ms\n" to " 99.9ms\n": how every line ends for almost every request, written without formatting a float.
+DURATIONS = tuple(f" {tenths // 10}.{tenths % 10}ms\n" for tenths in range(1000))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -5339,9 +5468,19 @@ def whc_kinds(config: Config) -> tuple[str, str]:
 
 
 def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None" = None) -> Response:
-    """Return *answer* for *entry*, made from the two alone (and the settings, and the signer read from them)."""
+    """Return *answer* for *entry*, made from the two alone (and the settings, and the signer read from them), in
+    the answer's own language: a page, a card and a profile say what they say in it."""
+    language = getattr(answer, "language", "")
+    if not language:  # a file or a QR code: no words
+        return build_words(entry, answer, config, signer, ())
+    with speaking(language):
+        return build_words(entry, answer, config, signer, (("Content-Language", language),))
+
+
+def build_words(entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None",
+                language_headers: tuple[tuple[str, str], ...]) -> Response:
     certificate = entry.certificate
-    headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY))
+    headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY), *language_headers)
     if isinstance(answer, FileAnswer):
         chain = entry.chain_certificates if answer.kind == "mobileconfig" else (certificate,)
         return build_file(certificate, chain, answer, headers, config, signer)
@@ -5361,7 +5500,8 @@ def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileS
                                        entry.expires, answer.signed, root.name if root else None),
                         200, MIME_HTML, headers + HTML_HEADERS)
     if isinstance(answer, CardAnswer):
-        return Response(render_card(certificate, link, entry.expires, config.contact), 200, MIME_HTML,
+        return Response(render_card(certificate, link, entry.expires, config.contact,
+                                    home=urllib.parse.urlsplit(answer.base).path + "/"), 200, MIME_HTML,
                         headers + HTML_HEADERS)
     content_type = "image/svg+xml" if answer.kind == "svg" else "image/png"
     return Response(qr_file(link, answer.kind), 200, content_type,
@@ -5832,6 +5972,11 @@ class App:
 
     def screen_direct(self, environ: dict, start_response: Callable) -> list[bytes]:
         request = Request(environ)
+        with speaking(request.language):
+            return self.screen_in_language(request)
+
+    def screen_in_language(self, request: Request) -> list[bytes]:
+        environ = request.environ
         try:
             handler, _ = match_route(request.method, request.path)
         except HTTPError:  # the app answers 404 or 405 without reading the body
@@ -5961,8 +6106,14 @@ class App:
         return Signature.of(key, rest, self.gate.is_our_name(key.host))
 
     def full_answer(self, environ: dict) -> Prepared:
-        """Return the answer to any request: routed to its handler, every failure turned into a clear answer."""
+        """Return the answer to any request: routed to its handler, every failure turned into a clear answer, in the
+        reader's language (Request.language)."""
         request = Request(environ)
+        with speaking(request.language):
+            return self.full_answer_in_language(request)
+
+    def full_answer_in_language(self, request: Request) -> Prepared:
+        environ = request.environ
         try:
             if len(request.path) + len(environ.get("QUERY_STRING", "")) > MAX_TARGET:
                 raise URITooLong(_("The address asked for is longer than {size} KiB: no address of certdrop is that "
@@ -5973,7 +6124,9 @@ class App:
         except Exception:
             log.exception("error while answering %s %r", request.method, request.path[:200])
             response = Response(f"{_(HTTPError.message)}\n".encode(), 500, MIME_TEXT)
-        return response if isinstance(response, Prepared) else prepare(response, referrer_policy(request.path))
+        if isinstance(response, Prepared):
+            return response
+        return prepare(in_language_headers(response, request.language), referrer_policy(request.path))
 
     def error_answer(self, request: Request, error: HTTPError) -> Prepared:
         """Return the page, text or JSON for *error*, rendered once for each ErrorPage and kept.
@@ -6255,9 +6408,50 @@ class App:
         secure = "; Secure" if base.startswith("https:") else ""
         return f"{SESSION_COOKIE}={value}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"
 
+    def choose_language(self, request: Request, code: str) -> Response:
+        """Keep the language chosen on a page's picker in a cookie for a year and go back to that page (*next*, a
+        path under the prefix: anything else goes to the upload page, so the picker sends nobody elsewhere)."""
+        if code not in LANGUAGES:
+            raise NotFound(_("certdrop does not speak that language."))
+        home = self.home(request)
+        secure = "; Secure" if self.base_url(request).startswith("https:") else ""
+        cookie = f"{LANGUAGE_COOKIE}={code}; Path={home}; Max-Age={LANGUAGE_COOKIE_SECONDS}; HttpOnly; SameSite=Lax{secure}"
+        return Response(b"", 303, MIME_TEXT, (("Location", safe_next(request.query.get("next", ""), home)),
+                                              ("Set-Cookie", cookie), ("Cache-Control", "no-store")))
+
     def redirect_home(self, request: Request, cookie: str) -> Response:
         return Response(b"", 303, MIME_TEXT, (("Location", self.base_url(request) + "/"), ("Set-Cookie", cookie),
                                               ("Cache-Control", "no-store")))
+
+
+#: How long the picker's choice of language is kept: a year.
+LANGUAGE_COOKIE_SECONDS = 365 * 86400
+
+#: A path the picker may go back to: printable ASCII without a backslash (browsers read it as a slash).
+#: The longest path the picker goes back to: a page of certdrop has a short address.
+MAX_NEXT = 1024
+NEXT_PATH_RE = re.compile(r"/[!-\[\]-~]*")
+
+
+def safe_next(path: str, home: str) -> str:
+    """Return *path* if it is an address on this server under *home* (the prefix and a slash), else *home*: no
+    scheme, no "//host" (a path that names another server), no backslash, no control character."""
+    if (len(path) <= MAX_NEXT and NEXT_PATH_RE.fullmatch(path) and path.startswith(home)
+            and not path.startswith("//")):
+        return path
+    return home
+
+
+def in_language_headers(response: Response, language: str) -> Response:
+    """Return *response* saying its language (Content-Language) and that it depends on the headers it came from
+    (Vary: Accept-Language, Cookie, beside any Vary it has)."""
+    headers = dict(response.headers)
+    vary = [name.strip() for name in headers.get("Vary", "").split(",") if name.strip()]
+    vary += [name for name in LANGUAGE_HEADERS if name not in vary]
+    rest = tuple((name, value) for name, value in response.headers if name != "Vary")
+    if "Content-Language" not in headers:
+        rest += (("Content-Language", language),)
+    return dataclasses.replace(response, headers=rest + (("Vary", ", ".join(vary)),))
 
 
 def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, now: float, base: str,
@@ -6401,6 +6595,7 @@ ROUTES = (
     (r"/healthz", {"GET": App.health}),
     (r"/favicon\.ico", {"GET": App.favicon}),
     (r"/mail", {"POST": App.mail}),
+    (r"/lang/(?P<code>[a-z]{2})", {"GET": App.choose_language}),
     (r"/c/(?P<token>[^/]+)/?", {"GET": App.deliver}),
     (r"/c/(?P<token>[^/]+)/revoke", {"POST": App.revoke}),
     (r"/c/(?P<token>[^/]+)/qr\.(?P<kind>svg|png)", {"GET": App.deliver}),

