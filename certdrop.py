@@ -6882,7 +6882,7 @@ def cli_base_url(config: Config) -> str:
     host, port = listening_address(config)
     if port == 0:
         return ""
-    if is_wildcard_address(host) or is_loopback_host(host):
+    if is_wildcard_address(host):
         host = "127.0.0.1"
     elif ":" in host:
         host = f"[{host.strip('[]')}]"

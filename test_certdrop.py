@@ -3377,6 +3377,47 @@ def test_public_url_leads_over_the_host_a_page_was_asked_by(config, store, clock
     assert "Phones cannot open" not in result.text
 
 
+@pytest.mark.parametrize(("url", "bound", "public", "lead", "alternatives", "says"), [
+    ("http://127.0.0.1:9000/c/x", "0.0.0.0", False, "http://192.168.1.5:9000/c/x",
+     ["http://server.corp.example:9000/c/x"], "This link uses this server's address 192.168.1.5 instead."),
+    ("http://[::1]:9000/c/x", "::", False, "http://192.168.1.5:9000/c/x", ["http://server.corp.example:9000/c/x"],
+     "Phones cannot open ::1: it is this server's own loopback name."),
+    ("http://server:9000/c/x", "0.0.0.0", False, "http://192.168.1.5:9000/c/x",
+     ["http://server.corp.example:9000/c/x"], "it is a short name that phones often cannot look up"),
+    ("http://127.0.0.1:9000/c/x", "127.0.0.1", False, "http://127.0.0.1:9000/c/x", [],
+     "This server listens only on 127.0.0.1, which no other device can reach"),
+    ("http://[::1]:9000/c/x", "::1", False, "http://[::1]:9000/c/x", [], "This server listens only on ::1"),
+    ("http://localhost:9000/c/x", "10.9.9.9", False, "http://10.9.9.9:9000/c/x", [],
+     "This link uses this server's address 10.9.9.9 instead."),
+    ("http://localhost:9000/c/x", "0.0.0.0", True, "http://localhost:9000/c/x",
+     ["http://192.168.1.5:9000/c/x", "http://server.corp.example:9000/c/x"],
+     "It is public_url in certdrop.ini, so it leads all the same: set public_url to a name phones can open, such as "
+     "http://192.168.1.5:9000."),
+    ("http://ca.example.org:9000/c/x", "0.0.0.0", False, "http://ca.example.org:9000/c/x", [], ""),
+], ids=["loopback", "ipv6-loopback", "bare-name", "listening-on-loopback", "listening-on-ipv6-loopback",
+        "listening-on-one-address", "loopback-public-url", "real-name"])
+def test_one_rule_makes_the_link_its_note_and_its_alternatives(machine, url, bound, public, lead, alternatives, says):
+    offer = certdrop.offer_link(url, bound, public)
+    assert offer.url == lead and [link for link, _ in offer.alternatives] == alternatives
+    assert says in offer.note and bool(offer.note) == bool(says) and offer.asked == url
+
+
+@pytest.mark.parametrize(("listening", "base"), [
+    ({"host": "0.0.0.0", "port": 9000}, "http://127.0.0.1:9000"),
+    ({"host": "::1", "port": 9000}, "http://[::1]:9000"),
+    ({"host": "10.9.9.9", "port": 80}, "http://10.9.9.9"),
+    (None, "http://127.0.0.1:8080"),  # no server running: the ini's host and port
+    ({"host": "0.0.0.0", "port": "9000"}, "http://127.0.0.1:8080"),  # not a record serve writes: ignored
+], ids=["every-interface", "ipv6-loopback", "one-address", "no-record", "damaged-record"])
+def test_the_command_line_names_the_address_the_server_recorded(tmp_path, listening, base):
+    config = certdrop.Config(data_dir=tmp_path)
+    if listening is not None:
+        (tmp_path / "listening").write_text(json.dumps(listening))
+    assert certdrop.cli_base_url(config) == base
+    assert certdrop.cli_base_url(dataclasses.replace(config, public_url="https://ca.example.org")) == (
+        "https://ca.example.org")
+
+
 def test_result_page_has_no_loopback_warning_for_a_real_host(testapp, root_der):
     assert "Phones cannot open" not in upload(testapp, root_der).text
 
