@@ -4463,7 +4463,8 @@ def render_nokia_page(certificate: Certificate, client: Client, base_path: str, 
     stem = certificate.file_stem
     # The first action comes first: at 176x220 the name and two fingerprints alone fill the first screen.
     parts = [f"<p>{escape(_(PROXY_NOTE))}</p>"] if client.via_proxy else []
-    parts.append(f'<p>1. <a href="{escape(base_path)}/{escape(stem)}.cer">{escape(_("Install the certificate (.cer)"))}'
+    install = _("Install the certificate (.cer)")
+    parts.append(f'<p>1. <a href="{escape(base_path)}/{escape(stem)}.cer">{escape(install)}'
                  "</a></p>")
     if client.device == "s40":
         parts.append(_render_hashed_links(certificate, base_path, whc_kinds, charset, escape))
@@ -4501,10 +4502,10 @@ def _render_hashed_links(certificate: Certificate, base_path: str, whc_kinds: tu
         body = hashed_certificate(certificate, charset=charset, length_prefixed=kind == "whc-length")
         groups = hashed_certificate_code(body).split()
         label = _("Hashed certificate. Code:") if number == 2 else _("Hashed certificate, other layout. Code:")
-        extension = ".whc" if number == 2 else ".alt.whc"
+        extension, install = (".whc" if number == 2 else ".alt.whc"), _("Install")
         parts.append(f"<p>{number}. {escape(label)}<br/>{' '.join(groups[:3])}<br/>{' '.join(groups[3:])}"
                      f'<br/><a href="{escape(base_path)}/{escape(certificate.file_stem)}{extension}">'
-                     f"{escape(_('Install'))}</a></p>")
+                     f"{escape(install)}</a></p>")
     parts.append(f"<p>{escape(_(OLD_WAP_NOTE))}</p>")
     return "\n".join(parts)
 
@@ -4908,7 +4909,8 @@ def render_error_words(page: ErrorPage, extra_html: str) -> Response:
     if page.under_c:
         extra_html = f"<p>{esc(_(ENDED_LINK_ADVICE))}</p>"
     else:
-        extra_html = extra_html or f'<p><a href="{esc(page.home)}">{esc(_("Back to the upload page"))}</a></p>'
+        back = _("Back to the upload page")
+        extra_html = extra_html or f'<p><a href="{esc(page.home)}">{esc(back)}</a></p>'
     body = render_page(title, render(ERROR_PAGE, title=title, message=page.message, extra_html=extra_html),
                        home=page.home)
     return Response(body, page.status, MIME_HTML, headers + HTML_HEADERS)
@@ -6246,7 +6248,8 @@ class App:
             recipients = parse_addresses(fields.get("to", b"").decode("utf-8", "replace")[:4000],
                                          self.config.mail_recipients)
         except ValueError as error:
-            raise BadRequest(f"{error} {_('Nothing was sent.')}", code="bad-address") from None
+            nothing_sent = _("Nothing was sent.")
+            raise BadRequest(f"{error} {nothing_sent}", code="bad-address") from None
         tokens = fields.get("tokens", b"").decode("ascii", "replace").split()[:MAX_CERTIFICATES]
         if not tokens:
             raise BadRequest(_("No link was named. Nothing was sent."))
