@@ -97,7 +97,7 @@ try:
 except ImportError:  # POSIX: fcntl.flock instead
     msvcrt = None
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 log = logging.getLogger("certdrop")
 
@@ -1540,6 +1540,11 @@ def diagnose(data: bytes, *, now: float, host: str = "", force: bool = False,
             "trust, so links for them would help nobody. Upload your own CA alone.",
             public).format(public=public, total=len(installable)))
     findings = [*check_certificates(ordered, installable, issuers, now), *check_host(host, ordered)]
+    if public == 1 and len(installable) == 1:  # ISRG Root X1, say: often taken for "the CA" of a Let's Encrypt site
+        findings.append(Finding("public-root", _(
+            "Devices already trust this CA: {name} is a public one, in the trust stores of phones and computers. You "
+            "probably meant your own CA, the one that issued your server's certificate.").format(
+                name=installable[0].name), installable[0].name))
     if public > PUBLIC_ROOTS_ALLOWED:
         findings.append(Finding("public-bundle", ngettext(
             "{count} of these CAs is a public one that devices already trust; it got a link because you chose to "
@@ -1744,11 +1749,31 @@ S60_MODELS = frozenset("""
     N71 N72 N73 N75 N76 N77 N78 N79 N8 N80 N81 N82 N85 N86 N90 N91 N92 N93 N93i N95 N96 N97 T7 X6 X7
 """.split())
 
+#: The S60 handsets that Nokia sold under a number and a name ("5800 XpressMusic", "6210 Navigator"), as
+#: nokia_model spells them. The name is part of the model: the same number with another name, or none, can be
+#: another phone on another platform (the 3600 of 2003 is S60 1st edition, the 3600 slide of 2008 Series 40; the
+#: 6700 slide is S60, the 6700 classic Series 40); a named Nokia not listed here is Series 40. Sources: Wikipedia,
+#: "Nokia 3650" (the 3600 is its North American name, Series 60 1.2); the device list of "S60 (software
+#: platform)" for the named S60 phones; WURFL's UA lists for the spellings ("Nokia 5800 XpressMusic/RM-356",
+#: Series60/5.0; "Nokia5310XpressMusic/2.0 (07.01) Profile/MIDP-2.1", Series 40).
+S60_NAMED_MODELS = frozenset({
+    "3250 xpressmusic", "5320 xpressmusic", "5630 xpressmusic", "5700 xpressmusic", "5730 xpressmusic",
+    "5800 xpressmusic", "6110 navigator", "6120 classic", "6121 classic", "6124 classic", "6210 navigator",
+    "6220 classic", "6650 fold", "6700 slide", "6710 navigator", "6760 slide", "6790 slide", "6790 surge",
+    "808 pureview"})
+
+#: The names Nokia put after a model number with a space ("Nokia7610 Supernova/2.0", "Nokia 5800 XpressMusic/RM-356"
+#: in WURFL's UA lists); written straight after the number ("Nokia5310XpressMusic/2.0", "Nokia3600slide/2.0") any
+#: word of letters is taken for one.
+NOKIA_MODEL_NAMES = ("XpressMusic", "classic", "slide", "fold", "Supernova", "Navigator", "PureView", "Surge",
+                     "Prism", "Scrolling", "twist", "Sirocco", "Arte", "Luna", "Mural", "Intrigue")
+
 #: A Nokia model token as UAs write it, in any case ("Nokia6230", "NOKIA-6236i", "nokia6680", "Nokia 6230" inside
-#: Opera Mini's UA, i-mode's bare "N73"). It ends at a delimiter, not where another word of the name follows:
-#: "Nokia7610 Supernova" (2008, Series 40) is not the 7610 (2004, S60).
+#: Opera Mini's UA, i-mode's bare "N73"): a number, a suffix of up to two letters ("6600s", "E61i", "6120ci"), or a
+#: name (NOKIA_MODEL_NAMES). It ends at a delimiter, so that no model is read out of the start of a longer word.
 NOKIA_MODEL_RE = re.compile(r"(?:^Nokia[ -]?|^portalmmm/[\d.]+ |Opera Mini/Nokia|[\s(;]Nokia[ -]?)"
-                            r"(N-Gage|[A-Z]?\d{1,4})([a-z]{0,2})(?=[-/();,_\[]|\s+[^A-Za-z]|\s*$)", re.IGNORECASE)
+                            r"(N-Gage|[A-Z]?\d{1,4})(?:([a-z]{0,2})|[ _]?(%s)|([a-z]{3,}))"
+                            r"(?=[-/();,_\[]|\s+[^A-Za-z]|\s*$)" % "|".join(NOKIA_MODEL_NAMES), re.IGNORECASE)
 S60_RE = re.compile(r"Symbian|Series ?60|\bS60(?:V\d)?\b|SymbOS|Series80", re.IGNORECASE)
 S40_RE = re.compile(r"Series40\b|S40OviBrowser|Opera Mini/Nokia", re.IGNORECASE)
 ANDROID_RE = re.compile(r"\bAndroid\b")
@@ -1846,12 +1871,14 @@ class Client(typing.NamedTuple):
 
 
 def nokia_model(user_agent: str) -> str | None:
-    """Return the Nokia model *user_agent* names, spelt as in S60_MODELS ("6600", "N95", "E61i"), or None."""
+    """Return the Nokia model *user_agent* names, spelt as in S60_MODELS ("6600", "N95", "E61i") or, for a model
+    with a name, S60_NAMED_MODELS ("5800 xpressmusic", "3600 slide"); else None."""
     match = NOKIA_MODEL_RE.search(user_agent)
     if not match:
         return None
     number = "N-Gage" if match[1].lower() == "n-gage" else match[1].upper()
-    return number + match[2].lower()
+    name = match[3] or match[4]
+    return f"{number} {name.lower()}" if name else number + (match[2] or "").lower()
 
 
 def nokia_class(user_agent: str) -> str | None:
@@ -1861,7 +1888,7 @@ def nokia_class(user_agent: str) -> str | None:
     first, because S60 WAP browsers also send "Nokia.../x (fw) ... Profile/MIDP".
     """
     model, lowered = nokia_model(user_agent), user_agent.lower()
-    if S60_RE.search(user_agent) or model in S60_MODELS:
+    if S60_RE.search(user_agent) or model in S60_MODELS or model in S60_NAMED_MODELS:
         return "s60"
     if S40_RE.search(user_agent) or lowered.startswith("nokia"):
         # Native S40 browsers carry no Series40 token, and older Nokia WAP phones (3330, 6210) are best served by
@@ -3221,10 +3248,61 @@ def reachable_links(url: str, addresses: tuple[str, ...] | None = None,
     return links
 
 
-def lead_url(url: str) -> str:
-    """Return the link to hand out for *url*: *url* itself, or the best one phones can reach (reachable_links)."""
-    links = reachable_links(url)
-    return links[0][0] if links else url
+def lead_url(url: str, bound: str = "", public: bool = False) -> str:
+    """Return the link to hand out for *url* (see offer_link)."""
+    return offer_link(url, bound, public).url
+
+
+class LinkOffer(typing.NamedTuple):
+    """A link as certdrop hands it out: the same on the result page, the card, the QR code, the text and JSON
+    answers, the mail and the command line, because all of them get it from offer_link."""
+
+    url: str  # the link to hand out
+    note: str  # whole sentences when *asked* cannot reach phones: why, and what leads instead; "" when it can
+    alternatives: tuple[tuple[str, str], ...]  # (link, its host): more links that reach this server, best first
+    asked: str  # the link on the name it was asked by (a loopback one opens on this machine only)
+
+
+def offer_link(url: str, bound: str = "", public: bool = False) -> LinkOffer:
+    """Return the link to hand out for *url* (the link on the name it was asked by), with its note.
+
+    The one rule for every link certdrop writes: a link on a name phones can open leads as it is. One on a loopback
+    or single-label name leads with this machine's first address on the same port (reachable_links), and the rest
+    follow as alternatives. *bound* is the address the server listens on (``host``): a loopback one means no other
+    device reaches it at all, so no machine address is offered, and the note says why. A link on public_url
+    (*public*) always leads: the administrator chose that name; the note says when phones cannot open it.
+    """
+    host = unreachable_host(url)
+    if host is None:
+        return LinkOffer(url, "", (), url)
+    if is_loopback_host(host):
+        why = _("Phones cannot open {host}: it is this server's own loopback name.")
+    else:
+        why = _("Phones cannot open {host}: it is a short name that phones often cannot look up.")
+    if bound and is_loopback_host(bound):
+        what = _("This server listens only on {address}, which no other device can reach: set host = 0.0.0.0 in "
+                 "certdrop.ini (or public_url, behind a proxy).").format(address=bound)
+        return LinkOffer(url, f"{why.format(host=host)} {what}", (), url)
+    addresses = None
+    if bound and not is_wildcard_address(bound) and parse_address(bound.strip("[]")) is not None:
+        addresses = (bound,) if ":" not in bound else (f"[{bound.strip('[]')}]",)  # only it reaches the server
+    links = reachable_links(url, addresses, None if addresses is not None else "")
+    if not links:
+        what = _("Open certdrop by this server's name or address, or set public_url in certdrop.ini.")
+        return LinkOffer(url, f"{why.format(host=host)} {what}", (), url)
+    if public:
+        what = _("It is public_url in certdrop.ini, so it leads all the same: set public_url to a name phones can "
+                 "open, such as {link}.").format(link=links[0][0].removesuffix(urllib.parse.urlsplit(url).path))
+        return LinkOffer(url, f"{why.format(host=host)} {what}", tuple(links), url)
+    first = links[0][1]
+    what = (_("This link uses this server's address {host} instead.") if parse_address(first.strip("[]"))
+            else _("This link uses its full name {host} instead."))
+    return LinkOffer(links[0][0], f"{why.format(host=host)} {what.format(host=first)}", tuple(links[1:]), url)
+
+
+def is_wildcard_address(host: str) -> bool:
+    """Return whether *host* is an address that listens on every interface (0.0.0.0, ::), or names none."""
+    return host.strip("[]") in ("", "0.0.0.0", "::")
 
 
 #: A Host header: a name of at most 253 characters (DNS's limit, which also keeps a link short enough for a QR
@@ -3519,7 +3597,8 @@ UPLOAD_FORM = string.Template("""<form method="post" action="$action" enctype="m
 <label for="host">$host_label</label>
 <input type="text" id="host" name="host" maxlength="253" placeholder="mail.example.com" value="$host" />
 <p class="muted">$host_note</p>
-<p$force_class_html><label class="plain"><input type="checkbox" name="force" value="1" /> $force_label</label>
+$refused_html<p$force_class_html><label class="plain"><input type="checkbox" name="force" value="1"$forced_html />
+$force_label</label>
 $force_reason $force_note</p>
 <p><button type="submit">$submit</button></p>
 </form>
@@ -3576,9 +3655,12 @@ def render_upload_form(config: Config, action: str, signed_in: bool = False) -> 
 
 
 def render_form(config: Config, action: str, *, pem: str = "", ttl: str = "", host: str = "",
-                force_reason: str = "") -> str:
+                force_reason: str = "", refused: str = "", forced: bool = False) -> str:
     """Return the upload form, filled in again after a refusal; *force_reason* says why "install it anyway" is the
-    way on."""
+    way on, and *refused* (PEM) carries the refused certificates back for it."""
+    again = _("The certificates you sent come with this form: you need not choose the file again.")
+    refused_html = (f'<input type="hidden" name="refused" value="{esc(refused)}" />\n'
+                    f'<p class="muted">{esc(again)}</p>\n' if refused else "")
     chosen = ttl.strip().lower()
     known = any(value == chosen for value, _ in allowed_ttl_choices(config))
     options = []
@@ -3587,7 +3669,8 @@ def render_form(config: Config, action: str, *, pem: str = "", ttl: str = "", ho
         marked = ' selected="selected"' if selected else ""
         options.append(f'<option value="{esc(value)}"{marked}>{esc(label)}</option>')
     return render(
-        UPLOAD_FORM, action=action, pem=pem, host=host, options_html="".join(options),
+        UPLOAD_FORM, action=action, pem=pem, host=host, options_html="".join(options), refused_html=refused_html,
+        forced_html=' checked="checked"' if forced else "",
         file_label=_("Certificate file (.cer, .crt, .der, .pem, .p7b, .p7c, .p12 or .pfx)"),
         pem_label=_("or paste the certificate text (PEM, or base64)"),
         ttl_label=_("The link works for"),
@@ -3632,26 +3715,35 @@ class Link(typing.NamedTuple):
     created: bool  # False when the certificate already had this link
     cut: bool = False  # the chosen lifetime would have outlived the certificate, so the link ends with it
     revoke_secret: str | None = None  # only for a new link, only on the answer that made it
+    offer: "LinkOffer | None" = None  # the link to hand out, with its note (offer_link); None: *url* as it is
+
+    @property
+    def lead(self) -> str:
+        """Return the link to hand out (offer_link): what every page, answer, mail and command shows."""
+        return self.offer.url if self.offer else self.url
 
 
+#: The administrator's page, in the order people hand things out: the link and its QR code, the mail, then the
+#: steps for devices, with everything only old Nokia phones need last.
 RESULT_PAGE = string.Template("""<h1>$heading</h1>
 $order_html
 $links_html
+$mail_html
 $findings_html
 <p class="muted">$compare</p>
 <section>
 <h2>$how</h2>
 $steps_html
 </section>
-$mail_html
+$nokia_html
 <p><a href="$home">$another</a></p>
 """)
 
 LINK_SECTION = string.Template("""<section>
 <h2>$heading</h2>
 <p class="link"><a href="$lead">$lead</a></p>
-$reachable_html
 <div class="qr">$qr_html</div>
+$reachable_html
 <p>$card_html</p>
 <p>$status$cut</p>
 $facts_html
@@ -3738,40 +3830,29 @@ def link_html(url: str) -> str:
     return f'<a href="{esc(url)}">{esc(url)}</a>'
 
 
-def render_reachable_note(url: str) -> str:
-    """Return the note shown when *url*'s host is loopback or a bare name: which link leads instead, and why."""
-    host = unreachable_host(url)
-    if host is None:
+def render_reachable_note(offer: LinkOffer) -> str:
+    """Return the note shown when the link was asked for on a loopback or bare name (offer_link): its sentences,
+    then the other links that reach this server."""
+    if not offer.note:
         return ""
-    links = reachable_links(url)
-    if is_loopback_host(host):
-        why = _("{strong}Phones cannot open {host}:{strong_end} it is this server's own loopback name.")
-    else:
-        why = _("{strong}Phones cannot open {host}:{strong_end} it is a short name that phones often cannot look up.")
-    sentences = [with_markup(why, host=esc(host), **EMPHASIS_HTML)]
-    if not links:
-        sentences.append(esc(_("Open this page by the server's name or address, or set public_url in certdrop.ini.")))
-    for index, (link, other) in enumerate(links):
-        if index == 0:
-            text = (_("The link above uses this server's address {host}.") if parse_address(other)
-                    else _("The link above uses its full name {host}."))
-        else:
-            text = (_("Also: {link} (this server's address {host}).") if parse_address(other)
-                    else _("Also: {link} (its full name {host})."))
-        sentences.append(with_markup(text, link=link_html(link), host=esc(other)))
-    if links:
-        sentences.append(with_markup(_("Opened on this machine it is {link}."), link=link_html(url)))
+    sentences = [esc(offer.note)]
+    for link, host in offer.alternatives:
+        text = (_("Also: {link} (this server's address {host}).") if parse_address(host.strip("[]"))
+                else _("Also: {link} (its full name {host})."))
+        sentences.append(with_markup(text, link=link_html(link), host=esc(host)))
+    if offer.url != offer.asked:
+        sentences.append(with_markup(_("Opened on this machine it is {link}."), link=link_html(offer.asked)))
     return render(REACHABLE_NOTE, text_html=" ".join(sentences))
 
 
 def render_findings(diagnosis: Diagnosis) -> str:
-    """Return the doctor's warnings, left-out certificates and device notes as HTML sections (empty if none)."""
+    """Return the doctor's warnings, left-out certificates and device notes as HTML sections (empty if none); the
+    notes only old Nokia phones need are render_old_nokia's."""
     parts = []
     for title, items, css in (
         (_("What needs attention"), [f"{f.message} [{f.code}]" for f in diagnosis.warnings], "warn"),
         (_("Left out"), [reason for _, reason in diagnosis.left_out], ""),
         (_("Device notes"), [f"{f.message} [{f.code}]" for f in diagnosis.device_notes], ""),
-        (_(OLD_NOKIA_HEADING), [f"{f.message} [{f.code}]" for f in diagnosis.old_nokia_notes], "muted"),
     ):
         if items:
             rows = "".join(f"<li>{esc(item)}</li>" for item in items)
@@ -3779,13 +3860,27 @@ def render_findings(diagnosis: Diagnosis) -> str:
     return "\n".join(parts)
 
 
+def render_old_nokia(certificate: Certificate, diagnosis: Diagnosis) -> str:
+    """Return what only old Nokia phones need, grouped under one heading to skip: the doctor's notes for them and
+    their install steps."""
+    notes = "".join(f"<li>{esc(f'{f.message} [{f.code}]')}</li>" for f in diagnosis.old_nokia_notes)
+    return (f'<section class="muted"><h2>{esc(_(OLD_NOKIA_HEADING))}</h2>{f"<ul>{notes}</ul>" if notes else ""}'
+            f"{render_result_steps(certificate, RESULT_PAGE_NOKIA_FAMILIES)}</section>")
+
+
 CUT_NOTE = N_("That is sooner than the lifetime you chose: a link never outlives its certificate, which expires "
               "then.")
 
 
+def lead_link(link: Link) -> str:
+    """Return the link *link* is handed out as (its offer's), which the result page's commands download from."""
+    return (link.offer or LinkOffer(link.url, "", (), link.url)).url
+
+
 def render_link(link: Link, now: float) -> str:
     certificate = link.entry.certificate
-    lead = lead_url(link.url)
+    offer = link.offer or LinkOffer(link.url, "", (), link.url)
+    lead = offer.url
     if link.created:
         status = _("New link, works until {date} (for {duration}).")
     else:
@@ -3794,10 +3889,10 @@ def render_link(link: Link, now: float) -> str:
     if link.revoke_secret:
         text_html = with_markup(_("This page alone can remove the link before it ends: this link's secret is {secret} "
                                   "(from a script: {command})."), secret=code_html(link.revoke_secret),
-                                command=code_html(f"curl -d secret={link.revoke_secret} {link.url}/revoke"))
+                                command=code_html(f"curl -d secret={link.revoke_secret} {lead}/revoke"))
         revoke_html = render(REVOKE_FORM, url=link.url, secret=link.revoke_secret, text_html=text_html,
                              remove=_("Remove this link now"))
-    return render(LINK_SECTION, lead=lead, qr_html=qr_svg(lead), reachable_html=render_reachable_note(link.url),
+    return render(LINK_SECTION, lead=lead, qr_html=qr_svg(lead), reachable_html=render_reachable_note(offer),
                   heading=_("{role}: {name}").format(role=_(ROLE_LABELS[certificate.role]), name=certificate.name),
                   card_html=with_markup(_("{link}A printable card{link_end} with this link, its QR code and short "
                                           "steps."), link=f'<a href="{esc(link.url)}/card">', link_end="</a>"),
@@ -3807,11 +3902,12 @@ def render_link(link: Link, now: float) -> str:
                   revoke_html=revoke_html)
 
 
-def render_result_steps(certificate: Certificate, url: str = "") -> str:
-    """Return the install steps of every device family, to pass on with the link *url* (commands download from it)."""
+def render_result_steps(certificate: Certificate, families: tuple[str, ...] = (), url: str = "") -> str:
+    """Return the install steps of the device *families* (default RESULT_PAGE_FAMILIES), to pass on with the link
+    *url* (commands download from it)."""
     parts = []
     der_url = f"{url}/{certificate.file_stem}.crt" if url else ""
-    for device in RESULT_PAGE_FAMILIES:
+    for device in families or RESULT_PAGE_FAMILIES:
         guide = DEVICE_GUIDES[device]
         file_name = f"{certificate.file_stem}{FILE_KINDS[guide.first].extension}".replace(".pem", ".crt")
         steps = "".join(f"<li>{step_html(step)}</li>" for step in guide_steps(device, certificate, file_name, der_url))
@@ -3847,8 +3943,9 @@ def render_mail_offer(config: Config, links: list[Link], home: str, whc: tuple[s
                                     "attachment, which mail systems mangle.",
                                     "A plain-text message with these links, the fingerprints and when they end; no "
                                     "attachment, which mail systems mangle.", count))
-    pairs = [(lead_url(link.url), link.entry) for link in links]
-    query = urllib.parse.urlencode({"subject": mail_subject(config, pairs), "body": mail_text(pairs, whc)},
+    pairs = [(link.lead, link.entry) for link in links]
+    query = urllib.parse.urlencode({"subject": mail_subject(config, pairs),
+                                    "body": mail_text(pairs, whc, [link.offer for link in links])},
                                    quote_via=urllib.parse.quote)
     text = ngettext("{link}Write an e-mail with this link, the fingerprints and when it ends{link_end} (opens your "
                     "mail program: this server sends no mail).",
@@ -3871,13 +3968,15 @@ def header_text(value: str) -> str:
                    if unicodedata.category(char) not in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"))
 
 
-def mail_text(links: list[tuple[str, Entry]], whc: tuple[str, int]) -> str:
-    """Return the plain-text message that carries *links*: (url, entry) pairs. *whc*: (default layout, charset)."""
+def mail_text(links: list[tuple[str, Entry]], whc: tuple[str, int], offers: Iterable[LinkOffer | None] = ()) -> str:
+    """Return the plain-text message that carries *links*: (url, entry) pairs. *whc*: (default layout, charset).
+    *offers*, one for each link, add its note and alternatives (offer_link) under it."""
     lines = []
-    for url, entry in links:
+    for (url, entry), offer in zip(links, [*offers, *[None] * len(links)]):
         certificate = entry.certificate
         lines += [_("Install the CA certificate \u201c{name}\u201d from:").format(name=certificate.name), f"  {url}",
-                  f"  SHA-256 {colon_hex(certificate.sha256)}", f"  SHA-1   {colon_hex(certificate.sha1)}"]
+                  *link_note_lines(offer), f"  SHA-256 {colon_hex(certificate.sha256)}",
+                  f"  SHA-1   {colon_hex(certificate.sha1)}"]
         if certificate.self_signed:
             body = hashed_certificate(certificate, charset=whc[1], length_prefixed=whc[0] == "whc-length")
             lines.append("  " + _("Nokia Series 40 code: {code}").format(code=hashed_certificate_code(body)))
@@ -3888,7 +3987,7 @@ def mail_text(links: list[tuple[str, Entry]], whc: tuple[str, int]) -> str:
 
 
 def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str, mail_html: str = "") -> bytes:
-    steps = render_result_steps(links[0].entry.certificate, links[0].url)
+    steps = render_result_steps(links[0].entry.certificate, url=lead_link(links[0]))
     heading = ngettext("Your install link", "Your install links", len(links))
     if not any(link.created for link in links):
         heading = ngettext("This certificate already has a link", "These certificates already have links", len(links))
@@ -3901,7 +4000,8 @@ def render_result(links: list[Link], diagnosis: Diagnosis, now: float, home: str
         compare=_("Before trusting a certificate on a device, compare its SHA-256 or SHA-1 fingerprint with the one "
                   "shown here: the link is plain HTTP, and the fingerprint is what proves the file was not swapped."),
         how=_("How to install it"),
-        steps_html=steps + f"<p>{render_developer_note(links[0].url)}</p>",
+        steps_html=steps + f"<p>{render_developer_note(lead_link(links[0]))}</p>",
+        nokia_html=render_old_nokia(links[0].entry.certificate, diagnosis),
         home=home,
         another=_("Share another certificate"),
         mail_html=mail_html,
@@ -4251,7 +4351,10 @@ DEVICE_GUIDES = {
 }
 
 #: The device families the result page explains, in this order.
-RESULT_PAGE_FAMILIES = ("s60", "s40", "ios", "android", "windows", "macos", "linux", "firefox", "chromeos")
+RESULT_PAGE_FAMILIES = ("ios", "android", "windows", "macos", "linux", "firefox", "chromeos")
+
+#: ... and the old Nokia phones', which go last, together with the notes only they need.
+RESULT_PAGE_NOKIA_FAMILIES = ("s60", "s40")
 
 #: One install step: (text, is a command) pieces.
 Step = tuple[tuple[str, bool], ...]
@@ -4701,7 +4804,8 @@ def render_nokia_page(certificate: Certificate, client: Client, base_path: str, 
     stem = certificate.file_stem
     # The first action comes first: at 176x220 the name and two fingerprints alone fill the first screen.
     parts = [f"<p>{escape(_(PROXY_NOTE))}</p>"] if client.via_proxy else []
-    parts.append(f'<p>1. <a href="{escape(base_path)}/{escape(stem)}.cer">{escape(_("Install the certificate (.cer)"))}'
+    install = _("Install the certificate (.cer)")
+    parts.append(f'<p>1. <a href="{escape(base_path)}/{escape(stem)}.cer">{escape(install)}'
                  "</a></p>")
     if client.device == "s40":
         parts.append(_render_hashed_links(certificate, base_path, whc_kinds, charset, escape))
@@ -4739,10 +4843,10 @@ def _render_hashed_links(certificate: Certificate, base_path: str, whc_kinds: tu
         body = hashed_certificate(certificate, charset=charset, length_prefixed=kind == "whc-length")
         groups = hashed_certificate_code(body).split()
         label = _("Hashed certificate. Code:") if number == 2 else _("Hashed certificate, other layout. Code:")
-        extension = ".whc" if number == 2 else ".alt.whc"
+        extension, install = (".whc" if number == 2 else ".alt.whc"), _("Install")
         parts.append(f"<p>{number}. {escape(label)}<br/>{' '.join(groups[:3])}<br/>{' '.join(groups[3:])}"
                      f'<br/><a href="{escape(base_path)}/{escape(certificate.file_stem)}{extension}">'
-                     f"{escape(_('Install'))}</a></p>")
+                     f"{escape(install)}</a></p>")
     parts.append(f"<p>{escape(_(OLD_WAP_NOTE))}</p>")
     return "\n".join(parts)
 
@@ -5146,7 +5250,8 @@ def render_error_words(page: ErrorPage, extra_html: str) -> Response:
     if page.under_c:
         extra_html = f"<p>{esc(_(ENDED_LINK_ADVICE))}</p>"
     else:
-        extra_html = extra_html or f'<p><a href="{esc(page.home)}">{esc(_("Back to the upload page"))}</a></p>'
+        back = _("Back to the upload page")
+        extra_html = extra_html or f'<p><a href="{esc(page.home)}">{esc(back)}</a></p>'
     body = render_page(title, render(ERROR_PAGE, title=title, message=page.message, extra_html=extra_html),
                        home=page.home)
     return Response(body, page.status, MIME_HTML, headers + HTML_HEADERS)
@@ -5171,7 +5276,10 @@ def format_size(size: int) -> str:
 
 
 #: The upload's fields: a file or pasted text, and the options.
-FORM_FIELDS = ("cert", "pem", "ttl", "host", "force")
+FORM_FIELDS = ("cert", "pem", "ttl", "host", "force", "refused")
+
+#: The options of an upload, which may come in its address too (with_query_options).
+UPLOAD_OPTIONS = ("ttl", "host", "force")
 
 #: Types of a request body that is the certificate file itself (curl --data-binary, PowerShell -InFile); the
 #: options then come in the query string.
@@ -5203,8 +5311,7 @@ def parse_form(request: Request, limit: int, fields: tuple[str, ...] = FORM_FIEL
         raise UnsupportedMediaType(_("certdrop cannot read a {type} body. Send the certificate file itself "
                                      "(application/pkix-cert, application/octet-stream, text/plain, ...) or the "
                                      "upload form (multipart/form-data).").format(type=mime[:60]))
-    options = {name: value.encode("utf-8") for name, value in request.query.items() if name in ("ttl", "host", "force")}
-    return {**options, "cert": body}
+    return {"cert": body}  # the options are in the query string: with_query_options
 
 
 def _parse_multipart(body: bytes, params: str, limit: int) -> dict[str, bytes]:
@@ -5736,7 +5843,8 @@ def build_words(entry: Entry, answer: Answer, config: Config, signer: "ProfileSi
                                  answer.content_type, whc_kinds(config), config.whc_charset, entry.expires)
         return Response(body, 200, answer.content_type, headers + page_headers(answer.content_type))
     # the rest name the link itself, on the address the request came by
-    link = lead_url(install_url(answer.base, entry.token)) if answer.base else ""
+    link = offer_link(install_url(answer.base, entry.token), config.host, bool(config.public_url)).url \
+        if answer.base else ""
     if isinstance(answer, RedirectAnswer):
         location = f"{answer.base}/c/{entry.token}/{file_name(certificate, answer.name)}"
         return Response(b"", 302, MIME_TEXT, (("Location", location), *headers))
@@ -6456,17 +6564,19 @@ class App:
         wait = self.uploads.spend(request.remote_addr)
         if wait:
             raise TooManyRequests(wait)
-        fields = parse_form(request, self.config.max_upload)
+        fields = with_query_options(request, parse_form(request, self.config.max_upload))
         now, home = self.clock(), self.home(request)
         base = self.base_url(request)  # a bad Host is refused before anything is stored
+        force = form_flag(fields, "force")
         try:
             diagnosis = diagnose(choose_upload(fields), now=now, host=form_text(fields, "host"),
-                                 force=bool(form_text(fields, "force")), public_roots=system_trust_store())
-            links = store_links(self.store, self.config, diagnosis, form_text(fields, "ttl"), now, base)
+                                 force=force, public_roots=system_trust_store())
+            links = store_links(self.store, self.config, diagnosis, form_text(fields, "ttl"), now, base,
+                                self.config.host)
         except (CertificateError, LifetimeError) as error:
-            raise self.refusal_with_form(error, fields, home) from None
+            raise self.refusal_with_form(error, fields, home, response_format(request)) from None
         status = 201 if any(link.created for link in links) else 200
-        headers = (("Location", links[0].url), ("Vary", "Accept, User-Agent"))
+        headers = (("Location", links[0].lead), ("Vary", "Accept, User-Agent"))
         return answer_for(request, status, upload_report(links, diagnosis), render_upload_text(links, diagnosis),
                           lambda: render_result(links, diagnosis, now, home=home, mail_html=render_mail_offer(
                               self.config, links, home, whc_default(self.config))), headers)
@@ -6492,13 +6602,16 @@ class App:
             recipients = parse_addresses(fields.get("to", b"").decode("utf-8", "replace")[:4000],
                                          self.config.mail_recipients)
         except ValueError as error:
-            raise BadRequest(f"{error} {_('Nothing was sent.')}", code="bad-address") from None
+            nothing_sent = _("Nothing was sent.")
+            raise BadRequest(f"{error} {nothing_sent}", code="bad-address") from None
         tokens = fields.get("tokens", b"").decode("ascii", "replace").split()[:MAX_CERTIFICATES]
         if not tokens:
             raise BadRequest(_("No link was named. Nothing was sent."))
-        links = [(self.link_for(request, token), self.live_entry(request, token)) for token in tokens]
+        offers = [self.offer_for(request, token) for token in tokens]
+        links = [(offer.url, self.live_entry(request, token)) for offer, token in zip(offers, tokens)]
         try:
-            send_mail(self.config, recipients, mail_subject(self.config, links), mail_text(links, whc_default(self.config)))
+            send_mail(self.config, recipients, mail_subject(self.config, links),
+                      mail_text(links, whc_default(self.config), offers))
         except MailError as error:
             failure = http_error_for(error)
             work = esc(_("The links themselves work; hand them out another way:"))
@@ -6545,18 +6658,27 @@ class App:
             _("Link removed"), render(REVOKED_PAGE, heading=_("The link was removed"), text=page,
                                       home=self.home(request), another=_("Share a certificate"))))
 
-    def refusal_with_form(self, error: CertdropError, fields: dict[str, bytes], home: str) -> HTTPError:
+    def refusal_with_form(self, error: CertdropError, fields: dict[str, bytes], home: str, fmt: str) -> HTTPError:
         """Return the answer to a refused upload: the reason, then the form again, filled in as it was sent.
 
-        Pasted text comes back unless it held a private key, which is never sent anywhere again.
+        Pasted text comes back unless it held a private key, which is never sent anywhere again. A refusal that
+        "install it anyway" overrides brings the refused certificates back too, as PEM in the form, so that ticking
+        the box and sending is all it takes: nothing is kept on the server, so any process behind the same name
+        takes the confirmation. Only certificates come back (read_certificates refuses anything with a key).
         """
         forceable = getattr(error, "code", "") in FORCEABLE
         refusal = http_error_for(error)
-        if forceable:  # a sentence of its own after the refusal's, which says everything without it
-            refusal.message += " " + _("To go ahead all the same, tick \u201cInstall it anyway\u201d below.")
+        if forceable and fmt == "html":  # a sentence of its own after the refusal's, which says everything without it
+            refusal.message += " " + _("To go ahead all the same, tick \u201cInstall it anyway\u201d below and "
+                                       "send the form again: the certificates come back with it.")
+        elif forceable:
+            refusal.message += " " + _("To go ahead all the same, send it again with force=1 (a form field, or "
+                                       "?force=1 in the address).")
         pem = "" if getattr(error, "code", "") == "private-key" else fields.get("pem", b"").decode("utf-8", "replace")
+        refused = "" if not forceable or pem.strip() else refused_pem(fields)
         refusal.extra_html = render_form(self.config, home, pem=pem, ttl=form_text(fields, "ttl"),
-                                         host=form_text(fields, "host"),
+                                         host=form_text(fields, "host"), refused=refused,
+                                         forced=FLAG_VALUES.get(form_text(fields, "force").lower(), False),
                                          force_reason=_("This is the choice for the refusal above.") if forceable
                                          else "")
         return refusal
@@ -6612,7 +6734,11 @@ class App:
 
     def link_for(self, request: Request, token: str) -> str:
         """Return the link to hand out for *token*: on public_url, else on a name or address phones can reach."""
-        return lead_url(install_url(self.base_url(request), token))
+        return self.offer_for(request, token).url
+
+    def offer_for(self, request: Request, token: str) -> LinkOffer:
+        """Return the link to hand out for *token* with its note and alternatives (offer_link)."""
+        return offer_link(install_url(self.base_url(request), token), self.config.host, bool(self.config.public_url))
 
     def live_entry(self, request: Request, token: str) -> Entry:
         """Return the live entry of *token*; count unknown tokens per client, so that guessing them runs into 429.
@@ -6685,8 +6811,10 @@ def in_language_headers(response: Response, language: str) -> Response:
     return dataclasses.replace(response, headers=rest + (("Vary", ", ".join(vary)),))
 
 
-def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, now: float, base: str) -> list[Link]:
-    """Store every installable certificate of *diagnosis*, roots first, and return their links."""
+def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, now: float, base: str,
+                bound: str = "") -> list[Link]:
+    """Store every installable certificate of *diagnosis*, roots first, and return their links: on *base*, and as
+    handed out (offer_link, for a server listening on *bound*)."""
     expiries = [link_expiry(config, certificate, ttl, now) for certificate in diagnosis.installable]
     wanted = [(certificate, expires, secrets.token_urlsafe(16))
               for certificate, (expires, _) in zip(diagnosis.installable, expiries, strict=True)]  # all checked first
@@ -6696,8 +6824,9 @@ def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, no
                                                                           store.add_all(wanted, chains)):
         log.info("%s link %s for %r until %s", "new" if created else "existing", entry.token, certificate.name,
                  format_time(entry.expires))
-        links.append(Link(entry, install_url(base, entry.token), created, cut and entry.expires == expires,
-                          secret if created else None))
+        url = install_url(base, entry.token)
+        offer = offer_link(url, bound, bool(config.public_url)) if url.startswith("http") else None
+        links.append(Link(entry, url, created, cut and entry.expires == expires, secret if created else None, offer))
     return links
 
 
@@ -6709,11 +6838,11 @@ def upload_report(links: list[Link], diagnosis: Diagnosis) -> dict:
     return {
         "format": diagnosis.source,
         "links": [{
-            "url": link.url, "token": link.entry.token, "new": link.created, "expires": when(link.entry.expires),
+            **link_fields(link), "token": link.entry.token, "new": link.created, "expires": when(link.entry.expires),
             "cut_to_certificate": link.cut, "name": c.name, "role": c.role, "subject": c.subject,
             "issuer": c.issuer, "not_before": when(c.not_before.timestamp()),
             "not_after": when(c.not_after.timestamp()), "sha256": colon_hex(c.sha256), "sha1": colon_hex(c.sha1),
-            "revoke_url": f"{link.url}/revoke", "revoke_secret": link.revoke_secret,
+            "revoke_url": f"{link.lead}/revoke", "revoke_secret": link.revoke_secret,
         } for link in links for c in (link.entry.certificate,)],
         "left_out": [{"name": c.name, "sha256": colon_hex(c.sha256), "reason": reason}
                      for c, reason in diagnosis.left_out],
@@ -6721,9 +6850,25 @@ def upload_report(links: list[Link], diagnosis: Diagnosis) -> dict:
     }
 
 
+def link_fields(link: Link) -> dict:
+    """Return a link as JSON answers and ``show --json`` carry it: the link to hand out, its note (null when the
+    link as asked for reaches phones) and the other links that reach this server."""
+    offer = link.offer or LinkOffer(link.url, "", (), link.url)
+    return {"url": offer.url, "url_note": offer.note or None, "alternatives": [url for url, _ in offer.alternatives]}
+
+
+def link_note_lines(offer: LinkOffer | None, indent: str = "  ") -> list[str]:
+    """Return a link's note and alternatives (offer_link) as plain-text lines, for scripts and the command line."""
+    if offer is None or not offer.note:
+        return []
+    lines = [indent + offer.note]
+    lines += [indent + _("also {link}").format(link=url) for url, _host in offer.alternatives]
+    return lines
+
+
 def render_upload_text(links: list[Link], diagnosis: Diagnosis) -> str:
     """Return the plain-text answer to an upload, for curl, wget and PowerShell: the links first, one a line."""
-    lines = [link.url for link in links] + [""]
+    lines = [link.lead for link in links] + [""]
     for link in links:
         certificate = link.entry.certificate
         if link.created:
@@ -6734,11 +6879,11 @@ def render_upload_text(links: list[Link], diagnosis: Diagnosis) -> str:
                     if link.cut else _("{role} \u201c{name}\u201d, link it already had, works until {date}"))
         text = text.format(role=_(ROLE_LABELS[certificate.role]), name=certificate.name,
                            date=format_time(link.entry.expires))
-        lines += [f"{link.url}  {text}", f"  SHA-256 {colon_hex(certificate.sha256)}",
+        lines += [f"{link.lead}  {text}", *link_note_lines(link.offer), f"  SHA-256 {colon_hex(certificate.sha256)}",
                   f"  SHA-1   {colon_hex(certificate.sha1)}"]
         if link.revoke_secret:
             lines.append("  " + _("to remove it: {command}").format(
-                command=f"curl -d secret={link.revoke_secret} {link.url}/revoke"))
+                command=f"curl -d secret={link.revoke_secret} {link.lead}/revoke"))
     lines += [_("left out: {reason}").format(reason=reason) for _certificate, reason in diagnosis.left_out]
     lines += [(_("note [{code}]: {message}") if f.note else _("warning [{code}]: {message}")).format(
         code=f.code, message=f.message) for f in diagnosis.findings]
@@ -6749,12 +6894,54 @@ def form_text(fields: dict[str, bytes], name: str) -> str:
     return fields.get(name, b"").decode("utf-8", "replace").strip()[:256]
 
 
+#: How a yes-or-no option (force) may be written, in a form or a query string.
+FLAG_VALUES = {"": False, "0": False, "no": False, "false": False, "off": False,
+               "1": True, "yes": True, "true": True, "on": True}
+
+
+def form_flag(fields: dict[str, bytes], name: str) -> bool:
+    """Return a yes-or-no option of the upload; raise BadRequest for a value that is neither."""
+    value = form_text(fields, name).lower()
+    if value not in FLAG_VALUES:
+        raise BadRequest(_("{name}={value} is neither yes nor no: send {name}=1 or leave it out.").format(
+            name=name, value=value[:40]), code="bad-option")
+    return FLAG_VALUES[value]
+
+
+def with_query_options(request: Request, fields: dict[str, bytes]) -> dict[str, bytes]:
+    """Return the upload's *fields* with the options its address carries (``POST /?ttl=30d&force=1``), taken as
+    form fields are, whatever the body is. Anything else in the query string, or an option whose value there
+    differs from the form's, is refused (400): an option certdrop ignored would make, say, a 7-day link unasked."""
+    merged = dict(fields)
+    for name, value in urllib.parse.parse_qsl(request.environ.get("QUERY_STRING", ""), keep_blank_values=True):
+        if name not in UPLOAD_OPTIONS:
+            raise BadRequest(_("An upload takes no \u201c{name}\u201d in its address: the options there are {options}."
+                               ).format(name=name[:40], options=", ".join(UPLOAD_OPTIONS)), code="bad-option")
+        given = value.encode("utf-8")
+        if merged.get(name, b"").strip() and merged[name].strip() != given.strip():
+            raise BadRequest(_("{name} is given twice, differently, in the form and in the address: give it "
+                               "once.").format(name=name), code="bad-option")
+        merged[name] = given
+    return merged
+
+
+def refused_pem(fields: dict[str, bytes]) -> str:
+    """Return the certificates of an upload as PEM text, to send back with the form for a confirmation."""
+    try:
+        _source, certificates = read_certificates(choose_upload(fields))
+    except (CertdropError, ValueError):
+        return ""
+    return "".join(certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+                   for certificate in certificates[:MAX_CERTIFICATES])
+
+
 def choose_upload(fields: dict[str, bytes]) -> bytes:
-    """Return the certificate bytes from the form: the file, or else the pasted text."""
+    """Return the certificate bytes from the form: the file, or else the pasted text, or else the certificates
+    a refusal sent back for confirming (refused_pem)."""
     file_data, pasted = fields.get("cert", b""), fields.get("pem", b"")
     if file_data.strip() and pasted.strip():
         raise BadRequest(_("Choose a file or paste the certificate text, not both."))
-    return file_data if file_data.strip() else pasted
+    return file_data if file_data.strip() else pasted if pasted.strip() else fields.get("refused", b"")
 
 
 #: (path pattern, {method: handler}); HEAD is answered by the GET handler.
@@ -7009,17 +7196,63 @@ TOO_MANY_CONNECTIONS = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/p
 ###############################################################################
 
 
-def cli_base_url(config: Config) -> str:
-    """Return the start of links printed by the command line, which has no request to take a Host from.
+#: The file in data_dir where ``serve`` records the address it listens on, for the command line's links.
+LISTENING_FILE = "listening"
 
-    Empty when no address is known: with ``port = 0`` the server picks its port only when it starts.
+
+def record_listening(config: Config, host: str, port: int) -> None:
+    """Record in data_dir the address this server listens on (``serve --port 9000``, ``port = 0``), so that the
+    command line's links name it. Written atomically: a command reading it sees the old server's or this one's."""
+    data = json.dumps({"host": host, "port": port, "pid": os.getpid()}).encode() + b"\n"
+    try:
+        _write_atomically(Path(config.data_dir) / LISTENING_FILE, data, mode=0o644)
+    except OSError as error:
+        log.warning("could not record the listening address in %s: %s", config.data_dir, error)
+
+
+def forget_listening(config: Config) -> None:
+    """Remove the record of record_listening when it is still this process's (another server may have started)."""
+    path = Path(config.data_dir) / LISTENING_FILE
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        if json.loads(path.read_bytes()[:4096]).get("pid") == os.getpid():
+            path.unlink()
+
+
+def listening_address(config: Config) -> tuple[str, int]:
+    """Return (host, port) of the running server as it recorded them, else the configuration's."""
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        record = json.loads((Path(config.data_dir) / LISTENING_FILE).read_bytes()[:4096])
+        host, port = record["host"], record["port"]
+        if isinstance(host, str) and isinstance(port, int) and 0 < port <= 65535 and len(host) <= 253:
+            return host, port
+    return config.host, config.port
+
+
+def cli_base_url(config: Config) -> str:
+    """Return the start of links printed by the command line, which has no request to take a Host from: public_url,
+    else this machine on the port the server listens on, as a browser on the server itself would name it.
+
+    offer_link then makes of it what a page asked on the server itself shows. Empty when no address is known: with
+    ``port = 0`` and no server running, the port is picked only when the server starts.
     """
     if config.public_url:
         return config.public_url
-    if config.port == 0:
+    host, port = listening_address(config)
+    if port == 0:
         return ""
-    port = "" if config.port == 80 else f":{config.port}"
-    return f"http://{machine_fqdn() or socket.gethostname() or 'localhost'}{port}"
+    if is_wildcard_address(host):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host.strip('[]')}]"
+    return f"http://{host.lower()}{'' if port == 80 else f':{port}'}"
+
+
+def cli_offer(config: Config, token: str) -> LinkOffer | None:
+    """Return the link the command line prints for *token*: the one pages and answers hand out (offer_link)."""
+    base = cli_base_url(config)
+    if not base:
+        return None
+    return offer_link(install_url(base, token), listening_address(config)[0], bool(config.public_url))
 
 
 def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
@@ -7066,10 +7299,14 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), lambda signum, frame: stop.set())
+    record_listening(config, config.host, int(server.effective_port))  # before the line saying the server is up
     log.info("certdrop %s serving on http://%s:%s/ with data in %s", __version__, server.effective_host,
              server.effective_port, config.data_dir)
     announce_upload_key(app.store, config, server.effective_port)
-    serve_until(server, stop)
+    try:
+        serve_until(server, stop)
+    finally:
+        forget_listening(config)
     if app.access_log:
         app.access_log.flush()
     log.info("certdrop stopped")
@@ -7132,7 +7369,8 @@ def announce_upload_key(store: Store, config: Config, port: int) -> None:
     if config.upload_password:
         return
     key, created = store.upload_key()
-    address = cli_base_url(dataclasses.replace(config, port=port)) + "/"
+    base = cli_base_url(dataclasses.replace(config, port=port))
+    address = offer_link(base + "/", config.host, bool(config.public_url)).url if base else "/"
     if created or sys.stderr.isatty():
         say(f"certdrop: upload key {key} ({'new, ' if created else ''}sign in at {address}signin, or "
             f"curl -u certdrop:{key} -F cert=@ca.pem {address})", file=sys.stderr)
@@ -7171,17 +7409,18 @@ def cmd_add(args, config: Config, clock: Callable[[], float]) -> int:
     now = clock()
     diagnosis = diagnose(read_input(args.file, config.max_upload), now=now, host=args.host or "", force=args.force,
                          public_roots=system_trust_store())
-    links = store_links(make_store(config, clock), config, diagnosis, args.ttl or "", now, cli_base_url(config))
+    links = store_links(make_store(config, clock), config, diagnosis, args.ttl or "", now, cli_base_url(config),
+                        listening_address(config)[0])
     if not links[0].url.startswith("http"):
-        say("No address is known for these links (port = 0 picks one when the server starts): set public_url in "
-            "certdrop.ini to print whole links.")
+        say(NO_ADDRESS_KNOWN)
     show_qr = not args.no_qr and sys.stdout.isatty()
     for link in links:
         certificate = link.entry.certificate
-        say(lead_url(link.url))
-        print_reachable_note(link.url)
+        say(link.lead)
+        for line in link_note_lines(link.offer):
+            say(line)
         if show_qr and link.url.startswith("http"):
-            segno.make(lead_url(link.url), error="m").terminal(out=sys.stdout, compact=True)
+            segno.make(link.lead, error="m").terminal(out=sys.stdout, compact=True)
         say(f"  {'new' if link.created else 'existing'} link for {_(ROLE_LABELS[certificate.role]).lower()} "
             f"\u201c{certificate.name}\u201d, works until {format_time(link.entry.expires)}")
         if link.cut:
@@ -7212,23 +7451,9 @@ def say(text: str = "", file: typing.TextIO | None = None) -> None:
     print(term(text), file=file or sys.stdout)
 
 
-def print_reachable_note(url: str) -> None:
-    """Tell the administrator when *url*'s host is loopback or a bare name, and which link leads instead."""
-    host = unreachable_host(url)
-    if host is None:
-        return
-    links = reachable_links(url)
-    if not links:
-        say(f"  Phones cannot open {host}: set public_url in certdrop.ini to this server's name")
-        return
-    say(f"  Phones cannot open {host}; the link above uses {cli_host_words(links[0][1])}")
-    for link, other in links[1:]:
-        say(f"  also {link} ({cli_host_words(other)})")
-
-
-def cli_host_words(host: str) -> str:
-    """Return what a host of reachable_links is, in the command line's English."""
-    return f"this server's address {host}" if parse_address(host) else f"its full name {host}"
+#: What the command line says when it cannot print whole links.
+NO_ADDRESS_KNOWN = ("No address is known for these links (port = 0 picks one when the server starts): start the "
+                    "server, or set public_url in certdrop.ini, to print whole links.")
 
 
 #: Exit statuses of ``check``.
@@ -7264,7 +7489,8 @@ def print_check_report(report: dict) -> None:
         say(f"{report['file']}: refused [{report['refused']['code']}]: {report['refused']['message']}")
         return
     count = len(report["certificates"])
-    say(f"{report['file']}: {report['format']}, {count} certificate{'s' if count != 1 else ''}")
+    say(ngettext("{file}: {format}, {count} certificate", "{file}: {format}, {count} certificates", count).format(
+        file=report["file"], format=report["format"], count=count))
     for c in report["certificates"]:
         say(f"  {c['role']:<17} {c['name']}  {'gets a link' if c['link'] else 'no link'}")
         say(f"  {'':<17} SHA-256 {c['sha256']}")
@@ -7294,20 +7520,31 @@ def cmd_check(args, config: Config, clock: Callable[[], float]) -> int:
 
 def cmd_list(args, config: Config, clock: Callable[[], float]) -> int:
     now = clock()
+    notes = set()
     for token, entry in make_store(config, clock).entries():
         if entry is None:
             say(f"{token}  damaged  (not served; the log says why)")
             continue
         gone, was = entry.gone(now), entry.remembered
         state = gone.reason if gone else "live"
-        say(f"{entry.token}  {state:<7}  {format_time(gone.since if gone else entry.expires)}  {was.name if was else '-'}")
+        offer = cli_offer(config, entry.token)
+        link = offer.url if offer else f"/c/{entry.token}"
+        if offer and offer.note:
+            notes.add(offer.note)
+        say(f"{entry.token}  {state:<7}  {format_time(gone.since if gone else entry.expires)}  "
+            f"{was.name if was else '-'}  {link}")
+    for note in sorted(notes):  # one for all: the links differ only in their token
+        say(f"note: {note}")
     return 0
 
 
 def cmd_show(args, config: Config, clock: Callable[[], float]) -> int:
     entry = make_store(config, clock).lookup(args.token)
     gone = entry.gone(clock())
-    say(f"link      {install_url(cli_base_url(config), entry.token)}")
+    offer = cli_offer(config, entry.token)
+    say(f"link      {offer.url if offer else f'/c/{entry.token}'}")
+    for line in link_note_lines(offer, indent=" " * 10) if offer else [NO_ADDRESS_KNOWN]:
+        say(line)
     say(f"state     {gone if gone else 'live until ' + format_time(entry.expires)}")
     say(f"created   {format_time(entry.created)}")
     if entry.der is None:
@@ -7334,10 +7571,13 @@ def cmd_revoke(args, config: Config, clock: Callable[[], float]) -> int:
 
 def cmd_gc(args, config: Config, clock: Callable[[], float]) -> int:
     counts = make_store(config, clock).sweep()
-    say(f"{counts['expired']} expired, {counts['deleted']} deleted, {counts['temporary']} temporary files removed")
+    say(ngettext("{expired} expired, {deleted} deleted, {temporary} temporary file removed",
+                 "{expired} expired, {deleted} deleted, {temporary} temporary files removed",
+                 counts["temporary"]).format(**counts))
     if counts["damaged"]:
-        say(f"{counts['damaged']} damaged entries left as they are for you to look at ('list' names them, the log "
-            "says why)")
+        say(ngettext("{count} damaged entry left as it is for you to look at ('list' names it, the log says why)",
+                     "{count} damaged entries left as they are for you to look at ('list' names them, the log says "
+                     "why)", counts["damaged"]).format(count=counts["damaged"]))
     return 0
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import babel.messages.mofile
 import babel.messages.pofile
+import bs4
 import hypothesis
 import hypothesis.stateful
 import hypothesis.strategies as st
@@ -765,9 +766,86 @@ def test_a_refused_upload_shows_the_form_again_with_install_it_anyway_explained(
     assert form.submit(status=201).headers["Location"].startswith("http://ca.example.org:8080/c/")
 
 
+def test_a_refused_file_is_confirmed_by_ticking_the_box_without_choosing_it_again(testapp, pki):
+    refusal = upload(testapp, pki.leaf.public_bytes(serialization.Encoding.DER), "server.cer", status=422, ttl="30d")
+    form = refusal.forms[0]
+    assert form["refused"].value == pem_of(pki.leaf).decode() and "PRIVATE" not in form["refused"].value
+    assert "you need not choose the file again" in html_text(refusal)
+    assert form.submit(status=422).forms[0]["refused"].value == form["refused"].value  # unticked: asked again
+    form["force"] = True
+    result = form.submit(headers={"Accept": "application/json"}, status=201).json
+    assert result["links"][0]["sha256"] == pki.leaf.fingerprint(hashes.SHA256()).hex(":").upper()
+    assert result["links"][0]["expires"] == "2027-02-14T08:00:00Z"  # the 30 days of the refused upload, NOW + 30 d
+
+
+def test_a_confirmation_needs_no_state_so_another_server_behind_the_same_name_takes_it(tmp_path, pki, clock):
+    def server(name):
+        config = certdrop.Config(data_dir=tmp_path / name, allowed_hosts=TEST_HOSTS)
+        return client(certdrop.make_app(config, certdrop.make_store(config, clock), clock))
+
+    form = upload(server("one"), pem_of(pki.leaf), status=422).forms[0]
+    form["force"] = True
+    fields = {name: value for name, value in form.submit_fields() if name != "cert"}  # no file is chosen again
+    server("two").post("/", fields, status=201)
+    assert files_under(tmp_path / "one") == [] and files_under(tmp_path / "two")
+
+
+def test_a_refusal_with_a_key_beside_a_server_certificate_sends_nothing_back(testapp, pki, key_pem):
+    refusal = upload(testapp, pem_of(pki.leaf) + key_pem, "server.pem", status=422)
+    assert "refused" not in refusal.forms[0].fields and b"PRIVATE KEY" not in refusal.body
+    assert pem_of(pki.leaf).splitlines()[1] not in refusal.body
+
+
+@pytest.mark.parametrize("accept", ["text/plain", "application/json"])
+def test_text_and_json_refusals_say_force_1_not_the_web_forms_tick(testapp, pki, accept):
+    refusal = testapp.post("/", pem_of(pki.leaf), content_type="application/x-pem-file", headers={"Accept": accept},
+                           status=422)
+    message = refusal.json["error"]["message"] if accept == "application/json" else refusal.text
+    assert "send it again with force=1" in message and "tick" not in message.lower()
+
+
+def test_query_options_on_a_multipart_upload_are_honoured_like_form_fields(testapp, pki):
+    answer = testapp.post("/?ttl=1h&force=1", upload_files=[("cert", "server.pem", pem_of(pki.leaf))],
+                          headers={"Accept": "application/json"}, status=201).json
+    assert answer["links"][0]["expires"] == "2027-01-15T09:00:00Z"  # NOW + 1 h, not the default 7 days
+
+
+@pytest.mark.parametrize("content_type", ["application/x-pem-file", "application/x-www-form-urlencoded"])
+def test_query_options_on_a_raw_upload_are_honoured(testapp, root_pem, content_type):
+    answer = testapp.post("/?ttl=1h", root_pem, content_type=content_type, headers={"Accept": "application/json"},
+                          status=201).json
+    assert answer["links"][0]["expires"] == "2027-01-15T09:00:00Z"
+
+
+@pytest.mark.parametrize(("query", "fields", "words"), [
+    ("?tll=1h", {}, "takes no \u201ctll\u201d"),
+    ("?ttl=1h", {"ttl": "7d"}, "ttl is given twice"),
+    ("?force=maybe", {}, "force=maybe is neither yes nor no"),
+    ("?ttl=1h&ttl=2h", {}, "ttl is given twice"),
+], ids=["unknown", "conflicting", "not-a-flag", "twice-in-the-query"])
+def test_query_parameters_an_upload_cannot_honour_are_refused_with_400(testapp, root_pem, query, fields, words):
+    refusal = testapp.post("/" + query, fields, upload_files=[("cert", "ca.pem", root_pem)],
+                           headers={"Accept": "application/json"}, status=400).json
+    assert words in refusal["error"]["message"]
+    raw = testapp.post("/" + query, root_pem, content_type="application/x-pem-file", status="*")
+    assert raw.status_int == (201 if fields else 400)  # a raw body has no form fields for the query to differ from
+
+
 def test_a_refused_private_key_is_not_sent_back_in_the_form(testapp, root_pem, key_pem):
     refusal = testapp.post("/", {"pem": (root_pem + key_pem).decode()}, status=422)
     assert refusal.forms[0]["pem"].value == "" and b"PRIVATE KEY" not in refusal.body
+
+
+def test_a_lone_public_root_gets_a_note_that_devices_already_trust_it(testapp):
+    store_file = next(Path(path) for path in certdrop.SYSTEM_TRUST_STORES if Path(path).exists())
+    first = re.search(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", store_file.read_bytes(), re.S)[0]
+    result = upload(testapp, first, "public.pem")
+    assert "Devices already trust this CA" in html_text(result) and "[public-root]" in html_text(result)
+    assert "You probably meant your own CA" in html_text(result)
+
+
+def test_your_own_root_gets_no_public_root_note(testapp, root_der):
+    assert "public-root" not in upload(testapp, root_der).text
 
 
 def test_public_trust_stores_ask_for_confirmation(testapp, store, many_roots):
@@ -818,6 +896,15 @@ def test_every_loopback_link_gets_the_reachable_note(app, pki, machine):
     result = upload(client(app, HTTP_HOST="localhost:8080"), pem_of(pki.root, pki.rsa_root))
     notes = [p.get_text() for p in result.html.find_all("p", class_="warn")]
     assert len(notes) == 2 and all("Phones cannot open localhost" in note for note in notes)
+
+
+def test_the_result_page_leads_with_the_link_qr_and_mail_and_puts_old_nokia_phones_last(testapp, pki):
+    page = upload(testapp, pem_of(pki.rsa_root)).text
+    order = [page.index(marker) for marker in ('class="link"', 'class="qr"', "mailto:", "How to install it",
+                                               "iPhone and iPad", "Only for old Nokia phones", "Nokia Series 40",
+                                               "Share another certificate")]
+    assert order == sorted(order)
+    assert page.count("Only for old Nokia phones") == 1 and page.count("Nokia Symbian (S60)") == 1
 
 
 def test_old_nokia_notes_are_grouped_under_one_heading_to_skip(testapp, pki):
@@ -1253,6 +1340,24 @@ USER_AGENTS = {
                          "Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40", "nokia-page"),
     "s40-7610-supernova": ("Nokia7610 Supernova/2.0 (05.20) Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40",
                            "nokia-page"),
+    # Model names with a long suffix (issue 21): the name is part of the model. UA shapes from WURFL's lists
+    # ("Nokia5310XpressMusic/2.0 (07.01) Profile/MIDP-2.1 ..."), the WebKit one as the issue's user reported it.
+    "s40-5310-xpressmusic-webkit": ("Mozilla/5.0 (Nokia5310XpressMusic/2.0 (09.42); Profile/MIDP-2.1 "
+                                    "Configuration/CLDC-1.1) AppleWebKit/420+ (KHTML, like Gecko) Safari/420+", "s40",
+                                    "nokia-page"),
+    "s40-5310-xpressmusic": ("Nokia5310XpressMusic/2.0 (07.01) Profile/MIDP-2.1 Configuration/CLDC-1.1", "s40",
+                             "nokia-page"),
+    "s40-3600-slide-webkit": ("Mozilla/5.0 (Nokia3600slide/2.0 (04.20); Profile/MIDP-2.1 Configuration/CLDC-1.1) "
+                              "AppleWebKit/420+ (KHTML, like Gecko) Safari/420+", "s40", "nokia-page"),
+    "s40-3600-slide-opera-mini": ("Opera/9.80 (J2ME/MIDP; Opera Mini/4.2.14912/870; U; Nokia3600slide; en) "
+                                  "Presto/2.4.15", "s40", "nokia-page"),
+    "s60-3600-opera-mini": ("Opera/9.80 (J2ME/MIDP; Opera Mini/4.2.14912/870; U; Nokia3600; en) Presto/2.4.15", "s60",
+                            "nokia-page"),
+    "s40-7610-supernova-webkit": ("Mozilla/5.0 (Nokia7610 Supernova/2.0 (05.20); Profile/MIDP-2.1 "
+                                  "Configuration/CLDC-1.1) AppleWebKit/420+ (KHTML, like Gecko) Safari/420+", "s40",
+                                  "nokia-page"),
+    "s60-6700-slide-opera-mini": ("Opera/9.80 (J2ME/MIDP; Opera Mini/4.2.14912/870; U; Nokia6700slide; en) "
+                                  "Presto/2.4.15", "s60", "nokia-page"),
     "s40-opera-mini-naming-the-phone": ("Opera/9.80 (J2ME/MIDP; Opera Mini/5.1.21214/28.2725; U; Nokia 6230; en) "
                                         "Presto/2.5.25 Version/10.54", "s40", "nokia-page"),
     "s60-opera-mini-lower-case": ("Opera/9.80 (J2ME/MIDP; Opera mini/4.2.14912/870; U; NokiaN95; en) "
@@ -3232,6 +3337,99 @@ def test_reachable_links_put_ipv4_addresses_first_then_the_full_name(url, addres
     assert [link for link, _ in certdrop.reachable_links(url, addresses, fqdn)] == expected
 
 
+def test_a_loopback_upload_gives_the_same_link_note_and_alternatives_on_the_page_in_text_json_mail_and_card(
+        app, root_der, machine):
+    local = client(app, HTTP_HOST="127.0.0.1:8080")
+    page = upload(local, root_der)
+    token = token_of(page)
+    lead, other = f"http://192.168.1.5:8080/c/{token}", f"http://server.corp.example:8080/c/{token}"
+    note = ("Phones cannot open 127.0.0.1: it is this server's own loopback name. This link uses this server's "
+            "address 192.168.1.5 instead.")
+    text = local.post("/", root_der, content_type="application/pkix-cert", headers={"User-Agent": "curl/8.5.0"},
+                      status=200)
+    data = local.post("/", root_der, content_type="application/pkix-cert", headers={"Accept": "application/json"},
+                      status=200).json["links"][0]
+    assert page.headers["Location"] == text.headers["Location"] == lead
+    assert page.html.find("p", class_="link").get_text() == text.text.splitlines()[0] == data["url"] == lead
+    assert data["url_note"] == note and data["alternatives"] == [other] and data["revoke_url"] == f"{lead}/revoke"
+    assert f"  {note}\n  also {other}\n" in text.text
+    warning = " ".join(page.html.find("p", class_="warn").get_text(" ").split())
+    assert warning.startswith(note) and f"Also: {other}" in warning
+    assert lead in urllib.parse.unquote(next(a["href"] for a in page.html.find_all("a")
+                                             if a["href"].startswith("mailto:")))
+    body = urllib.parse.parse_qs(urllib.parse.urlsplit(next(a["href"] for a in page.html.find_all("a")
+                                                            if a["href"].startswith("mailto:"))).query)["body"][0]
+    assert f"  {lead}\n  {note}\n  also {other}\n" in body
+    assert lead in html_text(local.get(f"/c/{token}/card"))
+    assert lead in html_text(local.get(f"/c/{token}", headers={"User-Agent": USER_AGENTS["windows-edge"][0]}))
+
+
+def test_a_server_listening_on_loopback_only_offers_no_machine_address_and_says_why(config, store, clock, root_der,
+                                                                                     machine):
+    local = client(certdrop.make_app(dataclasses.replace(config, host="127.0.0.1"), store, clock),
+                   HTTP_HOST="127.0.0.1:8080")
+    data = local.post("/", root_der, content_type="application/pkix-cert", headers={"Accept": "application/json"},
+                      status=201).json["links"][0]
+    assert data["url"] == f"http://127.0.0.1:8080/c/{data['token']}" and data["alternatives"] == []
+    assert "This server listens only on 127.0.0.1, which no other device can reach: set host = 0.0.0.0" in (
+        data["url_note"])
+
+
+def test_a_link_on_a_real_name_has_no_note_and_no_alternatives(testapp, root_der, machine):
+    data = testapp.post("/", root_der, content_type="application/pkix-cert", headers={"Accept": "application/json"},
+                        status=201).json["links"][0]
+    assert data["url"].startswith("http://ca.example.org:8080/c/")
+    assert data["url_note"] is None and data["alternatives"] == []
+
+
+def test_public_url_leads_over_the_host_a_page_was_asked_by(config, store, clock, root_der, machine):
+    app = certdrop.make_app(dataclasses.replace(config, public_url="https://certs.example.com"), store, clock)
+    result = upload(client(app, HTTP_HOST="127.0.0.1:8080"), root_der)
+    assert result.html.find("p", class_="link").get_text() == f"https://certs.example.com/c/{token_of(result)}"
+    assert "Phones cannot open" not in result.text
+
+
+@pytest.mark.parametrize(("url", "bound", "public", "lead", "alternatives", "says"), [
+    ("http://127.0.0.1:9000/c/x", "0.0.0.0", False, "http://192.168.1.5:9000/c/x",
+     ["http://server.corp.example:9000/c/x"], "This link uses this server's address 192.168.1.5 instead."),
+    ("http://[::1]:9000/c/x", "::", False, "http://192.168.1.5:9000/c/x", ["http://server.corp.example:9000/c/x"],
+     "Phones cannot open ::1: it is this server's own loopback name."),
+    ("http://server:9000/c/x", "0.0.0.0", False, "http://192.168.1.5:9000/c/x",
+     ["http://server.corp.example:9000/c/x"], "it is a short name that phones often cannot look up"),
+    ("http://127.0.0.1:9000/c/x", "127.0.0.1", False, "http://127.0.0.1:9000/c/x", [],
+     "This server listens only on 127.0.0.1, which no other device can reach"),
+    ("http://[::1]:9000/c/x", "::1", False, "http://[::1]:9000/c/x", [], "This server listens only on ::1"),
+    ("http://localhost:9000/c/x", "10.9.9.9", False, "http://10.9.9.9:9000/c/x", [],
+     "This link uses this server's address 10.9.9.9 instead."),
+    ("http://localhost:9000/c/x", "0.0.0.0", True, "http://localhost:9000/c/x",
+     ["http://192.168.1.5:9000/c/x", "http://server.corp.example:9000/c/x"],
+     "It is public_url in certdrop.ini, so it leads all the same: set public_url to a name phones can open, such as "
+     "http://192.168.1.5:9000."),
+    ("http://ca.example.org:9000/c/x", "0.0.0.0", False, "http://ca.example.org:9000/c/x", [], ""),
+], ids=["loopback", "ipv6-loopback", "bare-name", "listening-on-loopback", "listening-on-ipv6-loopback",
+        "listening-on-one-address", "loopback-public-url", "real-name"])
+def test_one_rule_makes_the_link_its_note_and_its_alternatives(machine, url, bound, public, lead, alternatives, says):
+    offer = certdrop.offer_link(url, bound, public)
+    assert offer.url == lead and [link for link, _ in offer.alternatives] == alternatives
+    assert says in offer.note and bool(offer.note) == bool(says) and offer.asked == url
+
+
+@pytest.mark.parametrize(("listening", "base"), [
+    ({"host": "0.0.0.0", "port": 9000}, "http://127.0.0.1:9000"),
+    ({"host": "::1", "port": 9000}, "http://[::1]:9000"),
+    ({"host": "10.9.9.9", "port": 80}, "http://10.9.9.9"),
+    (None, "http://127.0.0.1:8080"),  # no server running: the ini's host and port
+    ({"host": "0.0.0.0", "port": "9000"}, "http://127.0.0.1:8080"),  # not a record serve writes: ignored
+], ids=["every-interface", "ipv6-loopback", "one-address", "no-record", "damaged-record"])
+def test_the_command_line_names_the_address_the_server_recorded(tmp_path, listening, base):
+    config = certdrop.Config(data_dir=tmp_path)
+    if listening is not None:
+        (tmp_path / "listening").write_text(json.dumps(listening))
+    assert certdrop.cli_base_url(config) == base
+    assert certdrop.cli_base_url(dataclasses.replace(config, public_url="https://ca.example.org")) == (
+        "https://ca.example.org")
+
+
 def test_result_page_has_no_loopback_warning_for_a_real_host(testapp, root_der):
     assert "Phones cannot open" not in upload(testapp, root_der).text
 
@@ -3490,7 +3688,7 @@ def test_pages_speak_the_accept_language_of_the_reader(testapp, root_token):
     page = testapp.get(f"/c/{root_token}", headers={**IPHONE, "Accept-Language": "de-AT, en;q=0.5"})
     assert '<html xmlns="http://www.w3.org/1999/xhtml" lang="de" xml:lang="de">' in page.text
     assert re.search(r"<title>\u201e[^<]+\u201c installieren</title>", page.text), page.text[:400]
-    assert "Tippe auf die Taste und w\u00e4hle \u201eErlauben\u201c." in page.text
+    assert "Tippen Sie auf die Schaltfl\u00e4che und w\u00e4hlen Sie \u201eErlauben\u201c." in page.text
     english = testapp.get(f"/c/{root_token}", headers={**IPHONE, "Accept-Language": "ja"})
     assert 'lang="en"' in english.text and "Tap the button and choose Allow." in english.text
 
@@ -3503,7 +3701,7 @@ def test_a_language_chosen_on_the_picker_sticks_and_wins_over_accept_language(te
     assert int(re.search(r"Max-Age=(\d+)", cookie)[1]) >= 180 * 86400
     for headers in (IPHONE, {**IPHONE, "Accept-Language": "ru, en;q=0.5"}):
         page = testapp.get(f"/c/{root_token}", headers=headers)
-        assert 'lang="de"' in page.text and "Tippe auf die Taste" in page.text
+        assert 'lang="de"' in page.text and "Tippen Sie auf die Schaltfl\u00e4che" in page.text
         assert page.headers["Content-Language"] == "de"
     testapp.get(f"/lang/en?next=/c/{root_token}", status=303)
     assert "Tap the button and choose Allow." in testapp.get(f"/c/{root_token}", headers=IPHONE).text
@@ -3657,6 +3855,12 @@ def test_every_message_of_the_code_is_in_the_template_and_every_catalog():
     with (certdrop.LOCALE_DIR / "certdrop.pot").open("rb") as file:
         committed = {m.id if isinstance(m.id, str) else m.id[0] for m in babel.messages.pofile.read_po(file) if m.id}
     assert ids == committed, "run locale/update"
+    # Babel's extractor does not look inside f-strings; Python's own parser does: every literal message is seen
+    tree = ast.parse(Path(certdrop.__file__).read_text(encoding="utf-8"))
+    literal = {node.args[0].value for node in ast.walk(tree)
+               if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("_", "N_", "ngettext")
+               and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)}
+    assert literal - ids == set(), "a message the extractor cannot see (inside an f-string?)"
     for code in certdrop.LANGUAGES:
         if code != "en":
             catalog = read_catalog(code)
@@ -4223,7 +4427,8 @@ def test_json_clients_get_the_documented_upload_shape(testapp, pki, root):
                           headers={"Accept": "application/json"}, status=201).json
     assert answer["version"] == 1 and answer["format"] == "PEM"
     link = answer["links"][0]
-    assert set(link) == {"url", "token", "new", "expires", "cut_to_certificate", "name", "role", "subject", "issuer",
+    assert set(link) == {"url", "url_note", "alternatives", "token", "new", "expires", "cut_to_certificate", "name",
+                         "role", "subject", "issuer",
                          "not_before", "not_after", "sha256", "sha1", "revoke_url", "revoke_secret"}
     assert link["url"].endswith("/c/" + link["token"]) and link["role"] == "root" and link["new"] is True
     assert link["expires"] == "2027-01-22T08:00:00Z" and link["not_after"] == "2035-01-01T00:00:00Z"
@@ -5069,6 +5274,11 @@ def cert_file(tmp_path, root_pem):
     return path
 
 
+def list_lines_without_links(out):
+    """Return the lines of ``list`` without their last column (the link) and the note that follows them."""
+    return [line.rsplit("  ", 1)[0] for line in out.splitlines() if not line.startswith("note: ")]
+
+
 def cli_add(ini, cert_file, capsys, *options):
     assert cli(ini, "add", str(cert_file), *options) == 0
     out = capsys.readouterr().out
@@ -5081,13 +5291,16 @@ def test_add_prints_the_link_and_fingerprints(ini, cert_file, capsys, root):
     assert root[0].fingerprint(hashes.SHA256()).hex(":").upper() in out
 
 
-def test_add_with_a_loopback_link_leads_with_the_machines_address(tmp_path, cert_file, capsys, machine):
+def test_a_loopback_public_url_still_leads_and_add_names_the_machines_address_beside_it(tmp_path, cert_file, capsys,
+                                                                                         machine):
     ini = tmp_path / "local.ini"
     ini.write_text("[certdrop]\ndata_dir = data\npublic_url = http://localhost:8080\n")
     token, out = cli_add(ini, cert_file, capsys)
-    assert out.startswith(f"http://192.168.1.5:8080/c/{token}\n")
-    assert "  Phones cannot open localhost; the link above uses this server's address 192.168.1.5\n" in out
-    assert f"  also http://server.corp.example:8080/c/{token} (its full name server.corp.example)\n" in out
+    assert out.startswith(f"http://localhost:8080/c/{token}\n")
+    assert ("  Phones cannot open localhost: it is this server's own loopback name. It is public_url in certdrop.ini, "
+            "so it leads all the same: set public_url to a name phones can open, such as http://192.168.1.5:8080.\n"
+            ) in out
+    assert f"  also http://192.168.1.5:8080/c/{token}\n  also http://server.corp.example:8080/c/{token}\n" in out
 
 
 def test_sweep_does_not_push_hot_entries_out_of_the_cache(config, clock, root_der, other_der):
@@ -5116,7 +5329,8 @@ def test_add_refuses_a_private_key(ini, tmp_path, key_pem, capsys):
 def test_list_shows_links_and_their_state(ini, cert_file, capsys):
     token, _ = cli_add(ini, cert_file, capsys)
     assert cli(ini, "list") == 0
-    assert re.search(rf"^{token}  live .* Example Root CA$", capsys.readouterr().out, re.M)
+    assert re.search(rf"^{token}  live .* Example Root CA  http://ca.example.org:8080/c/{token}$",
+                     capsys.readouterr().out, re.M)
 
 
 def test_show_prints_the_certificate_facts(ini, cert_file, capsys):
@@ -5137,7 +5351,7 @@ def test_revoke_stops_a_link(ini, cert_file, capsys):
 def test_an_ended_link_still_says_which_certificate_it_was(ini, cert_file, capsys, root):
     token, _ = cli_add(ini, cert_file, capsys)
     assert cli(ini, "revoke", token) == 0 and cli(ini, "list") == 0
-    assert capsys.readouterr().out.splitlines()[-1].endswith("  Example Root CA")
+    assert list_lines_without_links(capsys.readouterr().out)[-1].endswith("  Example Root CA")
     assert cli(ini, "show", token) == 0
     shown = capsys.readouterr().out
     assert "name      Example Root CA" in shown and root[0].fingerprint(hashes.SHA256()).hex(":").upper() in shown
@@ -5156,7 +5370,7 @@ def test_a_store_written_by_the_previous_release_keeps_working(tmp_path, capsys,
     ini = tmp_path / "certdrop.ini"
     ini.write_text("[certdrop]\ndata_dir = data\n")
     assert cli(ini, "list") == 0
-    assert capsys.readouterr().out.splitlines() == [
+    assert list_lines_without_links(capsys.readouterr().out) == [
         f"abcdefgh  live     {certdrop.format_time(NOW + DAY)}  Example Root CA",
         f"bcdefghj  revoked  {certdrop.format_time(NOW - 60)}  -"]
     assert cli(ini, "show", "bcdefghj") == 0 and "revoked on" in capsys.readouterr().out
@@ -5187,7 +5401,7 @@ def test_a_store_written_by_certdrop_0_2_keeps_working_and_is_rewritten_as_it_ch
     ini = tmp_path / "certdrop.ini"
     ini.write_text("[certdrop]\ndata_dir = data\nallowed_hosts = ca.example.org\n")
     assert cli(ini, "list") == 0
-    assert capsys.readouterr().out.splitlines() == [
+    assert list_lines_without_links(capsys.readouterr().out) == [
         f"abcdefgh  live     {certdrop.format_time(NOW + DAY)}  Example Root CA",
         f"bcdefghj  live     {certdrop.format_time(NOW + 60)}  Second CA",
         f"cdefghjk  revoked  {certdrop.format_time(NOW - 60)}  Old CA"]
@@ -5242,7 +5456,7 @@ def test_list_show_and_gc_report_a_damaged_entry_and_carry_on(ini, cert_file, tm
     assert cli(ini, "show", token) == 1
     assert "is damaged" in capsys.readouterr().err
     assert cli(ini, "gc") == 0
-    assert "1 damaged entries left as they are" in capsys.readouterr().out
+    assert "1 damaged entry left as it is" in capsys.readouterr().out
 
 
 DEEP = 100_000
@@ -5442,17 +5656,17 @@ def test_every_test_that_starts_a_process_is_marked_slow():
 class Server:
     """A real ``certdrop.py serve`` on a free loopback port."""
 
-    def __init__(self, ini, port=0, host="127.0.0.1"):
+    def __init__(self, ini, host="127.0.0.1"):
         self.ini = ini
         self.process = subprocess.Popen([sys.executable, str(HERE / "certdrop.py"), "-c", str(ini), "serve",
-                                         "--host", host, "--port", str(port)],
+                                         "--host", host, "--port", "0"],
                                         stderr=subprocess.PIPE, text=True)
         self.log = []
         for line in self.process.stderr:
             self.log.append(line)
             match = re.search(r"serving on (http://\S+?)/ ", line)
             if match:
-                self.url = match[1]
+                self.url = match[1].replace("//0.0.0.0:", "//127.0.0.1:")  # on every interface: ask by loopback
                 break
         else:
             raise RuntimeError("server did not start:\n" + "".join(self.log))
@@ -5487,6 +5701,71 @@ def oversize_status(url, length):
 def run_cli(ini, *args):
     return subprocess.run([sys.executable, str(HERE / "certdrop.py"), "-c", str(ini), *args],
                           capture_output=True, text=True, timeout=30)
+
+
+def links_a_server_gives(server, pem):
+    """Return (token, {where: (link, note, alternatives)}) of an upload to *server* as text, as JSON and as a page."""
+    _, headers, body = server.request("/", pem, {"Content-Type": "application/x-pem-file", "User-Agent": "curl/8.5"})
+    text = body.decode()
+    token = re.search(r"/c/([a-z0-9]+)", text)[1]
+    _, _, body = server.request("/", pem, {"Content-Type": "application/x-pem-file", "Accept": "application/json"})
+    data = json.loads(body)["links"][0]
+    _, _, body = server.request("/", pem, {"Content-Type": "application/x-pem-file", "User-Agent": "Mozilla/5.0"})
+    page = bs4.BeautifulSoup(body, "html.parser")
+    note = page.find("p", class_="warn")
+    return token, {
+        "location": (headers["Location"], None, None),
+        "text": (text.splitlines()[0], (text.splitlines()[3].strip() if text.splitlines()[3].startswith("  Phones")
+                                        else None), [line.strip()[5:] for line in text.splitlines()
+                                                     if line.startswith("  also ")]),
+        "json": (data["url"], data["url_note"], data["alternatives"]),
+        "page": (page.find("p", class_="link").get_text(), note.get_text(" ") if note else None, None)}
+
+
+@pytest.mark.slow
+def test_add_show_list_and_every_answer_give_one_link_on_the_port_serve_recorded(tmp_path, root_pem, other_der):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\nport = 8080\n")  # the port the ini names, not the one in use
+    server = Server(ini, host="0.0.0.0")
+    try:
+        port = int(server.url.rsplit(":", 1)[1])
+        assert json.loads((tmp_path / "data" / "listening").read_text())["port"] == port != 8080
+        token, links = links_a_server_gives(server, root_pem)
+        offer = certdrop.offer_link(f"http://127.0.0.1:{port}/c/{token}", "0.0.0.0")
+        alternatives = [url for url, _ in offer.alternatives]
+        assert links["location"][0] == links["text"][0] == links["json"][0] == links["page"][0] == offer.url
+        assert links["json"][1:] == (offer.note, alternatives) and links["text"][1:] == (offer.note, alternatives)
+        assert " ".join(links["page"][1].split()).startswith(offer.note)
+        shown = run_cli(ini, "show", token).stdout.splitlines()
+        assert shown[0] == f"link      {offer.url}" and shown[1] == f"          {offer.note}"
+        listed = next(line for line in run_cli(ini, "list").stdout.splitlines() if line.startswith(token))
+        assert listed.endswith(f"  {offer.url}")
+        (tmp_path / "other.cer").write_bytes(other_der)
+        added = run_cli(ini, "add", "--no-qr", str(tmp_path / "other.cer")).stdout.splitlines()
+        new_token = re.search(r"/c/([a-z0-9]+)", added[0])[1]
+        new_offer = certdrop.offer_link(f"http://127.0.0.1:{port}/c/{new_token}", "0.0.0.0")
+        assert added[0] == new_offer.url and (not offer.note or added[1] == f"  {new_offer.note}")
+        assert f":{port}/c/" in added[0]
+    finally:
+        assert server.stop() == 0
+    assert not (tmp_path / "data" / "listening").exists()
+
+
+@pytest.mark.slow
+def test_a_server_on_loopback_only_offers_no_machine_address_in_any_answer_or_command(tmp_path, root_pem):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\n")
+    server = Server(ini)  # --host 127.0.0.1
+    try:
+        token, links = links_a_server_gives(server, root_pem)
+        url = f"{server.url}/c/{token}"
+        assert {link for link, _, _ in links.values()} == {url}
+        assert links["json"][2] == [] and links["text"][2] == []
+        assert "This server listens only on 127.0.0.1, which no other device can reach" in links["json"][1]
+        shown = run_cli(ini, "show", token).stdout.splitlines()
+        assert shown[0] == f"link      {url}" and shown[1].strip() == links["json"][1] == links["text"][1]
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow
@@ -6092,7 +6371,12 @@ def test_behind_a_reverse_proxy_under_a_prefix_every_link_works_and_the_log_name
         for base, body in pages:
             for kind, href in re.findall(rb'(href|action)="((?!mailto:)[^"]+)"', body):
                 target = urllib.parse.urlsplit(urllib.parse.urljoin(base, href.decode()))
-                status = fetch_from("127.0.0.2", port, target.path + ("?" + target.query if target.query else ""))[0]
+                status, answered, _ = fetch_from("127.0.0.2", port,
+                                                 target.path + ("?" + target.query if target.query else ""))
+                if target.path.startswith("/certdrop/lang/"):  # the language picker sends the reader back, inside
+                    assert status == 303, target.path
+                    assert urllib.parse.urlsplit(answered["Location"]).path.startswith("/certdrop/"), answered
+                    continue
                 # a form's address may take POST only (405 to a GET), but it must exist
                 assert status in ((200, 304) if kind == b"href" else (200, 405)), f"{target.path}: {status}"
                 followed += 1
@@ -6423,7 +6707,18 @@ def test_in_a_real_browser_sign_in_upload_and_install_on_every_device(tmp_path, 
         screenshot(browser, tmp_path, "result")
         link = browser.find_element(By.CSS_SELECTOR, "p.link a").text
         token = link.rsplit("/", 1)[1]
-        assert link == certdrop.lead_url(f"{server.url}/c/{token}")
+        assert link == certdrop.lead_url(f"{server.url}/c/{token}", "127.0.0.1")  # listening on loopback only
+        for width, height in ((1280, 800), (360, 740)):  # the desktop it was made on, then a phone's width
+            as_device(browser, BROWSER_DEVICES[2][1], width, height)
+            browser.execute_script("window.scrollTo(0, 0)")
+            screenshot(browser, tmp_path, f"result-{width}")
+            places = result_page_places(browser)
+            assert list(places) == sorted(places, key=lambda name: places[name][0]), f"{width}: {places}"
+            for name in ("link", "qr"):
+                assert 0 <= places[name][0] and places[name][1] <= height, f"{width}: {name} not on the first screen"
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= width, (
+                f"{width}: the result page scrolls sideways")
+        as_device(browser, *BROWSER_DEVICES[2][1:])
         page = browser.find_element(By.TAG_NAME, "main").text
         assert root[0].fingerprint(hashes.SHA256()).hex(":").upper() in page.replace("\n", "")
         assert root[0].fingerprint(hashes.SHA1()).hex(":").upper() in page.replace("\n", "")
@@ -6504,6 +6799,22 @@ def test_in_a_real_browser_the_in_app_ipad_and_intermediate_pages_fit_a_phone(tm
             assert console_problems(browser) == [], name
     finally:
         server.stop()
+
+
+#: What the result page shows, in the order people hand it out (JavaScript that finds each one's box).
+RESULT_PAGE_PLACES = {
+    "link": "document.querySelector('p.link')",
+    "qr": "document.querySelector('.qr svg')",
+    "mail": "document.querySelector(\"form[action$='/mail']\")",
+    "steps": "[...document.querySelectorAll('h2')].find(h => h.textContent === 'How to install it')",
+    "old nokia": "[...document.querySelectorAll('h2')].find(h => h.textContent.startsWith('Only for old Nokia'))",
+}
+
+
+def result_page_places(driver):
+    """Return {name: (top, bottom)} of RESULT_PAGE_PLACES, in CSS pixels from the top of the screen."""
+    return {name: tuple(driver.execute_script(f"const r = ({find}).getBoundingClientRect(); return [r.top, r.bottom];"))
+            for name, find in RESULT_PAGE_PLACES.items()}
 
 
 def printed_pages(driver, url):
@@ -6830,3 +7141,21 @@ def test_the_firefox_line_adds_the_ca_to_every_firefox_profile(served_cas, tmp_p
     for profile in profiles:
         listed = bash(f'certutil -d "sql:{profile}" -L -n Site_CA', home)
         assert listed.returncode == 0 and "Trusted CA" in listed.stdout, (profile, listed.stdout)
+
+
+# -- the version, and words counted right ------------------------------------------------------------------------
+
+
+def test_the_version_is_0_3_0_everywhere_it_is_shown(testapp, capsys):
+    assert certdrop.__version__ == "0.3.0"
+    with pytest.raises(SystemExit):
+        certdrop.main(["--version"])
+    assert capsys.readouterr().out == "certdrop 0.3.0\n"
+    assert "certdrop 0.3.0" in testapp.get("/").html.find("footer").get_text()
+    assert "0.3.0" in (HERE / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("wait", "words"), [(0.2, "Try again in 1 second."), (1, "Try again in 1 second."),
+                                            (1.5, "Try again in 2 seconds.")], ids=["part", "one", "two"])
+def test_the_wait_is_counted_in_singular_and_plural(wait, words):
+    assert certdrop.TooManyRequests(wait).message.endswith(words)
