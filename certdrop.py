@@ -6033,7 +6033,7 @@ def summary_of(token: str, data: bytes) -> LinkSummary:
     revoked = record.get("revoked")
     if revoked is not None:
         _stored_time(revoked)
-    host, report = stored_host(record.get("host")), record.get("report") is not None
+    host, report = stored_host(record.get("host")), stored_report(record.get("report")) is not None
     if "der" not in record:
         was = Remembered.from_record(record["was"]) if record.get("was") is not None else None
         return LinkSummary(token, was.name if was else "", "", created, expires, was.not_after if was else None,

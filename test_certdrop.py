@@ -4483,6 +4483,284 @@ def test_content_length_of_anything_but_ascii_digits_is_a_400(app, length):
     assert statuses == ["400 Bad Request"]
 
 
+# -- the administrator's page (issue 22) ----------------------------------------------------------------------------
+
+ADMIN_AGENTS = {"android": USER_AGENTS["android-chrome"][0], "windows": USER_AGENTS["windows-edge"][0],
+                "iphone": USER_AGENTS["iphone-safari"][0]}
+
+
+def admin_links(app_client, **query):
+    """Return the JSON interface's list of links, by token."""
+    answer = app_client.get("/admin/api/v1/links", params={"per_page": 1000, **query})
+    assert answer.json["version"] == 1
+    return {link["token"]: link for link in answer.json["links"]}
+
+
+def fetch(app_client, token, agent, times=1, path=""):
+    for _ in range(times):
+        app_client.get(f"/c/{token}{path}", headers={"User-Agent": agent}, status=200)
+
+
+def admin_section(page, token):
+    return page.html.find("section", id=f"link-{token}")
+
+
+def tag_text(tag):
+    return " ".join(tag.get_text(" ").split())
+
+
+def test_the_admin_page_lists_every_link_with_its_state_and_its_downloads_per_device_class(app, testapp, store, clock,
+                                                                                            pki, root_der, other_der):
+    live = token_of(upload(testapp, root_der, host="mail.example.com"))
+    chained = upload(testapp, pem_of(pki.root, pki.intermediate))
+    revoked, ended = token_of(upload(testapp, other_der)), add(store, der_of(pki.self_signed_leaf), days=1).token
+    store.revoke(revoked)
+    fetch(testapp, live, ADMIN_AGENTS["android"], 3)
+    fetch(testapp, live, ADMIN_AGENTS["windows"], 2)
+    fetch(testapp, live, ADMIN_AGENTS["iphone"])
+    fetch(testapp, live, "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", 4)  # a preview: not counted
+    testapp.get(f"/c/{live}", headers={"User-Agent": ADMIN_AGENTS["android"], "If-None-Match": "*"}, status=304)
+    assert app.counts.write() == 6
+    clock.advance(2 * DAY)
+    links = admin_links(testapp)
+    tokens = {live, revoked, ended} | {re.search(r"/c/([a-z0-9]+)", a["href"])[1]
+                                       for a in chained.html.select("p.link a")}
+    assert set(links) == tokens and len(tokens) == 5
+    assert {token: links[token]["state"] for token in (live, revoked, ended)} == {
+        live: "live", revoked: "revoked", ended: "ended"}
+    assert {device: fetches["count"] for device, fetches in links[live]["fetches"].items()} == {
+        "android": 3, "windows": 2, "ios": 1}
+    assert links[live]["host"] == "mail.example.com" and links[live]["role"] == "root"
+    assert links[live]["name"] == "Example Root CA" and links[live]["certificate_ends"].startswith("20")
+    page = testapp.get("/admin")
+    assert page.headers["Cache-Control"] == "no-store"
+    for token in tokens:
+        assert admin_section(page, token) is not None, token
+    row = tag_text(admin_section(page, live))
+    assert "android: 3" in row and "windows: 2" in row and "ios: 1" in row and "mail.example.com" in row
+    assert "revoked" in tag_text(admin_section(page, revoked))
+
+
+def test_the_admin_page_puts_what_needs_attention_first_and_filters_and_searches(testapp, store, pki):
+    rest = add(store, der_of(pki.intermediate), days=60).token
+    later = add(store, der_of(pki.expiring), days=9).token  # its CA ends in 10 days, the link in 9
+    soon = add(store, der_of(pki.root), days=3).token
+    links = admin_links(testapp)
+    assert list(links) == [soon, later, rest]
+    assert [links[token]["attention"] for token in (soon, later, rest)] == ["link", "ca", None]
+    assert list(admin_links(testapp, state="attention")) == [soon, later]
+    assert list(admin_links(testapp, q="ISSUING")) == [rest]
+    page = testapp.get("/admin", params={"state": "attention"})
+    assert [section["id"] for section in page.html.select("section[id^=link-]")] == [f"link-{soon}", f"link-{later}"]
+    testapp.get("/admin", params={"state": "lost"}, status=400)
+    testapp.get("/admin", params={"page": "9"}, status=400)
+
+
+def test_the_admin_page_is_paged(testapp, store, many_roots):
+    for der in many_roots[:certdrop.ADMIN_PAGE_LINKS + 5]:
+        add(store, der)
+    first, second = testapp.get("/admin"), testapp.get("/admin", params={"page": 2})
+    assert len(first.html.select("section[id^=link-]")) == certdrop.ADMIN_PAGE_LINKS
+    assert len(second.html.select("section[id^=link-]")) == 5
+    assert "Page 1 of 2." in html_text(first) and first.html.find("a", rel="next") is not None
+
+
+def test_revoking_from_the_page_asks_first_then_changes_exactly_that_link(testapp, store, root_der, other_der):
+    token, other = token_of(upload(testapp, root_der)), token_of(upload(testapp, other_der))
+    before = store.path_for(other).read_bytes()
+    question = testapp.get("/admin").click(href=f"/admin/link/{token}/revoke")
+    assert store.lookup(token).revoked is None, "asking changes nothing"
+    done = question.forms[0].submit(status=200)
+    assert "was revoked" in html_text(done)
+    testapp.get(f"/c/{token}", status=410)
+    assert store.path_for(other).read_bytes() == before
+    again = question.forms[0].submit(status=410)  # a stale page's form: a clear message, nothing changed
+    assert "revoked on" in html_text(again)
+
+
+def test_extending_from_the_page_changes_exactly_that_link_and_never_past_the_certificate(testapp, store, clock,
+                                                                                           root_der, other_der):
+    token, other = token_of(upload(testapp, root_der)), token_of(upload(testapp, other_der))
+    before = store.path_for(other).read_bytes()
+    form = next(form for form in testapp.get("/admin").forms.values() if form.action.endswith(f"/{token}/extend"))
+    form["ttl"] = "30d"
+    assert "now works until" in html_text(form.submit(status=200))
+    assert store.lookup(token).expires == clock() + 30 * DAY
+    assert store.path_for(other).read_bytes() == before
+    form["ttl"] = "1d"
+    refusal = form.submit(status=400)  # shorter than it already is
+    assert "nothing was changed" in html_text(refusal) and store.lookup(token).expires == clock() + 30 * DAY
+    form["ttl"] = "cert"
+    form.submit(status=200)
+    assert store.lookup(token).expires == store.lookup(token).certificate.not_after.timestamp()
+
+
+def test_revoke_and_extend_through_the_json_interface_change_exactly_that_link(keyed, store, clock, root_der,
+                                                                                other_der):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    token = token_of(post_cert(remote, root_der, 201, basic(KEY)))
+    other = token_of(post_cert(remote, other_der, 201, basic(KEY)))
+    before = store.path_for(other).read_bytes()
+    extended = remote.post(f"/admin/api/v1/links/{token}/extend", {"ttl": "90d"}, headers=basic(KEY))
+    assert extended.json == {"version": 1, "extended": token, "expires": certdrop.iso_time(clock() + 90 * DAY),
+                             "cut_to_certificate": False}
+    assert remote.post(f"/admin/api/v1/links/{token}/revoke", headers=basic(KEY)).json["revoked"] == token
+    assert store.lookup(token).revoked == clock() and store.path_for(other).read_bytes() == before
+    twice = remote.post(f"/admin/api/v1/links/{token}/revoke", headers=basic(KEY), status=410)
+    assert twice.json["error"]["code"] == "gone"
+    unknown = remote.post("/admin/api/v1/links/abcdefgh/revoke", headers=basic(KEY), status=404)
+    assert unknown.json["error"]["code"] == "not-found"
+    bad = remote.post(f"/admin/api/v1/links/{other}/extend", {"ttl": "3 weeks"}, headers=basic(KEY), status=400)
+    assert bad.json["error"]["code"] == "lifetime" and store.path_for(other).read_bytes() == before
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                                     {"Origin": "null"}], ids=["other-site", "fetch-metadata", "null-origin"])
+def test_a_cross_site_post_to_an_admin_action_changes_nothing(testapp, store, config, root_der, headers):
+    token = token_of(upload(testapp, root_der))
+    before = files_under(config.data_dir), store.path_for(token).read_bytes()
+    for action, fields in (("revoke", {"confirm": "yes"}), ("extend", {"ttl": "30d"})):
+        for path in (f"/admin/link/{token}/{action}", f"/admin/api/v1/links/{token}/{action}"):
+            testapp.post(path, fields, headers=headers, status=403)
+    assert (files_under(config.data_dir), store.path_for(token).read_bytes()) == before
+
+
+def test_a_browser_not_signed_in_gets_the_sign_in_page_and_signing_in_leads_back(keyed, store, root_der):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    add(store, root_der)
+    page = remote.get("/admin")
+    assert page.html.find("input", type="password") is not None and "Example Root CA" not in page.text
+    signed_in = page.forms[0]
+    signed_in["key"] = KEY
+    listing = signed_in.submit(status=303).follow()
+    assert "Example Root CA" in html_text(listing)
+    script = client(keyed, REMOTE_ADDR=REMOTE).get("/admin/api/v1/links", status=401)
+    assert script.json["error"]["code"] == "unauthorized"
+
+
+def test_the_admin_page_is_refused_as_uploads_are(keyed, store, root_der):
+    token = add(store, root_der).token
+    client(keyed, REMOTE_ADDR="203.0.113.9").get("/admin", headers=basic(KEY), status=403)  # the network rule
+    client(keyed, REMOTE_ADDR=REMOTE, HTTP_HOST="evil.example").get("/admin", headers=basic(KEY), status=400)
+    client(keyed, REMOTE_ADDR=REMOTE).post(f"/admin/link/{token}/revoke", {"confirm": "yes"}, status=401)
+    assert store.lookup(token).revoked is None
+    assert client(keyed, REMOTE_ADDR=REMOTE).get("/admin", headers=basic(KEY)).status_int == 200
+
+
+def test_the_link_page_shows_the_doctors_report_and_the_chain_again(testapp, pki):
+    result = upload(testapp, pem_of(pki.root, pki.intermediate, pki.leaf), host="wrong.example.org")
+    root_token, intermediate = (re.search(r"/c/([a-z0-9]+)", a["href"])[1] for a in result.html.select("p.link a"))
+    page = testapp.get(f"/admin/link/{intermediate}")
+    text = html_text(page)
+    assert "[host-mismatch]" in text and "[left-out]" in text
+    chain = page.html.find("ol")
+    assert [a.text for a in chain.find_all("a")] == [root_token, intermediate]
+    assert testapp.get(f"/admin/api/v1/links/{intermediate}").json["chain"][0]["role"] == "root"
+
+
+def test_a_store_of_the_older_format_shows_not_recorded_and_keeps_working(testapp, store, clock, root_der, other_der):
+    """Entries written before uploads recorded their server name and report: format 2 without them, and format 1."""
+    old = add(store, root_der)
+    record = json.loads(store.path_for(old.token).read_bytes())
+    assert "host" not in record and "report" not in record
+    (store.directory / "ab").mkdir(exist_ok=True)
+    (store.directory / "ab" / "abcdefgh.json").write_text(json.dumps({
+        "format": 1, "token": "abcdefgh", "created": NOW, "expires": NOW + DAY, "revoked": None,
+        "sha256": hashlib.sha256(other_der).hexdigest(), "der": base64.b64encode(other_der).decode()}))
+    links = admin_links(testapp)
+    assert {token: (link["state"], link["host"], link["report_recorded"]) for token, link in links.items()} == {
+        old.token: ("live", None, False), "abcdefgh": ("live", None, False)}
+    page = testapp.get("/admin")
+    assert "Server name not recorded" in tag_text(admin_section(page, old.token))
+    assert "not recorded" in html_text(testapp.get(f"/admin/link/{old.token}"))
+    fetch(testapp, "abcdefgh", ADMIN_AGENTS["windows"])
+    testapp.post(f"/admin/link/{old.token}/extend", {"ttl": "30d"})
+    assert json.loads(store.path_for(old.token).read_bytes())["format"] == certdrop.ENTRY_FORMAT
+
+
+def test_a_new_upload_records_its_server_name_and_report_and_a_damaged_report_is_damage(testapp, store, root_der):
+    token = token_of(upload(testapp, root_der, host="mail.example.com"))
+    record = json.loads(store.path_for(token).read_bytes())
+    assert record["host"] == "mail.example.com" and "host-unchecked" in [item["code"] for item in record["report"]]
+    damage(store, token, report=[{"code": 1}])
+    store.memory.forget(token)
+    testapp.get(f"/c/{token}", status=404)
+    assert admin_links(testapp)[token]["state"] == "damaged"
+    assert testapp.get("/admin", params={"state": "damaged"}).html.find("section", id=f"link-{token}") is not None
+
+
+def test_downloads_are_counted_once_per_2xx_whichever_way_they_are_answered(app, testapp, root_der):
+    token = token_of(upload(testapp, root_der))
+    fetch(testapp, token, ADMIN_AGENTS["android"], 5)  # the first the full way, then the hot path
+    testapp.head(f"/c/{token}", headers={"User-Agent": ADMIN_AGENTS["android"]})
+    testapp.get(f"/c/{token}/nothing.txt", status=404)
+    fetch(testapp, token, ADMIN_AGENTS["android"], 1, path="/card")
+    assert app.counts.write() == 6 and app.counts.write() == 0
+    counted = certdrop.read_counts(app.config.data_dir)[token]
+    assert counted["android"][0] == 5 and sum(count for count, _ in counted.values()) == 6  # the card: its own class
+
+
+@pytest.mark.parametrize("agent", [
+    "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", "facebookexternalhit/1.1",
+    "WhatsApp/2.23.20.0 A", "TelegramBot (like TwitterBot)", "Twitterbot/1.0",
+    "Mozilla/5.0 (compatible; Discordbot/2.0; +https://discordapp.com)",
+    "LinkedInBot/1.0 (compatible; Mozilla/5.0; Apache-HttpClient +http://www.linkedin.com)",
+    "Mozilla/5.0 (Windows NT 6.1; WOW64) SkypeUriPreview Preview/0.5"])
+def test_link_preview_fetchers_are_not_counted(agent):
+    assert certdrop.is_link_preview(agent)
+
+
+@pytest.mark.parametrize("name", ["android-chrome", "iphone-safari", "windows-edge"])
+def test_people_and_in_app_browsers_are_counted(name):
+    assert not certdrop.is_link_preview(USER_AGENTS[name][0])
+    assert not certdrop.is_link_preview("Mozilla/5.0 (Linux; Android 14; wv) Telegram-Android/10.0.5")
+
+
+def test_count_files_of_several_processes_add_up_and_a_damaged_one_is_left_out(tmp_path, caplog):
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    (counts / "a-1.json").write_text(json.dumps({"format": 1, "counts": {"abcdefgh": {"android": [2, NOW]}}}))
+    (counts / "b-2.json").write_text(json.dumps({"format": 1, "counts": {"abcdefgh": {"android": [3, NOW + 5]}}}))
+    (counts / "c-3.json").write_text('{"format": 1, "counts": {"abcdefgh": {"android": [-1, 0]}}}')
+    assert certdrop.read_counts(tmp_path) == {"abcdefgh": {"android": (5, NOW + 5)}}
+    assert "c-3.json is damaged" in caplog.text
+
+
+def test_the_count_table_is_bounded_and_quiet_pairs_leave_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(certdrop, "MAX_TALLIES", 3)
+    counts = certdrop.DownloadCounts(tmp_path, clock=lambda: NOW)
+    bumps = [counts.bump_for(f"token{n}aa", "android", "") for n in range(4)]
+    assert bumps[3] is None and all(bumps[:3])
+    bumps[0]()
+    assert counts.write() == 1 and counts.write() == 0
+    assert list(counts._tallies) == [("token0aa", "android")]  # the others were quiet for two writes: gone
+    bumps[1]()  # a hot answer kept before they went may still count once: read at the next write
+    assert counts.write() == 1 and counts.write() == 0 and counts._tallies == {}
+    assert certdrop.read_counts_file(counts.path) == {"token0aa": {"android": (1, NOW)},
+                                                      "token1aa": {"android": (1, NOW)}}
+
+
+def test_list_shows_downloads_and_list_json_gives_the_interfaces_fields(ini, cert_file, capsys, tmp_path):
+    token, _ = cli_add(ini, cert_file, capsys)
+    app = certdrop.make_app(certdrop.load_config(str(ini)), clock=lambda: NOW)
+    fetch(client(app), token, ADMIN_AGENTS["android"], 2)
+    app.counts.write()
+    assert cli(ini, "list") == 0
+    assert re.search(rf"^{token}  live .* Example Root CA  \(downloads android 2\)$", capsys.readouterr().out, re.M)
+    assert cli(ini, "list", "--json") == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["version"] == 1 and listed["links"][0]["token"] == token
+    assert listed["links"][0]["fetches"]["android"]["count"] == 2 and listed["links"][0]["state"] == "live"
+
+
+def test_what_needs_attention_is_logged(config, store, clock, pki, caplog):
+    soon = add(store, der_of(pki.root), days=2).token
+    add(store, der_of(pki.intermediate), days=60)
+    text = certdrop.warn_of_attention(certdrop.AdminIndex(store), config, clock)
+    assert soon in text and len(text.splitlines()) == 1
+    assert f"needs attention: The link" in caplog.text and soon in caplog.text
+
+
 # -- faults: a full or read-only data directory -----------------------------------------------------------------
 
 
