@@ -6090,6 +6090,74 @@ def test_behind_a_reverse_proxy_under_a_prefix_every_link_works_and_the_log_name
     assert " 127.0.0.1 " not in log.split("serving on")[1], "the log names the proxy instead of the client"
 
 
+def served_counts(server, token):
+    """Return the downloads of *token* per device class as the server's JSON interface gives them."""
+    status, _, body = server.request("/admin/api/v1/links")
+    assert status == 200, body
+    link, = (link for link in json.loads(body)["links"] if link["token"] == token)
+    return {device: fetches["count"] for device, fetches in link["fetches"].items()}
+
+
+def server_fetch(server, token, agent, times):
+    for _ in range(times):
+        assert server.request(f"/c/{token}", headers={"User-Agent": agent})[0] == 200
+
+
+@pytest.mark.slow
+def test_download_counts_survive_sigterm_and_a_restart(tmp_path, root_pem):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\ncount_interval = 1d\n")  # only the stop writes
+    server = Server(ini)
+    try:
+        form = urllib.parse.urlencode({"pem": root_pem.decode(), "ttl": "1d"}).encode()
+        status, headers, _ = server.request("/", form, {"Content-Type": "application/x-www-form-urlencoded"})
+        token = headers["Location"].rsplit("/", 1)[1]
+        server_fetch(server, token, ADMIN_AGENTS["android"], 3)
+        server_fetch(server, token, ADMIN_AGENTS["windows"], 2)
+        server_fetch(server, token, ADMIN_AGENTS["iphone"], 1)
+        server_fetch(server, token, "facebookexternalhit/1.1", 2)
+        assert served_counts(server, token) == {}  # in memory until the interval or the stop
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    assert "wrote 6 downloads" in "".join(server.log)
+    server = Server(ini)
+    try:
+        assert served_counts(server, token) == {"android": 3, "windows": 2, "ios": 1}
+        server_fetch(server, token, ADMIN_AGENTS["android"], 1)
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    listed = json.loads(run_cli(ini, "list", "--json").stdout)["links"][0]
+    assert {device: value["count"] for device, value in listed["fetches"].items()} == {
+        "android": 4, "windows": 2, "ios": 1}
+    assert len(list((tmp_path / "data" / "counts").glob("*.json"))) == 2  # one file per process
+
+
+@pytest.mark.slow
+def test_two_servers_counts_add_up_and_a_sigkill_loses_at_most_the_last_interval(tmp_path, root_pem):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\ncount_interval = 5s\n")
+    first, second = Server(ini), Server(ini)
+    try:
+        form = urllib.parse.urlencode({"pem": root_pem.decode(), "ttl": "1d"}).encode()
+        status, headers, _ = first.request("/", form, {"Content-Type": "application/x-www-form-urlencoded"})
+        token = headers["Location"].rsplit("/", 1)[1]
+        server_fetch(first, token, ADMIN_AGENTS["android"], 3)
+        server_fetch(second, token, ADMIN_AGENTS["android"], 4)
+        server_fetch(second, token, ADMIN_AGENTS["windows"], 1)
+        deadline = time.monotonic() + 15
+        while served_counts(first, token) != {"android": 7, "windows": 1}:  # both wrote within their interval
+            assert time.monotonic() < deadline, served_counts(first, token)
+            time.sleep(0.5)
+        assert served_counts(second, token) == {"android": 7, "windows": 1}
+        server_fetch(second, token, ADMIN_AGENTS["windows"], 1)  # within the interval the SIGKILL cuts short
+    finally:
+        second.stop(signal.SIGKILL)
+        assert first.stop(signal.SIGTERM) == 0
+    listed = json.loads(run_cli(ini, "list", "--json").stdout)["links"][0]
+    fetched = {device: value["count"] for device, value in listed["fetches"].items()}
+    assert fetched["android"] == 7 and fetched["windows"] in (1, 2)
+
+
 # -- e-mail over real SMTP (aiosmtpd in this process) -----------------------------------------------------------
 
 
@@ -6313,6 +6381,20 @@ def test_without_a_mail_server_the_page_offers_a_mailto_link_with_the_same_text(
     assert root[0].fingerprint(hashes.SHA256()).hex(":").upper() in fields["body"][0]
     assert not any(form.action.endswith("/mail") for form in result.forms.values())
     testapp.post("/mail", {"to": "alice@example.com", "tokens": token_of(result)}, status=404)
+
+
+@pytest.mark.slow
+def test_what_needs_attention_is_mailed_to_admin_mail(config, store, clock, pki):
+    soon = add(store, der_of(pki.root), days=2).token
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port:
+        settings = dict(mail_host="127.0.0.1", mail_port=port, mail_security="none", mail_timeout=10,
+                        mail_sender="certdrop@ca.example.org", admin_mail="admin@example.com")
+        certdrop.warn_of_attention(certdrop.AdminIndex(store), dataclasses.replace(config, **settings), clock)
+    (sender, recipients, content), = mailbox.messages
+    message = email.message_from_bytes(content, policy=email.policy.default)
+    assert recipients == ["admin@example.com"] and "end soon" in message["Subject"]
+    assert f"/c/{soon}" in message.get_content() and "ends on" in message.get_content()
 
 
 # -- in a real browser: headless Chromium driven through WebDriver ----------------------------------------------
