@@ -6432,7 +6432,7 @@ def render_admin_rows(link: LinkSummary, record: dict) -> str:
 
     rows = ((_("State"), _(STATE_LABELS[record["state"]])), (_("Token"), link.token),
             (_("Created"), when(link.created)), (_("Ends"), when(link.expires)),
-            (_("Certificate ends"), when(link.ends)), (_("Server name"), link.host or _(NOT_RECORDED)),
+            (_("Certificate ends"), when(link.ends)), (_("Server name"), link.host or (_("none given") if link.report else _(NOT_RECORDED))),
             (_("Downloads"), fetches_text(record["fetches"])))
     return "".join(f"<tr><th>{esc(label)}</th><td>{esc(value)}</td></tr>" for label, value in rows)
 

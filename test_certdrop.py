@@ -6584,3 +6584,54 @@ def test_mail_goes_over_implicit_tls_with_a_login(config, store, clock, root_der
         form["to"] = "alice@example.com"
         assert "The message was not sent" in html_text(form.submit(status=502))
     assert logins[0] is True and False in logins and len(mailbox.messages) == 1
+
+
+@pytest.mark.slow
+def test_in_a_real_browser_sign_in_open_admin_revoke_one_link_and_extend_another(tmp_path, browser, many_roots):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text(f"[certdrop]\ndata_dir = data\nupload_auth = always\nupload_password = {KEY}\n"
+                   "[mail]\nhost = 127.0.0.1\n")
+    server = Server(ini)
+    try:
+        tokens = []
+        for der in many_roots[:4]:
+            status, headers, _ = server.request("/?ttl=7d", der, {"Content-Type": "application/pkix-cert", **basic(KEY)})
+            assert status == 201
+            tokens.append(headers["Location"].rsplit("/", 1)[1])
+        signed_in = False
+        for (name, agent, width, height), (revoked, extended) in zip(
+                (BROWSER_DEVICES[1], BROWSER_DEVICES[2]), (tokens[:2], tokens[2:])):
+            as_device(browser, agent, width, height)
+            browser.get(server.url + "/admin")
+            if not signed_in:
+                browser.find_element(By.ID, "key").send_keys(KEY)
+                browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+                signed_in = True
+            assert browser.find_element(By.ID, f"link-{revoked}").is_displayed()
+            screenshot(browser, tmp_path, f"admin-{name}")
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= width, (
+                f"{name}: the page scrolls sideways")
+            browser.find_element(By.CSS_SELECTOR, f"a[href$='/admin/link/{revoked}/revoke']").click()
+            screenshot(browser, tmp_path, f"admin-revoke-question-{name}")
+            browser.find_element(By.CSS_SELECTOR, "button[name=revoke]").click()
+            assert "was revoked" in browser.find_element(By.TAG_NAME, "main").text
+            assert server.request(f"/c/{revoked}")[0] == 410
+            browser.get(server.url + "/admin")
+            form = browser.find_element(By.CSS_SELECTOR, f"form[action$='/admin/link/{extended}/extend']")
+            Select(form.find_element(By.TAG_NAME, "select")).select_by_value("90d")
+            form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+            screenshot(browser, tmp_path, f"admin-extended-{name}")
+            assert "now works until" in browser.find_element(By.TAG_NAME, "main").text
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= width
+            assert console_problems(browser) == [], name
+        listed = {link["token"]: link for link in json.loads(
+            server.request("/admin/api/v1/links", headers=basic(KEY))[2])["links"]}
+        assert [listed[token]["state"] for token in tokens] == ["revoked", "live", "revoked", "live"]
+        for token in (tokens[1], tokens[3]):
+            ends = datetime.datetime.fromisoformat(listed[token]["expires"].replace("Z", "+00:00"))
+            created = datetime.datetime.fromisoformat(listed[token]["created"].replace("Z", "+00:00"))
+            assert 89 <= (ends - created).days <= 90  # extended from 7 days to 90
+    finally:
+        server.stop()
