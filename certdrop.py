@@ -6028,7 +6028,7 @@ class LinkSummary(typing.NamedTuple):
 
 def summary_of(token: str, data: bytes) -> LinkSummary:
     """Return the summary of *token*'s entry file *data*; raise ValueError (or another error) if it is damaged."""
-    record = Entry.record_of(token, data)
+    record = Entry.record_of(token, data.decode("utf-8"))
     created, expires = _stored_time(record["created"]), _stored_time(record["expires"])
     revoked = record.get("revoked")
     if revoked is not None:
@@ -6055,29 +6055,73 @@ def summary_of(token: str, data: bytes) -> LinkSummary:
     return LinkSummary(token, name, role, created, expires, ends, host, revoked is not None, True, report=report)
 
 
+#: The summaries of the entry files as /admin last saw them, by their files' signatures, in data_dir: a fresh
+#: process reads this one file instead of every entry file (a cache: damaged or stale, it is read past), and
+#: writes it at most every ADMIN_INDEX_WRITE_SECONDS.
+ADMIN_INDEX_FILE, ADMIN_INDEX_FORMAT, ADMIN_INDEX_WRITE_SECONDS = "admin-index.json", 1, 60
+
+
 class AdminIndex:
     """The summaries of every entry file and the download counts of every process, for /admin, `list` and the daily
     warning: each file is read again only when its signature (inode, size, time) changed, so a page of 100,000
-    links costs one directory listing and one stat() a file, not 100,000 parses. Dropped when unused for
-    ADMIN_INDEX_IDLE_SECONDS."""
+    links costs one directory listing and one stat() a file, not 100,000 parses; a fresh process starts from
+    ADMIN_INDEX_FILE. Dropped from memory when unused for ADMIN_INDEX_IDLE_SECONDS."""
 
     def __init__(self, store: Store):
         self.store = store
-        self._summaries: dict[str, tuple[tuple, LinkSummary]] = {}
+        self.path = store.directory / ADMIN_INDEX_FILE
+        self._summaries: dict[str, tuple[int, LinkSummary]] = {}
         self._count_files: dict[Path, tuple[tuple, Counts]] = {}
         self._lock = threading.Lock()
         self.used = -math.inf  # time.monotonic() of the last use
+        self._written = -math.inf  # time.monotonic() of the last write of ADMIN_INDEX_FILE
 
     def links(self) -> list[LinkSummary]:
         """Return the summary of every entry file, as the files are now."""
         with self._lock:
             self.used = time.monotonic()
-            kept: dict[str, tuple[tuple, LinkSummary]] = {}
+            known = self._summaries or self._saved()
+            kept: dict[str, tuple[int, LinkSummary]] = {}
+            read = 0
             for token, path, signature in self._entry_files():
-                old = self._summaries.get(token)
-                kept[token] = old if old is not None and old[0] == signature else (signature, self._read(token))
+                old = known.get(token)
+                if old is None or old[0] != signature:
+                    old, read = (signature, self._read(token)), read + 1
+                kept[token] = old
             self._summaries = kept
+            if (read or len(kept) != len(known)) and time.monotonic() - self._written >= ADMIN_INDEX_WRITE_SECONDS:
+                self._save(kept)
             return [summary for _, summary in kept.values()]
+
+    def _saved(self) -> dict[str, tuple[int, LinkSummary]]:
+        """Return the summaries ADMIN_INDEX_FILE keeps, or none if it is missing or damaged."""
+        try:
+            record = json.loads(self.path.read_bytes())
+            if record.get("format") != ADMIN_INDEX_FORMAT:
+                return {}
+            saved = {}
+            for token, (signature, *fields) in record["links"].items():
+                summary = LinkSummary(token, *fields)
+                if type(signature) is not int or not all(isinstance(value, kind) for value, kind in zip(
+                        summary, LinkSummary.__annotations__.values()) if kind in (str, float, bool)):
+                    return {}
+                saved[token] = (signature, summary)
+            return saved
+        except FileNotFoundError:
+            return {}
+        except Exception as error:  # a cache: whatever is wrong with it, the entry files are read instead
+            log.warning("%s is damaged and is read past: %s", self.path, f"{type(error).__name__}: {error}"[:200])
+            return {}
+
+    def _save(self, summaries: dict[str, tuple[int, LinkSummary]]) -> None:
+        record = {"format": ADMIN_INDEX_FORMAT,
+                  "links": {token: [signature, *summary[1:]] for token, (signature, summary) in summaries.items()}}
+        try:
+            _write_atomically(self.path, json.dumps(record, separators=(",", ":")).encode("utf-8"),
+                              owner=owner_for_root(self.store.directory))
+        except OSError as error:
+            log.warning("could not write %s: %s", self.path, error.strerror or error)
+        self._written = time.monotonic()
 
     def _entry_files(self) -> Iterator[tuple[str, str, tuple]]:
         with contextlib.suppress(FileNotFoundError), os.scandir(self.store.directory) as shards:
@@ -6089,8 +6133,8 @@ class AdminIndex:
                         token = file.name[:-5]
                         if not file.name.endswith(".json") or not TOKEN_RE.fullmatch(token):
                             continue
-                        with contextlib.suppress(FileNotFoundError):
-                            yield token, file.path, _signature_of(file.stat(follow_symlinks=False))
+                        with contextlib.suppress(FileNotFoundError):  # one int, not a tuple: 100,000 are kept
+                            yield token, file.path, hash(_signature_of(file.stat(follow_symlinks=False)))
 
     def summary(self, token: str) -> LinkSummary:
         """Return the summary of *token*'s entry file as it is now."""
