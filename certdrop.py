@@ -6227,16 +6227,20 @@ def warn_of_attention(index: AdminIndex, config: Config, clock: Callable[[], flo
     return text
 
 
-def warn_of_attention_daily(index: AdminIndex, config: Config, clock: Callable[[], float],
-                            stop: threading.Event) -> None:
-    """Warn of what needs attention now and then once a day, until *stop* is set."""
-    while True:
+#: When the server first looks for what needs attention: after start-up, not competing with its first requests.
+ATTENTION_FIRST_SECONDS, ATTENTION_EVERY_SECONDS = 60, 86400
+
+
+def warn_of_attention_daily(store: Store, config: Config, clock: Callable[[], float], stop: threading.Event) -> None:
+    """Warn of what needs attention a minute after start and then once a day, until *stop* is set. Each look has
+    an index of its own, gone when it is done: the page's stays small while nobody uses it."""
+    wait = ATTENTION_FIRST_SECONDS
+    while not stop.wait(wait):
+        wait = ATTENTION_EVERY_SECONDS
         try:
-            warn_of_attention(index, config, clock)
+            warn_of_attention(AdminIndex(store), config, clock)
         except Exception:
             log.exception("could not look for what needs attention; looking again tomorrow")
-        if stop.wait(86400):
-            return
 
 
 def admin_authorize(app: "App", request: Request, post: bool) -> str:
@@ -7449,7 +7453,7 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
         threading.Thread(target=sweep_forever, args=(app.store, config.sweep_interval, stop), daemon=True).start()
     threading.Thread(target=write_counts_forever, args=(app.counts, config.count_interval, stop, app.admin_index),
                      daemon=True).start()
-    threading.Thread(target=warn_of_attention_daily, args=(app.admin_index, config, clock, stop), daemon=True).start()
+    threading.Thread(target=warn_of_attention_daily, args=(app.store, config, clock, stop), daemon=True).start()
     # SIGTERM (systemd), Ctrl-C, and Ctrl-Break (how Windows service wrappers stop a console program)
     for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
         if hasattr(signal, name):
