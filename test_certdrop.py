@@ -3314,6 +3314,13 @@ def test_every_page_speaks_through_the_translation_function(config, store, clock
         entry = store.get(token)
         texts["mail"] = certdrop.mail_text([(f"http://ca.example.org/c/{token}", entry)], ("whc-direct", 106))
         texts["mail subject"] = certdrop.mail_subject(config, [(f"http://ca.example.org/c/{token}", entry)])
+        admin = fresh(mail_host="mail.example.com")
+        texts["admin page"] = admin.get("/admin").text
+        texts["admin page, signed in"] = browser.get("/admin").text
+        texts["admin link page"] = admin.get(f"/admin/link/{token}").text
+        texts["admin revoke question"] = admin.get(f"/admin/link/{intermediate}/revoke").text
+        texts["admin extended"] = admin.post(f"/admin/link/{intermediate}/extend", {"ttl": "cert"}).text
+        texts["attention"] = certdrop.attention_text(certdrop.AdminIndex(store).links(), clock(), "http://ca")
         revoke = next(form for form in result.forms.values() if form.action.endswith(f"/c/{token}/revoke"))
         texts["revoked page"] = revoke.submit().text
         texts["410"] = fresh().get(f"/c/{token}", status=410).text
@@ -3322,6 +3329,8 @@ def test_every_page_speaks_through_the_translation_function(config, store, clock
         *(text for c in certificates for text in (c.name, c.subject, c.issuer)),  # shown as they are
         "certdrop",  # the program's name: the upload page's title and every page's footer
         "Instagram",  # an app's name, as BROWSERS names it
+        *(path.stem for path in store.directory.glob("??/*.json")),  # tokens, on the administrator's pages
+        "www.example.com",  # the server name an upload gave
     }
     for page, text in texts.items():
         assert "\u27e6" in text, page
@@ -6396,6 +6405,19 @@ def test_what_needs_attention_is_mailed_to_admin_mail(config, store, clock, pki)
     assert recipients == ["admin@example.com"] and "end soon" in message["Subject"]
     assert f"/c/{soon}" in message.get_content() and "ends on" in message.get_content()
 
+
+@pytest.mark.slow
+def test_the_admin_page_mails_a_link_again(config, store, clock, root_der):
+    mailbox = Mailbox()
+    token = add(store, root_der).token
+    with smtp_server(mailbox) as port:
+        app = mail_app(config, store, clock, port)
+        form = next(form for form in app.get("/admin").forms.values()
+                    if form.action.endswith("/mail") and form["tokens"].value == token)
+        form["to"] = "alice@example.com"
+        assert "The message was sent" in html_text(form.submit(status=200))
+    (sender, recipients, content), = mailbox.messages
+    assert recipients == ["alice@example.com"] and f"/c/{token}" in content.decode()
 
 # -- in a real browser: headless Chromium driven through WebDriver ----------------------------------------------
 
