@@ -5574,10 +5574,11 @@ def signature_length(signature: Signature) -> int:
 COUNTS_DIRECTORY = "counts"
 COUNTS_FORMAT = 1
 
-#: The (link, device class) pairs counted since the last write that memory keeps: about 280 bytes each (a key
-#: tuple, its Tally and the dict's slot, measured with tracemalloc), 4.4 MiB in all. Past it a new pair is not
-#: counted until a write drops the pairs that went quiet: a bound, not a limit that a real server meets.
-MAX_TALLIES, TALLY_BYTES = 16384, 280
+#: The (link, device class) pairs counted since the last write that memory keeps. Each takes 252 bytes (a key
+#: tuple, its Tally with its itertools.count, the dict's slot: tracemalloc over 16,384 of them), 310 with its
+#: token's text once the store has let the entry go: 5 MiB in all. Past it a new pair is not counted until a
+#: write drops the pairs that went quiet: a bound, not a limit that a real server meets.
+MAX_TALLIES = 16384
 
 #: Link-preview fetchers: chat and social apps fetch a pasted link to draw a preview card, which is no download
 #: by a person. Matched in lower case anywhere in the User-Agent; these are the robots' own tokens, not the in-app
