@@ -5654,6 +5654,7 @@ class DownloadCounts:
         self.owner = owner
         self._tallies: dict[tuple[str, str], Tally] = {}
         self._retired: list[tuple[tuple[str, str], Tally]] = []
+        self._unwritten: dict[tuple[str, str], int] = {}  # taken, but the write failed: for the next write
         self._lock = threading.Lock()  # new pairs; the writer takes it to take and drop
         self._writing = threading.Lock()  # the background writer and the one at shutdown
         self._full_warned = False
@@ -5680,7 +5681,7 @@ class DownloadCounts:
 
     def taken(self) -> dict[tuple[str, str], int]:
         """Return the downloads of each pair since the last call, dropping pairs that went quiet."""
-        counted: dict[tuple[str, str], int] = {}
+        counted, self._unwritten = self._unwritten, {}
         with self._lock:
             for key, tally in self._retired:
                 counted[key] = counted.get(key, 0) + tally.take()
@@ -5713,10 +5714,7 @@ class DownloadCounts:
                                   owner=self.owner())
             except OSError as error:
                 log.error("download counts not written to %s: %s", self.path, error.strerror or error)
-                for (token, device), value in counted.items():  # kept for the next write
-                    bump = self.bump_for(token, device, None)
-                    for _ in range(value if bump else 0):
-                        bump()
+                self._unwritten = counted  # at most MAX_TALLIES pairs, written with the next
                 return 0
             return sum(counted.values())
 

@@ -4749,6 +4749,19 @@ def test_the_count_table_is_bounded_and_quiet_pairs_leave_it(tmp_path, monkeypat
                                                       "token1aa": {"android": (1, NOW)}}
 
 
+def test_counts_that_could_not_be_written_are_written_with_the_next_write(tmp_path):
+    counts = certdrop.DownloadCounts(tmp_path / "data", clock=lambda: NOW)
+    bump = counts.bump_for("abcdefgh", "android", "")
+    bump(), bump()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "counts").write_text("a file where the directory belongs")
+    assert counts.write() == 0
+    (tmp_path / "data" / "counts").unlink()
+    bump()
+    assert counts.write() == 3
+    assert certdrop.read_counts(tmp_path / "data") == {"abcdefgh": {"android": (3, NOW)}}
+
+
 def test_list_shows_downloads_and_list_json_gives_the_interfaces_fields(ini, cert_file, capsys, tmp_path):
     token, _ = cli_add(ini, cert_file, capsys)
     app = certdrop.make_app(certdrop.load_config(str(ini)), clock=lambda: NOW)
