@@ -4749,6 +4749,26 @@ def test_the_count_table_is_bounded_and_quiet_pairs_leave_it(tmp_path, monkeypat
                                                       "token1aa": {"android": (1, NOW)}}
 
 
+def test_the_admin_index_reads_an_entry_file_only_when_it_changed_and_a_fresh_one_starts_from_its_file(
+        store, many_roots, monkeypatch):
+    tokens = [add(store, der).token for der in many_roots[:20]]
+    index = certdrop.AdminIndex(store)
+    assert len(index.links()) == 20 and index.path.exists()
+    read = []
+    monkeypatch.setattr(certdrop.AdminIndex, "_read", lambda self, token: read.append(token) or certdrop.LinkSummary(
+        token, "changed", "", 0.0, 0.0, None, None, False, True))
+    assert len(index.links()) == 20 and read == []  # nothing changed: nothing parsed
+    store.revoke(tokens[0])
+    assert [link.name for link in index.links() if link.token == tokens[0]] == ["changed"] and read == [tokens[0]]
+    fresh = certdrop.AdminIndex(store)
+    assert len(fresh.links()) == 20 and read == [tokens[0], tokens[0]]  # the saved file is a minute old: same
+    monkeypatch.setattr(certdrop, "ADMIN_INDEX_IDLE_SECONDS", 0)
+    fresh.forget_if_idle()
+    assert fresh._summaries == {}
+    index.path.write_text("{damaged")
+    assert len(certdrop.AdminIndex(store).links()) == 20
+
+
 def test_counts_that_could_not_be_written_are_written_with_the_next_write(tmp_path):
     counts = certdrop.DownloadCounts(tmp_path / "data", clock=lambda: NOW)
     bump = counts.bump_for("abcdefgh", "android", "")
