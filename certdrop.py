@@ -6249,14 +6249,27 @@ def admin_authorize(app: "App", request: Request, post: bool) -> str:
     return app.gate.authorize(request)
 
 
-def admin_page(app: "App", request: Request) -> Response:
-    """The list of links: what needs attention first, a filter by state, a search by name, a page at a time."""
+def admin_viewer(app: "App", request: Request) -> str | None:
+    """Return why *request* may see the administrator's pages (see UploadGate.authorize); None for a browser that
+    is to sign in first; raise for anybody else."""
     try:
-        how = admin_authorize(app, request, post=False)
+        return admin_authorize(app, request, post=False)
     except Unauthorized:
         if response_format(request) != "html":
             raise
-        return Response(render_signin(app.home(request), "", next_page="admin"), headers=FORM_PAGE_HEADERS)
+        return None
+
+
+def sign_in_first(app: "App", request: Request) -> Response:
+    """Return the sign-in page, which leads back to /admin."""
+    return Response(render_signin(app.home(request), "", next_page="admin"), headers=FORM_PAGE_HEADERS)
+
+
+def admin_page(app: "App", request: Request) -> Response:
+    """The list of links: what needs attention first, a filter by state, a search by name, a page at a time."""
+    how = admin_viewer(app, request)
+    if how is None:
+        return sign_in_first(app, request)
     now, state, search = app.clock(), request.query.get("state", "")[:20], request.query.get("q", "")[:200]
     if state not in ("", "attention", *LINK_STATES):
         raise BadRequest(_("There is no state \u201c{state}\u201d. Choose one of the list.").format(state=state))
@@ -6265,15 +6278,14 @@ def admin_page(app: "App", request: Request) -> Response:
     page = admin_page_number(request.query.get("page", "1"), pages)
     shown = links[(page - 1) * ADMIN_PAGE_LINKS:page * ADMIN_PAGE_LINKS]
     counts = app.admin_index.counts()
-    base = app.base_url(request)
     records = [link_record(link, app.link_for(request, link.token), counts.get(link.token, {}), now)
                for link in shown]
     data = {"links": records, "total": len(links), "page": page, "pages": pages}
     text = "".join(term(f"{r['token']}  {r['state']:<7}  {r['expires'] or '-'}  {r['name'] or '-'}") + "\n"
                    for r in records)
     return answer_for(request, 200, data, text, lambda: render_admin_page(
-        app.config, shown, records, now, home=app.home(request), base=base, state=state, search=search, page=page,
-        pages=pages, total=len(links), signed_in=how == "session"))
+        app.config, shown, records, now, home=app.home(request), state=state, search=search, page=page, pages=pages,
+        total=len(links), signed_in=how == "session"))
 
 
 def admin_page_number(text: str, pages: int) -> int:
@@ -6284,12 +6296,8 @@ def admin_page_number(text: str, pages: int) -> int:
 
 def admin_link(app: "App", request: Request, token: str) -> Response:
     """One link: its facts, the doctor's report of its upload, the chain that upload made, its downloads."""
-    try:
-        admin_authorize(app, request, post=False)
-    except Unauthorized:
-        if response_format(request) != "html":
-            raise
-        return Response(render_signin(app.home(request), "", next_page="admin"), headers=FORM_PAGE_HEADERS)
+    if admin_viewer(app, request) is None:
+        return sign_in_first(app, request)
     entry = app.store.lookup(token)
     now = app.clock()
     summary = app.admin_index.summary(entry.token)
@@ -6431,8 +6439,7 @@ REVOKE_QUESTION = string.Template("""<h1>$heading</h1>
 
 
 def render_admin_page(config: Config, shown: list[LinkSummary], records: list[dict], now: float, *, home: str,
-                      base: str, state: str, search: str, page: int, pages: int, total: int,
-                      signed_in: bool) -> bytes:
+                      state: str, search: str, page: int, pages: int, total: int, signed_in: bool) -> bytes:
     options = [("", _("every state")), ("attention", _("needs attention"))] + [
         (value, _(STATE_LABELS[value])) for value in LINK_STATES]
     selected = ' selected="selected"'

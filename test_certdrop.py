@@ -4695,6 +4695,7 @@ def test_a_new_upload_records_its_server_name_and_report_and_a_damaged_report_is
     store.memory.forget(token)
     testapp.get(f"/c/{token}", status=404)
     assert admin_links(testapp)[token]["state"] == "damaged"
+    testapp.get(f"/admin/link/{token}", status=404)
     assert testapp.get("/admin", params={"state": "damaged"}).html.find("section", id=f"link-{token}") is not None
 
 
