@@ -4968,6 +4968,8 @@ def test_hostile_names_leave_html_pages_well_formed_and_inert(testapp, hostile, 
     pages += [testapp.get(f"/c/{hostile_token}", headers={"User-Agent": USER_AGENTS[agent][0]})
               for agent in ("android-chrome", "iphone-safari", "macos-chrome", "windows-edge", "linux-chrome",
                             "linux-firefox")]
+    pages += [testapp.get(path) for path in ("/admin", f"/admin/link/{hostile_token}",
+                                             f"/admin/link/{hostile_token}/revoke")]
     for page in pages:
         ET.fromstring(page.body)
         assert b"<script>" not in page.body and b"<b>bold" not in page.body and b"<ia5>" not in page.body
@@ -4994,7 +4996,9 @@ def test_hostile_names_cannot_reorder_or_break_html_xhtml_mp_or_wml_pages(testap
              "landing": testapp.get(f"/c/{hostile_token}", headers=desktop),
              "card": testapp.get(f"/c/{hostile_token}/card", headers=desktop),
              "xhtml-mp": s40_page(testapp, hostile_token, "application/vnd.wap.xhtml+xml"),
-             "wml": s40_page(testapp, hostile_token, "text/vnd.wap.wml")}
+             "wml": s40_page(testapp, hostile_token, "text/vnd.wap.wml"),
+             "admin": testapp.get("/admin", headers=desktop),
+             "admin link": testapp.get(f"/admin/link/{hostile_token}", headers=desktop)}
     for where, page in pages.items():
         assert not invisible_characters(page.text), where
     shown = {ascii(char)[1:-1] for char in hostile.name if invisible_characters(char)}
