@@ -6338,6 +6338,10 @@ def admin_extend(app: "App", request: Request, token: str) -> Response:
     entry = app.store.get(token)
     now = app.clock()
     expires, cut = link_expiry(app.config, entry.certificate, ttl, now)
+    ends = entry.certificate.not_after.timestamp()
+    if expires > ends:  # an expired certificate, for which link_expiry keeps the lifetime an upload chose
+        raise LifetimeError(_("This certificate expired on {date}: its link cannot be extended past that; nothing "
+                              "was changed.").format(date=format_time(ends)))
     extended = app.store.extend(token, expires)
     log.info("link %s extended on the administrator's page until %s", extended.token, format_time(extended.expires))
     text = _("The link {token} now works until {date}.").format(token=extended.token, date=format_time(expires))

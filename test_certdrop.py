@@ -4604,6 +4604,14 @@ def test_extending_from_the_page_changes_exactly_that_link_and_never_past_the_ce
     assert store.lookup(token).expires == store.lookup(token).certificate.not_after.timestamp()
 
 
+def test_a_link_whose_certificate_expired_cannot_be_extended(testapp, store, pki):
+    token = add(store, der_of(pki.expired), days=3).token
+    before = store.path_for(token).read_bytes()
+    refusal = testapp.post(f"/admin/link/{token}/extend", {"ttl": "30d"}, status=400)
+    assert "expired on 2026-01-01" in html_text(refusal) and store.path_for(token).read_bytes() == before
+    testapp.post(f"/admin/link/{token}/extend", {"ttl": "cert"}, status=400)
+
+
 def test_revoke_and_extend_through_the_json_interface_change_exactly_that_link(keyed, store, clock, root_der,
                                                                                 other_der):
     remote = client(keyed, REMOTE_ADDR=REMOTE)
