@@ -4,14 +4,15 @@ An administrator uploads the CA certificate once, in any format (on the page at 
 a link ``http://host/c/<token>``. The certificate doctor says what was uploaded and refuses private keys. Each
 device that opens the link gets what it can install: raw DER as ``application/x-x509-ca-cert`` for Nokia Symbian
 S60, a WAP page with the hashed certificate for Nokia Series 40, a configuration profile for iOS, and a page with
-the right file and steps for Android, Windows, macOS, Linux, Firefox and the rest.
+the right file and steps for Android, Windows, macOS, Linux, Firefox and the rest. ``/admin`` lists every link
+with its state and downloads, and revokes or extends it.
 
 Usage::
 
     .venv/bin/python certdrop.py serve                 # run the web server under waitress
     .venv/bin/python certdrop.py add ca.pem --ttl 7d   # store the CA certificates of a file, print their links
     .venv/bin/python certdrop.py check ca.p7b          # diagnose a file without storing anything
-    .venv/bin/python certdrop.py list | show TOKEN | revoke TOKEN | gc | upload-key
+    .venv/bin/python certdrop.py list [--json] | show TOKEN | revoke TOKEN | gc | upload-key
 
 Configuration comes from ``-c/--config PATH``, else ``$CERTDROP_CONFIG``, else ``certdrop.ini`` beside this
 file, else the built-in defaults of :class:`Config`. Every key is documented in ``certdrop.ini``.
