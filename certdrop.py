@@ -5661,9 +5661,10 @@ class DownloadCounts:
         self._full_warned = False
 
     def bump_for(self, token: str, device: str, user_agent: str | None) -> Callable[[], int] | None:
-        """Return what counts one download of *token* by *device* (None: not counted: a link-preview fetcher, or
-        memory full until the next write). Called once per answer kept, and by the full way per request."""
-        if is_link_preview(user_agent or ""):
+        """Return what counts one download of *token* by *device* (None: not counted: an answer made for no device,
+        the card or a QR code, which are the administrator's; a link-preview fetcher; or memory full until the next
+        write). Called once per answer kept, and by the full way per request."""
+        if device == "-" or is_link_preview(user_agent or ""):
             return None
         key = (token, device)
         tally = self._tallies.get(key)

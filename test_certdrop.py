@@ -4712,10 +4712,11 @@ def test_downloads_are_counted_once_per_2xx_whichever_way_they_are_answered(app,
     fetch(testapp, token, ADMIN_AGENTS["android"], 5)  # the first the full way, then the hot path
     testapp.head(f"/c/{token}", headers={"User-Agent": ADMIN_AGENTS["android"]})
     testapp.get(f"/c/{token}/nothing.txt", status=404)
-    fetch(testapp, token, ADMIN_AGENTS["android"], 1, path="/card")
+    fetch(testapp, token, ADMIN_AGENTS["android"], 1, path="/Example.crt")
+    fetch(testapp, token, ADMIN_AGENTS["android"], 1, path="/card")  # the administrator's, like the QR codes
+    fetch(testapp, token, ADMIN_AGENTS["android"], 1, path="/qr.svg")
     assert app.counts.write() == 6 and app.counts.write() == 0
-    counted = certdrop.read_counts(app.config.data_dir)[token]
-    assert counted["android"][0] == 5 and sum(count for count, _ in counted.values()) == 6  # the card: its own class
+    assert certdrop.read_counts(app.config.data_dir)[token] == {"android": (6, NOW)}
 
 
 @pytest.mark.parametrize("agent", [
