@@ -5633,11 +5633,75 @@ class Tally:
         return taken
 
 
+def counts_host() -> str:
+    """Return this machine's name as count files carry it."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", socket.gethostname())[:64] or "host"
+
+
 def counts_file_name() -> str:
     """Return this process's count file name: this machine's name and the process id, which no other process
     sharing the directory has at the same time."""
-    host = re.sub(r"[^A-Za-z0-9.-]+", "_", socket.gethostname())[:64] or "host"
-    return f"{host}-{os.getpid()}.json"
+    return f"{counts_host()}-{os.getpid()}.json"
+
+
+#: Where the counts of this machine's stopped processes are kept together: "<host>-stopped.json".
+STOPPED_COUNTS = "stopped"
+
+
+def fold_stopped_counts(store: "Store") -> int:
+    """Add the count files of this machine's processes that have stopped into one, "<host>-stopped.json", and
+    remove them; return how many. serve does this at start, so that restarts do not pile up files.
+
+    Crash-safe: the folded file names what it took in, with each file's signature; a file it names that is still
+    there as it was (a crash between the write and the removal) is removed without being added again, and one of
+    the same name written since (a later process with the same id) is not. Only this machine's processes are looked at,
+    and only on POSIX, where signal 0 asks whether a process is alive (on Windows, os.kill ends it).
+    """
+    if os.name != "posix":
+        return 0
+    directory = store.directory / COUNTS_DIRECTORY
+    host = counts_host()
+    archive = directory / f"{host}-{STOPPED_COUNTS}.json"
+    with store._exclusive():
+        try:
+            record = json.loads(archive.read_bytes())
+            folded_before = [(item[0], tuple(item[1:])) for item in record.get("folded", [])
+                             if isinstance(item, list) and item and isinstance(item[0], str)]
+        except (OSError, ValueError, AttributeError):
+            folded_before = []
+        for name, signature in folded_before:  # taken in already: a crash came before their removal
+            path = directory / Path(name).name
+            if _file_signature(path) == signature:
+                path.unlink(missing_ok=True)
+        stopped = []
+        for path in count_files(store.directory):
+            match = re.fullmatch(rf"{re.escape(host)}-([0-9]{{1,10}})\.json", path.name)
+            if match and int(match[1]) != os.getpid() and not is_running(int(match[1])):
+                stopped.append(path)
+        if not stopped:
+            return 0
+        total = read_counts_file(archive) or {}
+        for path in stopped:
+            add_counts(total, read_counts_file(path) or {})
+        folded = [[path.name, *_file_signature(path)] for path in stopped]
+        text = json.dumps({"format": COUNTS_FORMAT, "folded": folded, "counts": {
+            token: {device: list(pair) for device, pair in devices.items()} for token, devices in total.items()}},
+            separators=(",", ":"))
+        _write_atomically(archive, text.encode("ascii") + b"\n", owner=store._owner)
+        for path in stopped:
+            path.unlink(missing_ok=True)
+    return len(stopped)
+
+
+def is_running(pid: int) -> bool:
+    """Return whether process *pid* exists on this machine (POSIX: signal 0 checks, sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or a number no process has: left alone
+    return True
 
 
 class DownloadCounts:
@@ -7441,6 +7505,9 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     removed = app.store.remove_stale_temporary()
     if removed:
         log.info("removed %d temporary files that an interrupted writer left behind", removed)
+    folded = fold_stopped_counts(app.store)
+    if folded:
+        log.info("added the download counts of %d stopped processes together", folded)
     # Waitress keeps bodies in memory up to inbuf_overflow; set both above our own limit, so that certdrop
     # answers oversize uploads with its own message and no body is spooled to disk.
     body_limit = 2 * config.max_upload + 65536

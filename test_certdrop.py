@@ -4779,6 +4779,30 @@ def test_the_admin_index_reads_an_entry_file_only_when_it_changed_and_a_fresh_on
     assert len(certdrop.AdminIndex(store).links()) == 20
 
 
+def test_count_files_of_stopped_processes_are_folded_into_one_and_a_crash_midway_adds_nothing_twice(store):
+    directory, host = store.directory / "counts", certdrop.counts_host()
+    directory.mkdir(parents=True)
+    stopped = next(pid for pid in range(99_999, 4_000_000, 7) if not certdrop.is_running(pid))
+    files = {f"{host}-{stopped}.json": 2, f"{host}-{os.getpid()}.json": 3, f"{host}-1.json": 4,  # 1: init, running
+             f"other-machine-{stopped}.json": 5}
+    for name, count in files.items():
+        (directory / name).write_text(json.dumps({"format": 1, "counts": {"abcdefgh": {"android": [count, NOW]}}}))
+    assert certdrop.fold_stopped_counts(store) == 1
+    assert sorted(path.name for path in directory.iterdir()) == sorted(
+        [f"{host}-{os.getpid()}.json", f"{host}-1.json", f"other-machine-{stopped}.json", f"{host}-stopped.json"])
+    assert certdrop.read_counts(store.directory) == {"abcdefgh": {"android": (14, NOW)}}
+    archive = json.loads((directory / f"{host}-stopped.json").read_text())
+    name = archive["folded"][0][0]
+    (directory / name).write_text(json.dumps({"format": 1, "counts": {"abcdefgh": {"android": [2, NOW]}}}))
+    archive["folded"][0][1:] = certdrop._file_signature(directory / name)  # as if a crash came before its removal
+    (directory / f"{host}-stopped.json").write_text(json.dumps(archive))
+    assert certdrop.fold_stopped_counts(store) == 0 and not (directory / name).exists()
+    assert certdrop.read_counts(store.directory) == {"abcdefgh": {"android": (14, NOW)}}
+    (directory / name).write_text(json.dumps({"format": 1, "counts": {"abcdefgh": {"android": [1, NOW]}}}))
+    assert certdrop.fold_stopped_counts(store) == 1  # a later process with the same id: its counts are added
+    assert certdrop.read_counts(store.directory) == {"abcdefgh": {"android": (15, NOW)}}
+
+
 def test_counts_that_could_not_be_written_are_written_with_the_next_write(tmp_path):
     counts = certdrop.DownloadCounts(tmp_path / "data", clock=lambda: NOW)
     bump = counts.bump_for("abcdefgh", "android", "")
@@ -6185,7 +6209,9 @@ def test_download_counts_survive_sigterm_and_a_restart(tmp_path, root_pem):
     listed = json.loads(run_cli(ini, "list", "--json").stdout)["links"][0]
     assert {device: value["count"] for device, value in listed["fetches"].items()} == {
         "android": 4, "windows": 2, "ios": 1}
-    assert len(list((tmp_path / "data" / "counts").glob("*.json"))) == 2  # one file per process
+    # the first process's file was folded into one for stopped processes when the second started
+    assert sorted(path.name.split("-")[-1] for path in (tmp_path / "data" / "counts").glob("*.json")) == [
+        f"{server.process.pid}.json", "stopped.json"]
 
 
 @pytest.mark.slow
