@@ -4,14 +4,15 @@ An administrator uploads the CA certificate once, in any format (on the page at 
 a link ``http://host/c/<token>``. The certificate doctor says what was uploaded and refuses private keys. Each
 device that opens the link gets what it can install: raw DER as ``application/x-x509-ca-cert`` for Nokia Symbian
 S60, a WAP page with the hashed certificate for Nokia Series 40, a configuration profile for iOS, and a page with
-the right file and steps for Android, Windows, macOS, Linux, Firefox and the rest.
+the right file and steps for Android, Windows, macOS, Linux, Firefox and the rest. ``/admin`` lists every link
+with its state and downloads, and revokes or extends it.
 
 Usage::
 
     .venv/bin/python certdrop.py serve                 # run the web server under waitress
     .venv/bin/python certdrop.py add ca.pem --ttl 7d   # store the CA certificates of a file, print their links
     .venv/bin/python certdrop.py check ca.p7b          # diagnose a file without storing anything
-    .venv/bin/python certdrop.py list | show TOKEN | revoke TOKEN | gc | upload-key
+    .venv/bin/python certdrop.py list [--json] | show TOKEN | revoke TOKEN | gc | upload-key
 
 Configuration comes from ``-c/--config PATH``, else ``$CERTDROP_CONFIG``, else ``certdrop.ini`` beside this
 file, else the built-in defaults of :class:`Config`. Every key is documented in ``certdrop.ini``.
@@ -34,6 +35,7 @@ import hmac
 import html
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -654,6 +656,8 @@ class Config:
     lookup_limit: int = 30  # unknown-token lookups a minute per client (IPv6: per /64); 0 = no limit
     upload_limit: int = 20  # uploads a minute per client; 0 = no limit
     contact: str = ""  # whom to ask, as the printed card says it ("IT help desk, room 12, ext. 4711"); empty = none
+    count_interval: int = 30  # seconds between writes of the download counts (at most this much is lost on a crash)
+    admin_mail: str = ""  # the address the daily "needs attention" warning is mailed to; empty = logged only
     # [mail]: how "e-mail this link" sends; without a host the page offers a mailto: link instead
     mail_host: str = ""  # SMTP server; empty = no sending from certdrop
     mail_port: int = 0  # 0 = the usual port for mail_security: 25, 587 (starttls) or 465 (tls)
@@ -737,6 +741,8 @@ CONFIG_PARSERS: dict[str, Callable[[str], object]] = {
     "lookup_limit": _parse_int(0, 100_000),
     "upload_limit": _parse_int(0, 100_000),
     "contact": lambda text: LINE_BREAKS_RE.sub(" ", text.strip())[:200],
+    "count_interval": lambda text: _parse_int(5, 86400)(str(parse_duration(text))),
+    "admin_mail": lambda text: "" if not text.strip() else parse_addresses(text, 1)[0],
 }
 
 
@@ -2314,6 +2320,10 @@ class Entry:
     #: kept by its key cannot depend on other entries, which expire, are revoked or change on their own. They are
     #: public certificates, a few KB.
     chain: tuple[bytes, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
+    #: the server name the upload gave (its "host" field), and the doctor's report of that upload (report_record):
+    #: optional fields of format 2, absent in older entries, which the administrator's page shows as not recorded
+    host: str | None = dataclasses.field(default=None, compare=False, repr=False)
+    report: tuple[dict, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
     #: until when the link answers with its certificate: its expiry, or 0 once revoked or a tombstone
     serves_until: float = dataclasses.field(init=False, compare=False, repr=False)
 
@@ -2356,7 +2366,7 @@ class Entry:
 
     def tombstone(self, revoked: float | None = None) -> "Entry":
         """Return this entry without its certificate (revoked at *revoked*, if given), remembering which it was."""
-        return dataclasses.replace(self, der=None, facts=None, chain=None,
+        return dataclasses.replace(self, der=None, facts=None, chain=None, report=None,
                                    revoked=self.revoked if revoked is None else revoked, was=self.remembered)
 
     def to_json(self) -> bytes:
@@ -2371,6 +2381,10 @@ class Entry:
                                    for der in self.chain]
         elif self.was is not None:
             record["was"] = self.was.to_record()
+        if self.host:
+            record["host"] = self.host
+        if self.report is not None:
+            record["report"] = list(self.report)
         if self.revoke_hash:
             record["revoke_sha256"] = self.revoke_hash
         return json.dumps(record, indent=1).encode("utf-8") + b"\n"
@@ -2399,7 +2413,8 @@ class Entry:
                    None if revoked is None else _stored_time(revoked),
                    None if was is None else Remembered.from_record(was), revoke_hash,
                    record.get("certificate") if der is not None else None,
-                   stored_chain(record.get("chain"), der) if der is not None else None)
+                   stored_chain(record.get("chain"), der) if der is not None else None,
+                   stored_host(record.get("host")), stored_report(record.get("report")))
 
     @staticmethod
     def record_of(token: str, data: bytes) -> dict:
@@ -2445,6 +2460,41 @@ def stored_chain(value: object, der: bytes) -> tuple[bytes, ...] | None:
     if value.count(None) != 1:
         raise ValueError("a chain without its own certificate")
     return tuple(der if item is None else base64.b64decode(item, validate=True) for item in value)
+
+
+#: The most findings an entry's report keeps: the doctor finds a few per certificate, of at most MAX_CERTIFICATES.
+MAX_REPORT_ITEMS = 2000
+
+#: The fields of one item of an entry's report, with their JSON types (a Finding, or a certificate left out).
+REPORT_FIELDS = {"code": str, "message": str, "certificate": (str, type(None)), "note": bool}
+
+
+def report_record(diagnosis: "Diagnosis") -> tuple[dict, ...]:
+    """Return the doctor's report of an upload as its entries keep it: each finding, then each certificate left
+    out (code "left-out"), as JSON values."""
+    return tuple([dataclasses.asdict(finding) for finding in diagnosis.findings]
+                 + [{"code": "left-out", "message": reason, "certificate": certificate.name, "note": False}
+                    for certificate, reason in diagnosis.left_out])
+
+
+def stored_report(value: object) -> tuple[dict, ...] | None:
+    """Return the report an entry file keeps (None when it keeps none); raise ValueError if it is damaged."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_REPORT_ITEMS or not all(
+            isinstance(item, dict) and set(item) == set(REPORT_FIELDS)
+            and all(is_stored(item[name], kind) for name, kind in REPORT_FIELDS.items()) for item in value):
+        raise ValueError("damaged report")
+    return tuple(value)
+
+
+def stored_host(value: object) -> str | None:
+    """Return the server name an entry file keeps (None when it keeps none); raise ValueError if it is damaged."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 256:
+        raise ValueError("damaged server name")
+    return value
 
 
 def revoke_hash(secret: str) -> str:
@@ -2746,14 +2796,16 @@ class Store:
         return self.add_all([(certificate, expires, revoke_secret)])[0]
 
     def add_all(self, wanted: list[tuple[Certificate, float, str | None]],
-                chains: dict[bytes, tuple[Certificate, ...]] | None = None) -> list[tuple[Entry, bool]]:
+                chains: dict[bytes, tuple[Certificate, ...]] | None = None, host: str | None = None,
+                report: tuple[dict, ...] | None = None) -> list[tuple[Entry, bool]]:
         """Store each (certificate, expiry, revoke secret); return (entry, whether the link is new) for each.
 
         A certificate that already has a live link keeps it, and the link's expiry moves to the later of the two
         once that is at least EXPIRY_STEP later. A new link keeps the hash of its secret, which removes it from
         the web. Each entry records the chain *chains* gives for its certificate (by SHA-256) when it holds more
         than that certificate; a live link records a new one too, and keeps the one it has when the upload brings
-        none. Every file is synced before its rename, and each directory once after all of them: every link
+        none. A new link records the upload's server name *host* and the doctor's *report* when given. Every file
+        is synced before its rename, and each directory once after all of them: every link
         returned survives a power loss.
         """
         results = []
@@ -2762,13 +2814,14 @@ class Store:
             for certificate, expires, secret in wanted:
                 chain = (chains or {}).get(certificate.sha256, ())
                 ders = tuple(member.der for member in chain) if len(chain) > 1 else None
-                results.append(self._add(certificate, expires, secret, unsynced, ders))
+                results.append(self._add(certificate, expires, secret, unsynced, ders, host or None, report))
             for directory in sorted(unsynced, key=lambda path: len(path.parts), reverse=True):
                 _fsync_directory(directory)  # a new shard first, then the data directory that names it
         return results
 
     def _add(self, certificate: Certificate, expires: float, secret: str | None, unsynced: set[Path],
-             chain: tuple[bytes, ...] | None = None) -> tuple[Entry, bool]:
+             chain: tuple[bytes, ...] | None = None, host: str | None = None,
+             report: tuple[dict, ...] | None = None) -> tuple[Entry, bool]:
         existing = self.live_entry_for(certificate.sha256)
         if existing is not None:
             new_chain = chain is not None and chain != existing.chain
@@ -2781,7 +2834,7 @@ class Store:
             return entry, False
         entry = Entry(self._new_token(), self.clock(), expires, certificate.der,
                       revoke_hash=revoke_hash(secret) if secret else None, facts=certificate_facts(certificate),
-                      chain=chain)
+                      chain=chain, host=host, report=report)
         index = self._index_path(certificate.sha256)
         # The index first: if the entry then cannot be written, the index names no file and is simply stale.
         _write_atomically(index, entry.token.encode("ascii"), owner=self._owner, unsynced=unsynced)
@@ -2829,6 +2882,21 @@ class Store:
             tombstone = entry.tombstone(revoked=self.clock())
             self._write(tombstone)
             return tombstone
+
+    def extend(self, token: str, expires: float) -> Entry:
+        """Move live *token*'s expiry to *expires*, which must be later; raise UnknownToken, LinkGone, or
+        LifetimeError when that would not lengthen it."""
+        with self._exclusive():
+            entry = self._load(token.lower())
+            gone = entry.gone(self.clock())
+            if gone:
+                raise gone
+            if expires <= entry.expires:
+                raise LifetimeError(_("This link already works until {date}, no sooner than the lifetime chosen; "
+                                      "nothing was changed.").format(date=format_time(entry.expires)))
+            extended = dataclasses.replace(entry, expires=expires)
+            self._write(extended)
+            return extended
 
     def sweep(self) -> dict[str, int]:
         """Turn expired entries into tombstones, delete old tombstones and stale temporary files; return counts.
@@ -3460,6 +3528,8 @@ padding:.3rem .5rem;margin:.3rem 0}
 section>h2:first-child{margin-top:0}
 a.button{display:inline-block;background:#1f5fbf;color:#fff;padding:.75rem 1.25rem;border-radius:6px;
 font-weight:600;text-decoration:none;margin:.25rem 0}
+form.action{border:0;padding:0;margin:.5rem 0;background:none}form.action select{max-width:100%}
+form.action button{margin-top:.25rem}
 """
 
 #: Pages carry no script at all; the one inline style block is allowed by its hash.
@@ -3610,7 +3680,7 @@ SIGN_OUT_FORM = string.Template("""<form method="post" action="$action"><p class
 
 SIGN_IN_PAGE = string.Template("""<h1>$heading</h1>
 $message_html
-<form method="post" action="$action">
+<form method="post" action="$action">$next_html
 <label for="key">$key_label</label>
 <input type="password" id="key" name="key" autocomplete="current-password" required="required" />
 <p><button type="submit">$submit</button></p>
@@ -3649,7 +3719,8 @@ def render_upload_form(config: Config, action: str, signed_in: bool = False) -> 
         openssl_html=with_markup(_("OpenSSL or step-ca: upload the root certificate file (often {ca} or {root_ca}), "
                                    "never a file with a private key."),
                                  ca=code_html("ca.crt"), root_ca=code_html("root_ca.crt")),
-        account_html=account,
+        account_html=f'<p><a href="{esc(action)}admin">{esc(_("Every link, its downloads and what needs attention"))}'
+                     f'</a></p>{account}',
     )
     return render_page("certdrop", body, home=action)
 
@@ -3684,11 +3755,13 @@ def render_form(config: Config, action: str, *, pem: str = "", ttl: str = "", ho
         submit=_("Get the link"))
 
 
-def render_signin(home: str, message: str) -> bytes:
-    """Return the sign-in page; *home* is the upload page's address, *message* why the visitor is here."""
+def render_signin(home: str, message: str, next_page: str = "") -> bytes:
+    """Return the sign-in page; *home* is the upload page's address, *message* why the visitor is here, *next_page*
+    where signing in leads ("admin"; else the upload page)."""
     message_html = f'<section class="error"><p>{esc(message)}</p></section>' if message else ""
+    next_html = f'<input type="hidden" name="next" value="{esc(next_page)}" />' if next_page else ""
     body = render(
-        SIGN_IN_PAGE, action=f"{home}signin", message_html=message_html,
+        SIGN_IN_PAGE, action=f"{home}signin", message_html=message_html, next_html=next_html,
         heading=_("Sign in to share a CA certificate"), key_label=_("Upload key"), submit=_("Sign in"),
         where=_("Where is the key?"),
         where_html=with_markup(_("certdrop printed it when it first started. On the server, {command} shows it, "
@@ -5922,6 +5995,8 @@ class HotAnswer(typing.NamedTuple):
     until: float = math.inf
     #: where the store holds the entry: each hit marks it asked for again, as Store.fresh would (see Store._evict)
     memory: CachedEntry | None = None
+    #: counts a download of this answer (DownloadCounts.bump_for); None: not counted (a refusal, a preview fetcher)
+    tally: Callable[[], int] | None = None
 
 
 class BuiltKey(typing.NamedTuple):
@@ -6082,6 +6157,293 @@ class AnswerCache:
 def signature_length(signature: Signature) -> int:
     """Return how many characters *signature*'s text fields hold together."""
     return sum(len(value) for value in signature if isinstance(value, str))
+
+
+###############################################################################
+# Download counts #############################################################
+###############################################################################
+# How often each link was downloaded, per device class: counted in memory by the hot path with one atomic call,
+# and added in the background to a file of this process's own under data_dir/counts, never to the entry files,
+# so that processes sharing the directory add up instead of overwriting each other. No client address or
+# User-Agent is kept: a count is a link, a device class, a number and about when the last one was.
+
+#: Where the per-process count files live, under data_dir; one "<host>-<pid>.json" per server process.
+COUNTS_DIRECTORY = "counts"
+COUNTS_FORMAT = 1
+
+#: The (link, device class) pairs counted since the last write that memory keeps. Each takes 252 bytes (a key
+#: tuple, its Tally with its itertools.count, the dict's slot: tracemalloc over 16,384 of them), 310 with its
+#: token's text once the store has let the entry go: 5 MiB in all. Past it a new pair is not counted until a
+#: write drops the pairs that went quiet: a bound, not a limit that a real server meets.
+MAX_TALLIES = 16384
+
+#: Link-preview fetchers: chat and social apps fetch a pasted link to draw a preview card, which is no download
+#: by a person. Matched in lower case anywhere in the User-Agent; these are the robots' own tokens, not the in-app
+#: browsers of the same apps (Telegram-Android/, LinkedInApp, FBAN/), whose users do download.
+LINK_PREVIEW_MARKERS = (
+    "slackbot",  # "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", api.slack.com/robots
+    "slack-imgproxy",  # Slack's image proxy, same page
+    "facebookexternalhit",  # Facebook, Messenger and iMessage previews; developers.facebook.com/docs/sharing/webmasters/web-crawlers
+    "facebot",  # the same page
+    "whatsapp/",  # "WhatsApp/2.23.20.0 A": WhatsApp's preview fetch (the app opens links in the system browser)
+    "telegrambot",  # "TelegramBot (like TwitterBot)", core.telegram.org/bots/webapps (link previews)
+    "twitterbot",  # X cards, developer.x.com/en/docs/x-for-websites/cards/guides/troubleshooting-cards
+    "discordbot",  # "Mozilla/5.0 (compatible; Discordbot/2.0; +https://discordapp.com)"
+    "linkedinbot",  # "LinkedInBot/1.0 (compatible; Mozilla/5.0; Apache-HttpClient +http://www.linkedin.com)"
+    "skypeuripreview",  # Skype and old Teams: "... SkypeUriPreview Preview/0.5"
+    "microsoftpreview",  # Teams and Outlook: "Mozilla/5.0 ... MicrosoftPreview/2.0 +https://aka.ms/MicrosoftPreview"
+    "mattermost-bot",  # Mattermost's link previews: "Mattermost-Bot/1.1 +https://mattermost.com"
+    "redditbot",  # "Mozilla/5.0 (compatible; redditbot/1.0; +http://www.reddit.com/feedback)"
+    "pinterestbot",  # Pinterest's crawler, help.pinterest.com (Pinterestbot)
+    "embedly",  # "Embedly/0.2 (+http://support.embed.ly/)", used by many apps for cards
+    "iframely",  # "Iframely/1.3.1 (+https://iframely.com/docs/about)"
+    "vkshare",  # VK: "Mozilla/5.0 (compatible; vkShare; +http://vk.com/dev/Share)"
+    "viber",  # Viber's preview fetch sends "Viber" (the app itself opens links in the system browser)
+    "google-pagerenderer",  # Google's link previews (Chat, Docs): developers.google.com/search/docs/crawling-indexing/google-special-case-crawlers
+)
+# Sources checked 2026-12: the vendors' pages named above; webmasterid.com and darkvisitors.com list the same tokens.
+
+
+@kept_for_short_arguments(1024)
+def is_link_preview(user_agent: str) -> bool:
+    """Return whether *user_agent* is a chat or social app fetching a link to draw its preview."""
+    agent = user_agent.lower()
+    return any(marker in agent for marker in LINK_PREVIEW_MARKERS)
+
+
+class Tally:
+    """One (link, device class)'s downloads since the last write: bump() is itertools.count's __next__, one call
+    that no thread can interleave with another's, so the hot path counts without a lock."""
+
+    __slots__ = ("bump", "_next", "quiet")
+
+    def __init__(self):
+        self.bump = itertools.count().__next__
+        self._next = 0  # what bump() would return had nobody bumped since the last take
+        self.quiet = 0  # writes in a row that found nothing new
+
+    def take(self) -> int:
+        """Return the downloads since the last take; only the writer (DownloadCounts.write) takes."""
+        value = self.bump()
+        taken, self._next = value - self._next, value + 1
+        return taken
+
+
+def counts_host() -> str:
+    """Return this machine's name as count files carry it."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", socket.gethostname())[:64] or "host"
+
+
+def counts_file_name() -> str:
+    """Return this process's count file name: this machine's name and the process id, which no other process
+    sharing the directory has at the same time."""
+    return f"{counts_host()}-{os.getpid()}.json"
+
+
+#: Where the counts of this machine's stopped processes are kept together: "<host>-stopped.json".
+STOPPED_COUNTS = "stopped"
+
+
+def fold_stopped_counts(store: "Store") -> int:
+    """Add the count files of this machine's processes that have stopped into one, "<host>-stopped.json", and
+    remove them; return how many. serve does this at start, so that restarts do not pile up files.
+
+    Crash-safe: the folded file names what it took in, with each file's signature; a file it names that is still
+    there as it was (a crash between the write and the removal) is removed without being added again, and one of
+    the same name written since (a later process with the same id) is not. Only this machine's processes are looked at,
+    and only on POSIX, where signal 0 asks whether a process is alive (on Windows, os.kill ends it).
+    """
+    if os.name != "posix":
+        return 0
+    directory = store.directory / COUNTS_DIRECTORY
+    host = counts_host()
+    archive = directory / f"{host}-{STOPPED_COUNTS}.json"
+    with store._exclusive():
+        try:
+            record = json.loads(archive.read_bytes())
+            folded_before = [(item[0], tuple(item[1:])) for item in record.get("folded", [])
+                             if isinstance(item, list) and item and isinstance(item[0], str)]
+        except (OSError, ValueError, AttributeError):
+            folded_before = []
+        for name, signature in folded_before:  # taken in already: a crash came before their removal
+            path = directory / Path(name).name
+            if _file_signature(path) == signature:
+                path.unlink(missing_ok=True)
+        stopped = []
+        for path in count_files(store.directory):
+            match = re.fullmatch(rf"{re.escape(host)}-([0-9]{{1,10}})\.json", path.name)
+            if match and int(match[1]) != os.getpid() and not is_running(int(match[1])):
+                stopped.append(path)
+        if not stopped:
+            return 0
+        total = read_counts_file(archive) or {}
+        for path in stopped:
+            add_counts(total, read_counts_file(path) or {})
+        folded = [[path.name, *_file_signature(path)] for path in stopped]
+        text = json.dumps({"format": COUNTS_FORMAT, "folded": folded, "counts": {
+            token: {device: list(pair) for device, pair in devices.items()} for token, devices in total.items()}},
+            separators=(",", ":"))
+        _write_atomically(archive, text.encode("ascii") + b"\n", owner=store._owner)
+        for path in stopped:
+            path.unlink(missing_ok=True)
+    return len(stopped)
+
+
+def is_running(pid: int) -> bool:
+    """Return whether process *pid* exists on this machine (POSIX: signal 0 checks, sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or a number no process has: left alone
+    return True
+
+
+class DownloadCounts:
+    """The one owner of the download counts in memory (at most MAX_TALLIES pairs) and of this process's count file.
+
+    Downloads are counted per (token, device class) as they happen; write() adds them to the file every
+    count_interval, and at shutdown. A pair quiet for two writes leaves memory; it is read once more at the next
+    write, since a kept hot answer may still bump it meanwhile (a hot answer lives at most REVALIDATE_SECONDS).
+    """
+
+    def __init__(self, directory: Path, clock: Callable[[], float] = time.time,
+                 owner: Callable[[], tuple[int, int] | None] = lambda: None):
+        self.path = Path(directory) / COUNTS_DIRECTORY / counts_file_name()
+        self.clock = clock
+        self.owner = owner
+        self._tallies: dict[tuple[str, str], Tally] = {}
+        self._retired: list[tuple[tuple[str, str], Tally]] = []
+        self._unwritten: dict[tuple[str, str], int] = {}  # taken, but the write failed: for the next write
+        self._lock = threading.Lock()  # new pairs; the writer takes it to take and drop
+        self._writing = threading.Lock()  # the background writer and the one at shutdown
+        self._full_warned = False
+
+    def bump_for(self, token: str, device: str, user_agent: str | None) -> Callable[[], int] | None:
+        """Return what counts one download of *token* by *device* (None: not counted: an answer made for no device,
+        the card or a QR code, which are the administrator's; a link-preview fetcher; or memory full until the next
+        write). Called once per answer kept, and by the full way per request."""
+        if device == "-" or is_link_preview(user_agent or ""):
+            return None
+        key = (token, device)
+        tally = self._tallies.get(key)
+        if tally is None:
+            with self._lock:
+                tally = self._tallies.get(key)
+                if tally is None:
+                    if len(self._tallies) >= MAX_TALLIES:
+                        if not self._full_warned:
+                            self._full_warned = True
+                            log.warning("download counts: %d links and device classes counted since the last write; "
+                                        "more are not counted until the next", MAX_TALLIES)
+                        return None
+                    tally = self._tallies[key] = Tally()
+        return tally.bump
+
+    def taken(self) -> dict[tuple[str, str], int]:
+        """Return the downloads of each pair since the last call, dropping pairs that went quiet."""
+        counted, self._unwritten = self._unwritten, {}
+        with self._lock:
+            for key, tally in self._retired:
+                counted[key] = counted.get(key, 0) + tally.take()
+            self._retired = []
+            for key, tally in list(self._tallies.items()):
+                taken = tally.take()
+                counted[key] = counted.get(key, 0) + taken
+                tally.quiet = 0 if taken else tally.quiet + 1
+                if tally.quiet >= 2:
+                    del self._tallies[key]
+                    self._retired.append((key, tally))
+            self._full_warned = False
+        return {key: value for key, value in counted.items() if value}
+
+    def write(self) -> int:
+        """Add the downloads since the last write to this process's file (atomically); return how many."""
+        with self._writing:
+            counted = self.taken()
+            if not counted:
+                return 0
+            now = self.clock()
+            counts = read_counts_file(self.path) or {}
+            for (token, device), value in counted.items():
+                count, _last = counts.setdefault(token, {}).get(device, (0, 0.0))
+                counts[token][device] = (count + value, now)
+            record = {"format": COUNTS_FORMAT, "counts": {token: {device: list(pair) for device, pair in devices.items()}
+                                                          for token, devices in counts.items()}}
+            try:
+                _write_atomically(self.path, json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n",
+                                  owner=self.owner())
+            except OSError as error:
+                log.error("download counts not written to %s: %s", self.path, error.strerror or error)
+                self._unwritten = counted  # at most MAX_TALLIES pairs, written with the next
+                return 0
+            return sum(counted.values())
+
+
+#: token -> device class -> (downloads, Unix time of about the last one)
+Counts = dict[str, dict[str, tuple[int, float]]]
+
+
+def read_counts_file(path: Path) -> Counts | None:
+    """Return the counts in one count file; None (and a warning) if it is unreadable or damaged."""
+    try:
+        record = json.loads(path.read_bytes())
+        if not isinstance(record, dict) or record.get("format") != COUNTS_FORMAT or not isinstance(
+                record.get("counts"), dict):
+            raise ValueError("not a count file of this format")
+        counts: Counts = {}
+        for token, devices in record["counts"].items():
+            if not isinstance(devices, dict):
+                raise ValueError("damaged counts")
+            for device, pair in devices.items():
+                if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int and pair[0] >= 0):
+                    raise ValueError("damaged counts")
+                counts.setdefault(token, {})[device] = (pair[0], _stored_time(pair[1]))
+        return counts
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, RecursionError) as error:
+        log.warning("count file %s is damaged and is left out: %s", path, f"{error}"[:200])
+        return None
+
+
+def add_counts(total: Counts, more: Counts) -> None:
+    """Add *more* into *total*: downloads add up, the last download is the later one."""
+    for token, devices in more.items():
+        into = total.setdefault(token, {})
+        for device, (count, last) in devices.items():
+            before, seen = into.get(device, (0, 0.0))
+            into[device] = (before + count, max(seen, last))
+
+
+def count_files(directory: Path) -> list[Path]:
+    """Return every process's count file under *directory* (the data directory)."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        return sorted(path for path in (Path(directory) / COUNTS_DIRECTORY).iterdir()
+                      if path.name.endswith(".json") and not path.name.startswith("."))
+    return []
+
+
+def read_counts(directory: Path) -> Counts:
+    """Return the downloads of every process that shared the data directory *directory*, added up."""
+    total: Counts = {}
+    for path in count_files(directory):
+        add_counts(total, read_counts_file(path) or {})
+    return total
+
+
+def write_counts_forever(counts: DownloadCounts, interval: float, stop: threading.Event,
+                         index: "AdminIndex | None" = None) -> None:
+    """Write the download counts every *interval* seconds until *stop* is set (serve writes once more after), and
+    drop the administrator's index when unused."""
+    while not stop.wait(interval):
+        try:
+            counts.write()
+            if index is not None:
+                index.forget_if_idle()
+        except Exception:  # a bug: this thread is the only writer the counts have
+            log.exception("writing the download counts failed; trying again in %s seconds", interval)
 
 
 ###############################################################################
@@ -6254,6 +6616,626 @@ def base_url_of(request: Request, config: Config, host_accepted: bool) -> str:
 
 
 ###############################################################################
+# Administration ##############################################################
+###############################################################################
+# The administrator's page (/admin) and its JSON twin (/admin/api/v1/...): every link with its state, its
+# certificate, its upload's server name and its downloads, what needs attention first, and what to do next. Who may
+# see and change it is the UploadGate's question, asked exactly as for uploads.
+
+#: Links a page of /admin shows, and the most a script may ask for at once.
+ADMIN_PAGE_LINKS, API_MAX_LINKS = 50, 1000
+
+#: What needs attention: links that end within a week; live links whose CA ends within 30 days (eduroam CAT's
+#: "close to expiry").
+LINK_ATTENTION_SECONDS, CA_ATTENTION_SECONDS = 7 * 86400, 30 * 86400
+
+#: A link's states on the page, in the JSON and in `list`: "live" serves; "ended" ran out of time, its certificate
+#: still stored; "revoked" by the administrator, the command line or the link's secret; "removed" by the sweep,
+#: which keeps a tombstone that answers 410; "damaged" for an entry file that cannot be read.
+LINK_STATES = ("live", "ended", "revoked", "removed", "damaged")
+STATE_LABELS = {"live": N_("live"), "ended": N_("ended"), "revoked": N_("revoked"), "removed": N_("removed"),
+                "damaged": N_("damaged")}
+
+#: The summaries of entry files are dropped this long after /admin was last asked: they take about 600 bytes a
+#: link, 57 MiB for 100,000 links, and only the administrator's page needs them.
+ADMIN_INDEX_IDLE_SECONDS = 600
+
+NOT_RECORDED = N_("not recorded")
+
+
+class LinkSummary(typing.NamedTuple):
+    """What /admin shows of one entry file, read from its JSON without building its certificate."""
+
+    token: str
+    name: str  # the CA's name; "" when not known (a damaged file, an old tombstone)
+    role: str  # Certificate.role; "" when not known (tombstones do not keep it)
+    created: float
+    expires: float
+    ends: float | None  # the certificate's own end, when known
+    host: str | None  # the upload's server name, when recorded
+    revoked: bool
+    stored: bool  # the entry still holds its certificate
+    damaged: bool = False
+    report: bool = False  # whether the entry records its upload's report (uploads since certdrop 0.4)
+
+    def state(self, now: float) -> str:
+        if self.damaged:
+            return "damaged"
+        if self.revoked:
+            return "revoked"
+        if not self.stored:
+            return "removed"
+        return "ended" if now >= self.expires else "live"
+
+    def attention(self, now: float) -> str | None:
+        """Return "link" when this live link ends within a week, "ca" when its CA ends within 30 days, else None."""
+        if self.state(now) != "live":
+            return None
+        if self.expires - now < LINK_ATTENTION_SECONDS:
+            return "link"
+        if self.ends is not None and self.ends - now < CA_ATTENTION_SECONDS:
+            return "ca"
+        return None
+
+    def order(self, now: float) -> tuple:
+        """Return where this link goes on the page: what needs attention first, soonest first; then the newest."""
+        attention = self.attention(now)
+        if attention == "link":
+            return (0, self.expires)
+        if attention == "ca":
+            return (1, self.ends)
+        return (2 if self.state(now) == "live" else 3, -self.created)
+
+
+def summary_of(token: str, data: bytes) -> LinkSummary:
+    """Return the summary of *token*'s entry file *data*; raise ValueError (or another error) if it is damaged."""
+    record = Entry.record_of(token, data.decode("utf-8"))
+    created, expires = _stored_time(record["created"]), _stored_time(record["expires"])
+    revoked = record.get("revoked")
+    if revoked is not None:
+        _stored_time(revoked)
+    host, report = stored_host(record.get("host")), stored_report(record.get("report")) is not None
+    if "der" not in record:
+        was = Remembered.from_record(record["was"]) if record.get("was") is not None else None
+        return LinkSummary(token, was.name if was else "", "", created, expires, was.not_after if was else None,
+                           host, revoked is not None, False, report=report)
+    facts = record.get("certificate")
+    if facts is None:  # format 1 keeps the DER alone
+        certificate = Entry.from_json(token, data).certificate
+        name, role, ends = certificate.name, certificate.role, certificate.not_after.timestamp()
+    else:
+        names, organization = facts["common_names"], facts["organization"]
+        if not (isinstance(names, list) and all(isinstance(name, str) for name in names)
+                and isinstance(organization, (str, type(None))) and isinstance(facts["is_ca"], bool)
+                and isinstance(facts["self_signed"], bool)):
+            raise ValueError("damaged certificate facts")
+        name = names[0] if names else organization or "CA"
+        role = ("root" if facts["self_signed"] else "intermediate") if facts["is_ca"] else (
+            "self-signed leaf" if facts["self_signed"] else "leaf")
+        ends = datetime.fromisoformat(facts["not_after"]).timestamp()
+    return LinkSummary(token, name, role, created, expires, ends, host, revoked is not None, True, report=report)
+
+
+#: The summaries of the entry files as /admin last saw them, by their files' signatures, in data_dir: a fresh
+#: process reads this one file instead of every entry file (a cache: damaged or stale, it is read past), and
+#: writes it at most every ADMIN_INDEX_WRITE_SECONDS.
+ADMIN_INDEX_FILE, ADMIN_INDEX_FORMAT, ADMIN_INDEX_WRITE_SECONDS = "admin-index.json", 1, 60
+
+
+class AdminIndex:
+    """The summaries of every entry file and the download counts of every process, for /admin, `list` and the daily
+    warning: each file is read again only when its signature (inode, size, time) changed, so a page of 100,000
+    links costs one directory listing and one stat() a file, not 100,000 parses; a fresh process starts from
+    ADMIN_INDEX_FILE. Dropped from memory when unused for ADMIN_INDEX_IDLE_SECONDS."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.path = store.directory / ADMIN_INDEX_FILE
+        self._summaries: dict[str, tuple[int, LinkSummary]] = {}
+        self._count_files: dict[Path, tuple[tuple, Counts]] = {}
+        self._lock = threading.Lock()
+        self.used = -math.inf  # time.monotonic() of the last use
+        self._written = -math.inf  # time.monotonic() of the last write of ADMIN_INDEX_FILE
+
+    def links(self) -> list[LinkSummary]:
+        """Return the summary of every entry file, as the files are now."""
+        with self._lock:
+            self.used = time.monotonic()
+            known = self._summaries or self._saved()
+            kept: dict[str, tuple[int, LinkSummary]] = {}
+            read = 0
+            for token, path, signature in self._entry_files():
+                old = known.get(token)
+                if old is None or old[0] != signature:
+                    old, read = (signature, self._read(token)), read + 1
+                kept[token] = old
+            self._summaries = kept
+            if (read or len(kept) != len(known)) and time.monotonic() - self._written >= ADMIN_INDEX_WRITE_SECONDS:
+                self._save(kept)
+            return [summary for _, summary in kept.values()]
+
+    def _saved(self) -> dict[str, tuple[int, LinkSummary]]:
+        """Return the summaries ADMIN_INDEX_FILE keeps, or none if it is missing or damaged."""
+        try:
+            record = json.loads(self.path.read_bytes())
+            if record.get("format") != ADMIN_INDEX_FORMAT:
+                return {}
+            saved = {}
+            for token, (signature, *fields) in record["links"].items():
+                summary = LinkSummary(token, *fields)
+                if type(signature) is not int or not all(isinstance(value, kind) for value, kind in zip(
+                        summary, LinkSummary.__annotations__.values()) if kind in (str, float, bool)):
+                    return {}
+                saved[token] = (signature, summary)
+            return saved
+        except FileNotFoundError:
+            return {}
+        except Exception as error:  # a cache: whatever is wrong with it, the entry files are read instead
+            log.warning("%s is damaged and is read past: %s", self.path, f"{type(error).__name__}: {error}"[:200])
+            return {}
+
+    def _save(self, summaries: dict[str, tuple[int, LinkSummary]]) -> None:
+        record = {"format": ADMIN_INDEX_FORMAT,
+                  "links": {token: [signature, *summary[1:]] for token, (signature, summary) in summaries.items()}}
+        try:
+            _write_atomically(self.path, json.dumps(record, separators=(",", ":")).encode("utf-8"),
+                              owner=owner_for_root(self.store.directory))
+        except OSError as error:
+            log.warning("could not write %s: %s", self.path, error.strerror or error)
+        self._written = time.monotonic()
+
+    def _entry_files(self) -> Iterator[tuple[str, str, tuple]]:
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.store.directory) as shards:
+            for shard in shards:
+                if len(shard.name) != 2 or not shard.is_dir():
+                    continue
+                with contextlib.suppress(FileNotFoundError), os.scandir(shard.path) as files:
+                    for file in files:
+                        token = file.name[:-5]
+                        if not file.name.endswith(".json") or not TOKEN_RE.fullmatch(token):
+                            continue
+                        with contextlib.suppress(FileNotFoundError):  # one int, not a tuple: 100,000 are kept
+                            yield token, file.path, hash(_signature_of(file.stat(follow_symlinks=False)))
+
+    def summary(self, token: str) -> LinkSummary:
+        """Return the summary of *token*'s entry file as it is now."""
+        return self._read(token)
+
+    def _read(self, token: str) -> LinkSummary:
+        damaged = LinkSummary(token, "", "", 0.0, 0.0, None, None, False, False, damaged=True)
+        try:
+            path, data, _ = self.store._read_file(token, signature=False)
+            return Store._decode(path, lambda: summary_of(token, data))
+        except (DamagedEntry, UnknownToken):
+            return damaged
+
+    def counts(self) -> Counts:
+        """Return every process's download counts added up, each count file read again only when it changed."""
+        with self._lock:
+            self.used = time.monotonic()
+            kept: dict[Path, tuple[tuple, Counts]] = {}
+            for path in count_files(self.store.directory):
+                signature, old = _file_signature(path), self._count_files.get(path)
+                kept[path] = old if old is not None and old[0] == signature else (
+                    signature, read_counts_file(path) or {})
+            self._count_files = kept
+            total: Counts = {}
+            for _, counts in kept.values():
+                add_counts(total, counts)
+            return total
+
+    def forget_if_idle(self) -> None:
+        if time.monotonic() - self.used > ADMIN_INDEX_IDLE_SECONDS and (self._summaries or self._count_files):
+            with self._lock:
+                self._summaries, self._count_files = {}, {}
+
+
+def chosen_links(links: list[LinkSummary], now: float, state: str = "", search: str = "") -> list[LinkSummary]:
+    """Return the links in *state* (any: ""; "attention": what needs it) whose name, token or server name holds
+    *search*, what needs attention first."""
+    needle = search.strip().casefold()
+    chosen = [link for link in links
+              if (not state or (link.attention(now) is not None if state == "attention" else link.state(now) == state))
+              and (not needle or needle in link.name.casefold() or needle in link.token
+                   or needle in (link.host or "").casefold())]
+    chosen.sort(key=lambda link: link.order(now))
+    return chosen
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc).isoformat().replace(
+        "+00:00", "Z")
+
+
+def link_record(link: LinkSummary, url: str, counts: dict[str, tuple[int, float]], now: float) -> dict:
+    """Return one link as the JSON interface and `list --json` give it (README documents the fields)."""
+    return {
+        "token": link.token, "url": url, "name": link.name or None, "role": link.role or None,
+        "state": link.state(now), "attention": link.attention(now), "created": iso_time(link.created or None),
+        "expires": iso_time(link.expires or None), "certificate_ends": iso_time(link.ends), "host": link.host,
+        "report_recorded": link.report,
+        "fetches": {device: {"count": count, "last": iso_time(last)} for device, (count, last) in sorted(counts.items())},
+    }
+
+
+def attention_text(links: list[LinkSummary], now: float, base: str) -> str:
+    """Return what needs attention as plain text, one line a link, or "" when nothing does."""
+    lines = []
+    for link in chosen_links(links, now, "attention"):
+        if link.attention(now) == "link":
+            text = _("The link {url} for \u201c{name}\u201d ends on {date}.")
+            date = link.expires
+        else:
+            text = _("The CA \u201c{name}\u201d of the link {url} expires on {date}: upload its successor.")
+            date = link.ends
+        lines.append(term(text.format(url=install_url(base, link.token), name=link.name, date=format_time(date))))
+    return "".join(line + "\n" for line in lines)
+
+
+def warn_of_attention(index: AdminIndex, config: Config, clock: Callable[[], float]) -> str:
+    """Log what needs attention and, with admin_mail set and mail configured, mail it; return the text."""
+    text = attention_text(index.links(), clock(), cli_base_url(config) or "")
+    if not text:
+        return ""
+    for line in text.splitlines():
+        log.warning("needs attention: %s", line)
+    if config.admin_mail and config.mail_host:
+        try:
+            send_mail(config, [config.admin_mail], header_text(_("certdrop: links and CAs that end soon")),
+                      text + "\n" + _("The administrator's page lists them first.") + "\n")
+        except MailError as error:
+            log.error("could not mail what needs attention to %s: %s", config.admin_mail, error)
+    return text
+
+
+#: When the server first looks for what needs attention: after start-up, not competing with its first requests.
+ATTENTION_FIRST_SECONDS, ATTENTION_EVERY_SECONDS = 60, 86400
+
+
+def warn_of_attention_daily(store: Store, config: Config, clock: Callable[[], float], stop: threading.Event) -> None:
+    """Warn of what needs attention a minute after start and then once a day, until *stop* is set. Each look has
+    an index of its own, gone when it is done: the page's stays small while nobody uses it."""
+    wait = ATTENTION_FIRST_SECONDS
+    while not stop.wait(wait):
+        wait = ATTENTION_EVERY_SECONDS
+        try:
+            warn_of_attention(AdminIndex(store), config, clock)
+        except Exception:
+            log.exception("could not look for what needs attention; looking again tomorrow")
+
+
+def admin_authorize(app: "App", request: Request, post: bool) -> str:
+    """Let in whoever may upload, exactly as uploads do (the Host rule is dispatch's); refuse anyone else."""
+    if post:
+        app.gate.refuse_cross_site(request)
+    return app.gate.authorize(request)
+
+
+def admin_viewer(app: "App", request: Request) -> str | None:
+    """Return why *request* may see the administrator's pages (see UploadGate.authorize); None for a browser that
+    is to sign in first; raise for anybody else."""
+    try:
+        return admin_authorize(app, request, post=False)
+    except Unauthorized:
+        if response_format(request) != "html":
+            raise
+        return None
+
+
+def sign_in_first(app: "App", request: Request) -> Response:
+    """Return the sign-in page, which leads back to /admin."""
+    return Response(render_signin(app.home(request), "", next_page="admin"), headers=FORM_PAGE_HEADERS)
+
+
+def admin_page(app: "App", request: Request) -> Response:
+    """The list of links: what needs attention first, a filter by state, a search by name, a page at a time."""
+    how = admin_viewer(app, request)
+    if how is None:
+        return sign_in_first(app, request)
+    now, state, search = app.clock(), request.query.get("state", "")[:20], request.query.get("q", "")[:200]
+    if state not in ("", "attention", *LINK_STATES):
+        raise BadRequest(_("There is no state \u201c{state}\u201d. Choose one of the list.").format(state=state))
+    links = chosen_links(app.admin_index.links(), now, state, search)
+    pages = max(1, math.ceil(len(links) / ADMIN_PAGE_LINKS))
+    page = admin_page_number(request.query.get("page", "1"), pages)
+    shown = links[(page - 1) * ADMIN_PAGE_LINKS:page * ADMIN_PAGE_LINKS]
+    counts = app.admin_index.counts()
+    records = [link_record(link, app.link_for(request, link.token), counts.get(link.token, {}), now)
+               for link in shown]
+    data = {"links": records, "total": len(links), "page": page, "pages": pages}
+    text = "".join(term(f"{r['token']}  {r['state']:<7}  {r['expires'] or '-'}  {r['name'] or '-'}") + "\n"
+                   for r in records)
+    return answer_for(request, 200, data, text, lambda: render_admin_page(
+        app.config, shown, records, now, home=app.home(request), state=state, search=search, page=page, pages=pages,
+        total=len(links), signed_in=how == "session"))
+
+
+def admin_page_number(text: str, pages: int) -> int:
+    if not re.fullmatch(r"[0-9]{1,9}", text) or not 1 <= int(text) <= pages:
+        raise BadRequest(_("There is no page {page}: the list has {pages}.").format(page=text[:20], pages=pages))
+    return int(text)
+
+
+def admin_link(app: "App", request: Request, token: str) -> Response:
+    """One link: its facts, the doctor's report of its upload, the chain that upload made, its downloads."""
+    if admin_viewer(app, request) is None:
+        return sign_in_first(app, request)
+    entry = app.store.lookup(token)
+    now = app.clock()
+    summary = app.admin_index.summary(entry.token)
+    counts = app.admin_index.counts().get(entry.token, {})
+    record = link_record(summary, app.link_for(request, entry.token), counts, now)
+    record["report"] = None if entry.report is None else list(entry.report)
+    chain = [(certificate, app.store.live_entry_for(certificate.sha256))
+             for certificate in (entry.chain_certificates if entry.der is not None and entry.chain else ())]
+    record["chain"] = [{"name": certificate.name, "role": certificate.role, "token": chained.token if chained else None}
+                       for certificate, chained in chain]
+    text = "".join(term(f"{key}: {value}") + "\n" for key, value in record.items() if key not in ("report", "chain"))
+    return answer_for(request, 200, record, text, lambda: render_admin_link(
+        app.config, entry, summary, record, chain, now, home=app.home(request)))
+
+
+def admin_revoke(app: "App", request: Request, token: str) -> Response:
+    """Revoke a link after a confirmation: a GET, or a POST without confirm=yes, shows the question."""
+    admin_authorize(app, request, post=request.method == "POST")
+    entry = app.store.lookup(token)
+    fields = parse_form(request, 4096, fields=("confirm",)) if request.method == "POST" else {}
+    if form_text(fields, "confirm") != "yes":
+        gone = entry.gone(app.clock())
+        if gone:
+            raise gone
+        return Response(render_revoke_question(entry, app.link_for(request, entry.token), app.home(request)),
+                        headers=FORM_PAGE_HEADERS)
+    revoked = app.store.revoke(token)
+    log.info("link %s revoked on the administrator's page", revoked.token)
+    return admin_done(app, request, {"revoked": revoked.token, "state": "revoked"},
+                      _("The link {token} was revoked: it answers \u201c{title}\u201d from now on, on every certdrop "
+                        "process within 2 seconds.").format(token=revoked.token, title=_(ERROR_TITLES[410])))
+
+
+def admin_extend(app: "App", request: Request, token: str) -> Response:
+    """Lengthen a live link by one of the upload form's lifetimes, never past its certificate's end."""
+    admin_authorize(app, request, post=True)
+    ttl = form_text(parse_form(request, 4096, fields=("ttl",)), "ttl")
+    entry = app.store.get(token)
+    now = app.clock()
+    expires, cut = link_expiry(app.config, entry.certificate, ttl, now)
+    ends = entry.certificate.not_after.timestamp()
+    if expires > ends:  # an expired certificate, for which link_expiry keeps the lifetime an upload chose
+        raise LifetimeError(_("This certificate expired on {date}: its link cannot be extended past that; nothing "
+                              "was changed.").format(date=format_time(ends)))
+    extended = app.store.extend(token, expires)
+    log.info("link %s extended on the administrator's page until %s", extended.token, format_time(extended.expires))
+    text = _("The link {token} now works until {date}.").format(token=extended.token, date=format_time(expires))
+    return admin_done(app, request, {"extended": extended.token, "expires": iso_time(extended.expires),
+                                     "cut_to_certificate": cut},
+                      f"{text} {_(CUT_NOTE)}" if cut else text)
+
+
+def admin_done(app: "App", request: Request, data: dict, text: str) -> Response:
+    home = app.home(request)
+    return answer_for(request, 200, data, term(text) + "\n", lambda: render_page(_("Done \u2014 certdrop"), render(
+        ADMIN_DONE_PAGE, heading=_("Done"), text=text, admin=f"{home}admin", back=_("Back to all links"))))
+
+
+def as_api(request: Request) -> Request:
+    """Make *request* one of the JSON interface's: its answers and errors are JSON, whatever Accept says."""
+    request.environ["HTTP_ACCEPT"] = "application/json"
+    return request
+
+
+def api_links(app: "App", request: Request) -> Response:
+    """GET /admin/api/v1/links: ?state=, ?q=, ?page=, ?per_page= (up to API_MAX_LINKS)."""
+    request = as_api(request)
+    admin_authorize(app, request, post=False)
+    now, state, search = app.clock(), request.query.get("state", "")[:20], request.query.get("q", "")[:200]
+    if state not in ("", "attention", *LINK_STATES):
+        raise BadRequest(_("There is no state \u201c{state}\u201d. Choose one of the list.").format(state=state))
+    per_page = request.query.get("per_page", str(ADMIN_PAGE_LINKS))
+    if not re.fullmatch(r"[0-9]{1,9}", per_page) or not 1 <= int(per_page) <= API_MAX_LINKS:
+        raise BadRequest(_("per_page is a number from 1 to {most}.").format(most=API_MAX_LINKS))
+    links = chosen_links(app.admin_index.links(), now, state, search)
+    pages = max(1, math.ceil(len(links) / int(per_page)))
+    page = admin_page_number(request.query.get("page", "1"), pages)
+    counts = app.admin_index.counts()
+    shown = links[(page - 1) * int(per_page):page * int(per_page)]
+    return answer_for(request, 200, {
+        "links": [link_record(link, app.link_for(request, link.token), counts.get(link.token, {}), now)
+                  for link in shown], "total": len(links), "page": page, "pages": pages}, "", bytes)
+
+
+def api_link(app: "App", request: Request, token: str) -> Response:
+    return admin_link(app, as_api(request), token)
+
+
+def api_revoke(app: "App", request: Request, token: str) -> Response:
+    """POST /admin/api/v1/links/<token>/revoke: no confirmation step, the script asked."""
+    request = as_api(request)
+    admin_authorize(app, request, post=True)
+    revoked = app.store.revoke(token)
+    log.info("link %s revoked through the JSON interface", revoked.token)
+    return answer_for(request, 200, {"revoked": revoked.token, "state": "revoked"}, "", bytes)
+
+
+def api_extend(app: "App", request: Request, token: str) -> Response:
+    """POST /admin/api/v1/links/<token>/extend with ttl (a lifetime of the upload form)."""
+    return admin_extend(app, as_api(request), token)
+
+
+ADMIN_DONE_PAGE = string.Template("""<h1>$heading</h1>
+<p>$text</p>
+<p><a href="$admin">$back</a></p>
+""")
+
+ADMIN_FILTER_FORM = string.Template("""<form method="get" action="$action" class="filter">
+<label for="state">$state_label</label>
+<select id="state" name="state">$options_html</select>
+<label for="q">$search_label</label>
+<input type="text" id="q" name="q" maxlength="200" value="$search" />
+<p><button type="submit">$show</button></p>
+</form>""")
+
+ADMIN_LINK_SECTION = string.Template("""<section class="$css" id="link-$token">
+<h2>$heading</h2>
+<p class="copy">$lead_html</p>
+<table>$rows_html</table>
+$attention_html<p>$tools_html</p>
+$actions_html
+</section>""")
+
+ADMIN_EXTEND_FORM = string.Template("""<form method="post" action="$action" class="action">
+<label for="ttl-$token">$ttl_label</label>
+<select id="ttl-$token" name="ttl">$options_html</select>
+<button type="submit" name="extend" value="$token">$extend</button>
+</form>""")
+
+ADMIN_MAIL_FORM = string.Template("""<form method="post" action="$action" class="action">
+<input type="hidden" name="tokens" value="$token" />
+<label for="to-$token">$to_label</label>
+<input type="text" id="to-$token" name="to" placeholder="someone@example.com" />
+<button type="submit">$send</button>
+</form>""")
+
+REVOKE_QUESTION = string.Template("""<h1>$heading</h1>
+<p>$text</p>
+<form method="post" action="$action">
+<input type="hidden" name="confirm" value="yes" />
+<p><button type="submit" name="revoke" value="$token">$revoke</button> <a href="$admin">$cancel</a></p>
+</form>""")
+
+
+def render_admin_page(config: Config, shown: list[LinkSummary], records: list[dict], now: float, *, home: str,
+                      state: str, search: str, page: int, pages: int, total: int, signed_in: bool) -> bytes:
+    options = [("", _("every state")), ("attention", _("needs attention"))] + [
+        (value, _(STATE_LABELS[value])) for value in LINK_STATES]
+    selected = ' selected="selected"'
+    options_html = "".join(f'<option value="{esc(value)}"{selected if value == state else ""}>{esc(label)}</option>'
+                           for value, label in options)
+    parts = [f"<h1>{esc(_('Links'))}</h1>",
+             f"<p>{esc(ngettext('{count} link matches.', '{count} links match.', total).format(count=total))} "
+             f"<a href=\"{esc(home)}\">{esc(_('Share a certificate'))}</a></p>",
+             render(ADMIN_FILTER_FORM, action=f"{home}admin", options_html=options_html, search=search,
+                    state_label=_("State"), search_label=_("Name, token or server name"), show=_("Show"))]
+    parts += [render_admin_entry(config, link, record, now, home) for link, record in zip(shown, records)]
+    if pages > 1:
+        parts.append(render_pager(home, state, search, page, pages))
+    if signed_in:
+        parts.append(render(SIGN_OUT_FORM, action=f"{home}signout", signed_in=_("You are signed in with the upload "
+                                                                                "key."), sign_out=_("Sign out")))
+    return render_page(_("Links \u2014 certdrop"), "\n".join(parts))
+
+
+def render_pager(home: str, state: str, search: str, page: int, pages: int) -> str:
+    def address(number: int) -> str:
+        return f"{home}admin?" + urllib.parse.urlencode({"state": state, "q": search, "page": number})
+
+    links = [_("Page {page} of {pages}.").format(page=page, pages=pages)]
+    text = esc(links[0])
+    if page > 1:
+        text += f' <a href="{esc(address(page - 1))}">{esc(_("Previous page"))}</a>'
+    if page < pages:
+        text += f' <a href="{esc(address(page + 1))}" rel="next">{esc(_("Next page"))}</a>'
+    return f'<p class="pager">{text}</p>'
+
+
+def fetches_text(fetches: dict) -> str:
+    if not fetches:
+        return _("none counted")
+    return "; ".join(_("{device}: {count}, the last on {date}").format(
+        device=device, count=value["count"], date=value["last"][:16].replace("T", " ") + " UTC")
+        for device, value in fetches.items())
+
+
+def render_admin_rows(link: LinkSummary, record: dict) -> str:
+    def when(timestamp: float | None) -> str:
+        return format_time(timestamp) if timestamp else _(NOT_RECORDED)
+
+    rows = ((_("State"), _(STATE_LABELS[record["state"]])), (_("Token"), link.token),
+            (_("Created"), when(link.created)), (_("Ends"), when(link.expires)),
+            (_("Certificate ends"), when(link.ends)), (_("Server name"), link.host or (_("none given") if link.report else _(NOT_RECORDED))),
+            (_("Downloads"), fetches_text(record["fetches"])))
+    return "".join(f"<tr><th>{esc(label)}</th><td>{esc(value)}</td></tr>" for label, value in rows)
+
+
+def render_admin_entry(config: Config, link: LinkSummary, record: dict, now: float, home: str) -> str:
+    """Return one link of /admin: its facts, what needs attention, and what can be done with it."""
+    attention = record["attention"]
+    attention_html = ""
+    if attention == "link":
+        attention_html = f'<p class="warn">{esc(_("This link ends within a week."))}</p>'
+    elif attention == "ca":
+        attention_html = f'<p class="warn">{esc(_("Its CA expires within 30 days: upload its successor."))}</p>'
+    heading = (_("{role}: {name}").format(role=_(ROLE_LABELS[link.role]), name=link.name) if link.role
+               else link.name or _("A link whose certificate is not recorded"))
+    live = record["state"] == "live"
+    admin = f"{home}admin/link/{link.token}"
+    report = _("The doctor\u2019s report and the chain")
+    tools = [f'<a href="{esc(admin)}">{esc(report)}</a>']
+    revoke = _("Revoke\u2026")
+    if live:
+        tools += [f'<a href="{esc(record["url"])}/card">{esc(_("Printable card"))}</a>',
+                  f'<a href="{esc(record["url"])}/qr.svg">{esc(_("QR code"))}</a>',
+                  f'<a href="{esc(admin)}/revoke" class="revoke">{esc(revoke)}</a>']
+    return render(ADMIN_LINK_SECTION, css="warn" if attention else "", token=link.token, heading=heading,
+                  lead_html=link_html(record["url"]) if live else esc(record["url"]),
+                  rows_html=render_admin_rows(link, record), attention_html=attention_html,
+                  tools_html=" \u00b7 ".join(tools),
+                  actions_html=render_admin_actions(config, link, home) if live else "")
+
+
+def render_admin_actions(config: Config, link: LinkSummary, home: str) -> str:
+    options = "".join(f'<option value="{esc(value)}">{esc(label)}</option>'
+                      for value, label in allowed_ttl_choices(config))
+    parts = [render(ADMIN_EXTEND_FORM, action=f"{home}admin/link/{link.token}/extend", token=link.token,
+                    options_html=options, ttl_label=_("Make it work for"), extend=_("Extend"))]
+    if config.mail_host:
+        parts.append(render(ADMIN_MAIL_FORM, action=f"{home}mail", token=link.token, send=_("E-mail again"),
+                            to_label=_("E-mail the link again to")))
+    return "\n".join(parts)
+
+
+def render_admin_link(config: Config, entry: Entry, link: LinkSummary, record: dict,
+                      chain: list[tuple[Certificate, Entry | None]], now: float, home: str) -> bytes:
+    parts = [render_admin_entry(config, link, record, now, home)]
+    if entry.der is not None:
+        parts.append(f"<section><h2>{esc(_('The certificate'))}</h2>{render_facts(entry.certificate)}</section>")
+    if entry.report is None:
+        report = "<p>{}</p>".format(esc(_("The report of this upload is not recorded: the link was made before "
+                                          "certdrop kept it.")))
+    elif not entry.report:
+        report = f"<p>{esc(_('The doctor found nothing to say about this upload.'))}</p>"
+    else:
+        report = "<ul>" + "".join(f"<li>{esc(item['message'])} [{esc(item['code'])}]</li>"
+                                  for item in entry.report) + "</ul>"
+    heading = _("The doctor\u2019s report of its upload")
+    parts.append(f"<section><h2>{esc(heading)}</h2>{report}</section>")
+    if chain:
+        items = "".join(
+            f"<li>{esc(_('{role}: {name}').format(role=_(ROLE_LABELS[certificate.role]), name=certificate.name))} "
+            + (f'<a href="{esc(home)}admin/link/{esc(chained.token)}">{esc(chained.token)}</a>' if chained
+               else esc(_("no live link"))) + "</li>" for certificate, chained in chain)
+        parts.append(f"<section><h2>{esc(_('The chain its upload made'))}</h2><ol>{items}</ol></section>")
+    parts.append(f'<p><a href="{esc(home)}admin">{esc(_("Back to all links"))}</a></p>')
+    return render_page(_("Link {token} \u2014 certdrop").format(token=entry.token), "\n".join(parts))
+
+
+def render_revoke_question(entry: Entry, url: str, home: str) -> bytes:
+    name = entry.remembered.name if entry.remembered else entry.token
+    body = render(REVOKE_QUESTION, heading=_("Revoke this link?"), token=entry.token,
+                  text=_("The link {url} for \u201c{name}\u201d will answer \u201c{title}\u201d at once, on every "
+                         "certdrop process within 2 seconds. This cannot be undone: a new upload makes a new "
+                         "link.").format(url=url, name=name, title=_(ERROR_TITLES[410])),
+                  action=f"{home}admin/link/{entry.token}/revoke", admin=f"{home}admin",
+                  revoke=_("Revoke it now"), cancel=_("Keep it"))
+    return render_page(_("Revoke a link \u2014 certdrop"), body)
+
+
+#: The actions of /admin and the JSON interface that change a link: their bodies are small forms, read only once
+#: the request passed the gate (App.check_before_body).
+ADMIN_ACTIONS = (admin_revoke, admin_extend, api_revoke, api_extend)
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -6279,6 +7261,9 @@ class App:
         #: one budget for the whole server: however many clients ask, it cannot be turned into a spam relay
         self.mail_budget = RateLimiter(config.mail_per_hour / 60, config.mail_per_hour, clock)
         self.gate = UploadGate(config, store, clock)
+        #: downloads counted per link and device class (the hot path bumps them), and what /admin reads
+        self.counts = DownloadCounts(config.data_dir, clock, owner=lambda: owner_for_root(store.directory))
+        self.admin_index = AdminIndex(store)
         #: everything kept to answer requests again; a token's answers go when the store replaces or drops its entry
         self.answers = AnswerCache(config.answer_cache_size)
         store.watchers.append(self.answers.forget)
@@ -6351,12 +7336,14 @@ class App:
     def check_before_body(self, request: Request, handler: Callable) -> int:
         """Make the checks *handler* makes before it reads a body, no more; return the largest body it reads."""
         gate, address = self.gate, request.remote_addr
-        if handler not in (App.upload, App.mail, App.signin, App.signout, App.revoke):
+        if handler not in (App.upload, App.mail, App.signin, App.signout, App.revoke, *ADMIN_ACTIONS):
             return SMALL_BODY  # pages that read no body: whatever is sent is dropped
         if not request.path.startswith(LENIENT_PATHS):
             gate.check_host(request)
         gate.refuse_cross_site(request)
         wait, limit = 0.0, SMALL_BODY
+        if handler in ADMIN_ACTIONS:
+            gate.authorize(request)
         if handler in (App.upload, App.mail):
             gate.authorize(request)
             limit = self.config.max_upload if handler is App.upload else MAIL_FORM_BYTES
@@ -6391,6 +7378,9 @@ class App:
         """Answer any request the full way: see full_answer."""
         started = time.perf_counter()
         status, body = serve(self.full_answer(environ), environ, start_response)
+        tally = environ.get("certdrop.tally")  # a download under /c/ (deliver)
+        if tally is not None and 200 <= status < 300:
+            tally()
         if self.access_log:
             self.access_log.request(environ, status, len(body[0]), environ.get("certdrop.device", "-"), started)
         return body
@@ -6419,6 +7409,8 @@ class App:
         else:
             hot.memory.asked_again = True
         status, body = serve(hot.prepared, environ, start_response)
+        if hot.tally is not None and status < 300:  # a download counted: one atomic call (see Download counts)
+            hot.tally()
         if self.access_log:  # AccessLog.request, spelt out
             self.access_log.record((started, time.perf_counter(), environ.get("REMOTE_ADDR", ""), hot.tails[status]))
         return body
@@ -6453,7 +7445,8 @@ class App:
             return None
         tails = {prepared.code: hot_tail(key, prepared, decision.device), 304: hot_tail(key, None, decision.device)}
         until = min(entry.serves_until, now + self.store.fresh_for(entry), self.signing_changes)
-        hot = HotAnswer(prepared, tails, token, now, until, memory)
+        hot = HotAnswer(prepared, tails, token, now, until, memory,
+                        self.counts.bump_for(token, decision.device, key.user_agent))
         self.answers.keep_hot(key, hot, generation)
         return hot
 
@@ -6545,10 +7538,12 @@ class App:
     def signin(self, request: Request) -> Response:
         self.gate.refuse_cross_site(request)
         self.gate.check_network(request)
-        self.gate.check_key(request, form_text(parse_form(request, 4096, fields=("key",)), "key"))
+        fields = parse_form(request, 4096, fields=("key", "next"))
+        self.gate.check_key(request, form_text(fields, "key"))
         expires = int(self.clock()) + SESSION_SECONDS
         value = self.gate.session_value(expires, secrets.token_hex(16))
-        return self.redirect_home(request, self.session_cookie(request, value, SESSION_SECONDS))
+        page = "admin" if form_text(fields, "next") == "admin" else ""  # no other place: no open redirect
+        return self.redirect_home(request, self.session_cookie(request, value, SESSION_SECONDS), page)
 
     def signout(self, request: Request) -> Response:
         """End the browser's session here and on every process sharing data_dir (within 2 s), for good."""
@@ -6572,7 +7567,7 @@ class App:
             diagnosis = diagnose(choose_upload(fields), now=now, host=form_text(fields, "host"),
                                  force=force, public_roots=system_trust_store())
             links = store_links(self.store, self.config, diagnosis, form_text(fields, "ttl"), now, base,
-                                self.config.host)
+                                self.config.host, form_text(fields, "host"))
         except (CertificateError, LifetimeError) as error:
             raise self.refusal_with_form(error, fields, home, response_format(request)) from None
         status = 201 if any(link.created for link in links) else 200
@@ -6692,6 +7687,8 @@ class App:
         generation = self.answers.generation  # before self.signing, which check_signer sets before it clears
         decision = self.answers.decision(signature, self.config, self.signing, generation)
         request.environ["certdrop.device"] = decision.device  # for the access log
+        if request.method == "GET":  # counted by answer() once it is sent with a 2xx
+            request.environ["certdrop.tally"] = self.counts.bump_for(entry.token, decision.device, request.user_agent)
         return self.answers.answer(entry, decision.answer, self.config, self.signer)
 
     def check_signer(self, now: float) -> None:
@@ -6776,8 +7773,8 @@ class App:
         return Response(b"", 303, MIME_TEXT, (("Location", safe_next(request.query.get("next", ""), home)),
                                               ("Set-Cookie", cookie), ("Cache-Control", "no-store")))
 
-    def redirect_home(self, request: Request, cookie: str) -> Response:
-        return Response(b"", 303, MIME_TEXT, (("Location", self.base_url(request) + "/"), ("Set-Cookie", cookie),
+    def redirect_home(self, request: Request, cookie: str, page: str = "") -> Response:
+        return Response(b"", 303, MIME_TEXT, (("Location", self.base_url(request) + "/" + page), ("Set-Cookie", cookie),
                                               ("Cache-Control", "no-store")))
 
 
@@ -6812,16 +7809,18 @@ def in_language_headers(response: Response, language: str) -> Response:
 
 
 def store_links(store: Store, config: Config, diagnosis: Diagnosis, ttl: str, now: float, base: str,
-                bound: str = "") -> list[Link]:
-    """Store every installable certificate of *diagnosis*, roots first, and return their links: on *base*, and as
-    handed out (offer_link, for a server listening on *bound*)."""
+                bound: str = "", host: str = "") -> list[Link]:
+    """Store every installable certificate of *diagnosis*, roots first, with the server name *host* the upload gave
+    and the doctor's report, and return their links: on *base*, and as handed out (offer_link, for a server
+    listening on *bound*)."""
     expiries = [link_expiry(config, certificate, ttl, now) for certificate in diagnosis.installable]
     wanted = [(certificate, expires, secrets.token_urlsafe(16))
               for certificate, (expires, _) in zip(diagnosis.installable, expiries, strict=True)]  # all checked first
     chains = chains_within(list(diagnosis.installable))
     links = []
     for (certificate, expires, secret), (_, cut), (entry, created) in zip(wanted, expiries,
-                                                                          store.add_all(wanted, chains)):
+                                                                          store.add_all(wanted, chains, host,
+                                                                                        report_record(diagnosis))):
         log.info("%s link %s for %r until %s", "new" if created else "existing", entry.token, certificate.name,
                  format_time(entry.expires))
         url = install_url(base, entry.token)
@@ -6953,6 +7952,14 @@ ROUTES = (
     (r"/favicon\.ico", {"GET": App.favicon}),
     (r"/mail", {"POST": App.mail}),
     (r"/lang/(?P<code>[a-z]{2})", {"GET": App.choose_language}),
+    (r"/admin", {"GET": admin_page}),
+    (r"/admin/link/(?P<token>[^/]+)", {"GET": admin_link}),
+    (r"/admin/link/(?P<token>[^/]+)/revoke", {"GET": admin_revoke, "POST": admin_revoke}),
+    (r"/admin/link/(?P<token>[^/]+)/extend", {"POST": admin_extend}),
+    (r"/admin/api/v1/links", {"GET": api_links}),
+    (r"/admin/api/v1/links/(?P<token>[^/]+)", {"GET": api_link}),
+    (r"/admin/api/v1/links/(?P<token>[^/]+)/revoke", {"POST": api_revoke}),
+    (r"/admin/api/v1/links/(?P<token>[^/]+)/extend", {"POST": api_extend}),
     (r"/c/(?P<token>[^/]+)/?", {"GET": App.deliver}),
     (r"/c/(?P<token>[^/]+)/revoke", {"POST": App.revoke}),
     (r"/c/(?P<token>[^/]+)/qr\.(?P<kind>svg|png)", {"GET": App.deliver}),
@@ -7273,6 +8280,9 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     removed = app.store.remove_stale_temporary()
     if removed:
         log.info("removed %d temporary files that an interrupted writer left behind", removed)
+    folded = fold_stopped_counts(app.store)
+    if folded:
+        log.info("added the download counts of %d stopped processes together", folded)
     # Waitress keeps bodies in memory up to inbuf_overflow; set both above our own limit, so that certdrop
     # answers oversize uploads with its own message and no body is spooled to disk.
     body_limit = 2 * config.max_upload + 65536
@@ -7295,6 +8305,9 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     stop = threading.Event()
     if config.sweep_interval:
         threading.Thread(target=sweep_forever, args=(app.store, config.sweep_interval, stop), daemon=True).start()
+    threading.Thread(target=write_counts_forever, args=(app.counts, config.count_interval, stop, app.admin_index),
+                     daemon=True).start()
+    threading.Thread(target=warn_of_attention_daily, args=(app.store, config, clock, stop), daemon=True).start()
     # SIGTERM (systemd), Ctrl-C, and Ctrl-Break (how Windows service wrappers stop a console program)
     for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
         if hasattr(signal, name):
@@ -7305,6 +8318,9 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     announce_upload_key(app.store, config, server.effective_port)
     try:
         serve_until(server, stop)
+        written = app.counts.write()  # the downloads since the last write: nothing is lost to a clean stop
+        if written:
+            log.info("wrote %d downloads to %s", written, app.counts.path)
     finally:
         forget_listening(config)
     if app.access_log:
@@ -7410,7 +8426,7 @@ def cmd_add(args, config: Config, clock: Callable[[], float]) -> int:
     diagnosis = diagnose(read_input(args.file, config.max_upload), now=now, host=args.host or "", force=args.force,
                          public_roots=system_trust_store())
     links = store_links(make_store(config, clock), config, diagnosis, args.ttl or "", now, cli_base_url(config),
-                        listening_address(config)[0])
+                        listening_address(config)[0], args.host or "")
     if not links[0].url.startswith("http"):
         say(NO_ADDRESS_KNOWN)
     show_qr = not args.no_qr and sys.stdout.isatty()
@@ -7519,9 +8535,17 @@ def cmd_check(args, config: Config, clock: Callable[[], float]) -> int:
 
 
 def cmd_list(args, config: Config, clock: Callable[[], float]) -> int:
-    now = clock()
+    now, store = clock(), make_store(config, clock)
+    counts = read_counts(config.data_dir)
+    if args.json:
+        links = chosen_links(AdminIndex(store).links(), now)
+        base = cli_base_url(config)
+        print(json.dumps({"version": JSON_VERSION, "links": [
+            link_record(link, offer.url if (offer := cli_offer(config, link.token)) else install_url(base, link.token),
+                        counts.get(link.token, {}), now) for link in links]}, indent=1))
+        return 0
     notes = set()
-    for token, entry in make_store(config, clock).entries():
+    for token, entry in store.entries():
         if entry is None:
             say(f"{token}  damaged  (not served; the log says why)")
             continue
@@ -7531,8 +8555,9 @@ def cmd_list(args, config: Config, clock: Callable[[], float]) -> int:
         link = offer.url if offer else f"/c/{entry.token}"
         if offer and offer.note:
             notes.add(offer.note)
+        fetched = "".join(f", {device} {count}" for device, (count, _last) in sorted(counts.get(token, {}).items()))
         say(f"{entry.token}  {state:<7}  {format_time(gone.since if gone else entry.expires)}  "
-            f"{was.name if was else '-'}  {link}")
+            f"{was.name if was else '-'}  {link}" + (f"  (downloads{fetched[1:]})" if fetched else ""))
     for note in sorted(notes):  # one for all: the links differ only in their token
         say(f"note: {note}")
     return 0
@@ -7626,7 +8651,9 @@ def build_parser():
     check.add_argument("--json", action="store_true", help="print the reports as JSON")
     check.add_argument("--host", help="server name to look for in the server certificates")
     check.set_defaults(func=cmd_check)
-    commands.add_parser("list", help="list every link").set_defaults(func=cmd_list)
+    listing = commands.add_parser("list", help="list every link, with its downloads per device class")
+    listing.add_argument("--json", action="store_true", help="every link as JSON, with the fields of /admin/api/v1")
+    listing.set_defaults(func=cmd_list)
     show = commands.add_parser("show", help="show one link and its certificate")
     show.add_argument("token")
     show.set_defaults(func=cmd_show)

@@ -3536,6 +3536,13 @@ def test_every_page_speaks_through_the_translation_function(config, store, clock
         entry = store.get(token)
         texts["mail"] = certdrop.mail_text([(f"http://ca.example.org/c/{token}", entry)], ("whc-direct", 106))
         texts["mail subject"] = certdrop.mail_subject(config, [(f"http://ca.example.org/c/{token}", entry)])
+        admin = fresh(mail_host="mail.example.com")
+        texts["admin page"] = admin.get("/admin").text
+        texts["admin page, signed in"] = browser.get("/admin").text
+        texts["admin link page"] = admin.get(f"/admin/link/{token}").text
+        texts["admin revoke question"] = admin.get(f"/admin/link/{intermediate}/revoke").text
+        texts["admin extended"] = admin.post(f"/admin/link/{intermediate}/extend", {"ttl": "cert"}).text
+        texts["attention"] = certdrop.attention_text(certdrop.AdminIndex(store).links(), clock(), "http://ca")
         revoke = next(form for form in result.forms.values() if form.action.endswith(f"/c/{token}/revoke"))
         texts["revoked page"] = revoke.submit().text
         texts["410"] = fresh().get(f"/c/{token}", status=410).text
@@ -3545,6 +3552,8 @@ def test_every_page_speaks_through_the_translation_function(config, store, clock
         "certdrop",  # the program's name: the upload page's title and every page's footer
         "Instagram",  # an app's name, as BROWSERS names it
         *certdrop.LANGUAGES.values(),  # the picker names each language in its own words
+        *(path.stem for path in store.directory.glob("??/*.json")),  # tokens, on the administrator's pages
+        "www.example.com",  # the server name an upload gave
     }
     for page, text in texts.items():
         assert "\u27e6" in text, page
@@ -4987,6 +4996,352 @@ def test_content_length_of_anything_but_ascii_digits_is_a_400(app, length):
     assert statuses == ["400 Bad Request"]
 
 
+# -- the administrator's page (issue 22) ----------------------------------------------------------------------------
+
+ADMIN_AGENTS = {"android": USER_AGENTS["android-chrome"][0], "windows": USER_AGENTS["windows-edge"][0],
+                "iphone": USER_AGENTS["iphone-safari"][0]}
+
+
+def admin_links(app_client, **query):
+    """Return the JSON interface's list of links, by token."""
+    answer = app_client.get("/admin/api/v1/links", params={"per_page": 1000, **query})
+    assert answer.json["version"] == 1
+    return {link["token"]: link for link in answer.json["links"]}
+
+
+def fetch(app_client, token, agent, times=1, path=""):
+    for _ in range(times):
+        app_client.get(f"/c/{token}{path}", headers={"User-Agent": agent}, status=200)
+
+
+def admin_section(page, token):
+    return page.html.find("section", id=f"link-{token}")
+
+
+def tag_text(tag):
+    return " ".join(tag.get_text(" ").split())
+
+
+def test_the_admin_page_lists_every_link_with_its_state_and_its_downloads_per_device_class(app, testapp, store, clock,
+                                                                                            pki, root_der, other_der):
+    live = token_of(upload(testapp, root_der, host="mail.example.com"))
+    chained = upload(testapp, pem_of(pki.root, pki.intermediate))
+    revoked, ended = token_of(upload(testapp, other_der)), add(store, der_of(pki.self_signed_leaf), days=1).token
+    store.revoke(revoked)
+    fetch(testapp, live, ADMIN_AGENTS["android"], 3)
+    fetch(testapp, live, ADMIN_AGENTS["windows"], 2)
+    fetch(testapp, live, ADMIN_AGENTS["iphone"])
+    fetch(testapp, live, "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", 4)  # a preview: not counted
+    testapp.get(f"/c/{live}", headers={"User-Agent": ADMIN_AGENTS["android"], "If-None-Match": "*"}, status=304)
+    assert app.counts.write() == 6
+    clock.advance(2 * DAY)
+    links = admin_links(testapp)
+    tokens = {live, revoked, ended} | {re.search(r"/c/([a-z0-9]+)", a["href"])[1]
+                                       for a in chained.html.select("p.link a")}
+    assert set(links) == tokens and len(tokens) == 5
+    assert {token: links[token]["state"] for token in (live, revoked, ended)} == {
+        live: "live", revoked: "revoked", ended: "ended"}
+    assert {device: fetches["count"] for device, fetches in links[live]["fetches"].items()} == {
+        "android": 3, "windows": 2, "ios": 1}
+    assert links[live]["host"] == "mail.example.com" and links[live]["role"] == "root"
+    assert links[live]["name"] == "Example Root CA" and links[live]["certificate_ends"].startswith("20")
+    page = testapp.get("/admin")
+    assert page.headers["Cache-Control"] == "no-store"
+    for token in tokens:
+        assert admin_section(page, token) is not None, token
+    row = tag_text(admin_section(page, live))
+    assert "android: 3" in row and "windows: 2" in row and "ios: 1" in row and "mail.example.com" in row
+    assert "revoked" in tag_text(admin_section(page, revoked))
+
+
+def test_the_admin_page_puts_what_needs_attention_first_and_filters_and_searches(testapp, store, pki):
+    rest = add(store, der_of(pki.intermediate), days=60).token
+    later = add(store, der_of(pki.expiring), days=9).token  # its CA ends in 10 days, the link in 9
+    soon = add(store, der_of(pki.root), days=3).token
+    links = admin_links(testapp)
+    assert list(links) == [soon, later, rest]
+    assert [links[token]["attention"] for token in (soon, later, rest)] == ["link", "ca", None]
+    assert list(admin_links(testapp, state="attention")) == [soon, later]
+    assert list(admin_links(testapp, q="ISSUING")) == [rest]
+    page = testapp.get("/admin", params={"state": "attention"})
+    assert [section["id"] for section in page.html.select("section[id^=link-]")] == [f"link-{soon}", f"link-{later}"]
+    testapp.get("/admin", params={"state": "lost"}, status=400)
+    testapp.get("/admin", params={"page": "9"}, status=400)
+
+
+def test_the_admin_page_is_paged(testapp, store, many_roots):
+    for der in many_roots[:certdrop.ADMIN_PAGE_LINKS + 5]:
+        add(store, der)
+    first, second = testapp.get("/admin"), testapp.get("/admin", params={"page": 2})
+    assert len(first.html.select("section[id^=link-]")) == certdrop.ADMIN_PAGE_LINKS
+    assert len(second.html.select("section[id^=link-]")) == 5
+    assert "Page 1 of 2." in html_text(first) and first.html.find("a", rel="next") is not None
+
+
+def test_revoking_from_the_page_asks_first_then_changes_exactly_that_link(testapp, store, root_der, other_der):
+    token, other = token_of(upload(testapp, root_der)), token_of(upload(testapp, other_der))
+    before = store.path_for(other).read_bytes()
+    question = testapp.get("/admin").click(href=f"/admin/link/{token}/revoke")
+    assert store.lookup(token).revoked is None, "asking changes nothing"
+    done = question.forms[0].submit(status=200)
+    assert "was revoked" in html_text(done)
+    testapp.get(f"/c/{token}", status=410)
+    assert store.path_for(other).read_bytes() == before
+    again = question.forms[0].submit(status=410)  # a stale page's form: a clear message, nothing changed
+    assert "revoked on" in html_text(again)
+
+
+def test_extending_from_the_page_changes_exactly_that_link_and_never_past_the_certificate(testapp, store, clock,
+                                                                                           root_der, other_der):
+    token, other = token_of(upload(testapp, root_der)), token_of(upload(testapp, other_der))
+    before = store.path_for(other).read_bytes()
+    form = next(form for form in testapp.get("/admin").forms.values() if form.action.endswith(f"/{token}/extend"))
+    form["ttl"] = "30d"
+    assert "now works until" in html_text(form.submit(status=200))
+    assert store.lookup(token).expires == clock() + 30 * DAY
+    assert store.path_for(other).read_bytes() == before
+    form["ttl"] = "1d"
+    refusal = form.submit(status=400)  # shorter than it already is
+    assert "nothing was changed" in html_text(refusal) and store.lookup(token).expires == clock() + 30 * DAY
+    form["ttl"] = "cert"
+    form.submit(status=200)
+    assert store.lookup(token).expires == store.lookup(token).certificate.not_after.timestamp()
+
+
+def test_a_link_whose_certificate_expired_cannot_be_extended(testapp, store, pki):
+    token = add(store, der_of(pki.expired), days=3).token
+    before = store.path_for(token).read_bytes()
+    refusal = testapp.post(f"/admin/link/{token}/extend", {"ttl": "30d"}, status=400)
+    assert "expired on 2026-01-01" in html_text(refusal) and store.path_for(token).read_bytes() == before
+    testapp.post(f"/admin/link/{token}/extend", {"ttl": "cert"}, status=400)
+
+
+def test_revoke_and_extend_through_the_json_interface_change_exactly_that_link(keyed, store, clock, root_der,
+                                                                                other_der):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    token = token_of(post_cert(remote, root_der, 201, basic(KEY)))
+    other = token_of(post_cert(remote, other_der, 201, basic(KEY)))
+    before = store.path_for(other).read_bytes()
+    extended = remote.post(f"/admin/api/v1/links/{token}/extend", {"ttl": "90d"}, headers=basic(KEY))
+    assert extended.json == {"version": 1, "extended": token, "expires": certdrop.iso_time(clock() + 90 * DAY),
+                             "cut_to_certificate": False}
+    assert remote.post(f"/admin/api/v1/links/{token}/revoke", headers=basic(KEY)).json["revoked"] == token
+    assert store.lookup(token).revoked == clock() and store.path_for(other).read_bytes() == before
+    twice = remote.post(f"/admin/api/v1/links/{token}/revoke", headers=basic(KEY), status=410)
+    assert twice.json["error"]["code"] == "gone"
+    unknown = remote.post("/admin/api/v1/links/abcdefgh/revoke", headers=basic(KEY), status=404)
+    assert unknown.json["error"]["code"] == "not-found"
+    bad = remote.post(f"/admin/api/v1/links/{other}/extend", {"ttl": "3 weeks"}, headers=basic(KEY), status=400)
+    assert bad.json["error"]["code"] == "lifetime" and store.path_for(other).read_bytes() == before
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                                     {"Origin": "null"}], ids=["other-site", "fetch-metadata", "null-origin"])
+def test_a_cross_site_post_to_an_admin_action_changes_nothing(testapp, store, config, root_der, headers):
+    token = token_of(upload(testapp, root_der))
+    before = files_under(config.data_dir), store.path_for(token).read_bytes()
+    for action, fields in (("revoke", {"confirm": "yes"}), ("extend", {"ttl": "30d"})):
+        for path in (f"/admin/link/{token}/{action}", f"/admin/api/v1/links/{token}/{action}"):
+            testapp.post(path, fields, headers=headers, status=403)
+    assert (files_under(config.data_dir), store.path_for(token).read_bytes()) == before
+
+
+def test_a_browser_not_signed_in_gets_the_sign_in_page_and_signing_in_leads_back(keyed, store, root_der):
+    remote = client(keyed, REMOTE_ADDR=REMOTE)
+    add(store, root_der)
+    page = remote.get("/admin")
+    assert page.html.find("input", type="password") is not None and "Example Root CA" not in page.text
+    signed_in = page.forms[0]
+    signed_in["key"] = KEY
+    listing = signed_in.submit(status=303).follow()
+    assert "Example Root CA" in html_text(listing)
+    script = client(keyed, REMOTE_ADDR=REMOTE).get("/admin/api/v1/links", status=401)
+    assert script.json["error"]["code"] == "unauthorized"
+
+
+def test_the_admin_page_is_refused_as_uploads_are(keyed, store, root_der):
+    token = add(store, root_der).token
+    client(keyed, REMOTE_ADDR="203.0.113.9").get("/admin", headers=basic(KEY), status=403)  # the network rule
+    client(keyed, REMOTE_ADDR=REMOTE, HTTP_HOST="evil.example").get("/admin", headers=basic(KEY), status=400)
+    client(keyed, REMOTE_ADDR=REMOTE).post(f"/admin/link/{token}/revoke", {"confirm": "yes"}, status=401)
+    assert store.lookup(token).revoked is None
+    assert client(keyed, REMOTE_ADDR=REMOTE).get("/admin", headers=basic(KEY)).status_int == 200
+
+
+def test_the_link_page_shows_the_doctors_report_and_the_chain_again(testapp, pki):
+    result = upload(testapp, pem_of(pki.root, pki.intermediate, pki.leaf), host="wrong.example.org")
+    root_token, intermediate = (re.search(r"/c/([a-z0-9]+)", a["href"])[1] for a in result.html.select("p.link a"))
+    page = testapp.get(f"/admin/link/{intermediate}")
+    text = html_text(page)
+    assert "[host-mismatch]" in text and "[left-out]" in text
+    chain = page.html.find("ol")
+    assert [a.text for a in chain.find_all("a")] == [root_token, intermediate]
+    assert testapp.get(f"/admin/api/v1/links/{intermediate}").json["chain"][0]["role"] == "root"
+
+
+def test_a_store_of_the_older_format_shows_not_recorded_and_keeps_working(testapp, store, clock, root_der, other_der):
+    """Entries written before uploads recorded their server name and report: format 2 without them, and format 1."""
+    old = add(store, root_der)
+    record = json.loads(store.path_for(old.token).read_bytes())
+    assert "host" not in record and "report" not in record
+    (store.directory / "ab").mkdir(exist_ok=True)
+    (store.directory / "ab" / "abcdefgh.json").write_text(json.dumps({
+        "format": 1, "token": "abcdefgh", "created": NOW, "expires": NOW + DAY, "revoked": None,
+        "sha256": hashlib.sha256(other_der).hexdigest(), "der": base64.b64encode(other_der).decode()}))
+    links = admin_links(testapp)
+    assert {token: (link["state"], link["host"], link["report_recorded"]) for token, link in links.items()} == {
+        old.token: ("live", None, False), "abcdefgh": ("live", None, False)}
+    page = testapp.get("/admin")
+    assert "Server name not recorded" in tag_text(admin_section(page, old.token))
+    assert "not recorded" in html_text(testapp.get(f"/admin/link/{old.token}"))
+    fetch(testapp, "abcdefgh", ADMIN_AGENTS["windows"])
+    testapp.post(f"/admin/link/{old.token}/extend", {"ttl": "30d"})
+    assert json.loads(store.path_for(old.token).read_bytes())["format"] == certdrop.ENTRY_FORMAT
+
+
+def test_a_new_upload_records_its_server_name_and_report_and_a_damaged_report_is_damage(testapp, store, root_der):
+    token = token_of(upload(testapp, root_der, host="mail.example.com"))
+    record = json.loads(store.path_for(token).read_bytes())
+    assert record["host"] == "mail.example.com" and "host-unchecked" in [item["code"] for item in record["report"]]
+    damage(store, token, report=[{"code": 1}])
+    store.memory.forget(token)
+    testapp.get(f"/c/{token}", status=404)
+    assert admin_links(testapp)[token]["state"] == "damaged"
+    testapp.get(f"/admin/link/{token}", status=404)
+    assert testapp.get("/admin", params={"state": "damaged"}).html.find("section", id=f"link-{token}") is not None
+
+
+def test_downloads_are_counted_once_per_2xx_whichever_way_they_are_answered(app, testapp, root_der):
+    token = token_of(upload(testapp, root_der))
+    fetch(testapp, token, ADMIN_AGENTS["android"], 5)  # the first the full way, then the hot path
+    testapp.head(f"/c/{token}", headers={"User-Agent": ADMIN_AGENTS["android"]})
+    testapp.get(f"/c/{token}/nothing.txt", status=404)
+    fetch(testapp, token, ADMIN_AGENTS["android"], 1, path="/Example.crt")
+    fetch(testapp, token, ADMIN_AGENTS["android"], 1, path="/card")  # the administrator's, like the QR codes
+    fetch(testapp, token, ADMIN_AGENTS["android"], 1, path="/qr.svg")
+    assert app.counts.write() == 6 and app.counts.write() == 0
+    assert certdrop.read_counts(app.config.data_dir)[token] == {"android": (6, NOW)}
+
+
+@pytest.mark.parametrize("agent", [
+    "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", "facebookexternalhit/1.1",
+    "WhatsApp/2.23.20.0 A", "TelegramBot (like TwitterBot)", "Twitterbot/1.0",
+    "Mozilla/5.0 (compatible; Discordbot/2.0; +https://discordapp.com)",
+    "LinkedInBot/1.0 (compatible; Mozilla/5.0; Apache-HttpClient +http://www.linkedin.com)",
+    "Mozilla/5.0 (Windows NT 6.1; WOW64) SkypeUriPreview Preview/0.5"])
+def test_link_preview_fetchers_are_not_counted(agent):
+    assert certdrop.is_link_preview(agent)
+
+
+@pytest.mark.parametrize("name", ["android-chrome", "iphone-safari", "windows-edge"])
+def test_people_and_in_app_browsers_are_counted(name):
+    assert not certdrop.is_link_preview(USER_AGENTS[name][0])
+    assert not certdrop.is_link_preview("Mozilla/5.0 (Linux; Android 14; wv) Telegram-Android/10.0.5")
+
+
+def test_count_files_of_several_processes_add_up_and_a_damaged_one_is_left_out(tmp_path, caplog):
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    (counts / "a-1.json").write_text(json.dumps({"format": 1, "counts": {"abcdefgh": {"android": [2, NOW]}}}))
+    (counts / "b-2.json").write_text(json.dumps({"format": 1, "counts": {"abcdefgh": {"android": [3, NOW + 5]}}}))
+    (counts / "c-3.json").write_text('{"format": 1, "counts": {"abcdefgh": {"android": [-1, 0]}}}')
+    assert certdrop.read_counts(tmp_path) == {"abcdefgh": {"android": (5, NOW + 5)}}
+    assert "c-3.json is damaged" in caplog.text
+
+
+def test_the_count_table_is_bounded_and_quiet_pairs_leave_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(certdrop, "MAX_TALLIES", 3)
+    counts = certdrop.DownloadCounts(tmp_path, clock=lambda: NOW)
+    bumps = [counts.bump_for(f"token{n}aa", "android", "") for n in range(4)]
+    assert bumps[3] is None and all(bumps[:3])
+    bumps[0]()
+    assert counts.write() == 1 and counts.write() == 0
+    assert list(counts._tallies) == [("token0aa", "android")]  # the others were quiet for two writes: gone
+    bumps[1]()  # a hot answer kept before they went may still count once: read at the next write
+    assert counts.write() == 1 and counts.write() == 0 and counts._tallies == {}
+    assert certdrop.read_counts_file(counts.path) == {"token0aa": {"android": (1, NOW)},
+                                                      "token1aa": {"android": (1, NOW)}}
+
+
+def test_the_admin_index_reads_an_entry_file_only_when_it_changed_and_a_fresh_one_starts_from_its_file(
+        store, many_roots, monkeypatch):
+    tokens = [add(store, der).token for der in many_roots[:20]]
+    index = certdrop.AdminIndex(store)
+    assert len(index.links()) == 20 and index.path.exists()
+    read = []
+    monkeypatch.setattr(certdrop.AdminIndex, "_read", lambda self, token: read.append(token) or certdrop.LinkSummary(
+        token, "changed", "", 0.0, 0.0, None, None, False, True))
+    assert len(index.links()) == 20 and read == []  # nothing changed: nothing parsed
+    store.revoke(tokens[0])
+    assert [link.name for link in index.links() if link.token == tokens[0]] == ["changed"] and read == [tokens[0]]
+    fresh = certdrop.AdminIndex(store)
+    assert len(fresh.links()) == 20 and read == [tokens[0], tokens[0]]  # the saved file is a minute old: same
+    monkeypatch.setattr(certdrop, "ADMIN_INDEX_IDLE_SECONDS", 0)
+    fresh.forget_if_idle()
+    assert fresh._summaries == {}
+    index.path.write_text("{damaged")
+    assert len(certdrop.AdminIndex(store).links()) == 20
+
+
+def test_count_files_of_stopped_processes_are_folded_into_one_and_a_crash_midway_adds_nothing_twice(store):
+    directory, host = store.directory / "counts", certdrop.counts_host()
+    directory.mkdir(parents=True)
+    stopped = next(pid for pid in range(99_999, 4_000_000, 7) if not certdrop.is_running(pid))
+    files = {f"{host}-{stopped}.json": 2, f"{host}-{os.getpid()}.json": 3, f"{host}-1.json": 4,  # 1: init, running
+             f"other-machine-{stopped}.json": 5}
+    for name, count in files.items():
+        (directory / name).write_text(json.dumps({"format": 1, "counts": {"abcdefgh": {"android": [count, NOW]}}}))
+    assert certdrop.fold_stopped_counts(store) == 1
+    assert sorted(path.name for path in directory.iterdir()) == sorted(
+        [f"{host}-{os.getpid()}.json", f"{host}-1.json", f"other-machine-{stopped}.json", f"{host}-stopped.json"])
+    assert certdrop.read_counts(store.directory) == {"abcdefgh": {"android": (14, NOW)}}
+    archive = json.loads((directory / f"{host}-stopped.json").read_text())
+    name = archive["folded"][0][0]
+    (directory / name).write_text(json.dumps({"format": 1, "counts": {"abcdefgh": {"android": [2, NOW]}}}))
+    archive["folded"][0][1:] = certdrop._file_signature(directory / name)  # as if a crash came before its removal
+    (directory / f"{host}-stopped.json").write_text(json.dumps(archive))
+    assert certdrop.fold_stopped_counts(store) == 0 and not (directory / name).exists()
+    assert certdrop.read_counts(store.directory) == {"abcdefgh": {"android": (14, NOW)}}
+    (directory / name).write_text(json.dumps({"format": 1, "counts": {"abcdefgh": {"android": [1, NOW]}}}))
+    assert certdrop.fold_stopped_counts(store) == 1  # a later process with the same id: its counts are added
+    assert certdrop.read_counts(store.directory) == {"abcdefgh": {"android": (15, NOW)}}
+
+
+def test_counts_that_could_not_be_written_are_written_with_the_next_write(tmp_path):
+    counts = certdrop.DownloadCounts(tmp_path / "data", clock=lambda: NOW)
+    bump = counts.bump_for("abcdefgh", "android", "")
+    bump(), bump()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "counts").write_text("a file where the directory belongs")
+    assert counts.write() == 0
+    (tmp_path / "data" / "counts").unlink()
+    bump()
+    assert counts.write() == 3
+    assert certdrop.read_counts(tmp_path / "data") == {"abcdefgh": {"android": (3, NOW)}}
+
+
+def test_list_shows_downloads_and_list_json_gives_the_interfaces_fields(ini, cert_file, capsys, tmp_path):
+    token, _ = cli_add(ini, cert_file, capsys)
+    app = certdrop.make_app(certdrop.load_config(str(ini)), clock=lambda: NOW)
+    fetch(client(app), token, ADMIN_AGENTS["android"], 2)
+    app.counts.write()
+    assert cli(ini, "list") == 0
+    listed = capsys.readouterr().out
+    assert re.search(rf"^{token}  live .* Example Root CA  \S+/c/{token}  \(downloads android 2\)$", listed, re.M)
+    assert cli(ini, "list", "--json") == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["version"] == 1 and listed["links"][0]["token"] == token
+    assert listed["links"][0]["fetches"]["android"]["count"] == 2 and listed["links"][0]["state"] == "live"
+
+
+def test_what_needs_attention_is_logged(config, store, clock, pki, caplog):
+    soon = add(store, der_of(pki.root), days=2).token
+    add(store, der_of(pki.intermediate), days=60)
+    text = certdrop.warn_of_attention(certdrop.AdminIndex(store), config, clock)
+    assert soon in text and len(text.splitlines()) == 1
+    assert f"needs attention: The link" in caplog.text and soon in caplog.text
+
+
 # -- faults: a full or read-only data directory -----------------------------------------------------------------
 
 
@@ -5151,6 +5506,8 @@ def test_hostile_names_leave_html_pages_well_formed_and_inert(testapp, hostile, 
     pages += [testapp.get(f"/c/{hostile_token}", headers={"User-Agent": USER_AGENTS[agent][0]})
               for agent in ("android-chrome", "iphone-safari", "macos-chrome", "windows-edge", "linux-chrome",
                             "linux-firefox")]
+    pages += [testapp.get(path) for path in ("/admin", f"/admin/link/{hostile_token}",
+                                             f"/admin/link/{hostile_token}/revoke")]
     for page in pages:
         ET.fromstring(page.body)
         assert b"<script>" not in page.body and b"<b>bold" not in page.body and b"<ia5>" not in page.body
@@ -5178,7 +5535,9 @@ def test_hostile_names_cannot_reorder_or_break_html_xhtml_mp_or_wml_pages(testap
              "card": testapp.get(f"/c/{hostile_token}/card", headers=desktop),
              "developer": testapp.get(f"/c/{hostile_token}/dev", headers=desktop),
              "xhtml-mp": s40_page(testapp, hostile_token, "application/vnd.wap.xhtml+xml"),
-             "wml": s40_page(testapp, hostile_token, "text/vnd.wap.wml")}
+             "wml": s40_page(testapp, hostile_token, "text/vnd.wap.wml"),
+             "admin": testapp.get("/admin", headers=desktop),
+             "admin link": testapp.get(f"/admin/link/{hostile_token}", headers=desktop)}
     for where, page in pages.items():
         assert not invisible_characters(page.text), where
     shown = {ascii(char)[1:-1] for char in hostile.name if invisible_characters(char)}
@@ -6395,6 +6754,76 @@ def test_behind_a_reverse_proxy_under_a_prefix_every_link_works_and_the_log_name
     assert " 127.0.0.1 " not in log.split("serving on")[1], "the log names the proxy instead of the client"
 
 
+def served_counts(server, token):
+    """Return the downloads of *token* per device class as the server's JSON interface gives them."""
+    status, _, body = server.request("/admin/api/v1/links")
+    assert status == 200, body
+    link, = (link for link in json.loads(body)["links"] if link["token"] == token)
+    return {device: fetches["count"] for device, fetches in link["fetches"].items()}
+
+
+def server_fetch(server, token, agent, times):
+    for _ in range(times):
+        assert server.request(f"/c/{token}", headers={"User-Agent": agent})[0] == 200
+
+
+@pytest.mark.slow
+def test_download_counts_survive_sigterm_and_a_restart(tmp_path, root_pem):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\ncount_interval = 1d\n")  # only the stop writes
+    server = Server(ini)
+    try:
+        form = urllib.parse.urlencode({"pem": root_pem.decode(), "ttl": "1d"}).encode()
+        status, headers, _ = server.request("/", form, {"Content-Type": "application/x-www-form-urlencoded"})
+        token = headers["Location"].rsplit("/", 1)[1]
+        server_fetch(server, token, ADMIN_AGENTS["android"], 3)
+        server_fetch(server, token, ADMIN_AGENTS["windows"], 2)
+        server_fetch(server, token, ADMIN_AGENTS["iphone"], 1)
+        server_fetch(server, token, "facebookexternalhit/1.1", 2)
+        assert served_counts(server, token) == {}  # in memory until the interval or the stop
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    assert "wrote 6 downloads" in "".join(server.log)
+    server = Server(ini)
+    try:
+        assert served_counts(server, token) == {"android": 3, "windows": 2, "ios": 1}
+        server_fetch(server, token, ADMIN_AGENTS["android"], 1)
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    listed = json.loads(run_cli(ini, "list", "--json").stdout)["links"][0]
+    assert {device: value["count"] for device, value in listed["fetches"].items()} == {
+        "android": 4, "windows": 2, "ios": 1}
+    # the first process's file was folded into one for stopped processes when the second started
+    assert sorted(path.name.split("-")[-1] for path in (tmp_path / "data" / "counts").glob("*.json")) == [
+        f"{server.process.pid}.json", "stopped.json"]
+
+
+@pytest.mark.slow
+def test_two_servers_counts_add_up_and_a_sigkill_loses_at_most_the_last_interval(tmp_path, root_pem):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\ncount_interval = 5s\n")
+    first, second = Server(ini), Server(ini)
+    try:
+        form = urllib.parse.urlencode({"pem": root_pem.decode(), "ttl": "1d"}).encode()
+        status, headers, _ = first.request("/", form, {"Content-Type": "application/x-www-form-urlencoded"})
+        token = headers["Location"].rsplit("/", 1)[1]
+        server_fetch(first, token, ADMIN_AGENTS["android"], 3)
+        server_fetch(second, token, ADMIN_AGENTS["android"], 4)
+        server_fetch(second, token, ADMIN_AGENTS["windows"], 1)
+        deadline = time.monotonic() + 15
+        while served_counts(first, token) != {"android": 7, "windows": 1}:  # both wrote within their interval
+            assert time.monotonic() < deadline, served_counts(first, token)
+            time.sleep(0.5)
+        assert served_counts(second, token) == {"android": 7, "windows": 1}
+        server_fetch(second, token, ADMIN_AGENTS["windows"], 1)  # within the interval the SIGKILL cuts short
+    finally:
+        second.stop(signal.SIGKILL)
+        assert first.stop(signal.SIGTERM) == 0
+    listed = json.loads(run_cli(ini, "list", "--json").stdout)["links"][0]
+    fetched = {device: value["count"] for device, value in listed["fetches"].items()}
+    assert fetched["android"] == 7 and fetched["windows"] in (1, 2)
+
+
 # -- e-mail over real SMTP (aiosmtpd in this process) -----------------------------------------------------------
 
 
@@ -6619,6 +7048,33 @@ def test_without_a_mail_server_the_page_offers_a_mailto_link_with_the_same_text(
     assert not any(form.action.endswith("/mail") for form in result.forms.values())
     testapp.post("/mail", {"to": "alice@example.com", "tokens": token_of(result)}, status=404)
 
+
+@pytest.mark.slow
+def test_what_needs_attention_is_mailed_to_admin_mail(config, store, clock, pki):
+    soon = add(store, der_of(pki.root), days=2).token
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port:
+        settings = dict(mail_host="127.0.0.1", mail_port=port, mail_security="none", mail_timeout=10,
+                        mail_sender="certdrop@ca.example.org", admin_mail="admin@example.com")
+        certdrop.warn_of_attention(certdrop.AdminIndex(store), dataclasses.replace(config, **settings), clock)
+    (sender, recipients, content), = mailbox.messages
+    message = email.message_from_bytes(content, policy=email.policy.default)
+    assert recipients == ["admin@example.com"] and "end soon" in message["Subject"]
+    assert f"/c/{soon}" in message.get_content() and "ends on" in message.get_content()
+
+
+@pytest.mark.slow
+def test_the_admin_page_mails_a_link_again(config, store, clock, root_der):
+    mailbox = Mailbox()
+    token = add(store, root_der).token
+    with smtp_server(mailbox) as port:
+        app = mail_app(config, store, clock, port)
+        form = next(form for form in app.get("/admin").forms.values()
+                    if form.action.endswith("/mail") and form["tokens"].value == token)
+        form["to"] = "alice@example.com"
+        assert "The message was sent" in html_text(form.submit(status=200))
+    (sender, recipients, content), = mailbox.messages
+    assert recipients == ["alice@example.com"] and f"/c/{token}" in content.decode()
 
 # -- in a real browser: headless Chromium driven through WebDriver ----------------------------------------------
 
@@ -7159,3 +7615,54 @@ def test_the_version_is_0_3_0_everywhere_it_is_shown(testapp, capsys):
                                             (1.5, "Try again in 2 seconds.")], ids=["part", "one", "two"])
 def test_the_wait_is_counted_in_singular_and_plural(wait, words):
     assert certdrop.TooManyRequests(wait).message.endswith(words)
+
+
+@pytest.mark.slow
+def test_in_a_real_browser_sign_in_open_admin_revoke_one_link_and_extend_another(tmp_path, browser, many_roots):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text(f"[certdrop]\ndata_dir = data\nupload_auth = always\nupload_password = {KEY}\n"
+                   "[mail]\nhost = 127.0.0.1\n")
+    server = Server(ini)
+    try:
+        tokens = []
+        for der in many_roots[:4]:
+            status, headers, _ = server.request("/?ttl=7d", der, {"Content-Type": "application/pkix-cert", **basic(KEY)})
+            assert status == 201
+            tokens.append(headers["Location"].rsplit("/", 1)[1])
+        signed_in = False
+        for (name, agent, width, height), (revoked, extended) in zip(
+                (BROWSER_DEVICES[1], BROWSER_DEVICES[2]), (tokens[:2], tokens[2:])):
+            as_device(browser, agent, width, height)
+            browser.get(server.url + "/admin")
+            if not signed_in:
+                browser.find_element(By.ID, "key").send_keys(KEY)
+                browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+                signed_in = True
+            assert browser.find_element(By.ID, f"link-{revoked}").is_displayed()
+            screenshot(browser, tmp_path, f"admin-{name}")
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= width, (
+                f"{name}: the page scrolls sideways")
+            browser.find_element(By.CSS_SELECTOR, f"a[href$='/admin/link/{revoked}/revoke']").click()
+            screenshot(browser, tmp_path, f"admin-revoke-question-{name}")
+            browser.find_element(By.CSS_SELECTOR, "button[name=revoke]").click()
+            assert "was revoked" in browser.find_element(By.TAG_NAME, "main").text
+            assert server.request(f"/c/{revoked}")[0] == 410
+            browser.get(server.url + "/admin")
+            form = browser.find_element(By.CSS_SELECTOR, f"form[action$='/admin/link/{extended}/extend']")
+            Select(form.find_element(By.TAG_NAME, "select")).select_by_value("90d")
+            form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+            screenshot(browser, tmp_path, f"admin-extended-{name}")
+            assert "now works until" in browser.find_element(By.TAG_NAME, "main").text
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= width
+            assert console_problems(browser) == [], name
+        listed = {link["token"]: link for link in json.loads(
+            server.request("/admin/api/v1/links", headers=basic(KEY))[2])["links"]}
+        assert [listed[token]["state"] for token in tokens] == ["revoked", "live", "revoked", "live"]
+        for token in (tokens[1], tokens[3]):
+            ends = datetime.datetime.fromisoformat(listed[token]["expires"].replace("Z", "+00:00"))
+            created = datetime.datetime.fromisoformat(listed[token]["created"].replace("Z", "+00:00"))
+            assert 89 <= (ends - created).days <= 90  # extended from 7 days to 90
+    finally:
+        server.stop()
