@@ -1648,8 +1648,8 @@ def _check_validity(certificate: Certificate, now: float) -> Iterator[Finding]:
 def _check_strength(certificate: Certificate) -> Iterator[Finding]:
     if certificate.signature_hash in ("md5", "sha1", "md2", "md4") and not certificate.self_signed:
         yield _finding("weak-signature", certificate, _("\u201c{name}\u201d is signed with {hash}, which current "
-                                                        "devices reject (a root's own signature would not matter, "
-                                                        "this one's does)."),
+                                                        "devices reject. (A root's own signature would not matter; the "
+                                                        "signature on this certificate does.)"),
                        hash=certificate.signature_hash.upper())
     if certificate.key_type == "RSA" and certificate.key_bits < 2048:
         yield _finding("weak-key", certificate, _("\u201c{name}\u201d has a {bits}-bit RSA key; current devices "
@@ -3744,7 +3744,7 @@ def render_form(config: Config, action: str, *, pem: str = "", ttl: str = "", ho
         forced_html=' checked="checked"' if forced else "",
         file_label=_("Certificate file (.cer, .crt, .der, .pem, .p7b, .p7c, .p12 or .pfx)"),
         pem_label=_("or paste the certificate text (PEM, or base64)"),
-        ttl_label=_("The link works for"),
+        ttl_label=_("Link lifetime"),
         host_label=_("Server name people connect to (optional)"),
         host_note=_("When the upload includes the server certificate (a full chain, a .p7b), certdrop checks that "
                     "this name is in it."),
@@ -4641,7 +4641,7 @@ def render_profile_signature_note(signed: bool) -> str:
     it means, for the Apple pages: "Verified" names who signed the file, which is no reason to trust the CA in it."""
     if signed:
         text = _("Your device calls this profile “Verified” because it knows who signed the file; that does not "
-                 "make the certificate inside one to trust, so compare its SHA-256 fingerprint with the one you were "
+                 "make the certificate inside it trustworthy, so compare its SHA-256 fingerprint with the one you were "
                  "given.")
     else:
         text = _("Your device calls this profile “Not Verified” in red because nobody it knows signed the file, "
@@ -7674,7 +7674,7 @@ class App:
         refusal.extra_html = render_form(self.config, home, pem=pem, ttl=form_text(fields, "ttl"),
                                          host=form_text(fields, "host"), refused=refused,
                                          forced=FLAG_VALUES.get(form_text(fields, "force").lower(), False),
-                                         force_reason=_("This is the choice for the refusal above.") if forceable
+                                         force_reason=_("Tick this to install it despite the refusal above.") if forceable
                                          else "")
         return refusal
 

@@ -2138,7 +2138,7 @@ def test_the_signer_keeps_no_key_text_and_no_answer_carries_the_key(signing_app,
 
 def test_the_signature_note_says_verified_is_not_trusted_and_not_verified_is_usual():
     verified, not_verified = (certdrop.render_profile_signature_note(signed) for signed in (True, False))
-    assert "\u201cVerified\u201d" in verified and "does not make the certificate inside one to trust" in verified
+    assert "\u201cVerified\u201d" in verified and "does not make the certificate inside it trustworthy" in verified
     assert "\u201cNot Verified\u201d" in not_verified and "fingerprint" in not_verified
 
 
