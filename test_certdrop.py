@@ -3771,6 +3771,24 @@ def test_nokia_pages_say_their_language_in_utf8(testapp, root_token, accept):
     assert "CA-Zertifikat" in page.body.decode("utf-8")
 
 
+@pytest.mark.parametrize("code", [code for code in certdrop.LANGUAGES if code != "en"])
+@pytest.mark.parametrize("device", ["iphone-safari", "android-chrome", "windows-edge", "s40-6500s"])
+def test_each_language_has_its_own_device_pages(testapp, root_token, code, device):
+    agent = {"User-Agent": USER_AGENTS[device][0]}
+    page = testapp.get(f"/c/{root_token}", headers={**agent, "Accept-Language": code})
+    english = testapp.get(f"/c/{root_token}", headers={**agent, "Accept-Language": "en"})
+    assert page.headers["Content-Language"] == code and "Accept-Language" in page.headers["Vary"]
+    text = page.body.decode("utf-8")
+    assert f'lang="{code}"' in text and page.body != english.body
+    english_lines = set(english.body.decode("utf-8").splitlines())
+    # most of what a person reads is in the reader's language, not English left over
+    prose = [line for line in text.splitlines() if re.search(r">[A-Za-z\u00c0-\u024f\u0400-\u04ff]{3,}", line)]
+    assert sum(line not in english_lines for line in prose) >= len(prose) * 0.6, prose
+    if device == "s40-6500s":  # an old phone: well-formed XHTML-MP in UTF-8, small enough for it
+        ET.fromstring(page.body)
+        assert len(page.body) < 3000, len(page.body)
+
+
 def test_a_kept_answer_never_carries_a_set_cookie(app, testapp, root_token):
     testapp.get(f"/lang/ru?next=/c/{root_token}", status=303)
     for _ in range(3):
