@@ -7275,6 +7275,33 @@ def test_in_a_real_browser_the_in_app_ipad_and_intermediate_pages_fit_a_phone(tm
         server.stop()
 
 
+@pytest.mark.slow
+def test_in_a_real_browser_russian_and_polish_phone_pages_fit_the_first_screen(tmp_path, browser, root_pem):
+    from selenium.webdriver.common.by import By
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\n")
+    server = Server(ini)
+    try:
+        status, headers, _ = server.request("/", root_pem, {"Content-Type": "application/x-pem-file"})
+        assert status == 201
+        token = headers["Location"].rsplit("/", 1)[1]
+        for code in ("ru", "pl"):
+            for device in ("iphone-safari", "android-chrome"):
+                as_device(browser, USER_AGENTS[device][0], 360, 740)
+                browser.get(f"{server.url}/lang/{code}?next=/c/{token}")  # the picker, as a reader would use it
+                assert browser.find_element(By.TAG_NAME, "html").get_attribute("lang") == code
+                screenshot(browser, tmp_path, f"{device}-{code}")
+                button = browser.find_element(By.CSS_SELECTOR, "a.button")
+                top, bottom = browser.execute_script(
+                    "const r = arguments[0].getBoundingClientRect(); return [r.top, r.bottom];", button)
+                assert 0 <= top and bottom <= 740, f"{device} in {code}: the first action is not on the first screen"
+                assert browser.execute_script("return document.documentElement.scrollWidth") <= 360, (
+                    f"{device} in {code}: the page scrolls sideways")
+                assert console_problems(browser) == [], (device, code)
+    finally:
+        server.stop()
+
+
 #: What the result page shows, in the order people hand it out (JavaScript that finds each one's box).
 RESULT_PAGE_PLACES = {
     "link": "document.querySelector('p.link')",
