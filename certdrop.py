@@ -834,8 +834,9 @@ def kept_for_short_arguments(maxsize: int) -> Callable[[Callable], Callable]:
 
         @functools.wraps(function)
         def keep_if_short(*arguments):
-            if any(isinstance(argument, str) and len(argument) > MAX_KEPT_FIELD for argument in arguments):
-                return function(*arguments)
+            for argument in arguments:  # a loop, not any(...): this runs on every request and a generator costs
+                if isinstance(argument, str) and len(argument) > MAX_KEPT_FIELD:
+                    return function(*arguments)
             return kept(*arguments)
         keep_if_short.cache_clear = kept.cache_clear
         return keep_if_short
@@ -6122,7 +6123,7 @@ class AnswerCache:
                 seconds: int) -> HotAnswer | None:
         """Return the 404 or 429 (with *seconds* to wait) the full way gave a request like this, if it gave one;
         *signature* makes the request's signature, needed only the first time a request key is refused."""
-        hot_key = HotRefusalKey(key, status, seconds)
+        hot_key = _new_tuple(HotRefusalKey, (key, status, seconds))  # as request_key makes its key: no frame
         hot = self.refusals.get(hot_key)
         if hot is None:
             prepared = self.refusals.get(RefusalKey(signature(), status, seconds))
