@@ -8047,11 +8047,8 @@ def fair_server_class() -> type:
 
         screened = False
         body_limit = math.inf
-
-        def __init__(self, adj, channel):
-            super().__init__(adj)
-            self.channel = channel
-            self.began = time.monotonic()  # waitress makes a parser with a request's first byte: header_seconds run
+        channel: "FairChannel"  # whose request this is, and when its first byte came: set by FairChannel.parser_class
+        began: float
 
         def received(self, data: bytes) -> int:
             consumed = super().received(data)
@@ -8095,7 +8092,6 @@ def fair_server_class() -> type:
         dropped = 0
 
         def __init__(self, server, sock, addr, adj, map=None, client: str = ""):
-            self.parser_class = functools.partial(ScreenedParser, channel=self)  # waitress: parser_class(adj)
             self.client = client or client_key(addr[0])
             server.clients[self.client] = server.clients.get(self.client, 0) + 1  # counted out in del_channel
             try:
@@ -8103,6 +8099,14 @@ def fair_server_class() -> type:
             except BaseException:
                 self.count_out(server)
                 raise
+
+        def parser_class(self, adj) -> "ScreenedParser":
+            """Return the parser of a new request: waitress calls self.parser_class(self.adj) with the request's
+            first byte, so header_seconds run from now. A method, not a partial of a parser with its own __init__:
+            this runs for every request, and each frame saved shows on the hot path."""
+            parser = ScreenedParser(adj)
+            parser.channel, parser.began = self, time.monotonic()
+            return parser
 
         def handle_close(self) -> None:
             """Close, or, once an early refusal is sent, stop sending and read on for a while (see linger)."""
