@@ -3232,19 +3232,76 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+#: Interfaces no phone reaches this server by, so their addresses lead no link: container and VM bridges and their
+#: veth ends (Docker's docker0 and br-<id>, libvirt's virbr0), VPN tunnels (OpenVPN's tun/tap, WireGuard's wg).
+VIRTUAL_INTERFACES = ("docker", "br-", "veth", "virbr", "tun", "tap", "wg")
+
+#: Where the kernel is asked which address its default route leaves by: a documentation address (RFC 5737), so a
+#: connected UDP socket only picks its source address; no packet is sent.
+ROUTE_PROBE = ("192.0.2.1", 9)
+
+
+def order_addresses(addresses: dict[str, str], default: str | None = None) -> tuple[str, ...]:
+    """Return the IPv4 addresses other devices may reach among *addresses* (address -> the name of its interface,
+    "" when not known), best first: *default*, the address the default route leaves by, then the others, private
+    before public, in numeric order. No loopback or link-local address, none of a VIRTUAL_INTERFACES one."""
+    def usable(address: str | None) -> ipaddress.IPv4Address | None:
+        parsed = parse_address(address) if address else None
+        if parsed is None or parsed.version != 4 or parsed.is_loopback or parsed.is_link_local or parsed.is_unspecified:
+            return None
+        return None if addresses.get(address, "").startswith(VIRTUAL_INTERFACES) else parsed
+
+    lead = usable(default)
+    rest = {parsed for address in addresses if (parsed := usable(address)) is not None and parsed != lead}
+    ordered = ([lead] if lead else []) + sorted(rest, key=lambda parsed: (not parsed.is_private, parsed))
+    return tuple(str(parsed) for parsed in ordered)
+
+
 @functools.cache
 def machine_addresses() -> tuple[str, ...]:
-    """Return this machine's IPv4 addresses that other devices may reach (no loopback, no link-local)."""
-    found = set()
+    """Return this machine's IPv4 addresses that other devices may reach, best first (order_addresses)."""
+    return order_addresses(local_addresses(), default_route_address())
+
+
+@functools.cache
+def local_addresses() -> dict[str, str]:
+    """Return this machine's IPv4 addresses, each with the name of its interface ("" when not known)."""
+    found = {}
     for name in {socket.gethostname(), socket.getfqdn()}:
         with contextlib.suppress(OSError, UnicodeError):
-            found.update(info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET))
+            found.update((info[4][0], "") for info in socket.getaddrinfo(name, None, socket.AF_INET))
     with contextlib.suppress(OSError):  # Linux knows every local address, also those no name resolves to
         lines = Path("/proc/net/fib_trie").read_text().splitlines()
-        found.update(lines[number - 1].split()[-1] for number, line in enumerate(lines) if "/32 host LOCAL" in line)
-    usable = [address for address in found if (parsed := parse_address(address)) is not None
-              and parsed.version == 4 and not (parsed.is_loopback or parsed.is_link_local or parsed.is_unspecified)]
-    return tuple(sorted(usable, key=lambda address: (not parse_address(address).is_private, address)))
+        found.update((lines[number - 1].split()[-1], "") for number, line in enumerate(lines)
+                     if "/32 host LOCAL" in line)
+    found.update(interface_addresses())
+    return found
+
+
+def interface_addresses() -> dict[str, str]:
+    """Return each network interface's IPv4 address (its first), by asking the kernel (Linux's SIOCGIFADDR)."""
+    try:
+        import fcntl  # Unix only
+        names = socket.if_nameindex()
+    except (ImportError, OSError):
+        return {}
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _index, name in names:
+            with contextlib.suppress(OSError, ValueError):  # OSError: the interface has no IPv4 address
+                asked = fcntl.ioctl(probe.fileno(), 0x8915, name.encode()[:15].ljust(40, b"\0"))  # SIOCGIFADDR
+                found[socket.inet_ntoa(asked[20:24])] = name  # struct ifreq: the name, then a sockaddr_in
+    return found
+
+
+def default_route_address() -> str | None:
+    """Return the address the kernel sends from by its default route (the source it picks), or None if none."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(ROUTE_PROBE)
+            return probe.getsockname()[0]
+    except OSError:
+        return None
 
 
 @functools.cache
@@ -3273,7 +3330,7 @@ def machine_names() -> frozenset[str]:
 
     Loopback names are not listed: is_machine_host asks is_loopback_host for those.
     """
-    names = {socket.gethostname().lower(), socket.getfqdn().lower().rstrip("."), *machine_addresses()}
+    names = {socket.gethostname().lower(), socket.getfqdn().lower().rstrip("."), *local_addresses()}
     with contextlib.suppress(OSError):  # Linux lists its IPv6 addresses here, 32 hex digits first on each line
         for line in Path("/proc/net/if_inet6").read_text().splitlines():
             digits = line.split()[0]

@@ -3337,6 +3337,43 @@ def test_reachable_links_put_ipv4_addresses_first_then_the_full_name(url, addres
     assert [link for link, _ in certdrop.reachable_links(url, addresses, fqdn)] == expected
 
 
+
+#: The reviewer's host: a home network, Docker's bridge and an OpenVPN tunnel (the string order led with 10.8.0.6).
+MULTI_HOMED = {"192.168.1.5": "eth0", "172.17.0.1": "docker0", "10.8.0.6": "tun0"}
+
+
+def test_the_address_the_default_route_leaves_by_leads_and_bridges_and_tunnels_are_left_out():
+    assert certdrop.order_addresses(MULTI_HOMED, "192.168.1.5") == ("192.168.1.5",)
+    more = {**MULTI_HOMED, "192.168.122.1": "virbr0", "172.18.0.1": "br-3f2a9c", "10.0.0.2": "wg0",
+            "10.9.0.1": "tap0", "169.254.3.4": "vethb2", "10.1.2.3": "enp3s0"}
+    assert certdrop.order_addresses(more, "192.168.1.5") == ("192.168.1.5", "10.1.2.3")
+
+
+def test_a_link_made_on_a_multi_homed_host_leads_with_its_default_route_address(monkeypatch):
+    monkeypatch.setattr(certdrop, "machine_addresses", lambda: certdrop.order_addresses(MULTI_HOMED, "192.168.1.5"))
+    monkeypatch.setattr(certdrop, "machine_fqdn", lambda: None)
+    offer = certdrop.offer_link("http://localhost:8080/c/x", "0.0.0.0")
+    assert offer.url == "http://192.168.1.5:8080/c/x" and offer.alternatives == ()
+
+
+def test_addresses_without_a_default_route_follow_in_numeric_order_private_first():
+    addresses = {"192.168.1.10": "", "192.168.1.9": "", "8.8.4.4": "", "10.0.0.20": "", "127.0.0.1": "lo",
+                 "169.254.1.1": ""}
+    assert certdrop.order_addresses(addresses) == ("10.0.0.20", "192.168.1.9", "192.168.1.10", "8.8.4.4")
+    assert certdrop.order_addresses(addresses, "192.168.1.10")[:2] == ("192.168.1.10", "10.0.0.20")
+
+
+def test_a_default_route_through_a_tunnel_does_not_lead():
+    assert certdrop.order_addresses(MULTI_HOMED, "10.8.0.6") == ("192.168.1.5",)
+
+
+def test_this_machines_default_route_address_is_one_of_its_own_and_leads():
+    default = certdrop.default_route_address()
+    if default is None:
+        pytest.skip("this machine has no IPv4 route to leave by")
+    assert default in certdrop.local_addresses()
+    assert certdrop.order_addresses(certdrop.local_addresses(), default)[0] == default
+
 def test_a_loopback_upload_gives_the_same_link_note_and_alternatives_on_the_page_in_text_json_mail_and_card(
         app, root_der, machine):
     local = client(app, HTTP_HOST="127.0.0.1:8080")
