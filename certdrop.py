@@ -4896,7 +4896,8 @@ def render_developer_page(certificate: Certificate, link: str) -> bytes:
         back_html=with_markup(_("To install the certificate for the whole system or a browser, follow the steps on "
                                 "{link}."), link=link_html(link)),
     )
-    return render_page(heading, body)
+    path = urllib.parse.urlsplit(link).path  # the prefix, /c/ and the token, on whichever name the link is
+    return render_page(heading, body, home=path.rpartition("/c/")[0] + "/", here=path + "/dev")
 
 
 # Nokia pages: XHTML Mobile Profile, or the same content as a WML 1.1 deck for WAP 1.x browsers. No script, no
@@ -7073,7 +7074,7 @@ def admin_extend(app: "App", request: Request, token: str) -> Response:
 def admin_done(app: "App", request: Request, data: dict, text: str) -> Response:
     home = app.home(request)
     return answer_for(request, 200, data, term(text) + "\n", lambda: render_page(_("Done \u2014 certdrop"), render(
-        ADMIN_DONE_PAGE, heading=_("Done"), text=text, admin=f"{home}admin", back=_("Back to all links"))))
+        ADMIN_DONE_PAGE, heading=_("Done"), text=text, admin=f"{home}admin", back=_("Back to all links")), home=home))
 
 
 def as_api(request: Request) -> Request:
@@ -7180,7 +7181,10 @@ def render_admin_page(config: Config, shown: list[LinkSummary], records: list[di
     if signed_in:
         parts.append(render(SIGN_OUT_FORM, action=f"{home}signout", signed_in=_("You are signed in with the upload "
                                                                                 "key."), sign_out=_("Sign out")))
-    return render_page(_("Links \u2014 certdrop"), "\n".join(parts))
+    filtered = {name: value for name, value in (("state", state), ("q", search), ("page", page))
+                if value not in ("", 1)}
+    here = f"{home}admin" + (f"?{urllib.parse.urlencode(filtered)}" if filtered else "")
+    return render_page(_("Links \u2014 certdrop"), "\n".join(parts), home=home, here=here)
 
 
 def render_pager(home: str, state: str, search: str, page: int, pages: int) -> str:
@@ -7274,7 +7278,8 @@ def render_admin_link(config: Config, entry: Entry, link: LinkSummary, record: d
                else esc(_("no live link"))) + "</li>" for certificate, chained in chain)
         parts.append(f"<section><h2>{esc(_('The chain its upload made'))}</h2><ol>{items}</ol></section>")
     parts.append(f'<p><a href="{esc(home)}admin">{esc(_("Back to all links"))}</a></p>')
-    return render_page(_("Link {token} \u2014 certdrop").format(token=entry.token), "\n".join(parts))
+    return render_page(_("Link {token} \u2014 certdrop").format(token=entry.token), "\n".join(parts), home=home,
+                       here=f"{home}admin/link/{entry.token}")
 
 
 def render_revoke_question(entry: Entry, url: str, home: str) -> bytes:
@@ -7285,7 +7290,8 @@ def render_revoke_question(entry: Entry, url: str, home: str) -> bytes:
                          "link.").format(url=url, name=name, title=_(ERROR_TITLES[410])),
                   action=f"{home}admin/link/{entry.token}/revoke", admin=f"{home}admin",
                   revoke=_("Revoke it now"), cancel=_("Keep it"))
-    return render_page(_("Revoke a link \u2014 certdrop"), body)
+    return render_page(_("Revoke a link \u2014 certdrop"), body, home=home,
+                       here=f"{home}admin/link/{entry.token}/revoke")
 
 
 #: The actions of /admin and the JSON interface that change a link: their bodies are small forms, read only once
@@ -7678,7 +7684,7 @@ class App:
                           lambda: render_page(_("Sent"), render(
                               MAIL_SENT_PAGE, heading=_("The message was sent"), home=self.home(request),
                               text=_("The mail server took it for {addresses}.").format(addresses=addresses),
-                              another=_("Share another certificate"))))
+                              another=_("Share another certificate")), home=self.home(request)))
 
     def revoke(self, request: Request, token: str) -> Response:
         """Remove a link with the secret shown when it was made: at once here, within 2 s on every process."""
@@ -7709,7 +7715,8 @@ class App:
                      title=_(ERROR_TITLES[410]))
         return answer_for(request, 200, {"revoked": entry.token}, f"{text}\n", lambda: render_page(
             _("Link removed"), render(REVOKED_PAGE, heading=_("The link was removed"), text=page,
-                                      home=self.home(request), another=_("Share a certificate"))))
+                                      home=self.home(request), another=_("Share a certificate")),
+            home=self.home(request)))
 
     def refusal_with_form(self, error: CertdropError, fields: dict[str, bytes], home: str, fmt: str) -> HTTPError:
         """Return the answer to a refused upload: the reason, then the form again, filled in as it was sent.

@@ -3792,6 +3792,26 @@ def test_every_html_page_has_the_picker_and_says_its_language(testapp, root_toke
     ET.fromstring(page.body)  # still well-formed XML
 
 
+
+@pytest.mark.parametrize("script_name", ["", "/ca"])
+@pytest.mark.parametrize("page", ["/c/{token}/dev", "/admin", "/admin?state=live", "/admin/link/{token}",
+                                  "/admin/link/{token}/revoke"])
+def test_the_picker_on_the_developer_and_administration_pages_returns_there(app, root_token, page, script_name):
+    browser = client(app, SCRIPT_NAME=script_name)
+    path = page.format(token=root_token)
+    shown = browser.get(path, headers={**IPHONE, "Accept-Language": "de"})
+    hrefs = [html.unescape(href) for href in re.findall(r'<a href="([^"]*/lang/[a-z]{2}\?next=[^"]*)"', shown.text)]
+    assert len(hrefs) == len(certdrop.LANGUAGES) - 1
+    assert all(href.startswith(f"{script_name}/lang/") for href in hrefs), hrefs
+    chosen = browser.get(hrefs[0].removeprefix(script_name), status=303)
+    assert urllib.parse.urlsplit(chosen.headers["Location"])[2:4] == tuple(
+        urllib.parse.urlsplit(script_name + path)[2:4])
+
+
+def test_a_page_made_after_a_post_sends_its_picker_to_the_upload_page_under_the_prefix(app, root_token):
+    done = client(app, SCRIPT_NAME="/ca").post(f"/admin/link/{root_token}/revoke", {"confirm": "yes"})
+    assert re.findall(r'href="([^"]*)/lang/de\?next=([^"]*)"', done.text) == [("/ca", "%2Fca%2F")]
+
 def test_upload_answers_merge_the_language_into_their_vary(testapp, root_der):
     result = upload(testapp, root_der)
     assert result.headers["Vary"] == "Accept, User-Agent, Accept-Language, Cookie"
