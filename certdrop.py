@@ -1744,6 +1744,9 @@ LANGUAGE_HEADERS = ("Accept-Language", "Cookie")
 #: Every request header the answer at /c/<token> depends on.
 VARY = ", ".join((*CLIENT_HEADERS, *LANGUAGE_HEADERS))
 
+#: The request headers a file or QR code at /c/<token> depends on: it has no words, so the reader's language is not one.
+FILE_VARY = ", ".join(CLIENT_HEADERS)
+
 #: Nokia's S60 handsets, from 1st edition to Belle, for browsers that name only the handset (i-mode
 #: "portalmmm/2.0 N73(...)", Opera Mini "Opera Mini/NokiaN95", truncated WAP headers). Keys are the model tokens
 #: as UAs write them, suffix included: Nokia reused numbers across platforms (the 2000 WAP 6210 and the 2008
@@ -5281,7 +5284,8 @@ def prepare_answer(response: Response) -> Prepared:
         return prepare(response)
     etag = f'"{hashlib.sha256(response.body).hexdigest()[:24]}"'
     tagged = prepare(dataclasses.replace(response, headers=response.headers + (("ETag", etag),)))
-    not_modified = prepare(Response(b"", 304, "", (("ETag", etag), ("Vary", VARY),
+    vary = next((value for name, value in response.headers if name == "Vary"), VARY)
+    not_modified = prepare(Response(b"", 304, "", (("ETag", etag), ("Vary", vary),
                                                    ("Cache-Control", "private, no-transform"))))
     return tagged._replace(etag=etag, not_modified=not_modified.headers)
 
@@ -5955,7 +5959,8 @@ def whc_kinds(config: Config) -> tuple[str, str]:
 
 def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None" = None) -> Response:
     """Return *answer* for *entry*, made from the two alone (and the settings, and the signer read from them), in
-    the answer's own language: a page, a card and a profile say what they say in it."""
+    the answer's own language: a page, a card and a profile say what they say in it. A file or QR code has none:
+    one answer for every language, whose Vary leaves the language's headers out."""
     language = getattr(answer, "language", "")
     if not language:  # a file or a QR code: no words
         return build_words(entry, answer, config, signer, ())
@@ -5966,7 +5971,8 @@ def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileS
 def build_words(entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None",
                 language_headers: tuple[tuple[str, str], ...]) -> Response:
     certificate = entry.certificate
-    headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY), *language_headers)
+    headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY if language_headers else FILE_VARY),
+               *language_headers)
     if isinstance(answer, FileAnswer):
         chain = entry.chain_certificates if answer.kind == "mobileconfig" else (certificate,)
         return build_file(certificate, chain, answer, headers, config, signer)

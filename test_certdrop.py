@@ -2331,12 +2331,31 @@ def test_s60_attachment_setting_adds_the_header(config, store, clock, root_token
     assert response.headers["Content-Disposition"] == 'attachment; filename="Example_Root_CA.cer"'
 
 
-@pytest.mark.parametrize("path", ["", "/ca.cer", "/ca.mobileconfig", "/ca.whc", "?format=page"])
-def test_answers_carry_vary_cache_control_and_nosniff(testapp, root_token, path):
+@pytest.mark.parametrize(("path", "words"), [("", True), ("/ca.cer", False), ("/ca.mobileconfig", True),
+                                             ("/ca.whc", False), ("?format=page", True)])
+def test_answers_carry_vary_cache_control_and_nosniff(testapp, root_token, path, words):
     headers = testapp.get(f"/c/{root_token}{path}").headers
-    assert headers["Vary"] == ("User-Agent, Accept, X-OperaMini-Phone-UA, X-UCBrowser-Device-UA, Device-Stock-UA, "
-                               "Accept-Language, Cookie")
+    assert headers["Vary"] == ("User-Agent, Accept, X-OperaMini-Phone-UA, X-UCBrowser-Device-UA, Device-Stock-UA"
+                               + (", Accept-Language, Cookie" if words else ""))
     assert headers["Cache-Control"] == "private, no-transform" and headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize("rest", ["/ca.cer", "/ca.crt", "/ca.der", "/ca.pem", "/qr.png", "/qr.svg", "/ca.whc",
+                                  "?format=der"])
+def test_a_file_or_qr_code_is_one_answer_for_every_language_and_does_not_vary_by_it(config, store, clock, root_token,
+                                                                                     rest):
+    app = certdrop.make_app(config, store, clock)
+    reader = client(app)
+    answers = [reader.get(f"/c/{root_token}{rest}", headers={"Accept-Language": language, "Cookie": cookie})
+               for language, cookie in (("en", ""), ("de", ""), ("fr", "certdrop_lang=ru"))]
+    assert len({(answer.body, tuple(answer.headerlist)) for answer in answers}) == 1
+    assert "Content-Language" not in answers[0].headers
+    vary = {name.strip() for name in answers[0].headers["Vary"].split(",")}
+    assert {"User-Agent", "Accept"} <= vary and not vary & {"Accept-Language", "Cookie"}
+    assert len([key for key in app.answers.built.items if key.token == root_token]) == 1
+    again = reader.get(f"/c/{root_token}{rest}", headers={"Accept-Language": "pl",
+                                                           "If-None-Match": answers[0].headers["ETag"]}, status=304)
+    assert again.headers["Vary"] == answers[0].headers["Vary"]
 
 
 def test_etag_differs_per_variant_and_if_none_match_answers_304(testapp, root_token):
@@ -3797,13 +3816,13 @@ def test_every_html_page_has_the_picker_and_says_its_language(testapp, root_toke
 @pytest.mark.parametrize("page", ["/c/{token}/dev", "/admin", "/admin?state=live", "/admin/link/{token}",
                                   "/admin/link/{token}/revoke"])
 def test_the_picker_on_the_developer_and_administration_pages_returns_there(app, root_token, page, script_name):
-    browser = client(app, SCRIPT_NAME=script_name)
+    reader = client(app, SCRIPT_NAME=script_name)
     path = page.format(token=root_token)
-    shown = browser.get(path, headers={**IPHONE, "Accept-Language": "de"})
+    shown = reader.get(path, headers={**IPHONE, "Accept-Language": "de"})
     hrefs = [html.unescape(href) for href in re.findall(r'<a href="([^"]*/lang/[a-z]{2}\?next=[^"]*)"', shown.text)]
     assert len(hrefs) == len(certdrop.LANGUAGES) - 1
     assert all(href.startswith(f"{script_name}/lang/") for href in hrefs), hrefs
-    chosen = browser.get(hrefs[0].removeprefix(script_name), status=303)
+    chosen = reader.get(hrefs[0].removeprefix(script_name), status=303)
     assert urllib.parse.urlsplit(chosen.headers["Location"])[2:4] == tuple(
         urllib.parse.urlsplit(script_name + path)[2:4])
 
