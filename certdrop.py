@@ -1744,6 +1744,9 @@ LANGUAGE_HEADERS = ("Accept-Language", "Cookie")
 #: Every request header the answer at /c/<token> depends on.
 VARY = ", ".join((*CLIENT_HEADERS, *LANGUAGE_HEADERS))
 
+#: The request headers a file or QR code at /c/<token> depends on: it has no words, so the reader's language is not one.
+FILE_VARY = ", ".join(CLIENT_HEADERS)
+
 #: Nokia's S60 handsets, from 1st edition to Belle, for browsers that name only the handset (i-mode
 #: "portalmmm/2.0 N73(...)", Opera Mini "Opera Mini/NokiaN95", truncated WAP headers). Keys are the model tokens
 #: as UAs write them, suffix included: Nokia reused numbers across platforms (the 2000 WAP 6210 and the 2008
@@ -3232,19 +3235,76 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+#: Interfaces no phone reaches this server by, so their addresses lead no link: container and VM bridges and their
+#: veth ends (Docker's docker0 and br-<id>, libvirt's virbr0), VPN tunnels (OpenVPN's tun/tap, WireGuard's wg).
+VIRTUAL_INTERFACES = ("docker", "br-", "veth", "virbr", "tun", "tap", "wg")
+
+#: Where the kernel is asked which address its default route leaves by: a documentation address (RFC 5737), so a
+#: connected UDP socket only picks its source address; no packet is sent.
+ROUTE_PROBE = ("192.0.2.1", 9)
+
+
+def order_addresses(addresses: dict[str, str], default: str | None = None) -> tuple[str, ...]:
+    """Return the IPv4 addresses other devices may reach among *addresses* (address -> the name of its interface,
+    "" when not known), best first: *default*, the address the default route leaves by, then the others, private
+    before public, in numeric order. No loopback or link-local address, none of a VIRTUAL_INTERFACES one."""
+    def usable(address: str | None) -> ipaddress.IPv4Address | None:
+        parsed = parse_address(address) if address else None
+        if parsed is None or parsed.version != 4 or parsed.is_loopback or parsed.is_link_local or parsed.is_unspecified:
+            return None
+        return None if addresses.get(address, "").startswith(VIRTUAL_INTERFACES) else parsed
+
+    lead = usable(default)
+    rest = {parsed for address in addresses if (parsed := usable(address)) is not None and parsed != lead}
+    ordered = ([lead] if lead else []) + sorted(rest, key=lambda parsed: (not parsed.is_private, parsed))
+    return tuple(str(parsed) for parsed in ordered)
+
+
 @functools.cache
 def machine_addresses() -> tuple[str, ...]:
-    """Return this machine's IPv4 addresses that other devices may reach (no loopback, no link-local)."""
-    found = set()
+    """Return this machine's IPv4 addresses that other devices may reach, best first (order_addresses)."""
+    return order_addresses(local_addresses(), default_route_address())
+
+
+@functools.cache
+def local_addresses() -> dict[str, str]:
+    """Return this machine's IPv4 addresses, each with the name of its interface ("" when not known)."""
+    found = {}
     for name in {socket.gethostname(), socket.getfqdn()}:
         with contextlib.suppress(OSError, UnicodeError):
-            found.update(info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET))
+            found.update((info[4][0], "") for info in socket.getaddrinfo(name, None, socket.AF_INET))
     with contextlib.suppress(OSError):  # Linux knows every local address, also those no name resolves to
         lines = Path("/proc/net/fib_trie").read_text().splitlines()
-        found.update(lines[number - 1].split()[-1] for number, line in enumerate(lines) if "/32 host LOCAL" in line)
-    usable = [address for address in found if (parsed := parse_address(address)) is not None
-              and parsed.version == 4 and not (parsed.is_loopback or parsed.is_link_local or parsed.is_unspecified)]
-    return tuple(sorted(usable, key=lambda address: (not parse_address(address).is_private, address)))
+        found.update((lines[number - 1].split()[-1], "") for number, line in enumerate(lines)
+                     if "/32 host LOCAL" in line)
+    found.update(interface_addresses())
+    return found
+
+
+def interface_addresses() -> dict[str, str]:
+    """Return each network interface's IPv4 address (its first), by asking the kernel (Linux's SIOCGIFADDR)."""
+    try:
+        import fcntl  # Unix only
+        names = socket.if_nameindex()
+    except (ImportError, OSError):
+        return {}
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _index, name in names:
+            with contextlib.suppress(OSError, ValueError):  # OSError: the interface has no IPv4 address
+                asked = fcntl.ioctl(probe.fileno(), 0x8915, name.encode()[:15].ljust(40, b"\0"))  # SIOCGIFADDR
+                found[socket.inet_ntoa(asked[20:24])] = name  # struct ifreq: the name, then a sockaddr_in
+    return found
+
+
+def default_route_address() -> str | None:
+    """Return the address the kernel sends from by its default route (the source it picks), or None if none."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(ROUTE_PROBE)
+            return probe.getsockname()[0]
+    except OSError:
+        return None
 
 
 @functools.cache
@@ -3273,7 +3333,7 @@ def machine_names() -> frozenset[str]:
 
     Loopback names are not listed: is_machine_host asks is_loopback_host for those.
     """
-    names = {socket.gethostname().lower(), socket.getfqdn().lower().rstrip("."), *machine_addresses()}
+    names = {socket.gethostname().lower(), socket.getfqdn().lower().rstrip("."), *local_addresses()}
     with contextlib.suppress(OSError):  # Linux lists its IPv6 addresses here, 32 hex digits first on each line
         for line in Path("/proc/net/if_inet6").read_text().splitlines():
             digits = line.split()[0]
@@ -4839,7 +4899,8 @@ def render_developer_page(certificate: Certificate, link: str) -> bytes:
         back_html=with_markup(_("To install the certificate for the whole system or a browser, follow the steps on "
                                 "{link}."), link=link_html(link)),
     )
-    return render_page(heading, body)
+    path = urllib.parse.urlsplit(link).path  # the prefix, /c/ and the token, on whichever name the link is
+    return render_page(heading, body, home=path.rpartition("/c/")[0] + "/", here=path + "/dev")
 
 
 # Nokia pages: XHTML Mobile Profile, or the same content as a WML 1.1 deck for WAP 1.x browsers. No script, no
@@ -5223,7 +5284,8 @@ def prepare_answer(response: Response) -> Prepared:
         return prepare(response)
     etag = f'"{hashlib.sha256(response.body).hexdigest()[:24]}"'
     tagged = prepare(dataclasses.replace(response, headers=response.headers + (("ETag", etag),)))
-    not_modified = prepare(Response(b"", 304, "", (("ETag", etag), ("Vary", VARY),
+    vary = next((value for name, value in response.headers if name == "Vary"), VARY)
+    not_modified = prepare(Response(b"", 304, "", (("ETag", etag), ("Vary", vary),
                                                    ("Cache-Control", "private, no-transform"))))
     return tagged._replace(etag=etag, not_modified=not_modified.headers)
 
@@ -5897,7 +5959,8 @@ def whc_kinds(config: Config) -> tuple[str, str]:
 
 def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None" = None) -> Response:
     """Return *answer* for *entry*, made from the two alone (and the settings, and the signer read from them), in
-    the answer's own language: a page, a card and a profile say what they say in it."""
+    the answer's own language: a page, a card and a profile say what they say in it. A file or QR code has none:
+    one answer for every language, whose Vary leaves the language's headers out."""
     language = getattr(answer, "language", "")
     if not language:  # a file or a QR code: no words
         return build_words(entry, answer, config, signer, ())
@@ -5908,7 +5971,8 @@ def build_answer(entry: Entry, answer: Answer, config: Config, signer: "ProfileS
 def build_words(entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None",
                 language_headers: tuple[tuple[str, str], ...]) -> Response:
     certificate = entry.certificate
-    headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY), *language_headers)
+    headers = (("Cache-Control", "private, no-transform"), ("Vary", VARY if language_headers else FILE_VARY),
+               *language_headers)
     if isinstance(answer, FileAnswer):
         chain = entry.chain_certificates if answer.kind == "mobileconfig" else (certificate,)
         return build_file(certificate, chain, answer, headers, config, signer)
@@ -7016,7 +7080,7 @@ def admin_extend(app: "App", request: Request, token: str) -> Response:
 def admin_done(app: "App", request: Request, data: dict, text: str) -> Response:
     home = app.home(request)
     return answer_for(request, 200, data, term(text) + "\n", lambda: render_page(_("Done \u2014 certdrop"), render(
-        ADMIN_DONE_PAGE, heading=_("Done"), text=text, admin=f"{home}admin", back=_("Back to all links"))))
+        ADMIN_DONE_PAGE, heading=_("Done"), text=text, admin=f"{home}admin", back=_("Back to all links")), home=home))
 
 
 def as_api(request: Request) -> Request:
@@ -7123,7 +7187,10 @@ def render_admin_page(config: Config, shown: list[LinkSummary], records: list[di
     if signed_in:
         parts.append(render(SIGN_OUT_FORM, action=f"{home}signout", signed_in=_("You are signed in with the upload "
                                                                                 "key."), sign_out=_("Sign out")))
-    return render_page(_("Links \u2014 certdrop"), "\n".join(parts))
+    filtered = {name: value for name, value in (("state", state), ("q", search), ("page", page))
+                if value not in ("", 1)}
+    here = f"{home}admin" + (f"?{urllib.parse.urlencode(filtered)}" if filtered else "")
+    return render_page(_("Links \u2014 certdrop"), "\n".join(parts), home=home, here=here)
 
 
 def render_pager(home: str, state: str, search: str, page: int, pages: int) -> str:
@@ -7217,7 +7284,8 @@ def render_admin_link(config: Config, entry: Entry, link: LinkSummary, record: d
                else esc(_("no live link"))) + "</li>" for certificate, chained in chain)
         parts.append(f"<section><h2>{esc(_('The chain its upload made'))}</h2><ol>{items}</ol></section>")
     parts.append(f'<p><a href="{esc(home)}admin">{esc(_("Back to all links"))}</a></p>')
-    return render_page(_("Link {token} \u2014 certdrop").format(token=entry.token), "\n".join(parts))
+    return render_page(_("Link {token} \u2014 certdrop").format(token=entry.token), "\n".join(parts), home=home,
+                       here=f"{home}admin/link/{entry.token}")
 
 
 def render_revoke_question(entry: Entry, url: str, home: str) -> bytes:
@@ -7228,7 +7296,8 @@ def render_revoke_question(entry: Entry, url: str, home: str) -> bytes:
                          "link.").format(url=url, name=name, title=_(ERROR_TITLES[410])),
                   action=f"{home}admin/link/{entry.token}/revoke", admin=f"{home}admin",
                   revoke=_("Revoke it now"), cancel=_("Keep it"))
-    return render_page(_("Revoke a link \u2014 certdrop"), body)
+    return render_page(_("Revoke a link \u2014 certdrop"), body, home=home,
+                       here=f"{home}admin/link/{entry.token}/revoke")
 
 
 #: The actions of /admin and the JSON interface that change a link: their bodies are small forms, read only once
@@ -7621,7 +7690,7 @@ class App:
                           lambda: render_page(_("Sent"), render(
                               MAIL_SENT_PAGE, heading=_("The message was sent"), home=self.home(request),
                               text=_("The mail server took it for {addresses}.").format(addresses=addresses),
-                              another=_("Share another certificate"))))
+                              another=_("Share another certificate")), home=self.home(request)))
 
     def revoke(self, request: Request, token: str) -> Response:
         """Remove a link with the secret shown when it was made: at once here, within 2 s on every process."""
@@ -7652,7 +7721,8 @@ class App:
                      title=_(ERROR_TITLES[410]))
         return answer_for(request, 200, {"revoked": entry.token}, f"{text}\n", lambda: render_page(
             _("Link removed"), render(REVOKED_PAGE, heading=_("The link was removed"), text=page,
-                                      home=self.home(request), another=_("Share a certificate"))))
+                                      home=self.home(request), another=_("Share a certificate")),
+            home=self.home(request)))
 
     def refusal_with_form(self, error: CertdropError, fields: dict[str, bytes], home: str, fmt: str) -> HTTPError:
         """Return the answer to a refused upload: the reason, then the form again, filled in as it was sent.

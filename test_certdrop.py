@@ -2331,12 +2331,31 @@ def test_s60_attachment_setting_adds_the_header(config, store, clock, root_token
     assert response.headers["Content-Disposition"] == 'attachment; filename="Example_Root_CA.cer"'
 
 
-@pytest.mark.parametrize("path", ["", "/ca.cer", "/ca.mobileconfig", "/ca.whc", "?format=page"])
-def test_answers_carry_vary_cache_control_and_nosniff(testapp, root_token, path):
+@pytest.mark.parametrize(("path", "words"), [("", True), ("/ca.cer", False), ("/ca.mobileconfig", True),
+                                             ("/ca.whc", False), ("?format=page", True)])
+def test_answers_carry_vary_cache_control_and_nosniff(testapp, root_token, path, words):
     headers = testapp.get(f"/c/{root_token}{path}").headers
-    assert headers["Vary"] == ("User-Agent, Accept, X-OperaMini-Phone-UA, X-UCBrowser-Device-UA, Device-Stock-UA, "
-                               "Accept-Language, Cookie")
+    assert headers["Vary"] == ("User-Agent, Accept, X-OperaMini-Phone-UA, X-UCBrowser-Device-UA, Device-Stock-UA"
+                               + (", Accept-Language, Cookie" if words else ""))
     assert headers["Cache-Control"] == "private, no-transform" and headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize("rest", ["/ca.cer", "/ca.crt", "/ca.der", "/ca.pem", "/qr.png", "/qr.svg", "/ca.whc",
+                                  "?format=der"])
+def test_a_file_or_qr_code_is_one_answer_for_every_language_and_does_not_vary_by_it(config, store, clock, root_token,
+                                                                                     rest):
+    app = certdrop.make_app(config, store, clock)
+    reader = client(app)
+    answers = [reader.get(f"/c/{root_token}{rest}", headers={"Accept-Language": language, "Cookie": cookie})
+               for language, cookie in (("en", ""), ("de", ""), ("fr", "certdrop_lang=ru"))]
+    assert len({(answer.body, tuple(answer.headerlist)) for answer in answers}) == 1
+    assert "Content-Language" not in answers[0].headers
+    vary = {name.strip() for name in answers[0].headers["Vary"].split(",")}
+    assert {"User-Agent", "Accept"} <= vary and not vary & {"Accept-Language", "Cookie"}
+    assert len([key for key in app.answers.built.items if key.token == root_token]) == 1
+    again = reader.get(f"/c/{root_token}{rest}", headers={"Accept-Language": "pl",
+                                                           "If-None-Match": answers[0].headers["ETag"]}, status=304)
+    assert again.headers["Vary"] == answers[0].headers["Vary"]
 
 
 def test_etag_differs_per_variant_and_if_none_match_answers_304(testapp, root_token):
@@ -3337,6 +3356,43 @@ def test_reachable_links_put_ipv4_addresses_first_then_the_full_name(url, addres
     assert [link for link, _ in certdrop.reachable_links(url, addresses, fqdn)] == expected
 
 
+
+#: The reviewer's host: a home network, Docker's bridge and an OpenVPN tunnel (the string order led with 10.8.0.6).
+MULTI_HOMED = {"192.168.1.5": "eth0", "172.17.0.1": "docker0", "10.8.0.6": "tun0"}
+
+
+def test_the_address_the_default_route_leaves_by_leads_and_bridges_and_tunnels_are_left_out():
+    assert certdrop.order_addresses(MULTI_HOMED, "192.168.1.5") == ("192.168.1.5",)
+    more = {**MULTI_HOMED, "192.168.122.1": "virbr0", "172.18.0.1": "br-3f2a9c", "10.0.0.2": "wg0",
+            "10.9.0.1": "tap0", "169.254.3.4": "vethb2", "10.1.2.3": "enp3s0"}
+    assert certdrop.order_addresses(more, "192.168.1.5") == ("192.168.1.5", "10.1.2.3")
+
+
+def test_a_link_made_on_a_multi_homed_host_leads_with_its_default_route_address(monkeypatch):
+    monkeypatch.setattr(certdrop, "machine_addresses", lambda: certdrop.order_addresses(MULTI_HOMED, "192.168.1.5"))
+    monkeypatch.setattr(certdrop, "machine_fqdn", lambda: None)
+    offer = certdrop.offer_link("http://localhost:8080/c/x", "0.0.0.0")
+    assert offer.url == "http://192.168.1.5:8080/c/x" and offer.alternatives == ()
+
+
+def test_addresses_without_a_default_route_follow_in_numeric_order_private_first():
+    addresses = {"192.168.1.10": "", "192.168.1.9": "", "8.8.4.4": "", "10.0.0.20": "", "127.0.0.1": "lo",
+                 "169.254.1.1": ""}
+    assert certdrop.order_addresses(addresses) == ("10.0.0.20", "192.168.1.9", "192.168.1.10", "8.8.4.4")
+    assert certdrop.order_addresses(addresses, "192.168.1.10")[:2] == ("192.168.1.10", "10.0.0.20")
+
+
+def test_a_default_route_through_a_tunnel_does_not_lead():
+    assert certdrop.order_addresses(MULTI_HOMED, "10.8.0.6") == ("192.168.1.5",)
+
+
+def test_this_machines_default_route_address_is_one_of_its_own_and_leads():
+    default = certdrop.default_route_address()
+    if default is None:
+        pytest.skip("this machine has no IPv4 route to leave by")
+    assert default in certdrop.local_addresses()
+    assert certdrop.order_addresses(certdrop.local_addresses(), default)[0] == default
+
 def test_a_loopback_upload_gives_the_same_link_note_and_alternatives_on_the_page_in_text_json_mail_and_card(
         app, root_der, machine):
     local = client(app, HTTP_HOST="127.0.0.1:8080")
@@ -3754,6 +3810,26 @@ def test_every_html_page_has_the_picker_and_says_its_language(testapp, root_toke
     assert all(html.unescape(link).endswith("next=" + urllib.parse.quote(expected_next, safe="")) for link in links)
     ET.fromstring(page.body)  # still well-formed XML
 
+
+
+@pytest.mark.parametrize("script_name", ["", "/ca"])
+@pytest.mark.parametrize("page", ["/c/{token}/dev", "/admin", "/admin?state=live", "/admin/link/{token}",
+                                  "/admin/link/{token}/revoke"])
+def test_the_picker_on_the_developer_and_administration_pages_returns_there(app, root_token, page, script_name):
+    reader = client(app, SCRIPT_NAME=script_name)
+    path = page.format(token=root_token)
+    shown = reader.get(path, headers={**IPHONE, "Accept-Language": "de"})
+    hrefs = [html.unescape(href) for href in re.findall(r'<a href="([^"]*/lang/[a-z]{2}\?next=[^"]*)"', shown.text)]
+    assert len(hrefs) == len(certdrop.LANGUAGES) - 1
+    assert all(href.startswith(f"{script_name}/lang/") for href in hrefs), hrefs
+    chosen = reader.get(hrefs[0].removeprefix(script_name), status=303)
+    assert urllib.parse.urlsplit(chosen.headers["Location"])[2:4] == tuple(
+        urllib.parse.urlsplit(script_name + path)[2:4])
+
+
+def test_a_page_made_after_a_post_sends_its_picker_to_the_upload_page_under_the_prefix(app, root_token):
+    done = client(app, SCRIPT_NAME="/ca").post(f"/admin/link/{root_token}/revoke", {"confirm": "yes"})
+    assert re.findall(r'href="([^"]*)/lang/de\?next=([^"]*)"', done.text) == [("/ca", "%2Fca%2F")]
 
 def test_upload_answers_merge_the_language_into_their_vary(testapp, root_der):
     result = upload(testapp, root_der)
