@@ -6530,16 +6530,18 @@ class UploadGate:
         proxy = self.config.trusted_proxy
         return proxy == "*" or bool(proxy) and parse_address(environ.get("REMOTE_ADDR", "")) == parse_address(proxy)
 
-    def authorize(self, request: Request) -> str:
+    def authorize(self, request: Request, admin: bool = False) -> str:
         """Return why *request* may upload: "open", "loopback", "session" or "key"; raise an HTTPError if it may not.
 
         The loopback exemption holds only for a request made on this machine directly: behind IIS or Apache on
-        the same box every client would otherwise be 127.0.0.1.
+        the same box every client would otherwise be 127.0.0.1. Administration (*admin*) is never open:
+        upload_auth = none counts there as remote, since revoking every link is more than publishing one.
         """
         self.check_network(request)
-        if self.config.upload_auth == "none":
+        auth = "remote" if admin and self.config.upload_auth == "none" else self.config.upload_auth
+        if auth == "none":
             return "open"
-        if self.config.upload_auth == "remote" and self.is_direct_loopback(request):
+        if auth == "remote" and self.is_direct_loopback(request):
             return "loopback"
         if self.has_session(request):
             return "session"
@@ -6906,10 +6908,11 @@ def warn_of_attention_daily(store: Store, config: Config, clock: Callable[[], fl
 
 
 def admin_authorize(app: "App", request: Request, post: bool) -> str:
-    """Let in whoever may upload, exactly as uploads do (the Host rule is dispatch's); refuse anyone else."""
+    """Let in whoever may upload, as uploads do (the Host rule is dispatch's) but never without the key or a
+    session from another machine, whatever upload_auth says; refuse anyone else."""
     if post:
         app.gate.refuse_cross_site(request)
-    return app.gate.authorize(request)
+    return app.gate.authorize(request, admin=True)
 
 
 def admin_viewer(app: "App", request: Request) -> str | None:

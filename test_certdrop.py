@@ -5185,6 +5185,23 @@ def test_the_admin_page_is_refused_as_uploads_are(keyed, store, root_der):
     assert client(keyed, REMOTE_ADDR=REMOTE).get("/admin", headers=basic(KEY)).status_int == 200
 
 
+def test_upload_auth_none_opens_uploads_but_never_the_admin_page_or_its_json_interface(config, store, clock,
+                                                                                        root_der, other_der):
+    open_app = app_with(config, store, clock, upload_auth="none", upload_password=KEY)
+    token = add(store, root_der).token
+    remote = client(open_app, REMOTE_ADDR=REMOTE)
+    post_cert(remote, other_der, 201)  # uploads are open, as upload_auth = none says
+    assert remote.get("/admin").html.find("input", type="password") is not None  # the sign-in page
+    remote.get("/admin/api/v1/links", status=401)
+    remote.get(f"/admin/api/v1/links/{token}", status=401)
+    remote.post(f"/admin/api/v1/links/{token}/revoke", status=401)
+    remote.post(f"/admin/link/{token}/revoke", {"confirm": "yes"}, status=401)
+    remote.post(f"/admin/api/v1/links/{token}/extend", {"ttl": "30d"}, status=401)
+    assert store.lookup(token).revoked is None
+    assert remote.get("/admin/api/v1/links", headers=basic(KEY)).json["total"] == 2
+    assert client(open_app).get("/admin/api/v1/links").json["total"] == 2  # this machine itself, as with remote
+
+
 def test_the_link_page_shows_the_doctors_report_and_the_chain_again(testapp, pki):
     result = upload(testapp, pem_of(pki.root, pki.intermediate, pki.leaf), host="wrong.example.org")
     root_token, intermediate = (re.search(r"/c/([a-z0-9]+)", a["href"])[1] for a in result.html.select("p.link a"))
