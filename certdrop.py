@@ -6725,6 +6725,22 @@ def summary_of(token: str, data: bytes) -> LinkSummary:
 ADMIN_INDEX_FILE, ADMIN_INDEX_FORMAT, ADMIN_INDEX_WRITE_SECONDS = "admin-index.json", 1, 60
 
 
+def saved_summary(token: str, item) -> tuple[int, LinkSummary] | None:
+    """Return (signature, summary) of one link as ADMIN_INDEX_FILE keeps it; None unless every field has its type."""
+    if not (TOKEN_RE.fullmatch(token) and isinstance(item, list) and len(item) == len(LinkSummary._fields)
+            and type(item[0]) is int):
+        return None
+    for value, kind in zip(item[1:], list(LinkSummary.__annotations__.values())[1:]):
+        kinds = typing.get_args(kind) or (kind,)
+        if value is None and type(None) in kinds:
+            continue
+        if float in kinds and type(value) in (int, float) and math.isfinite(value):
+            continue
+        if type(value) not in kinds or float in kinds:
+            return None
+    return item[0], LinkSummary(token, *item[1:])
+
+
 class AdminIndex:
     """The summaries of every entry file and the download counts of every process, for /admin, `list` and the daily
     warning: each file is read again only when its signature (inode, size, time) changed, so a page of 100,000
@@ -6764,12 +6780,10 @@ class AdminIndex:
             if record.get("format") != ADMIN_INDEX_FORMAT:
                 return {}
             saved = {}
-            for token, (signature, *fields) in record["links"].items():
-                summary = LinkSummary(token, *fields)
-                if type(signature) is not int or not all(isinstance(value, kind) for value, kind in zip(
-                        summary, LinkSummary.__annotations__.values()) if kind in (str, float, bool)):
-                    return {}
-                saved[token] = (signature, summary)
+            for token, item in record["links"].items():
+                summary = saved_summary(token, item)
+                if summary is not None:  # else read from its entry file, as a changed one is
+                    saved[token] = summary
             return saved
         except FileNotFoundError:
             return {}

@@ -5317,6 +5317,25 @@ def test_the_admin_index_reads_an_entry_file_only_when_it_changed_and_a_fresh_on
     assert len(certdrop.AdminIndex(store).links()) == 20
 
 
+@pytest.mark.parametrize(("field", "value"), [("ends", "x"), ("host", 5), ("created", None), ("name", None),
+                                               ("revoked", 1), ("expires", True), ("report", "yes")])
+def test_a_damaged_admin_index_is_read_past_link_by_link_and_never_gives_a_500(config, store, clock, root_der,
+                                                                              other_der, field, value):
+    damaged, kept = add(store, root_der).token, add(store, other_der).token
+    before = admin_links(client(certdrop.make_app(config, store, clock)))
+    index = store.directory / certdrop.ADMIN_INDEX_FILE
+    record = json.loads(index.read_text())
+    record["links"][damaged][certdrop.LinkSummary._fields.index(field)] = value  # the signature comes first
+    record["links"][kept][1] = "kept from the saved index"
+    index.write_text(json.dumps(record))
+    fresh = client(certdrop.make_app(config, store, clock))
+    fresh.get("/admin", status=200)
+    links = admin_links(fresh)
+    assert links[damaged] == before[damaged]  # read again from its entry file
+    assert links[kept]["name"] == "kept from the saved index"  # the rest of the index is still used
+    assert fresh.get(f"/admin/api/v1/links/{damaged}").json["name"] == before[damaged]["name"]
+
+
 def test_count_files_of_stopped_processes_are_folded_into_one_and_a_crash_midway_adds_nothing_twice(store):
     directory, host = store.directory / "counts", certdrop.counts_host()
     directory.mkdir(parents=True)
