@@ -6875,8 +6875,9 @@ def link_record(link: LinkSummary, url: str, counts: dict[str, tuple[int, float]
     }
 
 
-def attention_text(links: list[LinkSummary], now: float, base: str) -> str:
-    """Return what needs attention as plain text, one line a link, or "" when nothing does."""
+def attention_text(links: list[LinkSummary], now: float, config: Config) -> str:
+    """Return what needs attention as plain text, one line a link, or "" when nothing does; each link as the
+    command line gives it (cli_offer), the one every page, card and mail hands out."""
     lines = []
     for link in chosen_links(links, now, "attention"):
         if link.attention(now) == "link":
@@ -6885,13 +6886,15 @@ def attention_text(links: list[LinkSummary], now: float, base: str) -> str:
         else:
             text = _("The CA \u201c{name}\u201d of the link {url} expires on {date}: upload its successor.")
             date = link.ends
-        lines.append(term(text.format(url=install_url(base, link.token), name=link.name, date=format_time(date))))
+        offer = cli_offer(config, link.token)
+        url = offer.url if offer else f"/c/{link.token}"
+        lines.append(term(text.format(url=url, name=link.name, date=format_time(date))))
     return "".join(line + "\n" for line in lines)
 
 
 def warn_of_attention(index: AdminIndex, config: Config, clock: Callable[[], float]) -> str:
     """Log what needs attention and, with admin_mail set and mail configured, mail it; return the text."""
-    text = attention_text(index.links(), clock(), cli_base_url(config) or "")
+    text = attention_text(index.links(), clock(), config)
     if not text:
         return ""
     for line in text.splitlines():

@@ -3542,7 +3542,8 @@ def test_every_page_speaks_through_the_translation_function(config, store, clock
         texts["admin link page"] = admin.get(f"/admin/link/{token}").text
         texts["admin revoke question"] = admin.get(f"/admin/link/{intermediate}/revoke").text
         texts["admin extended"] = admin.post(f"/admin/link/{intermediate}/extend", {"ttl": "cert"}).text
-        texts["attention"] = certdrop.attention_text(certdrop.AdminIndex(store).links(), clock(), "http://ca")
+        texts["attention"] = certdrop.attention_text(certdrop.AdminIndex(store).links(), clock(),
+                                                    dataclasses.replace(config, public_url="http://ca"))
         revoke = next(form for form in result.forms.values() if form.action.endswith(f"/c/{token}/revoke"))
         texts["revoked page"] = revoke.submit().text
         texts["410"] = fresh().get(f"/c/{token}", status=410).text
@@ -5393,6 +5394,14 @@ def test_what_needs_attention_is_logged(config, store, clock, pki, caplog):
     text = certdrop.warn_of_attention(certdrop.AdminIndex(store), config, clock)
     assert soon in text and len(text.splitlines()) == 1
     assert f"needs attention: The link" in caplog.text and soon in caplog.text
+
+
+def test_the_daily_warning_gives_the_same_link_as_list_and_show(config, store, clock, pki, machine, capsys):
+    soon = add(store, der_of(pki.root), days=2).token
+    text = certdrop.warn_of_attention(certdrop.AdminIndex(store), config, clock)
+    offer = certdrop.cli_offer(config, soon)
+    assert offer.url.startswith("http://192.168.1.5:") and f"{offer.url} " in text
+    assert "127.0.0.1" not in text
 
 
 # -- faults: a full or read-only data directory -----------------------------------------------------------------
