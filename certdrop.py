@@ -5284,13 +5284,15 @@ class ErrorPage(typing.NamedTuple):
     under_c: bool  # asked for a link: the page tells device users to ask whoever sent it
     home: str  # the upload page's address
     language: str = "en"
+    admin: bool = False  # asked on the administrator's pages: the way back (and after signing in) is /admin
 
     @classmethod
     def of(cls, request: Request, error: HTTPError, home: str) -> "ErrorPage":
         fmt = response_format(request)
         content_type = nokia_page_type(request.header("Accept")) if fmt == "nokia" else ""
         return cls(error.status, error.code, error.message, error.headers, fmt, content_type,
-                   request.path.startswith("/c/"), home, request.language)
+                   request.path.startswith("/c/"), home, request.language,
+                   request.path == "/admin" or request.path.startswith("/admin/"))
 
 
 def render_error(page: ErrorPage, extra_html: str = "") -> Response:
@@ -5320,9 +5322,12 @@ def render_error_words(page: ErrorPage, extra_html: str) -> Response:
         line = f"{title}: {page.message} [{page.code}] ({page.status} {HTTPStatus(page.status).phrase})"
         return Response(f"{term(line)}\n".encode(), page.status, MIME_TEXT, headers)
     if page.status == 401:
-        return Response(render_signin(page.home, page.message), 401, MIME_HTML, headers + HTML_HEADERS)
+        return Response(render_signin(page.home, page.message, next_page="admin" if page.admin else ""), 401,
+                        MIME_HTML, headers + HTML_HEADERS)
     if page.under_c:
         extra_html = f"<p>{esc(_(ENDED_LINK_ADVICE))}</p>"
+    elif page.admin:
+        extra_html = extra_html or f'<p><a href="{esc(page.home)}admin">{esc(_("Back to all links"))}</a></p>'
     else:
         back = _("Back to the upload page")
         extra_html = extra_html or f'<p><a href="{esc(page.home)}">{esc(back)}</a></p>'
@@ -5381,7 +5386,11 @@ def parse_form(request: Request, limit: int, fields: tuple[str, ...] = FORM_FIEL
         pairs = urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True)
         if not takes_a_file or any(name in fields for name, _ in pairs):
             return {name: value.encode("latin-1") for name, value in pairs}
-    elif mime not in RAW_UPLOAD_TYPES or not takes_a_file:
+    elif not takes_a_file:
+        raise UnsupportedMediaType(_("certdrop cannot read a {type} body here: send form fields "
+                                     "(application/x-www-form-urlencoded or multipart/form-data), as curl -d "
+                                     "ttl=30d does.").format(type=mime[:60]))
+    elif mime not in RAW_UPLOAD_TYPES:
         raise UnsupportedMediaType(_("certdrop cannot read a {type} body. Send the certificate file itself "
                                      "(application/pkix-cert, application/octet-stream, text/plain, ...) or the "
                                      "upload form (multipart/form-data).").format(type=mime[:60]))
@@ -7039,6 +7048,11 @@ def admin_done(app: "App", request: Request, data: dict, text: str) -> Response:
         ADMIN_DONE_PAGE, heading=_("Done"), text=text, admin=f"{home}admin", back=_("Back to all links"))))
 
 
+def is_api_path(path: str) -> bool:
+    """Return whether *path* is the JSON interface's, where every answer is JSON."""
+    return path == "/admin/api" or path.startswith("/admin/api/")
+
+
 def as_api(request: Request) -> Request:
     """Make *request* one of the JSON interface's: its answers and errors are JSON, whatever Accept says."""
     request.environ["HTTP_ACCEPT"] = "application/json"
@@ -7339,6 +7353,8 @@ class App:
 
     def screen_in_language(self, request: Request) -> list[bytes]:
         environ = request.environ
+        if is_api_path(request.path):
+            as_api(request)
         try:
             handler, _ = match_route(request.method, request.path)
         except HTTPError:  # the app answers 404 or 405 without reading the body
@@ -7364,7 +7380,7 @@ class App:
         gate.refuse_cross_site(request)
         wait, limit = 0.0, SMALL_BODY
         if handler in ADMIN_ACTIONS:
-            gate.authorize(request)
+            gate.authorize(request, admin=True)
         if handler in (App.upload, App.mail):
             gate.authorize(request)
             limit = self.config.max_upload if handler is App.upload else MAIL_FORM_BYTES
@@ -7516,6 +7532,8 @@ class App:
         return prepared
 
     def dispatch(self, request: Request) -> Response | Prepared:
+        if is_api_path(request.path):  # before routing: a 404 or 405 there is JSON too
+            as_api(request)
         handler, arguments = match_route(request.method, request.path)
         if not request.path.startswith(LENIENT_PATHS):
             self.gate.check_host(request)

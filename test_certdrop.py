@@ -5203,6 +5203,51 @@ def test_upload_auth_none_opens_uploads_but_never_the_admin_page_or_its_json_int
     assert client(open_app).get("/admin/api/v1/links").json["total"] == 2  # this machine itself, as with remote
 
 
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/admin/api/v1/links/ZZ/revoke"), ("GET", "/admin/api/v1/links/ZZ"), ("GET", "/admin/api/v2/links"),
+    ("GET", "/admin/api/v1/nothing"), ("DELETE", "/admin/api/v1/links"), ("GET", "/admin/api/")])
+def test_every_answer_under_the_json_interface_is_json_even_when_routing_refuses_it(keyed, method, path):
+    answer = client(keyed, REMOTE_ADDR=REMOTE).request(path, method=method, headers={
+        **basic(KEY), "Accept": "text/html"}, expect_errors=True)
+    assert answer.status_int in (404, 405) and answer.content_type == "application/json"
+    assert answer.json["error"]["code"] in ("not-found", "method-not-allowed")
+
+
+def test_extending_through_the_json_interface_with_a_json_body_says_it_takes_form_fields(keyed, store, root_der):
+    token = add(store, root_der).token
+    before = store.path_for(token).read_bytes()
+    refusal = client(keyed, REMOTE_ADDR=REMOTE).post(f"/admin/api/v1/links/{token}/extend", '{"ttl": "30d"}', headers={
+        **basic(KEY), "Content-Type": "application/json"}, status=415)
+    message = refusal.json["error"]["message"]
+    assert "form fields" in message and "-d ttl=30d" in message and "certificate file" not in message
+    assert store.path_for(token).read_bytes() == before
+
+
+def test_a_session_that_ended_before_an_admin_action_signs_in_again_back_to_the_admin_page(keyed, store, clock,
+                                                                                         root_der):
+    token = add(store, root_der).token
+    browser = client(keyed, REMOTE_ADDR=REMOTE)
+    sign_in(browser)
+    form = next(form for form in browser.get("/admin").forms.values() if form.action.endswith(f"/{token}/extend"))
+    clock.advance(certdrop.SESSION_SECONDS + 1)
+    form["ttl"] = "30d"
+    page = form.submit(status=401)
+    assert page.html.find("input", attrs={"name": "next"})["value"] == "admin"
+    page.forms[0]["key"] = KEY
+    assert page.forms[0].submit(status=303).headers["Location"].endswith("/admin")
+    assert store.lookup(token).expires == NOW + 7 * DAY
+
+
+def test_extending_an_ended_link_from_the_page_says_it_ended_and_leads_back_to_the_admin_page(testapp, store, clock,
+                                                                                             root_der):
+    token = add(store, root_der, days=1).token
+    clock.advance(2 * DAY)
+    page = testapp.post(f"/admin/link/{token}/extend", {"ttl": "30d"}, status=410)
+    assert "This link has ended" in html_text(page) and "expired on" in html_text(page)
+    assert [a["href"] for a in page.html.select("main a")] == ["/admin"]
+    assert "Back to the upload page" not in page.text
+
+
 def test_the_link_page_shows_the_doctors_report_and_the_chain_again(testapp, pki):
     result = upload(testapp, pem_of(pki.root, pki.intermediate, pki.leaf), host="wrong.example.org")
     root_token, intermediate = (re.search(r"/c/([a-z0-9]+)", a["href"])[1] for a in result.html.select("p.link a"))
