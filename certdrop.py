@@ -2666,6 +2666,13 @@ class Store:
 
     # -- paths: derived only from tokens that match TOKEN_RE -------------------------------------------------
 
+    def has_entry_file(self, token: str) -> bool:
+        """Return whether *token* has an entry file on disk (a link's or its tombstone's), asking no cache."""
+        try:
+            return os.path.lexists(self._file(token))
+        except UnknownToken:
+            return False
+
     def path_for(self, token: str) -> Path:
         """Return the entry file of *token*; raise UnknownToken for anything that is not a token."""
         return Path(self._file(token))
@@ -6253,10 +6260,23 @@ def counts_file_name() -> str:
 #: Where the counts of this machine's stopped processes are kept together: "<host>-stopped.json".
 STOPPED_COUNTS = "stopped"
 
+#: How often a process's own count file is cleared of the links whose entry file is gone: a stat() a link.
+COUNTS_PRUNE_SECONDS = 3600
+
+
+def prune_counts(counts: "Counts", has_entry: Callable[[str], bool]) -> int:
+    """Drop from *counts* the links with no entry file left (the sweep deleted their tombstone); return how many.
+    Their downloads can no longer be shown anywhere, and count files would otherwise grow forever."""
+    gone = [token for token in counts if not has_entry(token)]
+    for token in gone:
+        del counts[token]
+    return len(gone)
+
 
 def fold_stopped_counts(store: "Store") -> int:
     """Add the count files of this machine's processes that have stopped into one, "<host>-stopped.json", and
-    remove them; return how many. serve does this at start, so that restarts do not pile up files.
+    remove them; return how many. serve does this at start, so that restarts do not pile up files; links whose
+    entry file is gone leave that file then (prune_counts).
 
     Crash-safe: the folded file names what it took in, with each file's signature; a file it names that is still
     there as it was (a crash between the write and the removal) is removed without being added again, and one of
@@ -6284,11 +6304,13 @@ def fold_stopped_counts(store: "Store") -> int:
             match = re.fullmatch(rf"{re.escape(host)}-([0-9]{{1,10}})\.json", path.name)
             if match and int(match[1]) != os.getpid() and not is_running(int(match[1])):
                 stopped.append(path)
-        if not stopped:
-            return 0
         total = read_counts_file(archive) or {}
+        pruned = prune_counts(total, store.has_entry_file)
+        if not stopped and not pruned:
+            return 0
         for path in stopped:
             add_counts(total, read_counts_file(path) or {})
+        prune_counts(total, store.has_entry_file)
         folded = [[path.name, *_file_signature(path)] for path in stopped]
         text = json.dumps({"format": COUNTS_FORMAT, "folded": folded, "counts": {
             token: {device: list(pair) for device, pair in devices.items()} for token, devices in total.items()}},
@@ -6319,10 +6341,13 @@ class DownloadCounts:
     """
 
     def __init__(self, directory: Path, clock: Callable[[], float] = time.time,
-                 owner: Callable[[], tuple[int, int] | None] = lambda: None):
+                 owner: Callable[[], tuple[int, int] | None] = lambda: None,
+                 has_entry: Callable[[str], bool] | None = None):
         self.path = Path(directory) / COUNTS_DIRECTORY / counts_file_name()
         self.clock = clock
         self.owner = owner
+        self.has_entry = has_entry  # Store.has_entry_file: links without one leave the file (None: never)
+        self._pruned = time.monotonic()  # the last prune_counts of this file
         self._tallies: dict[tuple[str, str], Tally] = {}
         self._retired: list[tuple[tuple[str, str], Tally]] = []
         self._unwritten: dict[tuple[str, str], int] = {}  # taken, but the write failed: for the next write
@@ -6372,13 +6397,18 @@ class DownloadCounts:
         """Add the downloads since the last write to this process's file (atomically); return how many."""
         with self._writing:
             counted = self.taken()
-            if not counted:
+            prune = self.has_entry is not None and time.monotonic() - self._pruned >= COUNTS_PRUNE_SECONDS
+            if not counted and not prune:
                 return 0
             now = self.clock()
             counts = read_counts_file(self.path) or {}
             for (token, device), value in counted.items():
                 count, _last = counts.setdefault(token, {}).get(device, (0, 0.0))
                 counts[token][device] = (count + value, now)
+            if prune:
+                self._pruned = time.monotonic()
+                if not prune_counts(counts, self.has_entry) and not counted:
+                    return 0
             record = {"format": COUNTS_FORMAT, "counts": {token: {device: list(pair) for device, pair in devices.items()}
                                                           for token, devices in counts.items()}}
             try:
@@ -7297,7 +7327,8 @@ class App:
         self.mail_budget = RateLimiter(config.mail_per_hour / 60, config.mail_per_hour, clock)
         self.gate = UploadGate(config, store, clock)
         #: downloads counted per link and device class (the hot path bumps them), and what /admin reads
-        self.counts = DownloadCounts(config.data_dir, clock, owner=lambda: owner_for_root(store.directory))
+        self.counts = DownloadCounts(config.data_dir, clock, owner=lambda: owner_for_root(store.directory),
+                                     has_entry=store.has_entry_file)
         self.admin_index = AdminIndex(store)
         #: everything kept to answer requests again; a token's answers go when the store replaces or drops its entry
         self.answers = AnswerCache(config.answer_cache_size)

@@ -5385,6 +5385,8 @@ def test_a_damaged_admin_index_is_read_past_link_by_link_and_never_gives_a_500(c
 def test_count_files_of_stopped_processes_are_folded_into_one_and_a_crash_midway_adds_nothing_twice(store):
     directory, host = store.directory / "counts", certdrop.counts_host()
     directory.mkdir(parents=True)
+    store.path_for("abcdefgh").parent.mkdir(parents=True)
+    store.path_for("abcdefgh").write_text("{}")  # its entry file: counts of links without one are dropped
     stopped = next(pid for pid in range(99_999, 4_000_000, 7) if not certdrop.is_running(pid))
     files = {f"{host}-{stopped}.json": 2, f"{host}-{os.getpid()}.json": 3, f"{host}-1.json": 4,  # 1: init, running
              f"other-machine-{stopped}.json": 5}
@@ -5404,6 +5406,31 @@ def test_count_files_of_stopped_processes_are_folded_into_one_and_a_crash_midway
     (directory / name).write_text(json.dumps({"format": 1, "counts": {"abcdefgh": {"android": [1, NOW]}}}))
     assert certdrop.fold_stopped_counts(store) == 1  # a later process with the same id: its counts are added
     assert certdrop.read_counts(store.directory) == {"abcdefgh": {"android": (15, NOW)}}
+
+
+def test_count_files_drop_links_whose_entry_file_is_gone_when_folded_and_in_the_periodic_write(store, clock, root_der,
+                                                                                              other_der, monkeypatch):
+    live, tombstone = add(store, root_der).token, add(store, other_der).token
+    store.revoke(tombstone)  # its tombstone still answers 410: its downloads stay
+    directory, host = store.directory / "counts", certdrop.counts_host()
+    directory.mkdir(parents=True)
+    stopped = next(pid for pid in range(99_999, 4_000_000, 7) if not certdrop.is_running(pid))
+    counted = {token: {"android": [2, NOW]} for token in (live, tombstone, "gonegone", "Not A Token")}
+    (directory / f"{host}-{stopped}.json").write_text(json.dumps({"format": 1, "counts": counted}))
+    assert certdrop.fold_stopped_counts(store) == 1
+    assert set(certdrop.read_counts(store.directory)) == {live, tombstone}
+    archive = directory / f"{host}-stopped.json"
+    archive.write_text(json.dumps({"format": 1, "folded": [], "counts": counted}))
+    assert certdrop.fold_stopped_counts(store) == 0  # nothing stopped since, but the archive is pruned at start
+    assert set(certdrop.read_counts_file(archive)) == {live, tombstone}
+    counts = certdrop.DownloadCounts(store.directory, clock=clock, has_entry=store.has_entry_file)
+    counts.path.write_text(json.dumps({"format": 1, "counts": counted}))
+    counts.bump_for(live, "windows", "")()
+    assert counts.write() == 1 and set(certdrop.read_counts_file(counts.path)) == set(counted)  # not due yet
+    monkeypatch.setattr(certdrop, "COUNTS_PRUNE_SECONDS", 0)
+    assert counts.write() == 0  # nothing new counted: pruned all the same
+    assert certdrop.read_counts_file(counts.path) == {live: {"android": (2, NOW), "windows": (1, NOW)},
+                                                      tombstone: {"android": (2, NOW)}}
 
 
 def test_counts_that_could_not_be_written_are_written_with_the_next_write(tmp_path):
