@@ -18,6 +18,7 @@ Configuration comes from ``-c/--config PATH``, else ``$CERTDROP_CONFIG``, else `
 file, else the built-in defaults of :class:`Config`. Every key is documented in ``certdrop.ini``.
 """
 
+import atexit
 import base64
 import binascii
 import codecs
@@ -6354,6 +6355,8 @@ class DownloadCounts:
         self._lock = threading.Lock()  # new pairs; the writer takes it to take and drop
         self._writing = threading.Lock()  # the background writer and the one at shutdown
         self._full_warned = False
+        #: called once, by the first download counted: App.start_background (None: nothing to call)
+        self.first_count: Callable[[], None] | None = None
 
     def bump_for(self, token: str, device: str, user_agent: str | None) -> Callable[[], int] | None:
         """Return what counts one download of *token* by *device* (None: not counted: an answer made for no device,
@@ -6374,6 +6377,9 @@ class DownloadCounts:
                                         "more are not counted until the next", MAX_TALLIES)
                         return None
                     tally = self._tallies[key] = Tally()
+            first, self.first_count = self.first_count, None  # a new pair, never a request's work on the hot path
+            if first is not None:
+                first()
         return tally.bump
 
     def taken(self) -> dict[tuple[str, str], int]:
@@ -6474,9 +6480,16 @@ def read_counts(directory: Path) -> Counts:
 
 
 def write_counts_forever(counts: DownloadCounts, interval: float, stop: threading.Event,
-                         index: "AdminIndex | None" = None) -> None:
+                         index: "AdminIndex | None" = None, fold: "Store | None" = None) -> None:
     """Write the download counts every *interval* seconds until *stop* is set (serve writes once more after), and
-    drop the administrator's index when unused."""
+    drop the administrator's index when unused; first fold the counts of stopped processes of *fold*'s."""
+    if fold is not None:
+        try:
+            folded = fold_stopped_counts(fold)
+            if folded:
+                log.info("added the download counts of %d stopped processes together", folded)
+        except Exception:
+            log.exception("could not add the download counts of stopped processes together")
     while not stop.wait(interval):
         try:
             counts.write()
@@ -6951,6 +6964,17 @@ def warn_of_attention(index: AdminIndex, config: Config, clock: Callable[[], flo
 ATTENTION_FIRST_SECONDS, ATTENTION_EVERY_SECONDS = 60, 86400
 
 
+def write_counts_at_exit(counts: DownloadCounts) -> None:
+    """Write the downloads since the last write as the interpreter exits (atexit): under any WSGI server."""
+    try:
+        written = counts.write()
+    except Exception:
+        log.exception("could not write the download counts at exit")
+        return
+    if written:
+        log.info("wrote %d downloads to %s", written, counts.path)
+
+
 def warn_of_attention_daily(store: Store, config: Config, clock: Callable[[], float], stop: threading.Event) -> None:
     """Warn of what needs attention a minute after start and then once a day, until *stop* is set. Each look has
     an index of its own, gone when it is done: the page's stays small while nobody uses it."""
@@ -6966,6 +6990,7 @@ def warn_of_attention_daily(store: Store, config: Config, clock: Callable[[], fl
 def admin_authorize(app: "App", request: Request, post: bool) -> str:
     """Let in whoever may upload, as uploads do (the Host rule is dispatch's) but never without the key or a
     session from another machine, whatever upload_auth says; refuse anyone else."""
+    app.start_background()
     if post:
         app.gate.refuse_cross_site(request)
     return app.gate.authorize(request, admin=True)
@@ -7307,6 +7332,10 @@ ADMIN_ACTIONS = (admin_revoke, admin_extend, api_revoke, api_extend)
 class App:
     """The certdrop WSGI application: routes requests to handlers and turns every failure into a clear answer."""
 
+    #: whether the first download counted or the first use of /admin starts the background work (start_background);
+    #: the test suite turns it off, so that its thousands of apps leave no threads behind
+    starts_background = True
+
     def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time,
                  access_log: AccessLog | None = None, signer: ProfileSigner | None = None):
         self.config = config
@@ -7330,6 +7359,11 @@ class App:
         self.counts = DownloadCounts(config.data_dir, clock, owner=lambda: owner_for_root(store.directory),
                                      has_entry=store.has_entry_file)
         self.admin_index = AdminIndex(store)
+        #: the count writer and the daily warning: started by serve, else by the first download counted or the
+        #: first use of /admin (start_background), so that any WSGI server running make_app's app gets them
+        self._background_lock, self.background = threading.Lock(), None
+        if self.starts_background:
+            self.counts.first_count = self.start_background
         #: everything kept to answer requests again; a token's answers go when the store replaces or drops its entry
         self.answers = AnswerCache(config.answer_cache_size)
         store.watchers.append(self.answers.forget)
@@ -7347,6 +7381,25 @@ class App:
                 trusted_proxy_count=config.trusted_proxy_count,
                 trusted_proxy_headers=set(config.trusted_proxy_headers), clear_untrusted=True)
             self.answer_request, self.screen_request = proxied(self.answer_proxied), proxied(self.screen_direct)
+
+    def start_background(self, stop: threading.Event | None = None, fold: bool = True) -> threading.Event | None:
+        """Start, once, the threads that write the download counts every count_interval (and drop /admin's index
+        when unused) and that warn daily of what needs attention, and the write of the counts at exit; return the
+        event that stops them (*stop*, or one of the app's own; None while starts_background is off). serve calls it at start (it has folded the counts
+        of stopped processes itself); any other WSGI server gets it from the first download or /admin use."""
+        if self.background is not None:
+            return self.background
+        with self._background_lock:
+            if self.background is not None or not (self.starts_background or stop is not None):
+                return self.background
+            stop = stop or threading.Event()
+            threading.Thread(target=write_counts_forever, name="certdrop counts", daemon=True, args=(
+                self.counts, self.config.count_interval, stop, self.admin_index, self.store if fold else None)).start()
+            threading.Thread(target=warn_of_attention_daily, name="certdrop warnings", daemon=True,
+                             args=(self.store, self.config, self.clock, stop)).start()
+            atexit.register(write_counts_at_exit, self.counts)
+            self.background = stop
+            return stop
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
         if not self.config.trusted_proxy:  # behind one, the hot path runs after waitress has read its headers
@@ -8375,9 +8428,7 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     stop = threading.Event()
     if config.sweep_interval:
         threading.Thread(target=sweep_forever, args=(app.store, config.sweep_interval, stop), daemon=True).start()
-    threading.Thread(target=write_counts_forever, args=(app.counts, config.count_interval, stop, app.admin_index),
-                     daemon=True).start()
-    threading.Thread(target=warn_of_attention_daily, args=(app.store, config, clock, stop), daemon=True).start()
+    app.start_background(stop, fold=False)
     # SIGTERM (systemd), Ctrl-C, and Ctrl-Break (how Windows service wrappers stop a console program)
     for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
         if hasattr(signal, name):

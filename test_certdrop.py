@@ -153,6 +153,13 @@ def access_log(monkeypatch):
     return log
 
 
+@pytest.fixture(autouse=True)
+def no_background_threads(monkeypatch):
+    """Keep apps built in this process from starting their count writer and daily warning (App.start_background):
+    thousands of apps would leave threads behind. The servers the slow tests start as processes do start them."""
+    monkeypatch.setattr(certdrop.App, "starts_background", False)
+
+
 class FakeClock:
     def __init__(self, now=NOW):
         self.now = now
@@ -5226,9 +5233,9 @@ def test_extending_through_the_json_interface_with_a_json_body_says_it_takes_for
 def test_a_session_that_ended_before_an_admin_action_signs_in_again_back_to_the_admin_page(keyed, store, clock,
                                                                                          root_der):
     token = add(store, root_der).token
-    browser = client(keyed, REMOTE_ADDR=REMOTE)
-    sign_in(browser)
-    form = next(form for form in browser.get("/admin").forms.values() if form.action.endswith(f"/{token}/extend"))
+    visitor = client(keyed, REMOTE_ADDR=REMOTE)
+    sign_in(visitor)
+    form = next(form for form in visitor.get("/admin").forms.values() if form.action.endswith(f"/{token}/extend"))
     clock.advance(certdrop.SESSION_SECONDS + 1)
     form["ttl"] = "30d"
     page = form.submit(status=401)
@@ -6930,6 +6937,54 @@ def test_download_counts_survive_sigterm_and_a_restart(tmp_path, root_pem):
     # the first process's file was folded into one for stopped processes when the second started
     assert sorted(path.name.split("-")[-1] for path in (tmp_path / "data" / "counts").glob("*.json")) == [
         f"{server.process.pid}.json", "stopped.json"]
+
+
+#: make_app's app under another WSGI server (the standard library's), as README offers: no `serve`.
+OTHER_WSGI_SERVER = """
+import sys, wsgiref.simple_server
+import certdrop
+
+class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+app = certdrop.make_app(certdrop.load_config(sys.argv[1]))
+server = wsgiref.simple_server.make_server("127.0.0.1", 0, app, handler_class=Quiet)
+print(server.server_port, flush=True)
+try:
+    server.serve_forever()
+except KeyboardInterrupt:
+    pass
+"""
+
+
+@pytest.mark.slow
+def test_under_another_wsgi_server_counts_are_written_every_interval_and_at_exit(tmp_path, cert_file):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\npublic_url = http://ca.example.org:8080\ncount_interval = 5s\n")
+    token = re.search(r"/c/([a-z0-9]+)", run_cli(ini, "add", str(cert_file)).stdout)[1]
+    process = subprocess.Popen([sys.executable, "-c", OTHER_WSGI_SERVER, str(ini)], cwd=HERE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{process.stdout.readline().strip()}/c/{token}"
+
+        def fetch_times(agent, times):
+            for _ in range(times):
+                with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": agent}), timeout=10):
+                    pass
+
+        fetch_times(ADMIN_AGENTS["android"], 3)
+        deadline = time.monotonic() + 15
+        while certdrop.read_counts(tmp_path / "data").get(token, {}).get("android", (0,))[0] != 3:
+            assert time.monotonic() < deadline, "no count written within the interval"  # the lazily started writer
+            time.sleep(0.5)
+        fetch_times(ADMIN_AGENTS["windows"], 2)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, errors = process.communicate(timeout=10)
+    assert process.returncode == 0, errors
+    counts = certdrop.read_counts(tmp_path / "data")[token]
+    assert {device: count for device, (count, _last) in counts.items()} == {"android": 3, "windows": 2}  # at exit
 
 
 @pytest.mark.slow
