@@ -18,6 +18,7 @@ Configuration comes from ``-c/--config PATH``, else ``$CERTDROP_CONFIG``, else `
 file, else the built-in defaults of :class:`Config`. Every key is documented in ``certdrop.ini``.
 """
 
+import atexit
 import base64
 import binascii
 import codecs
@@ -2668,6 +2669,13 @@ class Store:
         self._failure: WriteFailure | None = None
 
     # -- paths: derived only from tokens that match TOKEN_RE -------------------------------------------------
+
+    def has_entry_file(self, token: str) -> bool:
+        """Return whether *token* has an entry file on disk (a link's or its tombstone's), asking no cache."""
+        try:
+            return os.path.lexists(self._file(token))
+        except UnknownToken:
+            return False
 
     def path_for(self, token: str) -> Path:
         """Return the entry file of *token*; raise UnknownToken for anything that is not a token."""
@@ -5346,13 +5354,15 @@ class ErrorPage(typing.NamedTuple):
     under_c: bool  # asked for a link: the page tells device users to ask whoever sent it
     home: str  # the upload page's address
     language: str = "en"
+    admin: bool = False  # asked on the administrator's pages: the way back (and after signing in) is /admin
 
     @classmethod
     def of(cls, request: Request, error: HTTPError, home: str) -> "ErrorPage":
         fmt = response_format(request)
         content_type = nokia_page_type(request.header("Accept")) if fmt == "nokia" else ""
         return cls(error.status, error.code, error.message, error.headers, fmt, content_type,
-                   request.path.startswith("/c/"), home, request.language)
+                   request.path.startswith("/c/"), home, request.language,
+                   request.path == "/admin" or request.path.startswith("/admin/"))
 
 
 def render_error(page: ErrorPage, extra_html: str = "") -> Response:
@@ -5382,9 +5392,12 @@ def render_error_words(page: ErrorPage, extra_html: str) -> Response:
         line = f"{title}: {page.message} [{page.code}] ({page.status} {HTTPStatus(page.status).phrase})"
         return Response(f"{term(line)}\n".encode(), page.status, MIME_TEXT, headers)
     if page.status == 401:
-        return Response(render_signin(page.home, page.message), 401, MIME_HTML, headers + HTML_HEADERS)
+        return Response(render_signin(page.home, page.message, next_page="admin" if page.admin else ""), 401,
+                        MIME_HTML, headers + HTML_HEADERS)
     if page.under_c:
         extra_html = f"<p>{esc(_(ENDED_LINK_ADVICE))}</p>"
+    elif page.admin:
+        extra_html = extra_html or f'<p><a href="{esc(page.home)}admin">{esc(_("Back to all links"))}</a></p>'
     else:
         back = _("Back to the upload page")
         extra_html = extra_html or f'<p><a href="{esc(page.home)}">{esc(back)}</a></p>'
@@ -5443,7 +5456,11 @@ def parse_form(request: Request, limit: int, fields: tuple[str, ...] = FORM_FIEL
         pairs = urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True)
         if not takes_a_file or any(name in fields for name, _ in pairs):
             return {name: value.encode("latin-1") for name, value in pairs}
-    elif mime not in RAW_UPLOAD_TYPES or not takes_a_file:
+    elif not takes_a_file:
+        raise UnsupportedMediaType(_("certdrop cannot read a {type} body here: send form fields "
+                                     "(application/x-www-form-urlencoded or multipart/form-data), as curl -d "
+                                     "ttl=30d does.").format(type=mime[:60]))
+    elif mime not in RAW_UPLOAD_TYPES:
         raise UnsupportedMediaType(_("certdrop cannot read a {type} body. Send the certificate file itself "
                                      "(application/pkix-cert, application/octet-stream, text/plain, ...) or the "
                                      "upload form (multipart/form-data).").format(type=mime[:60]))
@@ -6308,10 +6325,23 @@ def counts_file_name() -> str:
 #: Where the counts of this machine's stopped processes are kept together: "<host>-stopped.json".
 STOPPED_COUNTS = "stopped"
 
+#: How often a process's own count file is cleared of the links whose entry file is gone: a stat() a link.
+COUNTS_PRUNE_SECONDS = 3600
+
+
+def prune_counts(counts: "Counts", has_entry: Callable[[str], bool]) -> int:
+    """Drop from *counts* the links with no entry file left (the sweep deleted their tombstone); return how many.
+    Their downloads can no longer be shown anywhere, and count files would otherwise grow forever."""
+    gone = [token for token in counts if not has_entry(token)]
+    for token in gone:
+        del counts[token]
+    return len(gone)
+
 
 def fold_stopped_counts(store: "Store") -> int:
     """Add the count files of this machine's processes that have stopped into one, "<host>-stopped.json", and
-    remove them; return how many. serve does this at start, so that restarts do not pile up files.
+    remove them; return how many. serve does this at start, so that restarts do not pile up files; links whose
+    entry file is gone leave that file then (prune_counts).
 
     Crash-safe: the folded file names what it took in, with each file's signature; a file it names that is still
     there as it was (a crash between the write and the removal) is removed without being added again, and one of
@@ -6339,11 +6369,13 @@ def fold_stopped_counts(store: "Store") -> int:
             match = re.fullmatch(rf"{re.escape(host)}-([0-9]{{1,10}})\.json", path.name)
             if match and int(match[1]) != os.getpid() and not is_running(int(match[1])):
                 stopped.append(path)
-        if not stopped:
-            return 0
         total = read_counts_file(archive) or {}
+        pruned = prune_counts(total, store.has_entry_file)
+        if not stopped and not pruned:
+            return 0
         for path in stopped:
             add_counts(total, read_counts_file(path) or {})
+        prune_counts(total, store.has_entry_file)
         folded = [[path.name, *_file_signature(path)] for path in stopped]
         text = json.dumps({"format": COUNTS_FORMAT, "folded": folded, "counts": {
             token: {device: list(pair) for device, pair in devices.items()} for token, devices in total.items()}},
@@ -6374,16 +6406,21 @@ class DownloadCounts:
     """
 
     def __init__(self, directory: Path, clock: Callable[[], float] = time.time,
-                 owner: Callable[[], tuple[int, int] | None] = lambda: None):
+                 owner: Callable[[], tuple[int, int] | None] = lambda: None,
+                 has_entry: Callable[[str], bool] | None = None):
         self.path = Path(directory) / COUNTS_DIRECTORY / counts_file_name()
         self.clock = clock
         self.owner = owner
+        self.has_entry = has_entry  # Store.has_entry_file: links without one leave the file (None: never)
+        self._pruned = time.monotonic()  # the last prune_counts of this file
         self._tallies: dict[tuple[str, str], Tally] = {}
         self._retired: list[tuple[tuple[str, str], Tally]] = []
         self._unwritten: dict[tuple[str, str], int] = {}  # taken, but the write failed: for the next write
         self._lock = threading.Lock()  # new pairs; the writer takes it to take and drop
         self._writing = threading.Lock()  # the background writer and the one at shutdown
         self._full_warned = False
+        #: called once, by the first download counted: App.start_background (None: nothing to call)
+        self.first_count: Callable[[], None] | None = None
 
     def bump_for(self, token: str, device: str, user_agent: str | None) -> Callable[[], int] | None:
         """Return what counts one download of *token* by *device* (None: not counted: an answer made for no device,
@@ -6404,6 +6441,9 @@ class DownloadCounts:
                                         "more are not counted until the next", MAX_TALLIES)
                         return None
                     tally = self._tallies[key] = Tally()
+            first, self.first_count = self.first_count, None  # a new pair, never a request's work on the hot path
+            if first is not None:
+                first()
         return tally.bump
 
     def taken(self) -> dict[tuple[str, str], int]:
@@ -6427,13 +6467,18 @@ class DownloadCounts:
         """Add the downloads since the last write to this process's file (atomically); return how many."""
         with self._writing:
             counted = self.taken()
-            if not counted:
+            prune = self.has_entry is not None and time.monotonic() - self._pruned >= COUNTS_PRUNE_SECONDS
+            if not counted and not prune:
                 return 0
             now = self.clock()
             counts = read_counts_file(self.path) or {}
             for (token, device), value in counted.items():
                 count, _last = counts.setdefault(token, {}).get(device, (0, 0.0))
                 counts[token][device] = (count + value, now)
+            if prune:
+                self._pruned = time.monotonic()
+                if not prune_counts(counts, self.has_entry) and not counted:
+                    return 0
             record = {"format": COUNTS_FORMAT, "counts": {token: {device: list(pair) for device, pair in devices.items()}
                                                           for token, devices in counts.items()}}
             try:
@@ -6499,9 +6544,16 @@ def read_counts(directory: Path) -> Counts:
 
 
 def write_counts_forever(counts: DownloadCounts, interval: float, stop: threading.Event,
-                         index: "AdminIndex | None" = None) -> None:
+                         index: "AdminIndex | None" = None, fold: "Store | None" = None) -> None:
     """Write the download counts every *interval* seconds until *stop* is set (serve writes once more after), and
-    drop the administrator's index when unused."""
+    drop the administrator's index when unused; first fold the counts of stopped processes of *fold*'s."""
+    if fold is not None:
+        try:
+            folded = fold_stopped_counts(fold)
+            if folded:
+                log.info("added the download counts of %d stopped processes together", folded)
+        except Exception:
+            log.exception("could not add the download counts of stopped processes together")
     while not stop.wait(interval):
         try:
             counts.write()
@@ -6594,16 +6646,18 @@ class UploadGate:
         proxy = self.config.trusted_proxy
         return proxy == "*" or bool(proxy) and parse_address(environ.get("REMOTE_ADDR", "")) == parse_address(proxy)
 
-    def authorize(self, request: Request) -> str:
+    def authorize(self, request: Request, admin: bool = False) -> str:
         """Return why *request* may upload: "open", "loopback", "session" or "key"; raise an HTTPError if it may not.
 
         The loopback exemption holds only for a request made on this machine directly: behind IIS or Apache on
-        the same box every client would otherwise be 127.0.0.1.
+        the same box every client would otherwise be 127.0.0.1. Administration (*admin*) is never open:
+        upload_auth = none counts there as remote, since revoking every link is more than publishing one.
         """
         self.check_network(request)
-        if self.config.upload_auth == "none":
+        auth = "remote" if admin and self.config.upload_auth == "none" else self.config.upload_auth
+        if auth == "none":
             return "open"
-        if self.config.upload_auth == "remote" and self.is_direct_loopback(request):
+        if auth == "remote" and self.is_direct_loopback(request):
             return "loopback"
         if self.has_session(request):
             return "session"
@@ -6787,6 +6841,22 @@ def summary_of(token: str, data: bytes) -> LinkSummary:
 ADMIN_INDEX_FILE, ADMIN_INDEX_FORMAT, ADMIN_INDEX_WRITE_SECONDS = "admin-index.json", 1, 60
 
 
+def saved_summary(token: str, item) -> tuple[int, LinkSummary] | None:
+    """Return (signature, summary) of one link as ADMIN_INDEX_FILE keeps it; None unless every field has its type."""
+    if not (TOKEN_RE.fullmatch(token) and isinstance(item, list) and len(item) == len(LinkSummary._fields)
+            and type(item[0]) is int):
+        return None
+    for value, kind in zip(item[1:], list(LinkSummary.__annotations__.values())[1:]):
+        kinds = typing.get_args(kind) or (kind,)
+        if value is None and type(None) in kinds:
+            continue
+        if float in kinds and type(value) in (int, float) and math.isfinite(value):
+            continue
+        if type(value) not in kinds or float in kinds:
+            return None
+    return item[0], LinkSummary(token, *item[1:])
+
+
 class AdminIndex:
     """The summaries of every entry file and the download counts of every process, for /admin, `list` and the daily
     warning: each file is read again only when its signature (inode, size, time) changed, so a page of 100,000
@@ -6826,12 +6896,10 @@ class AdminIndex:
             if record.get("format") != ADMIN_INDEX_FORMAT:
                 return {}
             saved = {}
-            for token, (signature, *fields) in record["links"].items():
-                summary = LinkSummary(token, *fields)
-                if type(signature) is not int or not all(isinstance(value, kind) for value, kind in zip(
-                        summary, LinkSummary.__annotations__.values()) if kind in (str, float, bool)):
-                    return {}
-                saved[token] = (signature, summary)
+            for token, item in record["links"].items():
+                summary = saved_summary(token, item)
+                if summary is not None:  # else read from its entry file, as a changed one is
+                    saved[token] = summary
             return saved
         except FileNotFoundError:
             return {}
@@ -6923,8 +6991,9 @@ def link_record(link: LinkSummary, url: str, counts: dict[str, tuple[int, float]
     }
 
 
-def attention_text(links: list[LinkSummary], now: float, base: str) -> str:
-    """Return what needs attention as plain text, one line a link, or "" when nothing does."""
+def attention_text(links: list[LinkSummary], now: float, config: Config) -> str:
+    """Return what needs attention as plain text, one line a link, or "" when nothing does; each link as the
+    command line gives it (cli_offer), the one every page, card and mail hands out."""
     lines = []
     for link in chosen_links(links, now, "attention"):
         if link.attention(now) == "link":
@@ -6933,13 +7002,15 @@ def attention_text(links: list[LinkSummary], now: float, base: str) -> str:
         else:
             text = _("The CA \u201c{name}\u201d of the link {url} expires on {date}: upload its successor.")
             date = link.ends
-        lines.append(term(text.format(url=install_url(base, link.token), name=link.name, date=format_time(date))))
+        offer = cli_offer(config, link.token)
+        url = offer.url if offer else f"/c/{link.token}"
+        lines.append(term(text.format(url=url, name=link.name, date=format_time(date))))
     return "".join(line + "\n" for line in lines)
 
 
 def warn_of_attention(index: AdminIndex, config: Config, clock: Callable[[], float]) -> str:
     """Log what needs attention and, with admin_mail set and mail configured, mail it; return the text."""
-    text = attention_text(index.links(), clock(), cli_base_url(config) or "")
+    text = attention_text(index.links(), clock(), config)
     if not text:
         return ""
     for line in text.splitlines():
@@ -6957,6 +7028,17 @@ def warn_of_attention(index: AdminIndex, config: Config, clock: Callable[[], flo
 ATTENTION_FIRST_SECONDS, ATTENTION_EVERY_SECONDS = 60, 86400
 
 
+def write_counts_at_exit(counts: DownloadCounts) -> None:
+    """Write the downloads since the last write as the interpreter exits (atexit): under any WSGI server."""
+    try:
+        written = counts.write()
+    except Exception:
+        log.exception("could not write the download counts at exit")
+        return
+    if written:
+        log.info("wrote %d downloads to %s", written, counts.path)
+
+
 def warn_of_attention_daily(store: Store, config: Config, clock: Callable[[], float], stop: threading.Event) -> None:
     """Warn of what needs attention a minute after start and then once a day, until *stop* is set. Each look has
     an index of its own, gone when it is done: the page's stays small while nobody uses it."""
@@ -6970,10 +7052,12 @@ def warn_of_attention_daily(store: Store, config: Config, clock: Callable[[], fl
 
 
 def admin_authorize(app: "App", request: Request, post: bool) -> str:
-    """Let in whoever may upload, exactly as uploads do (the Host rule is dispatch's); refuse anyone else."""
+    """Let in whoever may upload, as uploads do (the Host rule is dispatch's) but never without the key or a
+    session from another machine, whatever upload_auth says; refuse anyone else."""
+    app.start_background()
     if post:
         app.gate.refuse_cross_site(request)
-    return app.gate.authorize(request)
+    return app.gate.authorize(request, admin=True)
 
 
 def admin_viewer(app: "App", request: Request) -> str | None:
@@ -7081,6 +7165,11 @@ def admin_done(app: "App", request: Request, data: dict, text: str) -> Response:
     home = app.home(request)
     return answer_for(request, 200, data, term(text) + "\n", lambda: render_page(_("Done \u2014 certdrop"), render(
         ADMIN_DONE_PAGE, heading=_("Done"), text=text, admin=f"{home}admin", back=_("Back to all links")), home=home))
+
+
+def is_api_path(path: str) -> bool:
+    """Return whether *path* is the JSON interface's, where every answer is JSON."""
+    return path == "/admin/api" or path.startswith("/admin/api/")
 
 
 def as_api(request: Request) -> Request:
@@ -7312,6 +7401,10 @@ ADMIN_ACTIONS = (admin_revoke, admin_extend, api_revoke, api_extend)
 class App:
     """The certdrop WSGI application: routes requests to handlers and turns every failure into a clear answer."""
 
+    #: whether the first download counted or the first use of /admin starts the background work (start_background);
+    #: the test suite turns it off, so that its thousands of apps leave no threads behind
+    starts_background = True
+
     def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time,
                  access_log: AccessLog | None = None, signer: ProfileSigner | None = None):
         self.config = config
@@ -7332,8 +7425,14 @@ class App:
         self.mail_budget = RateLimiter(config.mail_per_hour / 60, config.mail_per_hour, clock)
         self.gate = UploadGate(config, store, clock)
         #: downloads counted per link and device class (the hot path bumps them), and what /admin reads
-        self.counts = DownloadCounts(config.data_dir, clock, owner=lambda: owner_for_root(store.directory))
+        self.counts = DownloadCounts(config.data_dir, clock, owner=lambda: owner_for_root(store.directory),
+                                     has_entry=store.has_entry_file)
         self.admin_index = AdminIndex(store)
+        #: the count writer and the daily warning: started by serve, else by the first download counted or the
+        #: first use of /admin (start_background), so that any WSGI server running make_app's app gets them
+        self._background_lock, self.background = threading.Lock(), None
+        if self.starts_background:
+            self.counts.first_count = self.start_background
         #: everything kept to answer requests again; a token's answers go when the store replaces or drops its entry
         self.answers = AnswerCache(config.answer_cache_size)
         store.watchers.append(self.answers.forget)
@@ -7351,6 +7450,25 @@ class App:
                 trusted_proxy_count=config.trusted_proxy_count,
                 trusted_proxy_headers=set(config.trusted_proxy_headers), clear_untrusted=True)
             self.answer_request, self.screen_request = proxied(self.answer_proxied), proxied(self.screen_direct)
+
+    def start_background(self, stop: threading.Event | None = None, fold: bool = True) -> threading.Event | None:
+        """Start, once, the threads that write the download counts every count_interval (and drop /admin's index
+        when unused) and that warn daily of what needs attention, and the write of the counts at exit; return the
+        event that stops them (*stop*, or one of the app's own; None while starts_background is off). serve calls it at start (it has folded the counts
+        of stopped processes itself); any other WSGI server gets it from the first download or /admin use."""
+        if self.background is not None:
+            return self.background
+        with self._background_lock:
+            if self.background is not None or not (self.starts_background or stop is not None):
+                return self.background
+            stop = stop or threading.Event()
+            threading.Thread(target=write_counts_forever, name="certdrop counts", daemon=True, args=(
+                self.counts, self.config.count_interval, stop, self.admin_index, self.store if fold else None)).start()
+            threading.Thread(target=warn_of_attention_daily, name="certdrop warnings", daemon=True,
+                             args=(self.store, self.config, self.clock, stop)).start()
+            atexit.register(write_counts_at_exit, self.counts)
+            self.background = stop
+            return stop
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
         if not self.config.trusted_proxy:  # behind one, the hot path runs after waitress has read its headers
@@ -7388,6 +7506,8 @@ class App:
 
     def screen_in_language(self, request: Request) -> list[bytes]:
         environ = request.environ
+        if is_api_path(request.path):
+            as_api(request)
         try:
             handler, _ = match_route(request.method, request.path)
         except HTTPError:  # the app answers 404 or 405 without reading the body
@@ -7413,7 +7533,7 @@ class App:
         gate.refuse_cross_site(request)
         wait, limit = 0.0, SMALL_BODY
         if handler in ADMIN_ACTIONS:
-            gate.authorize(request)
+            gate.authorize(request, admin=True)
         if handler in (App.upload, App.mail):
             gate.authorize(request)
             limit = self.config.max_upload if handler is App.upload else MAIL_FORM_BYTES
@@ -7565,6 +7685,8 @@ class App:
         return prepared
 
     def dispatch(self, request: Request) -> Response | Prepared:
+        if is_api_path(request.path):  # before routing: a 404 or 405 there is JSON too
+            as_api(request)
         handler, arguments = match_route(request.method, request.path)
         if not request.path.startswith(LENIENT_PATHS):
             self.gate.check_host(request)
@@ -8380,9 +8502,7 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     stop = threading.Event()
     if config.sweep_interval:
         threading.Thread(target=sweep_forever, args=(app.store, config.sweep_interval, stop), daemon=True).start()
-    threading.Thread(target=write_counts_forever, args=(app.counts, config.count_interval, stop, app.admin_index),
-                     daemon=True).start()
-    threading.Thread(target=warn_of_attention_daily, args=(app.store, config, clock, stop), daemon=True).start()
+    app.start_background(stop, fold=False)
     # SIGTERM (systemd), Ctrl-C, and Ctrl-Break (how Windows service wrappers stop a console program)
     for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
         if hasattr(signal, name):

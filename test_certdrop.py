@@ -153,6 +153,13 @@ def access_log(monkeypatch):
     return log
 
 
+@pytest.fixture(autouse=True)
+def no_background_threads(monkeypatch):
+    """Keep apps built in this process from starting their count writer and daily warning (App.start_background):
+    thousands of apps would leave threads behind. The servers the slow tests start as processes do start them."""
+    monkeypatch.setattr(certdrop.App, "starts_background", False)
+
+
 class FakeClock:
     def __init__(self, now=NOW):
         self.now = now
@@ -3598,7 +3605,8 @@ def test_every_page_speaks_through_the_translation_function(config, store, clock
         texts["admin link page"] = admin.get(f"/admin/link/{token}").text
         texts["admin revoke question"] = admin.get(f"/admin/link/{intermediate}/revoke").text
         texts["admin extended"] = admin.post(f"/admin/link/{intermediate}/extend", {"ttl": "cert"}).text
-        texts["attention"] = certdrop.attention_text(certdrop.AdminIndex(store).links(), clock(), "http://ca")
+        texts["attention"] = certdrop.attention_text(certdrop.AdminIndex(store).links(), clock(),
+                                                    dataclasses.replace(config, public_url="http://ca"))
         revoke = next(form for form in result.forms.values() if form.action.endswith(f"/c/{token}/revoke"))
         texts["revoked page"] = revoke.submit().text
         texts["410"] = fresh().get(f"/c/{token}", status=410).text
@@ -5261,6 +5269,68 @@ def test_the_admin_page_is_refused_as_uploads_are(keyed, store, root_der):
     assert client(keyed, REMOTE_ADDR=REMOTE).get("/admin", headers=basic(KEY)).status_int == 200
 
 
+def test_upload_auth_none_opens_uploads_but_never_the_admin_page_or_its_json_interface(config, store, clock,
+                                                                                        root_der, other_der):
+    open_app = app_with(config, store, clock, upload_auth="none", upload_password=KEY)
+    token = add(store, root_der).token
+    remote = client(open_app, REMOTE_ADDR=REMOTE)
+    post_cert(remote, other_der, 201)  # uploads are open, as upload_auth = none says
+    assert remote.get("/admin").html.find("input", type="password") is not None  # the sign-in page
+    remote.get("/admin/api/v1/links", status=401)
+    remote.get(f"/admin/api/v1/links/{token}", status=401)
+    remote.post(f"/admin/api/v1/links/{token}/revoke", status=401)
+    remote.post(f"/admin/link/{token}/revoke", {"confirm": "yes"}, status=401)
+    remote.post(f"/admin/api/v1/links/{token}/extend", {"ttl": "30d"}, status=401)
+    assert store.lookup(token).revoked is None
+    assert remote.get("/admin/api/v1/links", headers=basic(KEY)).json["total"] == 2
+    assert client(open_app).get("/admin/api/v1/links").json["total"] == 2  # this machine itself, as with remote
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/admin/api/v1/links/ZZ/revoke"), ("GET", "/admin/api/v1/links/ZZ"), ("GET", "/admin/api/v2/links"),
+    ("GET", "/admin/api/v1/nothing"), ("DELETE", "/admin/api/v1/links"), ("GET", "/admin/api/")])
+def test_every_answer_under_the_json_interface_is_json_even_when_routing_refuses_it(keyed, method, path):
+    answer = client(keyed, REMOTE_ADDR=REMOTE).request(path, method=method, headers={
+        **basic(KEY), "Accept": "text/html"}, expect_errors=True)
+    assert answer.status_int in (404, 405) and answer.content_type == "application/json"
+    assert answer.json["error"]["code"] in ("not-found", "method-not-allowed")
+
+
+def test_extending_through_the_json_interface_with_a_json_body_says_it_takes_form_fields(keyed, store, root_der):
+    token = add(store, root_der).token
+    before = store.path_for(token).read_bytes()
+    refusal = client(keyed, REMOTE_ADDR=REMOTE).post(f"/admin/api/v1/links/{token}/extend", '{"ttl": "30d"}', headers={
+        **basic(KEY), "Content-Type": "application/json"}, status=415)
+    message = refusal.json["error"]["message"]
+    assert "form fields" in message and "-d ttl=30d" in message and "certificate file" not in message
+    assert store.path_for(token).read_bytes() == before
+
+
+def test_a_session_that_ended_before_an_admin_action_signs_in_again_back_to_the_admin_page(keyed, store, clock,
+                                                                                         root_der):
+    token = add(store, root_der).token
+    visitor = client(keyed, REMOTE_ADDR=REMOTE)
+    sign_in(visitor)
+    form = next(form for form in visitor.get("/admin").forms.values() if form.action.endswith(f"/{token}/extend"))
+    clock.advance(certdrop.SESSION_SECONDS + 1)
+    form["ttl"] = "30d"
+    page = form.submit(status=401)
+    assert page.html.find("input", attrs={"name": "next"})["value"] == "admin"
+    page.forms[0]["key"] = KEY
+    assert page.forms[0].submit(status=303).headers["Location"].endswith("/admin")
+    assert store.lookup(token).expires == NOW + 7 * DAY
+
+
+def test_extending_an_ended_link_from_the_page_says_it_ended_and_leads_back_to_the_admin_page(testapp, store, clock,
+                                                                                             root_der):
+    token = add(store, root_der, days=1).token
+    clock.advance(2 * DAY)
+    page = testapp.post(f"/admin/link/{token}/extend", {"ttl": "30d"}, status=410)
+    assert "This link has ended" in html_text(page) and "expired on" in html_text(page)
+    assert [a["href"] for a in page.html.select("main a")] == ["/admin"]
+    assert "Back to the upload page" not in page.text
+
+
 def test_the_link_page_shows_the_doctors_report_and_the_chain_again(testapp, pki):
     result = upload(testapp, pem_of(pki.root, pki.intermediate, pki.leaf), host="wrong.example.org")
     root_token, intermediate = (re.search(r"/c/([a-z0-9]+)", a["href"])[1] for a in result.html.select("p.link a"))
@@ -5376,9 +5446,30 @@ def test_the_admin_index_reads_an_entry_file_only_when_it_changed_and_a_fresh_on
     assert len(certdrop.AdminIndex(store).links()) == 20
 
 
+@pytest.mark.parametrize(("field", "value"), [("ends", "x"), ("host", 5), ("created", None), ("name", None),
+                                               ("revoked", 1), ("expires", True), ("report", "yes")])
+def test_a_damaged_admin_index_is_read_past_link_by_link_and_never_gives_a_500(config, store, clock, root_der,
+                                                                              other_der, field, value):
+    damaged, kept = add(store, root_der).token, add(store, other_der).token
+    before = admin_links(client(certdrop.make_app(config, store, clock)))
+    index = store.directory / certdrop.ADMIN_INDEX_FILE
+    record = json.loads(index.read_text())
+    record["links"][damaged][certdrop.LinkSummary._fields.index(field)] = value  # the signature comes first
+    record["links"][kept][1] = "kept from the saved index"
+    index.write_text(json.dumps(record))
+    fresh = client(certdrop.make_app(config, store, clock))
+    fresh.get("/admin", status=200)
+    links = admin_links(fresh)
+    assert links[damaged] == before[damaged]  # read again from its entry file
+    assert links[kept]["name"] == "kept from the saved index"  # the rest of the index is still used
+    assert fresh.get(f"/admin/api/v1/links/{damaged}").json["name"] == before[damaged]["name"]
+
+
 def test_count_files_of_stopped_processes_are_folded_into_one_and_a_crash_midway_adds_nothing_twice(store):
     directory, host = store.directory / "counts", certdrop.counts_host()
     directory.mkdir(parents=True)
+    store.path_for("abcdefgh").parent.mkdir(parents=True)
+    store.path_for("abcdefgh").write_text("{}")  # its entry file: counts of links without one are dropped
     stopped = next(pid for pid in range(99_999, 4_000_000, 7) if not certdrop.is_running(pid))
     files = {f"{host}-{stopped}.json": 2, f"{host}-{os.getpid()}.json": 3, f"{host}-1.json": 4,  # 1: init, running
              f"other-machine-{stopped}.json": 5}
@@ -5398,6 +5489,31 @@ def test_count_files_of_stopped_processes_are_folded_into_one_and_a_crash_midway
     (directory / name).write_text(json.dumps({"format": 1, "counts": {"abcdefgh": {"android": [1, NOW]}}}))
     assert certdrop.fold_stopped_counts(store) == 1  # a later process with the same id: its counts are added
     assert certdrop.read_counts(store.directory) == {"abcdefgh": {"android": (15, NOW)}}
+
+
+def test_count_files_drop_links_whose_entry_file_is_gone_when_folded_and_in_the_periodic_write(store, clock, root_der,
+                                                                                              other_der, monkeypatch):
+    live, tombstone = add(store, root_der).token, add(store, other_der).token
+    store.revoke(tombstone)  # its tombstone still answers 410: its downloads stay
+    directory, host = store.directory / "counts", certdrop.counts_host()
+    directory.mkdir(parents=True)
+    stopped = next(pid for pid in range(99_999, 4_000_000, 7) if not certdrop.is_running(pid))
+    counted = {token: {"android": [2, NOW]} for token in (live, tombstone, "gonegone", "Not A Token")}
+    (directory / f"{host}-{stopped}.json").write_text(json.dumps({"format": 1, "counts": counted}))
+    assert certdrop.fold_stopped_counts(store) == 1
+    assert set(certdrop.read_counts(store.directory)) == {live, tombstone}
+    archive = directory / f"{host}-stopped.json"
+    archive.write_text(json.dumps({"format": 1, "folded": [], "counts": counted}))
+    assert certdrop.fold_stopped_counts(store) == 0  # nothing stopped since, but the archive is pruned at start
+    assert set(certdrop.read_counts_file(archive)) == {live, tombstone}
+    counts = certdrop.DownloadCounts(store.directory, clock=clock, has_entry=store.has_entry_file)
+    counts.path.write_text(json.dumps({"format": 1, "counts": counted}))
+    counts.bump_for(live, "windows", "")()
+    assert counts.write() == 1 and set(certdrop.read_counts_file(counts.path)) == set(counted)  # not due yet
+    monkeypatch.setattr(certdrop, "COUNTS_PRUNE_SECONDS", 0)
+    assert counts.write() == 0  # nothing new counted: pruned all the same
+    assert certdrop.read_counts_file(counts.path) == {live: {"android": (2, NOW), "windows": (1, NOW)},
+                                                      tombstone: {"android": (2, NOW)}}
 
 
 def test_counts_that_could_not_be_written_are_written_with_the_next_write(tmp_path):
@@ -5433,6 +5549,14 @@ def test_what_needs_attention_is_logged(config, store, clock, pki, caplog):
     text = certdrop.warn_of_attention(certdrop.AdminIndex(store), config, clock)
     assert soon in text and len(text.splitlines()) == 1
     assert f"needs attention: The link" in caplog.text and soon in caplog.text
+
+
+def test_the_daily_warning_gives_the_same_link_as_list_and_show(config, store, clock, pki, machine, capsys):
+    soon = add(store, der_of(pki.root), days=2).token
+    text = certdrop.warn_of_attention(certdrop.AdminIndex(store), config, clock)
+    offer = certdrop.cli_offer(config, soon)
+    assert offer.url.startswith("http://192.168.1.5:") and f"{offer.url} " in text
+    assert "127.0.0.1" not in text
 
 
 # -- faults: a full or read-only data directory -----------------------------------------------------------------
@@ -6889,6 +7013,54 @@ def test_download_counts_survive_sigterm_and_a_restart(tmp_path, root_pem):
     # the first process's file was folded into one for stopped processes when the second started
     assert sorted(path.name.split("-")[-1] for path in (tmp_path / "data" / "counts").glob("*.json")) == [
         f"{server.process.pid}.json", "stopped.json"]
+
+
+#: make_app's app under another WSGI server (the standard library's), as README offers: no `serve`.
+OTHER_WSGI_SERVER = """
+import sys, wsgiref.simple_server
+import certdrop
+
+class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+app = certdrop.make_app(certdrop.load_config(sys.argv[1]))
+server = wsgiref.simple_server.make_server("127.0.0.1", 0, app, handler_class=Quiet)
+print(server.server_port, flush=True)
+try:
+    server.serve_forever()
+except KeyboardInterrupt:
+    pass
+"""
+
+
+@pytest.mark.slow
+def test_under_another_wsgi_server_counts_are_written_every_interval_and_at_exit(tmp_path, cert_file):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\npublic_url = http://ca.example.org:8080\ncount_interval = 5s\n")
+    token = re.search(r"/c/([a-z0-9]+)", run_cli(ini, "add", str(cert_file)).stdout)[1]
+    process = subprocess.Popen([sys.executable, "-c", OTHER_WSGI_SERVER, str(ini)], cwd=HERE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{process.stdout.readline().strip()}/c/{token}"
+
+        def fetch_times(agent, times):
+            for _ in range(times):
+                with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": agent}), timeout=10):
+                    pass
+
+        fetch_times(ADMIN_AGENTS["android"], 3)
+        deadline = time.monotonic() + 15
+        while certdrop.read_counts(tmp_path / "data").get(token, {}).get("android", (0,))[0] != 3:
+            assert time.monotonic() < deadline, "no count written within the interval"  # the lazily started writer
+            time.sleep(0.5)
+        fetch_times(ADMIN_AGENTS["windows"], 2)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, errors = process.communicate(timeout=10)
+    assert process.returncode == 0, errors
+    counts = certdrop.read_counts(tmp_path / "data")[token]
+    assert {device: count for device, (count, _last) in counts.items()} == {"android": 3, "windows": 2}  # at exit
 
 
 @pytest.mark.slow
