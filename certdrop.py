@@ -8459,6 +8459,21 @@ def cli_offer(config: Config, token: str) -> LinkOffer | None:
     return offer_link(install_url(base, token), listening_address(config)[0], bool(config.public_url))
 
 
+def give_back_free_memory() -> None:
+    """Hand back to the system the memory that start-up used and freed: compiling this module (a script run as
+    ``certdrop.py serve`` is compiled afresh every time), reading the catalogs and the store. glibc's malloc keeps
+    freed memory in the process otherwise: some 13 MiB of a fresh server's 50. Where there is no malloc_trim
+    (musl, macOS, Windows), nothing is done."""
+    import ctypes
+    import gc
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return
+    gc.collect()
+    trim(0)
+
+
 def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     try:
         fair_server_class()
@@ -8480,6 +8495,7 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     folded = fold_stopped_counts(app.store)
     if folded:
         log.info("added the download counts of %d stopped processes together", folded)
+    give_back_free_memory()
     # Waitress keeps bodies in memory up to inbuf_overflow; set both above our own limit, so that certdrop
     # answers oversize uploads with its own message and no body is spooled to disk.
     body_limit = 2 * config.max_upload + 65536
