@@ -6255,9 +6255,10 @@ COUNTS_FORMAT = 1
 
 #: The (link, device class) pairs counted since the last write that memory keeps. Each takes 252 bytes (a key
 #: tuple, its Tally with its itertools.count, the dict's slot: tracemalloc over 16,384 of them), 310 with its
-#: token's text once the store has let the entry go: 5 MiB in all. Past it a new pair is not counted until a
-#: write drops the pairs that went quiet: a bound, not a limit that a real server meets.
-MAX_TALLIES = 16384
+#: token's text once the store has let the entry go: 1.2 MiB in all. Past it a new pair is not counted until a
+#: write drops the pairs that went quiet: a bound, not a limit that a real server meets (4,096 links and device
+#: classes fetched within one count_interval).
+MAX_TALLIES = 4096
 
 #: Link-preview fetchers: chat and social apps fetch a pasted link to draw a preview card, which is no download
 #: by a person. Matched in lower case anywhere in the User-Agent; these are the robots' own tokens, not the in-app
