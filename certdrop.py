@@ -2600,15 +2600,22 @@ class EntryMemory:
         seen = self._absent.get(token)
         return seen is not None and time.monotonic() - seen < self.revalidate_after
 
+    def absent_for(self, token: str) -> float:
+        """Return for how many more seconds is_absent(*token*) holds, 0 if it does not."""
+        seen = self._absent.get(token)
+        return 0.0 if seen is None else max(0.0, seen + self.revalidate_after - time.monotonic())
+
     def mark_absent(self, token: str) -> None:
         self._absent.put(token, time.monotonic(), ABSENT_TOKEN_BYTES)
 
     def remember(self, entry: Entry, signature: tuple) -> None:
         with self._lock:
+            was_absent = self._absent.get(entry.token) is not None
             self._absent.pop(entry.token)
             old = self._cache.pop(entry.token, None)
             if old is not None:
                 self._cached_bytes -= old.size
+            if old is not None or was_absent:  # answers kept for it (a 404 while it had no file) go
                 self._dropped(entry.token)
             item = self._cache[entry.token] = CachedEntry(entry, signature, time.monotonic())
             self._cached_bytes += item.size
@@ -2662,7 +2669,8 @@ class Store:
         self.memory = EntryMemory(cache_entries, cache_bytes, revalidate_after)
         # the hot path's calls, bound once (see EntryMemory)
         self.fresh, self.fresh_for, self.memory_of = self.memory.fresh, self.memory.fresh_for, self.memory.memory_of
-        self.is_absent, self.watchers = self.memory.is_absent, self.memory.watchers
+        self.is_absent, self.absent_for = self.memory.is_absent, self.memory.absent_for
+        self.watchers = self.memory.watchers
         self._writing = threading.Lock()  # threads of this process; the lock file keeps other processes out
         self._owner: tuple[int, int] | None = None  # whom files made by root belong to: the directory's owner
         #: The last write that failed, until a write (or /healthz's probe) there works again: /healthz says so.
@@ -5254,15 +5262,22 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-class Prepared(typing.NamedTuple):
-    """A response as start_response and the server take it, checked once: kept and served again as it is."""
+class Prepared:
+    """A response as start_response and the server take it, checked once: kept and served again as it is.
 
-    code: int
-    status: str  # the status line, "200 OK"
-    headers: list[tuple[str, str]]
-    body: list[bytes]  # the WSGI body: one string of bytes
-    etag: str = ""  # for answers of an entry, which If-None-Match may name
-    not_modified: list[tuple[str, str]] | None = None  # the headers of the 304 that answers a matching If-None-Match
+    A class with slots, as HotAnswer is: serve reads its fields on every request.
+    """
+
+    __slots__ = ("code", "status", "headers", "body", "etag", "not_modified")
+
+    def __init__(self, code: int, status: str, headers: list[tuple[str, str]], body: list[bytes], etag: str = "",
+                 not_modified: list[tuple[str, str]] | None = None):
+        self.code = code
+        self.status = status  # the status line, "200 OK"
+        self.headers = headers
+        self.body = body  # the WSGI body: one string of bytes
+        self.etag = etag  # for answers of an entry, which If-None-Match may name
+        self.not_modified = not_modified  # the headers of the 304 that answers a matching If-None-Match
 
 
 def referrer_policy(path: str) -> str:
@@ -5295,7 +5310,7 @@ def prepare_answer(response: Response) -> Prepared:
     vary = next((value for name, value in response.headers if name == "Vary"), VARY)
     not_modified = prepare(Response(b"", 304, "", (("ETag", etag), ("Vary", vary),
                                                    ("Cache-Control", "private, no-transform"))))
-    return tagged._replace(etag=etag, not_modified=not_modified.headers)
+    return Prepared(tagged.code, tagged.status, tagged.headers, tagged.body, etag, not_modified.headers)
 
 
 def serve(prepared: Prepared, environ: dict, start_response: Callable) -> tuple[int, list[bytes]]:
@@ -5731,7 +5746,8 @@ def access_lines(batch: list[tuple]) -> str:
     the time stamp and the address are formatted again only when they change, and durations come ready-made.
     """
     wall = time.time() - time.perf_counter()  # read now: the wall clock may have been set since the last batch
-    lines = []
+    parts: list[str] = []
+    add = parts.extend  # each line as three parts, joined once at the end: no string made per line
     start = end = -math.inf  # the second of the stamp, on perf_counter's clock: [start, end)
     address = head = None
     for started, ended, client, tail in batch:
@@ -5741,13 +5757,13 @@ def access_lines(batch: list[tuple]) -> str:
         if client != address:
             address, head = client, f"{stamp} {log_address(client[:64])} "
         tenths = int((ended - started) * 10000 + 0.5)
-        ending = DURATIONS[tenths] if tenths < len(DURATIONS) else f" {tenths / 10}ms\n"
-        lines.append(f"{head}{tail}{ending}")
-    return "".join(lines)
+        add((head, tail, DURATIONS[tenths] if tenths < DURATION_COUNT else f" {tenths / 10}ms\n"))
+    return "".join(parts)
 
 
 #: " 0.0ms\n" to " 99.9ms\n": how every line ends for almost every request, written without formatting a float.
 DURATIONS = tuple(f" {tenths // 10}.{tenths % 10}ms\n" for tenths in range(1000))
+DURATION_COUNT = len(DURATIONS)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -6063,22 +6079,40 @@ def file_name(certificate: Certificate, name: str) -> str:
 # access log's queue, the sign-outs.
 
 
-class HotAnswer(typing.NamedTuple):
+class HotAnswer:
     """An answer the hot path serves as it is, kept by RequestKey while the app's clock reads in [since, until).
 
     *until* is when the entry ends or, sooner, when the store is due to look at its file again (a revocation by
     another process); a clock set back before *since* makes it look again too.
+    A class with slots, not a NamedTuple: serve_hot reads its fields on every request, and Python 3.11 reads a slot
+    in about half the time it takes to read a NamedTuple's field (a descriptor call).
     """
 
-    prepared: Prepared
-    tails: dict[int, str]  # status -> the access log line after the client's address (see access_tail)
-    token: str = ""  # whose answer this is; "" for a refusal
-    since: float = -math.inf
-    until: float = math.inf
-    #: where the store holds the entry: each hit marks it asked for again, as Store.fresh would (see Store._evict)
-    memory: CachedEntry | None = None
-    #: counts a download of this answer (DownloadCounts.bump_for); None: not counted (a refusal, a preview fetcher)
-    tally: Callable[[], int] | None = None
+    __slots__ = ("prepared", "tails", "token", "since", "until", "memory", "tally", "spends")
+
+    def __init__(self, prepared: Prepared, tails: dict[int, str], token: str = "", since: float = -math.inf,
+                 until: float = math.inf, memory: "CachedEntry | NoEntry | None" = None,
+                 tally: Callable[[], int] | None = None, spends: bool = False):
+        self.prepared = prepared
+        self.tails = tails  # status -> the access log line after the client's address (see access_tail)
+        self.token = token  # whose answer this is; "" for a refusal
+        self.since, self.until = since, until
+        #: where the store holds the entry: each hit marks it asked for again, as Store.fresh would (see Store._evict)
+        self.memory = memory
+        #: counts a download of this answer (DownloadCounts.bump_for); None: not counted (a refusal, a preview fetcher)
+        self.tally = tally
+        #: an unknown token's 404 while the lookup limit is on: each hit spends one lookup, as the full way does
+        self.spends = spends
+
+
+class NoEntry:
+    """What a hot answer without an entry (an unknown token's 404) marks as asked for again: nothing reads it."""
+
+    __slots__ = ("asked_again",)
+
+
+#: The one NoEntry: serve_hot marks every hot answer's memory, whether it has an entry or not.
+NO_ENTRY = NoEntry()
 
 
 class BuiltKey(typing.NamedTuple):
@@ -6122,7 +6156,8 @@ class AnswerCache:
     """What certdrop keeps to answer requests again without deciding, building or rendering (see the section).
 
     Its parts, each a BoundedMap with a share of *max_bytes*:
-    - hot: RequestKey -> HotAnswer, a live token's answer found by one lookup (App.serve_hot);
+    - hot: RequestKey -> HotAnswer, a live token's answer or an unknown token's 404, found by one lookup
+      (App.serve_hot);
     - decisions: Signature -> Decision, what a request gets whatever the token (decide);
     - built: BuiltKey -> Prepared, an answer built for one entry (build_answer);
     - refusals: RefusalKey -> Prepared and HotRefusalKey -> HotAnswer, the 404s and 429s of the lookup limit;
@@ -7582,18 +7617,21 @@ class App:
         return body if body is not None else self.answer(environ, start_response)
 
     def serve_hot(self, environ: dict, start_response: Callable) -> list[bytes] | None:
-        """Serve a GET of a token in memory whose answer was decided and built before; else return None.
+        """Serve a GET of a token whose answer was decided and built before, or an unknown token's 404 given before;
+        else return None.
 
-        The hot path: one dictionary lookup by RequestKey, one clock reading, one start_response. What is not kept
-        there is looked for by find_hot; what find_hot does not find ready (a token not in memory or due for a look
-        at its file, a client with a new signature, an answer not built yet) takes the full way, which leaves it
-        ready for the next time. A client being limited takes find_hot's way, which answers it 429; others do not.
+        The hot path: one dictionary lookup by RequestKey, one clock reading, one start_response (an unknown token's
+        404 also spends one lookup of the limit, when it is on). What is not kept there is looked for by find_hot;
+        what find_hot does not find ready (a token not in memory or due for a look at its file, a client with a new
+        signature, an answer not built yet) takes the full way, which leaves it ready for the next time. A client
+        being limited takes find_hot's way, which answers it 429; others do not.
         """
         started = time.perf_counter()
         key = request_key(environ)
         hot = self.hot_get(key)
         if (hot is None or not hot.since <= self.clock() < hot.until
-                or self.limited and self.lookups.retry_after(environ.get("REMOTE_ADDR", ""))):
+                or self.limited and self.lookups.retry_after(environ.get("REMOTE_ADDR", ""))
+                or hot.spends and self.lookups.spend(environ.get("REMOTE_ADDR", ""))):
             hot = self.find_hot(key, environ.get("REMOTE_ADDR", ""))
             if hot is None:
                 return None
@@ -7611,7 +7649,8 @@ class App:
 
         That is: a live token's answer decided and built before, kept by its request key until its entry is due for
         a look at its file or ends; the 404 of a token known to have no file (counted by the lookup limit, as the
-        full way counts it); the 429 of a client being limited.
+        full way counts it), kept by its request key while the token is known to have no file; the 429 of a client
+        being limited.
         """
         if key.method != "GET" or not key.path or len(key.path) + len(key.query or "") > MAX_TARGET:
             return None
@@ -7628,7 +7667,11 @@ class App:
             unknown = self.answers.refusal(key, lambda: self.signature(key, rest), 404, 0)
             if unknown is None or not self.store.is_absent(token) or self.lookups.spend(address):
                 return None
-            return unknown
+            now = self.clock()  # kept while the token is known to have no file: an upload of it forgets this
+            hot = HotAnswer(unknown.prepared, unknown.tails, token, now, now + self.store.absent_for(token), NO_ENTRY,
+                            spends=bool(self.lookups.rate))
+            self.answers.keep_hot(key, hot, generation)
+            return hot
         decision, now = self.answers.decisions.get(self.signature(key, rest)), self.clock()
         prepared = decision and self.answers.built.get(BuiltKey(token, decision.answer))
         memory = self.store.memory_of(entry)

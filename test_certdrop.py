@@ -2466,6 +2466,40 @@ def test_a_hot_answer_is_one_dictionary_lookup_away(testapp, app, root_token, mo
     assert testapp.get(f"/c/{root_token}", headers=agent).body == first.body
 
 
+def test_a_repeated_unknown_token_is_one_dictionary_lookup_away_and_still_counted(testapp, app, monkeypatch):
+    agent = {"User-Agent": S60_AGENTS["e61i"]}
+    first = testapp.get("/c/abcdefgh", headers=agent, status=404)
+    testapp.get("/c/abcdefgh", headers=agent, status=404)
+    monkeypatch.setattr(certdrop.App, "find_hot", lambda *args: pytest.fail("looked for the answer again"))
+    monkeypatch.setattr(app.store, "fresh", lambda *args: pytest.fail("looked in the store"))
+    spent = []
+    monkeypatch.setattr(app.lookups, "spend", lambda address: spent.append(address) or 0.0)
+    assert testapp.get("/c/abcdefgh", headers=agent, status=404).body == first.body
+    assert spent == ["127.0.0.1"]
+
+
+def test_an_unknown_token_stored_by_this_process_is_found_at_once(testapp, app, store, root_der, monkeypatch):
+    agent = {"User-Agent": S60_AGENTS["e61i"]}
+    for _ in range(3):
+        testapp.get("/c/abcdefgh", headers=agent, status=404)
+    monkeypatch.setattr(store, "_new_token", lambda: "abcdefgh")
+    assert token_of(upload(testapp, root_der)) == "abcdefgh"
+    assert testapp.get("/c/abcdefgh", headers=agent).body == root_der
+
+
+def test_an_unknown_token_another_process_stores_is_found_once_the_store_looks_again(config, root_der):
+    server = certdrop.Store(config.data_dir, clock=time.time, revalidate_after=0.05)  # real time passes
+    app = client(certdrop.make_app(config, server, time.time))
+    other = certdrop.make_store(config, time.time)
+    token = other._new_token()
+    for _ in range(3):
+        app.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]}, status=404)
+    other._write(certdrop.Entry(token, time.time(), time.time() + DAY, root_der,
+                                facts=certdrop.certificate_facts(certdrop.load_der(root_der))))
+    time.sleep(0.06)
+    assert app.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]}).body == root_der
+
+
 def test_a_hot_answer_revoked_by_another_process_is_410_once_the_store_revalidates(config, root_der):
     server = certdrop.Store(config.data_dir, clock=time.time, revalidate_after=0.05)  # real time passes
     token = add(server, root_der).token
