@@ -8287,7 +8287,9 @@ def fair_server_class() -> type:
         began: float
 
         def received(self, data: bytes) -> int:
-            consumed = super().received(data)
+            consumed = HTTPRequestParser.received(self, data)  # not super(): this runs for every request
+            if self.body_rcv is None and not self.content_length:  # no body (or headers not in yet): nothing to do
+                return consumed
             if self.headers_finished and not self.screened and not self.error:
                 self.screened = True
                 if self.body_rcv is not None or self.content_length:
