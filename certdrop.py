@@ -6156,8 +6156,9 @@ class AnswerCache:
     """What certdrop keeps to answer requests again without deciding, building or rendering (see the section).
 
     Its parts, each a BoundedMap with a share of *max_bytes*:
-    - hot: RequestKey -> HotAnswer, a live token's answer or an unknown token's 404, found by one lookup
-      (App.serve_hot);
+    - hot: RequestKey -> HotAnswer, a live token's answer found by one lookup (App.serve_hot);
+    - unknown: RequestKey -> HotAnswer, an unknown token's 404, found by the next lookup; apart from hot, so that
+      clients asking for tokens that do not exist cannot push live tokens' answers out;
     - decisions: Signature -> Decision, what a request gets whatever the token (decide);
     - built: BuiltKey -> Prepared, an answer built for one entry (build_answer);
     - refusals: RefusalKey -> Prepared and HotRefusalKey -> HotAnswer, the 404s and 429s of the lookup limit;
@@ -6165,10 +6166,10 @@ class AnswerCache:
     Forgetting one token (the store replaced or dropped its entry) forgets its hot and built answers only.
     """
 
-    SHARES = {"hot": 0.25, "decisions": 0.1, "built": 0.45, "refusals": 0.1, "errors": 0.1}
+    SHARES = {"hot": 0.2, "unknown": 0.05, "decisions": 0.1, "built": 0.45, "refusals": 0.1, "errors": 0.1}
 
     def __init__(self, max_bytes: int):
-        self.hot, self.decisions, self.built, self.refusals, self.errors = (
+        self.hot, self.unknown, self.decisions, self.built, self.refusals, self.errors = (
             BoundedMap(int(max_bytes * share)) for share in self.SHARES.values())
         self._keys_of: dict[str, set] = {}  # token -> its keys in hot and built
         self._lock = threading.Lock()
@@ -6198,9 +6199,11 @@ class AnswerCache:
         return prepared
 
     def keep_hot(self, key: RequestKey, hot: HotAnswer, generation: int) -> None:
-        """Keep *hot* by *key*, unless a token was forgotten since *generation* was read (its entry may be gone)."""
+        """Keep *hot* by *key*, unless a token was forgotten since *generation* was read (its entry may be gone or,
+        for an unknown token's 404, be there now)."""
         if key_length(key) <= MAX_KEPT_KEY:
-            self._keep(hot.token, self.hot, key, hot, key_length(key) + HOT_OVERHEAD, generation)
+            part = self.unknown if hot.memory is NO_ENTRY else self.hot
+            self._keep(hot.token, part, key, hot, key_length(key) + HOT_OVERHEAD, generation)
 
     def _keep(self, token: str, part: BoundedMap, key: typing.Hashable, value: object, size: int,
               generation: int | None = None) -> None:
@@ -6224,6 +6227,7 @@ class AnswerCache:
             self.generation += 1
             for key in self._keys_of.pop(token, ()):
                 self.hot.pop(key)
+                self.unknown.pop(key)
                 self.built.pop(key)
 
     def clear(self) -> None:
@@ -6231,7 +6235,7 @@ class AnswerCache:
         validity began or ended)."""
         with self._lock:
             self.generation += 1
-            for part in (self.hot, self.decisions, self.built, self.refusals, self.errors):
+            for part in self.parts():
                 part.clear()
             self._keys_of.clear()
 
@@ -6263,12 +6267,15 @@ class AnswerCache:
             self.errors.put(page, prepared, len(prepared.body[0]) + len(page.message) + ANSWER_OVERHEAD)
         return prepared
 
+    def parts(self) -> tuple[BoundedMap, ...]:
+        return self.hot, self.unknown, self.decisions, self.built, self.refusals, self.errors
+
     def __len__(self) -> int:
-        return sum(map(len, (self.hot, self.decisions, self.built, self.refusals, self.errors)))
+        return sum(map(len, self.parts()))
 
     @property
     def bytes(self) -> int:
-        return sum(part.bytes for part in (self.hot, self.decisions, self.built, self.refusals, self.errors))
+        return sum(part.bytes for part in self.parts())
 
 
 def signature_length(signature: Signature) -> int:
@@ -7472,7 +7479,8 @@ class App:
         #: everything kept to answer requests again; a token's answers go when the store replaces or drops its entry
         self.answers = AnswerCache(config.answer_cache_size)
         store.watchers.append(self.answers.forget)
-        self.hot_get = self.answers.hot.get  # bound once: serve_hot calls it on every request
+        # bound once: serve_hot calls them on every request
+        self.hot_get, self.unknown_get = self.answers.hot.get, self.answers.unknown.get
         self.limited = self.lookups.blocked  # the clients the lookup limit holds back; empty almost always
         #: the path of public_url, which every address certdrop writes starts with; None: from SCRIPT_NAME
         self.public_path = urllib.parse.urlsplit(config.public_url).path.rstrip("/") if config.public_url else None
@@ -7628,7 +7636,7 @@ class App:
         """
         started = time.perf_counter()
         key = request_key(environ)
-        hot = self.hot_get(key)
+        hot = self.hot_get(key) or self.unknown_get(key)
         if (hot is None or not hot.since <= self.clock() < hot.until
                 or self.limited and self.lookups.retry_after(environ.get("REMOTE_ADDR", ""))
                 or hot.spends and self.lookups.spend(environ.get("REMOTE_ADDR", ""))):

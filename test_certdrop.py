@@ -2478,6 +2478,22 @@ def test_a_repeated_unknown_token_is_one_dictionary_lookup_away_and_still_counte
     assert spent == ["127.0.0.1"]
 
 
+def test_unknown_tokens_asked_for_again_cannot_push_live_answers_out(config, store, clock, root_der):
+    app = app_with(config, store, clock, answer_cache_size=100_000, lookup_limit=0)
+    visitor = client(app)
+    token = token_of(upload(visitor, root_der))
+    agent = {"User-Agent": S60_AGENTS["e61i"]}
+    for _ in range(2):
+        visitor.get(f"/c/{token}", headers=agent)
+    live = set(app.answers.hot.items)
+    for number in range(400):
+        unknown = "".join(certdrop.TOKEN_ALPHABET[int(digit)] for digit in f"{number:08d}")
+        for _ in range(2):
+            visitor.get(f"/c/{unknown}", headers=agent, status=404)
+    assert len(app.answers.unknown) > 0 and app.answers.unknown.bytes <= app.answers.unknown.max_bytes
+    assert set(app.answers.hot.items) == live
+
+
 def test_an_unknown_token_stored_by_this_process_is_found_at_once(testapp, app, store, root_der, monkeypatch):
     agent = {"User-Agent": S60_AGENTS["e61i"]}
     for _ in range(3):
@@ -2587,7 +2603,7 @@ def test_the_answer_cache_stays_within_its_byte_budget_whatever_clients_send(con
         visitor.get(f"/c/{token}", headers={"User-Agent": f"Mozilla/5.0 (Android 14; Pixel {number}) Chrome/120"})
         visitor.get(f"/c/{'abcdefghjk'[number % 10]}{number:07d}"[:11], status="*")
     assert app.answers.bytes <= 200_000
-    for part in (app.answers.hot, app.answers.decisions, app.answers.built, app.answers.refusals, app.answers.errors):
+    for part in app.answers.parts():
         assert part.bytes <= part.max_bytes and part.bytes == sum(part._sizes.values())
 
 
