@@ -2610,13 +2610,13 @@ class EntryMemory:
 
     def remember(self, entry: Entry, signature: tuple) -> None:
         with self._lock:
-            was_absent = self._absent.get(entry.token) is not None
             self._absent.pop(entry.token)
             old = self._cache.pop(entry.token, None)
             if old is not None:
                 self._cached_bytes -= old.size
-            if old is not None or was_absent:  # answers kept for it (a 404 while it had no file) go
-                self._dropped(entry.token)
+            # whatever was kept for the token goes: its old entry's answers, or a 404 given while it had no file
+            # (also when that token has since left _absent, which holds the last 4,096 only)
+            self._dropped(entry.token)
             item = self._cache[entry.token] = CachedEntry(entry, signature, time.monotonic())
             self._cached_bytes += item.size
             self._evict()
@@ -5713,11 +5713,12 @@ class AccessLog:
         self.record((started, time.perf_counter(), get("REMOTE_ADDR", ""), tail))
 
     def start(self) -> None:
-        """Start the thread that writes the queued lines, unless it runs already."""
+        """Start the thread that writes the queued lines, unless it runs already; what waits at exit is written."""
         with self._lock:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_forever, name="certdrop-access-log", daemon=True)
                 self._writer.start()
+                atexit.register(self.flush)
 
     def flush(self) -> None:
         """Write every line recorded so far, now."""
@@ -6170,7 +6171,8 @@ class AnswerCache:
     - built: BuiltKey -> Prepared, an answer built for one entry (build_answer);
     - refusals: RefusalKey -> Prepared and HotRefusalKey -> HotAnswer, the 404s and 429s of the lookup limit;
     - errors: ErrorPage -> Prepared, every other error answer (render_error).
-    Forgetting one token (the store replaced or dropped its entry) forgets its hot and built answers only.
+    Forgetting one token (the store read, replaced or dropped its entry) forgets its hot, unknown and built answers
+    only.
     """
 
     SHARES = {"hot": 0.2, "unknown": 0.05, "decisions": 0.1, "built": 0.45, "refusals": 0.1, "errors": 0.1}
@@ -6178,7 +6180,7 @@ class AnswerCache:
     def __init__(self, max_bytes: int):
         self.hot, self.unknown, self.decisions, self.built, self.refusals, self.errors = (
             BoundedMap(int(max_bytes * share)) for share in self.SHARES.values())
-        self._keys_of: dict[str, set] = {}  # token -> its keys in hot and built
+        self._keys_of: dict[str, set] = {}  # token -> its keys in hot, unknown and built
         self._lock = threading.Lock()
         #: counts forget() calls: an answer found before one is not kept after it (see keep_hot)
         self.generation = 0

@@ -2503,6 +2503,18 @@ def test_an_unknown_token_stored_by_this_process_is_found_at_once(testapp, app, 
     assert testapp.get("/c/abcdefgh", headers=agent).body == root_der
 
 
+def test_an_unknown_token_stored_after_many_other_guesses_is_found_at_once(testapp, app, store, root_der,
+                                                                         monkeypatch):
+    agent = {"User-Agent": S60_AGENTS["e61i"]}
+    for _ in range(3):
+        testapp.get("/c/abcdefgh", headers=agent, status=404)
+    for number in range(certdrop.MAX_ABSENT_TOKENS + 1):  # the token's record of having no file is pushed out
+        store.memory.mark_absent(f"guess{number}")
+    monkeypatch.setattr(store, "_new_token", lambda: "abcdefgh")
+    assert token_of(upload(testapp, root_der)) == "abcdefgh"
+    assert testapp.get("/c/abcdefgh", headers=agent).body == root_der
+
+
 def test_an_unknown_token_another_process_stores_is_found_once_the_store_looks_again(config, root_der):
     server = certdrop.Store(config.data_dir, clock=time.time, revalidate_after=0.05)  # real time passes
     app = client(certdrop.make_app(config, server, time.time))
@@ -3929,10 +3941,9 @@ def test_a_kept_answer_never_carries_a_set_cookie(app, testapp, root_token):
         for path in (f"/c/{root_token}", f"/c/{root_token}/ca.cer", "/c/zzzzzzzz", f"/c/{root_token}/card"):
             answer = testapp.get(path, headers={**IPHONE, "Accept-Language": "de"}, status="*")
             assert "Set-Cookie" not in answer.headers
-    kept = [*app.answers.built.items.values(), *app.answers.errors.items.values(),
-            *(value for value in app.answers.refusals.items.values()),
-            *(hot.prepared for hot in app.answers.hot.items.values())]
-    assert app.answers.hot.items and kept
+    kept = [value for part in (app.answers.built, app.answers.errors, app.answers.refusals, app.answers.hot,
+                               app.answers.unknown) for value in part.items.values()]
+    assert app.answers.hot.items and app.answers.unknown.items and kept
     for prepared in kept:
         prepared = getattr(prepared, "prepared", prepared)
         assert "Set-Cookie" not in dict(prepared.headers)
