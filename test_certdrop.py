@@ -6411,10 +6411,7 @@ def test_real_server_uploads_serves_s60_follows_the_cli_and_stops_cleanly(tmp_pa
     ini.write_text("[certdrop]\ndata_dir = data\nlog_level = info\n")
     server = Server(ini)
     try:
-        form = urllib.parse.urlencode({"pem": root_pem.decode(), "ttl": "1d"}).encode()
-        status, headers, _ = server.request("/", form, {"Content-Type": "application/x-www-form-urlencoded"})
-        assert status == 201
-        token = headers["Location"].rsplit("/", 1)[1]
+        token = server_upload(server, root_pem)
         status, headers, body = server.request(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
         assert (status, headers["Content-Type"], body) == (200, "application/x-x509-ca-cert", root_der)
         assert "Content-Disposition" not in headers
@@ -7040,6 +7037,14 @@ def served_counts(server, token):
     return {device: fetches["count"] for device, fetches in link["fetches"].items()}
 
 
+def server_upload(server, pem):
+    """Upload *pem* for a day to a real server, as a form; return the token."""
+    form = urllib.parse.urlencode({"pem": pem.decode(), "ttl": "1d"}).encode()
+    status, headers, body = server.request("/", form, {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 201, body
+    return headers["Location"].rsplit("/", 1)[1]
+
+
 def server_fetch(server, token, agent, times):
     for _ in range(times):
         assert server.request(f"/c/{token}", headers={"User-Agent": agent})[0] == 200
@@ -7051,9 +7056,7 @@ def test_download_counts_survive_sigterm_and_a_restart(tmp_path, root_pem):
     ini.write_text("[certdrop]\ndata_dir = data\ncount_interval = 1d\n")  # only the stop writes
     server = Server(ini)
     try:
-        form = urllib.parse.urlencode({"pem": root_pem.decode(), "ttl": "1d"}).encode()
-        status, headers, _ = server.request("/", form, {"Content-Type": "application/x-www-form-urlencoded"})
-        token = headers["Location"].rsplit("/", 1)[1]
+        token = server_upload(server, root_pem)
         server_fetch(server, token, ADMIN_AGENTS["android"], 3)
         server_fetch(server, token, ADMIN_AGENTS["windows"], 2)
         server_fetch(server, token, ADMIN_AGENTS["iphone"], 1)
@@ -7130,9 +7133,7 @@ def test_two_servers_counts_add_up_and_a_sigkill_loses_at_most_the_last_interval
     ini.write_text("[certdrop]\ndata_dir = data\ncount_interval = 5s\n")
     first, second = Server(ini), Server(ini)
     try:
-        form = urllib.parse.urlencode({"pem": root_pem.decode(), "ttl": "1d"}).encode()
-        status, headers, _ = first.request("/", form, {"Content-Type": "application/x-www-form-urlencoded"})
-        token = headers["Location"].rsplit("/", 1)[1]
+        token = server_upload(first, root_pem)
         server_fetch(first, token, ADMIN_AGENTS["android"], 3)
         server_fetch(second, token, ADMIN_AGENTS["android"], 4)
         server_fetch(second, token, ADMIN_AGENTS["windows"], 1)
