@@ -4979,6 +4979,33 @@ def test_the_access_log_queue_drops_the_oldest_lines_past_its_bound_when_nothing
     assert len(lines) == certdrop.AccessLog.MAX_PENDING and lines[0].split()[3] == "/5"
 
 
+@pytest.mark.slow
+def test_the_access_log_writes_a_full_batch_at_once_and_a_lone_line_within_a_second():
+    log = certdrop.AccessLog(io.StringIO())
+    log.start()
+    now = time.perf_counter()
+    log.record((now, now, "192.0.2.1", "GET /lone 404 0 -"))
+    time.sleep(3 * log.INTERVAL)
+    assert log.stream.getvalue() == ""  # one line waits for more, or for its second
+    deadline = time.monotonic() + log.MAX_WAIT + 1
+    while not log.stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(log.stream.getvalue().splitlines()) == 1
+    for number in range(log.BATCH):
+        log.record((time.perf_counter(), time.perf_counter(), "192.0.2.1", f"GET /{number} 404 0 -"))
+    time.sleep(3 * log.INTERVAL)
+    assert len(log.stream.getvalue().splitlines()) == 1 + log.BATCH
+
+
+@pytest.mark.slow
+def test_access_log_lines_waiting_at_exit_are_written():
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); import certdrop\n"
+              "log = certdrop.AccessLog(sys.stdout); log.start()\n"
+              "log.record((time.perf_counter(), time.perf_counter(), '192.0.2.1', 'GET /last 200 1 s60'))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(HERE)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "GET /last 200 1 s60" in result.stdout, result.stderr
+
+
 def test_access_log_off_writes_nothing(config, store, clock, access_log):
     client(app_with(config, store, clock, access_log=False)).get("/")
     access_log.flush()
