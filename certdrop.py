@@ -5718,11 +5718,14 @@ class AccessLog:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_forever, name="certdrop-access-log", daemon=True)
                 self._writer.start()
-                atexit.register(self.flush)
+                atexit.register(self.flush, 1.0)  # a writer stuck on a standard error must not hold up the exit
 
-    def flush(self) -> None:
-        """Write every line recorded so far, now."""
-        with self._lock:
+    def flush(self, wait: float = -1) -> None:
+        """Write every line recorded so far, now; or nothing if the writer is still busy writing after *wait*
+        seconds (-1: wait however long it takes)."""
+        if not self._lock.acquire(timeout=wait):
+            return
+        try:
             batch = [self._pending.popleft() for _ in range(len(self._pending))]
             if not batch:
                 return
@@ -5735,6 +5738,8 @@ class AccessLog:
             with contextlib.suppress(OSError, ValueError):  # a closed or full stderr must not stop the server
                 stream.write(text)
                 stream.flush()
+        finally:
+            self._lock.release()
 
     def _write_forever(self) -> None:
         while True:
