@@ -7107,8 +7107,10 @@ def test_download_counts_survive_sigterm_and_a_restart(tmp_path, root_pem):
 
 
 #: make_app's app under another WSGI server (the standard library's), as README offers: no `serve`.
+#: wsgiref's server, stopped by SIGINT between requests: a KeyboardInterrupt raised while it handles one would be
+#: swallowed by wsgiref's catch-all (its handler turns any exception into a 500), and the process would run on.
 OTHER_WSGI_SERVER = """
-import sys, wsgiref.simple_server
+import signal, sys, threading, wsgiref.simple_server
 import certdrop
 
 class Quiet(wsgiref.simple_server.WSGIRequestHandler):
@@ -7117,11 +7119,9 @@ class Quiet(wsgiref.simple_server.WSGIRequestHandler):
 
 app = certdrop.make_app(certdrop.load_config(sys.argv[1]))
 server = wsgiref.simple_server.make_server("127.0.0.1", 0, app, handler_class=Quiet)
+signal.signal(signal.SIGINT, lambda signum, frame: threading.Thread(target=server.shutdown).start())
 print(server.server_port, flush=True)
-try:
-    server.serve_forever()
-except KeyboardInterrupt:
-    pass
+server.serve_forever()
 """
 
 
