@@ -6203,13 +6203,15 @@ class AnswerCache:
                         self.decisions.put(signature, decision, signature_length(signature) + DECISION_OVERHEAD)
         return decision
 
-    def answer(self, entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None" = None) -> Prepared:
-        """Return *answer* for *entry*: built once, then kept while the entry is."""
+    def answer(self, entry: Entry, answer: Answer, config: Config, signer: "ProfileSigner | None" = None,
+               generation: int | None = None) -> Prepared:
+        """Return *answer* for *entry*: built once, then kept while the entry is; not kept if a token was forgotten
+        since *generation* was read, before *entry* was (the entry may have been replaced meanwhile)."""
         key = BuiltKey(entry.token, answer)
         prepared = self.built.get(key)
         if prepared is None:
             prepared = prepare_answer(build_answer(entry, answer, config, signer))
-            self._keep(entry.token, self.built, key, prepared, len(prepared.body[0]) + ANSWER_OVERHEAD)
+            self._keep(entry.token, self.built, key, prepared, len(prepared.body[0]) + ANSWER_OVERHEAD, generation)
         return prepared
 
     def keep_hot(self, key: RequestKey, hot: HotAnswer, generation: int) -> None:
@@ -7470,8 +7472,9 @@ class App:
         #: the profile signer read from the settings at start, and whether profiles are signed now: while the
         #: signer is valid. Decisions and answers are kept only until that changes (check_signer)
         self.signer, self.signing = signer, False
-        #: when whether profiles are signed next changes: -inf until check_signer first looks, inf never again
-        self.signing_changes = -math.inf if signer else math.inf
+        #: the period in which whether profiles are signed stays as it is: [signing_from, signing_changes), empty
+        #: until check_signer first looks, everything without a signer. A clock set back before it looks again too
+        self.signing_from, self.signing_changes = (math.inf, -math.inf) if signer else (-math.inf, math.inf)
         self._signer_lock = threading.Lock()
         self.access_log = access_log if config.access_log else None
         if self.access_log:
@@ -7680,6 +7683,8 @@ class App:
         if parts is None:
             return None
         token, rest = parts
+        if not TOKEN_RE.fullmatch(token):
+            return None  # the full way answers a malformed token 404 before any limit (match_route)
         wait = self.lookups.blocked and self.lookups.retry_after(address)
         if wait:
             return self.answers.refusal(key, lambda: self.signature(key, rest), 429, max(1, math.ceil(wait)))
@@ -7697,7 +7702,8 @@ class App:
         decision, now = self.answers.decisions.get(self.signature(key, rest)), self.clock()
         prepared = decision and self.answers.built.get(BuiltKey(token, decision.answer))
         memory = self.store.memory_of(entry)
-        if not prepared or now >= entry.serves_until or memory is None or now >= self.signing_changes:
+        if (not prepared or now >= entry.serves_until or memory is None
+                or not self.signing_from <= now < self.signing_changes):
             return None
         tails = {prepared.code: hot_tail(key, prepared, decision.device), 304: hot_tail(key, None, decision.device)}
         until = min(entry.serves_until, now + self.store.fresh_for(entry), self.signing_changes)
@@ -7940,31 +7946,33 @@ class App:
     def deliver(self, request: Request, token: str, **_: str) -> Prepared:
         """Return what a request under /c/<token> gets for a live token: decided by its signature, built for the
         entry, and kept for the hot path (the route's parts are in the signature's rest)."""
+        # First: an answer made from an entry or a signing state read after a forget or a clear is not kept
+        # (check_signer sets self.signing before it clears; another thread may extend or replace the entry)
+        generation = self.answers.generation
         entry = self.live_entry(request, token)
         signature = self.signature(request_key(request.environ), request.path[3:].partition("/")[2])
         self.check_signer(self.clock())
-        generation = self.answers.generation  # before self.signing, which check_signer sets before it clears
         decision = self.answers.decision(signature, self.config, self.signing, generation)
         request.environ["certdrop.device"] = decision.device  # for the access log
         if request.method == "GET":  # counted by answer() once it is sent with a 2xx
             request.environ["certdrop.tally"] = self.counts.bump_for(entry.token, decision.device, request.user_agent)
-        return self.answers.answer(entry, decision.answer, self.config, self.signer)
+        return self.answers.answer(entry, decision.answer, self.config, self.signer, generation)
 
     def check_signer(self, now: float) -> None:
         """Sign profiles from now on if the signer is valid at *now*, else send them unsigned (with one warning).
 
         Whether a profile is signed is decided (decide) and kept like the rest of its answer, so when the signer's
-        validity begins or ends every kept decision and answer is forgotten; the hot path serves nothing kept past
-        the moment it changes (signing_changes).
+        validity begins or ends every kept decision and answer is forgotten; the hot path serves nothing kept outside
+        the period in which it was decided ([signing_from, signing_changes)), also when the clock is set back.
         """
-        if now < self.signing_changes:
+        if self.signing_from <= now < self.signing_changes:
             return
         with self._signer_lock:
-            if now < self.signing_changes:
+            if self.signing_from <= now < self.signing_changes:
                 return
-            signing = self.signer.is_valid_at(now)
-            changes = (self.signer.not_before if now < self.signer.not_before else
-                       self.signer.not_after if signing else math.inf)
+            signer, signing = self.signer, self.signer.is_valid_at(now)
+            period = ((-math.inf, signer.not_before) if now < signer.not_before else
+                      (signer.not_before, signer.not_after) if signing else (signer.not_after, math.inf))
             if signing != self.signing or self.signing_changes == -math.inf:
                 self.signing = signing  # first: a decision made with the old value after the clear is not kept
                 self.answers.clear()
@@ -7972,7 +7980,7 @@ class App:
                     log.warning("profiles are sent unsigned: the signing certificate %r is valid from %s until %s "
                                 "(profile_signer_certificate)", self.signer.name, format_time(self.signer.not_before),
                                 format_time(self.signer.not_after))
-            self.signing_changes = changes
+            self.signing_from, self.signing_changes = period
 
     def root_link(self, request: Request, token: str) -> Response:
         """Send the reader of an intermediate CA's link on to its root CA's link (the upload recorded the chain),

@@ -2100,6 +2100,20 @@ def test_a_signer_not_yet_valid_signs_from_the_moment_it_is(signing_app, clock, 
     assert not signing_app.get(f"/c/{token}/ca.mobileconfig").body.startswith(b"<?xml")
 
 
+@pytest.mark.parametrize(("first", "then", "signed_then"), [
+    (NOW, NOW - 2 * DAY, False),  # set back before the signer's notBefore: unsigned again
+    (NOW + 4 * DAY, NOW, True),  # set back from past its notAfter into its validity: signed again
+], ids=["before-its-start", "back-into-its-validity"])
+def test_a_clock_set_back_across_the_signers_validity_signs_as_a_fresh_server_would(signing_app, clock, pki, first,
+                                                                                   then, signed_then):
+    (token,) = chain_tokens(signing_app, pki.root)
+    clock.now = first
+    signing_app.get(f"/c/{token}/ca.mobileconfig")  # decided, built and kept with the signing state at *first*
+    clock.now = then
+    for path in (f"/c/{token}/ca.mobileconfig", f"/c/{token}/ca.mobileconfig", f"/c/{token}?format=mobileconfig"):
+        assert signing_app.get(path).body.startswith(b"<?xml") is not signed_then, path
+
+
 def test_a_key_that_does_not_match_its_certificate_stops_serve_at_start(tmp_path, signer, pki, capsys):
     other = tmp_path / "other.pem"
     other.write_bytes(pki.rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -2548,6 +2562,16 @@ def test_a_client_limited_for_guessing_gets_429_even_for_a_hot_token(testapp, ro
     testapp.get(f"/c/{root_token}", headers=agent, status=429)
 
 
+def test_a_limited_client_gets_404_for_a_malformed_token_as_the_full_way_gives_it(testapp, root_token):
+    agent = {"User-Agent": S60_AGENTS["e61i"]}
+    for _ in range(certdrop.LOOKUP_BURST + 1):
+        testapp.get("/c/abcdefgh", headers=agent, expect_errors=True)
+    testapp.get(f"/c/{root_token}/card", headers=agent, status=429)  # a 429 kept for the signature (rest "card")
+    for malformed in ("x", "bad!token", "a" * 40):  # the route refuses these before any limit is asked
+        testapp.get(f"/c/{malformed}/card", headers=agent, status=404)
+        testapp.get(f"/c/{malformed}", headers=agent, status=404)
+
+
 def test_unknown_tokens_answered_from_memory_still_count_towards_the_lookup_limit(testapp, monkeypatch):
     statuses = [testapp.get("/c/abcdefgh", expect_errors=True).status_int for _ in range(certdrop.LOOKUP_BURST + 1)]
     assert statuses == [404] * certdrop.LOOKUP_BURST + [429]
@@ -2563,6 +2587,24 @@ def test_a_repeated_refusal_is_found_by_request_key_without_a_signature(testapp,
     first = testapp.get("/c/abcdefgh", status=429)
     monkeypatch.setattr(certdrop.Signature, "of", lambda *args: pytest.fail("made a signature again"))
     assert testapp.get("/c/abcdefgh", status=429).body == first.body
+
+
+def test_an_answer_built_while_another_thread_extends_its_link_is_not_kept_past_the_extension(
+        testapp, app, store, clock, root_token, monkeypatch):
+    build_answer, extended = certdrop.build_answer, []
+
+    def build_then_extend(entry, *arguments):
+        built = build_answer(entry, *arguments)  # built from the entry this request read ...
+        if not extended:  # ... when another thread (the administrator's page) extends the link
+            extended.append(store.extend(root_token, NOW + 30 * DAY))
+        return built
+
+    monkeypatch.setattr(certdrop, "build_answer", build_then_extend)
+    testapp.get(f"/c/{root_token}/card")
+    monkeypatch.setattr(certdrop, "build_answer", build_answer)
+    until = certdrop.format_time(NOW + 30 * DAY)
+    for _ in range(3):  # the full way, then the hot path: both from the extended entry
+        assert f"works until {until}" in html_text(testapp.get(f"/c/{root_token}/card"))
 
 
 def test_file_names_chosen_by_clients_cannot_grow_the_answer_cache(testapp, app, root_token, root_der):
