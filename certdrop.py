@@ -3453,6 +3453,8 @@ def is_wildcard_address(host: str) -> bool:
 #: A Host header: a name of at most 253 characters (DNS's limit, which also keeps a link short enough for a QR
 #: code) or an address, IPv6 in brackets; then maybe a port.
 HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})(?::([0-9]{1,5}))?")
+#: A host name or IPv4 address: labels joined by single dots, and perhaps a final dot.
+HOST_NAME_RE = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?")
 
 
 def split_host(host_header: str) -> tuple[str, str] | None:
@@ -3466,6 +3468,8 @@ def split_host(host_header: str) -> tuple[str, str] | None:
         return None
     if match[1].startswith("[") and not is_ipv6_address(match[1][1:-1]):
         return None
+    if not match[1].startswith("[") and not HOST_NAME_RE.fullmatch(match[1]):
+        return None  # only dots, or an empty label: no name, which would pass for this server's own empty one
     return match[1], f":{int(match[2])}" if match[2] else ""
 
 
@@ -5468,7 +5472,9 @@ def parse_form(request: Request, limit: int, fields: tuple[str, ...] = FORM_FIEL
     if not takes_a_file and not body and not mime:  # a form posted empty: no field at all
         return {}
     if mime == "application/x-www-form-urlencoded":
-        pairs = urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True)
+        # Latin-1 both ways maps each byte to one character and back: a value comes out as the bytes it was sent
+        # as (a key typed with é, €, Cyrillic), as multipart's raw parts do, whatever their encoding
+        pairs = urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
         if not takes_a_file or any(name in fields for name, _ in pairs):
             return {name: value.encode("latin-1") for name, value in pairs}
     elif not takes_a_file:
@@ -5794,11 +5800,13 @@ def access_tail(method: str, script_name: str, path: str, query: str, status: in
     tail = ACCESS_TAILS.get(key)
     if tail is None:
         target = script_name.rstrip("/") + path
+        # WSGI gives the request's bytes as Latin-1 characters: encoded back so, the log names the bytes sent. The
+        # path comes decoded (a "%" in it was sent as %25); the query comes as sent, its escapes left as they are
         if not URL_SAFE_RE.fullmatch(target):
-            target = urllib.parse.quote(target, safe=URL_SAFE)
+            target = urllib.parse.quote(target, safe=URL_SAFE, encoding="latin-1")
         if query:
             target += "?" + (query if URL_SAFE_RE.fullmatch(query)
-                             else urllib.parse.quote(query, safe=URL_SAFE + "?"))
+                             else urllib.parse.quote(query, safe=URL_SAFE + "?%", encoding="latin-1"))
         tail = f"{term(method)[:16]} {target[:2048]} {status} {size} {device}"
         if len(target) <= 512:
             ACCESS_TAILS.put(key, tail, len(target) + len(tail) + KEY_OVERHEAD)
@@ -8059,7 +8067,7 @@ def safe_next(path: str, home: str) -> str:
     scheme, no "//host" (a path that names another server), no backslash, no control character."""
     if (len(path) <= MAX_NEXT and NEXT_PATH_RE.fullmatch(path) and path.startswith(home)
             and not path.startswith("//")):
-        return path
+        return urllib.parse.quote(path, safe=URL_SAFE + "?%")  # < > " { } and the like, as a browser sends them
     return home
 
 
@@ -8319,6 +8327,8 @@ def fair_server_class() -> type:
         def received(self, data: bytes) -> int:
             consumed = HTTPRequestParser.received(self, data)  # not super(): this runs for every request
             if self.body_rcv is None and not self.content_length:  # no body (or headers not in yet): nothing to do
+                if self.empty:  # blank lines before a request line (RFC 9112, 2.2): its headers are still due
+                    self.channel.blank_since = self.began
                 return consumed
             if self.headers_finished and not self.screened and not self.error:
                 self.screened = True
@@ -8338,13 +8348,24 @@ def fair_server_class() -> type:
 
         def environ_for_screening(self, address: str) -> dict:
             """Return the part of the WSGI environ the app's checks read, as waitress's WSGITask will make it."""
-            environ = {"REMOTE_ADDR": address, "REQUEST_METHOD": self.command.upper(), "PATH_INFO": self.path,
+            path = self.path  # as WSGITask.get_environment makes PATH_INFO: leading slashes are one ("//" is "/")
+            if path.startswith("/"):
+                path = "/" + path.lstrip("/")
+            environ = {"REMOTE_ADDR": address, "REQUEST_METHOD": self.command.upper(), "PATH_INFO": path,
                        "QUERY_STRING": self.query, "SCRIPT_NAME": "", "wsgi.url_scheme": self.url_scheme,
                        "SERVER_NAME": self.channel.server.server_name,
                        "SERVER_PORT": str(self.channel.server.effective_port)}
             for key, value in self.headers.items():
                 environ[key if key in ("CONTENT_LENGTH", "CONTENT_TYPE") else "HTTP_" + key] = value
             return environ
+
+    class DroppedRequest(ScreenedParser):
+        """What follows an early refusal on its connection (the body it was not to send, and anything after):
+        dropped, never parsed, so that a refused body cannot pass for requests of its own, screened in turn and
+        spending the limits of whichever client its forged proxy headers name."""
+
+        def received(self, data: bytes) -> int:
+            return len(data)  # until the refusal is written and the linger (which has its own bound) takes over
 
     class FairChannel(HTTPChannel):
         """waitress's connection, counted per client, with a deadline for each request's line and headers and a
@@ -8358,6 +8379,8 @@ def fair_server_class() -> type:
         refused_early = False
         lingering_until = 0.0
         dropped = 0
+        #: when the blank lines that came instead of a request line began (0: none): the header deadline runs from it
+        blank_since = 0.0
 
         def __init__(self, server, sock, addr, adj, map=None, client: str = ""):
             self.client = client or client_key(addr[0])
@@ -8372,8 +8395,9 @@ def fair_server_class() -> type:
             """Return the parser of a new request: waitress calls self.parser_class(self.adj) with the request's
             first byte, so header_seconds run from now. A method, not a partial of a parser with its own __init__:
             this runs for every request, and each frame saved shows on the hot path."""
-            parser = ScreenedParser(adj)
-            parser.channel, parser.began = self, time.monotonic()
+            parser = DroppedRequest(adj) if self.refused_early else ScreenedParser(adj)
+            parser.channel, parser.began = self, self.blank_since or time.monotonic()
+            self.blank_since = 0.0
             return parser
 
         def handle_close(self) -> None:
@@ -8423,7 +8447,8 @@ def fair_server_class() -> type:
             self.screen = screen  # environ -> (refusal or None, the body the request may carry)
             self.per_client = per_client
             self.header_seconds = header_seconds
-            self.exempt = client_key(exempt) if exempt and exempt != "*" else None
+            #: the trusted proxy's own address, exempt from the cap (not its /64: its neighbours are clients)
+            self.exempt = parse_address(exempt) if exempt and exempt != "*" else None
             self.clients: dict[str, int] = {}  # client_key -> open connections (about 100 bytes each)
             super().__init__(application, **adjustments)
 
@@ -8437,7 +8462,9 @@ def fair_server_class() -> type:
                 return
             connection, address = accepted
             client = client_key(address[0])
-            if self.per_client and client != self.exempt and self.clients.get(client, 0) >= self.per_client:
+            if self.exempt is not None and parse_address(address[0]) == self.exempt:
+                client = str(self.exempt)  # no cap, and counted apart from the clients of its /64
+            elif self.per_client and self.clients.get(client, 0) >= self.per_client:
                 with contextlib.suppress(OSError):
                     connection.setblocking(False)
                     connection.send(TOO_MANY_CONNECTIONS)
@@ -8459,7 +8486,7 @@ def fair_server_class() -> type:
                 if channel.lingering_until and monotonic > channel.lingering_until:
                     channel.close()
                 elif (channel.request is not None and not channel.request.headers_finished
-                      and channel.request.began < late):
+                      and channel.request.began < late) or 0 < channel.blank_since < late:
                     channel.will_close = True
 
     return FairServer
@@ -8527,6 +8554,17 @@ def cli_base_url(config: Config) -> str:
     return f"http://{host.lower()}{'' if port == 80 else f':{port}'}"
 
 
+def own_server_name(config: Config) -> str:
+    """Return the name serve gives waitress as SERVER_NAME, which links are made from when a request names no host
+    of this server (an HTTP/1.0 phone that sends no Host; under /c/, a Host this server does not answer to): the
+    address it listens on, or, on every interface, the machine's first address that phones reach, else its full
+    name, else localhost. waitress's own stand-in, waitress.invalid, would give links that open nothing."""
+    host = config.host
+    if not is_wildcard_address(host):
+        return f"[{host.strip('[]')}]" if ":" in host else host
+    return next(iter(machine_addresses()), None) or machine_fqdn() or "localhost"
+
+
 def cli_offer(config: Config, token: str) -> LinkOffer | None:
     """Return the link the command line prints for *token*: the one pages and answers hand out (offer_link)."""
     base = cli_base_url(config)
@@ -8583,6 +8621,7 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     server = fair_server_class()(app, screen=app.screen, per_client=config.client_connections,
                                  header_seconds=config.header_timeout, exempt=config.trusted_proxy,
                                  host=config.host, port=config.port, threads=config.threads, ident="certdrop",
+                                 server_name=own_server_name(config),
                                  max_request_body_size=body_limit, inbuf_overflow=body_limit + 1,
                                  connection_limit=config.connection_limit, channel_timeout=config.channel_timeout,
                                  cleanup_interval=1, asyncore_use_poll=config.use_poll,

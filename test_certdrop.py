@@ -2772,10 +2772,11 @@ def answer_difference(warm, fresh):
 
 
 def logged_target(script_name, path, query):
-    """Return how the access log must name a request's target: percent-encoded where a terminal could be fooled."""
+    """Return how the access log must name a request's target: the bytes sent (WSGI gives them as Latin-1
+    characters), percent-encoded where a terminal could be fooled."""
     safe = "/:@!$&'()*+,;=-._~"
-    target = urllib.parse.quote(script_name.rstrip("/") + path, safe=safe)
-    return target + ("?" + urllib.parse.quote(query, safe=safe + "?") if query else "")
+    target = urllib.parse.quote(script_name.rstrip("/") + path, safe=safe, encoding="latin-1")
+    return target + ("?" + urllib.parse.quote(query, safe=safe + "?%", encoding="latin-1") if query else "")
 
 
 class NewLines:
@@ -3497,6 +3498,20 @@ def test_a_default_route_through_a_tunnel_does_not_lead():
     assert certdrop.order_addresses(MULTI_HOMED, "10.8.0.6") == ("192.168.1.5",)
 
 
+@pytest.mark.parametrize(("host", "addresses", "fqdn", "name"), [
+    ("192.168.1.5", ("10.0.0.2",), None, "192.168.1.5"),  # listening on one address: that one
+    ("::1", (), None, "[::1]"),
+    ("certs.example.org", (), None, "certs.example.org"),
+    ("0.0.0.0", ("192.168.1.5", "10.0.0.2"), "server.corp.example", "192.168.1.5"),  # every interface: the best
+    ("::", (), "server.corp.example", "server.corp.example"),
+    ("0.0.0.0", (), None, "localhost"),
+])
+def test_serve_names_the_server_for_requests_without_a_host_of_its_own(monkeypatch, host, addresses, fqdn, name):
+    monkeypatch.setattr(certdrop, "machine_addresses", lambda: addresses)
+    monkeypatch.setattr(certdrop, "machine_fqdn", lambda: fqdn)
+    assert certdrop.own_server_name(certdrop.Config(host=host)) == name
+
+
 def test_this_machines_default_route_address_is_one_of_its_own_and_leads():
     default = certdrop.default_route_address()
     if default is None:
@@ -3902,6 +3917,11 @@ def test_the_picker_sends_nobody_away_from_the_prefix(config, store, clock, targ
     assert chosen.headers["Location"] == "/certdrop/"
 
 
+def test_the_pickers_way_back_is_percent_encoded_as_a_browser_sends_it(testapp):
+    chosen = testapp.get("/lang/de?" + urllib.parse.urlencode({"next": '/c/<x>"{y}'}), status=303)
+    assert chosen.headers["Location"] == "/c/%3Cx%3E%22%7By%7D"
+
+
 def test_an_unknown_language_is_not_found_and_sets_no_cookie(testapp):
     for path in ("/lang/xx?next=/", "/lang/deu", "/lang/"):
         refused = testapp.get(path, status=404)
@@ -4237,6 +4257,17 @@ def test_signing_in_sets_a_strict_http_only_cookie_and_opens_the_upload_form(key
     page = remote.get("/")
     assert page.html.find("input", type="file") is not None and page.html.find("form", action="/signout")
     post_cert(remote, root_der, 201)
+
+
+def test_url_encoded_fields_are_the_bytes_sent_whatever_their_characters(config, store, clock, root_token):
+    remote = client(app_with(config, store, clock, upload_password="p\u00e4sswort\u20ac"), REMOTE_ADDR=REMOTE)
+    sign_in(remote, key="p\u00e4sswort\u20ac")  # sent as UTF-8, percent-encoded, as the sign-in form sends it
+    for key in ("\u20ac", "\u0436", "p\u00e4sswort"):  # wrong keys: refused, whatever their characters
+        sign_in(client(remote.app, REMOTE_ADDR=REMOTE), key=key, status=401)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for path, body in ((f"/c/{root_token}/revoke", "secret=%ff"), ("/", "pem=%E2%82%AC"), ("/", "pem=%ff&ttl=%ff")):
+        answer = client(remote.app).post(path, body, headers=form, expect_errors=True)
+        assert 400 <= answer.status_int < 500, (path, body, answer.status)
 
 
 def test_a_wrong_key_at_sign_in_shows_the_form_again_and_sets_no_cookie(keyed):
@@ -4579,6 +4610,13 @@ def test_a_broken_host_under_c_gets_links_on_the_servers_own_name():
     environ.update(SERVER_NAME="ca.example.net", SERVER_PORT="8080", HTTP_USER_AGENT=USER_AGENTS["windows-edge"][0])
     status, _, body = answer_of(app, environ)
     assert status == 200 and f"http://ca.example.net:8080/c/{token}".encode() in body and b"99999" not in body
+
+
+@pytest.mark.parametrize("host", [".", "..", ".:8080", "a..b", ".example.org", "-"])
+def test_a_host_of_dots_or_empty_labels_names_no_server_and_gets_no_upload(testapp, root_der, host):
+    refused = post_cert(testapp, root_der, 400, {"Host": host})
+    assert certdrop.host_of(host) in (None, "-") and ("not a valid host name" in refused.text or host == "-")
+    assert certdrop.host_of("ca.example.org.") == "ca.example.org"  # a final dot is still a name
 
 
 def test_a_broken_host_elsewhere_is_refused_with_400(testapp):
@@ -4999,6 +5037,9 @@ def test_each_request_gets_one_access_log_line(testapp, root_der, access_log):
     assert re.fullmatch(rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.1 GET /c/{token} 200 {len(root_der)} s60 "
                         r"\d+\.\dms", lines[1])
     assert " GET /c/" in lines[2] and "/x%20y%1B.cer?format=der 404 " in lines[2]
+    testapp.get("/c/%C3%A9t%C3%A9?q=%C3%A9", status=404)  # the bytes sent, once encoded: not the UTF-8 of Latin-1
+    access_log.flush()
+    assert " GET /c/%C3%A9t%C3%A9?q=%C3%A9 404 " in access_log.stream.getvalue().splitlines()[3]
 
 
 def test_the_access_log_keeps_a_bounded_number_of_short_lines_only(testapp, access_log, monkeypatch):
@@ -6484,6 +6525,14 @@ def test_real_server_uploads_serves_s60_follows_the_cli_and_stops_cleanly(tmp_pa
         status, headers, body = server.request(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
         assert (status, headers["Content-Type"], body) == (200, "application/x-x509-ca-cert", root_der)
         assert "Content-Disposition" not in headers
+        # An HTTP/1.0 phone that sends no Host gets links on the address the server listens on
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(f"GET /c/{token} HTTP/1.0\r\nUser-Agent: {USER_AGENTS['windows-edge'][0]}\r\n\r\n"
+                               .encode())
+            reply = b"".join(iter(lambda: connection.recv(65536), b""))
+        assert reply.startswith(b"HTTP/1.0 200") and f"{server.url}/c/{token}".encode() in reply, reply[:300]
+        assert b"waitress.invalid" not in reply
 
         other = tmp_path / "other.der"
         other.write_bytes(other_der)
@@ -6637,16 +6686,65 @@ def test_a_keyless_upload_is_answered_401_from_its_headers_without_100_continue_
     server = Server(ini)
     parts = urllib.parse.urlsplit(server.url)
     try:
-        with socket.create_connection((parts.hostname, parts.port), timeout=5) as connection:
-            connection.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/pkix-cert\r\n"
-                               b"Content-Length: 2000000\r\nExpect: 100-continue\r\nUser-Agent: curl/8.5.0\r\n\r\n")
-            answer = b"".join(iter(lambda: connection.recv(65536), b""))  # the server ends its side after it
-            assert answer.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in answer
-            assert b"Connection: close" in answer and b"upload key" in answer
+        for path in (b"/", b"//", b"///"):  # waitress gives the app "//" as "/": the screen sees it so too
+            with socket.create_connection((parts.hostname, parts.port), timeout=5) as connection:
+                connection.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/"
+                                   b"pkix-cert\r\nContent-Length: 2000000\r\nExpect: 100-continue\r\n"
+                                   b"User-Agent: curl/8.5.0\r\n\r\n")
+                answer = b"".join(iter(lambda: connection.recv(65536), b""))  # the server ends its side after it
+                assert answer.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in answer, (path, answer[:200])
+                assert b"Connection: close" in answer and b"upload key" in answer
         with socket.create_connection((parts.hostname, parts.port), timeout=5) as connection:  # no Expect: sent
             connection.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/pkix-cert\r\n"
                                b"Content-Length: 2000000\r\nUser-Agent: curl/8.5.0\r\n\r\n" + b"x" * 200_000)
             assert connection.recv(65536).startswith(b"HTTP/1.1 401 ")  # the answer, not a reset
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_requests_hidden_in_a_refused_body_are_never_screened_or_counted(tmp_path, root_pem):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text(f"[certdrop]\ndata_dir = data\nupload_auth = always\nupload_password = {KEY}\n")
+    server = Server(ini)
+    parts = urllib.parse.urlsplit(server.url)
+    wrong = (b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\nAuthorization: "
+             + basic("a wrong key")["Authorization"].encode() + b"\r\n\r\n")
+    hidden = wrong * (certdrop.SIGN_IN_FAILURE_BURST + 2)
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=5) as connection:
+            connection.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/pkix-cert\r\n"
+                               b"Content-Length: %d\r\n\r\n" % len(hidden) + hidden)
+            answer = b"".join(iter(lambda: connection.recv(65536), b""))
+        assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 401 ")
+        # had the hidden requests been screened, their wrong keys would have this address waiting now
+        status, _, body = server.request("/", root_pem, {"Content-Type": "application/x-pem-file",
+                                                         **basic(KEY), "Accept": "application/json"})
+        assert status in (200, 201), body[:300]
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_blank_lines_instead_of_a_request_line_are_cut_off_after_header_timeout(tmp_path):
+    ini = tmp_path / "certdrop.ini"
+    ini.write_text("[certdrop]\ndata_dir = data\nheader_timeout = 2s\n")
+    server = Server(ini)
+    parts = urllib.parse.urlsplit(server.url)
+    try:
+        for blank in (b"\r\n", b"\r\n\r\n"):  # half a request at a time, or an empty one each time
+            with socket.create_connection((parts.hostname, parts.port), timeout=10) as connection:
+                started, closed = time.monotonic(), False
+                while time.monotonic() - started < 8 and not closed:
+                    try:
+                        connection.sendall(blank)
+                        time.sleep(0.4)
+                        closed = connection.recv(1, socket.MSG_DONTWAIT) == b""
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        closed = True
+                assert closed and time.monotonic() - started < 5, blank
     finally:
         server.stop()
 
@@ -6722,6 +6820,35 @@ def test_a_rate_limit_table_full_of_limited_clients_makes_room_once_until_one_is
     clock.advance(2)
     limiter.spend("10.0.2.1")
     assert len(calls) == 2 and "10.0.2.1" in limiter._buckets
+
+
+def test_only_the_trusted_proxys_own_address_goes_uncapped_not_its_neighbours(monkeypatch):
+    server = certdrop.fair_server_class()(lambda environ, start_response: [], screen=None, per_client=1,
+                                          header_seconds=10, exempt="fd00::99", host="127.0.0.1", port=0)
+    arriving, ends, listener = [], [], socket.create_server(("127.0.0.1", 0))
+
+    def accept():  # a real TCP connection, said to come from the next address in *arriving*
+        ends.append(socket.create_connection(listener.getsockname(), timeout=5))
+        return listener.accept()[0], arriving.pop(0)
+
+    monkeypatch.setattr(server, "accept", accept)
+    try:
+        for address in ("fd00::99", "fd00::99", "fd00::99", "fd00::2", "fd00::3"):
+            arriving.append((address, 40000, 0, 0))
+            server.handle_accept()
+        assert server.clients == {"fd00::99": 3, "fd00::/64": 1}  # the proxy apart, its /64 neighbours capped
+        assert ends[4].recv(4096).startswith(b"HTTP/1.1 429 ")  # fd00::3, past the /64's one connection
+        ends[3].settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            ends[3].recv(1)  # fd00::2: accepted, and waiting for its request
+    finally:
+        for channel in list(server.active_channels.values()) + list(server._map.values()):
+            with contextlib.suppress(Exception):
+                channel.close()
+        for end in ends:
+            end.close()
+        listener.close()
+        server.close()
 
 
 def test_waitress_internals_that_the_fair_server_relies_on_are_still_there():
