@@ -2225,6 +2225,8 @@ MAX_ABSENT_TOKENS, ABSENT_TOKEN_BYTES = 4096, 150
 #: cache and of the AnswerCache count these. Measured with tracemalloc over 1,000 entries and their S60 and Android
 #: answers: 3,692 and 1,124 bytes.
 ENTRY_OVERHEAD, ANSWER_OVERHEAD = 3700, 1100
+#: Bytes an item of an entry's report holds besides its strings (a dict of four), measured so: 440 with 100 characters.
+REPORT_ITEM_OVERHEAD = 350
 
 #: Bytes of a typical entry file: /healthz writes a probe this large, as an upload writes an entry. The largest
 #: of the 150 roots in Debian's ca-certificates makes a format-2 entry of 3,590 bytes (the median one 2,380), and
@@ -2448,8 +2450,12 @@ class Entry:
         return bool(self.revoke_hash) and hmac.compare_digest(revoke_hash(secret), self.revoke_hash)
 
     def memory_size(self) -> int:
-        """Return about how many bytes this entry holds in memory (its answers are the AnswerCache's)."""
-        return ENTRY_OVERHEAD + len(self.der or b"") + sum(len(der) for der in self.chain or () if der != self.der)
+        """Return about how many bytes this entry holds in memory (its answers are the AnswerCache's): each entry of
+        a bundle keeps its upload's whole report, which can outweigh the rest a hundred times."""
+        report = sum(REPORT_ITEM_OVERHEAD + len(item["code"]) + len(item["message"]) + len(item["certificate"] or "")
+                     for item in self.report or ())
+        return (ENTRY_OVERHEAD + len(self.der or b"") + report
+                + sum(len(der) for der in self.chain or () if der != self.der))
 
 
 def stored_chain(value: object, der: bytes) -> tuple[bytes, ...] | None:
@@ -2469,6 +2475,11 @@ def stored_chain(value: object, der: bytes) -> tuple[bytes, ...] | None:
 
 #: The most findings an entry's report keeps: the doctor finds a few per certificate, of at most MAX_CERTIFICATES.
 MAX_REPORT_ITEMS = 2000
+
+#: The longest entry file read: the largest an upload writes (a long chain, a full report) is under a megabyte.
+#: And of an index file (sha256/...), which holds one token; of a count file, and of the administrator's index.
+MAX_ENTRY_BYTES, MAX_INDEX_BYTES = 4 * 1024 * 1024, 1024
+MAX_COUNTS_BYTES = MAX_ADMIN_INDEX_BYTES = 256 * 1024 * 1024
 
 #: The fields of one item of an entry's report, with their JSON types (a Finding, or a certificate left out).
 REPORT_FIELDS = {"code": str, "message": str, "certificate": (str, type(None)), "note": bool}
@@ -2765,22 +2776,15 @@ class Store:
         there is none, DamagedEntry if it is no file certdrop can read. Plain system calls: the sweep reads every
         file, a cold lookup one."""
         path = self._file(token)
-        try:  # O_NONBLOCK: a FIFO under an entry's name would make open() wait for a writer for ever
-            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+        try:
+            data, status = read_regular_file(path, MAX_ENTRY_BYTES)
         except FileNotFoundError:
             raise UnknownToken(token) from None
-        except PermissionError as error:  # made by another user (root, say): for this process, unreadable
+        except (PermissionError, NotARegularFile) as error:  # another user's (root's, say), or no file at all
             raise self._damaged(path, error) from None
-        try:
-            status = os.fstat(descriptor)  # before reading: a file changed in place meanwhile is read again later
-            if not stat.S_ISREG(status.st_mode):
-                raise self._damaged(path, ValueError("not a regular file"))
-            chunks = [os.read(descriptor, 65536)]
-            while len(chunks[-1]) == 65536:  # an entry is a few kilobytes; a huge certificate takes more reads
-                chunks.append(os.read(descriptor, 65536))
-            return path, b"".join(chunks), _signature_of(status) if signature else ()
-        finally:
-            os.close(descriptor)
+        if len(data) > MAX_ENTRY_BYTES:
+            raise self._damaged(path, ValueError(f"longer than the {MAX_ENTRY_BYTES:,} bytes an entry can take"))
+        return path, data, _signature_of(status) if signature else ()
 
     @staticmethod
     def _damaged(path: str, error: Exception) -> DamagedEntry:
@@ -2872,6 +2876,9 @@ class Store:
         if key and not replace:
             return key, False
         with self._exclusive():
+            key = self._stored_key(path)  # again, under the lock: another process may have made one meanwhile
+            if key and not replace:
+                return key, False
             key = "-".join("".join(secrets.choice(TOKEN_ALPHABET) for _ in range(5)) for _ in range(4))
             _write_atomically(path, key.encode("ascii") + b"\n", mode=0o600, owner=self._owner)
         return key, True
@@ -2880,10 +2887,11 @@ class Store:
     def _stored_key(path: Path) -> str:
         """Return the key kept in *path*; "" if there is none, or only a damaged one, which a new key replaces."""
         try:
-            with open(path, "rb") as file:
-                data = file.read(MAX_KEY_BYTES + 1)
+            data = read_regular_file(path, MAX_KEY_BYTES)[0]
         except FileNotFoundError:
             return ""
+        except NotARegularFile:
+            data = b""  # damaged: a new key replaces it
         key = data.strip()
         if len(data) > MAX_KEY_BYTES or not key.isascii() or not key.decode("ascii").isprintable():
             # one line that people type or paste; anything else is a damaged file, not a key anyone can use
@@ -2959,7 +2967,7 @@ class Store:
         if failure is not None:
             if self._probe(failure.directory if failure.directory.is_dir() else self.directory):
                 return storage_cause(failure.cause, FAILED)
-            with self._lock:
+            with self._writing:
                 if self._failure is failure:  # not one that failed meanwhile
                     self._failure = None
         return self._probe(self.directory)
@@ -2993,7 +3001,10 @@ class Store:
         removed = 0
         for path in (*self.directory.glob(".*.tmp"), *self.directory.glob("*/.*.tmp")):
             with contextlib.suppress(FileNotFoundError):
-                if time.time() - path.stat().st_mtime > STALE_TEMP_SECONDS:
+                status = path.lstat()
+                if not stat.S_ISREG(status.st_mode):  # no writer of certdrop's made it: left for a person
+                    continue
+                if time.time() - status.st_mtime > STALE_TEMP_SECONDS:
                     path.unlink()
                     removed += 1
         return removed
@@ -3025,9 +3036,9 @@ class Store:
     def live_entry_for(self, sha256: bytes) -> Entry | None:
         """Return the live entry of the certificate with SHA-256 *sha256*, if it has one."""
         try:
-            token = self._index_path(sha256).read_text("ascii").strip()
+            token = read_regular_file(self._index_path(sha256), MAX_INDEX_BYTES)[0].decode("ascii").strip()
             entry = self._load(token)
-        except (FileNotFoundError, UnknownToken, UnicodeDecodeError):
+        except (FileNotFoundError, NotARegularFile, UnknownToken, UnicodeDecodeError):
             return None
         return None if entry.gone(self.clock()) else entry
 
@@ -3035,8 +3046,8 @@ class Store:
         if entry.der is None:
             return
         index = self._index_path(hashlib.sha256(entry.der).digest())
-        with contextlib.suppress(FileNotFoundError, UnicodeDecodeError):
-            if index.read_text("ascii").strip() == entry.token:
+        with contextlib.suppress(FileNotFoundError, NotARegularFile, UnicodeDecodeError):
+            if read_regular_file(index, MAX_INDEX_BYTES)[0].decode("ascii").strip() == entry.token:
                 index.unlink()
 
     def _new_token(self) -> str:
@@ -3130,8 +3141,7 @@ class SignOuts:
         "*" line that ends every session made until now (each ends SESSION_SECONDS after it was made).
         """
         try:
-            with open(self.path, "rb") as file:
-                data = file.read(MAX_SIGNED_OUT_BYTES + 1)
+            data = read_regular_file(self.path, MAX_SIGNED_OUT_BYTES)[0]
         except FileNotFoundError:
             return []
         except OSError as error:
@@ -3223,6 +3233,31 @@ def _write_atomically(path: Path, data: bytes, mode: int = 0o666, owner: tuple[i
         return
     for directory in sorted(directories, key=lambda directory: len(directory.parts), reverse=True):
         _fsync_directory(directory)
+
+
+class NotARegularFile(OSError):
+    """A directory, FIFO, socket or device where certdrop keeps a file of its own (read_regular_file)."""
+
+
+def read_regular_file(path: Path | str, limit: int) -> tuple[bytes, os.stat_result]:
+    """Return the bytes of the file at *path*, at most *limit* + 1 of them (more than *limit*: it is longer), and its
+    status. Raise FileNotFoundError, NotARegularFile, or another OSError.
+
+    Every file of the data directory is read so: open() alone would wait for ever for a writer on a FIFO put under
+    a file's name (with the store's lock held, every process's writes behind it), and read() would take in a file
+    of any size whole.
+    """
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        status = os.fstat(descriptor)  # before reading: a file changed in place meanwhile is read again later
+        if not stat.S_ISREG(status.st_mode):
+            raise NotARegularFile(f"{path} is not a regular file")
+        chunks = [os.read(descriptor, min(65536, limit + 1))]
+        while len(chunks[-1]) == 65536 and (read := sum(map(len, chunks))) <= limit:  # most files take one read
+            chunks.append(os.read(descriptor, min(65536, limit + 1 - read)))
+        return b"".join(chunks), status
+    finally:
+        os.close(descriptor)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -6422,7 +6457,7 @@ def fold_stopped_counts(store: "Store") -> int:
     archive = directory / f"{host}-{STOPPED_COUNTS}.json"
     with store._exclusive():
         try:
-            record = json.loads(archive.read_bytes())
+            record = json.loads(read_regular_file(archive, MAX_COUNTS_BYTES)[0])
             folded_before = [(item[0], tuple(item[1:])) for item in record.get("folded", [])
                              if isinstance(item, list) and item and isinstance(item[0], str)]
         except (OSError, ValueError, AttributeError):
@@ -6565,7 +6600,10 @@ Counts = dict[str, dict[str, tuple[int, float]]]
 def read_counts_file(path: Path) -> Counts | None:
     """Return the counts in one count file; None (and a warning) if it is unreadable or damaged."""
     try:
-        record = json.loads(path.read_bytes())
+        data = read_regular_file(path, MAX_COUNTS_BYTES)[0]
+        if len(data) > MAX_COUNTS_BYTES:
+            raise ValueError(f"longer than {MAX_COUNTS_BYTES:,} bytes")
+        record = json.loads(data)
         if not isinstance(record, dict) or record.get("format") != COUNTS_FORMAT or not isinstance(
                 record.get("counts"), dict):
             raise ValueError("not a count file of this format")
@@ -6755,12 +6793,14 @@ class UploadGate:
     def refuse_cross_site(self, request: Request) -> None:
         """Refuse a state-changing request that another site's page made a browser send (CSRF).
 
-        Browsers name the page's origin in Origin and say cross-site in Sec-Fetch-Site; curl, wget and scripts
-        send neither and pass.
+        Browsers name the page's origin in Origin and say cross-site in Sec-Fetch-Site, older ones only the page in
+        Referer; curl, wget and scripts send none of them and pass.
         """
         if request.header("Sec-Fetch-Site").lower() == "cross-site":
             raise Forbidden(_(CROSS_SITE_MESSAGE), code=CROSS_SITE_CODE)
         origin = request.header("Origin")
+        if not origin and not request.header("Sec-Fetch-Site"):
+            origin = request.header("Referer")  # browsers that send neither (IE 11, Firefox before 70) send this
         if origin and origin_of(origin) != origin_of(base_url_of(request, self.config, self.is_our_host(request))):
             raise Forbidden(_(CROSS_SITE_MESSAGE), code=CROSS_SITE_CODE)
 
@@ -6959,7 +6999,7 @@ class AdminIndex:
     def _saved(self) -> dict[str, tuple[int, LinkSummary]]:
         """Return the summaries ADMIN_INDEX_FILE keeps, or none if it is missing or damaged."""
         try:
-            record = json.loads(self.path.read_bytes())
+            record = json.loads(read_regular_file(self.path, MAX_ADMIN_INDEX_BYTES)[0])
             if record.get("format") != ADMIN_INDEX_FORMAT:
                 return {}
             saved = {}
@@ -7611,7 +7651,7 @@ class App:
             gate.check_network(request)
             wait = gate.sign_in_failures.retry_after(address)
         elif handler is App.revoke:
-            wait = max(gate.sign_in_failures.retry_after(address), self.lookups.retry_after(address))
+            wait = self.lookups.retry_after(address)
         if wait:
             raise TooManyRequests(wait)
         declared = request.environ.get("CONTENT_LENGTH", "")
@@ -7898,7 +7938,7 @@ class App:
         """Remove a link with the secret shown when it was made: at once here, within 2 s on every process."""
         self.gate.refuse_cross_site(request)
         address = request.remote_addr
-        wait = max(self.gate.sign_in_failures.retry_after(address), self.lookups.retry_after(address))
+        wait = self.lookups.retry_after(address)
         if wait:
             raise TooManyRequests(wait)
         # In the body only: a query string would put the secret into access logs, ours and a proxy's.
@@ -7909,8 +7949,9 @@ class App:
             entry = None
         if entry is None or not entry.may_be_revoked_with(secret):
             # One answer and one count for a wrong secret and a token with no live link: telling them apart
-            # would let anybody test guessed tokens here, past the lookup limit.
-            self.gate.sign_in_failures.spend(address)
+            # would let anybody test guessed tokens here, past the lookup limit. A link's secret is guessed like a
+            # token, so the lookup limit counts it, never the upload key's: anybody may send one, and on an IPv6
+            # network the key's limit counts a whole /64, the administrator's machine too.
             self.lookups.spend(address)
             raise Forbidden(_("Nothing was removed: there is no live link with that secret. Only the page that "
                               "made a link shows its secret; on the server, {command} removes any link.").format(
@@ -8521,14 +8562,14 @@ def forget_listening(config: Config) -> None:
     """Remove the record of record_listening when it is still this process's (another server may have started)."""
     path = Path(config.data_dir) / LISTENING_FILE
     with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-        if json.loads(path.read_bytes()[:4096]).get("pid") == os.getpid():
+        if json.loads(read_regular_file(path, 4096)[0][:4096]).get("pid") == os.getpid():
             path.unlink()
 
 
 def listening_address(config: Config) -> tuple[str, int]:
     """Return (host, port) of the running server as it recorded them, else the configuration's."""
     with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-        record = json.loads((Path(config.data_dir) / LISTENING_FILE).read_bytes()[:4096])
+        record = json.loads(read_regular_file(Path(config.data_dir) / LISTENING_FILE, 4096)[0][:4096])
         host, port = record["host"], record["port"]
         if isinstance(host, str) and isinstance(port, int) and 0 < port <= 65535 and len(host) <= 253:
             return host, port

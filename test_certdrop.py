@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import datetime
 import email
+import errno
 import email.policy
 import fcntl
 import functools
@@ -19,6 +20,7 @@ import importlib.machinery
 import importlib.metadata
 import ipaddress
 import io
+import itertools
 import json
 import math
 import logging
@@ -2937,6 +2939,92 @@ TestAWarmServerAnswersExactlyAsAFreshOne = AWarmServerAnswersExactlyAsAFreshOne.
 # -- store -----------------------------------------------------------------------------------------------------
 
 
+def in_a_thread(function, seconds=5.0):
+    """Run *function* in a thread; fail if it has not returned within *seconds* (a FIFO's open() waits for ever)."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append((True, function()))
+        except Exception as error:  # raised again here, in the test's own thread
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{function} still waits after {seconds} s"
+    returned, value = outcome[0]
+    if not returned:
+        raise value
+    return value
+
+
+def test_a_fifo_where_the_store_keeps_a_file_makes_nobody_wait(store, config, root_der, other_der, clock):
+    entry = add(store, root_der)
+    directory = config.data_dir
+    for path in (store._index_path(hashlib.sha256(other_der).digest()), directory / certdrop.UPLOAD_KEY_FILE,
+                 directory / certdrop.SignOuts.FILE, directory / "counts" / "other-host-1.json"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+    assert in_a_thread(lambda: store.live_entry_for(hashlib.sha256(other_der).digest())) is None
+    assert len(in_a_thread(store.upload_key)[0]) > 8  # a FIFO is no key: a new one replaces it
+    with pytest.raises(certdrop.StorageError, match="not a regular file"):  # sign-ins answer 503, naming it
+        in_a_thread(lambda: certdrop.SignOuts(store).has("a" * 32, int(NOW) + 60))
+    assert in_a_thread(lambda: certdrop.read_counts_file(directory / "counts" / "other-host-1.json")) is None
+    assert store.get(entry.token).token == entry.token
+
+
+def test_an_entry_file_past_any_size_an_upload_writes_is_damaged_without_being_read_whole(store, root_der):
+    token = add(store, root_der).token
+    os.truncate(store.path_for(token), certdrop.MAX_ENTRY_BYTES * 16)  # sparse: takes no room on disk
+    fresh = certdrop.Store(store.directory, clock=store.clock)
+    with pytest.raises(certdrop.DamagedEntry, match="longer than"):
+        fresh.get(token)
+    assert dict(fresh.entries())[token] is None  # listed as damaged, and the rest goes on
+
+
+def test_an_entrys_memory_counts_the_report_its_bundle_upload_keeps(store, root_der):
+    entry = add(store, root_der)
+    report = tuple({"code": "expired", "message": "m" * 100, "certificate": "Root", "note": False}
+                   for _ in range(244))
+    assert dataclasses.replace(entry, report=report).memory_size() - entry.memory_size() >= 244 * 440
+
+
+def test_healthz_recovers_once_space_comes_back_after_a_failed_write(store, root_der):
+    add(store, root_der)
+    store._failure = certdrop.WriteFailure(store.directory, OSError(errno.ENOSPC, "No space left on device"))
+    assert store.check_health() is None and store._failure is None
+
+
+def test_a_directory_named_like_a_temporary_file_is_left_alone_and_stops_nothing(store, root_der, config):
+    add(store, root_der)
+    stale = config.data_dir / ".left-by-a-person.tmp"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert store.remove_stale_temporary() == 0 and stale.is_dir()
+    assert store.sweep()["damaged"] == 0
+
+
+def test_two_processes_that_find_no_upload_key_at_once_end_with_one_key(store, config, monkeypatch):
+    other = certdrop.Store(config.data_dir, clock=store.clock)  # another process on the same directory
+    looked = []
+    stored_key = certdrop.Store._stored_key
+
+    def look_then_lose_the_race(path):
+        looked.append(path)
+        if len(looked) == 1:  # the other process makes its key between this one's first look and its lock
+            monkeypatch.setattr(certdrop.Store, "_stored_key", staticmethod(stored_key))
+            key, created = other.upload_key()
+            assert created
+            monkeypatch.setattr(certdrop.Store, "_stored_key", staticmethod(look_then_lose_the_race))
+            return ""
+        return stored_key(path)
+
+    monkeypatch.setattr(certdrop.Store, "_stored_key", staticmethod(look_then_lose_the_race))
+    key, created = store.upload_key()
+    assert not created and key == other.upload_key()[0]
+
+
 def test_new_tokens_use_the_unambiguous_alphabet_and_configured_length(store, root_der):
     token = add(store, root_der).token
     assert len(token) == 8 and set(token) <= set("23456789abcdefghjkmnpqrstuvwxyz")
@@ -4811,10 +4899,10 @@ def test_removing_a_link_refuses_cross_site_requests_and_guessing(testapp, root_
     result = upload(testapp, root_der)
     token, secret = token_of(result), revoke_form(result)["secret"].value
     testapp.post(f"/c/{token}/revoke", {"secret": secret}, headers={"Origin": "http://evil.example"}, status=403)
-    for _ in range(certdrop.SIGN_IN_FAILURE_BURST):
+    for _ in range(certdrop.LOOKUP_BURST):  # a secret is guessed like a token: the lookup limit counts it
         testapp.post(f"/c/{token}/revoke", {"secret": "guess"}, status=403)
     testapp.post(f"/c/{token}/revoke", {"secret": secret}, status=429)
-    testapp.get(f"/c/{token}", status=200)
+    testapp.get(f"/c/{token}", status=429)
 
 
 @pytest.mark.parametrize("agent", ["curl/8.5.0", USER_AGENTS["windows-edge"][0]], ids=["text", "html"])
@@ -4832,9 +4920,27 @@ def test_an_unknown_token_a_removed_link_and_a_wrong_secret_get_the_same_answer(
 
 def test_guessing_tokens_at_the_removal_address_runs_into_429(config, store, clock):
     app = client(app_with(config, store, clock, lookup_limit=5))
-    statuses = [app.post(f"/c/{token}/revoke", {"secret": "guess"}, status="*").status_int
-                for token in ("abcdefgh", "bcdefghj", "cdefghjk", "defghjkm", "efghjkmn", "fghjkmnp", "ghjkmnpq")]
-    assert statuses[:5] == [403] * 5 and 429 in statuses[5:]
+    tokens = ["".join(random_tokens) for random_tokens in itertools.islice(
+        itertools.product("abcdefgh", repeat=8), certdrop.LOOKUP_BURST + 2)]
+    statuses = [app.post(f"/c/{token}/revoke", {"secret": "guess"}, status="*").status_int for token in tokens]
+    assert statuses[:certdrop.LOOKUP_BURST] == [403] * certdrop.LOOKUP_BURST and 429 in statuses[-2:]
+
+
+def test_wrong_secrets_from_an_ipv6_neighbour_never_hold_back_the_administrators_key(keyed, root_token):
+    neighbour, administrator = (client(keyed, REMOTE_ADDR=address) for address in ("fd00:1::bad", "fd00:1::1"))
+    for _ in range(certdrop.SIGN_IN_FAILURE_BURST + 1):  # anybody may send these: no network rule, no key
+        neighbour.post(f"/c/{root_token}/revoke", {"secret": "x"}, status=403)
+    administrator.get("/admin/api/v1/links", headers=basic(KEY), status=200)
+    sign_in(administrator)
+
+
+def test_a_browser_that_sends_only_a_foreign_referer_is_refused_as_cross_site(keyed, store, root_der, other_der):
+    token = add(store, root_der).token
+    old_browser = {"Referer": "http://evil.example/page.html"}  # IE 11: no Origin, no Sec-Fetch-Site
+    client(keyed).post(f"/admin/link/{token}/revoke", {"confirm": "yes"}, headers=old_browser, status=403)
+    post_cert(client(keyed), other_der, 403, old_browser)
+    post_cert(client(keyed), other_der, 201, {"Referer": "http://ca.example.org:8080/"})  # its own page
+    store.get(token)  # still live
 
 
 def test_a_secret_in_the_query_string_is_not_taken_so_it_never_reaches_a_log(testapp, root_der):
