@@ -159,7 +159,8 @@ XML_INVALID_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 #: Characters that steer a terminal or reorder what it shows: C0 and C1 controls (ESC starts colour and cursor
 #: codes; CR and LF forge lines), DEL, bidi controls (U+202E shows text backwards), line separators, BOM.
-TERMINAL_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
+TERMINAL_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff"
+                                "\ud800-\udfff]")  # lone surrogates: a file name's undecodable bytes, unprintable
 
 #: Unicode categories that a page shows escaped (see esc): format characters (bidi controls, zero-width spaces
 #: and joiners, soft hyphens, tags), line and paragraph separators, and controls (C1 ones: C0 ones are all ASCII).
@@ -5676,16 +5677,21 @@ def cookie_value(request: Request, name: str) -> str | None:
     return None
 
 
-def send_mail(config: Config, recipients: list[str], subject: str, text: str) -> None:
-    """Send a plain-text message through the [mail] SMTP server; raise MailError saying why it did not go."""
+def send_mail(config: Config, recipients: list[str], subject: str, text: str) -> list[str]:
+    """Send a plain-text message through the [mail] SMTP server; return the recipients it took (the others it
+    refused); raise MailError saying why it did not go."""
     message = email.message.EmailMessage()
     sender = config.mail_sender or f"certdrop@{machine_fqdn() or socket.gethostname() or 'localhost'}"
     message["From"], message["To"], message["Subject"] = sender, ", ".join(recipients), subject
     message["Date"] = email.utils.formatdate()
     message["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2])
     message.set_content(text)
-    context = ssl.create_default_context(cafile=config.mail_cafile or None)
     port = config.mail_port or {"none": 25, "starttls": 587, "tls": 465}[config.mail_security]
+    try:
+        context = ssl.create_default_context(cafile=config.mail_cafile or None)
+    except (OSError, ssl.SSLError) as error:  # [mail] cafile is not there, or holds no certificate
+        raise MailError(mail_failure(OSError(f"{config.mail_cafile}: {error.strerror or error}"), config.mail_host,
+                                     port)) from None
     try:
         if config.mail_security == "tls":
             smtp = smtplib.SMTP_SSL(config.mail_host, port, timeout=config.mail_timeout, context=context)
@@ -5696,9 +5702,10 @@ def send_mail(config: Config, recipients: list[str], subject: str, text: str) ->
                 smtp.starttls(context=context)
             if config.mail_user:
                 smtp.login(config.mail_user, config.mail_password)
-            smtp.send_message(message)
+            refused = smtp.send_message(message)
     except (smtplib.SMTPException, OSError, ValueError) as error:
         raise MailError(mail_failure(error, config.mail_host, port)) from None
+    return [recipient for recipient in recipients if recipient not in refused]
 
 
 def mail_failure(error: Exception, host: str, port: int) -> str:
@@ -7897,13 +7904,7 @@ class App:
             raise TooManyRequests(wait)
         if not self.config.mail_host:
             raise NotFound(_("This server sends no mail: no [mail] host is set in certdrop.ini."))
-        wait = self.mail_budget.spend(MAIL_BUDGET_KEY)
-        if wait:
-            raise TooManyRequests(wait, ngettext(
-                "This server has sent the {count} message an hour its per_hour setting allows. Nothing was sent; "
-                "hand the link out another way.",
-                "This server has sent the {count} messages an hour its per_hour setting allows. Nothing was sent; "
-                "hand the link out another way.", self.config.mail_per_hour).format(count=self.config.mail_per_hour))
+        self.check_mail_budget(self.mail_budget.retry_after(MAIL_BUDGET_KEY))
         fields = parse_form(request, MAIL_FORM_BYTES, fields=("to", "tokens"))
         try:
             recipients = parse_addresses(fields.get("to", b"").decode("utf-8", "replace")[:4000],
@@ -7916,9 +7917,10 @@ class App:
             raise BadRequest(_("No link was named. Nothing was sent."))
         offers = [self.offer_for(request, token) for token in tokens]
         links = [(offer.url, self.live_entry(request, token)) for offer, token in zip(offers, tokens)]
+        self.check_mail_budget(self.mail_budget.spend(MAIL_BUDGET_KEY))  # a message about to go: per_hour counts it
         try:
-            send_mail(self.config, recipients, mail_subject(self.config, links),
-                      mail_text(links, whc_default(self.config), offers))
+            recipients = send_mail(self.config, recipients, mail_subject(self.config, links),
+                                   mail_text(links, whc_default(self.config), offers))
         except MailError as error:
             failure = http_error_for(error)
             work = esc(_("The links themselves work; hand them out another way:"))
@@ -7933,6 +7935,15 @@ class App:
                               MAIL_SENT_PAGE, heading=_("The message was sent"), home=self.home(request),
                               text=_("The mail server took it for {addresses}.").format(addresses=addresses),
                               another=_("Share another certificate")), home=self.home(request)))
+
+    def check_mail_budget(self, wait: float) -> None:
+        """Refuse (429) a message while the server's per_hour is spent (*wait*: seconds until it is not)."""
+        if wait:
+            raise TooManyRequests(wait, ngettext(
+                "This server has sent the {count} message an hour its per_hour setting allows. Nothing was sent; "
+                "hand the link out another way.",
+                "This server has sent the {count} messages an hour its per_hour setting allows. Nothing was sent; "
+                "hand the link out another way.", self.config.mail_per_hour).format(count=self.config.mail_per_hour))
 
     def revoke(self, request: Request, token: str) -> Response:
         """Remove a link with the secret shown when it was made: at once here, within 2 s on every process."""
@@ -8659,18 +8670,22 @@ def cmd_serve(args, config: Config, clock: Callable[[], float]) -> int:
     # and dropped after channel_timeout of silence, keep one client from starving the rest.
     # Fair shares: a cap on each client's connections, a deadline for each request's headers, no body before the
     # app's checks pass (FairServer); maintenance runs every second to keep the deadline.
-    server = fair_server_class()(app, screen=app.screen, per_client=config.client_connections,
-                                 header_seconds=config.header_timeout, exempt=config.trusted_proxy,
-                                 host=config.host, port=config.port, threads=config.threads, ident="certdrop",
-                                 server_name=own_server_name(config),
-                                 max_request_body_size=body_limit, inbuf_overflow=body_limit + 1,
-                                 connection_limit=config.connection_limit, channel_timeout=config.channel_timeout,
-                                 cleanup_interval=1, asyncore_use_poll=config.use_poll,
-                                 # A request line and headers past this get waitress's own 431, never the app
-                                 max_request_header_size=MAX_REQUEST_HEADERS,
-                                 # The app reads proxy headers itself (make_app): waitress clearing them first would
-                                 # make a request passed on by an unconfigured proxy look like one made on this machine.
-                                 clear_untrusted_proxy_headers=False)
+    try:
+        server = fair_server_class()(app, screen=app.screen, per_client=config.client_connections,
+                                     header_seconds=config.header_timeout, exempt=config.trusted_proxy,
+                                     host=config.host, port=config.port, threads=config.threads, ident="certdrop",
+                                     server_name=own_server_name(config),
+                                     max_request_body_size=body_limit, inbuf_overflow=body_limit + 1,
+                                     connection_limit=config.connection_limit, channel_timeout=config.channel_timeout,
+                                     cleanup_interval=1, asyncore_use_poll=config.use_poll,
+                                     # A request line and headers past this get waitress's own 431, never the app
+                                     max_request_header_size=MAX_REQUEST_HEADERS,
+                                     # The app reads proxy headers itself (make_app): waitress clearing them first
+                                     # would make a request passed on by an unconfigured proxy look like one made on
+                                     # this machine.
+                                     clear_untrusted_proxy_headers=False)
+    except ValueError as error:  # waitress's "Invalid host/port specified.": a --host it cannot listen on
+        raise ConfigError(f"cannot listen on {config.host} port {config.port}: {error}") from None
     stop = threading.Event()
     if config.sweep_interval:
         threading.Thread(target=sweep_forever, args=(app.store, config.sweep_interval, stop), daemon=True).start()
@@ -8780,7 +8795,11 @@ def sweep_forever(store: Store, interval: float, stop: threading.Event) -> None:
 def read_input(name: str, limit: int) -> bytes:
     """Return the bytes of file *name* (``-`` is standard input); raise CertdropError if unreadable or too large."""
     try:
-        data = sys.stdin.buffer.read(limit + 1) if name == "-" else Path(name).read_bytes()
+        if name == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(name, "rb") as file:  # at most what may be uploaded: /dev/zero or a huge file is not read whole
+                data = file.read(limit + 1)
     except OSError as error:
         raise CertdropError(f"cannot read {name}: {error.strerror}") from None
     if len(data) > limit:
@@ -9001,7 +9020,7 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the web server")
     serve.add_argument("--host", help="address to listen on (overrides the config)")
-    serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one")
+    serve.add_argument("--port", type=port_argument, help="port to listen on; 0 picks a free one")
     serve.set_defaults(func=cmd_serve)
     add = commands.add_parser("add", help="store the CA certificates of a file and print their links")
     add.add_argument("file", help="certificate file (PEM, DER, PKCS#7, PKCS#12), or - for standard input")
@@ -9041,7 +9060,7 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
     try:
         config = load_config(args.config)
     except ConfigError as error:
-        print(f"certdrop: {error}", file=sys.stderr)
+        say(f"certdrop: {error}", file=sys.stderr)
         return CHECK_ERROR
     if not logging.getLogger().handlers:
         handler = logging.StreamHandler()
@@ -9069,6 +9088,15 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
     except OSError as error:
         say(f"certdrop: {error}", file=sys.stderr)
     return 1
+
+
+def port_argument(text: str) -> int:
+    """Return --port's value: a port number from 0 to 65535 (waitress would take 99999 as 34463)."""
+    import argparse
+    try:
+        return _parse_int(0, 65535)(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)") from None
 
 
 def cli_message(error: CertificateError, command: str) -> str:

@@ -6115,6 +6115,37 @@ def test_hostile_names_stay_on_one_line_in_the_log(hostile):
 
 def test_terminal_lines_show_controls_and_bidi_characters_escaped():
     assert certdrop.term("a\r\nb\x1b[31m\u202ec\u2028") == "a\\r\\nb\\x1b[31m\\u202ec\\u2028"
+    name = os.fsdecode(b"n\xff.pem")  # a file name's undecodable byte: a lone surrogate no UTF-8 terminal takes
+    assert certdrop.term(name) == "n\\udcff.pem" and certdrop.term(name).encode("utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--port", "99999"], "is not a port number"),  # waitress alone would listen on 34463
+    (["--port", "-1"], "is not a port number"),
+    (["--host", "256.1.1.1", "--port", "0"], "cannot listen on 256.1.1.1"),
+])
+def test_serve_refuses_an_address_it_cannot_listen_on_as_bad_usage(ini, arguments, message):
+    refused = run_cli(ini, "serve", *arguments)  # a process: one that serves after all ends in a time-out
+    assert refused.returncode == certdrop.CHECK_ERROR and message in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.slow
+def test_check_reads_no_more_of_a_file_than_may_be_uploaded(ini):
+    def at_most_a_gigabyte():
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    refused = subprocess.run([sys.executable, str(HERE / "certdrop.py"), "-c", str(ini), "check", "/dev/zero"],
+                             capture_output=True, text=True, timeout=60, preexec_fn=at_most_a_gigabyte)
+    assert refused.returncode != 0 and "larger than max_upload" in refused.stderr  # endless, yet read to 1 MiB
+
+
+def test_an_ini_file_name_that_cannot_be_read_is_one_safe_line(tmp_path, capsys):
+    assert certdrop.main(["-c", str(tmp_path / "\x1b[31mx.ini"), "list"]) == certdrop.CHECK_ERROR
+    error = capsys.readouterr().err
+    assert "\x1b" not in error and "\\x1b[31mx.ini" in error and error.count("\n") == 1
 
 
 # -- command line ----------------------------------------------------------------------------------------------
@@ -7452,14 +7483,14 @@ def test_two_servers_counts_add_up_and_a_sigkill_loses_at_most_the_last_interval
 
 
 class Mailbox:
-    """An aiosmtpd handler that keeps what it receives, or refuses every recipient."""
+    """An aiosmtpd handler that keeps what it receives, or refuses every recipient (or those starting with *refuse*)."""
 
     def __init__(self, refuse=False):
         self.refuse = refuse
         self.messages = []
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if self.refuse:
+        if self.refuse is True or self.refuse and address.startswith(self.refuse):
             return "550 5.1.1 No such user here"
         envelope.rcpt_tos.append(address)
         return "250 OK"
@@ -7617,14 +7648,46 @@ def test_addresses_with_header_tricks_are_refused_and_nothing_is_sent(config, st
     assert "Nothing was sent" in html_text(refusal) and mailbox.messages == []
 
 
-def test_a_mail_server_that_is_down_gets_a_clear_message_and_the_links_stay(config, store, clock, root_der):
-    app = mail_app(config, store, clock, free_port())
+@pytest.mark.parametrize(("settings", "reason"), [
+    ({}, "Nothing answers at 127.0.0.1:"),  # nothing listens on the port
+    ({"mail_cafile": "no-such-ca.pem"}, "no-such-ca.pem"),  # [mail] cafile is not there
+], ids=["server-down", "cafile-missing"])
+def test_a_mail_server_that_is_down_gets_a_clear_message_and_the_links_stay(config, store, clock, root_der,
+                                                                            settings, reason):
+    app = mail_app(config, store, clock, free_port(), **settings)
     result = upload(app, root_der)
     form = mail_form(result)
     form["to"] = "alice@example.com"
     failed = form.submit(status=502)
-    assert "Nothing answers at 127.0.0.1:" in html_text(failed)
+    assert reason in html_text(failed)
     assert [a["href"] for a in failed.html.select("main li a")] == [a["href"] for a in result.html.select("p.link a")]
+
+
+@pytest.mark.slow
+def test_only_the_recipients_the_mail_server_took_are_named_as_sent(config, store, clock, root_der):
+    mailbox = Mailbox(refuse="bad")
+    with smtp_server(mailbox) as port:
+        app = mail_app(config, store, clock, port)
+        form = mail_form(upload(app, root_der))
+        form["to"] = "good@example.com, bad@example.com"
+        sent = form.submit(status=200, headers={"Accept": "application/json"})
+    assert sent.json["sent_to"] == ["good@example.com"] and mailbox.messages[0][1] == ["good@example.com"]
+
+
+@pytest.mark.slow
+def test_mail_per_hour_counts_only_messages_that_go(config, store, clock, root_der):
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port:
+        app = mail_app(config, store, clock, port, mail_per_hour=2, upload_limit=0)  # per_hour alone counts
+        page = upload(app, root_der)
+        for to in ("not an address", "x", "", "alice@example.com", "bob@example.com"):  # three refused, two sent
+            form = mail_form(page)
+            form["to"] = to
+            form.submit(status="*")
+        form = mail_form(page)
+        form["to"] = "carol@example.com"
+        form.submit(status=429)
+    assert [recipients for _, recipients, _ in mailbox.messages] == [["alice@example.com"], ["bob@example.com"]]
 
 
 @pytest.mark.slow  # waits 1 s for the time-out
