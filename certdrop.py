@@ -982,8 +982,14 @@ class Certificate:
 
     @functools.cached_property
     def file_stem(self) -> str:
-        """Return a file name (no extension) made only of safe characters."""
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("._-")[:64]
+        """Return a file name (no extension) made only of safe characters: accents dropped (Ü is U); a name with
+        letters that have no such spelling (Cyrillic, Greek, Chinese) ends with the first 8 hex digits of the
+        SHA-256 as well, since install commands name the file after it and two such CAs must not overwrite each
+        other (both were "ca" before)."""
+        decomposed = "".join(c for c in unicodedata.normalize("NFKD", self.name) if not unicodedata.combining(c))
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", decomposed).strip("._-")[:64]
+        if any(character.isalnum() and not character.isascii() for character in decomposed):
+            return f"{stem or 'ca'}-{self.sha256.hex()[:8]}"
         return stem or "ca"
 
     @property

@@ -6148,6 +6148,18 @@ def test_an_ini_file_name_that_cannot_be_read_is_one_safe_line(tmp_path, capsys)
     assert "\x1b" not in error and "\\x1b[31mx.ini" in error and error.count("\n") == 1
 
 
+def test_file_names_keep_accented_letters_and_never_join_two_cas_of_other_scripts():
+    def stem(name, serial):
+        return certdrop.inspect_certificate(make_certificate(name, serial=serial)[0]).file_stem
+
+    assert stem("Zweite Wurzel-CA \u00dcmlaut", 1) == "Zweite_Wurzel-CA_Umlaut"
+    first = stem("\u041a\u043e\u0440\u043d\u0435\u0432\u043e\u0439 CA", 2)  # Cyrillic words, then CA
+    second = stem("\u041a\u043e\u0440\u0435\u043d\u044c CA", 3)
+    assert first != second and re.fullmatch(r"CA-[0-9a-f]{8}", first) and re.fullmatch(r"CA-[0-9a-f]{8}", second)
+    assert re.fullmatch(r"ca-[0-9a-f]{8}", stem("\u6839\u8bc1\u4e66", 4)) and stem("Example Root CA", 5) == \
+        "Example_Root_CA"
+
+
 # -- command line ----------------------------------------------------------------------------------------------
 
 
