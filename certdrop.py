@@ -1886,6 +1886,12 @@ class Client(typing.NamedTuple):
     app: str = ""  # the app or browser (BROWSERS) that cannot install, when its User-Agent names it
     installs: bool = True  # False in a web view or a browser that cannot install: the page leads with the way out
     system: str = ""  # Linux and Firefox pages: the distribution the User-Agent names (LINUX_SYSTEMS), else ""
+    phone: bool = False  # an "other" device whose User-Agent says it is a phone (PHONE_RE): no QR code to scan
+
+    @property
+    def desktop(self) -> bool:
+        """Whether the page may offer a QR code for a phone and the developer page: a computer's."""
+        return self.device in DESKTOP_DEVICES and not self.phone
 
 
 def nokia_model(user_agent: str) -> str | None:
@@ -1957,10 +1963,18 @@ def identify(user_agent: str, handset_agent: str, proxied: bool) -> Client:
     """
     agent = handset_agent or user_agent
     device, via_proxy = classify(agent), proxied or bool(PROXY_BROWSER_RE.search(user_agent))
+    phone = device == "other" and bool(PHONE_RE.search(agent))
     if via_proxy:  # the proxy's own note says where to go instead
-        return Client(device, via_proxy)
+        return Client(device, via_proxy, phone=phone)
     system = linux_system(agent) if device in ("linux", "firefox") else ""
-    return Client(device, via_proxy, *browser_of(agent, device), system=system)
+    return Client(device, via_proxy, *browser_of(agent, device), system=system, phone=phone)
+
+
+#: What a phone the device classes do not know says in its User-Agent: "Mobile" (MDN, "Browser detection using the
+#: user agent": Mozilla's and most browsers' mark of a phone), "KAIOS" (KaiOS 2.5 on the Nokia 8110 4G sends
+#: "Mozilla/5.0 (Mobile; Nokia_8110_4G; rv:48.0) Gecko/48.0 Firefox/48.0 KAIOS/2.5"), "J2ME/MIDP" (Opera Mini 4 on
+#: Java phones: "Opera/9.80 (J2ME/MIDP; Opera Mini/4.2.14912/870; U; id) Presto/2.4.15").
+PHONE_RE = re.compile(r"\bMobile\b|\bKAIOS/|\bJ2ME/MIDP\b", re.IGNORECASE)
 
 
 #: Linux distributions whose browsers say so in their User-Agent, and the LINUX_SYSTEMS row each picks. Firefox as
@@ -4795,7 +4809,7 @@ def render_landing(certificate: Certificate, client: Client, base_path: str, lin
                                link=link_html(link)),
         card_html=with_markup(_("{link}A printable card{link_end} with the link, this code and short steps, for a "
                                 "notice board."), link=f'<a href="{esc(base_path)}/card">', link_end="</a>"),
-    ) if link and client.device in DESKTOP_DEVICES else ""
+    ) if link and client.desktop else ""
     nothing = with_markup(_("Nothing happened? Open this link in Safari: {link}"), link=copy_html(link)) if (
         link and client.device in NOTHING_HAPPENED_DEVICES and client.installs) else ""
     body = render(
@@ -4826,7 +4840,7 @@ def render_landing(certificate: Certificate, client: Client, base_path: str, lin
 
 def render_developer_link(client: Client, base_path: str) -> str:
     """Return, on a desktop's page, the way to the developer page (DeveloperAnswer)."""
-    if client.device not in DESKTOP_DEVICES:
+    if not client.desktop:
         return ""
     return f'<p>{render_developer_note(base_path)}</p>'
 

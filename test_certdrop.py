@@ -1674,6 +1674,17 @@ def test_the_link_a_phone_page_shows_is_made_from_the_address_the_request_came_b
     assert page.html.find(class_="qr") is None  # a phone is not pointed at its own screen
 
 
+@pytest.mark.parametrize(("agent", "phone"), [
+    ("Mozilla/5.0 (Mobile; Nokia_8110_4G; rv:48.0) Gecko/48.0 Firefox/48.0 KAIOS/2.5", True),
+    ("Opera/9.80 (J2ME/MIDP; Opera Mini/4.2.14912/870; U; id) Presto/2.4.15", True),
+    ("SomeBrowser/1.0 (HaikuOS)", False),  # a computer no class knows: the QR code is for its reader's phone
+], ids=["kaios", "opera-mini-j2me", "unknown-computer"])
+def test_a_phone_no_device_class_knows_is_not_pointed_at_its_own_screen(testapp, root_token, agent, phone):
+    page = testapp.get(f"/c/{root_token}", headers={"User-Agent": agent})
+    assert certdrop.identify(agent, "", False).device == "other"
+    assert (page.html.find(class_="qr") is None) is phone and ("/dev" in page.text) is not phone
+
+
 def test_a_mac_user_agent_gets_a_page_for_a_mac_or_an_ipad_with_both_guides(testapp, root_token):
     page = testapp.get(f"/c/{root_token}", headers={"User-Agent": USER_AGENTS["ipados-as-mac"][0]})
     assert page.html.title.get_text() == "Install \u201cExample Root CA\u201d on a Mac or an iPad"
