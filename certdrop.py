@@ -40,6 +40,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import plistlib
 import re
@@ -5202,18 +5203,24 @@ class RequestKey(typing.NamedTuple):
     script_name: str | None
 
 
-def request_key(environ: dict) -> RequestKey:
-    """Return the RequestKey of a request: spelt out, field by field, in RequestKey's order, since it runs on every
-    request (made with tuple.__new__, which skips the Python frame of RequestKey(...): a third of the cost)."""
+def request_values(environ: dict) -> tuple:
+    """Return the values of a request's RequestKey fields, in RequestKey's order, as a plain tuple: the hot path's
+    lookup key. A RequestKey equals, and hashes as, the plain tuple of its values, so the RequestKeys kept in the
+    answer cache are found by it; making the RequestKey as well costs a second tuple, which the hot path skips.
+    Spelt out, field by field, since it runs on every request."""
     get = environ.get
-    return _new_tuple(RequestKey, (
-        get("PATH_INFO"), get("REQUEST_METHOD"), get("QUERY_STRING"), get("HTTP_USER_AGENT"), get("HTTP_ACCEPT"),
-        get("HTTP_X_OPERAMINI_PHONE_UA"), get("HTTP_X_UCBROWSER_DEVICE_UA"), get("HTTP_DEVICE_STOCK_UA"),
-        get("HTTP_ACCEPT_LANGUAGE"), get("HTTP_COOKIE"), get("HTTP_HOST"), get("SERVER_NAME"), get("SERVER_PORT"),
-        get("wsgi.url_scheme"), get("SCRIPT_NAME")))
+    return (get("PATH_INFO"), get("REQUEST_METHOD"), get("QUERY_STRING"), get("HTTP_USER_AGENT"), get("HTTP_ACCEPT"),
+            get("HTTP_X_OPERAMINI_PHONE_UA"), get("HTTP_X_UCBROWSER_DEVICE_UA"), get("HTTP_DEVICE_STOCK_UA"),
+            get("HTTP_ACCEPT_LANGUAGE"), get("HTTP_COOKIE"), get("HTTP_HOST"), get("SERVER_NAME"), get("SERVER_PORT"),
+            get("wsgi.url_scheme"), get("SCRIPT_NAME"))
 
 
-_new_tuple = tuple.__new__
+def request_key(environ: dict) -> RequestKey:
+    """Return the RequestKey of a request."""
+    return _new_tuple(RequestKey, request_values(environ))
+
+
+_new_tuple = tuple.__new__  # RequestKey from a tuple of its values, without the Python frame of RequestKey(...)
 
 
 #: Keys longer than this (all their fields, in characters) are never kept: a client chooses them.
@@ -5358,6 +5365,9 @@ def prepare(response: Response, referrer: str = "no-referrer") -> Prepared:
     for name, value in headers:
         if "\r" in value or "\n" in value or "\0" in value:
             raise ValueError(f"control character in header {name}")
+    # in the order waitress writes them (it sorts them by name, keeping the order of headers of one name), so that
+    # its sort of every answer finds them sorted already: the least work it can do (task.py build_response_header)
+    headers.sort(key=operator.itemgetter(0))
     return Prepared(response.status, STATUS_LINES[response.status], headers, [response.body])
 
 
@@ -5376,7 +5386,8 @@ def prepare_answer(response: Response) -> Prepared:
 def serve(prepared: Prepared, environ: dict, start_response: Callable) -> tuple[int, list[bytes]]:
     """Start the WSGI response; return its status and body (304 for a matching If-None-Match, empty for HEAD).
 
-    The one function that talks to start_response.
+    The one function that talks to start_response, with App.serve_hot's copy of what it does for a GET without an
+    If-None-Match.
     """
     if_none_match = environ.get("HTTP_IF_NONE_MATCH")
     if if_none_match and prepared.etag and etag_matches(if_none_match, prepared.etag):
@@ -6168,16 +6179,21 @@ class HotAnswer:
     *until* is when the entry ends or, sooner, when the store is due to look at its file again (a revocation by
     another process); a clock set back before *since* makes it look again too.
     A class with slots, not a NamedTuple: serve_hot reads its fields on every request, and Python 3.11 reads a slot
-    in about half the time it takes to read a NamedTuple's field (a descriptor call).
+    in about half the time it takes to read a NamedTuple's field (a descriptor call). The status, headers, body and
+    code of *prepared*, and the log tail of its status, are copied into its own slots, so that serving a GET (every
+    hot answer is one) reads this object and no other.
     """
 
-    __slots__ = ("prepared", "tails", "token", "since", "until", "memory", "tally", "spends")
+    __slots__ = ("status", "headers", "body", "code", "tail", "prepared", "tail_304", "token", "since", "until",
+                 "memory", "tally", "spends")
 
-    def __init__(self, prepared: Prepared, tails: dict[int, str], token: str = "", since: float = -math.inf,
+    def __init__(self, prepared: Prepared, tail: str, tail_304: str = "", token: str = "", since: float = -math.inf,
                  until: float = math.inf, memory: "CachedEntry | NoEntry | None" = None,
                  tally: Callable[[], int] | None = None, spends: bool = False):
-        self.prepared = prepared
-        self.tails = tails  # status -> the access log line after the client's address (see access_tail)
+        self.status, self.headers, self.body, self.code = prepared.status, prepared.headers, prepared.body, prepared.code
+        #: the access log line after the client's address (see access_tail), of this answer and of its 304
+        self.tail, self.tail_304 = tail, tail_304
+        self.prepared = prepared  # what serve answers an If-None-Match from (its ETag and its 304)
         self.token = token  # whose answer this is; "" for a refusal
         self.since, self.until = since, until
         #: where the store holds the entry: each hit marks it asked for again, as Store.fresh would (see Store._evict)
@@ -6335,7 +6351,7 @@ class AnswerCache:
             prepared = self.refusals.get(RefusalKey(signature(), status, seconds))
             if prepared is None:
                 return None
-            hot = HotAnswer(prepared, {status: hot_tail(key, prepared, "-")})
+            hot = HotAnswer(prepared, hot_tail(key, prepared, "-"))  # no ETag, so never a 304
             if key_length(key) <= MAX_KEPT_KEY:
                 self.refusals.put(hot_key, hot, key_length(key) + HOT_OVERHEAD)
         return hot
@@ -7552,6 +7568,8 @@ class App:
         self.signing_from, self.signing_changes = (math.inf, -math.inf) if signer else (-math.inf, math.inf)
         self._signer_lock = threading.Lock()
         self.access_log = access_log if config.access_log else None
+        #: queues a hot request's log line: AccessLog.record, bound here so that the hot path touches no AccessLog
+        self.record_access = self.access_log.record if self.access_log else None
         if self.access_log:
             self.access_log.start()
         self.lookups = RateLimiter(config.lookup_limit, LOOKUP_BURST, clock)
@@ -7577,6 +7595,7 @@ class App:
         #: the path of public_url, which every address certdrop writes starts with; None: from SCRIPT_NAME
         self.public_path = urllib.parse.urlsplit(config.public_url).path.rstrip("/") if config.public_url else None
         self.answer_request, self.screen_request = self.answer, self.screen_direct
+        self.hot_first = not config.trusted_proxy  # read by __call__ on every request
         if config.trusted_proxy:
             # waitress's own reading of X-Forwarded-For/-Host/-Proto/-Port and Forwarded, from the trusted proxy
             # only, with untrusted copies cleared; inside make_app's app, so any WSGI server gets it
@@ -7607,7 +7626,7 @@ class App:
             return stop
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
-        if not self.config.trusted_proxy:  # behind one, the hot path runs after waitress has read its headers
+        if self.hot_first:  # behind a trusted proxy, the hot path runs after waitress has read its headers
             body = self.serve_hot(environ, start_response)
             if body is not None:
                 return body
@@ -7720,28 +7739,36 @@ class App:
         """Serve a GET of a token whose answer was decided and built before, or an unknown token's 404 given before;
         else return None.
 
-        The hot path: one dictionary lookup by RequestKey, one clock reading, one start_response (an unknown token's
-        404 also spends one lookup of the limit, when it is on). What is not kept there is looked for by find_hot;
-        what find_hot does not find ready (a token not in memory or due for a look at its file, a client with a new
-        signature, an answer not built yet) takes the full way, which leaves it ready for the next time. A client
-        being limited takes find_hot's way, which answers it 429; others do not.
+        The hot path: one dictionary lookup by the request's values (request_values), one clock reading, one
+        start_response (an unknown token's 404 also spends one lookup of the limit, when it is on). What is not kept
+        there is looked for by find_hot; what find_hot does not find ready (a token not in memory or due for a look at
+        its file, a client with a new signature, an answer not built yet) takes the full way, which leaves it ready
+        for the next time. A client being limited takes find_hot's way, which answers it 429; others do not.
+        What a request costs here is mostly the memory it touches, which other requests have pushed out of the
+        processor's caches, so this touches few objects: the answer's status, headers, body and log tail are the hot
+        answer's own fields, and serve is called only for an If-None-Match (every hot answer is a GET's).
         """
         started = time.perf_counter()
-        key = request_key(environ)
-        hot = self.hot_get(key) or self.unknown_get(key)
+        values = request_values(environ)
+        hot = self.hot_get(values) or self.unknown_get(values)
         if (hot is None or not hot.since <= self.clock() < hot.until
                 or self.limited and self.lookups.retry_after(environ.get("REMOTE_ADDR", ""))
                 or hot.spends and self.lookups.spend(environ.get("REMOTE_ADDR", ""))):
-            hot = self.find_hot(key, environ.get("REMOTE_ADDR", ""))
+            hot = self.find_hot(_new_tuple(RequestKey, values), environ.get("REMOTE_ADDR", ""))
             if hot is None:
                 return None
         else:
             hot.memory.asked_again = True
-        status, body = serve(hot.prepared, environ, start_response)
+        if "HTTP_IF_NONE_MATCH" in environ:
+            status, body = serve(hot.prepared, environ, start_response)
+            tail = hot.tail if status == hot.code else hot.tail_304
+        else:  # serve's answer to a GET, spelt out
+            start_response(hot.status, hot.headers)
+            status, body, tail = hot.code, hot.body, hot.tail
         if hot.tally is not None and status < 300:  # a download counted: one atomic call (see Download counts)
             hot.tally()
-        if self.access_log:  # AccessLog.request, spelt out
-            self.access_log.record((started, time.perf_counter(), environ.get("REMOTE_ADDR", ""), hot.tails[status]))
+        if self.record_access:  # AccessLog.request, spelt out
+            self.record_access((started, time.perf_counter(), environ.get("REMOTE_ADDR", ""), tail))
         return body
 
     def find_hot(self, key: RequestKey, address: str) -> HotAnswer | None:
@@ -7770,7 +7797,7 @@ class App:
             if unknown is None or not self.store.is_absent(token) or self.lookups.spend(address):
                 return None
             now = self.clock()  # kept while the token is known to have no file: an upload of it forgets this
-            hot = HotAnswer(unknown.prepared, unknown.tails, token, now, now + self.store.absent_for(token), NO_ENTRY,
+            hot = HotAnswer(unknown.prepared, unknown.tail, "", token, now, now + self.store.absent_for(token), NO_ENTRY,
                             spends=bool(self.lookups.rate))
             self.answers.keep_hot(key, hot, generation)
             return hot
@@ -7780,9 +7807,9 @@ class App:
         if (not prepared or now >= entry.serves_until or memory is None
                 or not self.signing_from <= now < self.signing_changes):
             return None
-        tails = {prepared.code: hot_tail(key, prepared, decision.device), 304: hot_tail(key, None, decision.device)}
         until = min(entry.serves_until, now + self.store.fresh_for(entry), self.signing_changes)
-        hot = HotAnswer(prepared, tails, token, now, until, memory,
+        hot = HotAnswer(prepared, hot_tail(key, prepared, decision.device), hot_tail(key, None, decision.device), token,
+                        now, until, memory,
                         self.counts.bump_for(token, decision.device, key.user_agent))
         self.answers.keep_hot(key, hot, generation)
         return hot
