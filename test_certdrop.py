@@ -216,6 +216,14 @@ def token_of(response):
     return re.search(r"/c/([a-z0-9]+)", response.headers["Location"])[1]
 
 
+def uploaded_token(testapp, data, filename="ca.cer", status=201, **fields):
+    """Upload *data* and return its link's token: asked for as JSON, which skips the result page's QR codes (a fifth
+    of the fast run's time when every test that needs a token drew them); the result page has tests of its own."""
+    response = testapp.post("/", params={"ttl": "7d", **fields}, upload_files=[("cert", filename, data)],
+                            headers={"Accept": "application/json"}, status=status)
+    return token_of(response)
+
+
 def files_under(directory):
     return sorted(p for p in Path(directory).rglob("*") if p.is_file())
 
@@ -1447,7 +1455,7 @@ def fixed_certificate():
 
 @pytest.fixture
 def root_token(testapp, root_der):
-    return token_of(upload(testapp, root_der))
+    return uploaded_token(testapp, root_der)
 
 
 def response_kind(response):
@@ -1710,7 +1718,7 @@ def test_the_mac_page_gives_administrators_a_security_command_that_checks_the_fi
 
 @pytest.fixture
 def intermediate_token(testapp, pki):
-    return token_of(upload(testapp, pem_of(pki.intermediate)))
+    return uploaded_token(testapp, pem_of(pki.intermediate))
 
 
 def test_a_root_ios_page_asks_for_full_trust(testapp, root_token):
@@ -1882,7 +1890,7 @@ def test_profile_uuids_follow_from_the_certificate(testapp, root_token, root):
 
 
 def test_profile_for_an_intermediate_uses_the_pkcs1_payload(testapp, pki):
-    token = token_of(upload(testapp, pem_of(pki.intermediate)))
+    token = uploaded_token(testapp, pem_of(pki.intermediate))
     (payload,) = profile_of(testapp, token)["PayloadContent"]
     assert payload["PayloadType"] == "com.apple.security.pkcs1" and payload["PayloadContent"] == der_of(pki.intermediate)
 
@@ -2054,8 +2062,8 @@ def signed_content(signed):
 @pytest.mark.parametrize("agent", ["iphone-safari", "macos-chrome"])
 def test_apple_pages_say_what_verified_and_not_verified_mean(signing_app, testapp, root_der, other_der, agent):
     headers = {"User-Agent": USER_AGENTS[agent][0]}
-    unsigned_page = html_text(testapp.get(f"/c/{token_of(upload(testapp, root_der))}", headers=headers))
-    signed_page = html_text(signing_app.get(f"/c/{token_of(upload(signing_app, other_der))}", headers=headers))
+    unsigned_page = html_text(testapp.get(f"/c/{uploaded_token(testapp, root_der)}", headers=headers))
+    signed_page = html_text(signing_app.get(f"/c/{uploaded_token(signing_app, other_der)}", headers=headers))
     assert "“Not Verified” in red" in unsigned_page and "“Verified”" not in unsigned_page.replace("“Not Verified”", "")
     assert "calls this profile “Verified”" in signed_page and "does not make the certificate inside" in signed_page
 
@@ -2290,12 +2298,12 @@ def test_nokia_page_type_follows_accept(testapp, root_token, accept, content_typ
 
 def test_wml_escapes_dollar_signs_in_names(testapp):
     cert, _ = make_certificate("Cost $ CA")
-    token = token_of(upload(testapp, der_of(cert)))
+    token = uploaded_token(testapp, der_of(cert))
     assert b"Cost $$ CA" in s40_page(testapp, token, "text/vnd.wap.wml").body
 
 
 def test_s40_page_for_an_intermediate_offers_the_der_and_says_why(testapp, pki):
-    token = token_of(upload(testapp, pem_of(pki.intermediate)))
+    token = uploaded_token(testapp, pem_of(pki.intermediate))
     page = s40_page(testapp, token)
     assert b".whc" not in page.body and b"needs a self-signed root" in page.body
     assert "self-signed root" in testapp.get(f"/c/{token}/ca.whc", status=404).text
@@ -2304,8 +2312,8 @@ def test_s40_page_for_an_intermediate_offers_the_der_and_says_why(testapp, pki):
 
 def test_s40_steps_mention_the_1024_bit_limit_only_for_larger_keys(testapp, pki, root_token):
     assert b"1024-bit RSA key; this one has a 256-bit EC key" in s40_page(testapp, root_token).body
-    assert b"this one has a 2048-bit RSA key" in s40_page(testapp, token_of(upload(testapp, pem_of(pki.rsa_root)))).body
-    assert b"1024-bit" not in s40_page(testapp, token_of(upload(testapp, pem_of(pki.weak_root)))).body
+    assert b"this one has a 2048-bit RSA key" in s40_page(testapp, uploaded_token(testapp, pem_of(pki.rsa_root))).body
+    assert b"1024-bit" not in s40_page(testapp, uploaded_token(testapp, pem_of(pki.weak_root))).body
 
 
 def test_nokia_pages_put_the_first_action_before_the_fingerprints(testapp, root_token):
@@ -2473,7 +2481,7 @@ def test_request_key_fills_each_named_field_from_its_own_environ_value():
 
 
 def test_a_hot_token_answers_410_once_revoked_or_expired(testapp, app, store, clock, root_der, other_der):
-    revoked, expiring = token_of(upload(testapp, root_der)), token_of(upload(testapp, other_der, ttl="1h"))
+    revoked, expiring = uploaded_token(testapp, root_der), uploaded_token(testapp, other_der, ttl="1h")
     for token in (revoked, expiring):
         for _ in range(3):  # decided, kept by signature, then kept by request key
             testapp.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
@@ -2508,7 +2516,7 @@ def test_a_repeated_unknown_token_is_one_dictionary_lookup_away_and_still_counte
 def test_unknown_tokens_asked_for_again_cannot_push_live_answers_out(config, store, clock, root_der):
     app = app_with(config, store, clock, answer_cache_size=100_000, lookup_limit=0)
     visitor = client(app)
-    token = token_of(upload(visitor, root_der))
+    token = uploaded_token(visitor, root_der)
     agent = {"User-Agent": S60_AGENTS["e61i"]}
     for _ in range(2):
         visitor.get(f"/c/{token}", headers=agent)
@@ -2526,7 +2534,7 @@ def test_an_unknown_token_stored_by_this_process_is_found_at_once(testapp, app, 
     for _ in range(3):
         testapp.get("/c/abcdefgh", headers=agent, status=404)
     monkeypatch.setattr(store, "_new_token", lambda: "abcdefgh")
-    assert token_of(upload(testapp, root_der)) == "abcdefgh"
+    assert uploaded_token(testapp, root_der) == "abcdefgh"
     assert testapp.get("/c/abcdefgh", headers=agent).body == root_der
 
 
@@ -2538,7 +2546,7 @@ def test_an_unknown_token_stored_after_many_other_guesses_is_found_at_once(testa
     for number in range(certdrop.MAX_ABSENT_TOKENS + 1):  # the token's record of having no file is pushed out
         store.memory.mark_absent(f"guess{number}")
     monkeypatch.setattr(store, "_new_token", lambda: "abcdefgh")
-    assert token_of(upload(testapp, root_der)) == "abcdefgh"
+    assert uploaded_token(testapp, root_der) == "abcdefgh"
     assert testapp.get("/c/abcdefgh", headers=agent).body == root_der
 
 
@@ -2637,7 +2645,7 @@ def test_a_limited_client_does_not_take_other_clients_off_the_hot_path(testapp, 
 
 
 def test_evicting_one_entry_forgets_only_that_entrys_answers(testapp, app, store, root_der, other_der):
-    first, second = token_of(upload(testapp, root_der)), token_of(upload(testapp, other_der))
+    first, second = uploaded_token(testapp, root_der), uploaded_token(testapp, other_der)
     for token in (first, second):
         for _ in range(3):
             testapp.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
@@ -2665,7 +2673,7 @@ def test_a_request_with_a_huge_header_is_answered_but_never_kept(testapp, app, r
 def test_the_answer_cache_stays_within_its_byte_budget_whatever_clients_send(config, store, clock, root_der):
     app = app_with(config, store, clock, answer_cache_size=200_000)
     visitor = client(app)
-    token = token_of(upload(visitor, root_der))
+    token = uploaded_token(visitor, root_der)
     for number in range(300):
         visitor.get(f"/c/{token}", headers={"User-Agent": f"Mozilla/5.0 (Android 14; Pixel {number}) Chrome/120"})
         visitor.get(f"/c/{'abcdefghjk'[number % 10]}{number:07d}"[:11], status="*")
@@ -3445,7 +3453,7 @@ def test_file_and_pasted_text_together_are_refused(testapp, root_pem):
 
 
 def test_uploading_the_same_certificate_again_returns_the_same_link(testapp, root_pem, root_der):
-    first = token_of(upload(testapp, root_pem))
+    first = uploaded_token(testapp, root_pem)
     again = upload(testapp, root_der, status=200)
     assert token_of(again) == first and "already has a link" in again.text
 
@@ -3477,7 +3485,7 @@ def test_lifetimes_outside_the_allowed_range_answer_400_naming_the_choices_and_s
 
 
 def test_a_lifetime_is_any_duration_from_one_minute(testapp, store, root_der):
-    token = token_of(upload(testapp, root_der, ttl="1m"))
+    token = uploaded_token(testapp, root_der, ttl="1m")
     assert store.get(token).expires == NOW + 60
 
 
@@ -3512,7 +3520,7 @@ def test_durations_longer_than_a_century_are_refused_in_the_config():
 
 
 def test_link_until_the_certificate_expires(testapp, store, root_der):
-    token = token_of(upload(testapp, root_der, ttl="cert"))
+    token = uploaded_token(testapp, root_der, ttl="cert")
     assert store.get(token).expires == datetime.datetime(2035, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
 
 
@@ -4157,7 +4165,7 @@ def test_a_broken_catalog_falls_back_to_english_with_one_log_line(config, store,
     assert set(catalogs) == set(certdrop.LANGUAGES) - {"de"}
     monkeypatch.setattr(certdrop, "CATALOGS", catalogs)
     testapp = client(certdrop.make_app(config, store, clock))
-    token = token_of(upload(testapp, root_der))
+    token = uploaded_token(testapp, root_der)
     page = testapp.get(f"/c/{token}", headers={**IPHONE, "Accept-Language": "de, ru;q=0.1"})
     assert 'lang="ru"' in page.text  # the next language the reader takes
     page = testapp.get(f"/c/{token}", headers={**IPHONE, "Accept-Language": "de", "Cookie": "certdrop_lang=de"})
@@ -4506,7 +4514,7 @@ def test_with_public_url_the_origin_must_be_the_public_one(config, store, clock,
 # -- rate limits
 
 def test_guessing_tokens_runs_into_429_and_then_even_known_tokens_wait(testapp, clock, root_der):
-    token = token_of(upload(testapp, root_der))
+    token = uploaded_token(testapp, root_der)
     for guess in range(certdrop.LOOKUP_BURST):
         testapp.get(f"/c/{'zzzzzz' + certdrop.TOKEN_ALPHABET[guess] * 2}", status=404)
     limited = testapp.get("/c/zzzzzzzz", status=429)
@@ -4518,7 +4526,7 @@ def test_guessing_tokens_runs_into_429_and_then_even_known_tokens_wait(testapp, 
 
 def test_other_clients_are_not_held_up_by_a_guesser(app, root_der):
     guesser, other = client(app, REMOTE_ADDR="10.0.0.7"), client(app, REMOTE_ADDR="10.0.0.8")
-    token = token_of(upload(client(app), root_der))
+    token = uploaded_token(client(app), root_der)
     for _ in range(certdrop.LOOKUP_BURST + 1):
         guesser.get("/c/zzzzzzzz", expect_errors=True)
     other.get(f"/c/{token}", status=200)
@@ -4994,7 +5002,7 @@ def decode_qr(png, tmp_path):
 @pytest.mark.slow
 def test_the_qr_code_png_decodes_to_the_link_phones_can_reach(app, root_der, machine, tmp_path):
     local = client(app, HTTP_HOST="localhost:8080")
-    token = token_of(upload(local, root_der))
+    token = uploaded_token(local, root_der)
     png = local.get(f"/c/{token}/qr.png")
     assert png.content_type == "image/png"
     assert decode_qr(png.body, tmp_path) == f"http://192.168.1.5:8080/c/{token}"
@@ -5146,7 +5154,7 @@ def test_healthz_answers_503_naming_what_is_wrong(testapp, small_disk, clock):
 
 
 def test_each_request_gets_one_access_log_line(testapp, root_der, access_log):
-    token = token_of(upload(testapp, root_der))
+    token = uploaded_token(testapp, root_der)
     testapp.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]})
     testapp.get(f"/c/{token}/x y\x1b.cer?format=der", status=404)
     access_log.flush()
@@ -5217,7 +5225,7 @@ def test_access_log_off_writes_nothing(config, store, clock, access_log):
 
 @pytest.mark.parametrize("agent", S60_AGENTS.values(), ids=S60_AGENTS.keys())
 def test_s60_gets_raw_der_as_ca_cert_without_attachment(testapp, root_der, agent):
-    token = token_of(upload(testapp, root_der))
+    token = uploaded_token(testapp, root_der)
     response = testapp.get(f"/c/{token}", headers={"User-Agent": agent})
     assert response.content_type == "application/x-x509-ca-cert"
     assert "Content-Disposition" not in response.headers
@@ -5225,13 +5233,13 @@ def test_s60_gets_raw_der_as_ca_cert_without_attachment(testapp, root_der, agent
 
 
 def test_head_answers_with_headers_and_no_body(testapp, root_der):
-    token = token_of(upload(testapp, root_der))
+    token = uploaded_token(testapp, root_der)
     response = testapp.head(f"/c/{token}/ca.crt")
     assert response.headers["Content-Length"] == str(len(root_der)) and response.body == b""
 
 
 def test_tokens_are_case_insensitive(testapp, root_der):
-    token = token_of(upload(testapp, root_der))
+    token = uploaded_token(testapp, root_der)
     assert testapp.get(f"/c/{token.capitalize()}/ca.crt").body == root_der
     assert testapp.get(f"/c/{token.upper()}?format=der").body == root_der
 
@@ -5248,21 +5256,21 @@ def test_unknown_token_is_404(testapp):
 
 
 def test_expired_link_answers_410_saying_since_when(testapp, clock, root_der):
-    token = token_of(upload(testapp, root_der, ttl="1d"))
+    token = uploaded_token(testapp, root_der, ttl="1d")
     clock.advance(2 * DAY)
     response = testapp.get(f"/c/{token}", status=410)
     assert f"expired on {certdrop.format_time(NOW + DAY)}" in response.text
 
 
 def test_revoked_link_answers_410_saying_since_when(testapp, store, clock, root_der):
-    token = token_of(upload(testapp, root_der))
+    token = uploaded_token(testapp, root_der)
     clock.advance(3600)
     store.revoke(token)
     assert f"revoked on {certdrop.format_time(NOW + 3600)}" in testapp.get(f"/c/{token}", status=410).text
 
 
 def test_link_stays_410_after_the_sweep_and_404_after_the_tombstone_expires(testapp, store, clock, root_der):
-    token = token_of(upload(testapp, root_der, ttl="1h"))
+    token = uploaded_token(testapp, root_der, ttl="1h")
     clock.advance(DAY)
     store.sweep()
     testapp.get(f"/c/{token}", status=410)
@@ -5272,13 +5280,13 @@ def test_link_stays_410_after_the_sweep_and_404_after_the_tombstone_expires(test
 
 
 def test_a_new_app_on_the_same_directory_serves_earlier_uploads(testapp, config, clock, root_der):
-    token = token_of(upload(testapp, root_der))
+    token = uploaded_token(testapp, root_der)
     fresh = client(certdrop.make_app(config, clock=clock))
     assert fresh.get(f"/c/{token}/ca.crt").body == root_der
 
 
 def test_damaged_entry_answers_404(testapp, config, clock, store, root_der):
-    token = token_of(upload(testapp, root_der))
+    token = uploaded_token(testapp, root_der)
     store.path_for(token).write_bytes(b'{"format": 1, "tok')
     fresh = client(certdrop.make_app(config, clock=clock))
     fresh.get(f"/c/{token}", status=404)
@@ -5290,7 +5298,7 @@ def test_error_pages_are_well_formed_xml(testapp, path):
 
 
 def test_gone_page_is_well_formed_xml(testapp, store, root_der):
-    token = token_of(upload(testapp, root_der))
+    token = uploaded_token(testapp, root_der)
     store.revoke(token)
     ET.fromstring(testapp.get(f"/c/{token}", status=410).body)
 
@@ -5302,7 +5310,7 @@ def test_nokia_phones_get_errors_as_pages_they_can_show(testapp, clock, root_der
     ET.fromstring(missing.body)
     wml = testapp.get("/c/abcdefgh", headers={**s40, "Accept": "text/vnd.wap.wml"}, status=404)
     assert wml.content_type == "text/vnd.wap.wml" and ET.fromstring(wml.body).tag == "wml"
-    token = token_of(upload(testapp, root_der, ttl="1h"))
+    token = uploaded_token(testapp, root_der, ttl="1h")
     clock.advance(DAY)
     gone = testapp.get(f"/c/{token}", headers={"User-Agent": S60_AGENTS["e61i"]}, status=410)
     assert b"XHTML Mobile" in gone.body and b"expired on" in gone.body
@@ -5413,9 +5421,9 @@ def tag_text(tag):
 
 def test_the_admin_page_lists_every_link_with_its_state_and_its_downloads_per_device_class(app, testapp, store, clock,
                                                                                             pki, root_der, other_der):
-    live = token_of(upload(testapp, root_der, host="mail.example.com"))
+    live = uploaded_token(testapp, root_der, host="mail.example.com")
     chained = upload(testapp, pem_of(pki.root, pki.intermediate))
-    revoked, ended = token_of(upload(testapp, other_der)), add(store, der_of(pki.self_signed_leaf), days=1).token
+    revoked, ended = uploaded_token(testapp, other_der), add(store, der_of(pki.self_signed_leaf), days=1).token
     store.revoke(revoked)
     fetch(testapp, live, ADMIN_AGENTS["android"], 3)
     fetch(testapp, live, ADMIN_AGENTS["windows"], 2)
@@ -5468,7 +5476,7 @@ def test_the_admin_page_is_paged(testapp, store, many_roots):
 
 
 def test_revoking_from_the_page_asks_first_then_changes_exactly_that_link(testapp, store, root_der, other_der):
-    token, other = token_of(upload(testapp, root_der)), token_of(upload(testapp, other_der))
+    token, other = uploaded_token(testapp, root_der), uploaded_token(testapp, other_der)
     before = store.path_for(other).read_bytes()
     question = testapp.get("/admin").click(href=f"/admin/link/{token}/revoke")
     assert store.lookup(token).revoked is None, "asking changes nothing"
@@ -5482,7 +5490,7 @@ def test_revoking_from_the_page_asks_first_then_changes_exactly_that_link(testap
 
 def test_extending_from_the_page_changes_exactly_that_link_and_never_past_the_certificate(testapp, store, clock,
                                                                                            root_der, other_der):
-    token, other = token_of(upload(testapp, root_der)), token_of(upload(testapp, other_der))
+    token, other = uploaded_token(testapp, root_der), uploaded_token(testapp, other_der)
     before = store.path_for(other).read_bytes()
     form = next(form for form in testapp.get("/admin").forms.values() if form.action.endswith(f"/{token}/extend"))
     form["ttl"] = "30d"
@@ -5527,7 +5535,7 @@ def test_revoke_and_extend_through_the_json_interface_change_exactly_that_link(k
 @pytest.mark.parametrize("headers", [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
                                      {"Origin": "null"}], ids=["other-site", "fetch-metadata", "null-origin"])
 def test_a_cross_site_post_to_an_admin_action_changes_nothing(testapp, store, config, root_der, headers):
-    token = token_of(upload(testapp, root_der))
+    token = uploaded_token(testapp, root_der)
     before = files_under(config.data_dir), store.path_for(token).read_bytes()
     for action, fields in (("revoke", {"confirm": "yes"}), ("extend", {"ttl": "30d"})):
         for path in (f"/admin/link/{token}/{action}", f"/admin/api/v1/links/{token}/{action}"):
@@ -5651,7 +5659,7 @@ def test_a_store_of_the_older_format_shows_not_recorded_and_keeps_working(testap
 
 
 def test_a_new_upload_records_its_server_name_and_report_and_a_damaged_report_is_damage(testapp, store, root_der):
-    token = token_of(upload(testapp, root_der, host="mail.example.com"))
+    token = uploaded_token(testapp, root_der, host="mail.example.com")
     record = json.loads(store.path_for(token).read_bytes())
     assert record["host"] == "mail.example.com" and "host-unchecked" in [item["code"] for item in record["report"]]
     damage(store, token, report=[{"code": 1}])
@@ -5663,7 +5671,7 @@ def test_a_new_upload_records_its_server_name_and_report_and_a_damaged_report_is
 
 
 def test_downloads_are_counted_once_per_2xx_whichever_way_they_are_answered(app, testapp, root_der):
-    token = token_of(upload(testapp, root_der))
+    token = uploaded_token(testapp, root_der)
     fetch(testapp, token, ADMIN_AGENTS["android"], 5)  # the first the full way, then the hot path
     testapp.head(f"/c/{token}", headers={"User-Agent": ADMIN_AGENTS["android"]})
     testapp.get(f"/c/{token}/nothing.txt", status=404)
@@ -5880,7 +5888,7 @@ def disk_app(small_disk, clock):
 @pytest.mark.slow
 def test_a_full_data_directory_answers_503_keeps_links_working_and_recovers(small_disk, clock, root_der, other_der):
     app, config = disk_app(small_disk, clock)
-    token = token_of(upload(app, root_der))
+    token = uploaded_token(app, root_der)
     before = files_under(config.data_dir)
     filler = fill(small_disk)
     refusal = upload(app, other_der, status=503)
@@ -5895,7 +5903,7 @@ def test_a_full_data_directory_answers_503_keeps_links_working_and_recovers(smal
 @pytest.mark.slow
 def test_a_read_only_data_directory_answers_503_and_recovers_when_writable(small_disk, clock, root_der, other_der):
     app, config = disk_app(small_disk, clock)
-    token = token_of(upload(app, root_der))
+    token = uploaded_token(app, root_der)
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     refusal = upload(app, other_der, status=503)
     assert "read-only file system" in html_text(refusal)
@@ -6001,7 +6009,7 @@ def hostile(request):
 
 @pytest.fixture
 def hostile_token(testapp, hostile):
-    return token_of(upload(testapp, hostile.der))
+    return uploaded_token(testapp, hostile.der)
 
 
 @pytest.mark.slow  # one upload per hostile name: with the rest of the matrix about 3 s
@@ -7582,7 +7590,7 @@ def test_every_loopback_address_is_one_mail_client(config, store, clock, root_de
     with smtp_server(mailbox) as port:
         app = certdrop.make_app(dataclasses.replace(
             config, mail_host="127.0.0.1", mail_port=port, mail_security="none", mail_timeout=10), store, clock)
-        token = token_of(upload(client(app, REMOTE_ADDR="127.0.0.2"), root_der))
+        token = uploaded_token(client(app, REMOTE_ADDR="127.0.0.2"), root_der)
         statuses = [client(app, REMOTE_ADDR=address).post("/mail", {"to": "a@example.com", "tokens": token},
                                                           status="*").status_int
                     for address in ("127.0.0.1", "127.9.8.7", "::1", "::ffff:127.0.0.3", "127.0.0.4", "127.0.0.5")]
@@ -7596,7 +7604,7 @@ def test_the_mail_budget_holds_for_the_whole_server_whoever_asks(config, store, 
         app = certdrop.make_app(dataclasses.replace(
             config, mail_host="127.0.0.1", mail_port=port, mail_security="none", mail_timeout=10, mail_per_hour=2,
             upload_auth="none", upload_limit=0), store, clock)
-        token = token_of(upload(client(app), root_der))
+        token = uploaded_token(client(app), root_der)
         statuses = [client(app, REMOTE_ADDR=f"192.168.1.{number}").post(
             "/mail", {"to": "alice@example.com", "tokens": token}, headers={"Accept": "application/json"},
             status="*") for number in range(20, 24)]
@@ -7611,7 +7619,7 @@ def test_control_bidi_and_separator_characters_never_reach_the_subject(config, s
     mailbox = Mailbox()
     with smtp_server(mailbox) as port:
         app = mail_app(config, store, clock, port)
-        token = token_of(upload(app, der))
+        token = uploaded_token(app, der)
         app.post("/mail", {"to": "alice@example.com", "tokens": token}, status=200)
     (_, _, content), = mailbox.messages
     subject = email.message_from_bytes(content, policy=email.policy.default)["Subject"]
@@ -7623,7 +7631,7 @@ def test_a_link_in_a_mail_comes_from_an_accepted_host(config, store, clock, root
     mailbox = Mailbox()
     with smtp_server(mailbox) as port:
         app = mail_app(config, store, clock, port)
-        token = token_of(upload(app, root_der))
+        token = uploaded_token(app, root_der)
         app.post("/mail", {"to": "alice@example.com", "tokens": token}, headers={"Host": "evil.example"}, status=400)
         app.post("/mail", {"to": "alice@example.com", "tokens": token}, headers={"Host": "certs.example.net"})
     (_, _, content), = mailbox.messages
@@ -7731,7 +7739,7 @@ def test_sending_mail_needs_the_upload_key_and_refuses_cross_site_requests(confi
     mailbox = Mailbox()
     with smtp_server(mailbox) as port:
         app = mail_app(config, store, clock, port, upload_password=KEY)
-        token = token_of(upload(app, root_der))
+        token = uploaded_token(app, root_der)
         fields = {"to": "alice@example.com", "tokens": token}
         client(app.app, REMOTE_ADDR=REMOTE).post("/mail", fields, status=401)
         app.post("/mail", fields, headers={"Origin": "http://evil.example"}, status=403)
