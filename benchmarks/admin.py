@@ -138,8 +138,8 @@ def measure_hot_path(requests: int) -> None:
             app.serve_hot(dict(request), start_response) or app(dict(request), start_response)
         counted = next(iter(app.answers.hot.items.values()))
         assert counted.tally is not None, "the hot answer does not count"
-        uncounted = certdrop.HotAnswer(counted.prepared, counted.tails, counted.token, counted.since, counted.until,
-                                       counted.memory)
+        uncounted = certdrop.HotAnswer(counted.prepared, counted.tail, counted.tail_304, counted.token, counted.since,
+                                       counted.until, counted.memory)
         key = next(iter(app.answers.hot.items))
         rounds = {"on": [], "off": []}
         gc.disable()
