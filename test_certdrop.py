@@ -17,6 +17,7 @@ import html
 import http.client
 import importlib
 import importlib.machinery
+import importlib.util
 import importlib.metadata
 import ipaddress
 import io
@@ -5680,6 +5681,18 @@ def test_downloads_are_counted_once_per_2xx_whichever_way_they_are_answered(app,
     fetch(testapp, token, ADMIN_AGENTS["android"], 1, path="/qr.svg")
     assert app.counts.write() == 6 and app.counts.write() == 0
     assert certdrop.read_counts(app.config.data_dir)[token] == {"android": (6, NOW)}
+
+
+@pytest.mark.slow  # a few seconds of timeit rounds
+def test_the_admin_benchmark_still_measures_the_hot_path_of_this_code(capsys):
+    """benchmarks/admin.py builds hot answers of its own to time counting on and off: a change to HotAnswer once left
+    it failing with nobody the wiser (README cites its figures)."""
+    spec = importlib.util.spec_from_file_location("admin_benchmark", HERE / "benchmarks" / "admin.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.measure_hot_path(100)
+    assert re.search(r"counting on [\d.]+ us, off [\d.]+ us a request .* 103 downloads counted and written",
+                     capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("agent", [
