@@ -5365,8 +5365,10 @@ def prepare(response: Response, referrer: str = "no-referrer") -> Prepared:
     for name, value in headers:
         if "\r" in value or "\n" in value or "\0" in value:
             raise ValueError(f"control character in header {name}")
-    # in the order waitress writes them (it sorts them by name, keeping the order of headers of one name), so that
-    # its sort of every answer finds them sorted already: the least work it can do (task.py build_response_header)
+    # in the order waitress writes them (it capitalises each word of a name, "ETag" as "Etag", which moves none of
+    # certdrop's, and sorts by name, keeping the order of headers of one name), so that its sort of every answer
+    # finds them sorted but for the Date and Server it appends: the least work it can do (task.py
+    # build_response_header, waitress 3.0)
     headers.sort(key=operator.itemgetter(0))
     return Prepared(response.status, STATUS_LINES[response.status], headers, [response.body])
 

@@ -209,8 +209,9 @@ def testapp(app):
     return client(app)
 
 
-def upload(testapp, data, filename="ca.cer", status=201, **fields):
-    return testapp.post("/", params={"ttl": "7d", **fields}, upload_files=[("cert", filename, data)], status=status)
+def upload(testapp, data, filename="ca.cer", status=201, headers=None, **fields):
+    return testapp.post("/", params={"ttl": "7d", **fields}, upload_files=[("cert", filename, data)],
+                        headers=headers or {}, status=status)
 
 
 def token_of(response):
@@ -220,9 +221,7 @@ def token_of(response):
 def uploaded_token(testapp, data, filename="ca.cer", status=201, **fields):
     """Upload *data* and return its link's token: asked for as JSON, which skips the result page's QR codes (a fifth
     of the fast run's time when every test that needs a token drew them); the result page has tests of its own."""
-    response = testapp.post("/", params={"ttl": "7d", **fields}, upload_files=[("cert", filename, data)],
-                            headers={"Accept": "application/json"}, status=status)
-    return token_of(response)
+    return token_of(upload(testapp, data, filename, status, headers={"Accept": "application/json"}, **fields))
 
 
 def files_under(directory):
