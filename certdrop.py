@@ -7810,8 +7810,8 @@ class App:
                 or not self.signing_from <= now < self.signing_changes):
             return None
         until = min(entry.serves_until, now + self.store.fresh_for(entry), self.signing_changes)
-        hot = HotAnswer(prepared, hot_tail(key, prepared, decision.device), hot_tail(key, None, decision.device), token,
-                        now, until, memory,
+        tail, tail_304 = hot_tail(key, prepared, decision.device), hot_tail(key, None, decision.device)
+        hot = HotAnswer(prepared, tail, tail_304, token, now, until, memory,
                         self.counts.bump_for(token, decision.device, key.user_agent))
         self.answers.keep_hot(key, hot, generation)
         return hot
